@@ -1,0 +1,358 @@
+"""refloop-tiny: a small VLM that learns grounding on a 2-core CPU.
+
+Design (measured in shared/notes/tiny-model-experiments.md and here):
+- A ViT trained from scratch did not bind positions on this budget; a conv encoder whose every
+  stage sees x/y coordinate channels does.
+- REG reads a *region token*: features sampled inside the box given by the four coordinate
+  tokens just before it, so the describer looks at the object it is asked about.
+- REC first emits a *pointer token* <cell_k> naming the grid cell of the target's centre. Its
+  logit is a content match between the decoder state and that cell's features, so choosing the
+  object is a comparison, not a lookup table; the box tokens then follow.
+Sequence layout: [image tokens x grid^2] [prompt] [answer]; image tokens attend only to each
+other (bidirectionally), everything else is causal. Image tokens therefore have the same states for
+every query on an image, which training exploits (`forward_shared_images`): several queries per
+scene pay for the image tokens once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from refloop.models.tiny.configuration import RefloopTinyConfig
+
+
+def _coord_channels(x: torch.Tensor) -> torch.Tensor:
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([x, xs, ys], dim=1)
+
+
+class CoordConvStage(nn.Module):
+    """Stride-2 conv then a residual 3x3 conv; both see the coordinate channels."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(c_in + 2, c_out, 3, stride=2, padding=1)
+        self.norm1 = nn.GroupNorm(8, c_out)
+        self.conv = nn.Conv2d(c_out + 2, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(self.down(_coord_channels(x))))
+        return x + F.gelu(self.norm2(self.conv(_coord_channels(x))))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, config: RefloopTinyConfig) -> None:
+        super().__init__()
+        chans = [3, *config.vision_channels]
+        self.stages = nn.ModuleList(CoordConvStage(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.proj = nn.Linear(chans[-1], config.hidden_size)
+        self.grid_pos = nn.Parameter(torch.randn(config.num_cells, config.hidden_size) * config.initializer_range)
+        # Region features come from the two finest-but-one stages (28x28 and 14x14 at 112 px).
+        self.region_proj = nn.Linear(chans[-3] + chans[-2], config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        maps = []
+        x = pixel_values
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        grid = self.proj(x.flatten(2).transpose(1, 2)) + self.grid_pos
+        return grid, maps[-3:-1]
+
+    def region_features(self, maps: list[torch.Tensor], boxes: torch.Tensor, samples: int = 4) -> torch.Tensor:
+        """Mean of features bilinearly sampled on a samples x samples lattice inside each box.
+
+        maps: per-image feature maps (already gathered so row i belongs to box i); boxes: (N, 4)
+        normalised xyxy in [0, 1].
+        """
+        steps = (torch.arange(samples, device=boxes.device, dtype=boxes.dtype) + 0.5) / samples
+        xs = boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * steps  # (N, S)
+        ys = boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * steps
+        grid = torch.stack(
+            [xs[:, None, :].expand(-1, samples, -1), ys[:, :, None].expand(-1, -1, samples)], dim=-1
+        )  # (N, S, S, 2) in [0, 1]
+        grid = grid * 2 - 1
+        pooled = [F.grid_sample(m, grid, align_corners=False).mean(dim=(2, 3)) for m in maps]
+        return self.region_proj(torch.cat(pooled, dim=-1))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config: RefloopTinyConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        return tuple(p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+
+    def out(self, attended: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attended.shape
+        return self.o_proj(attended.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: RefloopTinyConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: RefloopTinyConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class RefloopTinyPreTrainedModel(PreTrainedModel):
+    config_class = RefloopTinyConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+
+
+class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, GenerationMixin):
+    def __init__(self, config: RefloopTinyConfig) -> None:
+        super().__init__(config)
+        h = config.hidden_size
+        self.vision = VisionEncoder(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, h)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, h)
+        self.cell_in = nn.Linear(h, h, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+        self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
+        self.pointer_query = nn.Linear(h, h, bias=False)
+        self.pointer_key = nn.Linear(h, h, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    # ---- pieces -------------------------------------------------------------------------
+    def _cell_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids - self.config.cell_token_start
+
+    def _region_boxes(self, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Read the four coordinate tokens preceding each region token ('{ x1 y1 x2 y2 } <region>')."""
+        cfg = self.config
+        offsets = torch.arange(-5, -1, device=input_ids.device)
+        idx = (cols[:, None] + offsets).clamp(min=0)
+        coords = input_ids[rows[:, None], idx] - cfg.coord_token_start
+        valid = ((coords >= 0) & (coords < cfg.num_coord_bins)).all(dim=1, keepdim=True)
+        boxes = coords.clamp(0, cfg.num_coord_bins - 1).float() / (cfg.num_coord_bins - 1)
+        return torch.where(valid, boxes, torch.zeros_like(boxes)), valid
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        grid: torch.Tensor,
+        region_maps: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        embeds = self.embed_tokens(input_ids)
+        is_image = input_ids == cfg.image_token_id
+        if is_image.any():
+            counts = is_image.sum(dim=1)
+            if not bool((counts == cfg.num_cells).all()):
+                raise ValueError(f"every row needs exactly {cfg.num_cells} image tokens, got {counts.tolist()}")
+            embeds = embeds.masked_scatter(is_image[..., None], grid.to(embeds.dtype))
+        cells = self._cell_ids(input_ids)
+        is_cell = (cells >= 0) & (cells < cfg.num_cells)
+        if is_cell.any():
+            picked = torch.gather(grid, 1, cells.clamp(0, cfg.num_cells - 1)[..., None].expand(-1, -1, grid.shape[-1]))
+            embeds = embeds + self.cell_in(picked) * is_cell[..., None]
+        is_region = input_ids == cfg.region_token_id
+        if region_maps is not None and is_region.any():
+            rows, cols = is_region.nonzero(as_tuple=True)
+            boxes, valid = self._region_boxes(input_ids, rows, cols)
+            feats = self.vision.region_features([m[rows] for m in region_maps], boxes) * valid
+            embeds = embeds.index_put((rows, cols), embeds[rows, cols] + feats.to(embeds.dtype))
+        return embeds
+
+    @staticmethod
+    def _attention_mask(
+        attention_mask: torch.Tensor, q_len: int, past_len: int, is_image: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Boolean (B, 1, Q, K) mask: causal + padding, image prefix bidirectional, self always visible."""
+        k_len = attention_mask.shape[1]
+        q_pos = torch.arange(past_len, past_len + q_len, device=attention_mask.device)
+        k_pos = torch.arange(k_len, device=attention_mask.device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None] & attention_mask.bool()[:, None, :]
+        if is_image is not None and past_len == 0:
+            mask = mask | (is_image[:, :, None] & is_image[:, None, :])
+        mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
+        return mask[:, None]
+
+    def _logits(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        logits = self.lm_head(h)
+        # Pointer logits: content match between the decoder state and each grid cell.
+        start, n = self.config.cell_token_start, self.config.num_cells
+        pointer = self.pointer_query(h) @ self.pointer_key(grid).transpose(1, 2) / math.sqrt(h.shape[-1])
+        return torch.cat([logits[..., :start], pointer.to(logits.dtype), logits[..., start + n:]], dim=-1)
+
+    def forward_shared_images(
+        self,
+        pixel_values: torch.Tensor,
+        image_index: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits of text that follows the image tokens, image-token states computed once per image.
+
+        Equals `forward` on '<image> x grid^2 + input_ids' (right-padded text); tested.
+        """
+        n_img = self.config.num_cells
+        grid, maps = self.encode_images(pixel_values)
+        img = grid + self.embed_positions(torch.arange(n_img, device=grid.device))
+        pos = n_img + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        txt_grid = grid[image_index]
+        txt = self._embed(input_ids, txt_grid, [m[image_index] for m in maps])
+        txt = txt + self.embed_positions(pos.clamp(max=self.config.max_position_embeddings - 1))
+        t = input_ids.shape[1]
+        text_mask = self._attention_mask(attention_mask, t, 0, None)
+        mask = torch.cat([text_mask.new_ones(text_mask.shape[0], 1, t, n_img), text_mask], dim=-1)
+        for layer in self.layers:
+            attn = layer.self_attn
+            qi, ki, vi = attn.qkv(layer.input_layernorm(img))
+            qt, kt, vt = attn.qkv(layer.input_layernorm(txt))
+            img_out = attn.out(F.scaled_dot_product_attention(qi, ki, vi))
+            keys = torch.cat([ki[image_index], kt], dim=2)
+            values = torch.cat([vi[image_index], vt], dim=2)
+            txt_out = attn.out(F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask))
+            img = img + img_out
+            img = img + layer.mlp(layer.post_attention_layernorm(img))
+            txt = txt + txt_out
+            txt = txt + layer.mlp(layer.post_attention_layernorm(txt))
+        return self._logits(txt, txt_grid)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.vision(pixel_values.to(self.dtype))
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_index: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`image_index[i]` names the pixel_values row of sequence i, so several queries can share
+        one encoded image (training runs several queries per rendered scene)."""
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape[0], past_len + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if pixel_values is not None:
+            grid, region_maps = self.encode_images(pixel_values)
+            if image_index is not None:
+                grid, region_maps = grid[image_index], [m[image_index] for m in region_maps]
+            if past_key_values is not None:
+                past_key_values.refloop_grid = grid
+        elif past_key_values is not None and hasattr(past_key_values, "refloop_grid"):
+            grid, region_maps = past_key_values.refloop_grid, None
+        else:
+            raise ValueError("refloop-tiny needs pixel_values on the first forward pass")
+
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        position_ids = position_ids.clamp(max=self.config.max_position_embeddings - 1)
+        x = self._embed(input_ids, grid, region_maps) + self.embed_positions(position_ids)
+        is_image = input_ids == self.config.image_token_id
+        mask = self._attention_mask(attention_mask, input_ids.shape[1], past_len, is_image)
+        cache = past_key_values if use_cache or past_len else None
+        for layer in self.layers:
+            x = layer(x, mask, cache)
+        logits = self._logits(x, grid)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_len > 0:
+            input_ids = input_ids[:, past_len:]
+            pixel_values = None
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "past_key_values": past_key_values,
+            "use_cache": kwargs.get("use_cache", True),
+        }

@@ -1,0 +1,321 @@
+"""`refloop pretrain-tiny`: train refloop-tiny from scratch on in-domain shapes scenes.
+
+Multi-task: REG (box -> canonical expression), REC (expression -> pointer + box), captioning and
+yes/no existence questions, the abilities SC-Tune, Pink and SVP assume a base LVLM has. Several
+queries share each rendered scene (one encoder pass), coordinate targets are Gaussian-smoothed
+over neighbouring bins, and a curriculum starts with few-object scenes. Deterministic by seed,
+checkpointed atomically, resumable to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+
+from refloop.boxes import Box, paired_iou
+from refloop.models.profiles import TinyProfile
+from refloop.models.tiny.configuration import RefloopTinyConfig
+from refloop.models.tiny.modeling import RefloopTinyForConditionalGeneration
+from refloop.models.tiny.processing import NUM_COORD_BINS, RefloopTinyProcessor, build_tokenizer
+from refloop.world import (
+    EVAL_SEED,
+    IN_DOMAIN,
+    TRAIN_SEED,
+    caption,
+    canonical_expression,
+    existence_question,
+    get_style,
+    referring_expressions,
+    render,
+    sample_scene,
+)
+
+TASKS = ("rec", "reg", "caption", "exist")
+
+
+class PretrainConfig(BaseModel):
+    """Recipe of refloop-tiny; defaults are what the committed checkpoint was trained with."""
+
+    seed: int = Field(0, description="seed of weights, task sampling and scene order")
+    steps: int = Field(10000, description="optimizer steps")
+    batch_scenes: int = Field(24, description="scenes rendered per step")
+    queries_per_scene: int = Field(8, description="queries sharing one encoded scene")
+    task_mix: dict[str, float] = Field(
+        default_factory=lambda: {"rec": 0.45, "reg": 0.35, "caption": 0.1, "exist": 0.1},
+        description="probability of each task per query",
+    )
+    lr: float = Field(1.5e-3, description="peak AdamW learning rate")
+    warmup_steps: int = Field(300, description="linear warm-up steps")
+    min_lr_ratio: float = Field(0.05, description="final learning rate as a fraction of the peak (cosine)")
+    weight_decay: float = Field(0.01, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, description="max global gradient norm")
+    coord_sigma: float = Field(1.0, description="std (in bins) of the Gaussian smoothing of coordinate targets")
+    curriculum_steps: int = Field(1000, description="steps during which scenes hold at most 3 objects")
+    canonical_rec_prob: float = Field(0.5, description="REC queries use the canonical expression with this probability, else another unique one")
+    hidden_size: int = Field(160, description="decoder width")
+    num_layers: int = Field(4, description="decoder layers")
+    num_heads: int = Field(4, description="attention heads")
+    eval_every: int = Field(1000, description="steps between held-out evaluations")
+    eval_scenes: int = Field(200, description="held-out in-domain scenes per evaluation")
+    checkpoint_every: int = Field(200, description="steps between resumable checkpoints")
+    threads: int = Field(2, description="torch CPU threads")
+
+
+def build_model(cfg: PretrainConfig) -> tuple[RefloopTinyForConditionalGeneration, RefloopTinyProcessor]:
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = RefloopTinyConfig(
+        vocab_size=len(vocab),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.hidden_size * 8 / 3) // 16 * 16,
+        image_token_id=vocab["<image>"],
+        region_token_id=vocab["<region>"],
+        cell_token_start=vocab["<cell_0>"],
+        coord_token_start=vocab["<0>"],
+        num_coord_bins=NUM_COORD_BINS,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<bos>"],
+        eos_token_id=vocab["<eos>"],
+    )
+    torch.manual_seed(cfg.seed)
+    model = RefloopTinyForConditionalGeneration(config)
+    return model, RefloopTinyProcessor(tokenizer, image_size=config.image_size, num_image_tokens=config.num_cells)
+
+
+def _query(
+    scene, rng: random.Random, np_rng: np.random.Generator, task: str, profile: TinyProfile, canonical_prob: float
+) -> tuple[str, str] | None:
+    size = (scene.width, scene.height)
+    if task in ("rec", "reg"):
+        targets = [(o, referring_expressions(scene, o)) for o in scene.objects]
+        targets = [(o, e) for o, e in targets if e]
+        if not targets:
+            return None
+        obj, exprs = targets[rng.randrange(len(targets))]
+        if task == "reg":
+            return profile.reg_prompt(obj.box, size), exprs[0]
+        expr = exprs[0] if rng.random() < canonical_prob else exprs[rng.randrange(len(exprs))]
+        return profile.rec_prompt(expr), profile.rec_answer(obj.box, size)
+    if task == "caption":
+        return profile.caption_prompt(), caption(scene)
+    question, answer = existence_question(scene, np_rng)
+    return profile.prompt(question), answer
+
+
+def make_batch(step: int, cfg: PretrainConfig, processor: RefloopTinyProcessor, profile: TinyProfile) -> dict[str, torch.Tensor]:
+    """Step `step`'s batch, a pure function of (seed, step) so resumed runs see the same data."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    np_rng = np.random.default_rng([cfg.seed, step])
+    style = get_style(IN_DOMAIN)
+    max_objects = 3 if step < cfg.curriculum_steps else None
+    tasks, weights = zip(*cfg.task_mix.items())
+    images, prompts, answers, image_index = [], [], [], []
+    for i in range(cfg.batch_scenes):
+        scene = sample_scene(style, TRAIN_SEED, step * cfg.batch_scenes + i + cfg.seed * 10_000_000, max_objects=max_objects)
+        images.append(render(scene))
+        for _ in range(cfg.queries_per_scene):
+            q = _query(scene, rng, np_rng, rng.choices(tasks, weights)[0], profile, cfg.canonical_rec_prob)
+            if q is None:
+                q = _query(scene, rng, np_rng, "caption", profile, cfg.canonical_rec_prob)
+            prompts.append(q[0])
+            answers.append(q[1])
+            image_index.append(i)
+    return encode_pairs(processor, images, prompts, answers, image_index)
+
+
+def encode_pairs(processor: RefloopTinyProcessor, images, prompts: list[str], answers: list[str], image_index: list[int]) -> dict[str, torch.Tensor]:
+    """Right-padded text after the image tokens (prompt + answer + <eos>), labels only on the answer.
+
+    Prompts start with the image placeholder; its tokens are supplied by `forward_shared_images`.
+    """
+    tok = processor.tokenizer
+    for p in prompts:
+        if not p.startswith("<image>"):
+            raise ValueError(f"refloop-tiny prompts start with <image>: {p!r}")
+    p_ids = tok([p[len("<image>"):] for p in prompts], add_special_tokens=False)["input_ids"]
+    a_ids = tok([a + " <eos>" for a in answers], add_special_tokens=False)["input_ids"]
+    length = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))
+    input_ids = torch.full((len(prompts), length), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    attention = torch.zeros_like(input_ids)
+    for r, (p, a) in enumerate(zip(p_ids, a_ids)):
+        seq = p + a
+        input_ids[r, : len(seq)] = torch.tensor(seq)
+        labels[r, len(p) : len(seq)] = torch.tensor(a)
+        attention[r, : len(seq)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "pixel_values": processor.preprocess_images(images),
+        "image_index": torch.tensor(image_index),
+    }
+
+
+def smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, coord_start: int, bins: int, sigma: float) -> torch.Tensor:
+    """Next-token cross-entropy; coordinate targets spread over neighbouring bins (Gaussian)."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    keep = targets != -100
+    logp = F.log_softmax(logits[keep], dim=-1)
+    tgt = targets[keep]
+    nll = -logp.gather(1, tgt[:, None]).squeeze(1)
+    is_coord = (tgt >= coord_start) & (tgt < coord_start + bins)
+    if sigma > 0 and is_coord.any():
+        centre = (tgt[is_coord] - coord_start).float()
+        grid = torch.arange(bins, dtype=torch.float32)
+        weights = torch.exp(-0.5 * ((grid[None] - centre[:, None]) / sigma) ** 2)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        nll = nll.clone()
+        nll[is_coord] = -(weights * logp[is_coord][:, coord_start : coord_start + bins]).sum(dim=1)
+    return nll.mean()
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.no_grad()
+def quick_eval(model, processor, profile: TinyProfile, num_scenes: int, batch: int = 100) -> dict[str, float]:
+    """REC acc@0.5, REG exact match and self-consistency on held-out in-domain scenes."""
+    model.eval()
+    style = get_style(IN_DOMAIN)
+    rng = random.Random(1234)
+    items = []
+    for i in range(num_scenes):
+        scene = sample_scene(style, EVAL_SEED, i)
+        cands = [o for o in scene.objects if canonical_expression(scene, o)]
+        obj = cands[rng.randrange(len(cands))]
+        items.append((scene, obj, canonical_expression(scene, obj)))
+    rec_hits = reg_hits = sc_hits = 0
+    for s in range(0, len(items), batch):
+        chunk = items[s : s + batch]
+        images = [render(sc) for sc, _, _ in chunk]
+        size = (chunk[0][0].width, chunk[0][0].height)
+
+        def run(prompts: list[str], max_new: int) -> list[str]:
+            inp = processor(images=images, text=prompts)
+            out = model.generate(**inp, max_new_tokens=max_new, do_sample=False)
+            return processor.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+
+        rec_text = run([profile.rec_prompt(e) for _, _, e in chunk], 8)
+        reg_text = [profile.read_expression(t) for t in run([profile.reg_prompt(o.box, size) for _, o, _ in chunk], 10)]
+        sc_text = run([profile.rec_prompt(t) for t in reg_text], 8)
+        gt = [o.box for _, o, _ in chunk]
+        rec_hits += int((paired_iou([profile.read_box(t, size) for t in rec_text], gt) > 0.5).sum())
+        sc_hits += int((paired_iou([profile.read_box(t, size) for t in sc_text], gt) > 0.5).sum())
+        reg_hits += sum(r == e for r, (_, _, e) in zip(reg_text, chunk))
+    model.train()
+    n = len(items)
+    return {"rec_acc": rec_hits / n, "reg_exact": reg_hits / n, "self_consistency": sc_hits / n}
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(work: Path, step: int, model, optimizer) -> None:
+    tmp = work / "checkpoint.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _atomic_write_json(tmp / "state.json", {"step": step})
+    final = work / "checkpoint"
+    if final.exists():
+        old = work / "checkpoint.old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, final)
+
+
+def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None, progress=None) -> dict:
+    """Train (or resume) in `work_dir`; export the final model as an HF checkpoint directory."""
+    torch.set_num_threads(cfg.threads)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = work_dir / "pretrain_config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg.model_dump():
+        raise ValueError(f"{work_dir} holds a run with another config; use a fresh --work-dir")
+    _atomic_write_json(cfg_path, cfg.model_dump())
+    model, processor = build_model(cfg)
+    profile = TinyProfile(grid_size=model.config.grid_size)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    start = 0
+    ckpt = work_dir / "checkpoint"
+    if (ckpt / "state.json").exists():
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        start = json.loads((ckpt / "state.json").read_text())["step"]
+    log_path = work_dir / "curve.jsonl"
+    if start == 0 and log_path.exists():
+        log_path.unlink()
+    model.train()
+    coord_start = model.config.coord_token_start
+    t_last, samples = time.time(), 0
+    elapsed = json.loads((ckpt / "state.json").read_text()).get("elapsed", 0.0) if start else 0.0
+    for step in range(start, cfg.steps):
+        batch = make_batch(step, cfg, processor, profile)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        labels = batch["labels"]
+        logits = model.forward_shared_images(batch["pixel_values"], batch["image_index"], batch["input_ids"], batch["attention_mask"])
+        loss = smoothed_loss(logits, labels, coord_start, NUM_COORD_BINS, cfg.coord_sigma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        samples += labels.shape[0]
+        record = None
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            now = time.time()
+            elapsed += now - t_last
+            record = {
+                "step": step + 1, "loss": round(loss.item(), 4), "grad_norm": round(float(grad_norm), 3),
+                "lr": lr_at(step, cfg), "samples_per_s": round(samples / (now - t_last), 1), "elapsed_s": round(elapsed, 1),
+            }
+            t_last, samples = now, 0
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            t0 = time.time()
+            record = (record or {"step": step + 1}) | quick_eval(model, processor, profile, cfg.eval_scenes)
+            t_last += time.time() - t0
+        if record:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if progress:
+                progress(record)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(work_dir, step + 1, model, optimizer)
+            state = json.loads((ckpt / "state.json").read_text()) | {"elapsed": elapsed}
+            _atomic_write_json(ckpt / "state.json", state)
+    if export_dir is not None:
+        export_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(export_dir)
+        processor.save_pretrained(export_dir)
+    return {"steps": cfg.steps, "elapsed_s": elapsed}

@@ -1,0 +1,59 @@
+"""Draw a scene with PIL. Backgrounds carry the domain shift; shapes keep the vocabulary."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from refloop.world.domains import get_style
+from refloop.world.scene import Scene, ShapeObject, scene_rng
+
+
+def _background(scene: Scene, kind: str, rng: np.random.Generator) -> Image.Image:
+    w, h = scene.width, scene.height
+    if kind == "plain":
+        base = np.full((h, w, 3), 236, dtype=np.int16)
+        base += rng.integers(-4, 5, size=(h, w, 1), dtype=np.int16)
+        return Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    if kind == "texture":
+        coarse = rng.integers(70, 190, size=(5, 5, 3)).astype(np.uint8)
+        img = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
+        arr = np.asarray(img).astype(np.int16) + rng.integers(-18, 19, size=(h, w, 3), dtype=np.int16)
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    if kind == "clutter":
+        base = np.full((h, w, 3), 222, dtype=np.int16) + rng.integers(-8, 9, size=(h, w, 1), dtype=np.int16)
+        img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(10, 18))):
+            x, y = rng.integers(0, w), rng.integers(0, h)
+            dx, dy = rng.integers(-14, 15, size=2)
+            grey = int(rng.integers(90, 170))
+            draw.line([(int(x), int(y)), (int(x + dx), int(y + dy))], fill=(grey, grey, grey), width=1)
+        return img
+    raise ValueError(f"unknown background kind {kind!r}")
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, outline: bool) -> None:
+    b = obj.box
+    xy = [b.x1, b.y1, b.x2 - 1, b.y2 - 1]
+    edge = (30, 30, 30) if outline else None
+    width = 2 if outline else 0
+    if obj.shape == "circle":
+        draw.ellipse(xy, fill=obj.rgb, outline=edge, width=width)
+    elif obj.shape == "square":
+        draw.rectangle(xy, fill=obj.rgb, outline=edge, width=width)
+    elif obj.shape == "triangle":
+        pts = [((b.x1 + b.x2 - 1) / 2, b.y1), (b.x2 - 1, b.y2 - 1), (b.x1, b.y2 - 1)]
+        draw.polygon(pts, fill=obj.rgb, outline=edge, width=width)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}")
+
+
+def render(scene: Scene) -> Image.Image:
+    style = get_style(scene.domain)
+    rng = scene_rng(scene.domain + "/render", scene.seed, scene.index)
+    img = _background(scene, style.background, rng)
+    draw = ImageDraw.Draw(img)
+    for obj in scene.objects:
+        _draw_object(draw, obj, style.outline)
+    return img
