@@ -92,3 +92,16 @@ class TinyProfile(PromptProfile):
 
     def read_expression(self, text: str) -> str:
         return " ".join(_CELL.sub(" ", text).split())
+
+
+_PROFILES = {"refloop-tiny": TinyProfile}
+
+
+def profile_for_config(config) -> PromptProfile:
+    """The profile of a checkpoint, chosen from its config's model_type."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in _PROFILES:
+        return _PROFILES[model_type]()
+    raise ValueError(
+        f"no prompt profile for model_type {model_type!r}; supported: {', '.join(sorted(_PROFILES))}"
+    )

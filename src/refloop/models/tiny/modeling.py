@@ -207,10 +207,11 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         grid: torch.Tensor,
         region_maps: list[torch.Tensor] | None,
     ) -> torch.Tensor:
+        """Token embeddings; image features replace the image tokens of a prompt (prefill only)."""
         cfg = self.config
         embeds = self.embed_tokens(input_ids)
         is_image = input_ids == cfg.image_token_id
-        if is_image.any():
+        if region_maps is not None and is_image.any():
             counts = is_image.sum(dim=1)
             if not bool((counts == cfg.num_cells).all()):
                 raise ValueError(f"every row needs exactly {cfg.num_cells} image tokens, got {counts.tolist()}")
@@ -248,7 +249,10 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         # Pointer logits: content match between the decoder state and each grid cell.
         start, n = self.config.cell_token_start, self.config.num_cells
         pointer = self.pointer_query(h) @ self.pointer_key(grid).transpose(1, 2) / math.sqrt(h.shape[-1])
-        return torch.cat([logits[..., :start], pointer.to(logits.dtype), logits[..., start + n:]], dim=-1)
+        logits = torch.cat([logits[..., :start], pointer.to(logits.dtype), logits[..., start + n:]], dim=-1)
+        if self.config.suppress_token_ids:
+            logits[..., self.config.suppress_token_ids] = float("-inf")
+        return logits
 
     def forward_shared_images(
         self,

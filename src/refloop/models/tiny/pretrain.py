@@ -85,6 +85,7 @@ def build_model(cfg: PretrainConfig) -> tuple[RefloopTinyForConditionalGeneratio
         cell_token_start=vocab["<cell_0>"],
         coord_token_start=vocab["<0>"],
         num_coord_bins=NUM_COORD_BINS,
+        suppress_token_ids=[vocab[t] for t in ("<pad>", "<bos>", "<unk>", "<image>", "<region>", "<sep>")],
         pad_token_id=vocab["<pad>"],
         bos_token_id=vocab["<bos>"],
         eos_token_id=vocab["<eos>"],

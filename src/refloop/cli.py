@@ -1,0 +1,157 @@
+"""The `refloop` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from refloop.errors import RefloopError
+
+app = typer.Typer(
+    help="refloop: make vision-language models self-consistent about the objects they talk about.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class OnErrorChoice(str, Enum):
+    fail = "fail"
+    skip = "skip"
+
+
+ModelOpt = typer.Option(None, "--model", help="Model directory or hub id (default: the embedded refloop-tiny).")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16 or fp16.")
+BatchOpt = typer.Option(64, "--batch-size", min=1, help="Images per generation batch.")
+RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow a checkpoint's own modelling code (only for checkpoints you trust).")
+
+
+@app.command()
+def consistency(
+    data: str = typer.Option(..., "--data", help="Shapes-world domain (in-domain, crowded, wild), a COCO-style .json or a referring .jsonl."),
+    out: Path = typer.Option(..., "--out", help="Output directory: samples.jsonl, metrics.json, report.html, PNGs."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image root for --data files (default: the file's directory)."),
+    model: Optional[str] = ModelOpt,
+    num_boxes: int = typer.Option(1000, "--num-boxes", min=1, help="Boxes to evaluate, one per image."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the box chosen in each image."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    on_error: OnErrorChoice = typer.Option(OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with plots and examples."),
+    trust_remote_code: bool = RemoteOpt,
+) -> None:
+    """Self-consistency Pr@0.5 (SC-Tune appendix 6): box -> caption -> box, IoU > 0.5. Resumable."""
+    from refloop.data.sources import load_data
+    from refloop.methods.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
+    from refloop.models import load_vlm
+    from refloop.progress import progress_bar
+    from refloop.report.consistency import write_consistency_report
+
+    records, load_report = load_data(data, images, on_error=on_error.value, num_images=num_boxes)
+    if load_report.skipped:
+        err_console.print(f"skipped {load_report.skipped} bad records: {dict(load_report.reasons)}")
+    cfg = ConsistencyConfig(num_boxes=num_boxes, seed=seed, batch_size=batch_size)
+    samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
+    if not samples:
+        raise RefloopError(f"{data}: no boxes to evaluate")
+    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    with progress_bar(f"consistency {data}", len(samples)) as advance:
+        metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance)
+    if load_report.skipped:
+        metrics["skipped_records"] = load_report.skipped
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if report:
+        path = write_consistency_report(out, metrics)
+        console.print(f"report: {path}")
+    console.print_json(json.dumps(metrics))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("refloop-demo"), "--out", help="Output directory of the demo."),
+    model: Optional[str] = ModelOpt,
+    num_boxes: int = typer.Option(1000, "--num-boxes", min=1, help="Boxes per domain."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """The main job: self-consistency of refloop-tiny in and out of domain, beside SC-Tune's Table 1."""
+    from refloop.demo import run_demo
+
+    run_demo(out, model=model, num_boxes=num_boxes, batch_size=batch_size, device=device, dtype=dtype, console=console)
+
+
+@app.command("pretrain-tiny")
+def pretrain_tiny(
+    out: Path = typer.Option(Path("refloop-tiny"), "--out", help="Where the finished HF checkpoint directory is written."),
+    work_dir: Path = typer.Option(Path("runs/pretrain-tiny"), "--work-dir", help="Checkpoints and curves; rerun to resume."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding PretrainConfig fields."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the number of optimizer steps."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the seed."),
+) -> None:
+    """Train refloop-tiny from scratch on in-domain shapes scenes (deterministic, resumable)."""
+    from refloop.config import load_yaml_model
+    from refloop.models.tiny.pretrain import PretrainConfig, pretrain
+    from refloop.models.tiny.report import write_curves
+    from refloop.progress import progress_bar
+
+    cfg = load_yaml_model(PretrainConfig, config) if config else PretrainConfig()
+    overrides = {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}
+    cfg = cfg.model_copy(update=overrides)
+    with progress_bar("pretrain refloop-tiny", cfg.steps) as advance:
+        last = {"step": 0}
+
+        def on_record(record: dict) -> None:
+            advance(record["step"] - last["step"])
+            last["step"] = record["step"]
+            if "rec_acc" in record:
+                console.print(
+                    f"step {record['step']}: REC {record['rec_acc']:.3f}  REG exact {record['reg_exact']:.3f}  "
+                    f"self-consistency {record['self_consistency']:.3f}"
+                )
+
+        summary = pretrain(cfg, work_dir, export_dir=out, progress=on_record)
+    write_curves(work_dir / "curve.jsonl", out)
+    console.print(f"refloop-tiny written to {out} ({summary['elapsed_s'] / 60:.1f} min of training)")
+
+
+@app.command("export-world")
+def export_world(
+    domain: str = typer.Option(..., "--domain", help="in-domain, crowded or wild."),
+    out: Path = typer.Option(..., "--out", help="Directory for images/, instances.json (COCO) and refs.jsonl."),
+    num_images: int = typer.Option(1000, "--num-images", min=1, help="Scenes to export."),
+    seed: int = typer.Option(1, "--seed", help="Scene seed (0: training scenes, 1: evaluation scenes)."),
+) -> None:
+    """Write a shapes-world split as COCO-style detection JSON + referring JSONL + PNG images."""
+    from refloop.world import DOMAINS
+    from refloop.world.export import export_split
+
+    if domain not in DOMAINS:
+        raise RefloopError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
+    path = export_split(domain, out, num_images, seed)
+    console.print(f"exported {num_images} scenes of {domain} to {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except RefloopError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Resolve a `--data` argument to records: a shapes-world domain, a COCO-style JSON, or a
+referring JSONL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from refloop.data.loaders import LoadReport, OnError, load_coco, load_referring
+from refloop.data.records import ImageRecord
+from refloop.errors import RefloopError
+from refloop.world import DOMAINS, EVAL_SEED
+from refloop.world.export import REFS_FILE, export_split
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("REFLOOP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "refloop")
+    return Path(base)
+
+
+def world_split_dir(domain: str, num_images: int, seed: int = EVAL_SEED) -> Path:
+    """Export (once) and return the directory of a shapes-world evaluation split."""
+    return export_split(domain, cache_dir() / "world" / f"{domain}-seed{seed}-n{num_images}", num_images, seed)
+
+
+def load_data(
+    spec: str,
+    images: str | Path | None = None,
+    on_error: OnError = "fail",
+    num_images: int = 1000,
+    seed: int = EVAL_SEED,
+) -> tuple[list[ImageRecord], LoadReport]:
+    """Records from a domain name (exported to the cache, then read by the referring loader, so
+    the real loader is what runs), a *.json COCO file, or a *.jsonl referring file."""
+    if spec in DOMAINS:
+        return load_referring(world_split_dir(spec, num_images, seed) / REFS_FILE, on_error=on_error)
+    path = Path(spec)
+    if path.suffix == ".json":
+        return load_coco(path, images, on_error=on_error)
+    if path.suffix == ".jsonl":
+        return load_referring(path, images, on_error=on_error)
+    raise RefloopError(
+        f"--data {spec!r} is neither a shapes-world domain ({', '.join(DOMAINS)}) nor a .json (COCO) / .jsonl (referring) file"
+    )

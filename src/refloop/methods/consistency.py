@@ -1,0 +1,138 @@
+"""Self-consistency evaluation (SC-Tune, Sec. 1 and appendix 6).
+
+For one box per image: the model describes the box with its REG prompt (greedy), then locates
+its own description with its REC prompt (greedy); the sample is consistent when
+IoU(box, located) > 0.5. Pr@0.5 is the consistent fraction. When the data carries referring
+expressions, REC accuracy on the first (canonical) expression is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel, Field
+
+from refloop.boxes import Box, paired_iou
+from refloop.data.jsonl import JsonlWriter, read_records
+from refloop.data.records import ImageRecord, ObjectAnnotation
+from refloop.models.base import GREEDY, GenerateOptions
+
+
+class ConsistencyConfig(BaseModel):
+    num_boxes: int = Field(1000, description="boxes to evaluate, one per image (the paper: 4000)")
+    seed: int = Field(0, description="seed of the box choice within each image")
+    iou_threshold: float = Field(0.5, description="consistent when IoU is above this (Pr@0.5)")
+    batch_size: int = Field(64, description="images per generation batch")
+    max_new_tokens: int = Field(32, description="longest caption generated")
+
+
+@dataclass(frozen=True)
+class BoxSample:
+    sample_id: str
+    record: ImageRecord
+    target: ObjectAnnotation
+
+
+def sample_boxes(records: list[ImageRecord], num_boxes: int, seed: int = 0) -> list[BoxSample]:
+    """One box per image (appendix 6: every box from a different image), images in file order."""
+    rng = random.Random(seed)
+    out = []
+    for rec in records:
+        if len(out) >= num_boxes:
+            break
+        if not rec.objects:
+            continue
+        target = rec.objects[rng.randrange(len(rec.objects))]
+        out.append(BoxSample(sample_id=f"{rec.image_id}:{target.ann_id}", record=rec, target=target))
+    return out
+
+
+def summarize(rows: list[dict], threshold: float) -> dict:
+    n = len(rows)
+    if n == 0:
+        return {"num_boxes": 0, "consistency_rate": 0.0, "mean_iou": 0.0, "parse_failure_rate": 0.0}
+    metrics = {
+        "num_boxes": n,
+        "consistency_rate": sum(r["iou"] > threshold for r in rows) / n,
+        "mean_iou": sum(r["iou"] for r in rows) / n,
+        "parse_failure_rate": sum(r["predicted_box"] is None for r in rows) / n,
+    }
+    rec_rows = [r for r in rows if r.get("rec_iou") is not None]
+    if rec_rows:
+        metrics["rec_accuracy"] = sum(r["rec_iou"] > threshold for r in rec_rows) / len(rec_rows)
+        metrics["rec_num"] = len(rec_rows)
+    return metrics
+
+
+def evaluate_consistency(
+    vlm,
+    samples: list[BoxSample],
+    out_dir: Path,
+    cfg: ConsistencyConfig,
+    data_name: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Run the loop, append per-sample JSONL (resumable by sample id), write metrics.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_path = out_dir / "samples.jsonl"
+    writer = JsonlWriter(samples_path, key="id")
+    todo = [s for s in samples if s.sample_id not in writer.done]
+    if progress:
+        progress(len(samples) - len(todo))
+    options = GenerateOptions(max_new_tokens=cfg.max_new_tokens) if cfg.max_new_tokens != GREEDY.max_new_tokens else GREEDY
+    started = time.perf_counter()
+    with writer:
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start : start + cfg.batch_size]
+            images = [s.record.load_image() for s in chunk]
+            targets = [s.target.box for s in chunk]
+            captions = vlm.describe(images, targets, options)
+            located = vlm.locate(images, captions)
+            ious = paired_iou([loc.box for loc in located], targets)
+            with_expr = [i for i, s in enumerate(chunk) if s.target.expressions]
+            rec_iou: dict[int, float] = {}
+            if with_expr:
+                rec = vlm.locate([images[i] for i in with_expr], [chunk[i].target.expressions[0] for i in with_expr])
+                for i, loc, v in zip(with_expr, rec, paired_iou([r.box for r in rec], [targets[i] for i in with_expr])):
+                    rec_iou[i] = float(v)
+            rows = []
+            for i, (s, cap, loc, iou) in enumerate(zip(chunk, captions, located, ious)):
+                rows.append({
+                    "id": s.sample_id,
+                    "image": str(s.record.path),
+                    "image_id": s.record.image_id,
+                    "box": s.target.box.as_list(),
+                    "category": s.target.category,
+                    "caption": cap,
+                    "located_text": loc.text,
+                    "predicted_box": loc.box.as_list() if loc.box else None,
+                    "iou": float(iou),
+                    "reference_expression": s.target.expressions[0] if s.target.expressions else None,
+                    "rec_iou": rec_iou.get(i),
+                })
+            writer.write_many(rows)
+            if progress:
+                progress(len(chunk))
+    elapsed = time.perf_counter() - started
+    wanted = {s.sample_id for s in samples}
+    rows = [r for r in read_records(samples_path) if r["id"] in wanted]
+    metrics = summarize(rows, cfg.iou_threshold)
+    metrics.update({
+        "boxes_per_second": (len(todo) / elapsed) if todo and elapsed > 0 else None,
+        "model": getattr(vlm, "name", "model"),
+        "data": data_name,
+        "iou_threshold": cfg.iou_threshold,
+    })
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def rows_to_boxes(row: dict) -> tuple[Box, Box | None]:
+    target = Box(*row["box"])
+    predicted = Box(*row["predicted_box"]) if row.get("predicted_box") else None
+    return target, predicted

@@ -1,0 +1,141 @@
+"""Hugging Face transformers backend: any `AutoModelForImageTextToText` checkpoint plus its
+`AutoProcessor`, from a local directory or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
+from refloop.boxes import Box
+from refloop.errors import RefloopError
+from refloop.models.base import GREEDY, Completion, GenerateOptions, Located
+from refloop.models.profiles import PromptProfile, profile_for_config
+
+
+def select_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return table[dtype]
+    except KeyError:
+        raise RefloopError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16") from None
+
+
+class HFVLM:
+    """Batched generation with left padding; log-probs from one forward pass with the real mask."""
+
+    def __init__(self, model, processor, profile: PromptProfile, name: str = "model", batch_size: int = 32) -> None:
+        self.model, self.processor, self.profile, self.name, self.batch_size = model, processor, profile, name, batch_size
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        profile: PromptProfile | None = None,
+        trust_remote_code: bool = False,
+        batch_size: int = 32,
+    ) -> HFVLM:
+        path = str(name_or_path)
+        if Path(path).exists() and not (Path(path) / "config.json").exists():
+            raise RefloopError(f"{path} is not a model directory (no config.json)")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise RefloopError(f"cannot load a model config from {path}: {exc}") from None
+        dev = select_device(device)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=select_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+        model.to(dev).eval()
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls(model, processor, profile or profile_for_config(config), name=path, batch_size=batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
+        batch = self.processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt", padding_side="left")
+        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], options: GenerateOptions = GREEDY) -> list[list[Completion]]:
+        """`num_return_sequences` completions per prompt, in prompt order."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        kwargs = {"do_sample": options.do_sample, "max_new_tokens": options.max_new_tokens,
+                  "num_return_sequences": options.num_return_sequences, "pad_token_id": pad}
+        if options.do_sample:
+            kwargs.update(temperature=options.temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0)
+        out: list[list[Completion]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            inputs = self._inputs(images[start : start + self.batch_size], prompts[start : start + self.batch_size])
+            generated = self.model.generate(**inputs, **kwargs)
+            new = generated[:, inputs["input_ids"].shape[1]:].tolist()
+            n = options.num_return_sequences
+            for i in range(0, len(new), n):
+                group = []
+                for ids in new[i : i + n]:
+                    if eos in ids:
+                        ids = ids[: ids.index(eos) + 1]
+                    ids = [t for t in ids if t != pad or t == eos]
+                    group.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), tuple(ids)))
+                out.append(group)
+        return out
+
+    def logprobs(self, images: Sequence[Image.Image], prompts: Sequence[str], completions: Sequence[Sequence[int]], grad: bool = False) -> list[torch.Tensor]:
+        """Per-token log p(completion | image, prompt), one forward per batch, real attention mask
+        (left-padded prompts, right-padded completions)."""
+        out: list[torch.Tensor] = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            inputs = self._inputs(images[start:stop], prompts[start:stop])
+            comps = [list(c) for c in completions[start:stop]]
+            width = max(len(c) for c in comps)
+            pad = self.tokenizer.pad_token_id
+            comp_ids = torch.tensor([c + [pad] * (width - len(c)) for c in comps], device=self.device)
+            comp_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in comps], device=self.device)
+            prompt_len = inputs["input_ids"].shape[1]
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], comp_ids], dim=1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], comp_mask], dim=1)
+            with torch.set_grad_enabled(grad):
+                logits = self.model(**inputs).logits[:, prompt_len - 1 : -1].float()
+                token_lp = torch.log_softmax(logits, dim=-1).gather(-1, comp_ids[..., None]).squeeze(-1)
+            out += [token_lp[i, : len(c)] for i, c in enumerate(comps)]
+        return out
+
+    # Tasks ----------------------------------------------------------------------------------
+    def describe(self, images: Sequence[Image.Image], boxes: Sequence[Box], options: GenerateOptions = GREEDY) -> list[str]:
+        prompts = [self.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
+        return [self.profile.read_expression(c[0].text) for c in self.generate(images, prompts, options)]
+
+    def locate(self, images: Sequence[Image.Image], expressions: Sequence[str]) -> list[Located]:
+        prompts = [self.profile.rec_prompt(e) for e in expressions]
+        texts = [c[0].text for c in self.generate(images, prompts, GREEDY)]
+        return [Located(self.profile.read_box(t, img.size), t) for img, t in zip(images, texts)]
+
+    def caption(self, images: Sequence[Image.Image], options: GenerateOptions = GREEDY) -> list[str]:
+        prompts = [self.profile.caption_prompt()] * len(images)
+        return [c[0].text for c in self.generate(images, prompts, options)]

@@ -1,0 +1,83 @@
+"""The self-consistency report: metrics, IoU histogram, best and worst examples, as HTML + PNG."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from refloop.boxes import Box  # noqa: E402
+from refloop.data.jsonl import read_records  # noqa: E402
+from refloop.report.draw import grid, panel, save_png  # noqa: E402
+
+METRIC_LABELS = {
+    "consistency_rate": "self-consistency Pr@0.5",
+    "rec_accuracy": "REC acc@0.5 (reference expressions)",
+    "mean_iou": "mean IoU (box -> caption -> box)",
+    "parse_failure_rate": "unparseable REC answers",
+    "num_boxes": "boxes",
+    "boxes_per_second": "boxes / s",
+}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def example_panels(rows: list[dict], count: int) -> list[Image.Image]:
+    panels = []
+    for r in rows[:count]:
+        with Image.open(r["image"]) as img:
+            image = img.convert("RGB")
+        predicted = Box(*r["predicted_box"]) if r.get("predicted_box") else None
+        lines = [f"described: {r['caption'] or '(empty)'}", f"IoU {r['iou']:.2f}"]
+        if r.get("reference_expression"):
+            lines.append(f"reference: {r['reference_expression']}")
+        panels.append(panel(image, Box(*r["box"]), predicted, lines))
+    return panels
+
+
+def iou_histogram(rows: list[dict], path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    ax.hist([r["iou"] for r in rows], bins=20, range=(0, 1), color="#4a7bd0")
+    ax.axvline(0.5, color="#d04a4a", linestyle="--", linewidth=1)
+    ax.set_xlabel("IoU(target, re-located box)")
+    ax.set_ylabel("boxes")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_consistency_report(out_dir: Path, metrics: dict, examples: int = 8) -> Path:
+    rows = read_records(out_dir / "samples.jsonl")
+    ranked = sorted(rows, key=lambda r: (r["iou"], r["id"]))
+    best = save_png(grid(example_panels(ranked[::-1], examples), title="most consistent"), out_dir / "best.png")
+    worst = save_png(grid(example_panels(ranked, examples), title="least consistent"), out_dir / "worst.png")
+    hist = iou_histogram(rows, out_dir / "iou_hist.png", f"{metrics.get('data', '')}: Pr@0.5 = {metrics.get('consistency_rate', 0):.3f}")
+    table = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{_fmt(metrics.get(key))}</td></tr>" for key, label in METRIC_LABELS.items() if key in metrics
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>refloop self-consistency</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}td{{padding:2px 12px}}img{{max-width:100%}}</style></head><body>
+<h1>Self-consistency: box &rarr; caption &rarr; box</h1>
+<p>model <code>{html.escape(str(metrics.get('model', '')))}</code>, data <code>{html.escape(str(metrics.get('data', '')))}</code>.
+Green: the target box; magenta: where the model re-located its own description.</p>
+<table>{table}</table>
+<p><img src="{hist.name}"></p>
+<h2>Most consistent</h2><p><img src="{best.name}"></p>
+<h2>Least consistent</h2><p><img src="{worst.name}"></p>
+<p>Per-sample records: <code>samples.jsonl</code>; metrics: <code>metrics.json</code>.</p>
+</body></html>"""
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path

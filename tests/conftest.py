@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """World exports go to a per-session temp cache, never the user's ~/.cache."""
+    monkeypatch.setenv("REFLOOP_CACHE", str(tmp_path_factory.getbasetemp() / "refloop-cache"))

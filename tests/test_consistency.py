@@ -1,0 +1,106 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import save_tiny_random
+from refloop.boxes import Box
+from refloop.data.records import ImageRecord, ObjectAnnotation
+from refloop.methods.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
+from refloop.models.base import Located
+from refloop.models.profiles import TinyProfile
+
+
+class ScriptedVLM:
+    """Describes every box as its index and locates a scripted box for each description."""
+
+    name = "scripted"
+    profile = TinyProfile()
+
+    def __init__(self, answers: dict[str, Box | None]) -> None:
+        self.answers = answers
+
+    def describe(self, images, boxes, options=None):
+        return [f"box {b.x1:.0f}" for b in boxes]
+
+    def locate(self, images, expressions):
+        return [Located(self.answers.get(e), "text") for e in expressions]
+
+
+def make_records(tmp_path, n):
+    from PIL import Image
+
+    records = []
+    for i in range(n):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (100, 100)).save(path)
+        objs = (ObjectAnnotation(Box(i, 0, i + 10, 10), "thing", ann_id=i, expressions=(f"ref {i}",)),)
+        records.append(ImageRecord(image_id=i, path=path, width=100, height=100, objects=objs))
+    return records
+
+
+def test_pr_at_05_mean_iou_and_parse_failures_hand_computed(tmp_path):
+    records = make_records(tmp_path, 4)
+    answers = {
+        "box 0": Box(0, 0, 10, 10),  # IoU 1
+        "box 1": Box(1, 0, 9, 10),  # IoU 0.8
+        "box 2": Box(2, 0, 7, 10),  # IoU 0.5: not above 0.5
+        # box 3 does not parse
+        "ref 0": Box(0, 0, 10, 10),
+        "ref 1": Box(50, 50, 60, 60),
+    }
+    samples = sample_boxes(records, 10)
+    assert len(samples) == 4
+    m = evaluate_consistency(ScriptedVLM(answers), samples, tmp_path / "out", ConsistencyConfig(batch_size=3))
+    assert m["num_boxes"] == 4
+    assert m["consistency_rate"] == pytest.approx(2 / 4)
+    assert m["mean_iou"] == pytest.approx((1 + 0.8 + 0.5 + 0) / 4)
+    assert m["parse_failure_rate"] == pytest.approx(1 / 4)
+    assert m["rec_accuracy"] == pytest.approx(1 / 4)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["consistency_rate"] == m["consistency_rate"]
+
+
+def test_resume_does_not_redo_finished_samples(tmp_path):
+    records = make_records(tmp_path, 5)
+    answers = {f"box {i}": Box(i, 0, i + 10, 10) for i in range(5)}
+    calls = []
+
+    class Counting(ScriptedVLM):
+        def describe(self, images, boxes, options=None):
+            calls.append(len(boxes))
+            return super().describe(images, boxes, options)
+
+    out = tmp_path / "out"
+    evaluate_consistency(Counting(answers), sample_boxes(records, 3), out, ConsistencyConfig(batch_size=2))
+    m = evaluate_consistency(Counting(answers), sample_boxes(records, 5), out, ConsistencyConfig(batch_size=2))
+    assert calls == [2, 1, 2]
+    assert m["num_boxes"] == 5 and m["consistency_rate"] == 1.0
+
+
+def test_one_box_per_image():
+    recs = [
+        ImageRecord(image_id=i, path=None, width=10, height=10, objects=tuple(ObjectAnnotation(Box(0, 0, 5, 5), "x", ann_id=j) for j in range(3)))
+        for i in range(6)
+    ]
+    samples = sample_boxes(recs, 4, seed=1)
+    assert [s.record.image_id for s in samples] == [0, 1, 2, 3]
+    assert sample_boxes(recs, 4, seed=1) == samples
+
+
+def test_cli_end_to_end_on_a_few_boxes(tmp_path):
+    ckpt = save_tiny_random(tmp_path / "model")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "refloop.cli", "consistency", "--data", "in-domain", "--model", str(ckpt),
+           "--num-boxes", "6", "--batch-size", "4", "--out", str(out), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("consistency_rate", "mean_iou", "parse_failure_rate", "num_boxes", "boxes_per_second", "model", "data"):
+        assert key in metrics
+    assert metrics["num_boxes"] == 6 and metrics["data"] == "in-domain"
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {"image", "box", "caption", "predicted_box", "iou"} <= set(rows[0])
+    for name in ("report.html", "best.png", "worst.png", "iou_hist.png"):
+        assert (out / name).stat().st_size > 0

@@ -1,0 +1,158 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from refloop.boxes import Box
+from refloop.data import load_coco, load_referring
+from refloop.errors import DataError
+
+
+def write_images(root: Path, names: list[str], size=(64, 48)) -> None:
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", size, (200, 10, 10)).save(root / "img" / name)
+
+
+def coco_fixture(root: Path) -> dict:
+    write_images(root, ["a.png", "b.png"])
+    return {
+        "images": [
+            {"id": 1, "file_name": "img/a.png", "width": 64, "height": 48},
+            {"id": 2, "file_name": "img/b.png", "width": 64, "height": 48},
+        ],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [4, 4, 10, 20], "iscrowd": 0},
+            {"id": 11, "image_id": 1, "category_id": 2, "bbox": [30, 10, 20, 20], "iscrowd": 0},
+            {"id": 12, "image_id": 2, "category_id": 1, "bbox": [0, 0, 64, 48], "iscrowd": 0},
+            {"id": 13, "image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 1},
+        ],
+        "categories": [{"id": 1, "name": "cup"}, {"id": 2, "name": "dog"}],
+    }
+
+
+def dump(root: Path, data: dict, name="instances.json") -> Path:
+    path = root / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_coco_round_trip(tmp_path):
+    records, report = load_coco(dump(tmp_path, coco_fixture(tmp_path)))
+    assert report.kept == 2 and report.skipped == 0
+    first = records[0]
+    assert first.image_id == 1 and first.size == (64, 48)
+    assert [(o.category, o.box) for o in first.objects] == [("cup", Box(4, 4, 14, 24)), ("dog", Box(30, 10, 50, 30))]
+    assert len(records[1].objects) == 1  # the crowd box is ignored
+    assert first.load_image().size == (64, 48)
+
+
+MALFORMED = {
+    "missing field": (lambda d: d["annotations"][0].pop("bbox"), "annotations[0]", "missing field 'bbox'"),
+    "bad box": (lambda d: d["annotations"][1].update(bbox=[30, 10, -5, 20]), "annotations[1]", "x2 <= x1"),
+    "nan box": (lambda d: d["annotations"][1].update(bbox=[30, 10, math.nan, 20]), "annotations[1]", "finite number"),
+    "unknown category": (lambda d: d["annotations"][0].update(category_id=9), "annotations[0]", "category_id 9"),
+    "missing image": (lambda d: d["images"][1].update(file_name="img/nope.png"), "images[1]", "image file not found"),
+    "path escaping root": (lambda d: d["images"][1].update(file_name="../../etc/passwd"), "images[1]", "escapes the image root"),
+    "absolute path": (lambda d: d["images"][1].update(file_name="/etc/passwd"), "images[1]", "absolute"),
+    "wrong size": (lambda d: d["images"][0].update(width=65), "images[0]", "annotation says 65x48"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_coco_malformed_record_is_named(tmp_path, case):
+    mutate, record, problem = MALFORMED[case]
+    data = coco_fixture(tmp_path)
+    mutate(data)
+    path = dump(tmp_path, data)
+    with pytest.raises(DataError) as info:
+        load_coco(path)
+    message = str(info.value)
+    assert str(path) in message and record in message and problem in message
+    records, report = load_coco(path, on_error="skip")
+    assert report.skipped >= 1
+    assert len(records) >= 1
+
+
+def test_corrupt_image_is_rejected(tmp_path):
+    data = coco_fixture(tmp_path)
+    (tmp_path / "img" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(DataError, match=r"images\[1\].*cannot read image"):
+        load_coco(dump(tmp_path, data))
+
+
+def test_not_a_coco_file(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_coco(path)
+    path.write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match="not a COCO-style"):
+        load_coco(path)
+
+
+def refs_fixture(root: Path) -> list[dict]:
+    write_images(root, ["a.png"])
+    return [
+        {"ref_id": 1, "image_id": 1, "file_name": "img/a.png", "bbox": [4, 4, 10, 20], "sentences": ["the left cup", "cup"], "category": "cup"},
+        {"ref_id": 2, "image_id": 1, "file_name": "img/a.png", "bbox": [30, 10, 20, 20], "sentences": ["the dog"], "category": "dog"},
+    ]
+
+
+def write_jsonl(root: Path, rows: list, name="refs.jsonl") -> Path:
+    path = root / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_referring_round_trip(tmp_path):
+    records, report = load_referring(write_jsonl(tmp_path, refs_fixture(tmp_path)))
+    assert report.kept == 1
+    (rec,) = records
+    assert rec.size == (64, 48)
+    assert [o.expressions for o in rec.objects] == [("the left cup", "cup"), ("the dog",)]
+    assert rec.objects[1].box == Box(30, 10, 50, 30)
+
+
+@pytest.mark.parametrize(
+    "mutate, problem",
+    [
+        (lambda r: r.pop("sentences"), "missing field 'sentences'"),
+        (lambda r: r.update(sentences=[]), "non-empty list"),
+        (lambda r: r.update(bbox=[0, 0, 0, 5]), "x2 <= x1"),
+        (lambda r: r.update(file_name="../secret.png"), "escapes the image root"),
+        (lambda r: r.update(file_name="img/missing.png"), "image file not found"),
+    ],
+)
+def test_referring_malformed_line_is_named(tmp_path, mutate, problem):
+    rows = refs_fixture(tmp_path)
+    mutate(rows[1])
+    path = write_jsonl(tmp_path, rows)
+    with pytest.raises(DataError, match=rf"refs.jsonl, record line 2: .*{problem}"):
+        load_referring(path)
+    records, report = load_referring(path, on_error="skip")
+    assert report.skipped == 1 and len(records[0].objects) == 1
+
+
+def test_referring_bad_json_line_is_skippable(tmp_path):
+    rows = refs_fixture(tmp_path)
+    path = write_jsonl(tmp_path, [rows[0], "{broken", rows[1]])
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
+        load_referring(path)
+
+
+def test_cli_reports_bad_record_with_exit_code_2_and_no_traceback(tmp_path):
+    data = coco_fixture(tmp_path)
+    data["annotations"][0].pop("bbox")
+    path = dump(tmp_path, data)
+    proc = subprocess.run(
+        [sys.executable, "-m", "refloop.cli", "consistency", "--data", str(path), "--out", str(tmp_path / "out"), "--num-boxes", "2"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "annotations[0]" in proc.stderr and "missing field 'bbox'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
