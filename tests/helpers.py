@@ -34,4 +34,5 @@ def no_grad(fn):
     def wrapped(*a, **k):
         with torch.no_grad():
             return fn(*a, **k)
+
     return wrapped

@@ -26,8 +26,14 @@ def sized_box(draw):
 
 # One quantisation step of each format, as a fraction of the image side (plus float slack).
 STEP = {
-    "qwen-vl": 1 / 1000, "qwen2-vl": 1 / 1000, "qwen3-vl": 1 / 1000, "florence-2": 1 / 1000,
-    "kosmos-2": 1 / 32, "paligemma": 1 / 1024, "minigpt-v2": 1 / 100, "pink": 1 / 1000,
+    "qwen-vl": 1 / 1000,
+    "qwen2-vl": 1 / 1000,
+    "qwen3-vl": 1 / 1000,
+    "florence-2": 1 / 1000,
+    "kosmos-2": 1 / 32,
+    "paligemma": 1 / 1024,
+    "minigpt-v2": 1 / 100,
+    "pink": 1 / 1000,
 }
 
 

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import save_tiny_random
+
 from refloop.boxes import Box
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.methods.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
@@ -81,7 +81,9 @@ def test_resume_does_not_redo_finished_samples(tmp_path):
 
 def test_one_box_per_image():
     recs = [
-        ImageRecord(image_id=i, path=None, width=10, height=10, objects=tuple(ObjectAnnotation(Box(0, 0, 5, 5), "x", ann_id=j) for j in range(3)))
+        ImageRecord(
+            image_id=i, path=None, width=10, height=10, objects=tuple(ObjectAnnotation(Box(0, 0, 5, 5), "x", ann_id=j) for j in range(3))
+        )
         for i in range(6)
     ]
     samples = sample_boxes(recs, 4, seed=1)
@@ -92,8 +94,24 @@ def test_one_box_per_image():
 def test_cli_end_to_end_on_a_few_boxes(tmp_path):
     ckpt = save_tiny_random(tmp_path / "model")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "refloop.cli", "consistency", "--data", "in-domain", "--model", str(ckpt),
-           "--num-boxes", "6", "--batch-size", "4", "--out", str(out), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "refloop.cli",
+        "consistency",
+        "--data",
+        "in-domain",
+        "--model",
+        str(ckpt),
+        "--num-boxes",
+        "6",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())

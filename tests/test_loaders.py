@@ -98,7 +98,14 @@ def test_not_a_coco_file(tmp_path):
 def refs_fixture(root: Path) -> list[dict]:
     write_images(root, ["a.png"])
     return [
-        {"ref_id": 1, "image_id": 1, "file_name": "img/a.png", "bbox": [4, 4, 10, 20], "sentences": ["the left cup", "cup"], "category": "cup"},
+        {
+            "ref_id": 1,
+            "image_id": 1,
+            "file_name": "img/a.png",
+            "bbox": [4, 4, 10, 20],
+            "sentences": ["the left cup", "cup"],
+            "category": "cup",
+        },
         {"ref_id": 2, "image_id": 1, "file_name": "img/a.png", "bbox": [30, 10, 20, 20], "sentences": ["the dog"], "category": "dog"},
     ]
 
@@ -151,7 +158,8 @@ def test_cli_reports_bad_record_with_exit_code_2_and_no_traceback(tmp_path):
     path = dump(tmp_path, data)
     proc = subprocess.run(
         [sys.executable, "-m", "refloop.cli", "consistency", "--data", str(path), "--out", str(tmp_path / "out"), "--num-boxes", "2"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "annotations[0]" in proc.stderr and "missing field 'bbox'" in proc.stderr

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from helpers import save_tiny_random, scene_images, tiny_random_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from helpers import save_tiny_random, scene_images, tiny_random_model
 from refloop.boxes import Box
 from refloop.models.hf import HFVLM
 from refloop.models.profiles import TinyProfile

@@ -27,14 +27,15 @@ def resolve(scene, expression: str):
     spatial = words.pop(0) if words[0] in SPATIAL_WORDS else None
     noun = words[-1]
     attrs = words[:-1]
-    group = [
-        o for o in scene.objects
-        if (noun == "object" or o.shape == noun) and all(a in (o.size, o.colour) for a in attrs)
-    ]
+    group = [o for o in scene.objects if (noun == "object" or o.shape == noun) and all(a in (o.size, o.colour) for a in attrs)]
     if spatial is None:
         return group
-    key = {"left": lambda o: o.box.center[0], "right": lambda o: -o.box.center[0],
-           "top": lambda o: o.box.center[1], "bottom": lambda o: -o.box.center[1]}[spatial]
+    key = {
+        "left": lambda o: o.box.center[0],
+        "right": lambda o: -o.box.center[0],
+        "top": lambda o: o.box.center[1],
+        "bottom": lambda o: -o.box.center[1],
+    }[spatial]
     ranked = sorted(group, key=key)
     if len(ranked) > 1 and key(ranked[1]) - key(ranked[0]) < SPATIAL_MARGIN:
         return ranked[:2]  # not clearly extreme: ambiguous

@@ -6,8 +6,9 @@ Every component of refloop speaks this one box type; codecs convert to and from 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -68,9 +69,7 @@ class Box:
         return float(iou_matrix([self], [other])[0, 0])
 
 
-def validate_box(
-    box: Box, image_size: tuple[int, int] | None = None, outside: OutsidePolicy = "reject"
-) -> Box:
+def validate_box(box: Box, image_size: tuple[int, int] | None = None, outside: OutsidePolicy = "reject") -> Box:
     """Return a usable box or raise InvalidBoxError saying why.
 
     `outside` decides what happens to a box that leaves the image: "clip" it to the image, or

@@ -6,7 +6,6 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -37,16 +36,20 @@ RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow a checkpoint'
 
 @app.command()
 def consistency(
-    data: str = typer.Option(..., "--data", help="Shapes-world domain (in-domain, crowded, wild), a COCO-style .json or a referring .jsonl."),
+    data: str = typer.Option(
+        ..., "--data", help="Shapes-world domain (in-domain, crowded, wild), a COCO-style .json or a referring .jsonl."
+    ),
     out: Path = typer.Option(..., "--out", help="Output directory: samples.jsonl, metrics.json, report.html, PNGs."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image root for --data files (default: the file's directory)."),
-    model: Optional[str] = ModelOpt,
+    images: Path | None = typer.Option(None, "--images", help="Image root for --data files (default: the file's directory)."),
+    model: str | None = ModelOpt,
     num_boxes: int = typer.Option(1000, "--num-boxes", min=1, help="Boxes to evaluate, one per image."),
     seed: int = typer.Option(0, "--seed", help="Seed of the box chosen in each image."),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    on_error: OnErrorChoice = typer.Option(OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count."),
+    on_error: OnErrorChoice = typer.Option(
+        OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count."
+    ),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with plots and examples."),
     trust_remote_code: bool = RemoteOpt,
 ) -> None:
@@ -79,7 +82,7 @@ def consistency(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("refloop-demo"), "--out", help="Output directory of the demo."),
-    model: Optional[str] = ModelOpt,
+    model: str | None = ModelOpt,
     num_boxes: int = typer.Option(1000, "--num-boxes", min=1, help="Boxes per domain."),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
@@ -95,9 +98,9 @@ def demo(
 def pretrain_tiny(
     out: Path = typer.Option(Path("refloop-tiny"), "--out", help="Where the finished HF checkpoint directory is written."),
     work_dir: Path = typer.Option(Path("runs/pretrain-tiny"), "--work-dir", help="Checkpoints and curves; rerun to resume."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding PretrainConfig fields."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the number of optimizer steps."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Override the seed."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file overriding PretrainConfig fields."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Override the number of optimizer steps."),
+    seed: int | None = typer.Option(None, "--seed", help="Override the seed."),
 ) -> None:
     """Train refloop-tiny from scratch on in-domain shapes scenes (deterministic, resumable)."""
     from refloop.config import load_yaml_model
@@ -123,6 +126,60 @@ def pretrain_tiny(
         summary = pretrain(cfg, work_dir, export_dir=out, progress=on_record)
     write_curves(work_dir / "curve.jsonl", out)
     console.print(f"refloop-tiny written to {out} ({summary['elapsed_s'] / 60:.1f} min of training)")
+
+
+@app.command()
+def sctune(
+    config: Path | None = typer.Option(None, "--config", help="YAML recipe (see configs/sctune-*.yaml)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Run directory: train/ (checkpoints, metrics.jsonl), adapters/, merged/, eval/, results.json."
+    ),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set sctune.describer_lr=1e-4 (repeatable)."),
+    skip_base_eval: bool = typer.Option(False, "--skip-base-eval", help="Do not evaluate the base model before tuning."),
+) -> None:
+    """SC-Tune: describer (PPO on the locator's IoU) and locator (MLE) alternating on one base model. Resumable: rerun the same command."""
+    from refloop.methods.sctune import schedule
+    from refloop.methods.sctune_recipe import load_recipe, run_sctune
+    from refloop.progress import progress_bar
+
+    recipe = load_recipe(config, overrides)
+    total = sum(phase.steps for phase in schedule(recipe.sctune))
+    with progress_bar("sc-tune", total) as advance:
+        results = run_sctune(recipe, out, progress=lambda row: advance(1), evaluate_base=not skip_base_eval)
+    console.print_json(json.dumps(results))
+
+
+@app.command("filter")
+def filter_detections(
+    detections: Path = typer.Argument(..., help="COCO-style detection JSON (COCO, Objects365, a shapes-world export)."),
+    out: Path = typer.Option(..., "--out", help="Triplets JSONL: image_id, category, boxes (xyxy pixels), file_name."),
+    images: Path | None = typer.Option(None, "--images", help="Image root (default: the detection file's directory)."),
+    exclude: Path | None = typer.Option(
+        None, "--exclude", help="JSONL whose image_id fields name held-out images (e.g. a consistency samples.jsonl)."
+    ),
+    max_overlap_iou: float = typer.Option(0.5, "--max-overlap-iou", help="Drop a triplet whose box overlaps another box above this IoU."),
+    min_area_fraction: float = typer.Option(
+        0.02, "--min-area-fraction", help="Drop a triplet holding a box smaller than this fraction of the image."
+    ),
+    on_error: OnErrorChoice = typer.Option(
+        OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count."
+    ),
+) -> None:
+    """SC-Tune appendix 9: (image, category, boxes) triplets for training, from boxes alone."""
+    from refloop.data import JsonlWriter, load_coco
+    from refloop.data.filters import sctune_triplets
+    from refloop.data.loaders import iter_jsonl
+
+    records, report = load_coco(detections, images, on_error=on_error.value)
+    held_out = {row.get("image_id") for _, row in iter_jsonl(exclude)} if exclude else set()
+    triplets, counts = sctune_triplets(records, max_overlap_iou, min_area_fraction, held_out)
+    if out.exists():
+        out.unlink()
+    with JsonlWriter(out, key="image_id", resume=False) as writer:
+        writer.write_many(t.to_json() for t in triplets)
+    summary = counts.as_dict() | {"skipped_records": report.skipped}
+    console.print_json(json.dumps(summary))
+    console.print(f"wrote {counts.triplets_kept} triplets ({counts.boxes_kept} boxes) to {out}")
 
 
 @app.command("export-world")

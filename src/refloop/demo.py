@@ -95,7 +95,8 @@ def run_demo(out: Path, model: str | None, num_boxes: int, batch_size: int, devi
         for d in DOMAINS
     )
     paper = "".join(
-        f"<tr><td>{name}</td>" + "".join(f"<td>{v[PAPER_COLUMN[d]]:.1f}</td>" for d in DOMAINS) + "</tr>" for name, v in PAPER_TABLE1.items()
+        f"<tr><td>{name}</td>" + "".join(f"<td>{v[PAPER_COLUMN[d]]:.1f}</td>" for d in DOMAINS) + "</tr>"
+        for name, v in PAPER_TABLE1.items()
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>refloop demo</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}td,th{{padding:3px 12px;text-align:left}}</style></head><body>
@@ -104,8 +105,8 @@ def run_demo(out: Path, model: str | None, num_boxes: int, batch_size: int, devi
 <table><tr><th>domain</th><th>what it is</th><th>Pr@0.5 %</th><th>REC acc %</th><th>mean IoU</th><th>unparseable %</th></tr>{rows}</table>
 <p><img src="{chart.name}"></p>
 <h2>The paper's Table 1 (base models), same column roles</h2>
-<table><tr><th>model</th>{''.join(f'<th>{d} ({PAPER_COLUMN[d]})</th>' for d in DOMAINS)}</tr>{paper}</table>
-<p>Finished in {summary['seconds']:.0f} s.</p></body></html>"""
+<table><tr><th>model</th>{"".join(f"<th>{d} ({PAPER_COLUMN[d]})</th>" for d in DOMAINS)}</tr>{paper}</table>
+<p>Finished in {summary["seconds"]:.0f} s.</p></body></html>"""
     (out / "report.html").write_text(page)
     console.print(f"report: {out / 'report.html'}")
     return summary

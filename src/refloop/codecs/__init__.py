@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from refloop.codecs.base import Codec, ImageSize
 from refloop.codecs.formats import (

@@ -10,7 +10,9 @@ from refloop.boxes import Box
 from refloop.codecs.base import Codec, ImageSize, IntegerPairsCodec, finite_box, quantize
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
-_BBOX_2D = re.compile(r"\"bbox_2d\"\s*:\s*\[\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*\]")
+_BBOX_2D = re.compile(
+    r"\"bbox_2d\"\s*:\s*\[\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*\]"
+)
 
 
 def qwen_vl() -> Codec:
@@ -45,7 +47,15 @@ class JsonBBoxCodec(Codec):
     *after* its processor's resize, so boxes are rescaled between that size and the original.
     """
 
-    def __init__(self, name: str, relative_scale: int | None, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, label: str = "object") -> None:
+    def __init__(
+        self,
+        name: str,
+        relative_scale: int | None,
+        factor: int = 28,
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 28 * 28 * 1280,
+        label: str = "object",
+    ) -> None:
         self.name, self.relative_scale, self.label = name, relative_scale, label
         self.factor, self.min_pixels, self.max_pixels = factor, min_pixels, max_pixels
         self.step = 0.5 / relative_scale if relative_scale else 0.5 / 28 / 4  # pixels of a >=112 px input
@@ -165,7 +175,12 @@ class MiniGPTv2Codec(Codec):
 
     def encode(self, box: Box, image_size: ImageSize) -> str:
         w, h = image_size
-        vals = (quantize(box.x1, w, self.scale), quantize(box.y1, h, self.scale), quantize(box.x2, w, self.scale), quantize(box.y2, h, self.scale))
+        vals = (
+            quantize(box.x1, w, self.scale),
+            quantize(box.y1, h, self.scale),
+            quantize(box.x2, w, self.scale),
+            quantize(box.y2, h, self.scale),
+        )
         return "{" + "".join(f"<{v}>" for v in vals) + "}"
 
     def parse(self, text: str, image_size: ImageSize) -> list[Box]:

@@ -6,6 +6,13 @@ from refloop.data.paths import resolve_image_path
 from refloop.data.records import ImageRecord, ObjectAnnotation
 
 __all__ = [
-    "ImageRecord", "JsonlWriter", "LoadReport", "ObjectAnnotation", "OnError", "load_coco", "load_referring",
-    "read_records", "resolve_image_path",
+    "ImageRecord",
+    "JsonlWriter",
+    "LoadReport",
+    "ObjectAnnotation",
+    "OnError",
+    "load_coco",
+    "load_referring",
+    "read_records",
+    "resolve_image_path",
 ]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
@@ -132,7 +133,7 @@ def load_coco(
             file_path = resolve_image_path(root, file_name, path, f"{rec} (id {image_id})")
             if verify_images:
                 _check_image(file_path, (width, height), path, f"{rec} (id {image_id})")
-            images[image_id] = {"path": file_path, "size": (width, height), "objects": []}
+            images[image_id] = {"path": file_path, "size": (width, height), "objects": [], "file_name": file_name}
         except DataError as err:
             policy.handle(err)
     for i, ann in enumerate(data["annotations"]):
@@ -151,7 +152,15 @@ def load_coco(
         except DataError as err:
             policy.handle(err)
     records = [
-        ImageRecord(image_id=k, path=v["path"], width=v["size"][0], height=v["size"][1], objects=tuple(v["objects"]), source=str(path))
+        ImageRecord(
+            image_id=k,
+            path=v["path"],
+            width=v["size"][0],
+            height=v["size"][1],
+            objects=tuple(v["objects"]),
+            source=str(path),
+            file_name=v["file_name"],
+        )
         for k, v in images.items()
     ]
     report.kept = len(records)
@@ -204,7 +213,8 @@ def load_referring(
         rec = f"line {number}"
         try:
             image_id = _require(entry, "image_id", path, rec)
-            file_path = resolve_image_path(root, _require(entry, "file_name", path, rec), path, rec)
+            file_name = _require(entry, "file_name", path, rec)
+            file_path = resolve_image_path(root, file_name, path, rec)
             sentences = _require(entry, "sentences", path, rec)
             if not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) and s.strip() for s in sentences):
                 raise DataError(path, rec, "field 'sentences' must be a non-empty list of non-empty strings")
@@ -221,14 +231,24 @@ def load_referring(
                 except (UnidentifiedImageError, OSError) as exc:
                     raise DataError(path, rec, f"cannot read image {file_path}: {exc}") from None
             box = _xywh_box(_require(entry, "bbox", path, rec), size, path, rec, outside)
-            group = grouped.setdefault(image_id, {"path": file_path, "size": size, "objects": []})
+            group = grouped.setdefault(image_id, {"path": file_path, "size": size, "objects": [], "file_name": file_name})
             group["objects"].append(
-                ObjectAnnotation(box=box, category=str(entry.get("category", "")), ann_id=entry.get("ref_id", number), expressions=tuple(sentences))
+                ObjectAnnotation(
+                    box=box, category=str(entry.get("category", "")), ann_id=entry.get("ref_id", number), expressions=tuple(sentences)
+                )
             )
         except DataError as err:
             policy.handle(err)
     records = [
-        ImageRecord(image_id=k, path=v["path"], width=v["size"][0], height=v["size"][1], objects=tuple(v["objects"]), source=str(path))
+        ImageRecord(
+            image_id=k,
+            path=v["path"],
+            width=v["size"][0],
+            height=v["size"][1],
+            objects=tuple(v["objects"]),
+            source=str(path),
+            file_name=v["file_name"],
+        )
         for k, v in grouped.items()
     ]
     report.kept = len(records)

@@ -29,6 +29,7 @@ class ImageRecord:
     height: int
     objects: tuple[ObjectAnnotation, ...] = ()
     source: str = ""
+    file_name: str = ""  # as written in the annotation file, relative to the image root
     image: Image.Image | None = field(default=None, compare=False, repr=False)
 
     @property

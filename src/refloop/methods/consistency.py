@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pydantic import BaseModel, Field
 
@@ -98,23 +98,25 @@ def evaluate_consistency(
             rec_iou: dict[int, float] = {}
             if with_expr:
                 rec = vlm.locate([images[i] for i in with_expr], [chunk[i].target.expressions[0] for i in with_expr])
-                for i, loc, v in zip(with_expr, rec, paired_iou([r.box for r in rec], [targets[i] for i in with_expr])):
+                for i, v in zip(with_expr, paired_iou([r.box for r in rec], [targets[i] for i in with_expr])):
                     rec_iou[i] = float(v)
             rows = []
             for i, (s, cap, loc, iou) in enumerate(zip(chunk, captions, located, ious)):
-                rows.append({
-                    "id": s.sample_id,
-                    "image": str(s.record.path),
-                    "image_id": s.record.image_id,
-                    "box": s.target.box.as_list(),
-                    "category": s.target.category,
-                    "caption": cap,
-                    "located_text": loc.text,
-                    "predicted_box": loc.box.as_list() if loc.box else None,
-                    "iou": float(iou),
-                    "reference_expression": s.target.expressions[0] if s.target.expressions else None,
-                    "rec_iou": rec_iou.get(i),
-                })
+                rows.append(
+                    {
+                        "id": s.sample_id,
+                        "image": str(s.record.path),
+                        "image_id": s.record.image_id,
+                        "box": s.target.box.as_list(),
+                        "category": s.target.category,
+                        "caption": cap,
+                        "located_text": loc.text,
+                        "predicted_box": loc.box.as_list() if loc.box else None,
+                        "iou": float(iou),
+                        "reference_expression": s.target.expressions[0] if s.target.expressions else None,
+                        "rec_iou": rec_iou.get(i),
+                    }
+                )
             writer.write_many(rows)
             if progress:
                 progress(len(chunk))
@@ -122,12 +124,14 @@ def evaluate_consistency(
     wanted = {s.sample_id for s in samples}
     rows = [r for r in read_records(samples_path) if r["id"] in wanted]
     metrics = summarize(rows, cfg.iou_threshold)
-    metrics.update({
-        "boxes_per_second": (len(todo) / elapsed) if todo and elapsed > 0 else None,
-        "model": getattr(vlm, "name", "model"),
-        "data": data_name,
-        "iou_threshold": cfg.iou_threshold,
-    })
+    metrics.update(
+        {
+            "boxes_per_second": (len(todo) / elapsed) if todo and elapsed > 0 else None,
+            "model": getattr(vlm, "name", "model"),
+            "data": data_name,
+            "iou_threshold": cfg.iou_threshold,
+        }
+    )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -3,8 +3,9 @@ and log-probabilities of given completions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -44,9 +45,13 @@ class VLM(Protocol):
     profile: PromptProfile
     name: str
 
-    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], options: GenerateOptions = GREEDY) -> list[list[Completion]]: ...
+    def generate(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], options: GenerateOptions = GREEDY
+    ) -> list[list[Completion]]: ...
 
-    def logprobs(self, images: Sequence[Image.Image], prompts: Sequence[str], completions: Sequence[Sequence[int]]) -> list[torch.Tensor]: ...
+    def logprobs(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], completions: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]: ...
 
     def describe(self, images: Sequence[Image.Image], boxes: Sequence[Box], options: GenerateOptions = GREEDY) -> list[str]: ...
 

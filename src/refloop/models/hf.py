@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -28,8 +28,14 @@ def select_device(device: str = "auto") -> torch.device:
 
 
 def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -85,15 +91,19 @@ class HFVLM:
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
-        kwargs = {"do_sample": options.do_sample, "max_new_tokens": options.max_new_tokens,
-                  "num_return_sequences": options.num_return_sequences, "pad_token_id": pad}
+        kwargs = {
+            "do_sample": options.do_sample,
+            "max_new_tokens": options.max_new_tokens,
+            "num_return_sequences": options.num_return_sequences,
+            "pad_token_id": pad,
+        }
         if options.do_sample:
             kwargs.update(temperature=options.temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0)
         out: list[list[Completion]] = []
         for start in range(0, len(prompts), self.batch_size):
             inputs = self._inputs(images[start : start + self.batch_size], prompts[start : start + self.batch_size])
             generated = self.model.generate(**inputs, **kwargs)
-            new = generated[:, inputs["input_ids"].shape[1]:].tolist()
+            new = generated[:, inputs["input_ids"].shape[1] :].tolist()
             n = options.num_return_sequences
             for i in range(0, len(new), n):
                 group = []
@@ -105,7 +115,9 @@ class HFVLM:
                 out.append(group)
         return out
 
-    def logprobs(self, images: Sequence[Image.Image], prompts: Sequence[str], completions: Sequence[Sequence[int]], grad: bool = False) -> list[torch.Tensor]:
+    def logprobs(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], completions: Sequence[Sequence[int]], grad: bool = False
+    ) -> list[torch.Tensor]:
         """Per-token log p(completion | image, prompt), one forward per batch, real attention mask
         (left-padded prompts, right-padded completions)."""
         out: list[torch.Tensor] = []

@@ -102,6 +102,4 @@ def profile_for_config(config) -> PromptProfile:
     model_type = getattr(config, "model_type", None)
     if model_type in _PROFILES:
         return _PROFILES[model_type]()
-    raise ValueError(
-        f"no prompt profile for model_type {model_type!r}; supported: {', '.join(sorted(_PROFILES))}"
-    )
+    raise ValueError(f"no prompt profile for model_type {model_type!r}; supported: {', '.join(sorted(_PROFILES))}")

@@ -70,7 +70,7 @@ def write_consistency_report(out_dir: Path, metrics: dict, examples: int = 8) ->
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>refloop self-consistency</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}td{{padding:2px 12px}}img{{max-width:100%}}</style></head><body>
 <h1>Self-consistency: box &rarr; caption &rarr; box</h1>
-<p>model <code>{html.escape(str(metrics.get('model', '')))}</code>, data <code>{html.escape(str(metrics.get('data', '')))}</code>.
+<p>model <code>{html.escape(str(metrics.get("model", "")))}</code>, data <code>{html.escape(str(metrics.get("data", "")))}</code>.
 Green: the target box; magenta: where the model re-located its own description.</p>
 <table>{table}</table>
 <p><img src="{hist.name}"></p>

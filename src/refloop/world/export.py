@@ -47,17 +47,36 @@ def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -
             ann_id = len(annotations) + 1
             attributes = {"colour": obj.colour, "size": obj.size}
             annotations.append(
-                {"id": ann_id, "image_id": index, "category_id": cat_id[obj.shape], "bbox": obj.box.as_xywh(),
-                 "area": obj.box.area, "iscrowd": 0, "attributes": attributes}
+                {
+                    "id": ann_id,
+                    "image_id": index,
+                    "category_id": cat_id[obj.shape],
+                    "bbox": obj.box.as_xywh(),
+                    "area": obj.box.area,
+                    "iscrowd": 0,
+                    "attributes": attributes,
+                }
             )
             sentences = referring_expressions(scene, obj)
             if sentences:
                 refs.append(
-                    {"ref_id": ann_id, "image_id": index, "file_name": file_name, "width": scene.width,
-                     "height": scene.height, "bbox": obj.box.as_xywh(), "category": obj.shape, "sentences": sentences}
+                    {
+                        "ref_id": ann_id,
+                        "image_id": index,
+                        "file_name": file_name,
+                        "width": scene.width,
+                        "height": scene.height,
+                        "bbox": obj.box.as_xywh(),
+                        "category": obj.shape,
+                        "sentences": sentences,
+                    }
                 )
-    coco = {"info": {"description": f"refloop shapes world, domain {domain}, seed {seed}"},
-            "images": images, "annotations": annotations, "categories": categories}
+    coco = {
+        "info": {"description": f"refloop shapes world, domain {domain}, seed {seed}"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
     _atomic_text(out / COCO_FILE, json.dumps(coco))
     _atomic_text(out / REFS_FILE, "".join(json.dumps(r) + "\n" for r in refs))
     _atomic_text(done, json.dumps(manifest))

@@ -60,10 +60,7 @@ def referring_expressions(scene: Scene, target: ShapeObject) -> list[str]:
     """
     found: list[str] = []
     subsets = [
-        dict((k, target.attributes[k]) for k in keys)
-        for n in (3, 1, 2)
-        for keys in combinations(ATTRIBUTE_ORDER, n)
-        if "shape" in keys
+        dict((k, target.attributes[k]) for k in keys) for n in (3, 1, 2) for keys in combinations(ATTRIBUTE_ORDER, n) if "shape" in keys
     ]
     for attrs in subsets:
         group = [o for o in scene.objects if _matches(o, attrs)]

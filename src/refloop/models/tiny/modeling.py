@@ -230,9 +230,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         return embeds
 
     @staticmethod
-    def _attention_mask(
-        attention_mask: torch.Tensor, q_len: int, past_len: int, is_image: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _attention_mask(attention_mask: torch.Tensor, q_len: int, past_len: int, is_image: torch.Tensor | None) -> torch.Tensor:
         """Boolean (B, 1, Q, K) mask: causal + padding, image prefix bidirectional, self always visible."""
         k_len = attention_mask.shape[1]
         q_pos = torch.arange(past_len, past_len + q_len, device=attention_mask.device)
@@ -249,7 +247,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         # Pointer logits: content match between the decoder state and each grid cell.
         start, n = self.config.cell_token_start, self.config.num_cells
         pointer = self.pointer_query(h) @ self.pointer_key(grid).transpose(1, 2) / math.sqrt(h.shape[-1])
-        logits = torch.cat([logits[..., :start], pointer.to(logits.dtype), logits[..., start + n:]], dim=-1)
+        logits = torch.cat([logits[..., :start], pointer.to(logits.dtype), logits[..., start + n :]], dim=-1)
         if self.config.suppress_token_ids:
             logits[..., self.config.suppress_token_ids] = float("-inf")
         return logits
@@ -324,7 +322,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             raise ValueError("refloop-tiny needs pixel_values on the first forward pass")
 
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         position_ids = position_ids.clamp(max=self.config.max_position_embeddings - 1)
         x = self._embed(input_ids, grid, region_maps) + self.embed_positions(position_ids)
         is_image = input_ids == self.config.image_token_id
@@ -336,9 +334,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
 
     def prepare_inputs_for_generation(

@@ -11,28 +11,30 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
-from refloop.boxes import Box, paired_iou
+from refloop.boxes import paired_iou
+from refloop.errors import RefloopError
 from refloop.models.profiles import TinyProfile
 from refloop.models.tiny.configuration import RefloopTinyConfig
 from refloop.models.tiny.modeling import RefloopTinyForConditionalGeneration
 from refloop.models.tiny.processing import NUM_COORD_BINS, RefloopTinyProcessor, build_tokenizer
+from refloop.training.checkpoint import latest_checkpoint, save_checkpoint, truncate_log, write_json_durably
 from refloop.world import (
     EVAL_SEED,
     IN_DOMAIN,
     TRAIN_SEED,
-    caption,
     canonical_expression,
+    caption,
     existence_question,
     get_style,
     referring_expressions,
@@ -45,6 +47,8 @@ TASKS = ("rec", "reg", "caption", "exist")
 
 class PretrainConfig(BaseModel):
     """Recipe of refloop-tiny; defaults are what the committed checkpoint was trained with."""
+
+    model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="seed of weights, task sampling and scene order")
     steps: int = Field(10000, description="optimizer steps")
@@ -61,7 +65,9 @@ class PretrainConfig(BaseModel):
     grad_clip: float = Field(1.0, description="max global gradient norm")
     coord_sigma: float = Field(1.0, description="std (in bins) of the Gaussian smoothing of coordinate targets")
     curriculum_steps: int = Field(1000, description="steps during which scenes hold at most 3 objects")
-    canonical_rec_prob: float = Field(0.5, description="REC queries use the canonical expression with this probability, else another unique one")
+    canonical_rec_prob: float = Field(
+        0.5, description="REC queries use the canonical expression with this probability, else another unique one"
+    )
     hidden_size: int = Field(160, description="decoder width")
     num_layers: int = Field(4, description="decoder layers")
     num_heads: int = Field(4, description="attention heads")
@@ -136,7 +142,9 @@ def make_batch(step: int, cfg: PretrainConfig, processor: RefloopTinyProcessor, 
     return encode_pairs(processor, images, prompts, answers, image_index)
 
 
-def encode_pairs(processor: RefloopTinyProcessor, images, prompts: list[str], answers: list[str], image_index: list[int]) -> dict[str, torch.Tensor]:
+def encode_pairs(
+    processor: RefloopTinyProcessor, images, prompts: list[str], answers: list[str], image_index: list[int]
+) -> dict[str, torch.Tensor]:
     """Right-padded text after the image tokens (prompt + answer + <eos>), labels only on the answer.
 
     Prompts start with the image placeholder; its tokens are supplied by `forward_shared_images`.
@@ -145,7 +153,7 @@ def encode_pairs(processor: RefloopTinyProcessor, images, prompts: list[str], an
     for p in prompts:
         if not p.startswith("<image>"):
             raise ValueError(f"refloop-tiny prompts start with <image>: {p!r}")
-    p_ids = tok([p[len("<image>"):] for p in prompts], add_special_tokens=False)["input_ids"]
+    p_ids = tok([p[len("<image>") :] for p in prompts], add_special_tokens=False)["input_ids"]
     a_ids = tok([a + " <eos>" for a in answers], add_special_tokens=False)["input_ids"]
     length = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))
     input_ids = torch.full((len(prompts), length), tok.pad_token_id, dtype=torch.long)
@@ -208,10 +216,10 @@ def quick_eval(model, processor, profile: TinyProfile, num_scenes: int, batch: i
         images = [render(sc) for sc, _, _ in chunk]
         size = (chunk[0][0].width, chunk[0][0].height)
 
-        def run(prompts: list[str], max_new: int) -> list[str]:
+        def run(prompts: list[str], max_new: int, images=images) -> list[str]:
             inp = processor(images=images, text=prompts)
             out = model.generate(**inp, max_new_tokens=max_new, do_sample=False)
-            return processor.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+            return processor.batch_decode(out[:, inp["input_ids"].shape[1] :], skip_special_tokens=True)
 
         rec_text = run([profile.rec_prompt(e) for _, _, e in chunk], 8)
         reg_text = [profile.read_expression(t) for t in run([profile.reg_prompt(o.box, size) for _, o, _ in chunk], 10)]
@@ -225,31 +233,9 @@ def quick_eval(model, processor, profile: TinyProfile, num_scenes: int, batch: i
     return {"rec_acc": rec_hits / n, "reg_exact": reg_hits / n, "self_consistency": sc_hits / n}
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(work: Path, step: int, model, optimizer) -> None:
-    tmp = work / "checkpoint.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    _atomic_write_json(tmp / "state.json", {"step": step})
-    final = work / "checkpoint"
-    if final.exists():
-        old = work / "checkpoint.old"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, final)
+def _write_weights(model, optimizer, directory: Path) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
 
 
 def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None, progress=None) -> dict:
@@ -258,29 +244,29 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None
     work_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = work_dir / "pretrain_config.json"
     if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg.model_dump():
-        raise ValueError(f"{work_dir} holds a run with another config; use a fresh --work-dir")
-    _atomic_write_json(cfg_path, cfg.model_dump())
+        raise RefloopError(f"{work_dir} holds a run with another config; resume with the same config or use a fresh --work-dir")
+    write_json_durably(cfg_path, cfg.model_dump())
     model, processor = build_model(cfg)
     profile = TinyProfile(grid_size=model.config.grid_size)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
     )
-    start = 0
-    ckpt = work_dir / "checkpoint"
-    if (ckpt / "state.json").exists():
-        model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        start = json.loads((ckpt / "state.json").read_text())["step"]
+    start, elapsed = 0, 0.0
+    found = latest_checkpoint(work_dir)
+    if found is not None:
+        directory, state = found
+        model.load_state_dict(load_file(directory / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        start, elapsed = state["step"], state["elapsed"]
     log_path = work_dir / "curve.jsonl"
-    if start == 0 and log_path.exists():
-        log_path.unlink()
+    truncate_log(log_path, start)
     model.train()
     coord_start = model.config.coord_token_start
     t_last, samples = time.time(), 0
-    elapsed = json.loads((ckpt / "state.json").read_text()).get("elapsed", 0.0) if start else 0.0
     for step in range(start, cfg.steps):
         batch = make_batch(step, cfg, processor, profile)
         for group in optimizer.param_groups:
@@ -298,8 +284,12 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None
             now = time.time()
             elapsed += now - t_last
             record = {
-                "step": step + 1, "loss": round(loss.item(), 4), "grad_norm": round(float(grad_norm), 3),
-                "lr": lr_at(step, cfg), "samples_per_s": round(samples / (now - t_last), 1), "elapsed_s": round(elapsed, 1),
+                "step": step + 1,
+                "loss": round(loss.item(), 4),
+                "grad_norm": round(float(grad_norm), 3),
+                "lr": lr_at(step, cfg),
+                "samples_per_s": round(samples / (now - t_last), 1),
+                "elapsed_s": round(elapsed, 1),
             }
             t_last, samples = now, 0
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -309,12 +299,10 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None
         if record:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if progress:
-                progress(record)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(work_dir, step + 1, model, optimizer)
-            state = json.loads((ckpt / "state.json").read_text()) | {"elapsed": elapsed}
-            _atomic_write_json(ckpt / "state.json", state)
+            save_checkpoint(work_dir, {"step": step + 1, "elapsed": elapsed}, partial(_write_weights, model, optimizer))
+        if progress:
+            progress(record or {"step": step + 1})
     if export_dir is not None:
         export_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(export_dir)

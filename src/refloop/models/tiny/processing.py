@@ -19,9 +19,43 @@ NUM_CELLS = 49
 NUM_RESERVED = 32
 # Instruction words of the tiny prompt profile, plus words later methods' prompts use.
 INSTRUCTION_WORDS = [
-    "describe", "locate", "caption", "image", "region", "objects", "with", "grounding", "in", "of", "this",
-    "what", "where", "how", "many", "are", "which", "count", "detect", "all", "near", "next", "to",
-    "above", "below", "between", "one", "it", "an", ".", ":", "{", "}", "(", ")", "[", "]",
+    "describe",
+    "locate",
+    "caption",
+    "image",
+    "region",
+    "objects",
+    "with",
+    "grounding",
+    "in",
+    "of",
+    "this",
+    "what",
+    "where",
+    "how",
+    "many",
+    "are",
+    "which",
+    "count",
+    "detect",
+    "all",
+    "near",
+    "next",
+    "to",
+    "above",
+    "below",
+    "between",
+    "one",
+    "it",
+    "an",
+    ".",
+    ":",
+    "{",
+    "}",
+    "(",
+    ")",
+    "[",
+    "]",
 ]
 # Coordinate/pointer tokens are single units; words and punctuation split as usual.
 _PRETOKENIZE = r"<[^<>\s]+>|[{}()\[\],.?:;!]|[^\s<>{}()\[\],.?:;!]+"
@@ -76,8 +110,7 @@ class RefloopTinyProcessor:
 
     def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
         arrays = [
-            np.asarray(img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR), dtype=np.float32)
-            for img in images
+            np.asarray(img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR), dtype=np.float32) for img in images
         ]
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         return batch / 127.5 - 1.0

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from refloop.errors import RefloopError
+from refloop.models.tiny.pretrain import PretrainConfig, pretrain
+
+SMALL = dict(
+    steps=5,
+    batch_scenes=2,
+    queries_per_scene=2,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    warmup_steps=2,
+    curriculum_steps=2,
+    eval_every=1000,
+    eval_scenes=4,
+    checkpoint_every=2,
+    threads=1,
+)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_then_resumed_run_ends_with_the_same_weights(tmp_path):
+    cfg = PretrainConfig(**SMALL)
+    pretrain(cfg, tmp_path / "straight", export_dir=tmp_path / "straight-out")
+
+    def kill_at_step_3(record):
+        if record["step"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        pretrain(cfg, tmp_path / "resumed", progress=kill_at_step_3)
+    # Simulate a kill inside the checkpoint swap: only checkpoint.old is left.
+    (tmp_path / "resumed" / "checkpoint").rename(tmp_path / "resumed" / "checkpoint.old")
+    pretrain(cfg, tmp_path / "resumed", export_dir=tmp_path / "resumed-out")
+    a = load_file(tmp_path / "straight-out" / "model.safetensors")
+    b = load_file(tmp_path / "resumed-out" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    pretrain(PretrainConfig(**(SMALL | {"steps": 1})), tmp_path / "run")
+    with pytest.raises(RefloopError, match="another config"):
+        pretrain(PretrainConfig(**(SMALL | {"steps": 1, "lr": 1e-4})), tmp_path / "run")
+
+
+def test_unknown_config_field_is_an_error():
+    with pytest.raises(ValueError, match="extra"):
+        PretrainConfig(stepz=3)

@@ -1,0 +1,133 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from helpers import save_tiny_random, scene_images, tiny_random_model
+from refloop.methods.sctune import BoxItem, SCTune, SCTuneConfig, schedule
+from refloop.models.hf import HFVLM
+from refloop.training.roles import LoraSettings, RoleModel
+
+SMALL = dict(
+    phases=3, describer_steps=2, locator_steps=2, batch_size=4, describer_lr=1e-3, locator_lr=1e-3,
+    max_new_tokens=5, lora=LoraSettings(r=4, alpha=8), checkpoint_every=1, generation_batch_size=8,
+)
+
+
+def test_schedule_alternates_and_ablations_repeat_one_role():
+    cfg = SCTuneConfig(phases=4, describer_steps=3, locator_steps=2)
+    assert [(p.role, p.start, p.steps) for p in schedule(cfg)] == [
+        ("describer", 0, 3), ("locator", 3, 2), ("describer", 5, 3), ("locator", 8, 2)
+    ]
+    assert {p.role for p in schedule(cfg.model_copy(update={"tune": "locator"}))} == {"locator"}
+
+
+def _tuner(tmp_path, **overrides):
+    vlm = HFVLM.from_pretrained(save_tiny_random(tmp_path / "base"), device="cpu")
+    scenes, images = scene_images(4)
+    train = [BoxItem("", o.box, image=img) for s, img in zip(scenes, images) for o in s.objects]
+    return SCTune.from_base(vlm, SCTuneConfig(**(SMALL | overrides)), train)
+
+
+def test_describer_step_changes_only_the_describer_and_sync_copies_it(tmp_path):
+    tuner = _tuner(tmp_path, phases=1)
+    before = {r: [p.detach().clone() for p in tuner.roles.parameters(r)] for r in ("describer", "locator")}
+    torch.manual_seed(0)
+    tuner.describer_step(tuner._batch(0))
+    changed = {r: any(not torch.equal(a, b) for a, b in zip(before[r], tuner.roles.parameters(r))) for r in before}
+    assert changed == {"describer": True, "locator": False}
+    tuner.roles.copy_adapter("describer", "locator")
+    for a, b in zip(tuner.roles.parameters("describer"), tuner.roles.parameters("locator")):
+        assert torch.equal(a, b)
+
+
+def test_reference_policy_is_the_base_model(tmp_path):
+    tuner = _tuner(tmp_path, phases=1)
+    for p in tuner.roles.parameters("describer"):
+        torch.nn.init.normal_(p, std=0.3)
+    _, images = scene_images(1)
+    prompt = tuner.vlm.profile.caption_prompt()
+    inputs = tuner.vlm._inputs(images, [prompt])
+    base, _ = tiny_random_model()
+    with torch.no_grad(), tuner.roles.reference():
+        ref = tuner.vlm.model(**inputs).logits
+    tuner.roles.use("describer", trainable=False)
+    with torch.no_grad():
+        tuned = tuner.vlm.model(**inputs).logits
+        assert torch.allclose(ref, base(**inputs).logits, atol=1e-5)
+    assert not torch.allclose(ref, tuned)
+
+
+def test_roles_share_one_base_model():
+    model, _ = tiny_random_model(hidden=64)
+    base_params = sum(p.numel() for p in model.parameters())
+    roles = RoleModel(model, LoraSettings(r=4, alpha=8))
+    adapters = sum(p.numel() for r in ("describer", "locator") for p in roles.parameters(r))
+    total = sum(p.numel() for p in roles.module.parameters())
+    assert total == base_params + adapters and adapters < 0.2 * base_params
+
+
+def write_recipe(tmp_path) -> tuple:
+    model_dir = save_tiny_random(tmp_path / "base")
+    recipe = {
+        "model": str(model_dir), "train_data": "in-domain", "train_images": 12, "min_area_fraction": 0.0,
+        "device": "cpu", "dtype": "fp32", "threads": 1,
+        "sctune": SMALL | {"lora": {"r": 4, "alpha": 8}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(recipe, out, env, wait=True):
+    cmd = [sys.executable, "-m", "refloop.cli", "sctune", "--config", str(recipe), "--out", str(out), "--skip-base-eval"]
+    if wait:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_sigkilled_run_resumes_to_the_same_adapters_and_metrics(tmp_path):
+    recipe = write_recipe(tmp_path)
+    env = os.environ | {"REFLOOP_NO_PROGRESS": "1"}
+    straight = run_cli(recipe, tmp_path / "straight", env)
+    assert straight.returncode == 0, straight.stderr
+    proc = run_cli(recipe, tmp_path / "killed", env, wait=False)
+    metrics = tmp_path / "killed" / "train" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics.read_text().splitlines()) < 6, "the run finished before it was killed"
+    resumed = run_cli(recipe, tmp_path / "killed", env)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "straight" / "train" / "checkpoint" / "adapters.safetensors")
+    b = load_file(tmp_path / "killed" / "train" / "checkpoint" / "adapters.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "captions_per_second")}
+                for r in map(json.loads, (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines())]
+
+    assert rows("straight") == rows("killed")
+    assert (tmp_path / "killed" / "merged" / "config.json").exists()
+    assert (tmp_path / "killed" / "adapters" / "describer" / "adapter_model.safetensors").exists()
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    tuner = _tuner(tmp_path, phases=1, describer_steps=1)
+    tuner.run(tmp_path / "run")
+    other = _tuner(tmp_path, phases=1, describer_steps=1, kl_coef=0.5)
+    from refloop.errors import RefloopError
+
+    with pytest.raises(RefloopError, match="another config"):
+        other.run(tmp_path / "run")
