@@ -16,15 +16,26 @@ from refloop.models.hf import HFVLM
 from refloop.training.roles import LoraSettings, RoleModel
 
 SMALL = dict(
-    phases=3, describer_steps=2, locator_steps=2, batch_size=4, describer_lr=1e-3, locator_lr=1e-3,
-    max_new_tokens=5, lora=LoraSettings(r=4, alpha=8), checkpoint_every=1, generation_batch_size=8,
+    phases=3,
+    describer_steps=2,
+    locator_steps=2,
+    batch_size=4,
+    describer_lr=1e-3,
+    locator_lr=1e-3,
+    max_new_tokens=5,
+    lora=LoraSettings(r=4, alpha=8),
+    checkpoint_every=1,
+    generation_batch_size=8,
 )
 
 
 def test_schedule_alternates_and_ablations_repeat_one_role():
     cfg = SCTuneConfig(phases=4, describer_steps=3, locator_steps=2)
     assert [(p.role, p.start, p.steps) for p in schedule(cfg)] == [
-        ("describer", 0, 3), ("locator", 3, 2), ("describer", 5, 3), ("locator", 8, 2)
+        ("describer", 0, 3),
+        ("locator", 3, 2),
+        ("describer", 5, 3),
+        ("locator", 8, 2),
     ]
     assert {p.role for p in schedule(cfg.model_copy(update={"tune": "locator"}))} == {"locator"}
 
@@ -77,8 +88,13 @@ def test_roles_share_one_base_model():
 def write_recipe(tmp_path) -> tuple:
     model_dir = save_tiny_random(tmp_path / "base")
     recipe = {
-        "model": str(model_dir), "train_data": "in-domain", "train_images": 12, "min_area_fraction": 0.0,
-        "device": "cpu", "dtype": "fp32", "threads": 1,
+        "model": str(model_dir),
+        "train_data": "in-domain",
+        "train_images": 12,
+        "min_area_fraction": 0.0,
+        "device": "cpu",
+        "dtype": "fp32",
+        "threads": 1,
         "sctune": SMALL | {"lora": {"r": 4, "alpha": 8}},
     }
     path = tmp_path / "recipe.yaml"
@@ -115,8 +131,10 @@ def test_sigkilled_run_resumes_to_the_same_adapters_and_metrics(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
     def rows(run):
-        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "captions_per_second")}
-                for r in map(json.loads, (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines())]
+        return [
+            {k: v for k, v in r.items() if k not in ("elapsed_s", "captions_per_second")}
+            for r in map(json.loads, (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines())
+        ]
 
     assert rows("straight") == rows("killed")
     assert (tmp_path / "killed" / "merged" / "config.json").exists()
@@ -131,3 +149,38 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
     with pytest.raises(RefloopError, match="another config"):
         other.run(tmp_path / "run")
+
+
+def test_two_processes_stay_in_sync(tmp_path):
+    """accelerate launch, two CPU processes (gloo): each rank tunes its half of every batch; the
+    averaged gradients keep their adapters identical."""
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "dist_sctune_worker.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        str(worker),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert any(k.startswith("describer/") and "lora_B" in k and a[k].abs().sum() > 0 for k in a), "no update happened"
+    rows = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4

@@ -9,7 +9,10 @@ One base model, two roles as LoRA adapters. Phases alternate (Sec. 3.2):
   MLE to write the ground-truth box for them (Eq. 4), optionally mixed with supervised pairs.
 - after each phase the trained role's adapter is copied onto the other (parameter sync).
 Every step's batch and sampling are a pure function of (seed, step), so a killed run resumes
-exactly from its last checkpoint.
+exactly from its last checkpoint. Under `accelerate launch` each process takes its shard of the
+step's batch and gradients are averaged across processes after every backward pass (data
+parallel; done explicitly because role switches change which tensors require grad, which DDP's
+wrapper fixes at construction).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -137,6 +141,9 @@ class SCTune:
         self.total_steps = sum(p.steps for p in self.phases)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.tokenizer = vlm.tokenizer
+        self.state = PartialState(cpu=vlm.device.type == "cpu")
+        if cfg.batch_size % self.state.num_processes:
+            raise RefloopError(f"batch_size {cfg.batch_size} is not divisible by {self.state.num_processes} processes")
 
     @classmethod
     def from_base(cls, vlm: HFVLM, cfg: SCTuneConfig, train: list[BoxItem], supervised=None) -> SCTune:
@@ -167,6 +174,10 @@ class SCTune:
         opt = self._optimizer(role)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.state.num_processes > 1:
+            for p in self.roles.parameters(role):
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                p.grad /= self.state.num_processes
         norm = torch.nn.utils.clip_grad_norm_(self.roles.parameters(role), self.cfg.grad_clip)
         opt.step()
         return float(norm)
@@ -284,19 +295,22 @@ class SCTune:
     def run(self, work_dir: Path, progress: Callable[[dict], None] | None = None) -> dict:
         work_dir.mkdir(parents=True, exist_ok=True)
         start, elapsed = self._resume(work_dir)
-        truncate_log(work_dir / "metrics.jsonl", start)
+        if self.state.is_main_process:
+            truncate_log(work_dir / "metrics.jsonl", start)
+        self.state.wait_for_everyone()
         t_last = time.perf_counter()
         with JsonlWriter(work_dir / "metrics.jsonl", key="step") as log:
             for step in range(start, self.total_steps):
                 phase = self.phase_at(step)
                 if step == phase.start and self.cfg.reset_optimizer_on_switch:
                     self.optimizers.pop(phase.role, None)
-                torch.manual_seed(self.cfg.seed * 1_000_003 + step)
-                items = self._batch(step)
+                torch.manual_seed(self.cfg.seed * 1_000_003 + step + 7919 * self.state.process_index)
+                items = self._batch(step)[self.state.process_index :: self.state.num_processes]
                 if phase.role == "describer":
                     stats = self.describer_step(items)
                 else:
                     stats = self.locator_step(items, step)
+                stats = self._mean_over_processes(stats)
                 if step == phase.start + phase.steps - 1 and self.cfg.tune == "both":
                     other = "locator" if phase.role == "describer" else "describer"
                     self.roles.copy_adapter(phase.role, other)  # parameter synchronisation
@@ -310,13 +324,24 @@ class SCTune:
                     "elapsed_s": round(elapsed, 2),
                     **{k: round(v, 5) for k, v in stats.items()},
                 }
-                log.write_many([row])
+                if self.state.is_main_process:
+                    log.write_many([row])
                 if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.total_steps:
-                    self._checkpoint(work_dir, step + 1, elapsed)
-                if progress:
+                    if self.state.is_main_process:
+                        self._checkpoint(work_dir, step + 1, elapsed)
+                    self.state.wait_for_everyone()
+                if progress and self.state.is_main_process:
                     progress(row)
         self.roles.use(self.final_role, trainable=False)
         return {"steps": self.total_steps, "train_seconds": elapsed}
+
+    def _mean_over_processes(self, stats: dict) -> dict:
+        if self.state.num_processes == 1:
+            return stats
+        keys = sorted(stats)
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+        return dict(zip(keys, (values / self.state.num_processes).tolist()))
 
     @property
     def final_role(self) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field
 
 matplotlib.use("Agg")
@@ -122,7 +123,7 @@ def run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None]
         raise RefloopError(f"no training boxes left after filtering {recipe.train_data}: {filter_counts}")
     vlm = load_vlm(recipe.model, device=recipe.device, dtype=recipe.dtype, batch_size=recipe.sctune.generation_batch_size)
     results: dict = {"train_data": recipe.train_data, "train_boxes": len(train), "filter": filter_counts}
-    if evaluate_base and recipe.eval_data:
+    if evaluate_base and recipe.eval_data and PartialState(cpu=recipe.device == "cpu").is_main_process:
         results["base"] = evaluate(vlm, recipe.eval_data, recipe.eval_boxes, out / "eval", "base")
     supervised = supervised_pairs(recipe.supervised_data) if recipe.supervised_data else None
     tuner = SCTune.from_base(vlm, recipe.sctune, train, supervised)
@@ -130,6 +131,9 @@ def run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None]
     summary = tuner.run(out / "train", progress=progress)
     results["train_seconds"] = summary["train_seconds"]
     results["wall_seconds"] = time.perf_counter() - started
+    results["processes"] = tuner.state.num_processes
+    if not tuner.state.is_main_process:
+        return results
     tuner.roles.save_adapters(out / "adapters")
     merged = tuner.roles.merged_copy(tuner.final_role)
     merged.save_pretrained(out / "merged")
