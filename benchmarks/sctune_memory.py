@@ -29,7 +29,6 @@ def peak_mb() -> float:
 def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
     import torch
 
-    from refloop.boxes import Box
     from refloop.methods.sctune import BoxItem, SCTune, SCTuneConfig
     from refloop.models.hf import HFVLM
     from refloop.models.profiles import TinyProfile

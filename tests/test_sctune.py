@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 import yaml
+from helpers import save_tiny_random, scene_images, tiny_random_model
 from safetensors.torch import load_file
 
-from helpers import save_tiny_random, scene_images, tiny_random_model
 from refloop.methods.sctune import BoxItem, SCTune, SCTuneConfig, schedule
 from refloop.models.hf import HFVLM
 from refloop.training.roles import LoraSettings, RoleModel
