@@ -87,11 +87,25 @@ def demo(
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    sctune_domain: str = typer.Option("crowded", "--sctune-domain", help="OOD style whose boxes SC-Tune trains on."),
+    sctune: bool = typer.Option(True, "--sctune/--no-sctune", help="Also run a short SC-Tune and add the tuned row."),
 ) -> None:
-    """The main job: self-consistency of refloop-tiny in and out of domain, beside SC-Tune's Table 1."""
+    """The main job: self-consistency of refloop-tiny in and out of domain, then SC-Tune, beside SC-Tune's Table 1."""
     from refloop.demo import run_demo
+    from refloop.world import DOMAINS
 
-    run_demo(out, model=model, num_boxes=num_boxes, batch_size=batch_size, device=device, dtype=dtype, console=console)
+    if sctune and (sctune_domain not in DOMAINS):
+        raise RefloopError(f"--sctune-domain {sctune_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
+    run_demo(
+        out,
+        model=model,
+        num_boxes=num_boxes,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        console=console,
+        sctune_domain=sctune_domain if sctune else None,
+    )
 
 
 @app.command("pretrain-tiny")
