@@ -163,6 +163,68 @@ def sctune(
     console.print_json(json.dumps(results))
 
 
+eval_app = typer.Typer(help="Object-level benchmarks: REC accuracy, REG caption metrics.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _referring_records(data: str, images: Path | None, refs: Path | None, split: str | None, on_error: str):
+    if refs is not None:
+        from refloop.data.formats import load_refcoco
+
+        if images is None:
+            raise RefloopError("--refs needs --images (the COCO image directory)")
+        return load_refcoco(data, refs, images, split=split, on_error=on_error)
+    from refloop.data.sources import load_data
+
+    return load_data(data, images, on_error=on_error)
+
+
+@eval_app.command("rec")
+def eval_rec(
+    data: str = typer.Option(..., "--data", help="Shapes-world domain, referring .jsonl, or with --refs a COCO instances .json."),
+    out: Path = typer.Option(..., "--out", help="Output directory: rec_samples.jsonl, rec_metrics.json."),
+    refs: Path | None = typer.Option(None, "--refs", help="RefCOCO/+/g refs file (.json export or the original .p, read safely)."),
+    split: str | None = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB)."),
+    images: Path | None = typer.Option(None, "--images", help="Image root."),
+    model: str | None = ModelOpt,
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N (object, expression) pairs."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    on_error: OnErrorChoice = typer.Option(OnErrorChoice.fail, "--on-error", help="fail or skip bad records."),
+) -> None:
+    """REC accuracy: a predicted box is correct when IoU with the referred box > 0.5 (every expression counts)."""
+    from refloop.methods.benchmarks import evaluate_rec
+    from refloop.models import load_vlm
+
+    records, _ = _referring_records(data, images, refs, split, on_error.value)
+    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size)
+    console.print_json(json.dumps(evaluate_rec(vlm, records, out, batch_size=batch_size, limit=limit)))
+
+
+@eval_app.command("reg")
+def eval_reg(
+    data: str = typer.Option(..., "--data", help="Shapes-world domain, referring .jsonl, or with --refs a COCO instances .json."),
+    out: Path = typer.Option(..., "--out", help="Output directory: reg_samples.jsonl, reg_metrics.json."),
+    refs: Path | None = typer.Option(None, "--refs", help="RefCOCO/+/g refs file (.json export or the original .p, read safely)."),
+    split: str | None = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB)."),
+    images: Path | None = typer.Option(None, "--images", help="Image root."),
+    model: str | None = ModelOpt,
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N referred objects."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    on_error: OnErrorChoice = typer.Option(OnErrorChoice.fail, "--on-error", help="fail or skip bad records."),
+) -> None:
+    """REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L)."""
+    from refloop.methods.benchmarks import evaluate_reg
+    from refloop.models import load_vlm
+
+    records, _ = _referring_records(data, images, refs, split, on_error.value)
+    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size)
+    console.print_json(json.dumps(evaluate_reg(vlm, records, out, batch_size=batch_size, limit=limit)))
+
+
 @app.command("filter")
 def filter_detections(
     detections: Path = typer.Argument(..., help="COCO-style detection JSON (COCO, Objects365, a shapes-world export)."),

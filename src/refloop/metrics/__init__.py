@@ -1,0 +1,1 @@
+"""Metrics users know: REC accuracy, caption metrics (pycocoevalcap)."""
