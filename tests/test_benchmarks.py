@@ -4,14 +4,14 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import save_tiny_random
+from test_formats import refcoco_fixture
+
 from refloop.boxes import Box
 from refloop.data.formats import load_refcoco
 from refloop.methods.benchmarks import evaluate_rec, evaluate_reg
 from refloop.metrics.captions import caption_metrics
 from refloop.models.base import Located
-from test_formats import refcoco_fixture
 
 
 class Scripted:
