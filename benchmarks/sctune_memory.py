@@ -1,11 +1,16 @@
-"""Peak memory of SC-Tune's roles: adapters on one base (refloop) vs three full copies (the
-authors' release: policy, frozen partner and reference), same model and batch.
+"""Peak memory of SC-Tune's roles: LoRA adapters on one base (refloop) vs three full copies (the
+authors' release: trained describer, frozen locator, frozen reference), same model and batch.
 
-    python benchmarks/sctune_memory.py [--hidden 1024 --layers 16]
+    python benchmarks/sctune_memory.py [--hidden 768 --layers 16 --batch 8]
 
-Each measurement runs in a fresh process and reads its peak RSS. The model is a refloop-tiny
-architecture scaled up (random weights) so that weights dominate the footprint. Writes
-benchmarks/results/sctune_memory.json.
+Each measurement is a fresh process reading its own peak RSS. The model is the refloop-tiny
+architecture scaled up with random weights, so weights dominate. Workloads:
+- rollout (inference): SC-Tune's describer rollout - sample captions, re-locate them, the
+  reference's greedy caption re-located, old and reference log-probs - on
+  single: one model playing every role (the floor), adapters: refloop's roles, copies: three models;
+- train step: the rollout plus 2 PPO epochs; adapters: AdamW on LoRA tensors; copies: AdamW on
+  the full describer copy (the authors' full-parameter design).
+Writes benchmarks/results/sctune_memory.json.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+MODES = ("single", "adapters", "copies", "adapters_train", "copies_train")
 
 
 def peak_mb() -> float:
@@ -30,9 +36,11 @@ def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
     import torch
 
     from refloop.methods.sctune import BoxItem, SCTune, SCTuneConfig
+    from refloop.models.base import GenerateOptions
     from refloop.models.hf import HFVLM
     from refloop.models.profiles import TinyProfile
     from refloop.models.tiny.pretrain import PretrainConfig, build_model
+    from refloop.training.ppo import clipped_policy_loss, pad_rows
     from refloop.training.roles import LoraSettings
     from refloop.world import get_style, render, sample_scene
 
@@ -44,37 +52,61 @@ def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
     scenes = [sample_scene(get_style("crowded"), 0, i) for i in range(batch)]
     images = [render(s) for s in scenes]
     boxes = [s.objects[0].box for s in scenes]
-    vlm = HFVLM(model, processor, TinyProfile(), batch_size=batch)
+    profile = TinyProfile()
+    prompts = [profile.reg_prompt(b, img.size) for b, img in zip(boxes, images)]
+    sampling = GenerateOptions(do_sample=True, top_k=100, top_p=0.9, max_new_tokens=8)
     started = time.perf_counter()
-    cfg = SCTuneConfig(
-        phases=1,
-        describer_steps=1,
-        batch_size=batch,
-        describer_lr=1e-4,
-        max_new_tokens=8,
-        lora=LoraSettings(r=16, alpha=32),
-        generation_batch_size=batch,
-    )
-    if mode == "single":
-        # One model, inference: describe then locate (the evaluation loop).
-        captions = vlm.describe(images, boxes)
-        vlm.locate(images, captions)
-    elif mode == "adapters":
-        # One base + describer/locator adapters, a full describer step (rollout, reference, PPO update).
-        train = [BoxItem("", b, image=img) for b, img in zip(boxes, images)]
-        tuner = SCTune.from_base(vlm, cfg, train)
-        torch.manual_seed(0)
-        tuner.describer_step(tuner._batch(0))
-    elif mode == "copies":
-        # The authors' layout: three full models (describer, frozen locator, frozen reference),
-        # running the same rollout and scoring, without any optimizer state.
-        locator = copy.deepcopy(model)
-        reference = copy.deepcopy(model)
-        captions = vlm.describe(images, boxes)
-        HFVLM(locator, processor, TinyProfile(), batch_size=batch).locate(images, captions)
-        HFVLM(reference, processor, TinyProfile(), batch_size=batch).describe(images, boxes)
+    if mode in ("adapters", "adapters_train"):
+        cfg = SCTuneConfig(
+            phases=1,
+            describer_steps=1,
+            batch_size=batch,
+            describer_lr=1e-4,
+            max_new_tokens=8,
+            lora=LoraSettings(r=16, alpha=32),
+            generation_batch_size=batch,
+            top_p=0.9,
+        )
+        tuner = SCTune.from_base(
+            HFVLM(model, processor, profile, batch_size=batch), cfg, [BoxItem("", b, image=img) for b, img in zip(boxes, images)]
+        )
+        if mode == "adapters_train":
+            tuner.describer_step(tuner._batch(0))
+        else:
+            roles, vlm = tuner.roles, tuner.vlm
+            roles.use("describer", trainable=False)
+            samples = [c[0] for c in vlm.generate(images, prompts, sampling)]
+            ids = [c.token_ids for c in samples]
+            roles.use("locator", trainable=False)
+            vlm.locate(images, [profile.read_expression(c.text) for c in samples])
+            with roles.reference():
+                greedy = vlm.describe(images, boxes)
+                vlm.logprobs(images, prompts, ids)
+            roles.use("locator", trainable=False)
+            vlm.locate(images, greedy)
+            roles.use("describer", trainable=False)
+            vlm.logprobs(images, prompts, ids)
     else:
-        raise ValueError(mode)
+        describer = HFVLM(model, processor, profile, batch_size=batch)
+        locator = reference = describer
+        if mode in ("copies", "copies_train"):
+            locator = HFVLM(copy.deepcopy(model), processor, profile, batch_size=batch)
+            reference = HFVLM(copy.deepcopy(model), processor, profile, batch_size=batch)
+        samples = [c[0] for c in describer.generate(images, prompts, sampling)]
+        ids = [c.token_ids for c in samples]
+        locator.locate(images, [profile.read_expression(c.text) for c in samples])
+        locator.locate(images, reference.describe(images, boxes))
+        old, mask = pad_rows(describer.logprobs(images, prompts, ids))
+        reference.logprobs(images, prompts, ids)
+        if mode == "copies_train":
+            params = [p for p in model.parameters()]
+            optimizer = torch.optim.AdamW(params, lr=1e-6)
+            for _ in range(2):
+                new, _ = pad_rows(describer.logprobs(images, prompts, ids, grad=True))
+                loss, _ = clipped_policy_loss(new, old, torch.ones_like(old), mask, 0.2)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
     return {
         "mode": mode,
         "peak_mb": round(peak_mb(), 1),
@@ -86,7 +118,7 @@ def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -95,7 +127,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.hidden, args.layers, args.batch)))
         return
     runs = {}
-    for mode in ("single", "adapters", "copies"):
+    for mode in MODES:
         out = subprocess.run(
             [
                 sys.executable,
@@ -115,19 +147,24 @@ def main() -> None:
         )
         runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         print(runs[mode], flush=True)
+    single = runs["single"]["peak_mb"]
     result = {
         "benchmark": "sctune_memory",
         "model": f"refloop-tiny architecture, hidden {args.hidden}, {args.layers} layers, random weights",
         "params": runs["single"]["params"],
         "weights_mb": runs["single"]["weights_mb"],
         "batch": args.batch,
-        "single_model_peak_mb": runs["single"]["peak_mb"],
+        "workload": "SC-Tune describer rollout: sample, re-locate, reference greedy caption re-located, old and reference log-probs",
+        "single_model_peak_mb": single,
         "adapter_roles_peak_mb": runs["adapters"]["peak_mb"],
         "three_copies_peak_mb": runs["copies"]["peak_mb"],
-        "adapter_over_single": round(runs["adapters"]["peak_mb"] / runs["single"]["peak_mb"], 3),
-        "copies_over_single": round(runs["copies"]["peak_mb"] / runs["single"]["peak_mb"], 3),
-        "notes": "adapters: a full SC-Tune describer step (sampling, locator, reference, 2 PPO epochs with AdamW on adapters); "
-        "copies: the same rollout on three full copies, no optimizer (a lower bound for the authors' full-parameter design)",
+        "adapter_over_single": round(runs["adapters"]["peak_mb"] / single, 3),
+        "copies_over_single": round(runs["copies"]["peak_mb"] / single, 3),
+        "train_step": {
+            "adapter_roles_peak_mb": runs["adapters_train"]["peak_mb"],
+            "three_copies_full_parameter_peak_mb": runs["copies_train"]["peak_mb"],
+            "note": "rollout + 2 PPO epochs; beyond weights: backprop activations (both), full gradients + AdamW state (copies)",
+        },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "sctune_memory.json").write_text(json.dumps(result, indent=2) + "\n")

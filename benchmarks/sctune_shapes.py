@@ -31,7 +31,16 @@ def main() -> None:
     overrides = [f"train_data={args.train_domain}", f"sctune.tune={args.tune}", *args.overrides]
     recipe = load_recipe(Path(args.config), overrides)
     out = Path(args.out) / f"{args.train_domain}-{args.tune}"
-    results = run_sctune(recipe, out)
+    # Ablations reuse the base-model numbers of the full run (same model, same held-out boxes).
+    full = RESULTS / "sctune_shapes.json"
+    reuse = None
+    if args.tune != "both" and full.exists():
+        previous = json.loads(full.read_text())
+        if previous["train_domain"] == args.train_domain and previous["eval_boxes"] == recipe.eval_boxes:
+            reuse = {d: v["base"] for d, v in previous["domains"].items()}
+    results = run_sctune(recipe, out, evaluate_base=reuse is None)
+    if reuse is not None:
+        results["base"] = reuse
     summary = {
         "benchmark": "sctune_shapes",
         "train_domain": args.train_domain,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from refloop.boxes import Box, paired_iou
+from refloop.boxes import paired_iou
 from refloop.data.jsonl import JsonlWriter, read_records
 from refloop.data.records import ImageRecord, ObjectAnnotation
-from refloop.models.base import GREEDY, GenerateOptions
+from refloop.models.base import GenerateOptions
 
 
 class ConsistencyConfig(BaseModel):
@@ -84,7 +84,7 @@ def evaluate_consistency(
     todo = [s for s in samples if s.sample_id not in writer.done]
     if progress:
         progress(len(samples) - len(todo))
-    options = GenerateOptions(max_new_tokens=cfg.max_new_tokens) if cfg.max_new_tokens != GREEDY.max_new_tokens else GREEDY
+    options = GenerateOptions(max_new_tokens=cfg.max_new_tokens)  # greedy, as the protocol says
     started = time.perf_counter()
     with writer:
         for start in range(0, len(todo), cfg.batch_size):
@@ -134,9 +134,3 @@ def evaluate_consistency(
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def rows_to_boxes(row: dict) -> tuple[Box, Box | None]:
-    target = Box(*row["box"])
-    predicted = Box(*row["predicted_box"]) if row.get("predicted_box") else None
-    return target, predicted

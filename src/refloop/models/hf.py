@@ -130,6 +130,11 @@ class HFVLM:
             comp_ids = torch.tensor([c + [pad] * (width - len(c)) for c in comps], device=self.device)
             comp_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in comps], device=self.device)
             prompt_len = inputs["input_ids"].shape[1]
+            # Per-token side inputs (Qwen-VL's mm_token_type_ids: 1 on image tokens) grow with zeros;
+            # left without them, Qwen-VL silently computes wrong positions.
+            for key in ("mm_token_type_ids", "token_type_ids"):
+                if key in inputs:
+                    inputs[key] = torch.cat([inputs[key], torch.zeros_like(comp_ids)], dim=1)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], comp_ids], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], comp_mask], dim=1)
             with torch.set_grad_enabled(grad):

@@ -32,7 +32,6 @@ class RefloopTinyConfig(PretrainedConfig):
         cell_token_start: int = 0,
         coord_token_start: int = 0,
         num_coord_bins: int = 101,
-        suppress_token_ids: tuple[int, ...] = (),
         pad_token_id: int = 0,
         bos_token_id: int = 1,
         eos_token_id: int = 2,
@@ -54,8 +53,6 @@ class RefloopTinyConfig(PretrainedConfig):
         self.cell_token_start = cell_token_start
         self.coord_token_start = coord_token_start
         self.num_coord_bins = num_coord_bins
-        # Structural tokens (padding, image, region, ...) that are never a valid output.
-        self.suppress_token_ids = list(suppress_token_ids)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
     @property

@@ -247,10 +247,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         # Pointer logits: content match between the decoder state and each grid cell.
         start, n = self.config.cell_token_start, self.config.num_cells
         pointer = self.pointer_query(h) @ self.pointer_key(grid).transpose(1, 2) / math.sqrt(h.shape[-1])
-        logits = torch.cat([logits[..., :start], pointer.to(logits.dtype), logits[..., start + n :]], dim=-1)
-        if self.config.suppress_token_ids:
-            logits[..., self.config.suppress_token_ids] = float("-inf")
-        return logits
+        return torch.cat([logits[..., :start], pointer.to(logits.dtype), logits[..., start + n :]], dim=-1)
 
     def forward_shared_images(
         self,

@@ -91,13 +91,15 @@ def build_model(cfg: PretrainConfig) -> tuple[RefloopTinyForConditionalGeneratio
         cell_token_start=vocab["<cell_0>"],
         coord_token_start=vocab["<0>"],
         num_coord_bins=NUM_COORD_BINS,
-        suppress_token_ids=[vocab[t] for t in ("<pad>", "<bos>", "<unk>", "<image>", "<region>", "<sep>")],
         pad_token_id=vocab["<pad>"],
         bos_token_id=vocab["<bos>"],
         eos_token_id=vocab["<eos>"],
     )
     torch.manual_seed(cfg.seed)
     model = RefloopTinyForConditionalGeneration(config)
+    # Structural tokens are never a valid output; generation masks them (a random or sampled model
+    # could otherwise emit <image> and corrupt the next prompt). Training never targets them.
+    model.generation_config.suppress_tokens = [vocab[t] for t in ("<pad>", "<bos>", "<unk>", "<image>", "<region>", "<sep>")]
     return model, RefloopTinyProcessor(tokenizer, image_size=config.image_size, num_image_tokens=config.num_cells)
 
 
