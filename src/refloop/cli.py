@@ -31,6 +31,12 @@ ModelOpt = typer.Option(None, "--model", help="Model directory or hub id (defaul
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16 or fp16.")
 BatchOpt = typer.Option(64, "--batch-size", min=1, help="Images per generation batch.")
+RefDataOpt = typer.Option(..., "--data", help="Shapes-world domain, referring .jsonl, or with --refs a COCO instances .json.")
+RefsOpt = typer.Option(None, "--refs", help="RefCOCO/+/g refs file (.json export or the original .p, read safely).")
+SplitOpt = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB).")
+ImagesOpt = typer.Option(None, "--images", help="Image root.")
+OnErrorOpt = typer.Option(OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count.")
+
 RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow a checkpoint's own modelling code (only for checkpoints you trust).")
 
 
@@ -47,9 +53,7 @@ def consistency(
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    on_error: OnErrorChoice = typer.Option(
-        OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count."
-    ),
+    on_error: OnErrorChoice = OnErrorOpt,
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with plots and examples."),
     trust_remote_code: bool = RemoteOpt,
 ) -> None:
@@ -181,17 +185,17 @@ def _referring_records(data: str, images: Path | None, refs: Path | None, split:
 
 @eval_app.command("rec")
 def eval_rec(
-    data: str = typer.Option(..., "--data", help="Shapes-world domain, referring .jsonl, or with --refs a COCO instances .json."),
+    data: str = RefDataOpt,
     out: Path = typer.Option(..., "--out", help="Output directory: rec_samples.jsonl, rec_metrics.json."),
-    refs: Path | None = typer.Option(None, "--refs", help="RefCOCO/+/g refs file (.json export or the original .p, read safely)."),
-    split: str | None = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB)."),
-    images: Path | None = typer.Option(None, "--images", help="Image root."),
+    refs: Path | None = RefsOpt,
+    split: str | None = SplitOpt,
+    images: Path | None = ImagesOpt,
     model: str | None = ModelOpt,
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N (object, expression) pairs."),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    on_error: OnErrorChoice = typer.Option(OnErrorChoice.fail, "--on-error", help="fail or skip bad records."),
+    on_error: OnErrorChoice = OnErrorOpt,
 ) -> None:
     """REC accuracy: a predicted box is correct when IoU with the referred box > 0.5 (every expression counts)."""
     from refloop.methods.benchmarks import evaluate_rec
@@ -204,17 +208,17 @@ def eval_rec(
 
 @eval_app.command("reg")
 def eval_reg(
-    data: str = typer.Option(..., "--data", help="Shapes-world domain, referring .jsonl, or with --refs a COCO instances .json."),
+    data: str = RefDataOpt,
     out: Path = typer.Option(..., "--out", help="Output directory: reg_samples.jsonl, reg_metrics.json."),
-    refs: Path | None = typer.Option(None, "--refs", help="RefCOCO/+/g refs file (.json export or the original .p, read safely)."),
-    split: str | None = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB)."),
-    images: Path | None = typer.Option(None, "--images", help="Image root."),
+    refs: Path | None = RefsOpt,
+    split: str | None = SplitOpt,
+    images: Path | None = ImagesOpt,
     model: str | None = ModelOpt,
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N referred objects."),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    on_error: OnErrorChoice = typer.Option(OnErrorChoice.fail, "--on-error", help="fail or skip bad records."),
+    on_error: OnErrorChoice = OnErrorOpt,
 ) -> None:
     """REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L)."""
     from refloop.methods.benchmarks import evaluate_reg
@@ -237,9 +241,7 @@ def filter_detections(
     min_area_fraction: float = typer.Option(
         0.02, "--min-area-fraction", help="Drop a triplet holding a box smaller than this fraction of the image."
     ),
-    on_error: OnErrorChoice = typer.Option(
-        OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count."
-    ),
+    on_error: OnErrorChoice = OnErrorOpt,
 ) -> None:
     """SC-Tune appendix 9: (image, category, boxes) triplets for training, from boxes alone."""
     from refloop.data import JsonlWriter, load_coco

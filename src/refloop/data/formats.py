@@ -11,38 +11,21 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from refloop.boxes import Box, InvalidBoxError, OutsidePolicy, validate_box
-from refloop.data.loaders import LoadReport, OnError, _number, _Policy, _read_json, _require, _xywh_box
+from refloop.data.loaders import (
+    LoadReport,
+    OnError,
+    _number,
+    _Policy,
+    _read_json,
+    _require,
+    _xywh_box,
+    grouped_records,
+    image_size,
+)
 from refloop.data.paths import resolve_image_path
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.errors import DataError
-
-
-def _image_size(path: Path, source: object, record: object) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DataError(source, record, f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(source, record, f"cannot read image {path}: {exc}") from None
-
-
-def _records(groups: dict, source: Path) -> list[ImageRecord]:
-    return [
-        ImageRecord(
-            image_id=k,
-            path=v["path"],
-            width=v["size"][0],
-            height=v["size"][1],
-            objects=tuple(v["objects"]),
-            source=str(source),
-            file_name=v["file_name"],
-        )
-        for k, v in groups.items()
-    ]
 
 
 # ---- OpenImages ---------------------------------------------------------------------------------
@@ -84,7 +67,7 @@ def load_openimages(
                 if image_id not in groups:
                     file_name = f"{image_id}{extension}"
                     path = resolve_image_path(root, file_name, boxes_csv, rec)
-                    groups[image_id] = {"path": path, "size": _image_size(path, boxes_csv, rec), "objects": [], "file_name": file_name}
+                    groups[image_id] = {"path": path, "size": image_size(path, boxes_csv, rec), "objects": [], "file_name": file_name}
                 w, h = groups[image_id]["size"]
                 try:
                     x1, x2, y1, y2 = (float(row[k]) for k in ("XMin", "XMax", "YMin", "YMax"))
@@ -97,7 +80,7 @@ def load_openimages(
                 groups[image_id]["objects"].append(ObjectAnnotation(box, names[row["LabelName"]], ann_id=number))
             except DataError as err:
                 policy.handle(err)
-    records = _records(groups, boxes_csv)
+    records = grouped_records(groups, boxes_csv)
     report.kept = len(records)
     return records, report
 
@@ -188,7 +171,7 @@ def load_refcoco(
             )
         except DataError as err:
             policy.handle(err)
-    records = _records(groups, refs_path)
+    records = grouped_records(groups, refs_path)
     report.kept = len(records)
     return records, report
 
@@ -269,6 +252,6 @@ def load_visual_genome(
             }
         except DataError as err:
             policy.handle(err)
-    records = _records(groups, meta_path)
+    records = grouped_records(groups, meta_path)
     report.kept = len(records)
     return records, report

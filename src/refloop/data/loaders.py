@@ -84,6 +84,33 @@ def _require(entry: dict, key: str, source: object, record: object) -> Any:
     return entry[key]
 
 
+def image_size(path: Path, source: object, record: object) -> tuple[int, int]:
+    """(width, height) read from the image header; missing or unreadable files name the record."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DataError(source, record, f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(source, record, f"cannot read image {path}: {exc}") from None
+
+
+def grouped_records(groups: dict, source: Path) -> list[ImageRecord]:
+    """ImageRecords from {image_id: {"path", "size", "objects", "file_name"}}."""
+    return [
+        ImageRecord(
+            image_id=k,
+            path=v["path"],
+            width=v["size"][0],
+            height=v["size"][1],
+            objects=tuple(v["objects"]),
+            source=str(source),
+            file_name=v["file_name"],
+        )
+        for k, v in groups.items()
+    ]
+
+
 def _check_image(path: Path, size: tuple[int, int], source: object, record: object) -> None:
     try:
         with Image.open(path) as img:
@@ -151,18 +178,7 @@ def load_coco(
             images[image_id]["objects"].append(ObjectAnnotation(box=box, category=categories[cat], ann_id=ann.get("id", i)))
         except DataError as err:
             policy.handle(err)
-    records = [
-        ImageRecord(
-            image_id=k,
-            path=v["path"],
-            width=v["size"][0],
-            height=v["size"][1],
-            objects=tuple(v["objects"]),
-            source=str(path),
-            file_name=v["file_name"],
-        )
-        for k, v in images.items()
-    ]
+    records = grouped_records(images, path)
     report.kept = len(records)
     return records, report
 
@@ -223,13 +239,7 @@ def load_referring(
                 if verify_images:
                     _check_image(file_path, size, path, rec)
             else:
-                try:
-                    with Image.open(file_path) as img:
-                        size = img.size
-                except FileNotFoundError:
-                    raise DataError(path, rec, f"image file not found: {file_path}") from None
-                except (UnidentifiedImageError, OSError) as exc:
-                    raise DataError(path, rec, f"cannot read image {file_path}: {exc}") from None
+                size = image_size(file_path, path, rec)
             box = _xywh_box(_require(entry, "bbox", path, rec), size, path, rec, outside)
             group = grouped.setdefault(image_id, {"path": file_path, "size": size, "objects": [], "file_name": file_name})
             group["objects"].append(
@@ -239,17 +249,6 @@ def load_referring(
             )
         except DataError as err:
             policy.handle(err)
-    records = [
-        ImageRecord(
-            image_id=k,
-            path=v["path"],
-            width=v["size"][0],
-            height=v["size"][1],
-            objects=tuple(v["objects"]),
-            source=str(path),
-            file_name=v["file_name"],
-        )
-        for k, v in grouped.items()
-    ]
+    records = grouped_records(grouped, path)
     report.kept = len(records)
     return records, report
