@@ -51,7 +51,9 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="seed of weights, task sampling and scene order")
-    steps: int = Field(10000, description="optimizer steps")
+    steps: int = Field(5000, description="optimizer steps")
+    cosine_steps: int = Field(10000, description="the cosine decay is laid out over this many steps")
+    cooldown_steps: int = Field(1200, description="last steps, where the LR falls linearly to its minimum")
     batch_scenes: int = Field(24, description="scenes rendered per step")
     queries_per_scene: int = Field(8, description="queries sharing one encoded scene")
     task_mix: dict[str, float] = Field(
@@ -194,10 +196,17 @@ def smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, coord_start: int, 
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, cosine decay laid out over `cosine_steps`, and a linear cooldown to the
+    minimum over the last `cooldown_steps` of the `steps` actually run (warmup-stable-decay style:
+    the run can end before the cosine does and still finish annealed)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    progress = (step - cfg.warmup_steps) / max(1, cfg.cosine_steps - cfg.warmup_steps)
+    lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    cooldown_start = cfg.steps - cfg.cooldown_steps
+    if step >= cooldown_start:
+        lr += (cfg.lr * cfg.min_lr_ratio - lr) * (step - cooldown_start) / max(1, cfg.cooldown_steps)
+    return lr
 
 
 @torch.no_grad()
