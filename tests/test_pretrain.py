@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from refloop.errors import RefloopError
-from refloop.models.tiny.pretrain import PretrainConfig, pretrain
+from refloop.models.tiny.pretrain import PretrainConfig, lr_at, pretrain
 
 SMALL = dict(
     steps=5,
@@ -54,3 +56,16 @@ def test_resuming_with_another_config_is_refused(tmp_path):
 def test_unknown_config_field_is_an_error():
     with pytest.raises(ValueError, match="extra"):
         PretrainConfig(stepz=3)
+
+
+def test_lr_schedule_warmup_cosine_then_cooldown_to_the_floor():
+    cfg = PretrainConfig(lr=1.0, warmup_steps=10, steps=100, cosine_steps=200, cooldown_steps=20, min_lr_ratio=0.1)
+
+    def cosine(step):  # the decay laid out over 200 steps, after 10 of warm-up
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 10) / 190))
+
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(50, cfg) == pytest.approx(cosine(50))
+    assert lr_at(80, cfg) == pytest.approx(cosine(80))  # the cooldown starts here
+    assert lr_at(90, cfg) == pytest.approx(cosine(90) + (0.1 - cosine(90)) * 0.5)
+    assert lr_at(100, cfg) == pytest.approx(0.1)

@@ -203,9 +203,9 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.cosine_steps - cfg.warmup_steps)
     lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-    cooldown_start = cfg.steps - cfg.cooldown_steps
+    cooldown_start = max(cfg.steps - cfg.cooldown_steps, cfg.warmup_steps)
     if step >= cooldown_start:
-        lr += (cfg.lr * cfg.min_lr_ratio - lr) * (step - cooldown_start) / max(1, cfg.cooldown_steps)
+        lr += (cfg.lr * cfg.min_lr_ratio - lr) * (step - cooldown_start) / max(1, cfg.steps - cooldown_start)
     return lr
 
 
