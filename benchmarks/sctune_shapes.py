@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from refloop.methods.sctune import schedule
 from refloop.methods.sctune_recipe import load_recipe, run_sctune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ def main() -> None:
         "train_domain": args.train_domain,
         "tune": args.tune,
         "train_seconds": round(results["train_seconds"], 1),
+        "train_steps": sum(p.steps for p in schedule(recipe.sctune)),
         "train_boxes": results["train_boxes"],
         "eval_boxes": recipe.eval_boxes,
         "domains": {d: {"base": results["base"][d], "tuned": results["tuned"][d]} for d in recipe.eval_data},

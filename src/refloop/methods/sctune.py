@@ -114,15 +114,14 @@ class Phase:
 
 
 def schedule(cfg: SCTuneConfig) -> list[Phase]:
+    """Alternating phases. Ablations (tune=describer|locator) keep the full cycle's phase lengths
+    and optimizer resets but train only their role, so every arm has the same step budget."""
     out, start = [], 0
     other = {"describer": "locator", "locator": "describer"}
     for k in range(cfg.phases):
-        if cfg.tune == "both":
-            role = cfg.first_phase if k % 2 == 0 else other[cfg.first_phase]
-        else:
-            role = cfg.tune
-        steps = cfg.describer_steps if role == "describer" else cfg.locator_steps
-        out.append(Phase(k, role, start, steps))
+        cycle_role = cfg.first_phase if k % 2 == 0 else other[cfg.first_phase]
+        steps = cfg.describer_steps if cycle_role == "describer" else cfg.locator_steps
+        out.append(Phase(k, cycle_role if cfg.tune == "both" else cfg.tune, start, steps))
         start += steps
     return out
 
