@@ -8,9 +8,9 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import scene_images, tiny_random_model  # noqa: E402
+from helpers import scene_box_items, tiny_random_model  # noqa: E402
 
-from refloop.methods.sctune import BoxItem, SCTune, SCTuneConfig  # noqa: E402
+from refloop.methods.sctune import SCTune, SCTuneConfig  # noqa: E402
 from refloop.models.hf import HFVLM  # noqa: E402
 from refloop.models.profiles import TinyProfile  # noqa: E402
 from refloop.training.roles import LoraSettings  # noqa: E402
@@ -20,8 +20,7 @@ torch.set_num_threads(1)
 state = PartialState(cpu=True)
 model, processor = tiny_random_model()
 vlm = HFVLM(model, processor, TinyProfile(), batch_size=8)
-scenes, images = scene_images(4)
-train = [BoxItem("", o.box, image=img) for s, img in zip(scenes, images) for o in s.objects]
+train = scene_box_items(4)
 cfg = SCTuneConfig(
     phases=2,
     describer_steps=2,

@@ -30,6 +30,14 @@ def scene_images(n: int, domain: str = "in-domain"):
     return scenes, [render(s) for s in scenes]
 
 
+def scene_box_items(n: int = 4):
+    """SC-Tune training items: every object box of n in-domain scenes, images in memory."""
+    from refloop.methods.sctune import BoxItem
+
+    scenes, images = scene_images(n)
+    return [BoxItem("", o.box, image=img) for s, img in zip(scenes, images) for o in s.objects]
+
+
 def no_grad(fn):
     def wrapped(*a, **k):
         with torch.no_grad():

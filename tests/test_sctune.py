@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import save_tiny_random, scene_images, tiny_random_model
+from helpers import save_tiny_random, scene_box_items, scene_images, tiny_random_model
 from safetensors.torch import load_file
 
-from refloop.methods.sctune import BoxItem, SCTune, SCTuneConfig, schedule
+from refloop.methods.sctune import SCTune, SCTuneConfig, schedule
 from refloop.models.hf import HFVLM
 from refloop.training.roles import LoraSettings, RoleModel
 
@@ -43,9 +43,7 @@ def test_schedule_alternates_and_ablations_repeat_one_role():
 
 def _tuner(tmp_path, **overrides):
     vlm = HFVLM.from_pretrained(save_tiny_random(tmp_path / "base"), device="cpu")
-    scenes, images = scene_images(4)
-    train = [BoxItem("", o.box, image=img) for s, img in zip(scenes, images) for o in s.objects]
-    return SCTune.from_base(vlm, SCTuneConfig(**(SMALL | overrides)), train)
+    return SCTune.from_base(vlm, SCTuneConfig(**(SMALL | overrides)), scene_box_items(4))
 
 
 def test_describer_step_changes_only_the_describer_and_sync_copies_it(tmp_path):
