@@ -20,6 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
 
+def rollout_throughput(run_dir: Path) -> float | None:
+    """Mean captions scored per second over the describer steps (sampling, re-locating, baseline)."""
+    rows = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["captions_per_second"] for r in rows if "captions_per_second" in r]
+    return round(sum(rates) / len(rates), 1) if rates else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=str(ROOT / "configs" / "sctune-shapes.yaml"))
@@ -49,6 +56,7 @@ def main() -> None:
         "train_seconds": round(results["train_seconds"], 1),
         "train_steps": sum(p.steps for p in schedule(recipe.sctune)),
         "train_boxes": results["train_boxes"],
+        "rollout_captions_per_second": rollout_throughput(out),
         "eval_boxes": recipe.eval_boxes,
         "domains": {d: {"base": results["base"][d], "tuned": results["tuned"][d]} for d in recipe.eval_data},
         "gain_points": {d: round(100 * (results["tuned"][d] - results["base"][d]), 1) for d in recipe.eval_data},
