@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from refloop.models.tiny.pretrain import PretrainConfig, build_model
 
 
@@ -36,11 +34,3 @@ def scene_box_items(n: int = 4):
 
     scenes, images = scene_images(n)
     return [BoxItem("", o.box, image=img) for s, img in zip(scenes, images) for o in s.objects]
-
-
-def no_grad(fn):
-    def wrapped(*a, **k):
-        with torch.no_grad():
-            return fn(*a, **k)
-
-    return wrapped

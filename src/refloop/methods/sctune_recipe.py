@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from refloop.boxes import Box  # noqa: E402
 from refloop.data.filters import sctune_triplets  # noqa: E402
 from refloop.data.jsonl import read_records  # noqa: E402
 from refloop.data.loaders import iter_jsonl, load_coco  # noqa: E402
@@ -49,10 +50,7 @@ def _boxes_from_triplets(rows: list[dict], root: Path, source: str) -> list[BoxI
     items = []
     for i, row in enumerate(rows):
         path = resolve_image_path(root, row["file_name"], source, f"line {i + 1}")
-        for b in row["boxes"]:
-            from refloop.boxes import Box
-
-            items.append(BoxItem(str(path), Box(*b)))
+        items += [BoxItem(str(path), Box(*b)) for b in row["boxes"]]
     return items
 
 
@@ -177,7 +175,3 @@ def load_recipe(path: Path | None, overrides: list[str]) -> SCTuneRecipe:
         return SCTuneRecipe.model_validate(data)
     except ValidationError as exc:
         raise RefloopError(f"{path or 'recipe'}: {exc}") from None
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]

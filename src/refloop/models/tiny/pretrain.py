@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from refloop.boxes import paired_iou
 from refloop.errors import RefloopError
+from refloop.models.base import GenerateOptions
+from refloop.models.hf import HFVLM
 from refloop.models.profiles import TinyProfile
 from refloop.models.tiny.configuration import RefloopTinyConfig
 from refloop.models.tiny.modeling import RefloopTinyForConditionalGeneration
@@ -211,7 +213,8 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 @torch.no_grad()
 def quick_eval(model, processor, profile: TinyProfile, num_scenes: int, batch: int = 100) -> dict[str, float]:
-    """REC acc@0.5, REG exact match and self-consistency on held-out in-domain scenes."""
+    """REC acc@0.5, REG exact match and self-consistency on held-out in-domain scenes, through the
+    same VLM interface the evaluation commands use."""
     model.eval()
     style = get_style(IN_DOMAIN)
     rng = random.Random(1234)
@@ -221,24 +224,16 @@ def quick_eval(model, processor, profile: TinyProfile, num_scenes: int, batch: i
         cands = [o for o in scene.objects if canonical_expression(scene, o)]
         obj = cands[rng.randrange(len(cands))]
         items.append((scene, obj, canonical_expression(scene, obj)))
-    rec_hits = reg_hits = sc_hits = 0
-    for s in range(0, len(items), batch):
-        chunk = items[s : s + batch]
-        images = [render(sc) for sc, _, _ in chunk]
-        size = (chunk[0][0].width, chunk[0][0].height)
-
-        def run(prompts: list[str], max_new: int, images=images) -> list[str]:
-            inp = processor(images=images, text=prompts)
-            out = model.generate(**inp, max_new_tokens=max_new, do_sample=False)
-            return processor.batch_decode(out[:, inp["input_ids"].shape[1] :], skip_special_tokens=True)
-
-        rec_text = run([profile.rec_prompt(e) for _, _, e in chunk], 8)
-        reg_text = [profile.read_expression(t) for t in run([profile.reg_prompt(o.box, size) for _, o, _ in chunk], 10)]
-        sc_text = run([profile.rec_prompt(t) for t in reg_text], 8)
-        gt = [o.box for _, o, _ in chunk]
-        rec_hits += int((paired_iou([profile.read_box(t, size) for t in rec_text], gt) > 0.5).sum())
-        sc_hits += int((paired_iou([profile.read_box(t, size) for t in sc_text], gt) > 0.5).sum())
-        reg_hits += sum(r == e for r, (_, _, e) in zip(reg_text, chunk))
+    vlm = HFVLM(model, processor, profile, batch_size=batch)
+    greedy = GenerateOptions(max_new_tokens=10)
+    images = [render(scene) for scene, _, _ in items]
+    targets = [obj.box for _, obj, _ in items]
+    rec = vlm.locate(images, [expr for _, _, expr in items])
+    captions = vlm.describe(images, targets, greedy)
+    located = vlm.locate(images, captions)
+    rec_hits = int((paired_iou([r.box for r in rec], targets) > 0.5).sum())
+    sc_hits = int((paired_iou([r.box for r in located], targets) > 0.5).sum())
+    reg_hits = sum(c == expr for c, (_, _, expr) in zip(captions, items))
     model.train()
     n = len(items)
     return {"rec_acc": rec_hits / n, "reg_exact": reg_hits / n, "self_consistency": sc_hits / n}
