@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from refloop.codecs.base import Codec, ImageSize
 from refloop.codecs.formats import (
+    InternVLCodec,
     JsonBBoxCodec,
     Kosmos2Codec,
     MiniGPTv2Codec,
@@ -26,6 +27,7 @@ _FACTORIES: dict[str, Callable[..., Codec]] = {
     "kosmos-2": Kosmos2Codec,
     "paligemma": paligemma,
     "minigpt-v2": MiniGPTv2Codec,
+    "internvl": InternVLCodec,
     "pink": PinkCodec,
 }
 CODECS: tuple[str, ...] = tuple(_FACTORIES)

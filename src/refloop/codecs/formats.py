@@ -25,6 +25,20 @@ def qwen2_vl() -> Codec:
     return IntegerPairsCodec("qwen2-vl", "<|box_start|>", "<|box_end|>")
 
 
+class InternVLCodec(IntegerPairsCodec):
+    """InternVL: '<box>[[x1, y1, x2, y2]]</box>' on 0..1000 (the markers are optional when parsing)."""
+
+    pattern = re.compile(r"\[\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]")
+
+    def __init__(self) -> None:
+        super().__init__("internvl", "<box>", "</box>")
+
+    def encode(self, box: Box, image_size: ImageSize) -> str:
+        w, h = image_size
+        vals = quantize(box.x1, w, self.scale), quantize(box.y1, h, self.scale), quantize(box.x2, w, self.scale), quantize(box.y2, h, self.scale)
+        return f"{self.prefix}[[{vals[0]}, {vals[1]}, {vals[2]}, {vals[3]}]]{self.suffix}"
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
     """The input size Qwen2/2.5-VL's processor resizes an image to (multiples of `factor`, pixel budget)."""
     h_bar = max(factor, round(height / factor) * factor)
@@ -68,11 +82,14 @@ class JsonBBoxCodec(Codec):
         rh, rw = smart_resize(h, w, self.factor, self.min_pixels, self.max_pixels)
         return float(rw), float(rh)
 
-    def encode(self, box: Box, image_size: ImageSize) -> str:
+    def coordinates(self, box: Box, image_size: ImageSize) -> list[int]:
+        """The four integers the model writes for `box`."""
         w, h = image_size
         fw, fh = self._frame(image_size)
-        coords = [round(box.x1 / w * fw), round(box.y1 / h * fh), round(box.x2 / w * fw), round(box.y2 / h * fh)]
-        return json.dumps([{"bbox_2d": coords, "label": self.label}])
+        return [round(box.x1 / w * fw), round(box.y1 / h * fh), round(box.x2 / w * fw), round(box.y2 / h * fh)]
+
+    def encode(self, box: Box, image_size: ImageSize, label: str | None = None) -> str:
+        return json.dumps([{"bbox_2d": self.coordinates(box, image_size), "label": label or self.label}])
 
     def parse(self, text: str, image_size: ImageSize) -> list[Box]:
         w, h = image_size

@@ -273,10 +273,7 @@ class SCTune:
                     item, expression = self.supervised[rng.randrange(len(self.supervised))]
                     images[i], boxes[i], captions[i] = load_image(item), item.box, expression
         prompts = [profile.rec_prompt(c) for c in captions]
-        eos = self.tokenizer.eos_token_id
-        targets = [
-            self.tokenizer.encode(profile.rec_answer(b, img.size), add_special_tokens=False) + [eos] for img, b in zip(images, boxes)
-        ]
+        targets = [vlm.answer_ids(profile.rec_answer(b, img.size, c)) for img, b, c in zip(images, boxes, captions)]
         self.roles.use("locator", trainable=True)
         logp, mask = pad_rows(vlm.logprobs(images, prompts, targets, grad=True))
         loss = -(logp * mask).sum() / mask.sum()  # Eq. 4, mean over answer tokens

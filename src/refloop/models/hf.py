@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
 from refloop.boxes import Box
 from refloop.errors import RefloopError
 from refloop.models.base import GREEDY, Completion, GenerateOptions, Located
-from refloop.models.profiles import PromptProfile, profile_for_config
+from refloop.models.processors import load_processor
+from refloop.models.profiles import PromptProfile, get_profile, profile_for_config
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -46,12 +47,40 @@ def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise RefloopError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16") from None
 
 
+def validate_config(config) -> None:
+    """Refuse configs that load without error but compute wrong positions.
+
+    Qwen2/2.5/3-VL's multimodal RoPE splits each head's rotary half (head_dim/2 frequencies)
+    into temporal/height/width sections: `mrope_section` must live in
+    `text_config.rope_parameters` (transformers 5.x) and sum to head_dim/2.
+    """
+    if getattr(config, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+        return
+    text = getattr(config, "text_config", config)
+    rope = getattr(text, "rope_parameters", None) or {}
+    section = rope.get("mrope_section")
+    if section is None:
+        raise RefloopError(
+            f"{config.model_type}: text_config.rope_parameters has no mrope_section (transformers 5.x reads it there; "
+            "move it from rope_scaling or the top-level config)"
+        )
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if sum(section) != head_dim // 2:
+        raise RefloopError(
+            f"{config.model_type}: mrope_section {list(section)} sums to {sum(section)}, but must sum to head_dim/2 = {head_dim // 2}"
+        )
+
+
 class HFVLM:
-    """Batched generation with left padding; log-probs from one forward pass with the real mask."""
+    """Batched generation with left padding; log-probs from one forward pass with the real mask.
+    Decoder-only and encoder-decoder (Florence-2) models alike."""
 
     def __init__(self, model, processor, profile: PromptProfile, name: str = "model", batch_size: int = 32) -> None:
         self.model, self.processor, self.profile, self.name, self.batch_size = model, processor, profile, name, batch_size
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        # Some processors pad with the tokenizer's own side whatever the call says (Kosmos-2).
+        self.tokenizer.padding_side = "left"
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
 
     @classmethod
     def from_pretrained(
@@ -59,10 +88,12 @@ class HFVLM:
         name_or_path: str | Path,
         device: str = "auto",
         dtype: str = "auto",
-        profile: PromptProfile | None = None,
+        profile: PromptProfile | str | None = None,
         trust_remote_code: bool = False,
         batch_size: int = 32,
     ) -> HFVLM:
+        """Load a checkpoint; `profile` (a name from `refloop.models.profiles.PROFILES`) overrides
+        the one chosen from the config's model_type."""
         path = str(name_or_path)
         if Path(path).exists() and not (Path(path) / "config.json").exists():
             raise RefloopError(f"{path} is not a model directory (no config.json)")
@@ -70,11 +101,15 @@ class HFVLM:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise RefloopError(f"cannot load a model config from {path}: {exc}") from None
+        validate_config(config)
+        processor = load_processor(path, config, trust_remote_code=trust_remote_code)
+        if isinstance(profile, str):
+            profile = get_profile(profile, processor)
+        profile = profile or profile_for_config(config, processor)
         dev = select_device(device)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=select_dtype(dtype, dev), trust_remote_code=trust_remote_code)
         model.to(dev).eval()
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(model, processor, profile or profile_for_config(config), name=path, batch_size=batch_size)
+        return cls(model, processor, profile, name=path, batch_size=batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -82,7 +117,23 @@ class HFVLM:
 
     def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
         batch = self.processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt", padding_side="left")
+        batch.pop("labels", None)  # PaliGemma's processor adds training labels
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    @property
+    def _decoder_start(self) -> int:
+        cfg = self.model.generation_config
+        start = cfg.decoder_start_token_id
+        if start is None:
+            start = getattr(self.model.config.get_text_config(), "decoder_start_token_id", None)
+        return start if start is not None else self.tokenizer.eos_token_id
+
+    def answer_ids(self, text: str) -> list[int]:
+        """Token ids a model writes for answer `text`, as generate() returns them (ending in EOS;
+        encoder-decoders that force BOS at the first step start with it)."""
+        forced = self.model.generation_config.forced_bos_token_id if self.encoder_decoder else None
+        head = [forced] if forced is not None else []
+        return head + self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
 
     @torch.no_grad()
     def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], options: GenerateOptions = GREEDY) -> list[list[Completion]]:
@@ -103,7 +154,9 @@ class HFVLM:
         for start in range(0, len(prompts), self.batch_size):
             inputs = self._inputs(images[start : start + self.batch_size], prompts[start : start + self.batch_size])
             generated = self.model.generate(**inputs, **kwargs)
-            new = generated[:, inputs["input_ids"].shape[1] :].tolist()
+            # Decoder-only: the prompt comes back first; encoder-decoder: the decoder start token.
+            skip = 1 if self.encoder_decoder else inputs["input_ids"].shape[1]
+            new = generated[:, skip:].tolist()
             n = options.num_return_sequences
             for i in range(0, len(new), n):
                 group = []
@@ -111,7 +164,7 @@ class HFVLM:
                     if eos in ids:
                         ids = ids[: ids.index(eos) + 1]
                     ids = [t for t in ids if t != pad or t == eos]
-                    group.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), tuple(ids)))
+                    group.append(Completion(self.profile.decode(self.tokenizer, ids), tuple(ids)))
                 out.append(group)
         return out
 
@@ -119,7 +172,8 @@ class HFVLM:
         self, images: Sequence[Image.Image], prompts: Sequence[str], completions: Sequence[Sequence[int]], grad: bool = False
     ) -> list[torch.Tensor]:
         """Per-token log p(completion | image, prompt), one forward per batch, real attention mask
-        (left-padded prompts, right-padded completions)."""
+        (left-padded prompts, right-padded completions). Equal to the log-softmax of the logits
+        generate() sees at each step (tested per family)."""
         out: list[torch.Tensor] = []
         for start in range(0, len(prompts), self.batch_size):
             stop = start + self.batch_size
@@ -129,16 +183,24 @@ class HFVLM:
             pad = self.tokenizer.pad_token_id
             comp_ids = torch.tensor([c + [pad] * (width - len(c)) for c in comps], device=self.device)
             comp_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in comps], device=self.device)
-            prompt_len = inputs["input_ids"].shape[1]
-            # Per-token side inputs (Qwen-VL's mm_token_type_ids: 1 on image tokens) grow with zeros;
-            # left without them, Qwen-VL silently computes wrong positions.
-            for key in ("mm_token_type_ids", "token_type_ids"):
-                if key in inputs:
-                    inputs[key] = torch.cat([inputs[key], torch.zeros_like(comp_ids)], dim=1)
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], comp_ids], dim=1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], comp_mask], dim=1)
             with torch.set_grad_enabled(grad):
-                logits = self.model(**inputs).logits[:, prompt_len - 1 : -1].float()
+                if self.encoder_decoder:
+                    # Teacher forcing: the decoder reads [start, c_1 .. c_{T-1}] and predicts c_1 .. c_T.
+                    decoder_in = torch.cat([torch.full_like(comp_ids[:, :1], self._decoder_start), comp_ids[:, :-1]], dim=1)
+                    logits = self.model(**inputs, decoder_input_ids=decoder_in, decoder_attention_mask=comp_mask).logits.float()
+                else:
+                    prompt_len = inputs["input_ids"].shape[1]
+                    # Per-token side inputs grow as the family's generate() grows them (Qwen-VL's
+                    # mm_token_type_ids with 0: left without them, Qwen-VL silently computes wrong
+                    # positions; PaliGemma's token_type_ids with 1: answer tokens attend causally).
+                    for key, value in list(inputs.items()):
+                        if key not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor):
+                            if value.shape == inputs["input_ids"].shape:
+                                fill = self.profile.completion_fill.get(key, 0)
+                                inputs[key] = torch.cat([value, torch.full_like(comp_ids, fill, dtype=value.dtype)], dim=1)
+                    inputs["input_ids"] = torch.cat([inputs["input_ids"], comp_ids], dim=1)
+                    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], comp_mask], dim=1)
+                    logits = self.model(**inputs).logits[:, prompt_len - 1 : -1].float()
                 token_lp = torch.log_softmax(logits, dim=-1).gather(-1, comp_ids[..., None]).squeeze(-1)
             out += [token_lp[i, : len(c)] for i, c in enumerate(comps)]
         return out
@@ -155,4 +217,4 @@ class HFVLM:
 
     def caption(self, images: Sequence[Image.Image], options: GenerateOptions = GREEDY) -> list[str]:
         prompts = [self.profile.caption_prompt()] * len(images)
-        return [c[0].text for c in self.generate(images, prompts, options)]
+        return [self.profile.read_caption(c[0].text) for c in self.generate(images, prompts, options)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import re
 from pathlib import Path
 
 import torch
@@ -18,18 +19,36 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 ROLES = ("describer", "locator")
-# Attention and MLP projections of the language model; '.layers.N.' keeps vision MLPs out
-# (on Qwen2.5-VL 'gate/up/down_proj' also name vision-block modules under 'visual.blocks').
-DEFAULT_TARGETS = r"(.*\.)?(language_model\.)?layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+AUTO_TARGETS = "auto"
+_BLOCK_INDEX = re.compile(r"\\\.(\d+)\\\.")  # a layer index inside an escaped module name
+_VISION = re.compile(r"(^|\.)(vision|visual|image)", re.IGNORECASE)
 
 
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def language_model_targets(model: torch.nn.Module) -> str:
+    """A regex (PEFT full-matches it) naming every Linear inside the language model's
+    transformer blocks, and nothing in the vision tower, projector or LM head.
 
-    r: int = Field(16, description="LoRA rank")
-    alpha: int = Field(32, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = Field(0.0, description="LoRA dropout (0 keeps rollouts and updates deterministic)")
-    target_modules: str | list[str] = Field(DEFAULT_TARGETS, description="regex or module names to adapt (language model by default)")
+    Name-suffix lists are not safe across families: on Qwen2.5-VL 'gate/up/down_proj' also name
+    the vision blocks' MLP, and SigLIP/CLIP towers (PaliGemma, Kosmos-2) use the same
+    'layers.N.self_attn.q_proj' names as the LM. So the LM is found by module path
+    ('language_model', 'text_model'; the whole model for refloop-tiny) and its block layers listed.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    roots = sorted({n[: n.index(key) + len(key)] for n in names for key in ("language_model.", "text_model.") if key in n}, key=len)
+    root = roots[0] if roots else ""
+    patterns = []
+    for name in names:
+        if not name.startswith(root) or (not root and _VISION.search(name)):
+            continue
+        rel = name[len(root) :]
+        if not re.search(r"(^|\.)layers?\.\d+\.", rel):
+            continue
+        pattern = _BLOCK_INDEX.sub(r"\\.\\d+\\.", re.escape(name))
+        if pattern not in patterns:
+            patterns.append(pattern)
+    if not patterns:
+        raise ValueError("no Linear layers found in a language model's blocks; set lora.target_modules explicitly")
+    return "|".join(patterns)
 
 
 class RoleModel:
@@ -43,7 +62,8 @@ class RoleModel:
     def __init__(self, base: torch.nn.Module, lora: LoraSettings, reference: str = "base") -> None:
         if reference not in ("base", "snapshot"):
             raise ValueError("reference must be 'base' or 'snapshot'")
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+        targets = language_model_targets(base) if lora.target_modules == AUTO_TARGETS else lora.target_modules
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
         self.peft: PeftModel = get_peft_model(base, config, adapter_name=ROLES[0])
         for role in ROLES[1:]:
             self.peft.add_adapter(role, config)
