@@ -81,6 +81,12 @@ class HFVLM:
         # Some processors pad with the tokenizer's own side whatever the call says (Kosmos-2).
         self.tokenizer.padding_side = "left"
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        # Never generate an image placeholder: fed back (log-probs, the locator's input) it would be
+        # taken for an image slot and the forward fails or reads garbage.
+        placeholders = {getattr(model.config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")}
+        placeholders |= {getattr(processor, k, None) for k in ("image_token_id", "video_token_id")}
+        suppressed = set(model.generation_config.suppress_tokens or []) | {t for t in placeholders if isinstance(t, int)}
+        self.suppress_tokens = sorted(suppressed)
 
     @classmethod
     def from_pretrained(
@@ -147,26 +153,40 @@ class HFVLM:
             "max_new_tokens": options.max_new_tokens,
             "num_return_sequences": options.num_return_sequences,
             "pad_token_id": pad,
+            "suppress_tokens": self.suppress_tokens or None,
         }
         if options.do_sample:
             kwargs.update(temperature=options.temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0)
-        out: list[list[Completion]] = []
-        for start in range(0, len(prompts), self.batch_size):
-            inputs = self._inputs(images[start : start + self.batch_size], prompts[start : start + self.batch_size])
+        out: list[list[Completion] | None] = [None] * len(prompts)
+        for batch in self._generation_batches(prompts):
+            inputs = self._inputs([images[i] for i in batch], [prompts[i] for i in batch])
             generated = self.model.generate(**inputs, **kwargs)
             # Decoder-only: the prompt comes back first; encoder-decoder: the decoder start token.
             skip = 1 if self.encoder_decoder else inputs["input_ids"].shape[1]
             new = generated[:, skip:].tolist()
             n = options.num_return_sequences
-            for i in range(0, len(new), n):
+            for row, index in enumerate(batch):
                 group = []
-                for ids in new[i : i + n]:
+                for ids in new[row * n : (row + 1) * n]:
                     if eos in ids:
                         ids = ids[: ids.index(eos) + 1]
                     ids = [t for t in ids if t != pad or t == eos]
                     group.append(Completion(self.profile.decode(self.tokenizer, ids), tuple(ids)))
-                out.append(group)
+                out[index] = group
         return out
+
+    def _generation_batches(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Prompt indices per generate() call: consecutive chunks, or chunks of equal token length
+        for families whose decoding cannot take left padding."""
+        order = list(range(len(prompts)))
+        if not self.profile.unpadded_generation:
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        lengths = [len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+        batches: list[list[int]] = []
+        for length in sorted(set(lengths)):
+            same = [i for i in order if lengths[i] == length]
+            batches += [same[i : i + self.batch_size] for i in range(0, len(same), self.batch_size)]
+        return batches
 
     def logprobs(
         self, images: Sequence[Image.Image], prompts: Sequence[str], completions: Sequence[Sequence[int]], grad: bool = False

@@ -23,6 +23,9 @@ class PromptProfile:
     # image_embeds_position_mask, PaliGemma's token_type_ids) on appended answer tokens, as the
     # family's own generate() extends them. Keys not listed get 0.
     completion_fill: dict[str, int] = field(default_factory=dict)
+    # Generate only in batches of equal prompt length: the family's incremental decoding
+    # mis-positions left-padded rows (Kosmos-2 counts pads into its position ids after the first step).
+    unpadded_generation: bool = False
 
     def prompt(self, instruction: str) -> str:
         """Full model input text around one image placeholder."""
@@ -271,7 +274,7 @@ class Kosmos2Profile(PromptProfile):
     box ('<phrase> It</phrase><object>...</object> is'), as the card's referring example does."""
 
     def __init__(self) -> None:
-        super().__init__(name="kosmos-2", codec=get_codec("kosmos-2"))
+        super().__init__(name="kosmos-2", codec=get_codec("kosmos-2"), unpadded_generation=True)
 
     def prompt(self, instruction: str) -> str:
         return instruction  # the processor puts '<s><image>...</image>' in front

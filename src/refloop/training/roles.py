@@ -51,6 +51,17 @@ def language_model_targets(model: torch.nn.Module) -> str:
     return "|".join(patterns)
 
 
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, description="LoRA rank")
+    alpha: int = Field(32, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, description="LoRA dropout (0 keeps rollouts and updates deterministic)")
+    target_modules: str | list[str] = Field(
+        AUTO_TARGETS, description="regex or module names to adapt; auto = every Linear in the language model's blocks"
+    )
+
+
 class RoleModel:
     """A base model with one LoRA adapter per role.
 

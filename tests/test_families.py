@@ -1,0 +1,164 @@
+"""Every supported real model family, as a tiny random-weight instance built offline: loading
+through the public entry point, the prompts of the model cards, describe/locate/caption,
+log-probs equal to what generate() computes, and one SC-Tune step of each phase."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import families
+from helpers import scene_box_items
+from refloop.boxes import Box
+from refloop.methods.sctune import SCTune, SCTuneConfig
+from refloop.models.hf import HFVLM
+from refloop.models.processors import save_processor
+
+# builder in tests/families.py -> profile chosen from the checkpoint's config
+FAMILIES = {
+    "qwen2_vl": "qwen2-vl",
+    "qwen2_5_vl": "qwen2.5-vl",
+    "qwen3_vl": "qwen3-vl",
+    "florence_2": "florence-2",
+    "kosmos_2": "kosmos-2",
+    "paligemma": "paligemma",
+    "paligemma2": "paligemma",
+    "internvl": "internvl",
+}
+
+
+def _build(name: str):
+    if name == "paligemma2":
+        return families.paligemma(version=2)
+    return getattr(families, name)()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(builder name, HFVLM loaded from a saved checkpoint directory)."""
+    model, processor = _build(request.param)
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    save_processor(processor, directory)
+    vlm = HFVLM.from_pretrained(directory, device="cpu", dtype="fp32", batch_size=4)
+    return request.param, vlm
+
+
+@pytest.fixture(scope="module")
+def items():
+    return scene_box_items(1)[:3]
+
+
+def test_profile_is_chosen_from_the_config(family):
+    name, vlm = family
+    assert vlm.profile.name == FAMILIES[name]
+    assert vlm.encoder_decoder == (name == "florence_2")
+
+
+def test_describe_locate_caption_run(family, items):
+    _, vlm = family
+    images = [it.image for it in items]
+    captions = vlm.describe(images, [it.box for it in items])
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    located = vlm.locate(images, ["the red circle", "a blue square", "it"])
+    assert len(located) == 3 and all(loc.box is None or isinstance(loc.box, Box) for loc in located)
+    assert all(isinstance(c, str) for c in vlm.caption(images[:2]))
+
+
+def _generation_logprobs(vlm: HFVLM, images, prompts):
+    """Greedy generation's own raw logits, log-softmaxed at the chosen tokens (in the batches
+    HFVLM.generate would use)."""
+    ids, logps = [None] * len(prompts), [None] * len(prompts)
+    for batch in vlm._generation_batches(prompts):
+        got_ids, got_lp = _generate_batch(vlm, [images[i] for i in batch], [prompts[i] for i in batch])
+        for row, i in enumerate(batch):
+            ids[i], logps[i] = got_ids[row], got_lp[row]
+    return ids, logps
+
+
+def _generate_batch(vlm: HFVLM, images, prompts):
+    inputs = vlm._inputs(images, prompts)
+    out = vlm.model.generate(
+        **inputs,
+        do_sample=False,
+        min_new_tokens=5,
+        max_new_tokens=5,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=vlm.tokenizer.pad_token_id,
+        suppress_tokens=vlm.suppress_tokens,
+    )
+    skip = 1 if vlm.encoder_decoder else inputs["input_ids"].shape[1]
+    ids = out.sequences[:, skip:]
+    steps = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+    return ids.tolist(), steps.gather(-1, ids[..., None]).squeeze(-1)
+
+
+def test_logprobs_equal_what_generate_computes(family, items):
+    """One teacher-forced forward must reproduce generation's per-step distributions: this
+    catches a wrong mask, lost per-token side inputs (Qwen's mm_token_type_ids, PaliGemma's
+    token_type_ids, Kosmos-2's image_embeds_position_mask) and wrong decoder inputs."""
+    _, vlm = family
+    images = [it.image for it in items[:2]]
+    prompts = [vlm.profile.rec_prompt("the small red circle"), vlm.profile.caption_prompt()]  # different lengths: padding
+    ids, expected = _generation_logprobs(vlm, images, prompts)
+    got = vlm.logprobs(images, prompts, ids)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-4)
+
+
+def test_batched_generation_equals_one_by_one(family, items):
+    """Left padding must not change what a prompt generates (Kosmos-2's incremental position ids
+    count pads, so its profile generates in equal-length batches)."""
+    _, vlm = family
+    images = [it.image for it in items[:2]]
+    prompts = [vlm.profile.rec_prompt("the small red circle"), vlm.profile.caption_prompt()]
+    together = vlm.generate(images, prompts)
+    alone = [vlm.generate([img], [p])[0] for img, p in zip(images, prompts)]
+    assert [g[0].token_ids for g in together] == [g[0].token_ids for g in alone]
+
+
+def test_rec_answer_round_trips_through_the_tokenizer(family, items):
+    """What the locator is trained to write decodes and parses back to the box."""
+    _, vlm = family
+    image, box = items[0].image, items[0].box
+    text = vlm.profile.decode(vlm.tokenizer, vlm.answer_ids(vlm.profile.rec_answer(box, image.size, "the red circle")))
+    parsed = vlm.profile.read_box(text, image.size)
+    step = vlm.profile.codec.step * max(image.size) * 2 + 1e-6
+    assert parsed is not None
+    assert max(abs(a - b) for a, b in zip(parsed.as_list(), box.as_list())) <= max(step, 1.0)
+
+
+def test_one_sctune_step_per_phase_trains_only_the_language_model(family, items):
+    _, vlm = family
+    cfg = SCTuneConfig(
+        batch_size=2,
+        ppo_epochs=1,
+        max_new_tokens=6,
+        describer_lr=1e-2,
+        locator_lr=1e-2,
+        generation_batch_size=4,
+        lora={"r": 2, "alpha": 4},
+    )
+    # A fresh base per test: the adapters are injected into the module.
+    sctune = SCTune.from_base(_fresh(vlm), cfg, items[:2])
+    adapted = [n for n, m in sctune.roles.module.named_modules() if hasattr(m, "lora_A")]
+    assert adapted and not any(re.search(r"vision|visual|image_to_text|projector", n) for n in adapted)
+    before = {role: sctune.roles.adapter_state(role) for role in ("describer", "locator")}
+    stats = sctune.describer_step(items[:2])
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    after = sctune.roles.adapter_state("describer")
+    assert any(not torch.equal(before["describer"][k], after[k]) for k in after)
+    assert all(torch.equal(before["locator"][k], v) for k, v in sctune.roles.adapter_state("locator").items())
+    stats = sctune.locator_step(items[:2], step=0)
+    assert stats["loss"] > 0 and torch.isfinite(torch.tensor(stats["loss"]))
+    after = sctune.roles.adapter_state("locator")
+    assert any(not torch.equal(before["locator"][k], after[k]) for k in after)
+
+
+def _fresh(vlm: HFVLM) -> HFVLM:
+    import copy
+
+    return HFVLM(copy.deepcopy(vlm.model), vlm.processor, vlm.profile, name=vlm.name, batch_size=vlm.batch_size)
