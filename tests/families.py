@@ -8,9 +8,6 @@ for 56-112 px images. Nothing touches a hub.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -278,7 +275,19 @@ def internvl():
     """InternVL (hf format): Qwen2 language model, '<img><IMG_CONTEXT>...</img>' placeholders."""
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<ref>", "</ref>", "<box>", "</box>", "<video>"]
+    special = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+        "<ref>",
+        "</ref>",
+        "<box>",
+        "</box>",
+        "<video>",
+    ]
     tok = _tokenizer(
         special,
         eos_token="<|im_end|>",
@@ -316,4 +325,6 @@ def internvl():
     _seed()
     ip = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=False)
     # 56/14 = 4x4 patches, pixel-shuffled by 0.5: 4 tokens per image
-    return InternVLForConditionalGeneration(config).eval(), image_only_processor(InternVLProcessor, image_processor=ip, tokenizer=tok, image_seq_length=4)
+    return InternVLForConditionalGeneration(config).eval(), image_only_processor(
+        InternVLProcessor, image_processor=ip, tokenizer=tok, image_seq_length=4
+    )

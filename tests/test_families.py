@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import re
 
+import families
 import pytest
 import torch
-
-import families
 from helpers import scene_box_items
+
 from refloop.boxes import Box
 from refloop.methods.sctune import SCTune, SCTuneConfig
 from refloop.models.hf import HFVLM

@@ -35,7 +35,12 @@ class InternVLCodec(IntegerPairsCodec):
 
     def encode(self, box: Box, image_size: ImageSize) -> str:
         w, h = image_size
-        vals = quantize(box.x1, w, self.scale), quantize(box.y1, h, self.scale), quantize(box.x2, w, self.scale), quantize(box.y2, h, self.scale)
+        vals = (
+            quantize(box.x1, w, self.scale),
+            quantize(box.y1, h, self.scale),
+            quantize(box.x2, w, self.scale),
+            quantize(box.y2, h, self.scale),
+        )
         return f"{self.prefix}[[{vals[0]}, {vals[1]}, {vals[2]}, {vals[3]}]]{self.suffix}"
 
 

@@ -12,10 +12,9 @@ import functools
 import json
 from pathlib import Path
 
+import transformers
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-import transformers
 
 
 @functools.cache
@@ -86,5 +85,7 @@ def save_processor(processor, directory: str | Path) -> None:
     processor.tokenizer.save_pretrained(directory)
     processor.image_processor.save_pretrained(directory)
     data = {"processor_class": type(processor).__name__}
-    data.update({k: v for k, v in processor.to_dict().items() if k not in ("tokenizer", "image_processor", "video_processor", "chat_template")})
+    data.update(
+        {k: v for k, v in processor.to_dict().items() if k not in ("tokenizer", "image_processor", "video_processor", "chat_template")}
+    )
     (directory / "processor_config.json").write_text(json.dumps(data, indent=2, default=str))

@@ -8,9 +8,9 @@ model copies instead; here the extra memory is a few adapters.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-import re
 from pathlib import Path
 
 import torch
