@@ -162,3 +162,58 @@ def _fresh(vlm: HFVLM) -> HFVLM:
     import copy
 
     return HFVLM(copy.deepcopy(vlm.model), vlm.processor, vlm.profile, name=vlm.name, batch_size=vlm.batch_size)
+
+
+@pytest.mark.parametrize("builder", list(FAMILIES))
+def test_sctune_recipe_runs_end_to_end_on_a_real_family(builder, tmp_path):
+    """`refloop sctune` with a real family: data, both phases, export of the merged model (which
+    loads back with the same profile), evaluation before and after."""
+    from refloop.methods.sctune_recipe import SCTuneRecipe, run_sctune
+
+    model, processor = _build(builder)
+    model.save_pretrained(tmp_path / "base")
+    save_processor(processor, tmp_path / "base")
+    recipe = SCTuneRecipe(
+        model=str(tmp_path / "base"),
+        train_data="in-domain",
+        train_images=6,
+        min_area_fraction=0.0,
+        eval_data=["in-domain"],
+        eval_boxes=3,
+        device="cpu",
+        dtype="fp32",
+        threads=1,
+        sctune={"phases": 2, "describer_steps": 1, "locator_steps": 1, "batch_size": 2, "max_new_tokens": 5, "lora": {"r": 2, "alpha": 4}},
+    )
+    results = run_sctune(recipe, tmp_path / "run")
+    assert set(results["base"]) == set(results["tuned"]) == {"in-domain"}
+    assert (tmp_path / "run" / "curves.png").exists()
+    merged = HFVLM.from_pretrained(tmp_path / "run" / "merged", device="cpu")
+    assert merged.profile.name == FAMILIES[builder]
+    assert not any("lora" in n for n, _ in merged.model.named_parameters())
+
+
+@pytest.mark.parametrize("builder", ["florence_2", "kosmos_2"])
+def test_cli_consistency_and_eval_on_a_real_family(builder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from refloop.cli import app
+
+    model, processor = _build(builder)
+    model.save_pretrained(tmp_path / "model")
+    save_processor(processor, tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--device", "cpu", "--batch-size", "4"]
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["consistency", "--data", "in-domain", "--num-boxes", "3", "--no-report", "--out", str(tmp_path / "c"), *common]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["num_boxes"] == 3
+    for task in ("rec", "reg"):
+        out = tmp_path / task
+        args = ["eval", task, "--data", "in-domain", "--limit", "3", "--out", str(out), "--profile", FAMILIES[builder], *common]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / f"{task}_metrics.json").read_text())["num"] == 3

@@ -4,6 +4,7 @@ pitfalls of the real families (each test shows the pitfall is real, then that re
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import families
 import pytest
@@ -208,6 +209,16 @@ def test_qwen25_frame_is_the_processors_resized_input(size):
     assert profile.read_box(text, size).as_list() == pytest.approx([0, 0, w * (resized_w // 2) / resized_w, h])
 
 
+def test_image_size_limits_reach_the_processor_and_the_profile(tmp_path):
+    model, processor = families.qwen2_5_vl()
+    model.save_pretrained(tmp_path)
+    save_processor(processor, tmp_path)
+    vlm = HFVLM.from_pretrained(tmp_path, device="cpu", processor_options={"max_pixels": 56 * 56})
+    assert vlm.profile.codec.max_pixels == 56 * 56
+    grid = vlm._inputs([Image.new("RGB", (300, 170))], [vlm.profile.caption_prompt()])["image_grid_thw"][0]
+    assert vlm.profile.codec.coordinates(Box(0, 0, 300, 170), (300, 170))[2:] == [int(grid[2]) * 14, int(grid[1]) * 14]
+
+
 def test_peft_set_adapter_flips_requires_grad_and_roles_undo_it():
     model, _ = families.qwen2_5_vl()
     roles = RoleModel(model, LoraSettings(r=2, alpha=4))
@@ -243,3 +254,20 @@ def test_default_lora_targets_skip_the_vision_tower(builder, naive):
     adapted = [n for n, m in roles.module.named_modules() if hasattr(m, "lora_A")]
     assert adapted and not any(vision.search(n) for n in adapted)
     assert any("gate_proj" in n or "fc1" in n for n in adapted) and any("q_proj" in n for n in adapted)
+
+
+RECIPES = sorted((Path(__file__).parents[1] / "src" / "refloop" / "recipes").glob("sctune-*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_sctune_recipe_validates(path):
+    from refloop.methods.sctune_recipe import load_recipe
+
+    recipe = load_recipe(path, [])
+    assert recipe.sctune.lora.target_modules == "auto"
+
+
+def test_a_recipe_per_supported_family():
+    text = " ".join(p.read_text() for p in RECIPES)
+    for family in ("Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL", "Florence-2", "kosmos-2", "paligemma2", "InternVL3"):
+        assert family in text, family

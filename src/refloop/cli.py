@@ -37,6 +37,12 @@ SplitOpt = typer.Option(None, "--split", help="RefCOCO split to keep (train, val
 ImagesOpt = typer.Option(None, "--images", help="Image root.")
 OnErrorOpt = typer.Option(OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count.")
 
+ProfileOpt = typer.Option(
+    None,
+    "--profile",
+    help="Prompt profile (refloop-tiny, qwen2-vl, qwen2.5-vl, qwen3-vl, florence-2, kosmos-2, paligemma, internvl); "
+    "default: chosen from the checkpoint's model_type.",
+)
 RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow a checkpoint's own modelling code (only for checkpoints you trust).")
 
 
@@ -55,6 +61,7 @@ def consistency(
     dtype: str = DtypeOpt,
     on_error: OnErrorChoice = OnErrorOpt,
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with plots and examples."),
+    profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
 ) -> None:
     """Self-consistency Pr@0.5 (SC-Tune appendix 6): box -> caption -> box, IoU > 0.5. Resumable."""
@@ -71,7 +78,7 @@ def consistency(
     samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
     if not samples:
         raise RefloopError(f"{data}: no boxes to evaluate")
-    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size, profile=profile, trust_remote_code=trust_remote_code)
     with progress_bar(f"consistency {data}", len(samples)) as advance:
         metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance)
     if load_report.skipped:
@@ -196,13 +203,15 @@ def eval_rec(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     on_error: OnErrorChoice = OnErrorOpt,
+    profile: str | None = ProfileOpt,
+    trust_remote_code: bool = RemoteOpt,
 ) -> None:
     """REC accuracy: a predicted box is correct when IoU with the referred box > 0.5 (every expression counts)."""
     from refloop.methods.benchmarks import evaluate_rec
     from refloop.models import load_vlm
 
     records, _ = _referring_records(data, images, refs, split, on_error.value)
-    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size)
+    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size, profile=profile, trust_remote_code=trust_remote_code)
     console.print_json(json.dumps(evaluate_rec(vlm, records, out, batch_size=batch_size, limit=limit)))
 
 
@@ -219,13 +228,15 @@ def eval_reg(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     on_error: OnErrorChoice = OnErrorOpt,
+    profile: str | None = ProfileOpt,
+    trust_remote_code: bool = RemoteOpt,
 ) -> None:
     """REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L)."""
     from refloop.methods.benchmarks import evaluate_reg
     from refloop.models import load_vlm
 
     records, _ = _referring_records(data, images, refs, split, on_error.value)
-    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size)
+    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size, profile=profile, trust_remote_code=trust_remote_code)
     console.print_json(json.dumps(evaluate_reg(vlm, records, out, batch_size=batch_size, limit=limit)))
 
 

@@ -24,6 +24,7 @@ from refloop.errors import RefloopError  # noqa: E402
 from refloop.methods.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes  # noqa: E402
 from refloop.methods.sctune import BoxItem, SCTune, SCTuneConfig  # noqa: E402
 from refloop.models import load_vlm  # noqa: E402
+from refloop.models.processors import save_processor  # noqa: E402
 from refloop.world import DOMAINS, TRAIN_SEED  # noqa: E402
 from refloop.world.export import COCO_FILE, export_split  # noqa: E402
 
@@ -32,6 +33,9 @@ class SCTuneRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="base model directory or hub id (default: refloop-tiny)")
+    profile: str | None = Field(None, description="prompt profile name (default: chosen from the model's config)")
+    trust_remote_code: bool = Field(False, description="allow the checkpoint's own modelling code")
+    processor_options: dict = Field(default_factory=dict, description="processor settings, e.g. image size limits {max_pixels: ...}")
     train_data: str = Field(..., description="shapes-world domain, COCO-style .json (filtered on the fly) or triplets .jsonl")
     images: str | None = Field(None, description="image root of train_data files (default: the file's directory)")
     train_images: int = Field(2000, description="scenes exported when train_data is a shapes-world domain (training seed)")
@@ -119,7 +123,15 @@ def run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None]
     train, filter_counts = training_boxes(recipe)
     if not train:
         raise RefloopError(f"no training boxes left after filtering {recipe.train_data}: {filter_counts}")
-    vlm = load_vlm(recipe.model, device=recipe.device, dtype=recipe.dtype, batch_size=recipe.sctune.generation_batch_size)
+    vlm = load_vlm(
+        recipe.model,
+        device=recipe.device,
+        dtype=recipe.dtype,
+        batch_size=recipe.sctune.generation_batch_size,
+        profile=recipe.profile,
+        trust_remote_code=recipe.trust_remote_code,
+        processor_options=recipe.processor_options,
+    )
     results: dict = {"train_data": recipe.train_data, "train_boxes": len(train), "filter": filter_counts}
     if evaluate_base and recipe.eval_data and PartialState(cpu=recipe.device == "cpu").is_main_process:
         results["base"] = evaluate(vlm, recipe.eval_data, recipe.eval_boxes, out / "eval", "base")
@@ -135,7 +147,7 @@ def run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None]
     tuner.roles.save_adapters(out / "adapters")
     merged = tuner.roles.merged_copy(tuner.final_role)
     merged.save_pretrained(out / "merged")
-    vlm.processor.save_pretrained(out / "merged")
+    save_processor(vlm.processor, out / "merged")
     tuner.roles.use(tuner.final_role, trainable=False)
     if recipe.eval_data:
         results["tuned"] = evaluate(tuner.vlm, recipe.eval_data, recipe.eval_boxes, out / "eval", "tuned")

@@ -4,7 +4,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from refloop.models.base import GREEDY, VLM, Completion, GenerateOptions, Located
-from refloop.models.profiles import PromptProfile, TinyProfile, profile_for_config
+from refloop.models.profiles import PROFILES, PromptProfile, TinyProfile, get_profile, profile_for_config
 
 
 def default_model_path() -> Path:
@@ -13,12 +13,26 @@ def default_model_path() -> Path:
 
 
 def load_vlm(
-    model: str | Path | None = None, device: str = "auto", dtype: str = "auto", batch_size: int = 32, trust_remote_code: bool = False
+    model: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 32,
+    profile: str | None = None,
+    trust_remote_code: bool = False,
+    processor_options: dict | None = None,
 ):
+    """A checkpoint (default: the embedded refloop-tiny) behind the VLM interface. `profile` names
+    a prompt profile; by default it is chosen from the config's model_type."""
     from refloop.models.hf import HFVLM
 
     return HFVLM.from_pretrained(
-        model or default_model_path(), device=device, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code
+        model or default_model_path(),
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        profile=profile,
+        trust_remote_code=trust_remote_code,
+        processor_options=processor_options,
     )
 
 
@@ -27,10 +41,12 @@ __all__ = [
     "Completion",
     "GenerateOptions",
     "Located",
+    "PROFILES",
     "PromptProfile",
     "TinyProfile",
     "VLM",
     "default_model_path",
+    "get_profile",
     "load_vlm",
     "profile_for_config",
 ]

@@ -97,9 +97,11 @@ class HFVLM:
         profile: PromptProfile | str | None = None,
         trust_remote_code: bool = False,
         batch_size: int = 32,
+        processor_options: dict | None = None,
     ) -> HFVLM:
         """Load a checkpoint; `profile` (a name from `refloop.models.profiles.PROFILES`) overrides
-        the one chosen from the config's model_type."""
+        the one chosen from the config's model_type; `processor_options` go to the processor
+        (image size limits such as Qwen's max_pixels; the profile reads them back)."""
         path = str(name_or_path)
         if Path(path).exists() and not (Path(path) / "config.json").exists():
             raise RefloopError(f"{path} is not a model directory (no config.json)")
@@ -108,7 +110,7 @@ class HFVLM:
         except (OSError, ValueError) as exc:
             raise RefloopError(f"cannot load a model config from {path}: {exc}") from None
         validate_config(config)
-        processor = load_processor(path, config, trust_remote_code=trust_remote_code)
+        processor = load_processor(path, config, trust_remote_code=trust_remote_code, **(processor_options or {}))
         if isinstance(profile, str):
             profile = get_profile(profile, processor)
         profile = profile or profile_for_config(config, processor)

@@ -58,11 +58,12 @@ def _init_kwargs(path: str) -> dict:
     return kwargs
 
 
-def load_processor(path: str, config, trust_remote_code: bool = False):
+def load_processor(path: str, config, trust_remote_code: bool = False, **options):
     """`AutoProcessor.from_pretrained`, or, when that fails only because the processor's video
-    half needs torchvision, the same class built from its tokenizer and image processor."""
+    half needs torchvision, the same class built from its tokenizer and image processor.
+    `options` reach the image processor (e.g. Qwen's min_pixels / max_pixels)."""
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **options)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
         cls = _processor_class(path, config)
         if cls is None or "video_processor" not in cls.get_attributes():
@@ -70,7 +71,7 @@ def load_processor(path: str, config, trust_remote_code: bool = False):
         first_error = exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **options)
         return image_only_processor(cls, image_processor=image_processor, tokenizer=tokenizer, **_init_kwargs(path))
     except Exception as exc:  # report the original failure, which names the real cause
         raise first_error from exc
