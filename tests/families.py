@@ -40,6 +40,10 @@ def _tokenizer(special: list[str], added: list[str] = (), **kw) -> PreTrainedTok
     return tok
 
 
+# Every family's language model at the same toy size.
+_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
 def _seed(seed: int = 0):
     torch.manual_seed(seed)
 
@@ -78,11 +82,7 @@ def _qwen_ids(tok) -> dict:
 def _qwen_text(tok, head_dim: int = 16, mrope_section=(2, 3, 3), **extra) -> dict:
     return {
         "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
+        **_LM,
         "head_dim": head_dim,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section), **extra},
         "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
@@ -92,69 +92,40 @@ def _qwen_text(tok, head_dim: int = 16, mrope_section=(2, 3, 3), **extra) -> dic
     }
 
 
-def qwen2_vl(mrope_section=(2, 3, 3)):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+def _qwen_family(config_cls, model_cls, processor_cls, text: dict, vision: dict, patch_size: int = 14):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = _qwen_tokenizer()
-    config = Qwen2VLConfig(
-        text_config=_qwen_text(tok, mrope_section=mrope_section),
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "in_chans": 3},
-        **_qwen_ids(tok),
-    )
+    config = config_cls(text_config=_qwen_text(tok, **text), vision_config=vision, **_qwen_ids(tok))
     _seed()
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    return model, image_only_processor(Qwen2VLProcessor, image_processor=ip, tokenizer=tok)
+    side = patch_size * 2  # merge 2x2 patches: one token per (2 * patch)^2 pixels
+    ip = Qwen2VLImageProcessorPil(min_pixels=(2 * side) ** 2, max_pixels=(4 * side) ** 2, patch_size=patch_size, merge_size=2)
+    return model_cls(config).eval(), image_only_processor(processor_cls, image_processor=ip, tokenizer=tok)
+
+
+_QWEN_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32}
+
+
+def qwen2_vl(mrope_section=(2, 3, 3)):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    vision = {"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "in_chans": 3}
+    return _qwen_family(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, {"mrope_section": mrope_section}, vision)
 
 
 def qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = _qwen_tokenizer()
-    config = Qwen2_5_VLConfig(
-        text_config=_qwen_text(tok),
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 32,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
-        },
-        **_qwen_ids(tok),
-    )
-    _seed()
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    return model, image_only_processor(Qwen2_5_VLProcessor, image_processor=ip, tokenizer=tok)
+    vision = _QWEN_VISION | {"window_size": 56, "fullatt_block_indexes": [1]}
+    return _qwen_family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, {}, vision)
 
 
 def qwen3_vl():
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = _qwen_tokenizer()
-    config = Qwen3VLConfig(
-        text_config=_qwen_text(tok, mrope_section=(2, 3, 3), mrope_interleaved=True),
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 32,
-            "patch_size": 16,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0],
-        },
-        **_qwen_ids(tok),
-    )
-    _seed()
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    ip = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=128 * 128, patch_size=16, merge_size=2)
-    return model, image_only_processor(Qwen3VLProcessor, image_processor=ip, tokenizer=tok)
+    vision = _QWEN_VISION | {"patch_size": 16, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+    text = {"mrope_interleaved": True}
+    return _qwen_family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, text, vision, patch_size=16)
 
 
 def florence_2():
@@ -243,11 +214,7 @@ def paligemma(version: int = 1):
     text = {
         "model_type": "gemma" if version == 1 else "gemma2",
         "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
+        **_LM,
         "head_dim": 16,
         "pad_token_id": tok.pad_token_id,
         "bos_token_id": tok.bos_token_id,

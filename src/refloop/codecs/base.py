@@ -36,6 +36,12 @@ def quantize(value: float, size: float, bins: int, top: int | None = None) -> in
     return int(min(max(round(value / size * bins), 0), top))
 
 
+def quantize_box(box: Box, image_size: ImageSize, scale: int) -> tuple[int, int, int, int]:
+    """x1, y1, x2, y2 as integers on a 0..scale grid of each side."""
+    w, h = image_size
+    return quantize(box.x1, w, scale), quantize(box.y1, h, scale), quantize(box.x2, w, scale), quantize(box.y2, h, scale)
+
+
 def finite_box(values: list[float], image_size: ImageSize) -> Box | None:
     """A box from parsed numbers, clipped to the image, or None when they make no sense."""
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
@@ -55,9 +61,7 @@ class IntegerPairsCodec(Codec):
         self.step = 0.5 / scale
 
     def encode(self, box: Box, image_size: ImageSize) -> str:
-        w, h = image_size
-        x1, y1 = quantize(box.x1, w, self.scale), quantize(box.y1, h, self.scale)
-        x2, y2 = quantize(box.x2, w, self.scale), quantize(box.y2, h, self.scale)
+        x1, y1, x2, y2 = quantize_box(box, image_size, self.scale)
         return f"{self.prefix}({x1},{y1}),({x2},{y2}){self.suffix}"
 
     def parse(self, text: str, image_size: ImageSize) -> list[Box]:

@@ -7,7 +7,7 @@ import math
 import re
 
 from refloop.boxes import Box
-from refloop.codecs.base import Codec, ImageSize, IntegerPairsCodec, finite_box, quantize
+from refloop.codecs.base import Codec, ImageSize, IntegerPairsCodec, finite_box, quantize_box
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _BBOX_2D = re.compile(
@@ -34,14 +34,8 @@ class InternVLCodec(IntegerPairsCodec):
         super().__init__("internvl", "<box>", "</box>")
 
     def encode(self, box: Box, image_size: ImageSize) -> str:
-        w, h = image_size
-        vals = (
-            quantize(box.x1, w, self.scale),
-            quantize(box.y1, h, self.scale),
-            quantize(box.x2, w, self.scale),
-            quantize(box.y2, h, self.scale),
-        )
-        return f"{self.prefix}[[{vals[0]}, {vals[1]}, {vals[2]}, {vals[3]}]]{self.suffix}"
+        x1, y1, x2, y2 = quantize_box(box, image_size, self.scale)
+        return f"{self.prefix}[[{x1}, {y1}, {x2}, {y2}]]{self.suffix}"
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
@@ -196,14 +190,7 @@ class MiniGPTv2Codec(Codec):
     step = 0.5 / 100
 
     def encode(self, box: Box, image_size: ImageSize) -> str:
-        w, h = image_size
-        vals = (
-            quantize(box.x1, w, self.scale),
-            quantize(box.y1, h, self.scale),
-            quantize(box.x2, w, self.scale),
-            quantize(box.y2, h, self.scale),
-        )
-        return "{" + "".join(f"<{v}>" for v in vals) + "}"
+        return "{" + "".join(f"<{v}>" for v in quantize_box(box, image_size, self.scale)) + "}"
 
     def parse(self, text: str, image_size: ImageSize) -> list[Box]:
         w, h = image_size
