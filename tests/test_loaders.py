@@ -51,6 +51,38 @@ def test_coco_round_trip(tmp_path):
     assert first.load_image().size == (64, 48)
 
 
+def test_coco_loader_agrees_with_pycocotools(tmp_path):
+    """The reference COCO API reads the same file into the same non-crowd boxes and names."""
+    from pycocotools.coco import COCO
+
+    path = dump(tmp_path, coco_fixture(tmp_path))
+    records, _ = load_coco(path)
+    api = COCO(str(path))
+    for record in records:
+        anns = api.loadAnns(api.getAnnIds(imgIds=[record.image_id], iscrowd=False))
+        want = [(api.loadCats(a["category_id"])[0]["name"], Box.from_xywh(*a["bbox"])) for a in anns]
+        assert [(o.category, o.box) for o in record.objects] == want
+
+
+def test_objects365_layout_loads(tmp_path):
+    """Objects365 v2: nested patch folders in file_name, extra fields (isfake, license), float boxes."""
+    folder = tmp_path / "images" / "v2" / "patch16"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (80, 60)).save(folder / "objects365_v2_01234567.jpg")
+    data = {
+        "images": [{"id": 7, "file_name": "images/v2/patch16/objects365_v2_01234567.jpg", "width": 80, "height": 60, "license": 5}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 3, "bbox": [10.5, 5.25, 20.0, 30.0], "iscrowd": 0, "isfake": 0, "area": 600.0},
+            {"id": 2, "image_id": 7, "category_id": 3, "bbox": [50, 10, 10, 10], "iscrowd": 1, "isfake": 0, "area": 100.0},
+        ],
+        "categories": [{"id": 3, "name": "Person", "supercategory": "human"}],
+        "licenses": [{"id": 5, "name": "x", "url": ""}],
+    }
+    records, report = load_coco(dump(tmp_path, data, "zhiyuan_objv2_val.json"))
+    assert report.kept == 1
+    assert [(o.category, o.box) for o in records[0].objects] == [("Person", Box(10.5, 5.25, 30.5, 35.25))]
+
+
 MALFORMED = {
     "missing field": (lambda d: d["annotations"][0].pop("bbox"), "annotations[0]", "missing field 'bbox'"),
     "bad box": (lambda d: d["annotations"][1].update(bbox=[30, 10, -5, 20]), "annotations[1]", "x2 <= x1"),
