@@ -217,3 +217,17 @@ def test_cli_consistency_and_eval_on_a_real_family(builder, tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         assert json.loads((out / f"{task}_metrics.json").read_text())["num"] == 3
+
+
+@pytest.mark.parametrize("builder", ["qwen2_5_vl", "florence_2"])
+def test_bf16_weights_run_both_phases(builder, tmp_path, items):
+    """What GPU users run: bf16 weights (log-probs are computed in fp32 from bf16 logits)."""
+    model, processor = _build(builder)
+    model.save_pretrained(tmp_path)
+    save_processor(processor, tmp_path)
+    vlm = HFVLM.from_pretrained(tmp_path, device="cpu", dtype="bf16", batch_size=4)
+    assert next(vlm.model.parameters()).dtype == torch.bfloat16
+    cfg = SCTuneConfig(batch_size=2, ppo_epochs=1, max_new_tokens=4, lora={"r": 2, "alpha": 4})
+    sctune = SCTune.from_base(vlm, cfg, items[:2])
+    assert all(torch.isfinite(torch.tensor(v)) for v in sctune.describer_step(items[:2]).values())
+    assert torch.isfinite(torch.tensor(sctune.locator_step(items[:2], step=0)["loss"]))
