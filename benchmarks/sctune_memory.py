@@ -8,7 +8,8 @@ architecture scaled up with random weights, so weights dominate. Workloads:
 - rollout (inference): SC-Tune's describer rollout - sample captions, re-locate them, the
   reference's greedy caption re-located, old and reference log-probs - on
   single: one model playing every role (the floor), adapters: refloop's roles, copies: three models;
-- train step: the rollout plus 2 PPO epochs; adapters: AdamW on LoRA tensors; copies: AdamW on
+- train step: the rollout plus 2 PPO epochs; adapters: AdamW on LoRA tensors (also with
+  micro_batch_size=1: one sequence per forward+backward, gradients accumulated); copies: AdamW on
   the full describer copy (the authors' full-parameter design).
 Writes benchmarks/results/sctune_memory.json.
 """
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("single", "adapters", "copies", "adapters_train", "copies_train")
+MODES = ("single", "adapters", "copies", "adapters_train", "adapters_train_micro1", "copies_train")
 
 
 def peak_mb() -> float:
@@ -56,7 +57,7 @@ def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
     prompts = [profile.reg_prompt(b, img.size) for b, img in zip(boxes, images)]
     sampling = GenerateOptions(do_sample=True, top_k=100, top_p=0.9, max_new_tokens=8)
     started = time.perf_counter()
-    if mode in ("adapters", "adapters_train"):
+    if mode in ("adapters", "adapters_train", "adapters_train_micro1"):
         cfg = SCTuneConfig(
             phases=1,
             describer_steps=1,
@@ -66,11 +67,12 @@ def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
             lora=LoraSettings(r=16, alpha=32),
             generation_batch_size=batch,
             top_p=0.9,
+            micro_batch_size=1 if mode == "adapters_train_micro1" else None,
         )
         tuner = SCTune.from_base(
             HFVLM(model, processor, profile, batch_size=batch), cfg, [BoxItem("", b, image=img) for b, img in zip(boxes, images)]
         )
-        if mode == "adapters_train":
+        if mode in ("adapters_train", "adapters_train_micro1"):
             tuner.describer_step(tuner._batch(0))
         else:
             roles, vlm = tuner.roles, tuner.vlm
@@ -162,6 +164,9 @@ def main() -> None:
         "copies_over_single": round(runs["copies"]["peak_mb"] / single, 3),
         "train_step": {
             "adapter_roles_peak_mb": runs["adapters_train"]["peak_mb"],
+            "adapter_roles_micro_batch_1_peak_mb": runs["adapters_train_micro1"]["peak_mb"],
+            "adapter_roles_micro_batch_1_seconds": runs["adapters_train_micro1"]["seconds"],
+            "adapter_roles_seconds": runs["adapters_train"]["seconds"],
             "three_copies_full_parameter_peak_mb": runs["copies_train"]["peak_mb"],
             "note": "rollout + 2 PPO epochs; beyond weights: backprop activations (both), full gradients + AdamW state (copies)",
         },

@@ -46,6 +46,25 @@ def _tuner(tmp_path, **overrides):
     return SCTune.from_base(vlm, SCTuneConfig(**(SMALL | overrides)), scene_box_items(4))
 
 
+def test_micro_batches_accumulate_to_the_same_update(tmp_path):
+    """micro_batch_size bounds activation memory; the update must not change (up to float sums)."""
+    results = []
+    for micro in (None, 1, 3):
+        tuner = _tuner(tmp_path / str(micro), phases=2, micro_batch_size=micro, minibatches=2)
+        torch.manual_seed(0)
+        d = tuner.describer_step(tuner._batch(0))
+        loc = tuner.locator_step(tuner._batch(1), step=1)
+        results.append((d, loc, {r: [p.detach().clone() for p in tuner.roles.parameters(r)] for r in ("describer", "locator")}))
+    (d0, l0, p0), *others = results
+    for d, loc, params in others:
+        for key in ("loss", "approx_kl", "clipfrac", "grad_norm", "reward"):
+            assert d[key] == pytest.approx(d0[key], rel=1e-4, abs=1e-6), key
+        assert loc["loss"] == pytest.approx(l0["loss"], rel=1e-5)
+        for role in params:
+            for a, b in zip(params[role], p0[role]):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_describer_step_changes_only_the_describer_and_sync_copies_it(tmp_path):
     tuner = _tuner(tmp_path, phases=1)
     before = {r: [p.detach().clone() for p in tuner.roles.parameters(r)] for r in ("describer", "locator")}

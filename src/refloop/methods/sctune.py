@@ -84,6 +84,11 @@ class SCTuneConfig(BaseModel):
     seed: int = Field(0, description="seed of batches and sampling")
     checkpoint_every: int = Field(25, description="steps between resumable checkpoints")
     generation_batch_size: int = Field(64, description="sequences per generation/forward batch")
+    micro_batch_size: int | None = Field(
+        None,
+        description="sequences per forward+backward of an update; gradients accumulate to the full minibatch's, "
+        "so activation memory scales with this instead of the batch (None: the whole minibatch at once)",
+    )
 
 
 @dataclass(frozen=True)
@@ -169,17 +174,27 @@ class SCTune:
         failures = sum(loc.box is None for loc in located)
         return torch.tensor(paired_iou([loc.box for loc in located], boxes), dtype=torch.float32), failures
 
-    def _step_update(self, role: str, loss: torch.Tensor) -> float:
+    def _micro_batches(self, rows: list[int]) -> list[list[int]]:
+        size = self.cfg.micro_batch_size or len(rows)
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+    def _step_update(self, role: str, loss_of: Callable[[list[int]], torch.Tensor], rows: list[int]) -> tuple[float, float]:
+        """One optimizer step on `rows`: `loss_of(chunk)` is that micro-batch's share of the loss
+        (normalised by the whole minibatch), back-propagated chunk by chunk. Returns (loss, grad norm)."""
         opt = self._optimizer(role)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for chunk in self._micro_batches(rows):
+            loss = loss_of(chunk)
+            loss.backward()
+            total += loss.item()
         if self.state.num_processes > 1:
             for p in self.roles.parameters(role):
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
                 p.grad /= self.state.num_processes
         norm = torch.nn.utils.clip_grad_norm_(self.roles.parameters(role), self.cfg.grad_clip)
         opt.step()
-        return float(norm)
+        return total, float(norm)
 
     # ---- describer phase (Eq. 1-3) ----------------------------------------------------------
     def describer_step(self, items: list[BoxItem]) -> dict:
@@ -233,17 +248,23 @@ class SCTune:
             order = torch.randperm(len(ids))  # seeded per step by run()
             for mb in order.chunk(cfg.minibatches):
                 rows = mb.tolist()
-                logp_new, _ = pad_rows(
-                    vlm.logprobs([r_images[i] for i in rows], [r_prompts[i] for i in rows], [ids[i] for i in rows], grad=True)
-                )
-                width = logp_new.shape[1]
-                loss, mb_stats = clipped_policy_loss(
-                    logp_new, logp_old[rows, :width], advantages[rows, :width], mask[rows, :width], cfg.clip_eps
-                )
-                stats["grad_norm"] += self._step_update("describer", loss)
-                stats["loss"] += loss.item()
-                stats["approx_kl"] += mb_stats["approx_kl"]
-                stats["clipfrac"] += mb_stats["clipfrac"]
+                n_tokens = mask[rows].sum().clamp(min=1)
+
+                def loss_of(chunk: list[int], n_tokens: torch.Tensor = n_tokens) -> torch.Tensor:
+                    logp_new, _ = pad_rows(
+                        vlm.logprobs([r_images[i] for i in chunk], [r_prompts[i] for i in chunk], [ids[i] for i in chunk], grad=True)
+                    )
+                    width = logp_new.shape[1]
+                    loss, chunk_stats = clipped_policy_loss(
+                        logp_new, logp_old[chunk, :width], advantages[chunk, :width], mask[chunk, :width], cfg.clip_eps, n_tokens
+                    )
+                    stats["approx_kl"] += chunk_stats["approx_kl"]
+                    stats["clipfrac"] += chunk_stats["clipfrac"]
+                    return loss
+
+                loss_value, norm = self._step_update("describer", loss_of, rows)
+                stats["grad_norm"] += norm
+                stats["loss"] += loss_value
                 updates += 1
         self.roles.use("describer", trainable=False)
         n_tok = mask.sum().clamp(min=1)
@@ -275,11 +296,17 @@ class SCTune:
         prompts = [profile.rec_prompt(c) for c in captions]
         targets = [vlm.answer_ids(profile.rec_answer(b, img.size, c)) for img, b, c in zip(images, boxes, captions)]
         self.roles.use("locator", trainable=True)
-        logp, mask = pad_rows(vlm.logprobs(images, prompts, targets, grad=True))
-        loss = -(logp * mask).sum() / mask.sum()  # Eq. 4, mean over answer tokens
-        norm = self._step_update("locator", loss)
+        n_tokens = sum(len(t) for t in targets)
+
+        def loss_of(chunk: list[int]) -> torch.Tensor:
+            logp, mask = pad_rows(
+                vlm.logprobs([images[i] for i in chunk], [prompts[i] for i in chunk], [targets[i] for i in chunk], grad=True)
+            )
+            return -(logp * mask).sum() / n_tokens  # Eq. 4, mean over the step's answer tokens
+
+        loss, norm = self._step_update("locator", loss_of, list(range(len(targets))))
         self.roles.use("locator", trainable=False)
-        return {"loss": loss.item(), "grad_norm": norm}
+        return {"loss": loss, "grad_norm": norm}
 
     # ---- the alternating loop (Sec. 3.2) ------------------------------------------------------
     def phase_at(self, step: int) -> Phase:

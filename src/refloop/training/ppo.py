@@ -31,15 +31,22 @@ def value_free_advantages(rewards: torch.Tensor, mask: torch.Tensor, baseline: t
 
 
 def clipped_policy_loss(
-    logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    num_tokens: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SC-Tune Eq. 1: -E_t[min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)], r_t = pi_new / pi_old,
-    averaged over real tokens. Returns the loss and diagnostics (approx-KL, clip fraction)."""
+    averaged over real tokens. Returns the loss and diagnostics (approx-KL, clip fraction).
+    `num_tokens` divides instead of this batch's token count: summed over the micro-batches of a
+    minibatch, losses (and diagnostics) then equal the whole minibatch's."""
     log_ratio = (logp_new - logp_old) * mask
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
-    n = mask.sum().clamp(min=1)
+    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     loss = -(torch.minimum(unclipped, clipped) * mask).sum() / n
     with torch.no_grad():
         # k3 estimator of KL(old || new) (Schulman), unbiased and non-negative.
