@@ -57,6 +57,17 @@ def test_profile_is_chosen_from_the_config(family):
     assert vlm.encoder_decoder == (name == "florence_2")
 
 
+def test_inspect_reports_profile_prompts_and_lora_targets_without_weights(family):
+    from refloop.models.inspect import inspect_checkpoint
+
+    name, vlm = family
+    report = inspect_checkpoint(vlm.name)
+    assert report["profile"] == FAMILIES[name] and report["model_type"] == vlm.model.config.model_type
+    assert report["parameters"] == sum(p.numel() for p in vlm.model.parameters())
+    assert report["lora"]["adapted_linear_layers"] > 0 and report["lora"]["adapted_outside_language_model"] == []
+    assert report["example"]["rec_prompt"] == vlm.profile.rec_prompt("the red mug on the left")
+
+
 def test_describe_locate_caption_run(family, items):
     _, vlm = family
     images = [it.image for it in items]

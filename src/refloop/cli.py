@@ -288,6 +288,22 @@ def export_world(
     console.print(f"exported {num_images} scenes of {domain} to {path}")
 
 
+@app.command()
+def inspect(
+    model: str | None = ModelOpt,
+    profile: str | None = ProfileOpt,
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Image pixel budget passed to the processor (Qwen-VL)."),
+    trust_remote_code: bool = RemoteOpt,
+) -> None:
+    """What refloop will do with a checkpoint, without loading its weights: the chosen prompt profile,
+    prompts and answer for an example box, the box codec, and the LoRA targets (vision excluded)."""
+    from refloop.models import default_model_path
+    from refloop.models.inspect import inspect_checkpoint
+
+    options = {"max_pixels": max_pixels} if max_pixels else None
+    console.print_json(json.dumps(inspect_checkpoint(model or default_model_path(), profile, options, trust_remote_code)))
+
+
 def main() -> None:
     try:
         app()

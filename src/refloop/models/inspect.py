@@ -1,0 +1,72 @@
+"""`refloop inspect`: what refloop will do with a checkpoint, without loading its weights.
+
+Reads the config and processor, picks the prompt profile, builds the model skeleton on the meta
+device (no memory) to list the LoRA targets, and renders the prompts for an example box, so a
+user can check a checkpoint before spending GPU hours on it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
+from refloop.boxes import Box
+from refloop.errors import RefloopError
+from refloop.models.hf import validate_config
+from refloop.models.processors import load_processor
+from refloop.models.profiles import get_profile, profile_for_config
+from refloop.training.roles import language_model_targets
+
+EXAMPLE_SIZE = (640, 480)
+EXAMPLE_BOX = Box(64, 48, 320, 240)
+EXAMPLE_EXPRESSION = "the red mug on the left"
+_VISION = re.compile(r"(^|\.)(vision|visual|image_to_text|multi_modal_projector)", re.IGNORECASE)
+
+
+def inspect_checkpoint(
+    path: str | Path, profile: str | None = None, processor_options: dict | None = None, trust_remote_code: bool = False
+) -> dict:
+    path = str(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RefloopError(f"cannot load a model config from {path}: {exc}") from None
+    validate_config(config)
+    processor = load_processor(path, config, trust_remote_code=trust_remote_code, **(processor_options or {}))
+    chosen = get_profile(profile, processor) if profile else profile_for_config(config, processor)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = language_model_targets(model)
+    adapted = [n for n in linear if re.fullmatch(targets, n)]
+    codec = chosen.codec
+    return {
+        "model": path,
+        "model_type": config.model_type,
+        "profile": chosen.name,
+        "profile_chosen_by": "argument" if profile else "config.model_type",
+        "encoder_decoder": bool(getattr(config, "is_encoder_decoder", False)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "processor": type(processor).__name__,
+        "image_processor": type(processor.image_processor).__name__ if getattr(processor, "image_processor", None) else None,
+        "codec": codec.name,
+        "codec_options": {k: getattr(codec, k) for k in ("factor", "min_pixels", "max_pixels") if hasattr(codec, k)},
+        "example": {
+            "image_size": list(EXAMPLE_SIZE),
+            "box_xyxy": EXAMPLE_BOX.as_list(),
+            "reg_prompt": chosen.reg_prompt(EXAMPLE_BOX, EXAMPLE_SIZE),
+            "rec_prompt": chosen.rec_prompt(EXAMPLE_EXPRESSION),
+            "rec_answer": chosen.rec_answer(EXAMPLE_BOX, EXAMPLE_SIZE, EXAMPLE_EXPRESSION),
+            "caption_prompt": chosen.caption_prompt(),
+        },
+        "lora": {
+            "target_modules": targets,
+            "adapted_linear_layers": len(adapted),
+            "linear_layers": len(linear),
+            "adapted_outside_language_model": [n for n in adapted if _VISION.search(n)],
+        },
+    }
