@@ -71,6 +71,23 @@ def validate_config(config) -> None:
         )
 
 
+def load_parts(
+    path: str, profile: PromptProfile | str | None = None, processor_options: dict | None = None, trust_remote_code: bool = False
+) -> tuple:
+    """A checkpoint's validated config, its processor and its prompt profile (no weights)."""
+    if Path(path).exists() and not (Path(path) / "config.json").exists():
+        raise RefloopError(f"{path} is not a model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RefloopError(f"cannot load a model config from {path}: {exc}") from None
+    validate_config(config)
+    processor = load_processor(path, config, trust_remote_code=trust_remote_code, **(processor_options or {}))
+    if isinstance(profile, str):
+        profile = get_profile(profile, processor)
+    return config, processor, profile or profile_for_config(config, processor)
+
+
 class HFVLM:
     """Batched generation with left padding; log-probs from one forward pass with the real mask.
     Decoder-only and encoder-decoder (Florence-2) models alike."""
@@ -103,17 +120,7 @@ class HFVLM:
         the one chosen from the config's model_type; `processor_options` go to the processor
         (image size limits such as Qwen's max_pixels; the profile reads them back)."""
         path = str(name_or_path)
-        if Path(path).exists() and not (Path(path) / "config.json").exists():
-            raise RefloopError(f"{path} is not a model directory (no config.json)")
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise RefloopError(f"cannot load a model config from {path}: {exc}") from None
-        validate_config(config)
-        processor = load_processor(path, config, trust_remote_code=trust_remote_code, **(processor_options or {}))
-        if isinstance(profile, str):
-            profile = get_profile(profile, processor)
-        profile = profile or profile_for_config(config, processor)
+        config, processor, profile = load_parts(path, profile, processor_options, trust_remote_code)
         dev = select_device(device)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=select_dtype(dtype, dev), trust_remote_code=trust_remote_code)
         model.to(dev).eval()

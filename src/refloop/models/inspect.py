@@ -11,14 +11,11 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
 from refloop.boxes import Box
-from refloop.errors import RefloopError
-from refloop.models.hf import validate_config
-from refloop.models.processors import load_processor
-from refloop.models.profiles import get_profile, profile_for_config
+from refloop.models.hf import load_parts
 from refloop.training.roles import language_model_targets
 
 EXAMPLE_SIZE = (640, 480)
@@ -31,13 +28,7 @@ def inspect_checkpoint(
     path: str | Path, profile: str | None = None, processor_options: dict | None = None, trust_remote_code: bool = False
 ) -> dict:
     path = str(path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise RefloopError(f"cannot load a model config from {path}: {exc}") from None
-    validate_config(config)
-    processor = load_processor(path, config, trust_remote_code=trust_remote_code, **(processor_options or {}))
-    chosen = get_profile(profile, processor) if profile else profile_for_config(config, processor)
+    config, processor, chosen = load_parts(path, profile, processor_options, trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
