@@ -122,7 +122,9 @@ class HFVLM:
         path = str(name_or_path)
         config, processor, profile = load_parts(path, profile, processor_options, trust_remote_code)
         dev = select_device(device)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=select_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, config=config, dtype=select_dtype(dtype, dev), trust_remote_code=trust_remote_code
+        )
         model.to(dev).eval()
         return cls(model, processor, profile, name=path, batch_size=batch_size)
 

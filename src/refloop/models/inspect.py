@@ -16,12 +16,11 @@ from transformers import AutoModelForImageTextToText
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
 from refloop.boxes import Box
 from refloop.models.hf import load_parts
-from refloop.training.roles import language_model_targets
+from refloop.training.roles import VISION_MODULE, language_model_targets
 
 EXAMPLE_SIZE = (640, 480)
 EXAMPLE_BOX = Box(64, 48, 320, 240)
 EXAMPLE_EXPRESSION = "the red mug on the left"
-_VISION = re.compile(r"(^|\.)(vision|visual|image_to_text|multi_modal_projector)", re.IGNORECASE)
 
 
 def inspect_checkpoint(
@@ -58,6 +57,6 @@ def inspect_checkpoint(
             "target_modules": targets,
             "adapted_linear_layers": len(adapted),
             "linear_layers": len(linear),
-            "adapted_outside_language_model": [n for n in adapted if _VISION.search(n)],
+            "adapted_outside_language_model": [n for n in adapted if VISION_MODULE.search(n)],
         },
     }

@@ -122,6 +122,9 @@ def _strip(text: str, *patterns: re.Pattern) -> str:
     return " ".join(text.split())
 
 
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
 class ChatProfile(PromptProfile):
     """ChatML families (Qwen2/2.5/3-VL, InternVL): one user turn holding the image, then the
     assistant turn the model completes; the strings their chat templates render."""
@@ -144,7 +147,7 @@ class Qwen2VLProfile(ChatProfile):
     """Qwen2-VL: boxes '<|box_start|>(x1,y1),(x2,y2)<|box_end|>' on 0..1000; grounded phrases
     inside '<|object_ref_start|>...<|object_ref_end|>' (model card / Qwen2-VL report)."""
 
-    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    image = QWEN_IMAGE
     system = "You are a helpful assistant."
 
     def __init__(self) -> None:
@@ -171,10 +174,11 @@ class QwenJsonProfile(ChatProfile):
     in a ```json fence. Qwen2.5-VL writes absolute pixels of the *resized* input (the codec
     recomputes the processor's smart_resize from its settings); Qwen3-VL writes 0..1000."""
 
+    image = QWEN_IMAGE
+
     def __init__(self, name: str, codec: Codec, system: str | None) -> None:
         super().__init__(name=name, codec=codec)
         self.system = system
-        self.image = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def reg_instruction(self, box: Box, image_size: ImageSize) -> str:
         x1, y1, x2, y2 = self.codec.coordinates(box, image_size)

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 ROLES = ("describer", "locator")
 AUTO_TARGETS = "auto"
 _BLOCK_INDEX = re.compile(r"\\\.(\d+)\\\.")  # a layer index inside an escaped module name
-_VISION = re.compile(r"(^|\.)(vision|visual|image)", re.IGNORECASE)
+# Module paths of vision towers and vision-to-text projectors (never LoRA targets).
+VISION_MODULE = re.compile(r"(^|\.)(vision|visual|image_to_text|multi_modal_projector)", re.IGNORECASE)
 
 
 def language_model_targets(model: torch.nn.Module) -> str:
@@ -38,7 +39,7 @@ def language_model_targets(model: torch.nn.Module) -> str:
     root = roots[0] if roots else ""
     patterns = []
     for name in names:
-        if not name.startswith(root) or (not root and _VISION.search(name)):
+        if not name.startswith(root) or (not root and VISION_MODULE.search(name)):
             continue
         rel = name[len(root) :]
         if not re.search(r"(^|\.)layers?\.\d+\.", rel):
