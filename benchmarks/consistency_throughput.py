@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from refloop.data.sources import load_data
-from refloop.methods.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
+from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
 from refloop.models import load_vlm
 
 RESULTS = Path(__file__).parent / "results"

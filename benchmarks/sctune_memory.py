@@ -36,13 +36,14 @@ def peak_mb() -> float:
 def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
     import torch
 
-    from refloop.methods.sctune import BoxItem, SCTune, SCTuneConfig
+    from refloop.data.records import BoxItem
+    from refloop.methods.sctune import SCTune, SCTuneConfig
     from refloop.models.base import GenerateOptions
     from refloop.models.hf import HFVLM
     from refloop.models.profiles import TinyProfile
     from refloop.models.tiny.pretrain import PretrainConfig, build_model
     from refloop.training.ppo import clipped_policy_loss, pad_rows
-    from refloop.training.roles import LoraSettings
+    from refloop.training.adapters import LoraSettings
     from refloop.world import get_style, render, sample_scene
 
     torch.set_num_threads(2)
@@ -73,21 +74,16 @@ def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
             HFVLM(model, processor, profile, batch_size=batch), cfg, [BoxItem("", b, image=img) for b, img in zip(boxes, images)]
         )
         if mode in ("adapters_train", "adapters_train_micro1"):
-            tuner.describer_step(tuner._batch(0))
+            tuner.describer_step(tuner.batch(0))
         else:
-            roles, vlm = tuner.roles, tuner.vlm
-            roles.use("describer", trainable=False)
-            samples = [c[0] for c in vlm.generate(images, prompts, sampling)]
+            describer, locator, reference = tuner.describer, tuner.locator, tuner.reference
+            samples = [c[0] for c in describer.generate(images, prompts, sampling)]
             ids = [c.token_ids for c in samples]
-            roles.use("locator", trainable=False)
-            vlm.locate(images, [profile.read_expression(c.text) for c in samples])
-            with roles.reference():
-                greedy = vlm.describe(images, boxes)
-                vlm.logprobs(images, prompts, ids)
-            roles.use("locator", trainable=False)
-            vlm.locate(images, greedy)
-            roles.use("describer", trainable=False)
-            vlm.logprobs(images, prompts, ids)
+            locator.locate(images, [profile.read_expression(c.text) for c in samples])
+            greedy = reference.describe(images, boxes)
+            reference.logprobs(images, prompts, ids)
+            locator.locate(images, greedy)
+            describer.logprobs(images, prompts, ids)
     else:
         describer = HFVLM(model, processor, profile, batch_size=batch)
         locator = reference = describer

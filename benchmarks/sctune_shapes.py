@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from refloop.methods.sctune import schedule
-from refloop.methods.sctune_recipe import load_recipe, run_sctune
+from refloop.config import load_recipe
+from refloop.methods.sctune_recipe import SCTuneRecipe, run_sctune
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -37,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
     overrides = [f"train_data={args.train_domain}", f"sctune.tune={args.tune}", *args.overrides]
-    recipe = load_recipe(Path(args.config), overrides)
+    recipe = load_recipe(SCTuneRecipe, Path(args.config), overrides)
     out = Path(args.out) / f"{args.train_domain}-{args.tune}"
     # Ablations reuse the base-model numbers of the full run (same model, same held-out boxes).
     full = RESULTS / "sctune_shapes.json"
@@ -49,6 +50,7 @@ def main() -> None:
     results = run_sctune(recipe, out, evaluate_base=reuse is None)
     if reuse is not None:
         results["base"] = reuse
+    eval_names = [spec.data for spec in recipe.eval_data]
     summary = {
         "benchmark": "sctune_shapes",
         "train_domain": args.train_domain,
@@ -58,8 +60,8 @@ def main() -> None:
         "train_boxes": results["train_boxes"],
         "rollout_captions_per_second": rollout_throughput(out),
         "eval_boxes": recipe.eval_boxes,
-        "domains": {d: {"base": results["base"][d], "tuned": results["tuned"][d]} for d in recipe.eval_data},
-        "gain_points": {d: round(100 * (results["tuned"][d] - results["base"][d]), 1) for d in recipe.eval_data},
+        "domains": {d: {"base": results["base"][d], "tuned": results["tuned"][d]} for d in eval_names},
+        "gain_points": {d: round(100 * (results["tuned"][d] - results["base"][d]), 1) for d in eval_names},
         "recipe": recipe.model_dump(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from helpers import scene_box_items, tiny_random_model  # noqa: E402
 from refloop.methods.sctune import SCTune, SCTuneConfig  # noqa: E402
 from refloop.models.hf import HFVLM  # noqa: E402
 from refloop.models.profiles import TinyProfile  # noqa: E402
-from refloop.training.roles import LoraSettings  # noqa: E402
+from refloop.training.adapters import LoraSettings  # noqa: E402
 
 out = Path(sys.argv[1])
 torch.set_num_threads(1)
@@ -34,6 +34,6 @@ cfg = SCTuneConfig(
 )
 tuner = SCTune.from_base(vlm, cfg, train)
 tuner.run(out / "train")
-tensors = {f"{role}/{k}": v.contiguous() for role in ("describer", "locator") for k, v in tuner.roles.adapter_state(role).items()}
+tensors = {f"{role}/{k}": v.contiguous() for role in ("describer", "locator") for k, v in tuner.adapters.adapter_state(role).items()}
 save_file(tensors, str(out / f"rank{state.process_index}.safetensors"))
 print("world", state.num_processes)

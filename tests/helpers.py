@@ -30,7 +30,42 @@ def scene_images(n: int, domain: str = "in-domain"):
 
 def scene_box_items(n: int = 4):
     """SC-Tune training items: every object box of n in-domain scenes, images in memory."""
-    from refloop.methods.sctune import BoxItem
+    from refloop.data.records import BoxItem
 
     scenes, images = scene_images(n)
     return [BoxItem("", o.box, image=img) for s, img in zip(scenes, images) for o in s.objects]
+
+
+class ScriptedProfile:
+    """REG prompts that name the box's left edge; expressions read back unchanged."""
+
+    def reg_prompt(self, box, size) -> str:
+        return f"box {box.x1:.0f}"
+
+    def read_expression(self, text: str) -> str:
+        return text
+
+
+class ScriptedVLM:
+    """A VLM double: describes every box as `box <x1>` (sample j of K adds ` #j` for j > 0) and
+    locates a scripted box for each description (None: the answer does not parse)."""
+
+    name = "scripted"
+    profile = ScriptedProfile()
+
+    def __init__(self, answers: dict) -> None:
+        self.answers = answers
+
+    def generate(self, images, prompts, options=None):
+        from refloop.models.base import Completion
+
+        k = options.num_return_sequences if options else 1
+        return [[Completion(p if j == 0 else f"{p} #{j}", ()) for j in range(k)] for p in prompts]
+
+    def describe(self, images, boxes, options=None):
+        return [c.text for g in self.generate(images, [self.profile.reg_prompt(b, None) for b in boxes], options) for c in g]
+
+    def locate(self, images, expressions, options=None):
+        from refloop.models.base import Located
+
+        return [Located(self.answers.get(e), "text") for e in expressions]

@@ -3,29 +3,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers import save_tiny_random
+from helpers import ScriptedVLM, save_tiny_random
 
 from refloop.boxes import Box
 from refloop.data.records import ImageRecord, ObjectAnnotation
-from refloop.methods.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
-from refloop.models.base import Located
-from refloop.models.profiles import TinyProfile
-
-
-class ScriptedVLM:
-    """Describes every box as its index and locates a scripted box for each description."""
-
-    name = "scripted"
-    profile = TinyProfile()
-
-    def __init__(self, answers: dict[str, Box | None]) -> None:
-        self.answers = answers
-
-    def describe(self, images, boxes, options=None):
-        return [f"box {b.x1:.0f}" for b in boxes]
-
-    def locate(self, images, expressions):
-        return [Located(self.answers.get(e), "text") for e in expressions]
+from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
 
 
 def make_records(tmp_path, n):
@@ -68,9 +50,9 @@ def test_resume_does_not_redo_finished_samples(tmp_path):
     calls = []
 
     class Counting(ScriptedVLM):
-        def describe(self, images, boxes, options=None):
-            calls.append(len(boxes))
-            return super().describe(images, boxes, options)
+        def generate(self, images, prompts, options=None):
+            calls.append(len(prompts))
+            return super().generate(images, prompts, options)
 
     out = tmp_path / "out"
     evaluate_consistency(Counting(answers), sample_boxes(records, 3), out, ConsistencyConfig(batch_size=2))

@@ -16,7 +16,7 @@ from refloop.errors import RefloopError
 from refloop.models.hf import HFVLM, validate_config
 from refloop.models.processors import save_processor
 from refloop.models.profiles import PROFILES, get_profile, profile_for_config
-from refloop.training.roles import LoraSettings, RoleModel
+from refloop.training.adapters import LoraSettings, NamedAdapters
 
 BOX, SIZE = Box(64, 48, 320, 240), (640, 480)  # 0.1..0.5 of each side
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -221,7 +221,7 @@ def test_image_size_limits_reach_the_processor_and_the_profile(tmp_path):
 
 def test_peft_set_adapter_flips_requires_grad_and_roles_undo_it():
     model, _ = families.qwen2_5_vl()
-    roles = RoleModel(model, LoraSettings(r=2, alpha=4))
+    roles = NamedAdapters(model, LoraSettings(r=2, alpha=4), ("describer", "locator"))
     roles.use("describer", trainable=False)
     assert not any(p.requires_grad for role in ("describer", "locator") for p in roles.parameters(role))
     roles.peft.set_adapter("locator")  # PEFT's own switch makes the adapter trainable
@@ -250,7 +250,7 @@ def test_default_lora_targets_skip_the_vision_tower(builder, naive):
     hit = get_peft_model(model, LoraConfig(r=2, target_modules=naive))
     assert any(vision.search(n) for n, m in hit.named_modules() if hasattr(m, "lora_A"))
     model, _ = getattr(families, builder)()
-    roles = RoleModel(model, LoraSettings(r=2, alpha=4))
+    roles = NamedAdapters(model, LoraSettings(r=2, alpha=4), ("describer", "locator"))
     adapted = [n for n, m in roles.module.named_modules() if hasattr(m, "lora_A")]
     assert adapted and not any(vision.search(n) for n in adapted)
     assert any("gate_proj" in n or "fc1" in n for n in adapted) and any("q_proj" in n for n in adapted)
@@ -261,9 +261,10 @@ RECIPES = sorted((Path(__file__).parents[1] / "src" / "refloop" / "recipes").glo
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_sctune_recipe_validates(path):
-    from refloop.methods.sctune_recipe import load_recipe
+    from refloop.config import load_recipe
+    from refloop.methods.sctune_recipe import SCTuneRecipe
 
-    recipe = load_recipe(path, [])
+    recipe = load_recipe(SCTuneRecipe, path)
     assert recipe.sctune.lora.target_modules == "auto"
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from refloop.methods.sctune import SCTune, SCTuneConfig, schedule
 from refloop.models.hf import HFVLM
-from refloop.training.roles import LoraSettings, RoleModel
+from refloop.training.adapters import LoraSettings, NamedAdapters
 
 SMALL = dict(
     phases=3,
@@ -52,9 +52,9 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     for micro in (None, 1, 3):
         tuner = _tuner(tmp_path / str(micro), phases=2, micro_batch_size=micro, minibatches=2)
         torch.manual_seed(0)
-        d = tuner.describer_step(tuner._batch(0))
-        loc = tuner.locator_step(tuner._batch(1), step=1)
-        results.append((d, loc, {r: [p.detach().clone() for p in tuner.roles.parameters(r)] for r in ("describer", "locator")}))
+        d = tuner.describer_step(tuner.batch(0))
+        loc = tuner.locator_step(tuner.batch(1), step=1)
+        results.append((d, loc, {r: [p.detach().clone() for p in tuner.adapters.parameters(r)] for r in ("describer", "locator")}))
     (d0, l0, p0), *others = results
     for d, loc, params in others:
         for key in ("loss", "approx_kl", "clipfrac", "grad_norm", "reward"):
@@ -67,27 +67,27 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path):
 
 def test_describer_step_changes_only_the_describer_and_sync_copies_it(tmp_path):
     tuner = _tuner(tmp_path, phases=1)
-    before = {r: [p.detach().clone() for p in tuner.roles.parameters(r)] for r in ("describer", "locator")}
+    before = {r: [p.detach().clone() for p in tuner.adapters.parameters(r)] for r in ("describer", "locator")}
     torch.manual_seed(0)
-    tuner.describer_step(tuner._batch(0))
-    changed = {r: any(not torch.equal(a, b) for a, b in zip(before[r], tuner.roles.parameters(r))) for r in before}
+    tuner.describer_step(tuner.batch(0))
+    changed = {r: any(not torch.equal(a, b) for a, b in zip(before[r], tuner.adapters.parameters(r))) for r in before}
     assert changed == {"describer": True, "locator": False}
-    tuner.roles.copy_adapter("describer", "locator")
-    for a, b in zip(tuner.roles.parameters("describer"), tuner.roles.parameters("locator")):
+    tuner.adapters.copy("describer", "locator")
+    for a, b in zip(tuner.adapters.parameters("describer"), tuner.adapters.parameters("locator")):
         assert torch.equal(a, b)
 
 
 def test_reference_policy_is_the_base_model(tmp_path):
     tuner = _tuner(tmp_path, phases=1)
-    for p in tuner.roles.parameters("describer"):
+    for p in tuner.adapters.parameters("describer"):
         torch.nn.init.normal_(p, std=0.3)
     _, images = scene_images(1)
     prompt = tuner.vlm.profile.caption_prompt()
     inputs = tuner.vlm._inputs(images, [prompt])
     base, _ = tiny_random_model()
-    with torch.no_grad(), tuner.roles.reference():
+    with torch.no_grad(), tuner.adapters.reference():
         ref = tuner.vlm.model(**inputs).logits
-    tuner.roles.use("describer", trainable=False)
+    tuner.adapters.use("describer", trainable=False)
     with torch.no_grad():
         tuned = tuner.vlm.model(**inputs).logits
         assert torch.allclose(ref, base(**inputs).logits, atol=1e-5)
@@ -97,7 +97,7 @@ def test_reference_policy_is_the_base_model(tmp_path):
 def test_roles_share_one_base_model():
     model, _ = tiny_random_model(hidden=64)
     base_params = sum(p.numel() for p in model.parameters())
-    roles = RoleModel(model, LoraSettings(r=4, alpha=8))
+    roles = NamedAdapters(model, LoraSettings(r=4, alpha=8), ("describer", "locator"))
     adapters = sum(p.numel() for r in ("describer", "locator") for p in roles.parameters(r))
     total = sum(p.numel() for p in roles.module.parameters())
     assert total == base_params + adapters and adapters < 0.2 * base_params
@@ -142,15 +142,15 @@ def test_sigkilled_run_resumes_to_the_same_adapters_and_metrics(tmp_path):
     assert len(metrics.read_text().splitlines()) < 6, "the run finished before it was killed"
     resumed = run_cli(recipe, tmp_path / "killed", env)
     assert resumed.returncode == 0, resumed.stderr
-    a = load_file(tmp_path / "straight" / "train" / "checkpoint" / "adapters.safetensors")
-    b = load_file(tmp_path / "killed" / "train" / "checkpoint" / "adapters.safetensors")
+    a = load_file(tmp_path / "straight" / "train" / "checkpoint" / "weights.safetensors")
+    b = load_file(tmp_path / "killed" / "train" / "checkpoint" / "weights.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
     def rows(run):
         return [
-            {k: v for k, v in r.items() if k not in ("elapsed_s", "captions_per_second")}
+            {k: v for k, v in r.items() if k not in ("elapsed_s", "captions_per_second", "step_seconds", "tokens_per_s", "peak_memory_mb")}
             for r in map(json.loads, (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines())
         ]
 

@@ -66,7 +66,7 @@ def consistency(
 ) -> None:
     """Self-consistency Pr@0.5 (SC-Tune appendix 6): box -> caption -> box, IoU > 0.5. Resumable."""
     from refloop.data.sources import load_data
-    from refloop.methods.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
+    from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
     from refloop.models import load_vlm
     from refloop.progress import progress_bar
     from refloop.report.consistency import write_consistency_report
@@ -128,20 +128,19 @@ def pretrain_tiny(
     seed: int | None = typer.Option(None, "--seed", help="Override the seed."),
 ) -> None:
     """Train refloop-tiny from scratch on in-domain shapes scenes (deterministic, resumable)."""
-    from refloop.config import load_yaml_model
-    from refloop.models.tiny.pretrain import PretrainConfig, pretrain
-    from refloop.models.tiny.report import write_curves
-    from refloop.progress import progress_bar
+    import shutil
 
-    cfg = load_yaml_model(PretrainConfig, config) if config else PretrainConfig()
-    overrides = {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}
-    cfg = cfg.model_copy(update=overrides)
+    from refloop.config import load_recipe
+    from refloop.models.tiny.pretrain import PretrainConfig, pretrain
+    from refloop.progress import progress_bar
+    from refloop.report.plots import pretrain_curves
+
+    overrides = [f"{k}={v}" for k, v in {"steps": steps, "seed": seed}.items() if v is not None]
+    cfg = load_recipe(PretrainConfig, config, overrides)
     with progress_bar("pretrain refloop-tiny", cfg.steps) as advance:
-        last = {"step": 0}
 
         def on_record(record: dict) -> None:
-            advance(record["step"] - last["step"])
-            last["step"] = record["step"]
+            advance(1)
             if "rec_acc" in record:
                 console.print(
                     f"step {record['step']}: REC {record['rec_acc']:.3f}  REG exact {record['reg_exact']:.3f}  "
@@ -149,7 +148,8 @@ def pretrain_tiny(
                 )
 
         summary = pretrain(cfg, work_dir, export_dir=out, progress=on_record)
-    write_curves(work_dir / "curve.jsonl", out)
+    shutil.copyfile(work_dir / "metrics.jsonl", out / "training_log.jsonl")
+    pretrain_curves(work_dir / "metrics.jsonl", out / "learning_curves.png")
     console.print(f"refloop-tiny written to {out} ({summary['elapsed_s'] / 60:.1f} min of training)")
 
 
@@ -163,11 +163,12 @@ def sctune(
     skip_base_eval: bool = typer.Option(False, "--skip-base-eval", help="Do not evaluate the base model before tuning."),
 ) -> None:
     """SC-Tune: describer (PPO on the locator's IoU) and locator (MLE) alternating on one base model. Resumable: rerun the same command."""
+    from refloop.config import load_recipe
     from refloop.methods.sctune import schedule
-    from refloop.methods.sctune_recipe import load_recipe, run_sctune
+    from refloop.methods.sctune_recipe import SCTuneRecipe, run_sctune
     from refloop.progress import progress_bar
 
-    recipe = load_recipe(config, overrides)
+    recipe = load_recipe(SCTuneRecipe, config, overrides)
     total = sum(phase.steps for phase in schedule(recipe.sctune))
     with progress_bar("sc-tune", total) as advance:
         results = run_sctune(recipe, out, progress=lambda row: advance(1), evaluate_base=not skip_base_eval)
@@ -207,7 +208,7 @@ def eval_rec(
     trust_remote_code: bool = RemoteOpt,
 ) -> None:
     """REC accuracy: a predicted box is correct when IoU with the referred box > 0.5 (every expression counts)."""
-    from refloop.methods.benchmarks import evaluate_rec
+    from refloop.evaluation.referring import evaluate_rec
     from refloop.models import load_vlm
 
     records, _ = _referring_records(data, images, refs, split, on_error.value)
@@ -232,7 +233,7 @@ def eval_reg(
     trust_remote_code: bool = RemoteOpt,
 ) -> None:
     """REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L)."""
-    from refloop.methods.benchmarks import evaluate_reg
+    from refloop.evaluation.referring import evaluate_reg
     from refloop.models import load_vlm
 
     records, _ = _referring_records(data, images, refs, split, on_error.value)

@@ -1,4 +1,5 @@
-"""YAML recipes into pydantic configs, with clear errors."""
+"""Recipes: YAML files into pydantic models, with `--set` overrides and clear errors, and the
+model fields every recipe shares."""
 
 from __future__ import annotations
 
@@ -6,23 +7,99 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from refloop.errors import RefloopError
 
 T = TypeVar("T", bound=BaseModel)
 
 
-def load_yaml_model(model: type[T], path: Path) -> T:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise RefloopError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise RefloopError(f"{path}: not valid YAML: {exc}") from None
+class ModelSpec(BaseModel):
+    """Which model a recipe runs and how it is loaded; every method's recipe inherits these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="base model directory or hub id (default: refloop-tiny)")
+    profile: str | None = Field(None, description="prompt profile name (default: chosen from the model's config)")
+    trust_remote_code: bool = Field(False, description="allow the checkpoint's own modelling code")
+    processor_options: dict = Field(default_factory=dict, description="processor settings, e.g. image size limits {max_pixels: ...}")
+    device: str = Field("auto", description="auto, cpu, cuda, mps")
+    dtype: str = Field("auto", description="auto, fp32, bf16, fp16")
+    threads: int | None = Field(None, description="torch CPU threads (default: torch's choice)")
+
+    def load_vlm(self, batch_size: int = 32):
+        """The model behind the VLM interface, with this spec's settings."""
+        from refloop.models import load_vlm
+
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        return load_vlm(
+            self.model,
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=batch_size,
+            profile=self.profile,
+            trust_remote_code=self.trust_remote_code,
+            processor_options=self.processor_options,
+        )
+
+
+class DataSpec(BaseModel):
+    """A data source and the root its image paths resolve under (default: the file's directory)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(..., description="shapes-world domain, COCO-style .json or referring .jsonl")
+    images: str | None = Field(None, description="image root of the file's image paths")
+
+    @classmethod
+    def of(cls, value: str | dict | DataSpec) -> DataSpec:
+        return value if isinstance(value, DataSpec) else cls(data=value) if isinstance(value, str) else cls.model_validate(value)
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "recipe") -> dict:
+    """`key.sub=value` strings (value parsed as YAML) applied onto a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RefloopError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise RefloopError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+        node = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RefloopError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} in {source} is not a mapping")
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+    """A recipe of type `model` from a YAML file (or none: the defaults) plus `--set` overrides.
+    Missing files, YAML errors, unsafe tags, non-mapping files and invalid fields are RefloopErrors
+    naming the file."""
+    source = str(path) if path is not None else "recipe"
+    data: object = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise RefloopError(f"recipe not found: {path}") from None
+        except IsADirectoryError:
+            raise RefloopError(f"recipe {path} is a directory, not a YAML file") from None
+        except UnicodeDecodeError as exc:
+            raise RefloopError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+        except yaml.YAMLError as exc:
+            raise RefloopError(f"{path}: not valid YAML (or a tag refloop refuses to load): {exc}") from None
     if not isinstance(data, dict):
-        raise RefloopError(f"{path}: expected a mapping of {model.__name__} fields")
+        raise RefloopError(f"{source}: expected a mapping of {model.__name__} fields, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides), source)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RefloopError(f"{path}: {exc}") from None
+        raise RefloopError(f"{source}: {exc}") from None

@@ -8,19 +8,16 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
+from rich.console import Console
+from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from refloop.data.sources import load_data  # noqa: E402
-from refloop.methods.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes  # noqa: E402
-from refloop.models import load_vlm  # noqa: E402
-from refloop.progress import progress_bar  # noqa: E402
-from refloop.report.consistency import write_consistency_report  # noqa: E402
-from refloop.world import DOMAINS, STYLES  # noqa: E402
+from refloop.data.sources import load_data
+from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
+from refloop.models import load_vlm
+from refloop.progress import progress_bar
+from refloop.report.consistency import write_consistency_report
+from refloop.report.plots import grouped_bars
+from refloop.world import DOMAINS, STYLES
 
 # The shapes-world domain standing in for each of the paper's test splits.
 PAPER_COLUMN = {"in-domain": "RefCOCO", "crowded": "Object365", "wild": "OpenImages"}
@@ -52,16 +49,15 @@ def _demo_sctune(out: Path, model: str | None, domain: str, num_boxes: int, devi
     """SC-Tune on text-free boxes of one OOD style, then Pr@0.5 of the tuned model on every domain."""
     from importlib.resources import files
 
+    from refloop.config import load_recipe
     from refloop.methods.sctune import schedule
-    from refloop.methods.sctune_recipe import load_recipe, run_sctune
-    from refloop.report.consistency import write_consistency_report
+    from refloop.methods.sctune_recipe import SCTuneRecipe, run_sctune
 
     recipe_path = Path(str(files("refloop") / "recipes" / "sctune-shapes.yaml"))
     overrides = [f"train_data={domain}", f"eval_boxes={num_boxes}", f"device={device}", f"dtype={dtype}", *DEMO_SCTUNE_OVERRIDES]
     if model:
         overrides.append(f"model={model}")
-    recipe = load_recipe(recipe_path, overrides)
-    recipe.eval_data = list(DOMAINS)
+    recipe = load_recipe(SCTuneRecipe, recipe_path, overrides + [f"eval_data=[{', '.join(DOMAINS)}]"])
     steps = sum(p.steps for p in schedule(recipe.sctune))
     with progress_bar(f"SC-Tune on {domain} boxes", steps) as advance:
         result = run_sctune(recipe, out / "sctune", progress=lambda row: advance(1), evaluate_base=False)
@@ -91,26 +87,6 @@ def _sctune_html(summary: dict | None, base: dict[str, dict]) -> str:
         f"{summary['train_seconds'] / 60:.1f} min</h2><table><tr><th>domain</th><th>base %</th><th>tuned %</th>"
         f"<th>change</th><th></th></tr>{cells}</table><p><img src='sctune/curves.png'></p>"
     )
-
-
-def _bar_chart(results: dict[str, dict], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
-    xs = range(len(DOMAINS))
-    sc = [100 * results[d]["consistency_rate"] for d in DOMAINS]
-    rec = [100 * results[d].get("rec_accuracy", 0.0) for d in DOMAINS]
-    ax.bar([x - 0.2 for x in xs], sc, width=0.4, label="self-consistency Pr@0.5", color="#4a7bd0")
-    ax.bar([x + 0.2 for x in xs], rec, width=0.4, label="REC acc@0.5", color="#9bb6e6")
-    for x, v in zip(xs, sc):
-        ax.text(x - 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), [f"{d}\n({PAPER_COLUMN[d]} role)" for d in DOMAINS], fontsize=8)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("%")
-    ax.legend(fontsize=8, loc="upper right")
-    ax.set_title("refloop-tiny: in-domain vs out-of-domain", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def run_demo(
@@ -156,7 +132,15 @@ def run_demo(
         "seconds": time.perf_counter() - started,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    chart = _bar_chart(results, out / "consistency.png")
+    chart = grouped_bars(
+        [f"{d}\n({PAPER_COLUMN[d]} role)" for d in DOMAINS],
+        {
+            "self-consistency Pr@0.5": [100 * results[d]["consistency_rate"] for d in DOMAINS],
+            "REC acc@0.5": [100 * results[d].get("rec_accuracy", 0.0) for d in DOMAINS],
+        },
+        out / "consistency.png",
+        "refloop-tiny: in-domain vs out-of-domain",
+    )
     rows = "".join(
         f"<tr><td><a href='{d}/report.html'>{d}</a></td><td>{html.escape(STYLES[d].description)}</td>"
         f"<td>{100 * results[d]['consistency_rate']:.1f}</td><td>{100 * results[d].get('rec_accuracy', 0):.1f}</td>"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -47,3 +48,28 @@ class ImageRecord:
             raise DataError(self.source or self.path, self.image_id, f"image file not found: {self.path}") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise DataError(self.source or self.path, self.image_id, f"cannot read image {self.path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class BoxItem:
+    """One box on one image, the unit of the describe-then-locate cycle (no text needed).
+
+    `image` holds pixels already in memory (generated scenes, tests); otherwise the image is read
+    from `image_path` through a small shared cache, since training draws the same images often.
+    """
+
+    image_path: str
+    box: Box
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
+    category: str = ""
+    expression: str | None = None
+    item_id: str = ""
+
+    def load_image(self) -> Image.Image:
+        return self.image if self.image is not None else _cached_rgb(self.image_path)
+
+
+@lru_cache(maxsize=8192)
+def _cached_rgb(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")

@@ -5,15 +5,12 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import matplotlib
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from refloop.boxes import Box  # noqa: E402
-from refloop.data.jsonl import read_records  # noqa: E402
-from refloop.report.draw import grid, panel, save_png  # noqa: E402
+from refloop.boxes import Box
+from refloop.data.jsonl import read_records
+from refloop.report.draw import grid, panel, save_png
+from refloop.report.plots import iou_histogram
 
 METRIC_LABELS = {
     "consistency_rate": "self-consistency Pr@0.5",
@@ -42,20 +39,6 @@ def example_panels(rows: list[dict], count: int) -> list[Image.Image]:
             lines.append(f"reference: {r['reference_expression']}")
         panels.append(panel(image, Box(*r["box"]), predicted, lines))
     return panels
-
-
-def iou_histogram(rows: list[dict], path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-    ax.hist([r["iou"] for r in rows], bins=20, range=(0, 1), color="#4a7bd0")
-    ax.axvline(0.5, color="#d04a4a", linestyle="--", linewidth=1)
-    ax.set_xlabel("IoU(target, re-located box)")
-    ax.set_ylabel("boxes")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def write_consistency_report(out_dir: Path, metrics: dict, examples: int = 8) -> Path:

@@ -9,28 +9,23 @@ checkpointed atomically, resumable to the same weights.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 
-from refloop.boxes import paired_iou
-from refloop.errors import RefloopError
+from refloop.cycle import SC_TUNE_CONSISTENCY, describe_then_locate, locate_boxes
 from refloop.models.base import GenerateOptions
 from refloop.models.hf import HFVLM
 from refloop.models.profiles import TinyProfile
 from refloop.models.tiny.configuration import RefloopTinyConfig
 from refloop.models.tiny.modeling import RefloopTinyForConditionalGeneration
 from refloop.models.tiny.processing import NUM_COORD_BINS, RefloopTinyProcessor, build_tokenizer
-from refloop.training.checkpoint import latest_checkpoint, save_checkpoint, truncate_log, write_json_durably
+from refloop.training.trainer import Trainer, step_seed
 from refloop.world import (
     EVAL_SEED,
     IN_DOMAIN,
@@ -129,7 +124,7 @@ def _query(
 
 def make_batch(step: int, cfg: PretrainConfig, processor: RefloopTinyProcessor, profile: TinyProfile) -> dict[str, torch.Tensor]:
     """Step `step`'s batch, a pure function of (seed, step) so resumed runs see the same data."""
-    rng = random.Random(cfg.seed * 1_000_003 + step)
+    rng = random.Random(step_seed(cfg.seed, step, "batch"))
     np_rng = np.random.default_rng([cfg.seed, step])
     style = get_style(IN_DOMAIN)
     max_objects = 3 if step < cfg.curriculum_steps else None
@@ -214,7 +209,7 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 @torch.no_grad()
 def quick_eval(model, processor, profile: TinyProfile, num_scenes: int, batch: int = 100) -> dict[str, float]:
     """REC acc@0.5, REG exact match and self-consistency on held-out in-domain scenes, through the
-    same VLM interface the evaluation commands use."""
+    same VLM interface and cycle the evaluation commands use."""
     model.eval()
     style = get_style(IN_DOMAIN)
     rng = random.Random(1234)
@@ -225,92 +220,64 @@ def quick_eval(model, processor, profile: TinyProfile, num_scenes: int, batch: i
         obj = cands[rng.randrange(len(cands))]
         items.append((scene, obj, canonical_expression(scene, obj)))
     vlm = HFVLM(model, processor, profile, batch_size=batch)
-    greedy = GenerateOptions(max_new_tokens=10)
     images = [render(scene) for scene, _, _ in items]
     targets = [obj.box for _, obj, _ in items]
-    rec = vlm.locate(images, [expr for _, _, expr in items])
-    captions = vlm.describe(images, targets, greedy)
-    located = vlm.locate(images, captions)
-    rec_hits = int((paired_iou([r.box for r in rec], targets) > 0.5).sum())
-    sc_hits = int((paired_iou([r.box for r in located], targets) > 0.5).sum())
-    reg_hits = sum(c == expr for c, (_, _, expr) in zip(captions, items))
+    _, rec_iou = locate_boxes(vlm, images, [expr for _, _, expr in items], targets)
+    cycle = describe_then_locate(vlm, vlm, images, targets, GenerateOptions(max_new_tokens=10))
     model.train()
     n = len(items)
-    return {"rec_acc": rec_hits / n, "reg_exact": reg_hits / n, "self_consistency": sc_hits / n}
-
-
-def _write_weights(model, optimizer, directory: Path) -> None:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    return {
+        "rec_acc": int(SC_TUNE_CONSISTENCY(rec_iou).sum()) / n,
+        "reg_exact": sum(c == expr for c, (_, _, expr) in zip(cycle.expressions, items)) / n,
+        "self_consistency": int(cycle.consistent.sum()) / n,
+    }
 
 
 def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None, progress=None) -> dict:
-    """Train (or resume) in `work_dir`; export the final model as an HF checkpoint directory."""
+    """Train (or resume) in `work_dir` on the shared trainer; export the final model as an HF
+    checkpoint directory."""
     torch.set_num_threads(cfg.threads)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = work_dir / "pretrain_config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg.model_dump():
-        raise RefloopError(f"{work_dir} holds a run with another config; resume with the same config or use a fresh --work-dir")
-    write_json_durably(cfg_path, cfg.model_dump())
     model, processor = build_model(cfg)
     profile = TinyProfile(grid_size=model.config.grid_size)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
+    trainer = Trainer(
+        model,
+        config=cfg.model_dump(mode="json"),
+        total_steps=cfg.steps,
+        seed=cfg.seed,
+        checkpoint_every=cfg.checkpoint_every,
+        grad_clip=cfg.grad_clip,
     )
-    start, elapsed = 0, 0.0
-    found = latest_checkpoint(work_dir)
-    if found is not None:
-        directory, state = found
-        model.load_state_dict(load_file(directory / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        start, elapsed = state["step"], state["elapsed"]
-    log_path = work_dir / "curve.jsonl"
-    truncate_log(log_path, start)
-    model.train()
+
+    def adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+    trainer.add_optimizer("model", list(model.parameters()), adamw)
     coord_start = model.config.coord_token_start
-    t_last, samples = time.time(), 0
-    for step in range(start, cfg.steps):
+
+    def step_fn(step: int) -> dict:
+        model.train()
         batch = make_batch(step, cfg, processor, profile)
-        for group in optimizer.param_groups:
+        for group in trainer.optimizer("model").param_groups:
             group["lr"] = lr_at(step, cfg)
         labels = batch["labels"]
-        logits = model.forward_shared_images(batch["pixel_values"], batch["image_index"], batch["input_ids"], batch["attention_mask"])
-        loss = smoothed_loss(logits, labels, coord_start, NUM_COORD_BINS, cfg.coord_sigma)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        samples += labels.shape[0]
-        record = None
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            now = time.time()
-            elapsed += now - t_last
-            record = {
-                "step": step + 1,
-                "loss": round(loss.item(), 4),
-                "grad_norm": round(float(grad_norm), 3),
-                "lr": lr_at(step, cfg),
-                "samples_per_s": round(samples / (now - t_last), 1),
-                "elapsed_s": round(elapsed, 1),
-            }
-            t_last, samples = now, 0
+
+        def loss_of(rows: list[int]) -> torch.Tensor:
+            # Whole batch per update: image tokens are shared by the queries about each scene.
+            logits = model.forward_shared_images(batch["pixel_values"], batch["image_index"], batch["input_ids"], batch["attention_mask"])
+            return smoothed_loss(logits, labels, coord_start, NUM_COORD_BINS, cfg.coord_sigma)
+
+        loss, grad_norm = trainer.update("model", loss_of, list(range(labels.shape[0])), tokens=int((labels != -100).sum()))
+        stats = {"loss": loss, "grad_norm": grad_norm, "samples": labels.shape[0]}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            t0 = time.time()
-            record = (record or {"step": step + 1}) | quick_eval(model, processor, profile, cfg.eval_scenes)
-            t_last += time.time() - t0
-        if record:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(work_dir, {"step": step + 1, "elapsed": elapsed}, partial(_write_weights, model, optimizer))
-        if progress:
-            progress(record or {"step": step + 1})
+            stats |= quick_eval(model, processor, profile, cfg.eval_scenes)
+        return stats
+
+    summary = trainer.run(work_dir, step_fn, progress)
     if export_dir is not None:
         export_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(export_dir)
         processor.save_pretrained(export_dir)
-    return {"steps": cfg.steps, "elapsed_s": elapsed}
+    return {"steps": cfg.steps, "elapsed_s": summary["train_seconds"]}

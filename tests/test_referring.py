@@ -9,8 +9,8 @@ from test_formats import refcoco_fixture
 
 from refloop.boxes import Box
 from refloop.data.formats import load_refcoco
-from refloop.methods.benchmarks import evaluate_rec, evaluate_reg
-from refloop.metrics.captions import caption_metrics
+from refloop.evaluation.referring import evaluate_rec, evaluate_reg
+from refloop.evaluation.captions import caption_metrics
 from refloop.models.base import Located
 
 

@@ -1,4 +1,4 @@
-"""The object-level benchmarks of the papers: REC accuracy at IoU > 0.5 on every (object,
+"""The object-level evaluations of the papers: REC accuracy at IoU > 0.5 on every (object,
 expression) pair, and REG caption metrics of one greedy description per referred object against
 all its expressions. Prompts come from the model's profile: deterministic, no random templates."""
 
@@ -8,10 +8,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from refloop.boxes import paired_iou
+from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, locate_boxes
 from refloop.data.jsonl import JsonlWriter, read_records
 from refloop.data.records import ImageRecord
-from refloop.metrics.captions import caption_metrics
+from refloop.evaluation.captions import caption_metrics
+from refloop.models.base import VLM
 
 
 def rec_pairs(records: list[ImageRecord], limit: int | None = None) -> list[tuple[str, ImageRecord, int, str]]:
@@ -24,12 +25,12 @@ def rec_pairs(records: list[ImageRecord], limit: int | None = None) -> list[tupl
 
 
 def evaluate_rec(
-    vlm,
+    vlm: VLM,
     records: list[ImageRecord],
     out: Path,
     batch_size: int = 64,
     limit: int | None = None,
-    threshold: float = 0.5,
+    threshold: float = SC_TUNE_CONSISTENCY.threshold,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     pairs = rec_pairs(records, limit)
@@ -39,9 +40,8 @@ def evaluate_rec(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             images = [rec.load_image() for _, rec, _, _ in chunk]
-            located = vlm.locate(images, [expr for *_, expr in chunk])
             targets = [rec.objects[i].box for _, rec, i, _ in chunk]
-            ious = paired_iou([loc.box for loc in located], targets)
+            located, ious = locate_boxes(vlm, images, [expr for *_, expr in chunk], targets)
             writer.write_many(
                 {
                     "id": pid,
@@ -59,7 +59,7 @@ def evaluate_rec(
     wanted = {p[0] for p in pairs}
     rows = [r for r in read_records(out / "rec_samples.jsonl") if r["id"] in wanted]
     metrics = {
-        "rec_accuracy": sum(r["iou"] > threshold for r in rows) / max(len(rows), 1),
+        "rec_accuracy": sum(bool(Consistency(threshold)(r["iou"])) for r in rows) / max(len(rows), 1),
         "num": len(rows),
         "parse_failure_rate": sum(r["predicted_box"] is None for r in rows) / max(len(rows), 1),
         "mean_iou": sum(r["iou"] for r in rows) / max(len(rows), 1),
@@ -70,7 +70,7 @@ def evaluate_rec(
 
 
 def evaluate_reg(
-    vlm,
+    vlm: VLM,
     records: list[ImageRecord],
     out: Path,
     batch_size: int = 64,

@@ -1,9 +1,10 @@
 """Self-consistency evaluation (SC-Tune, Sec. 1 and appendix 6).
 
-For one box per image: the model describes the box with its REG prompt (greedy), then locates
-its own description with its REC prompt (greedy); the sample is consistent when
-IoU(box, located) > 0.5. Pr@0.5 is the consistent fraction. When the data carries referring
-expressions, REC accuracy on the first (canonical) expression is measured in the same run.
+For one box per image, the describe-then-locate cycle with greedy decoding: the model describes
+the box with its REG prompt, then locates its own description with its REC prompt; the sample
+is consistent when IoU(box, located) > 0.5. Pr@0.5 is the consistent fraction. When the data
+carries referring expressions, REC accuracy on the first (canonical) expression is measured in
+the same run.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from refloop.boxes import paired_iou
+from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
 from refloop.data.jsonl import JsonlWriter, read_records
 from refloop.data.records import ImageRecord, ObjectAnnotation
-from refloop.models.base import GenerateOptions
+from refloop.models.base import VLM, GenerateOptions
 
 
 class ConsistencyConfig(BaseModel):
     num_boxes: int = Field(1000, description="boxes to evaluate, one per image (the paper: 4000)")
     seed: int = Field(0, description="seed of the box choice within each image")
-    iou_threshold: float = Field(0.5, description="consistent when IoU is above this (Pr@0.5)")
+    iou_threshold: float = Field(SC_TUNE_CONSISTENCY.threshold, description="consistent when IoU is above this (Pr@0.5)")
     batch_size: int = Field(64, description="images per generation batch")
     max_new_tokens: int = Field(32, description="longest caption generated")
 
@@ -52,25 +53,25 @@ def sample_boxes(records: list[ImageRecord], num_boxes: int, seed: int = 0) -> l
     return out
 
 
-def summarize(rows: list[dict], threshold: float) -> dict:
+def summarize(rows: list[dict], consistency: Consistency = SC_TUNE_CONSISTENCY) -> dict:
     n = len(rows)
     if n == 0:
         return {"num_boxes": 0, "consistency_rate": 0.0, "mean_iou": 0.0, "parse_failure_rate": 0.0}
     metrics = {
         "num_boxes": n,
-        "consistency_rate": sum(r["iou"] > threshold for r in rows) / n,
+        "consistency_rate": sum(bool(consistency(r["iou"])) for r in rows) / n,
         "mean_iou": sum(r["iou"] for r in rows) / n,
         "parse_failure_rate": sum(r["predicted_box"] is None for r in rows) / n,
     }
     rec_rows = [r for r in rows if r.get("rec_iou") is not None]
     if rec_rows:
-        metrics["rec_accuracy"] = sum(r["rec_iou"] > threshold for r in rec_rows) / len(rec_rows)
+        metrics["rec_accuracy"] = sum(bool(consistency(r["rec_iou"])) for r in rec_rows) / len(rec_rows)
         metrics["rec_num"] = len(rec_rows)
     return metrics
 
 
 def evaluate_consistency(
-    vlm,
+    vlm: VLM,
     samples: list[BoxSample],
     out_dir: Path,
     cfg: ConsistencyConfig,
@@ -85,23 +86,22 @@ def evaluate_consistency(
     if progress:
         progress(len(samples) - len(todo))
     options = GenerateOptions(max_new_tokens=cfg.max_new_tokens)  # greedy, as the protocol says
+    consistency = Consistency(cfg.iou_threshold)
     started = time.perf_counter()
     with writer:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
             images = [s.record.load_image() for s in chunk]
             targets = [s.target.box for s in chunk]
-            captions = vlm.describe(images, targets, options)
-            located = vlm.locate(images, captions)
-            ious = paired_iou([loc.box for loc in located], targets)
+            cycle = describe_then_locate(vlm, vlm, images, targets, options, consistency=consistency)
             with_expr = [i for i, s in enumerate(chunk) if s.target.expressions]
             rec_iou: dict[int, float] = {}
             if with_expr:
-                rec = vlm.locate([images[i] for i in with_expr], [chunk[i].target.expressions[0] for i in with_expr])
-                for i, v in zip(with_expr, paired_iou([r.box for r in rec], [targets[i] for i in with_expr])):
-                    rec_iou[i] = float(v)
+                expressions = [chunk[i].target.expressions[0] for i in with_expr]
+                _, ious = locate_boxes(vlm, [images[i] for i in with_expr], expressions, [targets[i] for i in with_expr])
+                rec_iou = {i: float(v) for i, v in zip(with_expr, ious)}
             rows = []
-            for i, (s, cap, loc, iou) in enumerate(zip(chunk, captions, located, ious)):
+            for i, (s, cap, loc, iou) in enumerate(zip(chunk, cycle.expressions, cycle.located, cycle.iou)):
                 rows.append(
                     {
                         "id": s.sample_id,
@@ -113,6 +113,7 @@ def evaluate_consistency(
                         "located_text": loc.text,
                         "predicted_box": loc.box.as_list() if loc.box else None,
                         "iou": float(iou),
+                        "consistent": bool(consistency(iou)),
                         "reference_expression": s.target.expressions[0] if s.target.expressions else None,
                         "rec_iou": rec_iou.get(i),
                     }
@@ -123,7 +124,7 @@ def evaluate_consistency(
     elapsed = time.perf_counter() - started
     wanted = {s.sample_id for s in samples}
     rows = [r for r in read_records(samples_path) if r["id"] in wanted]
-    metrics = summarize(rows, cfg.iou_threshold)
+    metrics = summarize(rows, consistency)
     metrics.update(
         {
             "boxes_per_second": (len(todo) / elapsed) if todo and elapsed > 0 else None,

@@ -1,0 +1,57 @@
+"""Box items (`BoxItem`) from any data a recipe names: detection boxes alone (SC-Tune appendix 9
+triplets, Pink's detection boxes) or referring pairs (a box and its expression)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from refloop.boxes import Box
+from refloop.data.filters import sctune_triplets
+from refloop.data.loaders import iter_jsonl, load_coco
+from refloop.data.paths import resolve_image_path
+from refloop.data.records import BoxItem
+from refloop.data.sources import cache_dir, load_data
+from refloop.errors import RefloopError
+from refloop.world import DOMAINS, TRAIN_SEED
+from refloop.world.export import COCO_FILE, export_split
+
+
+def _items_from_triplets(rows: list[tuple[int, dict]], root: Path, source: str) -> list[BoxItem]:
+    items = []
+    for number, row in rows:
+        path = resolve_image_path(root, row["file_name"], source, f"line {number}")
+        items += [BoxItem(str(path), Box(*b), category=str(row.get("category", ""))) for b in row["boxes"]]
+    return items
+
+
+def detection_items(
+    data: str, images: str | None = None, train_images: int = 2000, max_overlap_iou: float = 0.5, min_area_fraction: float = 0.02
+) -> tuple[list[BoxItem], dict]:
+    """Training boxes from detection boxes alone, through SC-Tune's appendix-9 filter unless `data`
+    is already a triplets JSONL. A shapes-world domain is exported with the training seed."""
+    if data in DOMAINS:
+        directory = export_split(data, cache_dir() / "world" / f"{data}-seed{TRAIN_SEED}-n{train_images}", train_images, TRAIN_SEED)
+        data, root = str(directory / COCO_FILE), directory
+    else:
+        root = Path(images) if images else Path(data).parent
+    if data.endswith(".jsonl"):
+        rows = list(iter_jsonl(Path(data)))
+        return _items_from_triplets(rows, root, data), {"triplets": len(rows)}
+    if not data.endswith(".json"):
+        raise RefloopError(f"train data {data!r} is neither a domain ({', '.join(DOMAINS)}) nor a .json / .jsonl file")
+    records, _ = load_coco(data, root)
+    triplets, counts = sctune_triplets(records, max_overlap_iou, min_area_fraction)
+    rows = [(i + 1, t.to_json()) for i, t in enumerate(triplets)]
+    return _items_from_triplets(rows, root, data), counts.as_dict()
+
+
+def referring_items(data: str, images: str | None = None) -> list[BoxItem]:
+    """(box, expression) pairs: every object of referring data with its first expression. A
+    shapes-world domain is read from its training scenes."""
+    records, _ = load_data(data, seed=TRAIN_SEED) if data in DOMAINS else load_data(data, images)
+    return [
+        BoxItem(str(r.path), o.box, category=o.category, expression=o.expressions[0], item_id=f"{r.image_id}:{o.ann_id}")
+        for r in records
+        for o in r.objects
+        if o.expressions
+    ]

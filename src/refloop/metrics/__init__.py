@@ -1,1 +1,0 @@
-"""Metrics users know: REC accuracy, caption metrics (pycocoevalcap)."""

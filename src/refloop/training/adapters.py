@@ -1,0 +1,215 @@
+"""Named LoRA adapters on ONE base model (DESIGN.md "Model roles without copies").
+
+A method names the adapters it trains (SC-Tune: `describer` and `locator`; SFT: one) and gets a
+VLM view per name. The frozen reference policy is the base with adapters disabled (tuning starts
+from the base) or a frozen `reference` snapshot. "Synchronise parameters" copies adapter
+tensors. SC-Tune's authors keep three full model copies instead; here the extra memory is a few
+adapters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from pydantic import BaseModel, ConfigDict, Field
+
+REFERENCE = "reference"  # the reserved name of the frozen snapshot adapter
+AUTO_TARGETS = "auto"
+_BLOCK_INDEX = re.compile(r"\\\.(\d+)\\\.")  # a layer index inside an escaped module name
+# Module paths of vision towers and vision-to-text projectors (never LoRA targets).
+VISION_MODULE = re.compile(r"(^|\.)(vision|visual|image_to_text|multi_modal_projector)", re.IGNORECASE)
+
+
+def language_model_targets(model: torch.nn.Module) -> str:
+    """A regex (PEFT full-matches it) naming every Linear inside the language model's
+    transformer blocks, and nothing in the vision tower, projector or LM head.
+
+    Name-suffix lists are not safe across families: on Qwen2.5-VL 'gate/up/down_proj' also name
+    the vision blocks' MLP, and SigLIP/CLIP towers (PaliGemma, Kosmos-2) use the same
+    'layers.N.self_attn.q_proj' names as the LM. So the LM is found by module path
+    ('language_model', 'text_model'; the whole model for refloop-tiny) and its block layers listed.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    roots = sorted({n[: n.index(key) + len(key)] for n in names for key in ("language_model.", "text_model.") if key in n}, key=len)
+    root = roots[0] if roots else ""
+    patterns = []
+    for name in names:
+        if not name.startswith(root) or (not root and VISION_MODULE.search(name)):
+            continue
+        rel = name[len(root) :]
+        if not re.search(r"(^|\.)layers?\.\d+\.", rel):
+            continue
+        pattern = _BLOCK_INDEX.sub(r"\\.\\d+\\.", re.escape(name))
+        if pattern not in patterns:
+            patterns.append(pattern)
+    if not patterns:
+        raise ValueError("no Linear layers found in a language model's blocks; set lora.target_modules explicitly")
+    return "|".join(patterns)
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, description="LoRA rank")
+    alpha: int = Field(32, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, description="LoRA dropout (0 keeps rollouts and updates deterministic)")
+    target_modules: str | list[str] = Field(
+        AUTO_TARGETS, description="regex or module names to adapt; auto = every Linear in the language model's blocks"
+    )
+
+
+class NamedAdapters:
+    """A base model with one LoRA adapter per name, created in the order given (the first is
+    active at the start).
+
+    PEFT's `set_adapter` marks the active adapter trainable and the others frozen; `use` undoes
+    that once for everyone, and optimizers are built from `parameters(name)` (cached at
+    construction), so switching adapters never changes which tensors an optimizer holds.
+    """
+
+    def __init__(self, base: torch.nn.Module, lora: LoraSettings, names: Sequence[str], reference: str = "base") -> None:
+        if reference not in ("base", "snapshot"):
+            raise ValueError("reference must be 'base' or 'snapshot'")
+        names = list(names)
+        if not names or len(set(names)) != len(names) or REFERENCE in names:
+            raise ValueError(f"adapter names must be unique, non-empty and not {REFERENCE!r}: {names}")
+        targets = language_model_targets(base) if lora.target_modules == AUTO_TARGETS else lora.target_modules
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        self.peft: PeftModel = get_peft_model(base, config, adapter_name=names[0])
+        for name in names[1:]:
+            self.peft.add_adapter(name, config)
+        self.names = tuple(names)
+        self.reference_kind = reference
+        stored = list(names)
+        if reference == "snapshot":
+            self.peft.add_adapter(REFERENCE, config)
+            stored.append(REFERENCE)
+        self.module = self.peft.base_model.model  # the original model, LoRA layers injected
+        self._params = {name: _adapter_parameters(self.module, name) for name in stored}
+        if reference == "snapshot":
+            self.copy(names[0], REFERENCE)
+        self.use(names[0], trainable=False)
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return self._params[name]
+
+    def use(self, name: str, trainable: bool) -> None:
+        """Make `name` the active adapter; only its tensors require grad, and only if `trainable`."""
+        self.peft.set_adapter(name)
+        for other, params in self._params.items():
+            for p in params:
+                p.requires_grad_(trainable and other == name)
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """The frozen reference policy (pi_ref of SC-Tune Eq. 2)."""
+        if self.reference_kind == "base":
+            with self.peft.disable_adapter():
+                yield
+        else:
+            active = self.peft.active_adapter
+            self.peft.set_adapter(REFERENCE)
+            try:
+                yield
+            finally:
+                self.peft.set_adapter(active)
+
+    @torch.no_grad()
+    def copy(self, source: str, target: str) -> None:
+        """Parameter synchronisation (SC-Tune Sec. 3.2): target's adapter := source's."""
+        set_peft_model_state_dict(self.peft, get_peft_model_state_dict(self.peft, adapter_name=source), adapter_name=target)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every adapter's tensors, keyed `name/tensor` (the trainer checkpoints this)."""
+        return {f"{name}/{k}": v.contiguous() for name in self._params for k, v in self.adapter_state(name).items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in self._params:
+            prefix = f"{name}/"
+            set_peft_model_state_dict(
+                self.peft, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, adapter_name=name
+            )
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Each adapter in PEFT's own format (`NAME/adapter_config.json` + `adapter_model.safetensors`)."""
+        for name in self._params:
+            self.peft.save_pretrained(str(directory), selected_adapters=[name])
+
+    def merged_copy(self, name: str) -> torch.nn.Module:
+        """A plain model with `name`'s adapter merged in (for export as an HF checkpoint)."""
+        import copy
+
+        clone = copy.deepcopy(self.peft)
+        clone.set_adapter(name)
+        for other in list(clone.peft_config):
+            if other != name:
+                clone.delete_adapter(other)
+        return clone.merge_and_unload()
+
+    def view(self, vlm, name: str) -> AdapterView:
+        """`vlm` (which must wrap `self.module`) seen through one adapter, or `REFERENCE`."""
+        if name != REFERENCE and name not in self.names:
+            raise KeyError(f"no adapter named {name!r}; have {', '.join(self.names)}")
+        return AdapterView(vlm, self, name)
+
+
+_LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.(?P<name>[^.]+)(\.|$)")
+
+
+def _adapter_parameters(module: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    """The LoRA tensors of adapter `name`, found by PEFT's naming (`...lora_A.<name>.weight`)."""
+    params = [p for n, p in module.named_parameters() if (m := _LORA_TENSOR.search(n)) and m["name"] == name]
+    if not params:
+        raise ValueError(f"adapter {name!r} has no LoRA tensors")
+    return params
+
+
+class AdapterView:
+    """A VLM with one named adapter active. Every call activates it first, so views of the same
+    base can be used in any order (the describer's view, then the locator's); `logprobs(...,
+    grad=True)` is the only call that makes the adapter trainable."""
+
+    def __init__(self, vlm, adapters: NamedAdapters, name: str) -> None:
+        self.vlm, self.adapters, self.adapter = vlm, adapters, name
+
+    def __getattr__(self, attr: str):
+        return getattr(self.vlm, attr)  # profile, name, tokenizer, device, answer_ids, ...
+
+    @contextmanager
+    def _active(self, trainable: bool = False) -> Iterator[None]:
+        if self.adapter == REFERENCE:
+            with self.adapters.reference():
+                yield
+        else:
+            # Left trainable on exit: autograd skips leaves that no longer require grad, and the
+            # caller back-propagates after this returns. The next call through any view resets it.
+            self.adapters.use(self.adapter, trainable=trainable)
+            yield
+
+    def generate(self, *args, **kwargs):
+        with self._active():
+            return self.vlm.generate(*args, **kwargs)
+
+    def describe(self, *args, **kwargs):
+        with self._active():
+            return self.vlm.describe(*args, **kwargs)
+
+    def locate(self, *args, **kwargs):
+        with self._active():
+            return self.vlm.locate(*args, **kwargs)
+
+    def caption(self, *args, **kwargs):
+        with self._active():
+            return self.vlm.caption(*args, **kwargs)
+
+    def logprobs(self, *args, grad: bool = False, **kwargs):
+        with self._active(trainable=grad):
+            return self.vlm.logprobs(*args, grad=grad, **kwargs)
