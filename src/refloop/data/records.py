@@ -73,3 +73,18 @@ class BoxItem:
 def _cached_rgb(path: str) -> Image.Image:
     with Image.open(path) as img:
         return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class InstructionExample:
+    """One supervised example: an image, the full prompt the model reads, the answer it should write
+    (Pink's referential-comprehension data, SVP's selected captions, SC-Tune's L_sup pairs)."""
+
+    image_path: str
+    prompt: str
+    answer: str
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
+    example_id: str = ""
+
+    def load_image(self) -> Image.Image:
+        return self.image if self.image is not None else _cached_rgb(self.image_path)
