@@ -4,7 +4,7 @@ model fields every recipe shares."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,17 +23,22 @@ class ModelSpec(BaseModel):
     profile: str | None = Field(None, description="prompt profile name (default: chosen from the model's config)")
     trust_remote_code: bool = Field(False, description="allow the checkpoint's own modelling code")
     processor_options: dict = Field(default_factory=dict, description="processor settings, e.g. image size limits {max_pixels: ...}")
-    device: str = Field("auto", description="auto, cpu, cuda, mps")
-    dtype: str = Field("auto", description="auto, fp32, bf16, fp16")
-    threads: int | None = Field(None, description="torch CPU threads (default: torch's choice)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N, mps")
+    dtype: Literal["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = Field("auto", description="auto, fp32, bf16, fp16")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
 
     def load_vlm(self, batch_size: int = 32):
-        """The model behind the VLM interface, with this spec's settings."""
+        """The model behind the VLM interface, with this spec's settings. A device this machine
+        lacks is refused before any weights load."""
+        import torch
+
         from refloop.models import load_vlm
 
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RefloopError(f"device {self.device!r} asked for, but torch sees no CUDA device here (use --device cpu or auto)")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise RefloopError("device 'mps' asked for, but torch sees no Apple GPU here (use --device cpu or auto)")
         if self.threads:
-            import torch
-
             torch.set_num_threads(self.threads)
         return load_vlm(
             self.model,

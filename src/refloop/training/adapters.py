@@ -177,11 +177,21 @@ class AdapterView:
     base can be used in any order (the describer's view, then the locator's); `logprobs(...,
     grad=True)` is the only call that makes the adapter trainable."""
 
+    _GENERATING = frozenset({"generate", "describe", "locate", "caption"})
+
     def __init__(self, vlm, adapters: NamedAdapters, name: str) -> None:
         self.vlm, self.adapters, self.adapter = vlm, adapters, name
 
     def __getattr__(self, attr: str):
-        return getattr(self.vlm, attr)  # profile, name, tokenizer, device, answer_ids, ...
+        value = getattr(self.vlm, attr)  # profile, name, tokenizer, device, answer_ids, ...
+        if attr not in self._GENERATING:
+            return value
+
+        def call(*args, **kwargs):
+            with self._active():
+                return value(*args, **kwargs)
+
+        return call
 
     @contextmanager
     def _active(self, trainable: bool = False) -> Iterator[None]:
@@ -193,22 +203,6 @@ class AdapterView:
             # caller back-propagates after this returns. The next call through any view resets it.
             self.adapters.use(self.adapter, trainable=trainable)
             yield
-
-    def generate(self, *args, **kwargs):
-        with self._active():
-            return self.vlm.generate(*args, **kwargs)
-
-    def describe(self, *args, **kwargs):
-        with self._active():
-            return self.vlm.describe(*args, **kwargs)
-
-    def locate(self, *args, **kwargs):
-        with self._active():
-            return self.vlm.locate(*args, **kwargs)
-
-    def caption(self, *args, **kwargs):
-        with self._active():
-            return self.vlm.caption(*args, **kwargs)
 
     def logprobs(self, *args, grad: bool = False, **kwargs):
         with self._active(trainable=grad):
