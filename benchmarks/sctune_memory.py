@@ -42,8 +42,8 @@ def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
     from refloop.models.hf import HFVLM
     from refloop.models.profiles import TinyProfile
     from refloop.models.tiny.pretrain import PretrainConfig, build_model
-    from refloop.training.ppo import clipped_policy_loss, pad_rows
     from refloop.training.adapters import LoraSettings
+    from refloop.training.ppo import clipped_policy_loss, pad_rows
     from refloop.world import get_style, render, sample_scene
 
     torch.set_num_threads(2)

@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from refloop.methods.sctune import schedule
 from refloop.config import load_recipe
+from refloop.methods.sctune import schedule
 from refloop.methods.sctune_recipe import SCTuneRecipe, run_sctune
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from PIL import Image
 from helpers import ScriptedVLM
+from PIL import Image
 
 from refloop.boxes import Box
 from refloop.cycle import PINK_CONSISTENCY, SC_TUNE_CONSISTENCY, Consistency, describe_then_locate

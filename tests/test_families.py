@@ -120,6 +120,56 @@ def test_logprobs_equal_what_generate_computes(family, items):
         torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-4)
 
 
+def _answers(vlm: HFVLM, items):
+    images = [it.image for it in items[:2]]
+    prompts = [vlm.profile.rec_prompt("the small red circle"), vlm.profile.caption_prompt()]
+    answers = [vlm.answer_ids(vlm.profile.rec_answer(items[0].box, images[0].size, "the red circle")), vlm.answer_ids("a red circle")]
+    return images, prompts, answers
+
+
+def test_full_vocab_rows_gather_to_the_token_logprobs(family, items):
+    """SVP's Eq. 5-6 read whole next-token distributions at the answer positions."""
+    _, vlm = family
+    images, prompts, answers = _answers(vlm, items)
+    tokens = vlm.logprobs(images, prompts, answers)
+    rows = vlm.logprobs(images, prompts, answers, full_vocab=True)
+    for row, token, ids in zip(rows, tokens, answers):
+        assert row.shape == (len(ids), vlm.model.get_output_embeddings().out_features)
+        torch.testing.assert_close(row.logsumexp(-1), torch.zeros(len(ids)), atol=1e-5, rtol=0)
+        assert torch.equal(row.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1), token)
+
+
+def test_logprobs_project_only_answer_positions_onto_the_vocabulary(family, items):
+    """With ~1000 image tokens the prompt's vocabulary logits dominate memory: none are computed
+    (decoder-only: the answer's positions and the last prompt position; encoder-decoder: the decoder's)."""
+    _, vlm = family
+    images, prompts, answers = _answers(vlm, items)
+    positions = []
+    hook = vlm.model.get_output_embeddings().register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+    try:
+        vlm.logprobs(images, prompts, answers)
+    finally:
+        hook.remove()
+    width = max(len(a) for a in answers)
+    assert positions == [width if vlm.encoder_decoder else width + 1]
+
+
+def test_greedy_locate_budget_fits_the_familys_whole_answer(family):
+    """The greedy REC budget covers the family's own answer for the longest expression and a box
+    with four-digit coordinates (families repeating the expression need more than 32 tokens, so a
+    long model-written description is not cut off before the box, or before its end)."""
+    name, vlm = family
+    long = "the small red circle left of the big blue square above the green triangle"
+    budget = vlm._locate_budget(["the circle", long])
+    answer = vlm.profile.rec_answer(Box(1234.0, 1234.0, 2345.0, 2345.0), (4000, 4000), long)
+    assert budget >= max(32, len(vlm.tokenizer.encode(answer, add_special_tokens=False)))
+    longer = " and ".join([long] * 3)
+    answer = vlm.profile.rec_answer(Box(1234.0, 1234.0, 2345.0, 2345.0), (4000, 4000), longer)
+    assert vlm._locate_budget([longer]) >= len(vlm.tokenizer.encode(answer, add_special_tokens=False))
+    if name != "kosmos_2":  # Kosmos-2 answers with patch tokens only; the others repeat the expression
+        assert vlm._locate_budget([longer]) > 32 + len(vlm.tokenizer.encode(long, add_special_tokens=False))
+
+
 def test_batched_generation_equals_one_by_one(family, items):
     """Left padding must not change what a prompt generates (Kosmos-2's incremental position ids
     count pads, so its profile generates in equal-length batches)."""
@@ -155,17 +205,17 @@ def test_one_sctune_step_per_phase_trains_only_the_language_model(family, items)
     )
     # A fresh base per test: the adapters are injected into the module.
     sctune = SCTune.from_base(_fresh(vlm), cfg, items[:2])
-    adapted = [n for n, m in sctune.roles.module.named_modules() if hasattr(m, "lora_A")]
+    adapted = [n for n, m in sctune.adapters.module.named_modules() if hasattr(m, "lora_A")]
     assert adapted and not any(re.search(r"vision|visual|image_to_text|projector", n) for n in adapted)
-    before = {role: sctune.roles.adapter_state(role) for role in ("describer", "locator")}
+    before = {role: sctune.adapters.adapter_state(role) for role in ("describer", "locator")}
     stats = sctune.describer_step(items[:2])
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
-    after = sctune.roles.adapter_state("describer")
+    after = sctune.adapters.adapter_state("describer")
     assert any(not torch.equal(before["describer"][k], after[k]) for k in after)
-    assert all(torch.equal(before["locator"][k], v) for k, v in sctune.roles.adapter_state("locator").items())
+    assert all(torch.equal(before["locator"][k], v) for k, v in sctune.adapters.adapter_state("locator").items())
     stats = sctune.locator_step(items[:2], step=0)
     assert stats["loss"] > 0 and torch.isfinite(torch.tensor(stats["loss"]))
-    after = sctune.roles.adapter_state("locator")
+    after = sctune.adapters.adapter_state("locator")
     assert any(not torch.equal(before["locator"][k], after[k]) for k in after)
 
 

@@ -9,8 +9,8 @@ from test_formats import refcoco_fixture
 
 from refloop.boxes import Box
 from refloop.data.formats import load_refcoco
-from refloop.evaluation.referring import evaluate_rec, evaluate_reg
 from refloop.evaluation.captions import caption_metrics
+from refloop.evaluation.referring import evaluate_rec, evaluate_reg
 from refloop.models.base import Located
 
 
@@ -20,7 +20,7 @@ class Scripted:
     def __init__(self, boxes=None, captions=None):
         self.boxes, self.captions = boxes or {}, captions or {}
 
-    def locate(self, images, expressions):
+    def locate(self, images, expressions, options=None):
         return [Located(self.boxes.get(e), "") for e in expressions]
 
     def describe(self, images, boxes, options=None):

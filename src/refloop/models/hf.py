@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -200,11 +201,22 @@ class HFVLM:
         return batches
 
     def logprobs(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], completions: Sequence[Sequence[int]], grad: bool = False
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        completions: Sequence[Sequence[int]],
+        grad: bool = False,
+        full_vocab: bool = False,
     ) -> list[torch.Tensor]:
-        """Per-token log p(completion | image, prompt), one forward per batch, real attention mask
-        (left-padded prompts, right-padded completions). Equal to the log-softmax of the logits
-        generate() sees at each step (tested per family)."""
+        """Per-token log p(completion | image, prompt) [T_i], or with `full_vocab` the log-distributions
+        [T_i, V] at those positions. One forward per batch, real attention mask (left-padded prompts,
+        right-padded completions). Equal to the log-softmax of the logits generate() sees at each step
+        (tested per family).
+
+        Vocabulary logits are computed at the completion positions only: with left-padded prompts
+        and right-padded completions they are the last width + 1 positions of every row, so a
+        decoder-only forward gets `logits_to_keep=width + 1` and the prompt's [B, L, V] logits (most
+        of the memory with ~1000 image tokens) never exist."""
         out: list[torch.Tensor] = []
         for start in range(0, len(prompts), self.batch_size):
             stop = start + self.batch_size
@@ -220,7 +232,6 @@ class HFVLM:
                     decoder_in = torch.cat([torch.full_like(comp_ids[:, :1], self._decoder_start), comp_ids[:, :-1]], dim=1)
                     logits = self.model(**inputs, decoder_input_ids=decoder_in, decoder_attention_mask=comp_mask).logits.float()
                 else:
-                    prompt_len = inputs["input_ids"].shape[1]
                     # Per-token side inputs grow as the family's generate() grows them (Qwen-VL's
                     # mm_token_type_ids with 0: left without them, Qwen-VL silently computes wrong
                     # positions; PaliGemma's token_type_ids with 1: answer tokens attend causally).
@@ -231,21 +242,45 @@ class HFVLM:
                                 inputs[key] = torch.cat([value, torch.full_like(comp_ids, fill, dtype=value.dtype)], dim=1)
                     inputs["input_ids"] = torch.cat([inputs["input_ids"], comp_ids], dim=1)
                     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], comp_mask], dim=1)
-                    logits = self.model(**inputs).logits[:, prompt_len - 1 : -1].float()
-                token_lp = torch.log_softmax(logits, dim=-1).gather(-1, comp_ids[..., None]).squeeze(-1)
-            out += [token_lp[i, : len(c)] for i, c in enumerate(comps)]
+                    if self._forward_keeps_logits:
+                        inputs["logits_to_keep"] = width + 1
+                    # The last prompt position predicts c_1; the last position predicts nothing.
+                    # (A forward without logits_to_keep returns every position: the slice is the same.)
+                    logits = self.model(**inputs).logits[:, -(width + 1) : -1].float()
+                log_dist = torch.log_softmax(logits, dim=-1)
+                rows = log_dist if full_vocab else log_dist.gather(-1, comp_ids[..., None]).squeeze(-1)
+            out += [rows[i, : len(c)] for i, c in enumerate(comps)]
         return out
+
+    @property
+    def _forward_keeps_logits(self) -> bool:
+        """Whether the model's forward takes `logits_to_keep` (every decoder-only family in
+        transformers 5 and refloop-tiny do; a wrapper such as DDP hides it, and then logits are sliced)."""
+        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     # Tasks ----------------------------------------------------------------------------------
     def describe(self, images: Sequence[Image.Image], boxes: Sequence[Box], options: GenerateOptions = GREEDY) -> list[str]:
+        """K = options.num_return_sequences expressions per box, box-major (sample j of box i at i * K + j)."""
         prompts = [self.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
-        return [self.profile.read_expression(c[0].text) for c in self.generate(images, prompts, options)]
+        return [self.profile.read_expression(c.text) for group in self.generate(images, prompts, options) for c in group]
 
-    def locate(self, images: Sequence[Image.Image], expressions: Sequence[str]) -> list[Located]:
+    def locate(self, images: Sequence[Image.Image], expressions: Sequence[str], options: GenerateOptions | None = None) -> list[Located]:
+        """K answers per expression, expression-major; `options=None` is greedy within `_locate_budget` tokens."""
         prompts = [self.profile.rec_prompt(e) for e in expressions]
-        texts = [c[0].text for c in self.generate(images, prompts, GREEDY)]
-        return [Located(self.profile.read_box(t, img.size), t) for img, t in zip(images, texts)]
+        options = options or GenerateOptions(max_new_tokens=self._locate_budget(expressions))
+        groups = self.generate(images, prompts, options)
+        return [Located(self.profile.read_box(c.text, img.size), c.text) for img, group in zip(images, groups) for c in group]
+
+    def _locate_budget(self, expressions: Sequence[str]) -> int:
+        """Greedy REC token budget: the token length of this family's own REC answer for the longest
+        expression and a box with four-digit coordinates, plus 8 spare tokens; at least 32. Families
+        that repeat the expression around the box (Qwen-VL, InternVL, Florence-2, PaliGemma) get
+        room for long model-written captions; refloop-tiny's short answer keeps 32."""
+        longest = max(expressions, key=lambda e: len(self.tokenizer.encode(e, add_special_tokens=False)), default="")
+        answer = self.profile.rec_answer(Box(1234.0, 1234.0, 2345.0, 2345.0), (4000, 4000), longest)
+        return max(GREEDY.max_new_tokens, len(self.tokenizer.encode(answer, add_special_tokens=False)) + 8)
 
     def caption(self, images: Sequence[Image.Image], options: GenerateOptions = GREEDY) -> list[str]:
+        """K = options.num_return_sequences captions per image, image-major."""
         prompts = [self.profile.caption_prompt()] * len(images)
-        return [self.profile.read_caption(c[0].text) for c in self.generate(images, prompts, options)]
+        return [self.profile.read_caption(c.text) for group in self.generate(images, prompts, options) for c in group]

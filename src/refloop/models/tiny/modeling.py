@@ -298,10 +298,13 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`image_index[i]` names the pixel_values row of sequence i, so several queries can share
-        one encoded image (training runs several queries per rendered scene)."""
+        one encoded image (training runs several queries per rendered scene). `logits_to_keep > 0`
+        computes logits for the last that many positions only (0: all), as transformers' models do:
+        log-probs of an answer need no vocabulary logits over the image and prompt."""
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape[0], past_len + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
@@ -327,10 +330,12 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         cache = past_key_values if use_cache or past_len else None
         for layer in self.layers:
             x = layer(x, mask, cache)
-        logits = self._logits(x, grid)
+        logits = self._logits(x[:, -logits_to_keep:], grid)  # -0: every position
 
         loss = None
         if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position; leave logits_to_keep at 0")
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
 
