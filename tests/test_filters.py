@@ -1,12 +1,16 @@
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 from PIL import Image
 
 from refloop.boxes import Box
 from refloop.data import load_coco
 from refloop.data.filters import sctune_triplets
+from refloop.data.loaders import read_coco_table
 
 
 def crafted_coco(tmp_path):
@@ -57,3 +61,74 @@ def test_filter_cli_writes_one_triplet_per_line(tmp_path):
     assert [set(r) >= {"image_id", "category", "boxes", "file_name"} for r in rows] == [True, True]
     assert rows[0]["boxes"] == [[0, 0, 20, 20], [50, 50, 70, 70]] and rows[0]["file_name"] == "im/1.png"
     assert "triplets_kept" in proc.stdout
+
+
+def test_filter_works_when_images_are_absent(tmp_path):
+    """Annotation-only work reads no pixels: the filter runs on a detection file whose images are
+    not on this machine, and writes the triplets it writes when they are."""
+    path = crafted_coco(tmp_path)
+    with_images = tmp_path / "with.jsonl"
+    cmd = [sys.executable, "-m", "refloop.cli", "filter", str(path)]
+    assert subprocess.run([*cmd, "--out", str(with_images)], capture_output=True, text=True).returncode == 0
+    shutil.rmtree(tmp_path / "im")
+    out = tmp_path / "triplets.jsonl"
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == with_images.read_text() and len(out.read_text().splitlines()) == 2
+    assert '"skipped_records": 0' in proc.stdout
+
+
+def test_filter_without_images_still_confines_paths(tmp_path):
+    data = json.loads(crafted_coco(tmp_path).read_text())
+    shutil.rmtree(tmp_path / "im")
+    data["images"][2]["file_name"] = "im/../../elsewhere/3.png"
+    path = tmp_path / "escaping.json"
+    path.write_text(json.dumps(data))
+    cmd = [sys.executable, "-m", "refloop.cli", "filter", str(path), "--out", str(tmp_path / "t.jsonl")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    message = " ".join(proc.stderr.split())  # rich wraps long lines
+    assert proc.returncode == 2 and "escaping.json, record images[2] (id 3)" in message and "escapes the image root" in message
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([*cmd, "--on-error", "skip"], capture_output=True, text=True)
+    assert proc.returncode == 0 and '"skipped_records": 5' in proc.stdout  # the image, then each of its 4 boxes
+
+
+def random_coco(seed: int, num_images: int = 60) -> dict:
+    """Messy detections: boxes leaving the image (clipped) or wholly outside it (skipped), crowd
+    boxes, annotations out of image order, two category ids sharing a name, string and missing ids."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": i, "file_name": f"im/{i}.jpg", "width": 100, "height": 80} for i in range(num_images)]
+    anns = []
+    for i in range(num_images * 6):
+        image = int(rng.integers(num_images))
+        x, y = (float(v) for v in rng.uniform(-10, 90, size=2).round(2))
+        w, h = (int(v) if rng.random() < 0.3 else float(v) for v in rng.uniform(1, 40, size=2).round(1))
+        ann = {"id": i if i % 7 else f"a{i}", "image_id": image, "category_id": int(rng.integers(4)), "bbox": [x, y, w, h]}
+        ann["iscrowd"] = int(rng.random() < 0.05)
+        if i % 11 == 0:
+            del ann["id"]
+        anns.append(ann)
+    cats = [{"id": 0, "name": "cup"}, {"id": 1, "name": "dog"}, {"id": 2, "name": "cup"}, {"id": 3, "name": "cat"}]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_filter_on_table_equals_filter_on_records(tmp_path, seed):
+    """The columnar path (`read_coco_table`, what `refloop filter` runs) keeps exactly the triplets
+    of the record path, to the byte: same order, same boxes (clipped ones included), same counts."""
+    path = tmp_path / "det.json"
+    path.write_text(json.dumps(random_coco(seed)))
+    table, table_report = read_coco_table(path, on_error="skip")  # a few boxes lie wholly outside their image
+    records, record_report = load_coco(path, on_error="skip")
+    assert table_report.skipped == record_report.skipped > 0
+    exclude = {3, "5"}
+    for iou, area in [(0.5, 0.02), (0.2, 0.0), (1.0, 0.05)]:
+        by_table, table_counts = sctune_triplets(table, iou, area, exclude)
+        by_records, record_counts = sctune_triplets(records, iou, area, exclude)
+        assert [json.dumps(t.to_json()) for t in by_table] == [json.dumps(t.to_json()) for t in by_records]
+        assert table_counts.as_dict() == record_counts.as_dict()
+    assert by_table and table_counts.images_excluded == 2
+    # one object per box in the table only when asked for: load_coco's records are rebuilt from it
+    assert [(o.box, o.category, o.ann_id) for r in table.records() for o in r.objects] == [
+        (o.box, o.category, o.ann_id) for r in records for o in r.objects
+    ]

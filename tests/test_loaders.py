@@ -1,7 +1,10 @@
+import itertools
 import json
 import math
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -95,6 +98,9 @@ MALFORMED = {
 }
 
 
+PIXEL_CASES = {"missing image", "wrong size"}  # found only when the images are checked
+
+
 @pytest.mark.parametrize("case", MALFORMED)
 def test_coco_malformed_record_is_named(tmp_path, case):
     mutate, record, problem = MALFORMED[case]
@@ -102,19 +108,25 @@ def test_coco_malformed_record_is_named(tmp_path, case):
     mutate(data)
     path = dump(tmp_path, data)
     with pytest.raises(DataError) as info:
-        load_coco(path)
+        load_coco(path, verify_images=True)
     message = str(info.value)
     assert str(path) in message and record in message and problem in message
-    records, report = load_coco(path, on_error="skip")
+    records, report = load_coco(path, on_error="skip", verify_images=True)
     assert report.skipped >= 1
     assert len(records) >= 1
+    # annotation-only (the default): the same record errors, image files never looked at
+    if case in PIXEL_CASES:
+        assert load_coco(path)[1].skipped == 0
+    else:
+        with pytest.raises(DataError, match=re.escape(problem)):
+            load_coco(path)
 
 
 def test_corrupt_image_is_rejected(tmp_path):
     data = coco_fixture(tmp_path)
     (tmp_path / "img" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     with pytest.raises(DataError, match=r"images\[1\].*cannot read image"):
-        load_coco(dump(tmp_path, data))
+        load_coco(dump(tmp_path, data), verify_images=True)
 
 
 def test_not_a_coco_file(tmp_path):
@@ -196,3 +208,106 @@ def test_cli_reports_bad_record_with_exit_code_2_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "annotations[0]" in proc.stderr and "missing field 'bbox'" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_pixel_commands_fail_on_a_missing_image_with_exit_code_2(tmp_path):
+    """Commands that read pixels check the images when loading: a missing file is named with its
+    annotation file and record before any model loads; exit code 2, no traceback."""
+    from refloop.data.sources import load_data
+
+    data = coco_fixture(tmp_path)
+    (tmp_path / "img" / "b.png").unlink()
+    path = dump(tmp_path, data)
+    with pytest.raises(DataError, match=r"instances.json, record images\[1\] \(id 2\): image file not found: .*b.png"):
+        load_data(str(path))
+    records, report = load_data(str(path), on_error="skip")
+    assert [r.image_id for r in records] == [1] and report.skipped == 2  # the image, then its box
+    proc = subprocess.run(
+        [sys.executable, "-m", "refloop.cli", "consistency", "--data", str(path), "--out", str(tmp_path / "out"), "--num-boxes", "2"],
+        capture_output=True,
+        text=True,
+    )
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stderr
+    assert "instances.json, record images[1] (id 2): image file not found" in message and "Traceback" not in message
+
+
+def test_corrupt_pixels_surface_at_load_naming_file_and_record(tmp_path):
+    """The check reads the header only; a body that does not decode is a DataError when the pixels
+    are read, naming the annotation file and the image."""
+    data = coco_fixture(tmp_path)
+    png = (tmp_path / "img" / "b.png").read_bytes()
+    (tmp_path / "img" / "b.png").write_bytes(png[: len(png) // 2])  # header intact, image data cut
+    records, _ = load_coco(dump(tmp_path, data), verify_images=True)
+    assert records[0].load_image().size == (64, 48)
+    with pytest.raises(DataError, match=r"instances.json, record 2: cannot read image .*b.png"):
+        records[1].load_image()
+
+
+@pytest.fixture
+def count_opens(monkeypatch):
+    """PIL.Image.open calls per file name."""
+    opened: Counter = Counter()
+    real_open = Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        opened[Path(fp).name] += 1
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    return opened
+
+
+def test_each_image_is_opened_at_most_once_when_checked(tmp_path, count_opens):
+    coco = dump(tmp_path, coco_fixture(tmp_path))
+    load_coco(coco)
+    assert sum(count_opens.values()) == 0  # annotation-only: no image file touched
+    load_coco(coco, verify_images=True)
+    assert count_opens == {"a.png": 1, "b.png": 1}
+    count_opens.clear()
+    rows = refs_fixture(tmp_path)  # two lines name img/a.png
+    for sized in (False, True):
+        count_opens.clear()
+        refs = write_jsonl(tmp_path, [r | {"width": 64, "height": 48} if sized else r for r in rows])
+        load_referring(refs, verify_images=True)
+        assert count_opens == {"a.png": 1}
+    load_referring(refs)  # sizes in the file, not checked: no open
+    assert count_opens == {"a.png": 1}
+
+
+def test_image_root_resolves_like_a_full_resolve_without_the_files(tmp_path):
+    """ImageRoot (folders resolved once) agrees with Path.resolve name by name, through symlinked
+    folders and files inside and outside the root, with files present or absent."""
+    from refloop.data.paths import ImageRoot
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.png").write_bytes(b"")
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "a.png").write_bytes(b"")
+    (root / "link_out").symlink_to(outside)
+    (root / "link_in").symlink_to(root / "real")
+    (root / "real" / "out.png").symlink_to(outside / "x.png")
+    (root / "real" / "in.png").symlink_to("a.png")
+    parts = ["real", "link_out", "link_in", "..", ".", "missing", "a.png", "out.png", "in.png", "x.png", "root"]
+    names = ["/".join(p) for n in (1, 2, 3) for p in itertools.product(parts, repeat=n)]
+    resolver = ImageRoot(root)
+
+    def outcome(resolve, name):
+        try:
+            return str(resolve(name))
+        except DataError as err:
+            return err.problem
+
+    def reference(name):
+        resolved = (root.resolve() / name).resolve()
+        if not resolved.is_relative_to(root.resolve()):
+            raise DataError("src", "rec", f"image path {name!r} escapes the image root {root.resolve()}")
+        return resolved
+
+    for name in names:
+        assert outcome(lambda n: resolver.resolve(n, "src", "rec"), name) == outcome(reference, name), name
+    assert "escapes" in outcome(lambda n: resolver.resolve(n, "src", "rec"), "link_out/never-there.png")
+    assert "escapes" in outcome(lambda n: resolver.resolve(n, "src", "rec"), "real/out.png")
+    assert outcome(lambda n: resolver.resolve(n, "src", "rec"), "link_in/in.png") == str(root.resolve() / "real" / "a.png")

@@ -46,6 +46,19 @@ ProfileOpt = typer.Option(
 RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow a checkpoint's own modelling code (only for checkpoints you trust).")
 
 
+def _model_spec(model: str | None, device: str, dtype: str, profile: str | None, trust_remote_code: bool):
+    """The command's model options, validated (device, dtype) before any weights load."""
+    from pydantic import ValidationError
+
+    from refloop.config import ModelSpec
+
+    try:
+        return ModelSpec(model=model, device=device, dtype=dtype, profile=profile, trust_remote_code=trust_remote_code)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise RefloopError(f"invalid model options: {problems}") from None
+
+
 @app.command()
 def consistency(
     data: str = typer.Option(
@@ -67,10 +80,10 @@ def consistency(
     """Self-consistency Pr@0.5 (SC-Tune appendix 6): box -> caption -> box, IoU > 0.5. Resumable."""
     from refloop.data.sources import load_data
     from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
-    from refloop.models import load_vlm
     from refloop.progress import progress_bar
     from refloop.report.consistency import write_consistency_report
 
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code)
     records, load_report = load_data(data, images, on_error=on_error.value, num_images=num_boxes)
     if load_report.skipped:
         err_console.print(f"skipped {load_report.skipped} bad records: {dict(load_report.reasons)}")
@@ -78,7 +91,7 @@ def consistency(
     samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
     if not samples:
         raise RefloopError(f"{data}: no boxes to evaluate")
-    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size, profile=profile, trust_remote_code=trust_remote_code)
+    vlm = spec.load_vlm(batch_size)
     with progress_bar(f"consistency {data}", len(samples)) as advance:
         metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance)
     if load_report.skipped:
@@ -209,10 +222,10 @@ def eval_rec(
 ) -> None:
     """REC accuracy: a predicted box is correct when IoU with the referred box > 0.5 (every expression counts)."""
     from refloop.evaluation.referring import evaluate_rec
-    from refloop.models import load_vlm
 
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code)
     records, _ = _referring_records(data, images, refs, split, on_error.value)
-    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size, profile=profile, trust_remote_code=trust_remote_code)
+    vlm = spec.load_vlm(batch_size)
     console.print_json(json.dumps(evaluate_rec(vlm, records, out, batch_size=batch_size, limit=limit)))
 
 
@@ -234,10 +247,10 @@ def eval_reg(
 ) -> None:
     """REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L)."""
     from refloop.evaluation.referring import evaluate_reg
-    from refloop.models import load_vlm
 
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code)
     records, _ = _referring_records(data, images, refs, split, on_error.value)
-    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size, profile=profile, trust_remote_code=trust_remote_code)
+    vlm = spec.load_vlm(batch_size)
     console.print_json(json.dumps(evaluate_reg(vlm, records, out, batch_size=batch_size, limit=limit)))
 
 
@@ -256,13 +269,14 @@ def filter_detections(
     on_error: OnErrorChoice = OnErrorOpt,
 ) -> None:
     """SC-Tune appendix 9: (image, category, boxes) triplets for training, from boxes alone."""
-    from refloop.data import JsonlWriter, load_coco
+    from refloop.data import JsonlWriter
     from refloop.data.filters import sctune_triplets
-    from refloop.data.loaders import iter_jsonl
+    from refloop.data.loaders import iter_jsonl, read_coco_table
 
-    records, report = load_coco(detections, images, on_error=on_error.value)
+    # annotations only: image paths must stay under the image root, but no image file is read (or needed)
+    table, report = read_coco_table(detections, images, on_error=on_error.value)
     held_out = {row.get("image_id") for _, row in iter_jsonl(exclude)} if exclude else set()
-    triplets, counts = sctune_triplets(records, max_overlap_iou, min_area_fraction, held_out)
+    triplets, counts = sctune_triplets(table, max_overlap_iou, min_area_fraction, held_out)
     if out.exists():
         out.unlink()
     with JsonlWriter(out, key="image_id", resume=False) as writer:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from refloop.boxes import Box
 from refloop.data.filters import sctune_triplets
+from refloop.data.images import ImageHeaders
 from refloop.data.loaders import iter_jsonl, load_coco
 from refloop.data.paths import resolve_image_path
 from refloop.data.records import BoxItem
@@ -17,9 +18,16 @@ from refloop.world.export import COCO_FILE, export_split
 
 
 def _items_from_triplets(rows: list[tuple[int, dict]], root: Path, source: str) -> list[BoxItem]:
-    items = []
+    """Every box of every triplet; each image is checked once (header: present, readable, and of
+    the size the triplet names), so a missing image stops the run before training starts."""
+    items, headers = [], ImageHeaders()
     for number, row in rows:
-        path = resolve_image_path(root, row["file_name"], source, f"line {number}")
+        record = f"line {number}"
+        path = resolve_image_path(root, row["file_name"], source, record)
+        if "width" in row and "height" in row:
+            headers.check(path, (row["width"], row["height"]), source, record)
+        else:
+            headers.size(path, source, record)
         items += [BoxItem(str(path), Box(*b), category=str(row.get("category", ""))) for b in row["boxes"]]
     return items
 

@@ -1,20 +1,76 @@
-"""Image paths from annotation files, resolved under an image root and never outside it."""
+"""Image paths from annotation files, resolved under an image root and never outside it.
+
+Resolution follows symlinks (a path escaping the root through a link is an error too) but never
+needs the file to exist: annotation-only work (the appendix-9 filter) runs without the images.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from refloop.errors import DataError
 
+_FAST = os.name == "posix"
+
+
+class ImageRoot:
+    """Resolves the many image paths of one annotation file under one root.
+
+    Same result as `resolve_image_path` for every name, cheaper at Objects365 scale (1.7M names in
+    a few dozen folders): the root and each folder are resolved once, then a name costs one
+    `lstat` when its folder exists (a full resolve only when the file itself is a symlink) and
+    nothing when it does not. The image is never opened.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self._root_str = str(self.root)
+        self._prefix = self._root_str if self._root_str.endswith(os.sep) else self._root_str + os.sep
+        self._folders: dict[str, tuple[str, bool]] = {}  # folder as written -> (resolved prefix, is a directory)
+
+    def resolve(self, file_name: object, source: object, record: object) -> Path:
+        return Path(self.resolve_str(file_name, source, record))
+
+    def resolve_str(self, file_name: object, source: object, record: object) -> str:
+        if not isinstance(file_name, str) or not file_name:
+            raise DataError(source, record, f"image path must be a non-empty string, got {file_name!r}")
+        if _FAST and not file_name.startswith("/"):
+            folder, name = os.path.split(file_name)
+            if name not in ("", ".", ".."):
+                known = self._folders.get(folder)
+                if known is None:
+                    resolved = str((self.root / folder).resolve()) if folder else self._root_str
+                    prefix = resolved if resolved.endswith(os.sep) else resolved + os.sep
+                    known = self._folders[folder] = (prefix, os.path.isdir(resolved))
+                prefix, folder_exists = known
+                path = prefix + name
+                is_link = False  # no folder, no file: nothing to look at (annotation-only work without the images)
+                if folder_exists:
+                    try:
+                        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+                    except OSError:  # absent (or unreadable): resolve() keeps the name as written
+                        pass
+                    except ValueError:  # e.g. an embedded NUL: the general path reports it
+                        is_link = True
+                if not is_link:
+                    if not (path.startswith(self._prefix) or path == self._root_str):
+                        raise DataError(source, record, f"image path {file_name!r} escapes the image root {self.root}")
+                    return path
+        return str(self._resolve_general(file_name, source, record))
+
+    def _resolve_general(self, file_name: str, source: object, record: object) -> Path:
+        candidate = Path(file_name)
+        if candidate.is_absolute():
+            raise DataError(source, record, f"image path {file_name!r} is absolute; paths must be relative to the image root")
+        resolved = (self.root / candidate).resolve()
+        if not resolved.is_relative_to(self.root):
+            raise DataError(source, record, f"image path {file_name!r} escapes the image root {self.root}")
+        return resolved
+
 
 def resolve_image_path(root: Path, file_name: str, source: object, record: object) -> Path:
-    if not isinstance(file_name, str) or not file_name:
-        raise DataError(source, record, f"image path must be a non-empty string, got {file_name!r}")
-    root = root.resolve()
-    candidate = Path(file_name)
-    if candidate.is_absolute():
-        raise DataError(source, record, f"image path {file_name!r} is absolute; paths must be relative to the image root")
-    resolved = (root / candidate).resolve()
-    if not resolved.is_relative_to(root):
-        raise DataError(source, record, f"image path {file_name!r} escapes the image root {root}")
-    return resolved
+    """`root / file_name` with symlinks resolved; a DataError naming the record if it is absolute
+    or escapes the root. The file need not exist. Many names under one root: use `ImageRoot`."""
+    return ImageRoot(root).resolve(file_name, source, record)

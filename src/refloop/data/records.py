@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from refloop.boxes import Box
-from refloop.errors import DataError
+from refloop.data.images import read_rgb
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,7 @@ class ImageRecord:
         """The RGB image; a missing or unreadable file is a DataError naming the record."""
         if self.image is not None:
             return self.image
-        try:
-            with Image.open(self.path) as img:
-                return img.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(self.source or self.path, self.image_id, f"image file not found: {self.path}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise DataError(self.source or self.path, self.image_id, f"cannot read image {self.path}: {exc}") from None
+        return read_rgb(self.path, self.source or self.path, self.image_id)
 
 
 @dataclass(frozen=True)
@@ -69,10 +63,29 @@ class BoxItem:
         return self.image if self.image is not None else _cached_rgb(self.image_path)
 
 
-@lru_cache(maxsize=8192)
-def _cached_rgb(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
+class _RGBCache:
+    """Decoded images by path, least recently used dropped first once they hold `max_bytes`
+    (training draws the same images again and again; a count bound would not bound memory)."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+
+    def __call__(self, path: str) -> Image.Image:
+        image = self._images.get(path)
+        if image is not None:
+            self._images.move_to_end(path)
+            return image
+        image = read_rgb(path, path, None)  # a missing or corrupt file is a DataError naming it
+        self._images[path] = image
+        self.bytes += image.width * image.height * 3
+        while self.bytes > self.max_bytes and len(self._images) > 1:
+            _, old = self._images.popitem(last=False)
+            self.bytes -= old.width * old.height * 3
+        return image
+
+
+_cached_rgb = _RGBCache()
 
 
 @dataclass(frozen=True)

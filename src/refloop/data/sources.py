@@ -31,14 +31,18 @@ def load_data(
     seed: int = EVAL_SEED,
 ) -> tuple[list[ImageRecord], LoadReport]:
     """Records from a domain name (exported to the cache, then read by the referring loader, so
-    the real loader is what runs), a *.json COCO file, or a *.jsonl referring file."""
+    the real loader is what runs), a *.json COCO file, or a *.jsonl referring file.
+
+    Its callers (consistency, eval, SC-Tune's supervised and evaluation data, the demo) read
+    pixels, so the images are checked here, one header read per file: a missing or mismatched
+    image is named before any model is loaded."""
     if spec in DOMAINS:
-        return load_referring(world_split_dir(spec, num_images, seed) / REFS_FILE, on_error=on_error)
+        return load_referring(world_split_dir(spec, num_images, seed) / REFS_FILE, on_error=on_error, verify_images=True)
     path = Path(spec)
     if path.suffix == ".json":
-        return load_coco(path, images, on_error=on_error)
+        return load_coco(path, images, on_error=on_error, verify_images=True)
     if path.suffix == ".jsonl":
-        return load_referring(path, images, on_error=on_error)
+        return load_referring(path, images, on_error=on_error, verify_images=True)
     raise RefloopError(
         f"--data {spec!r} is neither a shapes-world domain ({', '.join(DOMAINS)}) nor a .json (COCO) / .jsonl (referring) file"
     )
