@@ -28,6 +28,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from refloop.models.tiny.configuration import RefloopTinyConfig
 
 
+# The cache's name in model outputs and forward kwargs: `cache` from transformers 5.24 on, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def _coord_channels(x: torch.Tensor) -> torch.Tensor:
     b, _, h, w = x.shape
     ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
@@ -299,12 +303,14 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`image_index[i]` names the pixel_values row of sequence i, so several queries can share
         one encoded image (training runs several queries per rendered scene). `logits_to_keep > 0`
         computes logits for the last that many positions only (0: all), as transformers' models do:
         log-probs of an answer need no vocabulary logits over the image and prompt."""
+        past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 names it `cache`
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape[0], past_len + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
@@ -337,7 +343,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position; leave logits_to_keep at 0")
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values if use_cache else None})
 
     def prepare_inputs_for_generation(
         self,
@@ -345,9 +351,14 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> dict:
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        """After the first step only the new token is fed and the image stays in the cache.
+        generate() passes the cache as `cache` from transformers 5.24 on (`past_key_values` before);
+        missing it would silently re-encode the image and the whole prefix at every step."""
+        cache = cache if cache is not None else past_key_values
+        past_len = cache.get_seq_length() if cache is not None else 0
         if past_len > 0:
             input_ids = input_ids[:, past_len:]
             pixel_values = None
@@ -355,6 +366,6 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": pixel_values,
-            "past_key_values": past_key_values,
+            _CACHE_FIELD: cache,
             "use_cache": kwargs.get("use_cache", True),
         }
