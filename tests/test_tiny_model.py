@@ -107,3 +107,23 @@ def test_logprobs_use_the_real_mask_and_match_one_by_one(tmp_path):
     full = vlm.model(**vlm._inputs(images[:1], prompts[:1]))
     first = torch.log_softmax(full.logits[0, -1], -1)
     assert lp[0].item() == pytest.approx(first.max().item(), abs=1e-5)
+
+
+def test_generation_encodes_each_image_once_and_feeds_one_token_per_step():
+    """generate() hands the cache over under transformers' current name; a model that missed it
+    would re-encode the image and the whole prefix at every step (same tokens, several times slower)."""
+    from refloop.models.base import GenerateOptions
+
+    model, processor = tiny_random_model()
+    vlm = HFVLM(model, processor, TinyProfile(), batch_size=4)
+    scenes, images = scene_images(3)
+    encoded, fed = [], []
+    encode = model.encode_images
+    model.encode_images = lambda pixels: (encoded.append(pixels.shape[0]), encode(pixels))[1]
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        vlm.generate(images, [vlm.profile.caption_prompt()] * 3, GenerateOptions(max_new_tokens=6))
+    finally:
+        hook.remove()
+    assert encoded == [3]
+    assert len(fed) > 1 and fed[0] > 1 and set(fed[1:]) == {1}

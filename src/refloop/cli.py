@@ -188,8 +188,9 @@ def sctune(
     console.print_json(json.dumps(results))
 
 
-eval_app = typer.Typer(help="Object-level benchmarks: REC accuracy, REG caption metrics.", no_args_is_help=True)
-app.add_typer(eval_app, name="eval")
+class EvalTask(str, Enum):
+    rec = "rec"
+    reg = "reg"
 
 
 def _referring_records(data: str, images: Path | None, refs: Path | None, split: str | None, on_error: str):
@@ -204,15 +205,22 @@ def _referring_records(data: str, images: Path | None, refs: Path | None, split:
     return load_data(data, images, on_error=on_error)
 
 
-@eval_app.command("rec")
-def eval_rec(
+@app.command("eval")
+def evaluate(
+    task: EvalTask = typer.Argument(
+        ...,
+        help="rec: REC accuracy, a predicted box is correct when IoU with the referred box > 0.5 (every expression counts). "
+        "reg: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L).",
+    ),
     data: str = RefDataOpt,
-    out: Path = typer.Option(..., "--out", help="Output directory: rec_samples.jsonl, rec_metrics.json."),
+    out: Path = typer.Option(..., "--out", help="Output directory: TASK_samples.jsonl (resumable), TASK_metrics.json."),
     refs: Path | None = RefsOpt,
     split: str | None = SplitOpt,
     images: Path | None = ImagesOpt,
     model: str | None = ModelOpt,
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N (object, expression) pairs."),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Evaluate only the first N items (rec: (object, expression) pairs; reg: referred objects)."
+    ),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -220,38 +228,17 @@ def eval_rec(
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
 ) -> None:
-    """REC accuracy: a predicted box is correct when IoU with the referred box > 0.5 (every expression counts)."""
-    from refloop.evaluation.referring import evaluate_rec
+    """Object-level benchmarks of the papers: REC accuracy (`eval rec`) and REG caption metrics (`eval reg`)."""
+    from refloop.evaluation.referring import evaluate_rec, evaluate_reg
 
     spec = _model_spec(model, device, dtype, profile, trust_remote_code)
-    records, _ = _referring_records(data, images, refs, split, on_error.value)
+    records, report = _referring_records(data, images, refs, split, on_error.value)
     vlm = spec.load_vlm(batch_size)
-    console.print_json(json.dumps(evaluate_rec(vlm, records, out, batch_size=batch_size, limit=limit)))
-
-
-@eval_app.command("reg")
-def eval_reg(
-    data: str = RefDataOpt,
-    out: Path = typer.Option(..., "--out", help="Output directory: reg_samples.jsonl, reg_metrics.json."),
-    refs: Path | None = RefsOpt,
-    split: str | None = SplitOpt,
-    images: Path | None = ImagesOpt,
-    model: str | None = ModelOpt,
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N referred objects."),
-    batch_size: int = BatchOpt,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    on_error: OnErrorChoice = OnErrorOpt,
-    profile: str | None = ProfileOpt,
-    trust_remote_code: bool = RemoteOpt,
-) -> None:
-    """REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L)."""
-    from refloop.evaluation.referring import evaluate_reg
-
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code)
-    records, _ = _referring_records(data, images, refs, split, on_error.value)
-    vlm = spec.load_vlm(batch_size)
-    console.print_json(json.dumps(evaluate_reg(vlm, records, out, batch_size=batch_size, limit=limit)))
+    run = evaluate_rec if task == EvalTask.rec else evaluate_reg
+    metrics = run(vlm, records, out, batch_size=batch_size, limit=limit)
+    if report.skipped:
+        metrics["skipped_records"] = report.skipped
+    console.print_json(json.dumps(metrics))
 
 
 @app.command("filter")
