@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from refloop.errors import RefloopError
+from refloop.errors import DataError, RefloopError
 
 app = typer.Typer(
     help="refloop: make vision-language models self-consistent about the objects they talk about.",
@@ -35,6 +37,9 @@ RefDataOpt = typer.Option(..., "--data", help="Shapes-world domain, referring .j
 RefsOpt = typer.Option(None, "--refs", help="RefCOCO/+/g refs file (.json export or the original .p, read safely).")
 SplitOpt = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB).")
 ImagesOpt = typer.Option(None, "--images", help="Image root.")
+OverwriteOpt = typer.Option(
+    False, "--overwrite", help="Replace the outputs of a different earlier run in --out (refused by default; the same run resumes)."
+)
 OnErrorOpt = typer.Option(OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count.")
 
 ProfileOpt = typer.Option(
@@ -76,6 +81,7 @@ def consistency(
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with plots and examples."),
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Self-consistency Pr@0.5 (SC-Tune appendix 6): box -> caption -> box, IoU > 0.5. Resumable."""
     from refloop.data.sources import load_data
@@ -86,20 +92,22 @@ def consistency(
     spec = _model_spec(model, device, dtype, profile, trust_remote_code)
     records, load_report = load_data(data, images, on_error=on_error.value, num_images=num_boxes)
     if load_report.skipped:
-        err_console.print(f"skipped {load_report.skipped} bad records: {dict(load_report.reasons)}")
+        err_console.print(f"skipped {load_report.skipped} bad records: {dict(load_report.reasons)}", markup=False)
     cfg = ConsistencyConfig(num_boxes=num_boxes, seed=seed, batch_size=batch_size)
     samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
     if not samples:
         raise RefloopError(f"{data}: no boxes to evaluate")
     vlm = spec.load_vlm(batch_size)
     with progress_bar(f"consistency {data}", len(samples)) as advance:
-        metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance)
+        metrics = evaluate_consistency(
+            vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error.value
+        )
     if load_report.skipped:
         metrics["skipped_records"] = load_report.skipped
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if report:
         path = write_consistency_report(out, metrics)
-        console.print(f"report: {path}")
+        console.print(f"report: {path}", markup=False)
     console.print_json(json.dumps(metrics))
 
 
@@ -163,7 +171,7 @@ def pretrain_tiny(
         summary = pretrain(cfg, work_dir, export_dir=out, progress=on_record)
     shutil.copyfile(work_dir / "metrics.jsonl", out / "training_log.jsonl")
     pretrain_curves(work_dir / "metrics.jsonl", out / "learning_curves.png")
-    console.print(f"refloop-tiny written to {out} ({summary['elapsed_s'] / 60:.1f} min of training)")
+    console.print(f"refloop-tiny written to {out} ({summary['elapsed_s'] / 60:.1f} min of training)", markup=False)
 
 
 @app.command()
@@ -174,6 +182,7 @@ def sctune(
     ),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set sctune.describer_lr=1e-4 (repeatable)."),
     skip_base_eval: bool = typer.Option(False, "--skip-base-eval", help="Do not evaluate the base model before tuning."),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """SC-Tune: describer (PPO on the locator's IoU) and locator (MLE) alternating on one base model. Resumable: rerun the same command."""
     from refloop.config import load_recipe
@@ -184,7 +193,7 @@ def sctune(
     recipe = load_recipe(SCTuneRecipe, config, overrides)
     total = sum(phase.steps for phase in schedule(recipe.sctune))
     with progress_bar("sc-tune", total) as advance:
-        results = run_sctune(recipe, out, progress=lambda row: advance(1), evaluate_base=not skip_base_eval)
+        results = run_sctune(recipe, out, progress=lambda row: advance(1), evaluate_base=not skip_base_eval, overwrite=overwrite)
     console.print_json(json.dumps(results))
 
 
@@ -227,6 +236,7 @@ def evaluate(
     on_error: OnErrorChoice = OnErrorOpt,
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Object-level benchmarks of the papers: REC accuracy (`eval rec`) and REG caption metrics (`eval reg`)."""
     from refloop.evaluation.referring import evaluate_rec, evaluate_reg
@@ -235,7 +245,7 @@ def evaluate(
     records, report = _referring_records(data, images, refs, split, on_error.value)
     vlm = spec.load_vlm(batch_size)
     run = evaluate_rec if task == EvalTask.rec else evaluate_reg
-    metrics = run(vlm, records, out, batch_size=batch_size, limit=limit)
+    metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, overwrite=overwrite, on_error=on_error.value)
     if report.skipped:
         metrics["skipped_records"] = report.skipped
     console.print_json(json.dumps(metrics))
@@ -260,17 +270,30 @@ def filter_detections(
     from refloop.data.filters import sctune_triplets
     from refloop.data.loaders import iter_jsonl, read_coco_table
 
+    inputs = [p.resolve() for p in (detections, exclude) if p is not None]
+    if out.resolve() in inputs:
+        raise RefloopError(f"--out {out} is one of the input files; write the triplets elsewhere")
+    if out.is_dir():
+        raise RefloopError(f"--out {out} is a directory; name a .jsonl file")
     # annotations only: image paths must stay under the image root, but no image file is read (or needed)
     table, report = read_coco_table(detections, images, on_error=on_error.value)
-    held_out = {row.get("image_id") for _, row in iter_jsonl(exclude)} if exclude else set()
+    held_out = set()
+    for number, row in iter_jsonl(exclude) if exclude else ():
+        image_id = row.get("image_id") if isinstance(row, dict) else None
+        if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
+            raise DataError(exclude, f"line {number}", f"expected an object with a string or integer image_id, got {row!r:.80}")
+        held_out.add(image_id)
     triplets, counts = sctune_triplets(table, max_overlap_iou, min_area_fraction, held_out)
-    if out.exists():
-        out.unlink()
-    with JsonlWriter(out, key="image_id", resume=False) as writer:
-        writer.write_many(t.to_json() for t in triplets)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with JsonlWriter(tmp, key="image_id", resume=False) as writer:
+            writer.write_many(t.to_json() for t in triplets)
+        os.replace(tmp, out)  # the old file stays whole until the new one is
+    except OSError as exc:
+        raise RefloopError(f"cannot write {out}: {exc.strerror or exc}") from None
     summary = counts.as_dict() | {"skipped_records": report.skipped}
     console.print_json(json.dumps(summary))
-    console.print(f"wrote {counts.triplets_kept} triplets ({counts.boxes_kept} boxes) to {out}")
+    console.print(f"wrote {counts.triplets_kept} triplets ({counts.boxes_kept} boxes) to {out}", markup=False)
 
 
 @app.command("export-world")
@@ -287,7 +310,7 @@ def export_world(
     if domain not in DOMAINS:
         raise RefloopError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
     path = export_split(domain, out, num_images, seed)
-    console.print(f"exported {num_images} scenes of {domain} to {path}")
+    console.print(f"exported {num_images} scenes of {domain} to {path}", markup=False)
 
 
 @app.command()
@@ -310,7 +333,7 @@ def main() -> None:
     try:
         app()
     except RefloopError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")

@@ -17,7 +17,7 @@ T = TypeVar("T", bound=BaseModel)
 class ModelSpec(BaseModel):
     """Which model a recipe runs and how it is loaded; every method's recipe inherits these fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = Field(None, description="base model directory or hub id (default: refloop-tiny)")
     profile: str | None = Field(None, description="prompt profile name (default: chosen from the model's config)")

@@ -1,6 +1,14 @@
 """Loaders of more real dataset formats, producing the same ImageRecord as `loaders.py`:
 OpenImages box CSVs, RefCOCO / RefCOCO+ / RefCOCOg (JSON exports, or the original pickles through
-a reader that refuses anything but plain containers), and Visual Genome JSON."""
+a reader that refuses anything but plain containers), and Visual Genome JSON.
+
+The failure policy of `loaders.py` holds here too: a bad row or record is a DataError naming the
+file and the row (skipped and counted under `on_error="skip"`), a bad file a DataError, and no other
+exception escapes. Ids are strings or numbers; an id given twice in `images` (RefCOCO instances,
+Visual Genome image_data) or `annotations` / `categories` (RefCOCO instances) is refused, and under
+"skip" every entry with that id is dropped. RefCOCO `sentences` and Visual Genome `names` must be
+lists (a string would be read letter by letter).
+"""
 
 from __future__ import annotations
 
@@ -8,24 +16,54 @@ import csv
 import io
 import pickle
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from refloop.boxes import Box, InvalidBoxError, OutsidePolicy, validate_box
+from refloop.data.images import image_size
 from refloop.data.loaders import (
+    _ESCAPED,
     LoadReport,
     OnError,
-    _number,
+    _id,
+    _image_size,
+    _is_id,
+    _json_type,
+    _open_binary,
+    _optional_id,
     _Policy,
     _read_json,
+    _read_json_list,
     _require,
+    _text,
     _xywh_box,
     grouped_records,
-    image_size,
+    open_text,
+    read_text,
 )
-from refloop.data.paths import resolve_image_path
+from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.errors import DataError
+
+
+def _csv_rows(reader: Any, path: Path, policy: _Policy) -> Iterator[list | dict | DataError]:
+    """The rows of a csv reader (or DictReader); a row csv cannot parse (a field beyond csv's size
+    limit, ...) is yielded as its DataError, so the caller counts it as a row and goes on. A file
+    that stops decoding (UTF-16/32) is a DataError of the whole file."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # the line csv read last (a DictReader's own count is not updated by a failed row)
+            yield DataError(path, f"line {getattr(reader, 'reader', reader).line_num}", f"not valid CSV: {exc}")
+            continue
+        except UnicodeDecodeError as exc:
+            raise DataError(path, None, f"cannot decode the file: {exc.reason} (after line {reader.line_num})") from None
+        except OSError as exc:
+            raise DataError(path, None, f"cannot read the file: {exc.strerror or exc} (after line {reader.line_num})") from None
+        yield row
 
 
 # ---- OpenImages ---------------------------------------------------------------------------------
@@ -40,33 +78,42 @@ def load_openimages(
     """OpenImages V4-V7 box annotations: ImageID, LabelName, XMin, XMax, YMin, YMax (normalised),
     IsGroupOf...; class names from the class-descriptions CSV (with or without a header row).
     Image sizes come from the image files ({ImageID}{extension} under `image_root`)."""
-    boxes_csv, names_csv, root = Path(boxes_csv), Path(class_descriptions_csv), Path(image_root)
+    boxes_csv, names_csv = Path(boxes_csv), Path(class_descriptions_csv)
     report = LoadReport(source=str(boxes_csv))
     policy = _Policy(on_error, report)
-    try:
-        rows = list(csv.reader(io.StringIO(names_csv.read_text())))
-    except FileNotFoundError:
-        raise DataError(names_csv, None, "file not found") from None
-    names = {r[0]: r[1] for r in rows if len(r) >= 2 and r[0] != "LabelName"}
-    try:
-        handle = open(boxes_csv, newline="")
-    except FileNotFoundError:
-        raise DataError(boxes_csv, None, "file not found") from None
+    names: dict[str, str] = {}
+    names_reader = csv.reader(io.StringIO(read_text(names_csv)))
+    for r in _csv_rows(names_reader, names_csv, policy):
+        if isinstance(r, DataError):
+            policy.handle(r)
+        elif len(r) >= 2 and r[0] != "LabelName":
+            names[r[0]] = r[1]
+    root = ImageRoot(image_root)
     groups: dict[str, dict] = {}
-    with handle:
+    with open_text(boxes_csv, newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = {"ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax"} - set(reader.fieldnames or [])
+        try:
+            fieldnames = reader.fieldnames
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(boxes_csv, None, f"cannot read the header row: {exc}") from None
+        missing = set(_OPENIMAGES_COLUMNS) - set(fieldnames or [])
         if missing:
             raise DataError(boxes_csv, None, f"missing columns {sorted(missing)}: not an OpenImages boxes CSV")
-        for number, row in enumerate(reader, start=2):
+        for number, row in enumerate(_csv_rows(reader, boxes_csv, policy), start=2):
             rec = f"line {number}"
             try:
-                image_id = row["ImageID"]
-                if row["LabelName"] not in names:
-                    raise DataError(boxes_csv, rec, f"label {row['LabelName']!r} is not in {names_csv.name}")
+                if isinstance(row, DataError):  # named by its row number, as every row is
+                    raise DataError(boxes_csv, rec, row.problem)
+                if any(row[k] is None for k in _OPENIMAGES_COLUMNS):
+                    raise DataError(boxes_csv, rec, "the row has fewer fields than the header")
+                image_id, label = row["ImageID"], row["LabelName"]
+                if not (image_id.isascii() and label.isascii()) and _ESCAPED.search(image_id + label):
+                    raise DataError(boxes_csv, rec, "not UTF-8 text (a byte that is no UTF-8 in ImageID or LabelName)")
+                if label not in names:
+                    raise DataError(boxes_csv, rec, f"label {shown(label)} is not in {names_csv.name}")
                 if image_id not in groups:
                     file_name = f"{image_id}{extension}"
-                    path = resolve_image_path(root, file_name, boxes_csv, rec)
+                    path = root.resolve(file_name, boxes_csv, rec)
                     groups[image_id] = {"path": path, "size": image_size(path, boxes_csv, rec), "objects": [], "file_name": file_name}
                 w, h = groups[image_id]["size"]
                 try:
@@ -85,6 +132,9 @@ def load_openimages(
     return records, report
 
 
+_OPENIMAGES_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
+
+
 # ---- RefCOCO family -------------------------------------------------------------------------------
 class _PlainUnpickler(pickle.Unpickler):
     """Unpickles only built-in containers and scalars: any class or function reference (the way a
@@ -94,21 +144,50 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: refloop reads only plain data from pickles")
 
 
-def read_refs(path: Path) -> list[dict]:
+def read_refs(path: str | Path) -> list:
     """RefCOCO `refs(...)` annotations from a JSON export or the original pickle (restricted)."""
+    path = Path(path)
     if path.suffix == ".json":
         data = _read_json(path)
     else:
-        try:
-            with open(path, "rb") as f:
-                data = _PlainUnpickler(f).load()
-        except FileNotFoundError:
-            raise DataError(path, None, "file not found") from None
-        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-            raise DataError(path, None, f"cannot read refs pickle safely: {exc}") from None
+        with _open_binary(path) as f:
+            try:
+                raw = f.read()
+            except OSError as exc:
+                raise DataError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
+        try:  # from memory: a length field claiming gigabytes cannot make a file read allocate them
+            data = _PlainUnpickler(io.BytesIO(raw)).load()
+        except Exception as exc:  # a refused reference, or a malformed pickle (EOFError, KeyError, ValueError, ...)
+            raise DataError(path, None, f"cannot read refs pickle safely: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, list):
-        raise DataError(path, None, "expected a list of refs")
+        raise DataError(path, None, f"expected a list of refs, got {_json_type(data)}")
     return data
+
+
+def _entries_by_id(data: dict, key: str, path: Path, policy: _Policy) -> dict:
+    """{id: entry} of one list of a COCO instances file; an entry without a usable id, or reusing
+    one, is a DataError (under "skip", every entry of a reused id is dropped)."""
+    entries = data.get(key, [])
+    if not isinstance(entries, list):
+        raise DataError(path, None, f"{key!r} must be a list, got {_json_type(entries)}")
+    out: dict = {}
+    first: dict = {}
+    reused: dict = {}
+    for i, entry in enumerate(entries):
+        rec = f"{key}[{i}]"
+        try:
+            entry_id = _id(_require(entry, "id", path, rec), path, rec, "id")
+            if entry_id in first:
+                reused.setdefault(entry_id, i)
+                raise DataError(path, rec, f"id {shown(entry_id)} is already used by {key}[{first[entry_id]}]")
+            first[entry_id] = i
+            out[entry_id] = entry
+        except DataError as err:
+            policy.handle(err)
+    for entry_id, again in reused.items():
+        del out[entry_id]
+        policy.handle(DataError(path, f"{key}[{first[entry_id]}]", f"id {shown(entry_id)} is used again by {key}[{again}]"))
+    return out
 
 
 def load_refcoco(
@@ -121,43 +200,51 @@ def load_refcoco(
 ) -> tuple[list[ImageRecord], LoadReport]:
     """RefCOCO / RefCOCO+ / RefCOCOg: COCO `instances.json` (boxes) + refs (sentences per ann_id).
     `split` keeps one of train/val/test/testA/testB."""
-    instances, refs_path, root = Path(instances_json), Path(refs_path), Path(image_root)
+    instances, refs_path = Path(instances_json), Path(refs_path)
     data = _read_json(instances)
+    if not isinstance(data, dict):
+        raise DataError(instances, None, f"expected a JSON object at the top level, got {_json_type(data)}: not a COCO instances file")
     report = LoadReport(source=str(refs_path))
     policy = _Policy(on_error, report)
-    images = {img["id"]: img for img in data.get("images", []) if isinstance(img, dict) and "id" in img}
-    anns = {a["id"]: a for a in data.get("annotations", []) if isinstance(a, dict) and "id" in a}
-    cats = {c["id"]: c.get("name", "") for c in data.get("categories", []) if isinstance(c, dict) and "id" in c}
+    images = _entries_by_id(data, "images", instances, policy)
+    anns = _entries_by_id(data, "annotations", instances, policy)
+    cats: dict[Any, str] = {}
+    for cat_id, cat in _entries_by_id(data, "categories", instances, policy).items():
+        try:
+            cats[cat_id] = _text(cat.get("name", ""), instances, f"category {cat_id}", "name")
+        except DataError as err:
+            policy.handle(err)
+    root = ImageRoot(image_root)
+    refs = read_refs(refs_path)
     groups: dict[Any, dict] = {}
-    for i, ref in enumerate(read_refs(refs_path)):
+    for i, ref in enumerate(refs):
         rec = f"refs[{i}]"
         try:
-            if split is not None and _require(ref, "split", refs_path, rec) != split:
-                continue
-            ann_id = _require(ref, "ann_id", refs_path, rec)
+            if split is not None:
+                ref_split = _require(ref, "split", refs_path, rec)
+                if type(ref_split) is not str:
+                    raise DataError(refs_path, rec, f"field 'split' must be a string, got {shown(ref_split)}")
+                if ref_split != split:
+                    continue
+            ann_id = _id(_require(ref, "ann_id", refs_path, rec), refs_path, rec, "ann_id")
             if ann_id not in anns:
-                raise DataError(refs_path, rec, f"ann_id {ann_id!r} is not in {instances.name}")
+                raise DataError(refs_path, rec, f"ann_id {shown(ann_id)} is not in {instances.name}")
             ann = anns[ann_id]
             image_id = ann.get("image_id")
-            if image_id not in images:
-                raise DataError(refs_path, rec, f"image_id {image_id!r} is not in {instances.name}")
-            sentences = [s.get("sent") or s.get("raw") if isinstance(s, dict) else s for s in _require(ref, "sentences", refs_path, rec)]
+            if not _is_id(image_id) or image_id not in images:
+                raise DataError(refs_path, rec, f"image_id {shown(image_id)} is not in {instances.name}")
+            raw = _require(ref, "sentences", refs_path, rec)
+            if not isinstance(raw, (list, tuple)):
+                raise DataError(refs_path, rec, f"field 'sentences' must be a list of sentences, got {_json_type(raw)}")
+            sentences = [s.get("sent") or s.get("raw") if isinstance(s, dict) else s for s in raw]
             sentences = [s for s in sentences if isinstance(s, str) and s.strip()]
             if not sentences:
                 raise DataError(refs_path, rec, "no sentences")
             if image_id not in groups:
-                img = images[image_id]
-                file_name = _require(img, "file_name", instances, f"image {image_id}")
-                size = (
-                    int(_number(img.get("width"), instances, f"image {image_id}", "width")),
-                    int(_number(img.get("height"), instances, f"image {image_id}", "height")),
-                )
-                groups[image_id] = {
-                    "path": resolve_image_path(root, file_name, instances, f"image {image_id}"),
-                    "size": size,
-                    "objects": [],
-                    "file_name": file_name,
-                }
+                img, where = images[image_id], f"image {image_id}"
+                file_name = _require(img, "file_name", instances, where)
+                size = _image_size(img.get("width"), img.get("height"), instances, where)
+                groups[image_id] = {"path": root.resolve(file_name, instances, where), "size": size, "objects": [], "file_name": file_name}
             box = _xywh_box(
                 _require(ann, "bbox", instances, f"annotation {ann_id}"),
                 groups[image_id]["size"],
@@ -165,10 +252,10 @@ def load_refcoco(
                 f"annotation {ann_id}",
                 outside,
             )
-            category = cats.get(ref.get("category_id", ann.get("category_id")), "")
-            groups[image_id]["objects"].append(
-                ObjectAnnotation(box, category, ann_id=ref.get("ref_id", ann_id), expressions=tuple(sentences))
-            )
+            category_id = _optional_id(ref.get("category_id", ann.get("category_id")), refs_path, rec, "category_id")
+            category = cats.get(category_id, "")
+            ref_id = _optional_id(ref.get("ref_id", ann_id), refs_path, rec, "ref_id")
+            groups[image_id]["objects"].append(ObjectAnnotation(box, category, ann_id=ref_id, expressions=tuple(sentences)))
         except DataError as err:
             policy.handle(err)
     records = grouped_records(groups, refs_path)
@@ -188,64 +275,91 @@ def load_visual_genome(
     """Visual Genome: image_data.json (sizes) plus objects.json (boxes with names) and/or
     region_descriptions.json (boxes with phrases, kept as referring expressions). Images are
     `{image_id}.jpg` under `image_root` (VG_100K and VG_100K_2 merged)."""
-    meta_path, root = Path(image_data_json), Path(image_root)
+    meta_path = Path(image_data_json)
     report = LoadReport(source=str(meta_path))
     policy = _Policy(on_error, report)
-    meta = {}
-    for i, img in enumerate(_read_json(meta_path)):
+    meta: dict[Any, tuple[int, int]] = {}
+    first: dict[Any, int] = {}
+    reused: dict[Any, int] = {}
+    for i, img in enumerate(_read_json_list(meta_path, "images")):
+        rec = f"images[{i}]"
         try:
-            image_id = _require(img, "image_id" if "image_id" in img else "id", meta_path, f"images[{i}]")
-            size = (
-                int(_number(img.get("width"), meta_path, f"images[{i}]", "width")),
-                int(_number(img.get("height"), meta_path, f"images[{i}]", "height")),
-            )
-            meta[image_id] = size
+            key = "image_id" if isinstance(img, dict) and "image_id" in img else "id"
+            image_id = _id(_require(img, key, meta_path, rec), meta_path, rec, key)
+            if image_id in first:
+                reused.setdefault(image_id, i)
+                raise DataError(meta_path, rec, f"image id {shown(image_id)} is already used by images[{first[image_id]}]")
+            first[image_id] = i
+            meta[image_id] = _image_size(img.get("width"), img.get("height"), meta_path, rec)
         except DataError as err:
             policy.handle(err)
+    for image_id, again in reused.items():  # on_error="skip": a reused id has no size for sure
+        if meta.pop(image_id, None) is not None:
+            policy.handle(
+                DataError(meta_path, f"images[{first[image_id]}]", f"image id {shown(image_id)} is used again by images[{again}]")
+            )
     objects: dict[Any, list[ObjectAnnotation]] = defaultdict(list)
     if objects_json is not None:
         source = Path(objects_json)
-        for i, entry in enumerate(_read_json(source)):
+        for i, entry in enumerate(_read_json_list(source, "images with objects")):
             try:
-                image_id = _require(entry, "image_id", source, f"[{i}]")
+                image_id = _id(_require(entry, "image_id", source, f"[{i}]"), source, f"[{i}]", "image_id")
                 if image_id not in meta:
-                    raise DataError(source, f"[{i}]", f"image_id {image_id!r} is not in {meta_path.name}")
-                for j, obj in enumerate(_require(entry, "objects", source, f"[{i}]")):
-                    rec = f"[{i}].objects[{j}]"
-                    xywh = [_require(obj, k, source, rec) for k in ("x", "y", "w", "h")]
-                    names = obj.get("names") or ([obj["name"]] if "name" in obj else [])
-                    objects[image_id].append(
-                        ObjectAnnotation(
-                            _xywh_box(xywh, meta[image_id], source, rec, outside),
-                            str(names[0]) if names else "",
-                            ann_id=obj.get("object_id"),
-                        )
-                    )
+                    raise DataError(source, f"[{i}]", f"image_id {shown(image_id)} is not in {meta_path.name}")
+                entry_objects = _require(entry, "objects", source, f"[{i}]")
+                if not isinstance(entry_objects, list):
+                    raise DataError(source, f"[{i}]", f"field 'objects' must be a list, got {_json_type(entry_objects)}")
             except DataError as err:
                 policy.handle(err)
+                continue
+            for j, obj in enumerate(entry_objects):
+                rec = f"[{i}].objects[{j}]"
+                try:
+                    xywh = [_require(obj, k, source, rec) for k in ("x", "y", "w", "h")]
+                    names = obj.get("names") or ([obj["name"]] if "name" in obj else [])
+                    if not isinstance(names, list):
+                        raise DataError(source, rec, f"field 'names' must be a list of names, got {_json_type(names)}")
+                    box = _xywh_box(xywh, meta[image_id], source, rec, outside)
+                    category = _text(names[0], source, rec, "names") if names else ""
+                    objects[image_id].append(
+                        ObjectAnnotation(box, category, ann_id=_optional_id(obj.get("object_id"), source, rec, "object_id"))
+                    )
+                except DataError as err:
+                    policy.handle(err)
     if region_descriptions_json is not None:
         source = Path(region_descriptions_json)
-        for i, entry in enumerate(_read_json(source)):
-            for j, region in enumerate(entry.get("regions", []) if isinstance(entry, dict) else []):
+        for i, entry in enumerate(_read_json_list(source, "images with regions")):
+            try:
+                if not isinstance(entry, dict):
+                    raise DataError(source, f"[{i}]", f"expected an object, got {_json_type(entry)}")
+                regions = entry.get("regions", [])
+                if not isinstance(regions, list):
+                    raise DataError(source, f"[{i}]", f"field 'regions' must be a list, got {_json_type(regions)}")
+            except DataError as err:
+                policy.handle(err)
+                continue
+            for j, region in enumerate(regions):
                 rec = f"[{i}].regions[{j}]"
                 try:
-                    image_id = _require(region, "image_id", source, rec)
+                    image_id = _id(_require(region, "image_id", source, rec), source, rec, "image_id")
                     if image_id not in meta:
-                        raise DataError(source, rec, f"image_id {image_id!r} is not in {meta_path.name}")
+                        raise DataError(source, rec, f"image_id {shown(image_id)} is not in {meta_path.name}")
                     xywh = [_require(region, k, source, rec) for k in ("x", "y", "width", "height")]
-                    phrase = str(_require(region, "phrase", source, rec)).strip()
+                    phrase = _text(_require(region, "phrase", source, rec), source, rec, "phrase").strip()
                     if not phrase:
                         raise DataError(source, rec, "empty phrase")
                     box = _xywh_box(xywh, meta[image_id], source, rec, outside)
-                    objects[image_id].append(ObjectAnnotation(box, "", ann_id=region.get("region_id"), expressions=(phrase,)))
+                    region_id = _optional_id(region.get("region_id"), source, rec, "region_id")
+                    objects[image_id].append(ObjectAnnotation(box, "", ann_id=region_id, expressions=(phrase,)))
                 except DataError as err:
                     policy.handle(err)
+    root = ImageRoot(image_root)
     groups = {}
     for image_id, objs in objects.items():
         try:
             file_name = f"{image_id}.jpg"
             groups[image_id] = {
-                "path": resolve_image_path(root, file_name, meta_path, f"image {image_id}"),
+                "path": root.resolve(file_name, meta_path, f"image {image_id}"),
                 "size": meta[image_id],
                 "objects": objs,
                 "file_name": file_name,

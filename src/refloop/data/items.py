@@ -3,6 +3,7 @@ triplets, Pink's detection boxes) or referring pairs (a box and its expression).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from refloop.boxes import Box
@@ -12,9 +13,13 @@ from refloop.data.loaders import iter_jsonl, load_coco
 from refloop.data.paths import resolve_image_path
 from refloop.data.records import BoxItem
 from refloop.data.sources import cache_dir, load_data
-from refloop.errors import RefloopError
+from refloop.errors import DataError, RefloopError
 from refloop.world import DOMAINS, TRAIN_SEED
 from refloop.world.export import COCO_FILE, export_split
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _items_from_triplets(rows: list[tuple[int, dict]], root: Path, source: str) -> list[BoxItem]:
@@ -23,6 +28,10 @@ def _items_from_triplets(rows: list[tuple[int, dict]], root: Path, source: str) 
     items, headers = [], ImageHeaders()
     for number, row in rows:
         record = f"line {number}"
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("boxes"), list):
+            raise DataError(source, record, "a triplet is an object with a string file_name and a list of boxes")
+        if not all(isinstance(b, list) and len(b) == 4 and all(_finite(v) for v in b) for b in row["boxes"]):
+            raise DataError(source, record, "every box is [x1, y1, x2, y2] in finite pixel numbers")
         path = resolve_image_path(root, row["file_name"], source, record)
         if "width" in row and "height" in row:
             headers.check(path, (row["width"], row["height"]), source, record)

@@ -9,18 +9,29 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from refloop.errors import DataError
+
 
 def read_records(path: Path) -> list[dict]:
-    """Complete records of a JSONL file; a torn trailing line is ignored."""
+    """Complete records of a JSONL file; a torn trailing line (a write cut short by a kill) is
+    ignored. A damaged complete line is a DataError naming the line: resuming past it would
+    silently lose or redo records."""
     if not path.exists():
         return []
     out = []
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
                 break
-            if line.strip():
-                out.append(json.loads(line))
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                raise DataError(path, f"line {number}", f"damaged record ({exc}); delete the file or rerun with --overwrite") from None
+            if not isinstance(record, dict):
+                raise DataError(path, f"line {number}", f"expected a JSON object, got {type(record).__name__}")
+            out.append(record)
     return out
 
 

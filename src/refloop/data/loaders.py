@@ -1,7 +1,17 @@
 """Loaders of COCO-style detection JSON (COCO, Objects365) and referring-expression JSONL.
 
 Policy (DESIGN.md): a bad record raises DataError naming file and record (`on_error="fail"`),
-or is skipped and counted (`on_error="skip"`).
+or is skipped and counted (`on_error="skip"`). A problem of the whole file (missing, a directory,
+not UTF-8, not JSON, nested too deeply, the wrong top-level type) is a DataError either way. No
+other exception escapes a loader, whatever the file holds: ids must be strings or numbers (not
+lists, objects or booleans), numbers finite and within range, image sizes positive.
+
+Text: UTF-8, with or without a byte-order mark; UTF-16 and UTF-32 with their byte-order mark.
+
+Ids name one thing: a COCO `images` entry reusing an id is refused (under "skip" every entry
+claiming that id is dropped, the later ones and the first, since the boxes of that id cannot be
+placed for sure), and so is a referring line giving an `image_id` seen before with another image
+file or another size.
 
 Annotation-only by default: image paths are resolved under the image root (escaping it is an
 error) but the files are neither opened nor required. Commands that will read pixels set
@@ -12,9 +22,12 @@ naming file and record (`refloop.data.images`).
 
 from __future__ import annotations
 
+import codecs
 import gc
+import io
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,13 +35,13 @@ from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
 from operator import is_, is_not, methodcaller
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 
 from refloop.boxes import Box, InvalidBoxError, OutsidePolicy, validate_box
 from refloop.data.images import ImageHeaders, check_image, image_size  # noqa: F401 (image_size: formats.py)
-from refloop.data.paths import ImageRoot
+from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.errors import DataError
 
@@ -61,24 +74,169 @@ class _Policy:
         self.report.skip(error)
 
 
-def _read_json(path: Path) -> Any:
+# ---- reading files ------------------------------------------------------------------------------
+_BOMS = (  # longest first: the UTF-32-LE mark begins with the UTF-16-LE one
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as errors="surrogateescape" decodes them
+
+
+def _encoding(head: bytes) -> str:
+    """The encoding a file's first bytes announce: its byte-order mark, else UTF-8."""
+    return next((name for bom, name in _BOMS if head.startswith(bom)), "utf-8")
+
+
+def _open_binary(path: Path) -> IO[bytes]:
     try:
-        return json.loads(path.read_text())
+        return open(path, "rb")
     except FileNotFoundError:
         raise DataError(path, None, "file not found") from None
+    except IsADirectoryError:
+        raise DataError(path, None, "is a directory, not a file") from None
+    except OSError as exc:
+        raise DataError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
+    except ValueError as exc:  # an embedded NUL
+        raise DataError(path, None, f"not a usable file name: {exc}") from None
+
+
+def open_text(path: Path, newline: str | None = None) -> IO[str]:
+    """A text file as `open` would give it, in the encoding its byte-order mark announces (UTF-8
+    without one); every failure to open it a DataError. UTF-8 is decoded with errors="surrogateescape":
+    a byte that is not UTF-8 shows as a character of U+DC80..U+DCFF (see `_ESCAPED`), so one bad line
+    can be named and skipped; other encodings fail strictly (UnicodeDecodeError while reading)."""
+    raw = _open_binary(path)
+    try:
+        encoding = _encoding(raw.peek(4)[:4])  # type: ignore[attr-defined]
+    except OSError as exc:
+        raw.close()
+        raise DataError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
+    errors = "surrogateescape" if encoding.startswith("utf-8") else "strict"
+    return io.TextIOWrapper(raw, encoding=encoding, errors=errors, newline=newline)  # type: ignore[arg-type]
+
+
+def read_text(path: Path) -> str:
+    """A whole text file (UTF-8, or the encoding of its byte-order mark); a DataError naming the line
+    of the first byte that does not decode."""
+    with _open_binary(path) as handle:
+        try:
+            raw = handle.read()
+        except OSError as exc:
+            raise DataError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
+    encoding = _encoding(raw[:4])
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:  # a problem of the whole file (record None), located in the message
+        line = f", line {_line_of(raw, exc.start)}" if encoding.startswith("utf-8") else ""
+        raise DataError(path, None, f"not {encoding.replace('-sig', '').upper()} text: {exc.reason} at byte {exc.start}{line}") from None
+
+
+def _line_of(raw: bytes, offset: int) -> int:
+    return raw.count(b"\n", 0, offset) + 1
+
+
+def _read_json(path: Path) -> Any:
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(path, None, "not usable JSON: nested too deeply") from None
     except json.JSONDecodeError as exc:
-        raise DataError(path, None, f"not valid JSON: {exc}") from None
+        hint = " (it looks like UTF-16 or UTF-32 without a byte-order mark: save it as UTF-8)" if "\x00" in text[:4] else ""
+        raise DataError(path, None, f"not valid JSON: {exc}{hint}") from None
+    except ValueError as exc:  # an integer beyond Python's digit limit
+        raise DataError(path, None, f"not usable JSON: {exc}") from None
+
+
+def _read_json_list(path: Path, what: str) -> list:
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise DataError(path, None, f"expected a JSON array of {what} at the top level, got {_json_type(data)}")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "a number",
+        float: "a number",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+# ---- checking values ------------------------------------------------------------------------------
+_MAX_SIDE = 2**31 - 1  # image sides beyond this are no image (PIL's own bound); keeps width * height in int64
 
 
 def _number(value: Any, source: object, record: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(source, record, f"field {name!r} must be a finite number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(source, record, f"field {name!r} must be a finite number, got {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise DataError(source, record, f"field {name!r} must be a finite number, got {shown(value)} (beyond the float range)") from None
+    if not math.isfinite(number):
+        raise DataError(source, record, f"field {name!r} must be a finite number, got {shown(value)}")
+    return number
+
+
+def _side(value: Any, source: object, record: object, name: str) -> int:
+    """An image width or height: a finite number, truncated to an integer (as before), at most _MAX_SIDE.
+    Positivity is checked by the caller, which names both sides."""
+    side = int(_number(value, source, record, name))
+    if side > _MAX_SIDE:
+        raise DataError(source, record, f"field {name!r} is {shown(value)}, beyond any image ({_MAX_SIDE} pixels)")
+    return side
+
+
+def _image_size(width: Any, height: Any, source: object, record: object) -> tuple[int, int]:
+    size = (_side(width, source, record, "width"), _side(height, source, record, "height"))
+    if size[0] <= 0 or size[1] <= 0:
+        raise DataError(source, record, f"image size must be positive, got {size[0]}x{size[1]}")
+    return size
+
+
+def _is_id(value: Any) -> bool:
+    """A usable id: a string, an integer of at most 64 bits (it must print: a pickle can hold an
+    integer Python refuses to print), or a finite float; never a list, an object, a boolean (true
+    would be the id 1) or null."""
+    kind = type(value)
+    return kind is str or (kind is int and value.bit_length() <= 64) or (kind is float and math.isfinite(value))
+
+
+def _id(value: Any, source: object, record: object, name: str) -> Any:
+    if not _is_id(value):
+        raise DataError(source, record, f"field {name!r} must be a string or a number (integers of at most 64 bits), got {shown(value)}")
+    return value
+
+
+def _optional_id(value: Any, source: object, record: object, name: str) -> Any:
+    """An id that may be absent (None)."""
+    return None if value is None else _id(value, source, record, name)
+
+
+def _text(value: Any, source: object, record: object, name: str) -> str:
+    """A name or phrase: a string, or a number written as text (as `str` did before); null is no
+    text (""); never a list or an object."""
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    if type(value) in (bool, float) or (type(value) is int and value.bit_length() <= 64):
+        return str(value)
+    raise DataError(source, record, f"field {name!r} must be a string, got {shown(value)}")
 
 
 def _xywh_box(bbox: Any, size: tuple[int, int], source: object, record: object, outside: OutsidePolicy) -> Box:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        raise DataError(source, record, f"bbox must be [x, y, width, height], got {bbox!r}")
+        raise DataError(source, record, f"bbox must be [x, y, width, height], got {shown(bbox)}")
     x, y, w, h = (_number(v, source, record, "bbox") for v in bbox)
     try:
         return validate_box(Box.from_xywh(x, y, w, h), size, outside=outside)
@@ -213,25 +371,43 @@ def _read_coco(
     report = policy.report
     root = ImageRoot(image_root if image_root is not None else path.parent)
     data = _read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(path, None, f"expected a JSON object at the top level, got {_json_type(data)}: not a COCO-style detection file")
     for key in ("images", "annotations", "categories"):
-        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        if not isinstance(data.get(key), list):
             raise DataError(path, None, f"missing list {key!r}: not a COCO-style detection file")
     categories: dict[Any, str] = {}
+    renamed: set = set()  # category ids given again with another name (on_error="skip")
     for i, cat in enumerate(data["categories"]):
+        rec = f"categories[{i}]"
         try:
-            categories[_require(cat, "id", path, f"categories[{i}]")] = str(_require(cat, "name", path, f"categories[{i}]"))
+            cat_id = _id(_require(cat, "id", path, rec), path, rec, "id")
+            name = _text(_require(cat, "name", path, rec), path, rec, "name")
+            if categories.get(cat_id, name) != name:
+                renamed.add(cat_id)
+                problem = f"category id {shown(cat_id)} is already the category {shown(categories[cat_id])}, not {shown(name)}"
+                raise DataError(path, rec, problem)
+            categories[cat_id] = name
         except DataError as err:
             policy.handle(err)
-    index: dict[Any, int] = {}  # image id -> row of the image columns (a repeated id keeps its first row, takes the last values)
+    for cat_id in renamed:  # on_error="skip": which name its boxes have is unknown, so the category goes, and its boxes
+        del categories[cat_id]
+    index: dict[Any, int] = {}  # image id -> row of the image columns
+    entry_of: dict[Any, int] = {}  # image id -> the images[] entry that first gave it
+    reused: dict[Any, int] = {}  # image id -> the first images[] entry that gave it again (on_error="skip")
     image_ids: list = []
     columns: tuple[list, ...] = ([], [], [], [])  # file_name, path, width, height
     for i, img in enumerate(data["images"]):
         rec = f"images[{i}]"
         try:
-            image_id = _require(img, "id", path, rec)
+            image_id = _id(_require(img, "id", path, rec), path, rec, "id")
+            if image_id in entry_of:
+                reused.setdefault(image_id, i)
+                raise DataError(path, rec, f"image id {shown(image_id)} is already used by images[{entry_of[image_id]}]")
+            entry_of[image_id] = i
             file_name = _require(img, "file_name", path, rec)
-            width = int(_number(_require(img, "width", path, rec), path, rec, "width"))
-            height = int(_number(_require(img, "height", path, rec), path, rec, "height"))
+            width = _side(_require(img, "width", path, rec), path, rec, "width")
+            height = _side(_require(img, "height", path, rec), path, rec, "height")
             if width <= 0 or height <= 0:
                 raise DataError(path, rec, f"image size must be positive, got {width}x{height}")
             where = f"{rec} (id {image_id})"
@@ -241,15 +417,20 @@ def _read_coco(
         except DataError as err:
             policy.handle(err)
             continue
-        row = index.setdefault(image_id, len(image_ids))
-        values = (file_name, file_path, width, height)
-        if row == len(image_ids):
-            image_ids.append(image_id)
-            for column, value in zip(columns, values):
-                column.append(value)
-        else:
-            for column, value in zip(columns, values):
-                column[row] = value
+        index[image_id] = len(image_ids)
+        image_ids.append(image_id)
+        for column, value in zip(columns, (file_name, file_path, width, height)):
+            column.append(value)
+    if reused:  # on_error="skip": which entry the boxes of a reused id belong to is unknown, so none keeps it
+        for image_id, again in reused.items():
+            if image_id in index:
+                policy.handle(
+                    DataError(path, f"images[{entry_of[image_id]}]", f"image id {shown(image_id)} is used again by images[{again}]")
+                )
+        rows_kept = [k for k, image_id in enumerate(image_ids) if image_id not in reused]
+        image_ids = [image_ids[k] for k in rows_kept]
+        columns = tuple([column[k] for k in rows_kept] for column in columns)
+        index = {image_id: k for k, image_id in enumerate(image_ids)}
     file_names, paths, widths, heights = columns
     names: dict[str, int] = {}
     category_index = {cat: names.setdefault(name, len(names)) for cat, name in categories.items()}
@@ -260,14 +441,14 @@ def _read_coco(
         image_id = _require(ann, "image_id", path, rec)
         if ann.get("iscrowd", 0):
             return None
-        if image_id not in index:
-            raise DataError(path, rec, f"image_id {image_id!r} is not among the usable images")
-        cat = _require(ann, "category_id", path, rec)
+        if _id(image_id, path, rec, "image_id") not in index:
+            raise DataError(path, rec, f"image_id {shown(image_id)} is not among the usable images")
+        cat = _id(_require(ann, "category_id", path, rec), path, rec, "category_id")
         if cat not in categories:
-            raise DataError(path, rec, f"category_id {cat!r} is not in 'categories'")
+            raise DataError(path, rec, f"category_id {shown(cat)} is not in 'categories'")
         k = index[image_id]
         box = _xywh_box(_require(ann, "bbox", path, rec), (widths[k], heights[k]), path, rec, outside)
-        return k, category_index[cat], box, ann.get("id", i)
+        return k, category_index[cat], box, _optional_id(ann.get("id", i), path, rec, "id")
 
     # Columns straight from the JSON objects, by C-level maps rather than a Python loop per box.
     # An annotation that is not plainly well-formed takes the record-by-record checks (`checked`).
@@ -285,6 +466,9 @@ def _read_coco(
     crowd = np.fromiter(map(bool, crowd_col), dtype=bool, count=n)
     plain_bbox = np.fromiter((type(b) is list and len(b) == 4 for b in bbox_col), dtype=bool, count=n)
     fast = named & ~crowd & (box_image >= 0) & (box_category >= 0) & plain_bbox
+    if not (set(map(type, id_col)) <= {int} and (not n or max(max(id_col), -min(id_col)).bit_length() <= 64)):
+        # an id that is absent, or not an integer of at most 64 bits: the record-by-record checks name it
+        fast &= np.fromiter((v is _MISSING or v is None or _is_id(v) for v in id_col), dtype=bool, count=n)
     slow = ~named | (~crowd & ~fast)
     del image_col, crowd_col, category_col
 
@@ -300,7 +484,8 @@ def _read_coco(
         values[fast] = np.array([v if abs(v) < 1e308 else math.nan for v in flat], dtype=np.float64).reshape(-1, 4)
     del flat
     x, y, w, h = values.T
-    x2, y2 = x + w, y + h
+    with np.errstate(over="ignore", invalid="ignore"):
+        x2, y2 = x + w, y + h
     image_row = np.where(box_image >= 0, box_image, len(widths))
     width_of, height_of = np.array([*widths, 0], dtype=np.int64)[image_row], np.array([*heights, 0], dtype=np.int64)[image_row]
     with np.errstate(invalid="ignore", over="ignore"):
@@ -360,19 +545,13 @@ def _read_coco(
 
 
 def _lookup(table: dict, keys: list) -> np.ndarray:
-    """table[key] for each key: -1 where absent, -2 where the key cannot be a dict key."""
-    try:
+    """table[key] for each key: -1 where absent, -2 where the key is no id (a list, an object, a
+    boolean: true would find the id 1); those take the record-by-record checks."""
+    if set(map(type, keys)) <= {int, str}:
         found = list(map(table.get, keys, repeat(-1)))
-    except TypeError:
-        found = [_get(table, key) for key in keys]
+    else:
+        found = [table.get(key, -1) if _is_id(key) else -2 for key in keys]
     return np.array(found, dtype=np.int64)
-
-
-def _get(table: dict, key: Any) -> int:
-    try:
-        return table.get(key, -1)
-    except TypeError:
-        return -2
 
 
 def load_coco(
@@ -397,18 +576,42 @@ def load_coco(
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object) for each non-empty line; a bad line is a DataError."""
-    try:
-        handle = open(path)
-    except FileNotFoundError:
-        raise DataError(path, None, "file not found") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
+    for number, value in jsonl_lines(path):
+        if isinstance(value, DataError):
+            raise value
+        yield number, value
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object, or the DataError of a bad line) for each non-empty line, so a
+    reader can skip a bad line and go on. A problem of the whole file (missing, a directory, a
+    UTF-16 file that stops decoding) is raised."""
+    path = Path(path)
+    with open_text(path) as handle:
+        number = 0
+        while True:
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as exc:  # UTF-16/32 (UTF-8 is read with surrogateescape): the whole file
+                raise DataError(path, None, f"not {handle.encoding.upper()} text: {exc.reason} (after line {number})") from None
+            except OSError as exc:
+                raise DataError(path, None, f"cannot read the file: {exc.strerror or exc} (after line {number})") from None
+            if not line:
+                return
+            number += 1
             if not line.strip():
+                continue
+            if not line.isascii() and _ESCAPED.search(line):
+                yield number, DataError(path, f"line {number}", "not UTF-8 text (a byte that is no UTF-8)")
                 continue
             try:
                 yield number, json.loads(line)
+            except RecursionError:
+                yield number, DataError(path, f"line {number}", "not usable JSON: nested too deeply")
             except json.JSONDecodeError as exc:
-                raise DataError(path, f"line {number}", f"not valid JSON: {exc}") from None
+                yield number, DataError(path, f"line {number}", f"not valid JSON: {exc}")
+            except ValueError as exc:  # an integer beyond Python's digit limit
+                yield number, DataError(path, f"line {number}", f"not usable JSON: {exc}")
 
 
 def load_referring(
@@ -423,7 +626,8 @@ def load_referring(
     One line per referred object: file_name, image_id, bbox [x, y, w, h], sentences [str, ...],
     optional category, ref_id, width, height (read from the image header when absent).
     `verify_images` checks each image file against the size its lines claim. Either way an image
-    is opened at most once, however many lines name it.
+    is opened at most once, however many lines name it. An `image_id` names one image: a line
+    giving it with another image file, or another width/height, is refused (skipped under "skip").
     """
     path = Path(path)
     root = ImageRoot(image_root if image_root is not None else path.parent)
@@ -431,37 +635,46 @@ def load_referring(
     report = LoadReport(source=str(path))
     policy = _Policy(on_error, report)
     grouped: dict[Any, dict] = {}
-    lines = iter_jsonl(path)
-    while True:
-        try:
-            item = next(lines)
-        except StopIteration:
-            break
-        except DataError as err:
-            policy.handle(err)
-            continue
-        number, entry = item
+    for number, entry in jsonl_lines(path):
         rec = f"line {number}"
         try:
-            image_id = _require(entry, "image_id", path, rec)
+            if isinstance(entry, DataError):
+                raise entry
+            image_id = _id(_require(entry, "image_id", path, rec), path, rec, "image_id")
             file_name = _require(entry, "file_name", path, rec)
             file_path = root.resolve(file_name, path, rec)
+            group = grouped.get(image_id)
+            if group is not None and group["path"] != file_path:
+                raise DataError(
+                    path,
+                    rec,
+                    f"image_id {shown(image_id)} is the image {shown(group['file_name'])} on line {group['line']}, "
+                    f"but this line names {shown(file_name)}",
+                )
             sentences = _require(entry, "sentences", path, rec)
             if not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) and s.strip() for s in sentences):
                 raise DataError(path, rec, "field 'sentences' must be a non-empty list of non-empty strings")
             if "width" in entry and "height" in entry:
-                size = (int(_number(entry["width"], path, rec, "width")), int(_number(entry["height"], path, rec, "height")))
+                size = _image_size(entry["width"], entry["height"], path, rec)
+                if group is not None and group["size"] != size:
+                    raise DataError(
+                        path,
+                        rec,
+                        f"image_id {shown(image_id)} is {group['size'][0]}x{group['size'][1]} on line {group['line']}, "
+                        f"but this line says {size[0]}x{size[1]}",
+                    )
                 if verify_images:
                     headers.check(file_path, size, path, rec)
+            elif group is not None:
+                size = group["size"]  # the size an earlier line gave (or its header): the one the boxes go with
             else:
                 size = headers.size(file_path, path, rec)
             box = _xywh_box(_require(entry, "bbox", path, rec), size, path, rec, outside)
-            group = grouped.setdefault(image_id, {"path": file_path, "size": size, "objects": [], "file_name": file_name})
-            group["objects"].append(
-                ObjectAnnotation(
-                    box=box, category=str(entry.get("category", "")), ann_id=entry.get("ref_id", number), expressions=tuple(sentences)
-                )
-            )
+            category = _text(entry.get("category", ""), path, rec, "category")
+            ann_id = _optional_id(entry.get("ref_id", number), path, rec, "ref_id")
+            if group is None:
+                group = grouped[image_id] = {"path": file_path, "size": size, "objects": [], "file_name": file_name, "line": number}
+            group["objects"].append(ObjectAnnotation(box=box, category=category, ann_id=ann_id, expressions=tuple(sentences)))
         except DataError as err:
             policy.handle(err)
     records = grouped_records(grouped, path)

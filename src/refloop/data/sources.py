@@ -43,6 +43,8 @@ def load_data(
         return load_coco(path, images, on_error=on_error, verify_images=True)
     if path.suffix == ".jsonl":
         return load_referring(path, images, on_error=on_error, verify_images=True)
+    if path.is_dir():
+        raise RefloopError(f"--data {spec!r} is a directory: give its annotation file (a .json COCO or .jsonl referring file)")
     raise RefloopError(
         f"--data {spec!r} is neither a shapes-world domain ({', '.join(DOMAINS)}) nor a .json (COCO) / .jsonl (referring) file"
     )

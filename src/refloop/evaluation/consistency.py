@@ -16,20 +16,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
 from refloop.data.jsonl import JsonlWriter, read_records
+from refloop.data.pixels import readable
 from refloop.data.records import ImageRecord, ObjectAnnotation
+from refloop.errors import DataError
 from refloop.models.base import VLM, GenerateOptions
+from refloop.runs import model_fingerprint, run_directory
 
 
 class ConsistencyConfig(BaseModel):
-    num_boxes: int = Field(1000, description="boxes to evaluate, one per image (the paper: 4000)")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    num_boxes: int = Field(1000, ge=1, description="boxes to evaluate, one per image (the paper: 4000)")
     seed: int = Field(0, description="seed of the box choice within each image")
-    iou_threshold: float = Field(SC_TUNE_CONSISTENCY.threshold, description="consistent when IoU is above this (Pr@0.5)")
-    batch_size: int = Field(64, description="images per generation batch")
-    max_new_tokens: int = Field(32, description="longest caption generated")
+    iou_threshold: float = Field(SC_TUNE_CONSISTENCY.threshold, ge=0, le=1, description="consistent when IoU is above this (Pr@0.5)")
+    batch_size: int = Field(64, ge=1, description="images per generation batch")
+    max_new_tokens: int = Field(32, ge=1, description="longest caption generated")
 
 
 @dataclass(frozen=True)
@@ -77,9 +82,24 @@ def evaluate_consistency(
     cfg: ConsistencyConfig,
     data_name: str = "",
     progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+    on_error: str = "fail",
 ) -> dict:
-    """Run the loop, append per-sample JSONL (resumable by sample id), write metrics.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Run the loop, append per-sample JSONL (resumable by sample id), write metrics.json. The
+    directory is locked while written and refuses samples of another model, data or decoding."""
+    fingerprint = {
+        "task": "consistency",
+        "model": model_fingerprint(vlm),
+        "data": data_name,
+        "seed": cfg.seed,
+        "max_new_tokens": cfg.max_new_tokens,
+        "iou_threshold": cfg.iou_threshold,
+    }
+    with run_directory(out_dir, fingerprint, overwrite):
+        return _evaluate(vlm, samples, out_dir, cfg, data_name, progress, on_error)
+
+
+def _evaluate(vlm: VLM, samples: list[BoxSample], out_dir: Path, cfg: ConsistencyConfig, data_name: str, progress, on_error: str) -> dict:
     samples_path = out_dir / "samples.jsonl"
     writer = JsonlWriter(samples_path, key="id")
     todo = [s for s in samples if s.sample_id not in writer.done]
@@ -88,10 +108,14 @@ def evaluate_consistency(
     options = GenerateOptions(max_new_tokens=cfg.max_new_tokens)  # greedy, as the protocol says
     consistency = Consistency(cfg.iou_threshold)
     started = time.perf_counter()
+    skipped: list[DataError] = []
     with writer:
         for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start : start + cfg.batch_size]
-            images = [s.record.load_image() for s in chunk]
+            chunk, images = readable(todo[start : start + cfg.batch_size], lambda s: s.record.load_image(), on_error, skipped)
+            if progress and len(chunk) < min(cfg.batch_size, len(todo) - start):
+                progress(min(cfg.batch_size, len(todo) - start) - len(chunk))
+            if not chunk:
+                continue
             targets = [s.target.box for s in chunk]
             cycle = describe_then_locate(vlm, vlm, images, targets, options, consistency=consistency)
             with_expr = [i for i, s in enumerate(chunk) if s.target.expressions]
@@ -133,5 +157,7 @@ def evaluate_consistency(
             "iou_threshold": cfg.iou_threshold,
         }
     )
+    if skipped:
+        metrics["skipped_images"] = len(skipped)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -10,9 +10,12 @@ from pathlib import Path
 
 from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, locate_boxes
 from refloop.data.jsonl import JsonlWriter, read_records
+from refloop.data.pixels import readable
 from refloop.data.records import ImageRecord
+from refloop.errors import DataError
 from refloop.evaluation.captions import caption_metrics
 from refloop.models.base import VLM
+from refloop.runs import model_fingerprint, run_directory
 
 
 def rec_pairs(records: list[ImageRecord], limit: int | None = None) -> list[tuple[str, ImageRecord, int, str]]:
@@ -32,14 +35,28 @@ def evaluate_rec(
     limit: int | None = None,
     threshold: float = SC_TUNE_CONSISTENCY.threshold,
     progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+    on_error: str = "fail",
 ) -> dict:
+    """REC accuracy over every (object, expression) pair; an image that does not decode stops the
+    run, or with on_error="skip" drops its pairs (counted as `skipped_images`, retried on resume)."""
+    with run_directory(out, _fingerprint("rec", vlm, records) | {"iou_threshold": threshold}, overwrite):
+        return _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_error)
+
+
+def _fingerprint(task: str, vlm: VLM, records: list[ImageRecord]) -> dict:
+    return {"task": task, "model": model_fingerprint(vlm), "data": sorted({str(r.source) for r in records})}
+
+
+def _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_error) -> dict:
     pairs = rec_pairs(records, limit)
-    out.mkdir(parents=True, exist_ok=True)
+    skipped: list[DataError] = []
     with JsonlWriter(out / "rec_samples.jsonl", key="id") as writer:
         todo = [p for p in pairs if p[0] not in writer.done]
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            images = [rec.load_image() for _, rec, _, _ in chunk]
+            chunk, images = readable(todo[start : start + batch_size], lambda pair: pair[1].load_image(), on_error, skipped)
+            if not chunk:
+                continue
             targets = [rec.objects[i].box for _, rec, i, _ in chunk]
             located, ious = locate_boxes(vlm, images, [expr for *_, expr in chunk], targets)
             writer.write_many(
@@ -65,6 +82,8 @@ def evaluate_rec(
         "mean_iou": sum(r["iou"] for r in rows) / max(len(rows), 1),
         "iou_threshold": threshold,
     }
+    if skipped:
+        metrics["skipped_images"] = len(skipped)
     (out / "rec_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -77,7 +96,16 @@ def evaluate_reg(
     limit: int | None = None,
     progress: Callable[[int], None] | None = None,
     java: bool | None = None,
+    overwrite: bool = False,
+    on_error: str = "fail",
 ) -> dict:
+    """One greedy description per referred object, scored against all its expressions; failure
+    policy for undecodable images as in `evaluate_rec`."""
+    with run_directory(out, _fingerprint("reg", vlm, records), overwrite):
+        return _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error)
+
+
+def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error) -> dict:
     objects = [
         (f"{rec.image_id}:{obj.ann_id if obj.ann_id is not None else i}", rec, obj)
         for rec in records
@@ -85,12 +113,14 @@ def evaluate_reg(
         if obj.expressions
     ]
     objects = objects[:limit] if limit else objects
-    out.mkdir(parents=True, exist_ok=True)
+    skipped: list[DataError] = []
     with JsonlWriter(out / "reg_samples.jsonl", key="id") as writer:
         todo = [o for o in objects if o[0] not in writer.done]
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            captions = vlm.describe([rec.load_image() for _, rec, _ in chunk], [obj.box for _, _, obj in chunk])
+            chunk, images = readable(todo[start : start + batch_size], lambda item: item[1].load_image(), on_error, skipped)
+            if not chunk:
+                continue
+            captions = vlm.describe(images, [obj.box for _, _, obj in chunk])
             writer.write_many(
                 {"id": oid, "image": str(rec.path), "box": obj.box.as_list(), "prediction": cap, "references": list(obj.expressions)}
                 for (oid, rec, obj), cap in zip(chunk, captions)
@@ -100,5 +130,7 @@ def evaluate_reg(
     wanted = {o[0] for o in objects}
     rows = [r for r in read_records(out / "reg_samples.jsonl") if r["id"] in wanted]
     metrics = caption_metrics({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}, java=java)
+    if skipped:
+        metrics["skipped_images"] = len(skipped)
     (out / "reg_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -43,47 +43,48 @@ ROLES: tuple[Role, Role] = ("describer", "locator")
 class SCTuneConfig(BaseModel):
     """Defaults are the paper's (Sec. 4.1) and the authors' release where the paper is silent."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # Schedule (Sec. 3.2, 4.1)
-    phases: int = Field(6, description="number of phases; they alternate describer/locator")
+    phases: int = Field(6, ge=1, description="number of phases; they alternate describer/locator")
     first_phase: Role = Field("describer", description="role trained in the first phase")
-    describer_steps: int = Field(200, description="H for describer phases (paper 200)")
-    locator_steps: int = Field(200, description="H for locator phases (paper 200, authors' release 100)")
+    describer_steps: int = Field(200, ge=1, description="H for describer phases (paper 200)")
+    locator_steps: int = Field(200, ge=1, description="H for locator phases (paper 200, authors' release 100)")
     tune: Literal["both", "describer", "locator"] = Field(
         "both", description="both = SC-Tune; describer/locator = Table 8 ablations (only that role, every phase, no sync)"
     )
-    batch_size: int = Field(128, description="boxes per step")
+    batch_size: int = Field(128, ge=1, description="boxes per step")
     # Optimisation
-    describer_lr: float = Field(5e-7, description="describer learning rate (paper, 7B models)")
-    locator_lr: float = Field(1e-6, description="locator learning rate (paper, 7B models)")
-    weight_decay: float = Field(0.1, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, description="max gradient norm")
+    describer_lr: float = Field(5e-7, gt=0, description="describer learning rate (paper, 7B models)")
+    locator_lr: float = Field(1e-6, gt=0, description="locator learning rate (paper, 7B models)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
     reset_optimizer_on_switch: bool = Field(True, description="fresh AdamW state at each phase (authors' release)")
     # Describer PPO (Eq. 1-3)
-    kl_coef: float = Field(0.01, description="beta of the token-level KL penalty (Eq. 2)")
-    clip_eps: float = Field(0.2, description="PPO clip epsilon (Eq. 1)")
-    ppo_epochs: int = Field(2, description="PPO epochs over each rollout batch")
-    minibatches: int = Field(1, description="minibatches per PPO epoch")
+    kl_coef: float = Field(0.01, ge=0, description="beta of the token-level KL penalty (Eq. 2)")
+    clip_eps: float = Field(0.2, gt=0, description="PPO clip epsilon (Eq. 1)")
+    ppo_epochs: int = Field(2, ge=1, description="PPO epochs over each rollout batch")
+    minibatches: int = Field(1, ge=1, description="minibatches per PPO epoch")
     baseline: Literal["reference", "greedy", "group"] = Field(
         "reference", description="reference: pi_ref's greedy caption (paper); greedy: current policy's; group: mean of K samples"
     )
-    group_size: int = Field(4, description="samples per box with baseline=group")
-    temperature: float = Field(1.0, description="sampling temperature")
-    top_k: int = Field(100, description="sampling top-k (authors' release)")
-    top_p: float = Field(0.3, description="sampling top-p (authors' release)")
-    max_new_tokens: int = Field(30, description="longest sampled caption (authors' release)")
+    group_size: int = Field(4, ge=2, description="samples per box with baseline=group")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_k: int = Field(100, ge=0, description="sampling top-k (authors' release)")
+    top_p: float = Field(0.3, gt=0, le=1, description="sampling top-p (authors' release)")
+    max_new_tokens: int = Field(30, ge=1, description="longest sampled caption (authors' release)")
     # Locator (Eq. 4)
-    supervised_ratio: float = Field(0.0, description="fraction of locator samples taken from supervised referring data (L_sup)")
+    supervised_ratio: float = Field(0.0, ge=0, le=1, description="fraction of locator samples taken from supervised referring data (L_sup)")
     # Roles
     lora: LoraSettings = Field(default_factory=LoraSettings, description="adapter settings")
     reference: Literal["base", "snapshot"] = Field("base", description="reference policy: base with adapters off, or a frozen snapshot")
     # Bookkeeping
     seed: int = Field(0, description="seed of batches and sampling")
-    checkpoint_every: int = Field(25, description="steps between resumable checkpoints")
-    generation_batch_size: int = Field(64, description="sequences per generation/forward batch")
+    checkpoint_every: int = Field(25, ge=1, description="steps between resumable checkpoints")
+    generation_batch_size: int = Field(64, ge=1, description="sequences per generation/forward batch")
     micro_batch_size: int | None = Field(
         None,
+        ge=1,
         description="sequences per forward+backward of an update; gradients accumulate to the full minibatch's, "
         "so activation memory scales with this instead of the batch (None: the whole minibatch at once)",
     )

@@ -19,6 +19,7 @@ from refloop.methods.sctune import SCTune, SCTuneConfig
 from refloop.models.base import VLM
 from refloop.models.processors import save_processor
 from refloop.report.plots import sctune_curves
+from refloop.runs import run_directory
 
 
 class SCTuneRecipe(ModelSpec):
@@ -27,12 +28,12 @@ class SCTuneRecipe(ModelSpec):
 
     train_data: DataSpec = Field(..., description="shapes-world domain, COCO-style .json (filtered on the fly) or triplets .jsonl")
     images: str | None = Field(None, description="image root of every data file that does not name its own")
-    train_images: int = Field(2000, description="scenes exported when train_data is a shapes-world domain (training seed)")
-    max_overlap_iou: float = Field(0.5, description="appendix-9 filter: overlap threshold")
-    min_area_fraction: float = Field(0.02, description="appendix-9 filter: smallest box as a fraction of the image")
+    train_images: int = Field(2000, ge=1, le=1_000_000, description="scenes exported when train_data is a shapes-world domain")
+    max_overlap_iou: float = Field(0.5, ge=0, le=1, description="appendix-9 filter: overlap threshold")
+    min_area_fraction: float = Field(0.02, ge=0, le=1, description="appendix-9 filter: smallest box as a fraction of the image")
     supervised_data: DataSpec | None = Field(None, description="referring data (domain or .jsonl) mixed into locator phases (L_sup)")
     eval_data: list[DataSpec] = Field(default_factory=list, description="held-out data evaluated before and after tuning")
-    eval_boxes: int = Field(1000, description="boxes per evaluation set")
+    eval_boxes: int = Field(1000, ge=1, description="boxes per evaluation set")
     sctune: SCTuneConfig = Field(default_factory=SCTuneConfig, description="the method's hyperparameters")
 
     @field_validator("train_data", "supervised_data", mode="before")
@@ -60,7 +61,19 @@ def evaluate(vlm: VLM, recipe: SCTuneRecipe, out: Path, label: str) -> dict[str,
     return results
 
 
-def run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None] | None = None, evaluate_base: bool = True) -> dict:
+def run_sctune(
+    recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None] | None = None, evaluate_base: bool = True, overwrite: bool = False
+) -> dict:
+    """Train, export and evaluate in `out`. Rerunning resumes; a run with another recipe (other
+    than its evaluation sets and thread count) is refused unless `overwrite`."""
+    fingerprint = {"task": "sctune", "recipe": recipe.model_dump(mode="json", exclude={"eval_data", "eval_boxes", "threads"})}
+    if not PartialState(cpu=recipe.device == "cpu").is_main_process:
+        return _run_sctune(recipe, out, progress, evaluate_base)
+    with run_directory(out, fingerprint, overwrite):
+        return _run_sctune(recipe, out, progress, evaluate_base)
+
+
+def _run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None] | None, evaluate_base: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
     train, filter_counts = detection_items(

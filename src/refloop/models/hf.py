@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
@@ -78,6 +80,10 @@ def load_parts(
     """A checkpoint's validated config, its processor and its prompt profile (no weights)."""
     if Path(path).exists() and not (Path(path) / "config.json").exists():
         raise RefloopError(f"{path} is not a model directory (no config.json)")
+    if not Path(path).exists() and (not _HUB_ID.fullmatch(path) or Path(path).parent.is_dir() and str(Path(path).parent) != "."):
+        # A hub id is `name` or `org/name` with no such local folder; anything else is a local path,
+        # and asking the hub for it would only time out.
+        raise RefloopError(f"model directory {path} does not exist (and it is not a hub id such as org/name)")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -86,7 +92,28 @@ def load_parts(
     processor = load_processor(path, config, trust_remote_code=trust_remote_code, **(processor_options or {}))
     if isinstance(profile, str):
         profile = get_profile(profile, processor)
-    return config, processor, profile or profile_for_config(config, processor)
+    profile = profile or profile_for_config(config, processor)
+    check_profile_fits(profile, processor, path)
+    return config, processor, profile
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_profile_fits(profile: PromptProfile, processor, path: str) -> None:
+    """The profile's box text must survive this checkpoint's tokenizer: a REC answer, tokenized,
+    decoded and read back, names the same box. A profile of another family fails here, before
+    any weights load, instead of every answer being silently unparseable."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    box, size = Box(10.0, 20.0, 60.0, 80.0), (100, 100)
+    answer = profile.rec_answer(box, size, "the thing")
+    ids = tokenizer.encode(answer, add_special_tokens=False)
+    found = profile.read_box(profile.decode(tokenizer, ids), size)
+    if found is None or box.iou(found) < 0.5:
+        raise RefloopError(
+            f"prompt profile {type(profile).__name__} does not fit {path}: its box text {answer!r} does not survive the "
+            "checkpoint's tokenizer; choose the profile of this model's family (--profile)"
+        )
 
 
 class HFVLM:
@@ -123,9 +150,14 @@ class HFVLM:
         path = str(name_or_path)
         config, processor, profile = load_parts(path, profile, processor_options, trust_remote_code)
         dev = select_device(device)
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, config=config, dtype=select_dtype(dtype, dev), trust_remote_code=trust_remote_code
-        )
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, config=config, dtype=select_dtype(dtype, dev), trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise RefloopError(
+                f"cannot load the weights of {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
         model.to(dev).eval()
         return cls(model, processor, profile, name=path, batch_size=batch_size)
 

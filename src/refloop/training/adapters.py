@@ -53,11 +53,11 @@ def language_model_targets(model: torch.nn.Module) -> str:
 
 
 class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    r: int = Field(16, description="LoRA rank")
-    alpha: int = Field(32, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = Field(0.0, description="LoRA dropout (0 keeps rollouts and updates deterministic)")
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 keeps rollouts and updates deterministic)")
     target_modules: str | list[str] = Field(
         AUTO_TARGETS, description="regex or module names to adapt; auto = every Linear in the language model's blocks"
     )

@@ -20,7 +20,7 @@ from refloop.training.trainer import Trainer, step_seed
 
 
 class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: float = Field(1.0, gt=0, description="passes over the examples (SVP: one epoch)")
     batch_size: int = Field(16, ge=1, description="examples per optimizer step")

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from refloop.data.jsonl import JsonlWriter
 from refloop.errors import RefloopError
+from refloop.runs import run_directory
 from refloop.training.checkpoint import latest_checkpoint, save_checkpoint, truncate_log
 
 # Seeds of the random streams of a step. These formulas produced every committed result
@@ -148,7 +149,12 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def run(self, work_dir: Path, step_fn: Callable[[int], dict], progress: Callable[[dict], None] | None = None) -> dict:
         """Run (or resume from `work_dir`) steps until `total_steps`; returns {steps, train_seconds}."""
-        work_dir = Path(work_dir)
+        if self.state.is_main_process:
+            with run_directory(work_dir):  # one writer at a time; the checkpoint holds the config check
+                return self._run(Path(work_dir), step_fn, progress)
+        return self._run(Path(work_dir), step_fn, progress)
+
+    def _run(self, work_dir: Path, step_fn: Callable[[int], dict], progress: Callable[[dict], None] | None) -> dict:
         work_dir.mkdir(parents=True, exist_ok=True)
         start, elapsed = self._resume(work_dir)
         log_path = work_dir / "metrics.jsonl"

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from refloop.errors import RefloopError
 from refloop.world.domains import get_style
 from refloop.world.grammar import referring_expressions
 from refloop.world.render import render
@@ -26,8 +27,13 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+MAX_SCENES = 200_000  # about 4 GB of PNGs; more is almost surely a typo in --num-boxes
+
+
 def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -> Path:
     """Export scenes 0..num_images-1 of (domain, seed); reuses a finished identical export."""
+    if not 1 <= num_images <= MAX_SCENES:
+        raise RefloopError(f"a shapes-world split holds 1 to {MAX_SCENES} scenes, not {num_images} (each is a PNG on disk)")
     out = Path(out_dir)
     manifest = {"domain": domain, "seed": seed, "num_images": num_images, "format": 1}
     done = out / DONE_FILE

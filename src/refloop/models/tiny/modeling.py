@@ -27,7 +27,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from refloop.models.tiny.configuration import RefloopTinyConfig
 
-
 # The cache's name in model outputs and forward kwargs: `cache` from transformers 5.24 on, `past_key_values` before.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 

@@ -45,35 +45,35 @@ TASKS = ("rec", "reg", "caption", "exist")
 class PretrainConfig(BaseModel):
     """Recipe of refloop-tiny; defaults are what the committed checkpoint was trained with."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = Field(0, description="seed of weights, task sampling and scene order")
-    steps: int = Field(5000, description="optimizer steps")
-    cosine_steps: int = Field(10000, description="the cosine decay is laid out over this many steps")
-    cooldown_steps: int = Field(1200, description="last steps, where the LR falls linearly to its minimum")
-    batch_scenes: int = Field(24, description="scenes rendered per step")
-    queries_per_scene: int = Field(8, description="queries sharing one encoded scene")
+    steps: int = Field(5000, ge=1, description="optimizer steps")
+    cosine_steps: int = Field(10000, ge=1, description="the cosine decay is laid out over this many steps")
+    cooldown_steps: int = Field(1200, ge=0, description="last steps, where the LR falls linearly to its minimum")
+    batch_scenes: int = Field(24, ge=1, description="scenes rendered per step")
+    queries_per_scene: int = Field(8, ge=1, description="queries sharing one encoded scene")
     task_mix: dict[str, float] = Field(
         default_factory=lambda: {"rec": 0.45, "reg": 0.35, "caption": 0.1, "exist": 0.1},
         description="probability of each task per query",
     )
-    lr: float = Field(1.5e-3, description="peak AdamW learning rate")
-    warmup_steps: int = Field(300, description="linear warm-up steps")
-    min_lr_ratio: float = Field(0.05, description="final learning rate as a fraction of the peak (cosine)")
-    weight_decay: float = Field(0.01, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, description="max global gradient norm")
-    coord_sigma: float = Field(1.0, description="std (in bins) of the Gaussian smoothing of coordinate targets")
-    curriculum_steps: int = Field(1000, description="steps during which scenes hold at most 3 objects")
+    lr: float = Field(1.5e-3, gt=0, description="peak AdamW learning rate")
+    warmup_steps: int = Field(300, ge=0, description="linear warm-up steps")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="final learning rate as a fraction of the peak (cosine)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    coord_sigma: float = Field(1.0, ge=0, description="std (in bins) of the Gaussian smoothing of coordinate targets")
+    curriculum_steps: int = Field(1000, ge=0, description="steps during which scenes hold at most 3 objects")
     canonical_rec_prob: float = Field(
-        0.5, description="REC queries use the canonical expression with this probability, else another unique one"
+        0.5, ge=0, le=1, description="REC queries use the canonical expression with this probability, else another unique one"
     )
-    hidden_size: int = Field(160, description="decoder width")
-    num_layers: int = Field(4, description="decoder layers")
-    num_heads: int = Field(4, description="attention heads")
-    eval_every: int = Field(1000, description="steps between held-out evaluations")
-    eval_scenes: int = Field(200, description="held-out in-domain scenes per evaluation")
-    checkpoint_every: int = Field(200, description="steps between resumable checkpoints")
-    threads: int = Field(2, description="torch CPU threads")
+    hidden_size: int = Field(160, ge=8, description="decoder width")
+    num_layers: int = Field(4, ge=1, description="decoder layers")
+    num_heads: int = Field(4, ge=1, description="attention heads")
+    eval_every: int = Field(1000, ge=1, description="steps between held-out evaluations")
+    eval_scenes: int = Field(200, ge=1, description="held-out in-domain scenes per evaluation")
+    checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
+    threads: int = Field(2, ge=1, description="torch CPU threads")
 
 
 def build_model(cfg: PretrainConfig) -> tuple[RefloopTinyForConditionalGeneration, RefloopTinyProcessor]:

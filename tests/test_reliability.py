@@ -1,0 +1,188 @@
+"""The failure policy at the command line: bad input ends with exit 2 and one message naming the
+problem (no traceback), and no rerun or concurrent run silently mixes outputs."""
+
+import json
+import sys
+
+import pytest
+from helpers import save_tiny_random
+
+from refloop import cli
+from refloop.runs import run_directory
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    argv = sys.argv
+    sys.argv = ["refloop", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())
+
+
+def assert_refused(result, *fragments: str) -> None:
+    code, _, err = result
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return save_tiny_random(root / "a", seed=0), save_tiny_random(root / "b", seed=1)
+
+
+def consistency_args(out, model, *extra) -> list[str]:
+    return ["consistency", "--data", "in-domain", "--out", str(out), "--model", str(model), "--num-boxes", "3", "--no-report", *extra]
+
+
+def test_rerun_with_another_model_refuses_the_old_samples_and_overwrite_replaces_them(tmp_path, models, capsys):
+    a, b = models
+    assert run(consistency_args(tmp_path / "out", a), capsys)[0] == 0
+    assert_refused(run(consistency_args(tmp_path / "out", b), capsys), "holds outputs of another run", "--overwrite")
+    code, out, _ = run(consistency_args(tmp_path / "out", b, "--overwrite"), capsys)
+    assert code == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["model"] == str(b) and metrics["num_boxes"] == 3
+    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 3
+    assert run(consistency_args(tmp_path / "out", b), capsys)[0] == 0  # the same run resumes
+
+
+def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path, models, capsys):
+    with run_directory(tmp_path / "out"):
+        assert_refused(run(consistency_args(tmp_path / "out", models[0]), capsys), "being written by another refloop run")
+    assert run(consistency_args(tmp_path / "out", models[0]), capsys)[0] == 0
+
+
+def test_damaged_line_in_a_resumable_file_is_named(tmp_path, models, capsys):
+    assert run(consistency_args(tmp_path / "out", models[0]), capsys)[0] == 0
+    path = tmp_path / "out" / "samples.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    assert_refused(run(consistency_args(tmp_path / "out", models[0]), capsys), "samples.jsonl, record line 2", "damaged record")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--device", "cuda"], ["no CUDA device"]),
+        (["--device", "tpu"], ["--device"]),
+        (["--dtype", "int3"], ["--dtype"]),
+        (["--profile", "qwen2-vl"], ["does not fit", "tokenizer"]),
+        (["--profile", "no-such-profile"], ["unknown prompt profile"]),
+    ],
+)
+def test_model_options_are_checked_before_any_weights_load(tmp_path, models, capsys, args, fragments):
+    assert_refused(run(consistency_args(tmp_path / "out", models[0], *args), capsys), *fragments)
+
+
+def test_missing_local_model_path_fails_at_once(tmp_path, capsys, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert_refused(run(consistency_args(tmp_path / "out", "models/none"), capsys), "does not exist")
+    assert_refused(run(consistency_args(tmp_path / "out", "./none"), capsys), "does not exist")
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path, models, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models[0], broken)
+    (broken / "model.safetensors").write_bytes(b"\x00\x01 not safetensors")
+    assert_refused(run(consistency_args(tmp_path / "out", broken), capsys), "cannot load the weights", str(broken))
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, models, capsys):
+    (tmp_path / "taken").write_text("x")
+    assert_refused(run(consistency_args(tmp_path / "taken", models[0]), capsys), "not a directory")
+
+
+def test_absurd_number_of_scenes_is_refused_before_rendering(tmp_path, models, capsys):
+    args = consistency_args(tmp_path / "out", models[0])
+    args[args.index("--num-boxes") + 1] = "1000000000"
+    assert_refused(run(args, capsys), "1 to 200000 scenes")
+
+
+def test_error_text_is_not_read_as_markup(tmp_path, models, capsys):
+    data = tmp_path / "odd [bold]name.jsonl"
+    data.write_text("{not json\n")
+    code, _, err = run(["consistency", "--data", str(data), "--out", str(tmp_path / "o"), "--model", str(models[0])], capsys)
+    assert code == 2 and "odd [bold]name.jsonl" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, fragments",
+    [
+        ("train_data: in-domain\n", ["sctune.describer_steps=-2"], ["describer_steps", "greater than or equal to 1"]),
+        ("train_data: in-domain\n", ["sctune.kl_coef=.nan"], ["kl_coef"]),
+        ("train_data: in-domain\n", ["sctune.lora.r=0"], ["lora.r"]),
+        ("train_data: in-domain\n", ["sctune.top_p=1.5"], ["top_p"]),
+        ("train_data: in-domain\n", ["train_data.x=1"], ["train_data", "not a mapping"]),
+        ("train_data: [in-domain\n", [], ["not valid YAML"]),
+        ("!!python/object/apply:os.system ['true']\n", [], ["not valid YAML"]),
+        ("- a\n", [], ["expected a mapping"]),
+    ],
+)
+def test_bad_recipes_fail_before_anything_runs(tmp_path, capsys, recipe, overrides, fragments):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    args = ["sctune", "--config", str(path), "--out", str(tmp_path / "run")]
+    for item in overrides:
+        args += ["--set", item]
+    assert_refused(run(args, capsys), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sctune_rerun_with_another_recipe_is_refused(tmp_path, models, capsys):
+    import yaml
+    from test_sctune import SMALL
+
+    recipe = {
+        "model": str(models[0]),
+        "train_data": "in-domain",
+        "train_images": 6,
+        "min_area_fraction": 0.0,
+        "device": "cpu",
+        "dtype": "fp32",
+        "threads": 1,
+        "sctune": SMALL | {"phases": 1, "describer_steps": 1, "lora": {"r": 4, "alpha": 8}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    base = ["sctune", "--config", str(path), "--out", str(tmp_path / "run"), "--skip-base-eval"]
+    assert run(base, capsys)[0] == 0
+    assert_refused(run([*base, "--set", "sctune.kl_coef=0.5"], capsys), "holds outputs of another run", "kl_coef")
+    assert run([*base, "--set", "sctune.kl_coef=0.5", "--overwrite"], capsys)[0] == 0
+
+
+def test_filter_refuses_to_overwrite_its_input(tmp_path, capsys):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    assert_refused(run(["filter", str(data), "--out", str(data)], capsys), "is one of the input files")
+    assert json.loads(data.read_text()) == {"images": [], "annotations": [], "categories": []}
+
+
+def test_undecodable_image_is_skipped_and_counted_in_eval(tmp_path, models, capsys):
+    from PIL import Image
+
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (40, 40), "white").save(tmp_path / f"{i}.png")
+        rows.append({"image_id": i, "file_name": f"{i}.png", "bbox": [5, 5, 20, 20], "sentences": ["the thing"], "width": 40, "height": 40})
+    raw = (tmp_path / "1.png").read_bytes()
+    (tmp_path / "1.png").write_bytes(raw[: len(raw) // 2])  # the header is intact, the pixels are not
+    data = tmp_path / "refs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", "rec", "--data", str(data), "--model", str(models[0])]
+    assert_refused(run([*args, "--out", str(tmp_path / "fail")], capsys), "1.png")
+    code, out, err = run([*args, "--out", str(tmp_path / "skip"), "--on-error", "skip"], capsys)
+    assert code == 0, err
+    metrics = json.loads(out[out.index("{") :])
+    assert metrics["num"] == 2 and metrics["skipped_images"] == 1
