@@ -3,7 +3,7 @@ the run (`on_error="fail"`) or drops its item, counted (`on_error="skip"`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from PIL import Image
@@ -29,3 +29,28 @@ def readable(
         kept.append(item)
         images.append(image)
     return kept, images
+
+
+def pending_batches(
+    items: Sequence[T],
+    done: set,
+    key: Callable[[T], object],
+    load: Callable[[T], Image.Image],
+    batch_size: int,
+    on_error: str,
+    skipped: list[DataError],
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[list[T], list[Image.Image]]]:
+    """The resumable loop of every batched job: items whose key is not in `done` (a JsonlWriter's
+    keys), `batch_size` at a time, with their decoded images under the failure policy. Progress
+    counts finished, skipped and already-done items."""
+    todo = [item for item in items if key(item) not in done]
+    if progress:
+        progress(len(items) - len(todo))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        kept, images = readable(batch, load, on_error, skipped)
+        if kept:
+            yield kept, images
+        if progress:
+            progress(len(batch))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
 from refloop.data.jsonl import JsonlWriter, read_records
-from refloop.data.pixels import readable
+from refloop.data.pixels import pending_batches
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.errors import DataError
 from refloop.models.base import VLM, GenerateOptions
@@ -101,21 +101,15 @@ def evaluate_consistency(
 
 def _evaluate(vlm: VLM, samples: list[BoxSample], out_dir: Path, cfg: ConsistencyConfig, data_name: str, progress, on_error: str) -> dict:
     samples_path = out_dir / "samples.jsonl"
-    writer = JsonlWriter(samples_path, key="id")
-    todo = [s for s in samples if s.sample_id not in writer.done]
-    if progress:
-        progress(len(samples) - len(todo))
     options = GenerateOptions(max_new_tokens=cfg.max_new_tokens)  # greedy, as the protocol says
     consistency = Consistency(cfg.iou_threshold)
-    started = time.perf_counter()
+    started, evaluated = time.perf_counter(), 0
     skipped: list[DataError] = []
-    with writer:
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk, images = readable(todo[start : start + cfg.batch_size], lambda s: s.record.load_image(), on_error, skipped)
-            if progress and len(chunk) < min(cfg.batch_size, len(todo) - start):
-                progress(min(cfg.batch_size, len(todo) - start) - len(chunk))
-            if not chunk:
-                continue
+    with JsonlWriter(samples_path, key="id") as writer:
+        batches = pending_batches(
+            samples, writer.done, lambda s: s.sample_id, lambda s: s.record.load_image(), cfg.batch_size, on_error, skipped, progress
+        )
+        for chunk, images in batches:
             targets = [s.target.box for s in chunk]
             cycle = describe_then_locate(vlm, vlm, images, targets, options, consistency=consistency)
             with_expr = [i for i, s in enumerate(chunk) if s.target.expressions]
@@ -143,15 +137,14 @@ def _evaluate(vlm: VLM, samples: list[BoxSample], out_dir: Path, cfg: Consistenc
                     }
                 )
             writer.write_many(rows)
-            if progress:
-                progress(len(chunk))
+            evaluated += len(rows)
     elapsed = time.perf_counter() - started
     wanted = {s.sample_id for s in samples}
     rows = [r for r in read_records(samples_path) if r["id"] in wanted]
     metrics = summarize(rows, consistency)
     metrics.update(
         {
-            "boxes_per_second": (len(todo) / elapsed) if todo and elapsed > 0 else None,
+            "boxes_per_second": (evaluated / elapsed) if evaluated and elapsed > 0 else None,
             "model": getattr(vlm, "name", "model"),
             "data": data_name,
             "iou_threshold": cfg.iou_threshold,

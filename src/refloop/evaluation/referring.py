@@ -10,7 +10,7 @@ from pathlib import Path
 
 from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, locate_boxes
 from refloop.data.jsonl import JsonlWriter, read_records
-from refloop.data.pixels import readable
+from refloop.data.pixels import pending_batches
 from refloop.data.records import ImageRecord
 from refloop.errors import DataError
 from refloop.evaluation.captions import caption_metrics
@@ -52,11 +52,10 @@ def _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_
     pairs = rec_pairs(records, limit)
     skipped: list[DataError] = []
     with JsonlWriter(out / "rec_samples.jsonl", key="id") as writer:
-        todo = [p for p in pairs if p[0] not in writer.done]
-        for start in range(0, len(todo), batch_size):
-            chunk, images = readable(todo[start : start + batch_size], lambda pair: pair[1].load_image(), on_error, skipped)
-            if not chunk:
-                continue
+        batches = pending_batches(
+            pairs, writer.done, lambda pair: pair[0], lambda pair: pair[1].load_image(), batch_size, on_error, skipped, progress
+        )
+        for chunk, images in batches:
             targets = [rec.objects[i].box for _, rec, i, _ in chunk]
             located, ious = locate_boxes(vlm, images, [expr for *_, expr in chunk], targets)
             writer.write_many(
@@ -71,8 +70,6 @@ def _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_
                 }
                 for (pid, rec, i, expr), loc, iou in zip(chunk, located, ious)
             )
-            if progress:
-                progress(len(chunk))
     wanted = {p[0] for p in pairs}
     rows = [r for r in read_records(out / "rec_samples.jsonl") if r["id"] in wanted]
     metrics = {
@@ -115,18 +112,15 @@ def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error
     objects = objects[:limit] if limit else objects
     skipped: list[DataError] = []
     with JsonlWriter(out / "reg_samples.jsonl", key="id") as writer:
-        todo = [o for o in objects if o[0] not in writer.done]
-        for start in range(0, len(todo), batch_size):
-            chunk, images = readable(todo[start : start + batch_size], lambda item: item[1].load_image(), on_error, skipped)
-            if not chunk:
-                continue
+        batches = pending_batches(
+            objects, writer.done, lambda obj: obj[0], lambda obj: obj[1].load_image(), batch_size, on_error, skipped, progress
+        )
+        for chunk, images in batches:
             captions = vlm.describe(images, [obj.box for _, _, obj in chunk])
             writer.write_many(
                 {"id": oid, "image": str(rec.path), "box": obj.box.as_list(), "prediction": cap, "references": list(obj.expressions)}
                 for (oid, rec, obj), cap in zip(chunk, captions)
             )
-            if progress:
-                progress(len(chunk))
     wanted = {o[0] for o in objects}
     rows = [r for r in read_records(out / "reg_samples.jsonl") if r["id"] in wanted]
     metrics = caption_metrics({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}, java=java)
