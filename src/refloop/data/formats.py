@@ -1,6 +1,7 @@
 """Loaders of more real dataset formats, producing the same ImageRecord as `loaders.py`:
 OpenImages box CSVs, RefCOCO / RefCOCO+ / RefCOCOg (JSON exports, or the original pickles through
-a reader that refuses anything but plain containers), and Visual Genome JSON.
+a reader that refuses anything but plain containers), and Visual Genome JSON (objects and regions as
+ImageRecords; relationships as `Relation` triplets by image).
 
 The failure policy of `loaders.py` holds here too: a bad row or record is a DataError naming the
 file and the row (skipped and counted under `on_error="skip"`), a bad file a DataError, and no other
@@ -16,7 +17,8 @@ import csv
 import io
 import pickle
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -369,3 +371,65 @@ def load_visual_genome(
     records = grouped_records(groups, meta_path)
     report.kept = len(records)
     return records, report
+
+
+@dataclass(frozen=True)
+class Relation:
+    """One 'subject predicate object' triplet of an image (man - wearing - hat), the annotation of
+    Pink's relation reasoning tasks. Both ends carry their own box and name, as VG writes them."""
+
+    subject: ObjectAnnotation
+    predicate: str
+    object: ObjectAnnotation
+
+
+def _relation_end(entry: Any, size: tuple[int, int], source: Path, rec: str, outside: OutsidePolicy) -> ObjectAnnotation:
+    """A relationship's subject or object: x, y, w, h and `names` (VG 1.4) or `name` (VG 1.2)."""
+    xywh = [_require(entry, k, source, rec) for k in ("x", "y", "w", "h")]
+    names = entry.get("names") or ([entry["name"]] if "name" in entry else [])
+    if not isinstance(names, list):
+        raise DataError(source, rec, f"field 'names' must be a list of names, got {_json_type(names)}")
+    category = _text(names[0], source, rec, "names") if names else ""
+    ann_id = _optional_id(entry.get("object_id"), source, rec, "object_id")
+    return ObjectAnnotation(_xywh_box(xywh, size, source, rec, outside), category, ann_id=ann_id)
+
+
+def load_visual_genome_relationships(
+    relationships_json: str | Path,
+    image_sizes: Mapping[Any, tuple[int, int]],
+    on_error: OnError = "fail",
+    outside: OutsidePolicy = "clip",
+) -> tuple[dict[Any, list[Relation]], LoadReport]:
+    """Visual Genome relationships.json -> {image_id: [Relation, ...]}. `image_sizes` holds the
+    (width, height) of each image the triplets may name, e.g. `{r.image_id: r.size for r in records}`
+    of `load_visual_genome`; a triplet of another image is a DataError. Predicates are lower-cased
+    with spaces collapsed (VG writes both 'ON' and 'on')."""
+    source = Path(relationships_json)
+    report = LoadReport(source=str(source))
+    policy = _Policy(on_error, report)
+    relations: dict[Any, list[Relation]] = defaultdict(list)
+    for i, entry in enumerate(_read_json_list(source, "images with relationships")):
+        try:
+            image_id = _id(_require(entry, "image_id", source, f"[{i}]"), source, f"[{i}]", "image_id")
+            if image_id not in image_sizes:
+                raise DataError(source, f"[{i}]", f"image_id {shown(image_id)} is not among the loaded images")
+            triplets = _require(entry, "relationships", source, f"[{i}]")
+            if not isinstance(triplets, list):
+                raise DataError(source, f"[{i}]", f"field 'relationships' must be a list, got {_json_type(triplets)}")
+        except DataError as err:
+            policy.handle(err)
+            continue
+        for j, triplet in enumerate(triplets):
+            rec = f"[{i}].relationships[{j}]"
+            try:
+                predicate = " ".join(_text(_require(triplet, "predicate", source, rec), source, rec, "predicate").lower().split())
+                if not predicate:
+                    raise DataError(source, rec, "empty predicate")
+                size = image_sizes[image_id]
+                subject = _relation_end(_require(triplet, "subject", source, rec), size, source, f"{rec}.subject", outside)
+                object_ = _relation_end(_require(triplet, "object", source, rec), size, source, f"{rec}.object", outside)
+                relations[image_id].append(Relation(subject, predicate, object_))
+            except DataError as err:
+                policy.handle(err)
+    report.kept = sum(len(v) for v in relations.values())
+    return dict(relations), report

@@ -1,5 +1,6 @@
 """Write a shapes-world split as real dataset files: PNG images, COCO-style detection JSON
-(boxes and categories only) and RefCOCO-style referring JSONL (one line per referable object)."""
+(boxes and categories only), RefCOCO-style referring JSONL (one line per referable object) and,
+on request, Visual Genome-style objects and relationships."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ from pathlib import Path
 from refloop.errors import RefloopError
 from refloop.world.domains import get_style
 from refloop.world.grammar import referring_expressions
+from refloop.world.relations import scene_relations
 from refloop.world.render import render
-from refloop.world.scene import SHAPES, sample_scene
+from refloop.world.scene import SHAPES, ShapeObject, sample_scene
 
 COCO_FILE = "instances.json"
 REFS_FILE = "refs.jsonl"
 DONE_FILE = "export.json"
+VG_IMAGES_FILE = "image_data.json"
+VG_OBJECTS_FILE = "objects.json"
+VG_RELATIONSHIPS_FILE = "relationships.json"
+VG_DONE_FILE = "export_visual_genome.json"
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -85,5 +91,55 @@ def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -
     }
     _atomic_text(out / COCO_FILE, json.dumps(coco))
     _atomic_text(out / REFS_FILE, "".join(json.dumps(r) + "\n" for r in refs))
+    _atomic_text(done, json.dumps(manifest))
+    return out
+
+
+def _vg_object(ann_id: int, obj: ShapeObject) -> dict:
+    x, y, w, h = obj.box.as_xywh()
+    return {"object_id": ann_id, "x": x, "y": y, "w": w, "h": h, "names": [obj.shape], "synsets": []}
+
+
+def export_visual_genome(domain: str, out_dir: str | Path, num_images: int, seed: int) -> Path:
+    """The split of `export_split` (written first, or reused) plus its objects and relations in
+    Visual Genome's layout: image_data.json, objects.json and relationships.json (every ordered
+    object pair's predicates from `scene_relations`).
+
+    Ids are those of instances.json: VG image_id = COCO image id, object_id = annotation id. VG
+    keeps images as {image_id}.jpg; these are the split's PNGs, named by each entry's `url`
+    (relative to `out_dir`), so join pixels through instances.json and read relations from here.
+    """
+    out = export_split(domain, out_dir, num_images, seed)
+    manifest = {"domain": domain, "seed": seed, "num_images": num_images, "format": 1}
+    done = out / VG_DONE_FILE
+    if done.exists() and json.loads(done.read_text()) == manifest:
+        return out
+    style = get_style(domain)
+    image_data, objects, relationships = [], [], []
+    ann_id = relationship_id = 0  # annotation ids run over the split in scene order, as in export_split
+    for index in range(num_images):
+        scene = sample_scene(style, seed, index)
+        entries = [_vg_object(ann_id + k + 1, obj) for k, obj in enumerate(scene.objects)]
+        ann_id += len(entries)
+        image_data.append(
+            {
+                "image_id": index,
+                "width": scene.width,
+                "height": scene.height,
+                "url": f"images/{scene.image_id}.png",
+                "coco_id": index,
+                "flickr_id": None,
+            }
+        )
+        objects.append({"image_id": index, "objects": entries})
+        triplets = [
+            {"relationship_id": relationship_id + n + 1, "predicate": predicate, "synsets": [], "subject": entries[i], "object": entries[j]}
+            for n, (i, predicate, j) in enumerate(scene_relations(scene))
+        ]
+        relationship_id += len(triplets)
+        relationships.append({"image_id": index, "relationships": triplets})
+    _atomic_text(out / VG_IMAGES_FILE, json.dumps(image_data))
+    _atomic_text(out / VG_OBJECTS_FILE, json.dumps(objects))
+    _atomic_text(out / VG_RELATIONSHIPS_FILE, json.dumps(relationships))
     _atomic_text(done, json.dumps(manifest))
     return out
