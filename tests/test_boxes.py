@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refloop.boxes import Box, InvalidBoxError, iou_matrix, nms, paired_iou, validate_box
@@ -94,3 +94,51 @@ def test_nms_keeps_highest_of_overlapping_boxes():
     boxes_ = [Box(0, 0, 10, 10), Box(1, 1, 11, 11), Box(50, 50, 60, 60)]
     assert nms(boxes_, [0.9, 0.95, 0.5], iou_threshold=0.5) == [1, 2]
     assert nms(boxes_, [0.9, 0.95, 0.5], iou_threshold=0.9) == [1, 0, 2]
+
+
+# ---- the rule for model-written boxes ---------------------------------------------------------
+
+
+def test_model_box_well_formed_is_the_clipped_box():
+    assert Box.from_model_output(10.5, 20.0, 30.0, 40.25, (100, 50)) == Box(10.5, 20.0, 30.0, 40.25)
+    assert Box.from_model_output(-5.0, 20.0, 130.0, 40.0, (100, 50)) == Box(0.0, 20.0, 100, 40.0)
+
+
+@pytest.mark.parametrize(
+    "corners",
+    [(30.0, 40.0, 10.0, 20.0), (30.0, 20.0, 10.0, 40.0), (10.0, 40.0, 30.0, 20.0)],
+    ids=["both", "x", "y"],
+)
+def test_model_box_inverted_corners_are_normalised(corners):
+    assert Box.from_model_output(*corners, (100, 50)) == Box(10.0, 20.0, 30.0, 40.0)
+
+
+@pytest.mark.parametrize(
+    "corners",
+    [
+        (math.nan, 0, 10, 10),
+        (0, 0, math.inf, 10),
+        (0, -math.inf, 10, 10),
+        (0, 0, 10, 10**5000),  # a whole number no float holds
+        (10, 0, 10, 10),  # zero width
+        (0, 5, 10, 5),  # zero height
+        (120, 10, 150, 20),  # right of the image: nothing left after clipping
+        (-30, -20, -10, -1),
+        (None, 0, 20, 20),  # not a number at all
+    ],
+)
+def test_model_box_unparseable_or_empty_gives_none(corners):
+    assert Box.from_model_output(*corners, (100, 50)) is None
+
+
+any_float = st.floats(allow_nan=True, allow_infinity=True)
+
+
+@settings(derandomize=True)
+@given(any_float, any_float, any_float, any_float, st.integers(1, 5000), st.integers(1, 5000))
+def test_model_box_is_none_or_a_proper_box_inside_the_image(x1, y1, x2, y2, w, h):
+    box = Box.from_model_output(x1, y1, x2, y2, (w, h))
+    if box is not None:
+        assert all(math.isfinite(v) for v in box.as_list())
+        assert 0 <= box.x1 < box.x2 <= w and 0 <= box.y1 < box.y2 <= h
+        validate_box(box, (w, h))  # what the data loaders accept, too

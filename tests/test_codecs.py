@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -117,3 +119,125 @@ def test_minigpt_parse_accepts_spaces_from_word_level_decoding():
 def test_unknown_codec_lists_supported():
     with pytest.raises(ValueError, match="supported: qwen-vl"):
         get_codec("nope")
+
+
+# ---- the rule for model-written boxes (Box.from_model_output), through every codec ----------
+
+
+def _swap_corners(box: Box, axes: str) -> Box:
+    x1, x2 = (box.x2, box.x1) if "x" in axes else (box.x1, box.x2)
+    y1, y2 = (box.y2, box.y1) if "y" in axes else (box.y1, box.y2)
+    return Box(x1, y1, x2, y2)
+
+
+def _inverted_text(codec, box: Box, size, axes: str) -> str:
+    """The answer naming `box` with its corners swapped along `axes`, as each format writes it."""
+    if codec.name != "kosmos-2":
+        return codec.encode(_swap_corners(box, axes), size)
+    ul, lr = (int(v) for v in re.findall(r"<patch_index_(\d{4})>", codec.encode(box, size)))
+    (r1, c1), (r2, c2) = divmod(ul, 32), divmod(lr, 32)
+    c1, c2 = (c2, c1) if "x" in axes else (c1, c2)
+    r1, r2 = (r2, r1) if "y" in axes else (r1, r2)
+    return f"<object><patch_index_{r1 * 32 + c1:04d}><patch_index_{r2 * 32 + c2:04d}></object>"
+
+
+@pytest.mark.parametrize("axes", ["x", "y", "xy"])
+@pytest.mark.parametrize("name", CODECS)
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(data=sized_box())
+def test_inverted_corners_name_the_same_box(name, axes, data):
+    size, box = data
+    codec = get_codec(name)
+    expected = codec.parse(codec.encode(box, size), size)
+    assert len(expected) == 1
+    assert codec.parse(_inverted_text(codec, box, size, axes), size) == expected
+
+
+INVERTED_EXAMPLES = [
+    ("qwen-vl", "<box>(500,500),(100,100)</box>", Box(64, 48, 320, 240)),
+    ("qwen2-vl", "<|box_start|>(100,500),(500,100)<|box_end|>", Box(64, 48, 320, 240)),
+    ("qwen3-vl", '[{"bbox_2d": [500, 500, 100, 100], "label": "object"}]', Box(64, 48, 320, 240)),
+    ("internvl", "<box>[[500, 100, 100, 500]]</box>", Box(64, 48, 320, 240)),
+    ("minigpt-v2", "{<50><50><10><10>}", Box(64, 48, 320, 240)),
+    ("pink", "[0.500,0.500,0.100,0.100]", Box(64, 48, 320, 240)),
+    ("kosmos-2", "<object><patch_index_0495><patch_index_0000></object>", Box(0, 0, 320, 240)),
+    ("florence-2", "<loc_499><loc_499><loc_99><loc_99>", Box(64, 48, 320, 240)),
+]
+
+
+@pytest.mark.parametrize("name, text, box", INVERTED_EXAMPLES)
+def test_inverted_corners_are_normalised(name, text, box):
+    (parsed,) = get_codec(name).parse(text, (640, 480))
+    assert parsed.as_list() == pytest.approx(box.as_list(), abs=0.5)
+    assert parsed.x1 < parsed.x2 and parsed.y1 < parsed.y2
+
+
+HUGE = "9" * 5000  # past Python's 4300-digit int() limit, and past what a float holds
+# Each family's own format with one 5000-digit coordinate (Kosmos-2 and PaliGemma take exactly
+# four digits, so there the number is not even a token).
+HUGE_ANSWERS = {
+    "qwen-vl": f"<box>({HUGE},1),(500,500)</box>",
+    "qwen2-vl": f"<|box_start|>(1,1),(500,{HUGE})<|box_end|>",
+    "qwen2.5-vl": f'[{{"bbox_2d": [1, 1, {HUGE}, 500], "label": "x"}}]',
+    "qwen3-vl": f'[{{"bbox_2d": [1, 1, 1{"0" * 4999}.5, 500], "label": "x"}}]',
+    "florence-2": f"<loc_{HUGE}><loc_1><loc_500><loc_500>",
+    "kosmos-2": f"<object><patch_index_{HUGE}><patch_index_0495></object>",
+    "paligemma": f"<loc{HUGE}><loc0001><loc0500><loc0500>",
+    "minigpt-v2": f"{{ <1> <1> <50> <{HUGE}> }}",
+    "internvl": f"<box>[[1, -{HUGE}, 500, 500]]</box>",
+    "pink": f"[0.1,0.1,{HUGE},0.5]",
+}
+
+
+def test_every_codec_has_a_huge_answer():
+    assert set(HUGE_ANSWERS) == set(CODECS)
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("text", list(HUGE_ANSWERS.values()), ids=list(HUGE_ANSWERS))
+def test_a_5000_digit_number_gives_no_box(name, text):
+    assert get_codec(name).parse(text, (640, 480)) == []
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("qwen-vl", "<box>(100,100),(100,500)</box>"),  # zero width
+        ("qwen2-vl", "<|box_start|>(1100,100),(1500,500)<|box_end|>"),  # right of the image
+        ("qwen3-vl", '[{"bbox_2d": [-500, 100, -100, 500]}]'),  # left of the image
+        ("internvl", "<box>[[100, 300, 500, 300]]</box>"),  # zero height
+        ("minigpt-v2", "{<10><10><10><50>}"),
+        ("minigpt-v2", "{<120><10><150><50>}"),
+        ("florence-2", "<loc_100><loc_100><loc_100><loc_500>"),  # one bin wide: both corners at its centre
+        ("paligemma", "<loc0102><loc0102><loc0102><loc0512>"),
+        ("pink", "[0.300,0.100,0.300,0.500]"),
+    ],
+)
+def test_a_box_with_no_area_in_the_image_is_unparseable(name, text):
+    assert get_codec(name).parse(text, (640, 480)) == []
+
+
+def test_a_box_partly_outside_is_clipped():
+    (box,) = get_codec("qwen2-vl").parse("<|box_start|>(-100,500),(1500,1200)<|box_end|>", (640, 480))
+    assert box == Box(0.0, 240.0, 640, 480)
+
+
+def _tiny_parse_before_the_rule(x1: int, y1: int, x2: int, y2: int, size) -> Box:
+    """What refloop-tiny's codec returned for a well-formed answer before the box rule existed."""
+    w, h = size
+    return Box(x1 / 100 * w, y1 / 100 * h, x2 / 100 * w, y2 / 100 * h).clip(w, h)
+
+
+@pytest.mark.parametrize("size", [(112, 112), (640, 480), (97, 211), (2000, 33)])
+def test_well_formed_tiny_answers_parse_exactly_as_before(size):
+    """The SC-Tune benchmark's numbers rest on refloop-tiny's '{<x1><y1><x2><y2>}' (bins 0..100):
+    every ordered, non-empty answer gives the very same box (floats, bit for bit)."""
+    from refloop.models.profiles import get_profile
+
+    codec, profile = get_codec("minigpt-v2"), get_profile("refloop-tiny")
+    pairs = [(a, b) for a in range(101) for b in range(a + 1, 101)]
+    for (x1, x2), (y1, y2) in zip(pairs, pairs[::-1]):
+        expected = _tiny_parse_before_the_rule(x1, y1, x2, y2, size)
+        (box,) = codec.parse(f"{{<{x1}><{y1}><{x2}><{y2}>}}", size)
+        assert repr(box) == repr(expected)
+        assert repr(profile.read_box(f"<cell_3> {{ <{x1}> <{y1}> <{x2}> <{y2}> }}", size)) == repr(expected)

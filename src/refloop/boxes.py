@@ -68,6 +68,34 @@ class Box:
     def iou(self, other: Box) -> float:
         return float(iou_matrix([self], [other])[0, 0])
 
+    @classmethod
+    def from_model_output(cls, x1: float, y1: float, x2: float, y2: float, image_size: tuple[int, int]) -> Box | None:
+        """The one rule for a box a model wrote (every codec's `parse` applies it), in pixels of
+        an image of `image_size` (width, height):
+
+        - a coordinate that is not a finite number (NaN, infinity, too large for a float) makes
+          the answer unparseable: None, which callers count as a parse failure with IoU 0;
+        - corners are normalised (min and max per axis): '(x2,y2),(x1,y1)' still names a region;
+        - the box is clipped to the image;
+        - a box with no area left (zero width or height) is unparseable: None.
+
+        A well-formed box comes back exactly as `Box(x1, y1, x2, y2).clip(*image_size)`.
+        """
+        width, height = image_size
+        try:
+            x1, y1, x2, y2 = (float(v) for v in (x1, y1, x2, y2))
+            finite = all(math.isfinite(v) for v in (x1, y1, x2, y2, float(width), float(height)))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if not finite or width <= 0 or height <= 0:
+            return None
+        left, right = (x1, x2) if x1 <= x2 else (x2, x1)
+        top, bottom = (y1, y2) if y1 <= y2 else (y2, y1)
+        box = cls(left, top, right, bottom).clip(width, height)
+        if box.x2 <= box.x1 or box.y2 <= box.y1:
+            return None
+        return box
+
 
 def validate_box(box: Box, image_size: tuple[int, int] | None = None, outside: OutsidePolicy = "reject") -> Box:
     """Return a usable box or raise InvalidBoxError saying why.

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 from refloop.boxes import Box
 
 ImageSize = tuple[int, int]  # (width, height) of the original image
+Corners = tuple[float, float, float, float]  # x1, y1, x2, y2 as the model wrote them, in original-image pixels
 
 
 class Codec(ABC):
@@ -22,8 +24,20 @@ class Codec(ABC):
     def encode(self, box: Box, image_size: ImageSize) -> str: ...
 
     @abstractmethod
-    def parse(self, text: str, image_size: ImageSize) -> list[Box]:
-        """Every box found in `text`, in original-image pixels; [] when nothing parses."""
+    def corners(self, text: str, image_size: ImageSize) -> Iterator[Corners]:
+        """Each box written in `text`, unchecked: corners may be inverted, non-finite or outside
+        the image. Must not raise on any text (read numbers with `number`)."""
+
+    def parse(self, text: str | None, image_size: ImageSize) -> list[Box]:
+        """Every box found in `text`, in original-image pixels; [] when nothing parses.
+
+        The rule for model-written boxes (`Box.from_model_output`) is applied here, once for
+        every codec: corners normalised, clipped to the image; non-finite or empty boxes dropped.
+        """
+        if not isinstance(text, str):
+            return []
+        boxes = (Box.from_model_output(*c, image_size) for c in self.corners(text, image_size))
+        return [box for box in boxes if box is not None]
 
     def parse_first(self, text: str, image_size: ImageSize) -> Box | None:
         boxes = self.parse(text, image_size)
@@ -42,13 +56,13 @@ def quantize_box(box: Box, image_size: ImageSize, scale: int) -> tuple[int, int,
     return quantize(box.x1, w, scale), quantize(box.y1, h, scale), quantize(box.x2, w, scale), quantize(box.y2, h, scale)
 
 
-def finite_box(values: list[float], image_size: ImageSize) -> Box | None:
-    """A box from parsed numbers, clipped to the image, or None when they make no sense."""
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        return None
-    w, h = image_size
-    box = Box(*values).clip(w, h)
-    return box
+def number(text: str) -> float:
+    """A number the model wrote, read as a float: too many digits give infinity, which the box
+    rule refuses (int() would raise past 4300 digits, and a huge int overflows float division)."""
+    try:
+        return float(text)
+    except (ValueError, OverflowError):
+        return math.nan
 
 
 class IntegerPairsCodec(Codec):
@@ -64,12 +78,8 @@ class IntegerPairsCodec(Codec):
         x1, y1, x2, y2 = quantize_box(box, image_size, self.scale)
         return f"{self.prefix}({x1},{y1}),({x2},{y2}){self.suffix}"
 
-    def parse(self, text: str, image_size: ImageSize) -> list[Box]:
+    def corners(self, text: str, image_size: ImageSize) -> Iterator[Corners]:
         w, h = image_size
-        out = []
-        for m in self.pattern.finditer(text or ""):
-            x1, y1, x2, y2 = (int(g) for g in m.groups())
-            box = finite_box([x1 / self.scale * w, y1 / self.scale * h, x2 / self.scale * w, y2 / self.scale * h], image_size)
-            if box is not None:
-                out.append(box)
-        return out
+        for m in self.pattern.finditer(text):
+            x1, y1, x2, y2 = (number(g) for g in m.groups())
+            yield x1 / self.scale * w, y1 / self.scale * h, x2 / self.scale * w, y2 / self.scale * h

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 
 from refloop.boxes import Box
-from refloop.codecs.base import Codec, ImageSize, IntegerPairsCodec, finite_box, quantize_box
+from refloop.codecs.base import Codec, Corners, ImageSize, IntegerPairsCodec, number, quantize_box
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _BBOX_2D = re.compile(
@@ -90,16 +91,12 @@ class JsonBBoxCodec(Codec):
     def encode(self, box: Box, image_size: ImageSize, label: str | None = None) -> str:
         return json.dumps([{"bbox_2d": self.coordinates(box, image_size), "label": label or self.label}])
 
-    def parse(self, text: str, image_size: ImageSize) -> list[Box]:
+    def corners(self, text: str, image_size: ImageSize) -> Iterator[Corners]:
         w, h = image_size
         fw, fh = self._frame(image_size)
-        out = []
-        for m in _BBOX_2D.finditer(text or ""):
-            x1, y1, x2, y2 = (float(g) for g in m.groups())
-            box = finite_box([x1 / fw * w, y1 / fh * h, x2 / fw * w, y2 / fh * h], image_size)
-            if box is not None:
-                out.append(box)
-        return out
+        for m in _BBOX_2D.finditer(text):
+            x1, y1, x2, y2 = (number(g) for g in m.groups())
+            yield x1 / fw * w, y1 / fh * h, x2 / fw * w, y2 / fh * h
 
 
 class LocTokenCodec(Codec):
@@ -120,19 +117,14 @@ class LocTokenCodec(Codec):
         order = (y1, x1, y2, x2) if self.y_first else (x1, y1, x2, y2)
         return "".join(self.template.format(v) for v in order)
 
-    def parse(self, text: str, image_size: ImageSize) -> list[Box]:
+    def corners(self, text: str, image_size: ImageSize) -> Iterator[Corners]:
         w, h = image_size
-        values = [int(v) for v in self.pattern.findall(text or "")]
-        out = []
+        values = [number(v) for v in self.pattern.findall(text)]
         for i in range(0, len(values) - 3, 4):
             a, b, c, d = values[i : i + 4]
             y1, x1, y2, x2 = (a, b, c, d) if self.y_first else (b, a, d, c)
             # Bin centres: the inverse of floor-quantisation within half a bin.
-            coords = [(x1 + 0.5) / self.bins * w, (y1 + 0.5) / self.bins * h, (x2 + 0.5) / self.bins * w, (y2 + 0.5) / self.bins * h]
-            box = finite_box(coords, image_size)
-            if box is not None:
-                out.append(box)
-        return out
+            yield (x1 + 0.5) / self.bins * w, (y1 + 0.5) / self.bins * h, (x2 + 0.5) / self.bins * w, (y2 + 0.5) / self.bins * h
 
 
 def florence2() -> Codec:
@@ -163,21 +155,18 @@ class Kosmos2Codec(Codec):
         lr_y = min(max(math.ceil(box.y2 / h * n) - 1, 0), n - 1)
         return f"<object><patch_index_{ul_y * n + ul_x:04d}><patch_index_{lr_y * n + lr_x:04d}></object>"
 
-    def parse(self, text: str, image_size: ImageSize) -> list[Box]:
+    def corners(self, text: str, image_size: ImageSize) -> Iterator[Corners]:
         w, h = image_size
         n = self.side
-        out = []
-        for m in self.pattern.finditer(text or ""):
-            ul, lr = int(m.group(1)), int(m.group(2))
+        for m in self.pattern.finditer(text):
+            ul, lr = int(m.group(1)), int(m.group(2))  # four digits each
             if ul >= n * n or lr >= n * n:
                 continue
-            # Corners at the outer edges of the two patches, as Kosmos-2's post-processing does.
-            x1, y1 = (ul % n) / n * w, (ul // n) / n * h
-            x2, y2 = (lr % n + 1) / n * w, (lr // n + 1) / n * h
-            box = finite_box([x1, y1, x2, y2], image_size)
-            if box is not None:
-                out.append(box)
-        return out
+            # Corners at the outer edges of the two patches, as Kosmos-2's post-processing does;
+            # patches given lower-right first still span the same columns and rows.
+            left, right = sorted((ul % n, lr % n))
+            top, bottom = sorted((ul // n, lr // n))
+            yield left / n * w, top / n * h, (right + 1) / n * w, (bottom + 1) / n * h
 
 
 class MiniGPTv2Codec(Codec):
@@ -192,15 +181,11 @@ class MiniGPTv2Codec(Codec):
     def encode(self, box: Box, image_size: ImageSize) -> str:
         return "{" + "".join(f"<{v}>" for v in quantize_box(box, image_size, self.scale)) + "}"
 
-    def parse(self, text: str, image_size: ImageSize) -> list[Box]:
+    def corners(self, text: str, image_size: ImageSize) -> Iterator[Corners]:
         w, h = image_size
-        out = []
-        for m in self.pattern.finditer(text or ""):
-            x1, y1, x2, y2 = (int(g) for g in m.groups())
-            box = finite_box([x1 / self.scale * w, y1 / self.scale * h, x2 / self.scale * w, y2 / self.scale * h], image_size)
-            if box is not None:
-                out.append(box)
-        return out
+        for m in self.pattern.finditer(text):
+            x1, y1, x2, y2 = (number(g) for g in m.groups())
+            yield x1 / self.scale * w, y1 / self.scale * h, x2 / self.scale * w, y2 / self.scale * h
 
 
 class PinkCodec(Codec):
@@ -215,14 +200,10 @@ class PinkCodec(Codec):
         vals = [min(max(v, 0.0), 1.0) for v in (box.x1 / w, box.y1 / h, box.x2 / w, box.y2 / h)]
         return "[" + ",".join(f"{v:.3f}" for v in vals) + "]"
 
-    def parse(self, text: str, image_size: ImageSize) -> list[Box]:
+    def corners(self, text: str, image_size: ImageSize) -> Iterator[Corners]:
         w, h = image_size
-        out = []
-        for m in self.pattern.finditer(text or ""):
-            x1, y1, x2, y2 = (float(g) for g in m.groups())
-            if max(x1, y1, x2, y2) > 1.0 or min(x1, y1, x2, y2) < 0.0:
+        for m in self.pattern.finditer(text):
+            x1, y1, x2, y2 = (number(g) for g in m.groups())
+            if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):  # not normalised xyxy: not a Pink box
                 continue
-            box = finite_box([x1 * w, y1 * h, x2 * w, y2 * h], image_size)
-            if box is not None:
-                out.append(box)
-        return out
+            yield x1 * w, y1 * h, x2 * w, y2 * h

@@ -58,6 +58,7 @@ class PromptProfile:
         return self.read_expression(text)
 
     def read_box(self, text: str, image_size: ImageSize) -> Box | None:
+        """The first box of an answer, by the codec's rule for model-written boxes; None: unparseable."""
         return self.codec.parse_first(text, image_size)
 
     # Convenience: whole prompts.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -20,6 +21,19 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _outline(draw: ImageDraw.ImageDraw, box: Box, scale: float, side: int, colour: tuple[int, int, int], width: int) -> None:
+    """Draw `box` scaled to the panel. Boxes read from older outputs may be inverted, huge or
+    not finite: corners are ordered and kept just outside the panel, a non-finite box is skipped."""
+    try:
+        values = [float(v) for v in box.as_list()]
+    except (TypeError, ValueError, OverflowError):
+        return
+    if not all(math.isfinite(v) for v in values):
+        return
+    x1, y1, x2, y2 = (min(max(v * scale, -width), side + width) for v in values)
+    draw.rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=colour, width=width)
+
+
 def panel(image: Image.Image, target: Box, predicted: Box | None, lines: list[str], side: int = 256) -> Image.Image:
     """The image scaled to `side`, target box (green) and located box (magenta), text below."""
     w, h = image.size
@@ -31,9 +45,9 @@ def panel(image: Image.Image, target: Box, predicted: Box | None, lines: list[st
     canvas = Image.new("RGB", (side, side + text_h), (255, 255, 255))
     canvas.paste(shown, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    draw.rectangle([v * scale for v in target.as_list()], outline=TARGET_COLOUR, width=3)
+    _outline(draw, target, scale, side, TARGET_COLOUR, width=3)
     if predicted is not None:
-        draw.rectangle([v * scale for v in predicted.as_list()], outline=PREDICTED_COLOUR, width=2)
+        _outline(draw, predicted, scale, side, PREDICTED_COLOUR, width=2)
     for i, line in enumerate(wrapped):
         draw.text((4, side + 4 + 16 * i), line, fill=(20, 20, 20), font=font)
     return canvas
