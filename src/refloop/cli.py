@@ -313,6 +313,76 @@ def export_world(
     console.print(f"exported {num_images} scenes of {domain} to {path}", markup=False)
 
 
+@app.command("rc-data")
+def rc_data(
+    data: str = typer.Option(
+        ...,
+        "--data",
+        help="Shapes-world domain, COCO/Objects365 .json, referring .jsonl, or with --objects a Visual Genome image_data.json.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory: rc.jsonl (chat-format samples) and counts.json."),
+    images: Path | None = ImagesOpt,
+    objects: Path | None = typer.Option(None, "--objects", help="Visual Genome objects.json (then --data is image_data.json)."),
+    relationships: Path | None = typer.Option(None, "--relationships", help="Visual Genome relationships.json (relation tasks)."),
+    expressions: Path | None = typer.Option(
+        None, "--expressions", help="Referring JSONL (e.g. bootstrapped pairs.jsonl) whose expressions attach to the matching boxes."
+    ),
+    tasks: str | None = typer.Option(
+        None, "--tasks", help="Comma-separated tasks (default: every task the annotations support: relations and expressions if present)."
+    ),
+    profile: str = typer.Option("refloop-tiny", "--profile", help="Prompt profile whose prompt layout and box text the samples use."),
+    seed: int = typer.Option(0, "--seed", help="Seed of template and target choice (same seed, same file)."),
+    max_per_image: int = typer.Option(4, "--max-per-image", min=1, help="Samples per task per image."),
+    num_images: int = typer.Option(1000, "--num-images", min=1, help="Scenes exported when --data is a shapes-world domain."),
+    on_error: OnErrorChoice = OnErrorOpt,
+) -> None:
+    """Pink Sec. 3.2: referential-comprehension instruction data (grounding, grounding caption, relations both ways,
+    coarse spatial, counting, detection) from annotations, as chat JSONL for `datasets` and SFT."""
+    from refloop.data.rc import TASKS, build_rc_data, load_rc_annotations
+    from refloop.runs import run_directory
+
+    chosen = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    unknown = sorted(set(chosen or ()) - set(TASKS))
+    if unknown:
+        raise RefloopError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    fingerprint = {"task": "rc-data", "data": data, "tasks": chosen, "profile": profile, "seed": seed, "max_per_image": max_per_image}
+    with run_directory(out, fingerprint, overwrite=True):
+        found = load_rc_annotations(data, images, objects, relationships, expressions, num_images=num_images, on_error=on_error.value)
+        if chosen is None:  # what the annotations support: relation tasks need relations, grounding tasks expressions
+            has_expressions = any(o.expressions for r in found.records for o in r.objects)
+            chosen = [
+                t
+                for t in TASKS
+                if not (t.startswith("relation") and not found.relations) and not ("grounding" in t and not has_expressions)
+            ]
+        counts = build_rc_data(found.records, out / "rc.jsonl", chosen, profile, seed, max_per_image, found.relations)
+        skipped = {str(r.source): r.skipped for r in found.reports if r.skipped}
+        summary = {"samples": counts, "total": sum(counts.values()), "skipped_records": skipped}
+        (out / "counts.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
+def sft(
+    config: Path | None = typer.Option(None, "--config", help="YAML recipe (see src/refloop/recipes/sft-*.yaml)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Run directory: train/ (checkpoints, metrics.jsonl), adapters/, merged/, results.json, curves.png."
+    ),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set sft.lr=2e-4 (repeatable)."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """LoRA instruction tuning on RC data (`refloop rc-data`): answer-token loss, adapters on the language model and, with
+    vision_lora, the vision tower. Resumable: rerun the same command."""
+    from refloop.config import load_recipe
+    from refloop.methods.sft_recipe import SFTRecipe, run_sft
+    from refloop.progress import progress_bar
+
+    recipe = load_recipe(SFTRecipe, config, overrides)
+    with progress_bar("sft", None) as advance:
+        results = run_sft(recipe, out, progress=lambda row: advance(1), overwrite=overwrite)
+    console.print_json(json.dumps(results))
+
+
 @app.command()
 def inspect(
     model: str | None = ModelOpt,
@@ -327,6 +397,113 @@ def inspect(
 
     options = {"max_pixels": max_pixels} if max_pixels else None
     console.print_json(json.dumps(inspect_checkpoint(model or default_model_path(), profile, options, trust_remote_code)))
+
+
+@app.command()
+def bootstrap(
+    data: str = typer.Option(
+        ...,
+        "--data",
+        help="Detection boxes: a shapes-world domain (in-domain, crowded, wild), a COCO / Objects365 .json or a referring .jsonl.",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Output directory: pairs.jsonl, refs.json + instances.json, candidates.jsonl, stats.json, report.html."
+    ),
+    images: Path | None = typer.Option(None, "--images", help="Image root for --data files (default: the file's directory)."),
+    model: str | None = ModelOpt,
+    iou_lambda: float | None = typer.Option(
+        None, "--lambda", min=0, max=1, help="Keep a description when IoU(box, re-located box) >= lambda (default 0.5, Pink Sec. 4.1)."
+    ),
+    max_objects: int | None = typer.Option(
+        None, "--max-objects", min=1, help="Skip images with more boxes than this (default 15, Pink A.2)."
+    ),
+    min_area_px: float | None = typer.Option(
+        None,
+        "--min-area-px",
+        min=0,
+        help="Skip boxes under this many pixels (default 2000, Pink A.2; 82 on shapes-world domains' 112 px scenes).",
+    ),
+    samples: int | None = typer.Option(
+        None,
+        "--samples",
+        min=1,
+        help="K: the greedy description plus K-1 sampled ones per box, the most consistent kept (default 1, as Pink).",
+    ),
+    distractor_check: bool = typer.Option(
+        False, "--distractor-check", help="Reject a description whose re-located box fits another box of its category at least as well."
+    ),
+    num_images: int | None = typer.Option(
+        None, "--num-images", min=1, help="Shapes-world domain: scenes exported (default 1000); files: only the first N images."
+    ),
+    scene_seed: int = typer.Option(0, "--scene-seed", help="Shapes-world scene seed (0: training scenes, 1: evaluation scenes)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled descriptions (--samples > 1)."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="Torch CPU threads per process (default: torch's choice; on a busy CPU 1 can be much faster)."
+    ),
+    on_error: OnErrorChoice = OnErrorOpt,
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with kept and rejected examples."),
+    profile: str | None = ProfileOpt,
+    trust_remote_code: bool = RemoteOpt,
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Pink's self-consistent bootstrapping (Sec. 3.3): describe every box, re-locate the description, keep when IoU >= lambda.
+    Resumable (rerun the same command); sharded under `accelerate launch`."""
+    from contextlib import nullcontext
+
+    import torch
+    from accelerate import PartialState
+    from pydantic import ValidationError
+
+    from refloop.methods.pink import BootstrapConfig, load_detections, process_batches
+    from refloop.methods.pink import bootstrap as run_bootstrap
+    from refloop.progress import progress_bar
+    from refloop.world import DOMAINS
+
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code).model_copy(update={"threads": threads})
+    chosen = {"iou_lambda": iou_lambda, "max_objects": max_objects, "min_area_px": min_area_px, "samples": samples}
+    fields = {k: v for k, v in chosen.items() if v is not None} | {
+        "distractor_check": distractor_check,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    try:
+        cfg = BootstrapConfig.shapes(**fields) if data in DOMAINS else BootstrapConfig(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        raise RefloopError(f"invalid bootstrap options: {problems}") from None
+    # Before any weights load: under accelerate launch every process takes its own device.
+    state = PartialState(cpu=spec.device == "cpu" or not torch.cuda.is_available())
+    with state.main_process_first():  # a shapes-world domain is exported once, by the main process
+        source = load_detections(data, images, on_error.value, num_images, scene_seed)
+    if source.report.skipped and state.is_main_process:
+        err_console.print(f"skipped {source.report.skipped} bad records: {dict(source.report.reasons)}", markup=False)
+    if not source.records:
+        raise RefloopError(f"{data}: no images to bootstrap")
+    vlm = spec.load_vlm(batch_size)
+    share = sum(map(len, process_batches(len(source.records), cfg.batch_size, state.process_index, state.num_processes)))
+    title = f"bootstrap {data}" + (f" (process 1 of {state.num_processes})" if state.num_processes > 1 else "")
+    with progress_bar(title, share) if state.is_main_process else nullcontext(None) as advance:
+        stats = run_bootstrap(
+            vlm,
+            source.records,
+            out,
+            cfg,
+            data=data,
+            image_root=source.image_root,
+            grammar=source.expressions,
+            progress=advance,
+            overwrite=overwrite,
+            on_error=on_error.value,
+            write_report=report,
+            extra_stats={"skipped_records": source.report.skipped} if source.report.skipped else None,
+        )
+    if stats is None:
+        return
+    console.print_json(json.dumps({k: v for k, v in stats.items() if k != "config"}))
+    console.print(f"read the pairs back with: --data {out / 'pairs.jsonl'} --images {source.image_root}", markup=False)
 
 
 def main() -> None:

@@ -48,6 +48,22 @@ def sctune_curves(metrics_path: Path, path: Path) -> Path:
     return _save(fig, path)
 
 
+def sft_curves(metrics_path: Path, path: Path) -> Path:
+    """Answer-token NLL per step of an SFT run (with a running mean)."""
+    rows = [r for r in read_records(metrics_path) if "loss" in r]
+    steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
+    window = max(1, len(loss) // 20)
+    smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1]) for i in range(len(loss))]
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+    ax.plot(steps, loss, ".", markersize=3, color="#4a7bd0", label="batch loss")
+    ax.plot(steps, smooth, color="#d04a4a", linewidth=1, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer-token NLL")
+    ax.set_title("SFT training loss")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def pretrain_curves(metrics_path: Path, path: Path) -> Path:
     """Loss over training minutes and the held-out probe (REC, REG exact, self-consistency)."""
     rows = read_records(metrics_path)

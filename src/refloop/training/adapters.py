@@ -23,6 +23,8 @@ AUTO_TARGETS = "auto"
 _BLOCK_INDEX = re.compile(r"\\\.(\d+)\\\.")  # a layer index inside an escaped module name
 # Module paths of vision towers and vision-to-text projectors (never LoRA targets).
 VISION_MODULE = re.compile(r"(^|\.)(vision|visual|image_to_text|multi_modal_projector)", re.IGNORECASE)
+# Projectors between the towers: matched by VISION_MODULE but not part of the vision tower.
+_PROJECTOR = re.compile(r"(^|\.)(image_to_text|multi_modal_projector|mm_projector)", re.IGNORECASE)
 
 
 def language_model_targets(model: torch.nn.Module) -> str:
@@ -52,6 +54,20 @@ def language_model_targets(model: torch.nn.Module) -> str:
     return "|".join(patterns)
 
 
+def vision_targets(model: torch.nn.Module) -> list[str]:
+    """The full module paths of every Linear and Conv2d inside the vision tower (Pink Sec. 3.1:
+    adapt the vision encoder, never tune it fully), found by module path like
+    `language_model_targets`; projectors between the towers and the language model are left out."""
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and VISION_MODULE.search(n) and not _PROJECTOR.search(n)
+    ]
+    if not names:
+        raise ValueError("no Linear or Conv2d layers found in a vision tower (no module path names vision/visual)")
+    return names
+
+
 class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -61,6 +77,19 @@ class LoraSettings(BaseModel):
     target_modules: str | list[str] = Field(
         AUTO_TARGETS, description="regex or module names to adapt; auto = every Linear in the language model's blocks"
     )
+    vision_tower: bool = Field(False, description="also adapt every Linear and Conv2d of the vision tower (LoRA, never full tuning)")
+
+
+def lora_targets(model: torch.nn.Module, lora: LoraSettings) -> str | list[str]:
+    """PEFT's target_modules for `lora` on `model`: the settings' targets, plus the vision tower's
+    layers (as escaped full paths) when `lora.vision_tower`."""
+    targets = language_model_targets(model) if lora.target_modules == AUTO_TARGETS else lora.target_modules
+    if not lora.vision_tower:
+        return targets
+    vision = vision_targets(model)
+    if isinstance(targets, list):
+        return list(dict.fromkeys(targets + vision))
+    return "|".join([f"(?:{targets})", *(re.escape(n) for n in vision)])
 
 
 class NamedAdapters:
@@ -72,14 +101,29 @@ class NamedAdapters:
     construction), so switching adapters never changes which tensors an optimizer holds.
     """
 
-    def __init__(self, base: torch.nn.Module, lora: LoraSettings, names: Sequence[str], reference: str = "base") -> None:
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        lora: LoraSettings,
+        names: Sequence[str],
+        reference: str = "base",
+        trainable_tokens: dict[str, list[int]] | None = None,
+    ) -> None:
+        """`trainable_tokens` maps embedding-like modules (input embeddings, LM head) to the token
+        rows each adapter trains besides its LoRA tensors (PEFT's trainable_token_indices), used
+        when a vocabulary was extended."""
         if reference not in ("base", "snapshot"):
             raise ValueError("reference must be 'base' or 'snapshot'")
         names = list(names)
         if not names or len(set(names)) != len(names) or REFERENCE in names:
             raise ValueError(f"adapter names must be unique, non-empty and not {REFERENCE!r}: {names}")
-        targets = language_model_targets(base) if lora.target_modules == AUTO_TARGETS else lora.target_modules
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora_targets(base, lora),
+            trainable_token_indices=trainable_tokens or None,
+        )
         self.peft: PeftModel = get_peft_model(base, config, adapter_name=names[0])
         for name in names[1:]:
             self.peft.add_adapter(name, config)
@@ -161,7 +205,7 @@ class NamedAdapters:
         return AdapterView(vlm, self, name)
 
 
-_LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.(?P<name>[^.]+)(\.|$)")
+_LORA_TENSOR = re.compile(r"\.(lora_(A|B|embedding_A|embedding_B|magnitude_vector)|trainable_tokens_delta)\.(?P<name>[^.]+)(\.|$)")
 
 
 def _adapter_parameters(module: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:

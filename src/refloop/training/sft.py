@@ -50,12 +50,16 @@ def epoch_order(num_examples: int, batch_size: int, step: int, seed: int) -> lis
 class SFT:
     """One adapter on the base, trained by answer-token NLL on the shared trainer."""
 
-    def __init__(self, vlm: HFVLM, cfg: SFTConfig, examples: list[InstructionExample]) -> None:
+    def __init__(
+        self, vlm: HFVLM, cfg: SFTConfig, examples: list[InstructionExample], trainable_tokens: dict[str, list[int]] | None = None
+    ) -> None:
+        """`trainable_tokens`: embedding rows (by module name) the adapter trains too, e.g. the
+        rows of words added to the vocabulary (see NamedAdapters)."""
         if not examples:
             raise ValueError("SFT needs at least one example")
         self.cfg, self.examples = cfg, examples
         torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random: same seed, same start
-        self.adapters = NamedAdapters(vlm.model, cfg.lora, [cfg.adapter])
+        self.adapters = NamedAdapters(vlm.model, cfg.lora, [cfg.adapter], trainable_tokens=trainable_tokens)
         self.vlm = HFVLM(self.adapters.module, vlm.processor, vlm.profile, name=vlm.name, batch_size=cfg.generation_batch_size)
         self.policy = self.adapters.view(self.vlm, cfg.adapter)
         self.total_steps = max(1, round(cfg.epochs * len(examples) / cfg.batch_size))
