@@ -109,8 +109,8 @@ def test_model_box_well_formed_is_the_clipped_box():
     [(30.0, 40.0, 10.0, 20.0), (30.0, 20.0, 10.0, 40.0), (10.0, 40.0, 30.0, 20.0)],
     ids=["both", "x", "y"],
 )
-def test_model_box_inverted_corners_are_normalised(corners):
-    assert Box.from_model_output(*corners, (100, 50)) == Box(10.0, 20.0, 30.0, 40.0)
+def test_model_box_inverted_corners_are_unparseable(corners):
+    assert Box.from_model_output(*corners, (100, 50)) is None
 
 
 @pytest.mark.parametrize(

@@ -145,12 +145,14 @@ def _inverted_text(codec, box: Box, size, axes: str) -> str:
 @pytest.mark.parametrize("name", CODECS)
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(data=sized_box())
-def test_inverted_corners_name_the_same_box(name, axes, data):
+def test_inverted_corners_are_unparseable_in_every_format(name, axes, data):
     size, box = data
     codec = get_codec(name)
-    expected = codec.parse(codec.encode(box, size), size)
-    assert len(expected) == 1
-    assert codec.parse(_inverted_text(codec, box, size, axes), size) == expected
+    assert len(codec.parse(codec.encode(box, size), size)) == 1
+    inverted = _inverted_text(codec, box, size, axes)
+    parsed = codec.parse(inverted, size)
+    # A box narrower than one quantisation step encodes with equal corners, so swapping changes nothing.
+    assert parsed == [] or inverted == codec.encode(box, size)
 
 
 INVERTED_EXAMPLES = [
@@ -166,10 +168,8 @@ INVERTED_EXAMPLES = [
 
 
 @pytest.mark.parametrize("name, text, box", INVERTED_EXAMPLES)
-def test_inverted_corners_are_normalised(name, text, box):
-    (parsed,) = get_codec(name).parse(text, (640, 480))
-    assert parsed.as_list() == pytest.approx(box.as_list(), abs=0.5)
-    assert parsed.x1 < parsed.x2 and parsed.y1 < parsed.y2
+def test_inverted_corners_are_unparseable(name, text, box):
+    assert get_codec(name).parse(text, (640, 480)) == []
 
 
 HUGE = "9" * 5000  # past Python's 4300-digit int() limit, and past what a float holds

@@ -75,7 +75,9 @@ class Box:
 
         - a coordinate that is not a finite number (NaN, infinity, too large for a float) makes
           the answer unparseable: None, which callers count as a parse failure with IoU 0;
-        - corners are normalised (min and max per axis): '(x2,y2),(x1,y1)' still names a region;
+        - inverted corners (x2 < x1 or y2 < y1) are unparseable too: the answer breaks the
+          family's own box format. This is the IoU-0 outcome of the authors' evaluators, it gives a
+          policy under RL no credit for malformed boxes, and it keeps refloop's committed numbers;
         - the box is clipped to the image;
         - a box with no area left (zero width or height) is unparseable: None.
 
@@ -89,9 +91,9 @@ class Box:
             return None
         if not finite or width <= 0 or height <= 0:
             return None
-        left, right = (x1, x2) if x1 <= x2 else (x2, x1)
-        top, bottom = (y1, y2) if y1 <= y2 else (y2, y1)
-        box = cls(left, top, right, bottom).clip(width, height)
+        if x2 < x1 or y2 < y1:
+            return None
+        box = cls(x1, y1, x2, y2).clip(width, height)
         if box.x2 <= box.x1 or box.y2 <= box.y1:
             return None
         return box

@@ -32,7 +32,7 @@ class Codec(ABC):
         """Every box found in `text`, in original-image pixels; [] when nothing parses.
 
         The rule for model-written boxes (`Box.from_model_output`) is applied here, once for
-        every codec: corners normalised, clipped to the image; non-finite or empty boxes dropped.
+        every codec: clipped to the image; non-finite, inverted or empty boxes dropped (unparseable).
         """
         if not isinstance(text, str):
             return []

@@ -162,10 +162,9 @@ class Kosmos2Codec(Codec):
             ul, lr = int(m.group(1)), int(m.group(2))  # four digits each
             if ul >= n * n or lr >= n * n:
                 continue
-            # Corners at the outer edges of the two patches, as Kosmos-2's post-processing does;
-            # patches given lower-right first still span the same columns and rows.
-            left, right = sorted((ul % n, lr % n))
-            top, bottom = sorted((ul // n, lr // n))
+            # Corners at the outer edges of the two patches, as Kosmos-2's post-processing does (a
+            # lower-right patch above or left of the upper-left one gives an inverted box).
+            left, top, right, bottom = ul % n, ul // n, lr % n, lr // n
             yield left / n * w, top / n * h, (right + 1) / n * w, (bottom + 1) / n * h
 
 
