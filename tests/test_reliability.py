@@ -90,13 +90,15 @@ def test_missing_local_model_path_fails_at_once(tmp_path, capsys, monkeypatch):
     assert_refused(run(consistency_args(tmp_path / "out", "./none"), capsys), "does not exist")
 
 
-def test_corrupt_weights_are_a_clear_error(tmp_path, models, capsys):
+def test_corrupt_or_missing_weights_are_a_clear_error(tmp_path, models, capsys):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(models[0], broken)
     (broken / "model.safetensors").write_bytes(b"\x00\x01 not safetensors")
     assert_refused(run(consistency_args(tmp_path / "out", broken), capsys), "cannot load the weights", str(broken))
+    (broken / "model.safetensors").unlink()
+    assert_refused(run(consistency_args(tmp_path / "out2", broken), capsys), "cannot load the weights", str(broken))
 
 
 def test_output_that_is_a_file_is_refused(tmp_path, models, capsys):
