@@ -69,3 +69,23 @@ class ScriptedVLM:
         from refloop.models.base import Located
 
         return [Located(self.answers.get(e), "text") for e in expressions]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """`refloop ARGS` in this process through the real entry point (its error handler included):
+    (exit code, stdout, stderr with whitespace folded)."""
+    import sys
+
+    from refloop import cli
+
+    argv = sys.argv
+    sys.argv = ["refloop", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())

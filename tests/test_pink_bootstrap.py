@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
-from helpers import ScriptedVLM, save_tiny_random
+from helpers import ScriptedVLM, run_cli, save_tiny_random
 from PIL import Image
 
-from refloop import cli
 from refloop.boxes import Box
 from refloop.data.formats import load_refcoco
 from refloop.data.loaders import load_referring
@@ -217,19 +216,6 @@ def test_batches_stride_over_processes_and_cover_every_image():
     assert BootstrapConfig.shapes().min_area_px == SHAPES_MIN_AREA_PX and BootstrapConfig().min_area_px == 2000
 
 
-def run_main(args: list[str], capsys) -> tuple[int, str]:
-    argv = sys.argv
-    sys.argv = ["refloop", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, " ".join(capsys.readouterr().err.split())
-
-
 def test_malformed_detections_exit_2_naming_file_and_record(tmp_path, capsys):
     Image.new("RGB", (50, 50)).save(tmp_path / "a.png")
     coco = {
@@ -241,11 +227,11 @@ def test_malformed_detections_exit_2_naming_file_and_record(tmp_path, capsys):
         "categories": [{"id": 1, "name": "cup"}],
     }
     (tmp_path / "det.json").write_text(json.dumps(coco))
-    code, err = run_main(["bootstrap", "--data", str(tmp_path / "det.json"), "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    code, _, err = run_cli(["bootstrap", "--data", str(tmp_path / "det.json"), "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
     assert code == 2 and "det.json, record annotations[1]" in err and "bbox" in err and "Traceback" not in err, err
     good = {"image_id": 1, "file_name": "a.png", "bbox": [0, 0, 10, 10], "sentences": ["a cup"]}
     (tmp_path / "refs.jsonl").write_text(json.dumps(good) + "\n{not json\n")
-    code, err = run_main(["bootstrap", "--data", str(tmp_path / "refs.jsonl"), "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    code, _, err = run_cli(["bootstrap", "--data", str(tmp_path / "refs.jsonl"), "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
     assert code == 2 and "refs.jsonl, record line 2" in err and "not valid JSON" in err, err
     assert not (tmp_path / "out" / "stats.json").exists()
 

@@ -2,27 +2,12 @@
 problem (no traceback), and no rerun or concurrent run silently mixes outputs."""
 
 import json
-import sys
 
 import pytest
+from helpers import run_cli as run
 from helpers import save_tiny_random
 
-from refloop import cli
 from refloop.runs import run_directory
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    argv = sys.argv
-    sys.argv = ["refloop", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, " ".join(err.split())
 
 
 def assert_refused(result, *fragments: str) -> None:
