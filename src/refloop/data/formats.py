@@ -266,6 +266,24 @@ def load_refcoco(
 
 
 # ---- Visual Genome --------------------------------------------------------------------------------
+def _per_image_lists(source: Path, key: str, known, known_where: str, policy: _Policy) -> Iterator[tuple[int, Any, list]]:
+    """(entry index, image_id, entry[key]) of a Visual Genome per-image file (objects.json,
+    relationships.json): each entry names a known image and holds a list under `key`; a bad entry
+    goes to the failure policy."""
+    for i, entry in enumerate(_read_json_list(source, f"images with {key}")):
+        try:
+            image_id = _id(_require(entry, "image_id", source, f"[{i}]"), source, f"[{i}]", "image_id")
+            if image_id not in known:
+                raise DataError(source, f"[{i}]", f"image_id {shown(image_id)} is not {known_where}")
+            items = _require(entry, key, source, f"[{i}]")
+            if not isinstance(items, list):
+                raise DataError(source, f"[{i}]", f"field '{key}' must be a list, got {_json_type(items)}")
+        except DataError as err:
+            policy.handle(err)
+            continue
+        yield i, image_id, items
+
+
 def load_visual_genome(
     image_data_json: str | Path,
     image_root: str | Path,
@@ -303,17 +321,7 @@ def load_visual_genome(
     objects: dict[Any, list[ObjectAnnotation]] = defaultdict(list)
     if objects_json is not None:
         source = Path(objects_json)
-        for i, entry in enumerate(_read_json_list(source, "images with objects")):
-            try:
-                image_id = _id(_require(entry, "image_id", source, f"[{i}]"), source, f"[{i}]", "image_id")
-                if image_id not in meta:
-                    raise DataError(source, f"[{i}]", f"image_id {shown(image_id)} is not in {meta_path.name}")
-                entry_objects = _require(entry, "objects", source, f"[{i}]")
-                if not isinstance(entry_objects, list):
-                    raise DataError(source, f"[{i}]", f"field 'objects' must be a list, got {_json_type(entry_objects)}")
-            except DataError as err:
-                policy.handle(err)
-                continue
+        for i, image_id, entry_objects in _per_image_lists(source, "objects", meta, f"in {meta_path.name}", policy):
             for j, obj in enumerate(entry_objects):
                 rec = f"[{i}].objects[{j}]"
                 try:
@@ -408,17 +416,7 @@ def load_visual_genome_relationships(
     report = LoadReport(source=str(source))
     policy = _Policy(on_error, report)
     relations: dict[Any, list[Relation]] = defaultdict(list)
-    for i, entry in enumerate(_read_json_list(source, "images with relationships")):
-        try:
-            image_id = _id(_require(entry, "image_id", source, f"[{i}]"), source, f"[{i}]", "image_id")
-            if image_id not in image_sizes:
-                raise DataError(source, f"[{i}]", f"image_id {shown(image_id)} is not among the loaded images")
-            triplets = _require(entry, "relationships", source, f"[{i}]")
-            if not isinstance(triplets, list):
-                raise DataError(source, f"[{i}]", f"field 'relationships' must be a list, got {_json_type(triplets)}")
-        except DataError as err:
-            policy.handle(err)
-            continue
+    for i, image_id, triplets in _per_image_lists(source, "relationships", image_sizes, "among the loaded images", policy):
         for j, triplet in enumerate(triplets):
             rec = f"[{i}].relationships[{j}]"
             try:
