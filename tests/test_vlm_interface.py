@@ -28,7 +28,7 @@ def scenes():
     return images, [s.objects[0].box for s in scenes]
 
 
-METHODS = ("generate", "logprobs", "answer_ids", "describe", "locate", "caption")
+METHODS = ("generate", "logprobs", "answer_ids", "describe", "locate", "caption", "answer")
 
 
 def test_hfvlm_implements_the_protocol_methods_with_their_signatures():

@@ -200,6 +200,14 @@ def sctune(
 class EvalTask(str, Enum):
     rec = "rec"
     reg = "reg"
+    caption = "caption"
+    pope = "pope"
+
+
+class PopeStrategy(str, Enum):
+    random = "random"
+    popular = "popular"
+    adversarial = "adversarial"
 
 
 def _referring_records(data: str, images: Path | None, refs: Path | None, split: str | None, on_error: str):
@@ -219,7 +227,9 @@ def evaluate(
     task: EvalTask = typer.Argument(
         ...,
         help="rec: REC accuracy, a predicted box is correct when IoU with the referred box > 0.5 (every expression counts). "
-        "reg: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L).",
+        "reg: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L). "
+        "caption: one greedy caption per image: object recall, CHAIR_i, CHAIR_s and, against reference captions, the same text "
+        "metrics. pope: balanced yes/no questions about present and absent objects (accuracy, precision, recall, F1, yes-ratio).",
     ),
     data: str = RefDataOpt,
     out: Path = typer.Option(..., "--out", help="Output directory: TASK_samples.jsonl (resumable), TASK_metrics.json."),
@@ -237,11 +247,50 @@ def evaluate(
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
     overwrite: bool = OverwriteOpt,
+    num_images: int | None = typer.Option(
+        None, "--num-images", min=1, help="caption, pope: images (shapes-world domain: scenes exported; file: its first N; default 500)."
+    ),
+    captions: Path | None = typer.Option(
+        None, "--captions", help="caption: COCO captions JSON holding the reference captions of a --data file (domains: the grammar's)."
+    ),
+    strategy: PopeStrategy | None = typer.Option(
+        None, "--strategy", help="pope: absent objects drawn at random, the most frequent, or those co-occurring most (default random)."
+    ),
+    per_image: int | None = typer.Option(None, "--per-image", min=1, help="pope: yes questions per image, as many no ones (default 3)."),
+    seed: int | None = typer.Option(None, "--seed", help="pope: seed of the objects asked about (default 0)."),
 ) -> None:
-    """Object-level benchmarks of the papers: REC accuracy (`eval rec`) and REG caption metrics (`eval reg`)."""
+    """Object-level benchmarks of the papers: REC accuracy (`eval rec`) and REG caption metrics (`eval reg`); caption
+    hallucination and recall (`eval caption`) and POPE (`eval pope`), as SVP reports them."""
     from refloop.evaluation.referring import evaluate_rec, evaluate_reg
 
     spec = _model_spec(model, device, dtype, profile, trust_remote_code)
+    object_options = {"--num-images": num_images, "--captions": captions, "--strategy": strategy, "--per-image": per_image, "--seed": seed}
+    if task in (EvalTask.caption, EvalTask.pope):
+        from refloop.evaluation.hallucination import evaluate_captions, evaluate_pope, load_object_data
+        from refloop.progress import progress_bar
+
+        _refuse_options(task, {"--refs": refs, "--split": split, "--limit": limit})
+        unused = ("--strategy", "--per-image", "--seed") if task == EvalTask.caption else ("--captions",)
+        _refuse_options(task, {k: object_options[k] for k in unused})
+        found = load_object_data(data, images, captions, on_error=on_error.value, num_images=num_images or 500)
+        if found.report.skipped:
+            err_console.print(f"skipped {found.report.skipped} bad records: {dict(found.report.reasons)}", markup=False)
+        if not found.records:
+            raise RefloopError(f"{data}: no images to evaluate")
+        vlm = spec.load_vlm(batch_size)
+        common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error.value}
+        if task == EvalTask.caption:
+            with progress_bar(f"caption {data}", len(found.records)) as advance:
+                metrics = evaluate_captions(vlm, found, out, progress=advance, **common)
+        else:
+            pope = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
+            with progress_bar(f"pope {pope['strategy']} {data}", None) as advance:
+                metrics = evaluate_pope(vlm, found, out, progress=advance, **pope, **common)
+        if found.report.skipped:
+            metrics["skipped_records"] = found.report.skipped
+        console.print_json(json.dumps(metrics))
+        return
+    _refuse_options(task, object_options)
     records, report = _referring_records(data, images, refs, split, on_error.value)
     vlm = spec.load_vlm(batch_size)
     run = evaluate_rec if task == EvalTask.rec else evaluate_reg
@@ -249,6 +298,13 @@ def evaluate(
     if report.skipped:
         metrics["skipped_records"] = report.skipped
     console.print_json(json.dumps(metrics))
+
+
+def _refuse_options(task: EvalTask, given: dict) -> None:
+    """Options another eval task reads would be silently ignored: refuse them."""
+    named = [name for name, value in given.items() if value is not None]
+    if named:
+        raise RefloopError(f"{', '.join(named)} {'does' if len(named) == 1 else 'do'} not apply to `eval {task.value}`")
 
 
 @app.command("filter")
@@ -334,6 +390,9 @@ def rc_data(
     seed: int = typer.Option(0, "--seed", help="Seed of template and target choice (same seed, same file)."),
     max_per_image: int = typer.Option(4, "--max-per-image", min=1, help="Samples per task per image."),
     num_images: int = typer.Option(1000, "--num-images", min=1, help="Scenes exported when --data is a shapes-world domain."),
+    native_prompts: bool = typer.Option(
+        False, "--native-prompts", help="Grounding tasks ask with the family's own REC/REG instruction instead of the template banks."
+    ),
     on_error: OnErrorChoice = OnErrorOpt,
 ) -> None:
     """Pink Sec. 3.2: referential-comprehension instruction data (grounding, grounding caption, relations both ways,
@@ -345,7 +404,15 @@ def rc_data(
     unknown = sorted(set(chosen or ()) - set(TASKS))
     if unknown:
         raise RefloopError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    fingerprint = {"task": "rc-data", "data": data, "tasks": chosen, "profile": profile, "seed": seed, "max_per_image": max_per_image}
+    fingerprint = {
+        "task": "rc-data",
+        "data": data,
+        "tasks": chosen,
+        "profile": profile,
+        "seed": seed,
+        "max_per_image": max_per_image,
+        "native_prompts": native_prompts,
+    }
     with run_directory(out, fingerprint, overwrite=True):
         found = load_rc_annotations(data, images, objects, relationships, expressions, num_images=num_images, on_error=on_error.value)
         if chosen is None:  # what the annotations support: relation tasks need relations, grounding tasks expressions
@@ -355,7 +422,7 @@ def rc_data(
                 for t in TASKS
                 if not (t.startswith("relation") and not found.relations) and not ("grounding" in t and not has_expressions)
             ]
-        counts = build_rc_data(found.records, out / "rc.jsonl", chosen, profile, seed, max_per_image, found.relations)
+        counts = build_rc_data(found.records, out / "rc.jsonl", chosen, profile, seed, max_per_image, found.relations, native_prompts)
         skipped = {str(r.source): r.skipped for r in found.reports if r.skipped}
         summary = {"samples": counts, "total": sum(counts.values()), "skipped_records": skipped}
         (out / "counts.json").write_text(json.dumps(summary, indent=2) + "\n")

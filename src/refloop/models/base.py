@@ -1,4 +1,4 @@
-"""The VLM interface every method talks to: describe (REG), locate (REC), caption, sampling,
+"""The VLM interface every method talks to: describe (REG), locate (REC), caption, answer, sampling,
 and log-probabilities of given completions."""
 
 from __future__ import annotations
@@ -92,4 +92,8 @@ class VLM(Protocol):
 
     def caption(self, images: Sequence[Image.Image], options: GenerateOptions = GREEDY) -> list[str]:
         """Image captions, K per image, image-major."""
+        ...
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], options: GenerateOptions = GREEDY) -> list[str]:
+        """Free answers to one question per image (POPE's yes/no probes), K per question, question-major."""
         ...

@@ -316,3 +316,9 @@ class HFVLM:
         """K = options.num_return_sequences captions per image, image-major."""
         prompts = [self.profile.caption_prompt()] * len(images)
         return [self.profile.read_caption(c.text) for group in self.generate(images, prompts, options) for c in group]
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], options: GenerateOptions = GREEDY) -> list[str]:
+        """K = options.num_return_sequences answers per question, question-major. The question is the
+        whole instruction inside the family's prompt, so its wording is the caller's."""
+        prompts = [self.profile.prompt(q) for q in questions]
+        return [self.profile.read_caption(c.text) for group in self.generate(images, prompts, options) for c in group]

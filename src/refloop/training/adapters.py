@@ -221,7 +221,7 @@ class AdapterView:
     base can be used in any order (the describer's view, then the locator's); `logprobs(...,
     grad=True)` is the only call that makes the adapter trainable."""
 
-    _GENERATING = frozenset({"generate", "describe", "locate", "caption"})
+    _GENERATING = frozenset({"generate", "describe", "locate", "caption", "answer"})
 
     def __init__(self, vlm, adapters: NamedAdapters, name: str) -> None:
         self.vlm, self.adapters, self.adapter = vlm, adapters, name

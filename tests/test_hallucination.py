@@ -1,0 +1,311 @@
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+from helpers import run_cli, scene_images
+from PIL import Image
+
+from refloop.data.records import ImageRecord
+from refloop.errors import RefloopError
+from refloop.evaluation.hallucination import (
+    STRATEGIES,
+    build_pope_questions,
+    caption_objects,
+    chair,
+    chair_from_rows,
+    coco_table,
+    evaluate_captions,
+    evaluate_pope,
+    load_object_data,
+    object_mentions,
+    object_recall,
+    parse_yes_no,
+    plural,
+    pope_metrics,
+    recall_from_rows,
+    shapes_table,
+)
+from refloop.models import VLM, load_vlm
+from refloop.models.hf import HFVLM
+from refloop.world import EVAL_SEED, caption, get_style, sample_scene
+
+COCO = coco_table()
+SHAPES = shapes_table()
+
+
+# ---- reading objects in captions ----------------------------------------------------------------
+
+
+def test_chair_and_recall_on_hand_made_captions():
+    captions = [
+        "A man rides a motorbike past two hot dogs and a teddy bear.",  # teddy bear is absent
+        "Two giraffes and three sheep near a traffic light.",
+        "",
+        "People at a bus stop; a woman wearing glasses holds a cell-phone and a dog.",  # the dog is absent
+    ]
+    gt = [
+        {"person", "motorcycle", "hot dog", "dining table"},
+        {"giraffe", "sheep", "traffic light"},
+        {"dog"},
+        {"person", "cell phone"},
+    ]
+    c = chair(captions, gt, COCO)
+    # mentions 4 + 3 + 0 + 3, hallucinated 1 + 0 + 0 + 1; two of four captions hallucinate
+    assert (c["mentions"], c["hallucinated_mentions"], c["hallucinating_captions"]) == (10, 2, 2)
+    assert c["chair_i"] == pytest.approx(2 / 10)
+    assert c["chair_s"] == pytest.approx(2 / 4)
+    r = object_recall(captions, gt, COCO)
+    # recalled 3 of 4, 3 of 3, 0 of 1, 2 of 2
+    assert (r["recalled_objects"], r["gt_objects"]) == (8, 10)
+    assert r["object_recall"] == pytest.approx(0.8)
+    first, _, empty, last = c["samples"]
+    assert first["phrases"] == ["man", "motorbike", "hot dogs", "teddy bear"]
+    assert first["hallucinated"] == ["teddy bear"] and first["missed"] == ["dining table"]
+    assert empty["mentioned"] == [] and empty["missed"] == ["dog"]
+    assert last["mentioned"] == ["cell phone", "dog", "person"]  # "bus stop" and "glasses" name nothing
+    assert chair_from_rows(c["samples"]) | {"samples": c["samples"]} == c
+    assert recall_from_rows(r["samples"]) | {"samples": r["samples"]} == r
+
+
+def test_longest_phrase_wins_over_the_object_inside_it():
+    assert object_mentions("a hot dog beside a teddy bear", COCO) == {"hot dog", "teddy bear"}
+    assert object_mentions("a dog beside a bear", COCO) == {"dog", "bear"}
+    assert object_mentions("a microwave oven", COCO) == {"microwave"}
+    assert object_mentions("hot-dogs and Teddy Bears!", COCO) == {"hot dog", "teddy bear"}
+
+
+def test_orange_the_colour_is_not_the_fruit():
+    assert object_mentions("an orange cat", COCO) == {"cat"}
+    assert object_mentions("a bowl of oranges", COCO) == {"bowl", "orange"}
+
+
+def test_every_coco_category_reads_itself_and_its_plural():
+    assert len(COCO.objects) == 80
+    for obj in COCO.objects:
+        assert object_mentions(plural(obj), COCO) == {obj}, obj
+        if obj != "orange":
+            assert object_mentions(f"there is {obj} here", COCO) == {obj}, obj
+
+
+def test_plural_rules():
+    cases = {
+        "person": "people",
+        "hot dog": "hot dogs",
+        "bus": "buses",
+        "policeman": "policemen",
+        "human": "humans",
+        "puppy": "puppies",
+        "toy": "toys",
+        "knife": "knives",
+        "sheep": "sheep",
+        "red circle": "red circles",
+    }
+    assert {word: plural(word) for word in cases} == cases
+
+
+def test_category_names_map_to_the_table():
+    assert COCO.canonical("Person") == "person"
+    assert COCO.canonical("cellphone") == "cell phone"
+    assert COCO.canonical("dining table") == "dining table"
+    assert COCO.canonical("lamp") is None
+
+
+def test_grammar_captions_name_exactly_their_scenes_objects():
+    style = get_style("wild")
+    for index in range(30):
+        scene = sample_scene(style, EVAL_SEED, index)
+        pairs = {f"{o.colour} {o.shape}" for o in scene.objects}
+        row = caption_objects(caption(scene), pairs, SHAPES)
+        assert row["mentioned"] == sorted(pairs) and row["hallucinated"] == [] and row["missed"] == []
+    assert object_mentions("a circle and a red object", SHAPES) == set()  # a bare shape or colour names no object
+    assert SHAPES.question_for("red circle") == "is there a red circle ?"  # the grammar's existence question
+    assert COCO.question_for("apple") == "Is there an apple in the image?"
+
+
+# ---- POPE ---------------------------------------------------------------------------------------
+
+
+def test_parse_yes_no_takes_the_first_yes_or_no_word():
+    cases = {
+        "yes": "yes",
+        "Yes.": "yes",
+        "YES, there is a dog": "yes",
+        "No, there isn't.": "no",
+        "There is no dog, yes.": "no",
+        "Nothing like that": None,
+        "yesterday": None,
+        "I know": None,
+        "not sure": None,
+        "": None,
+        None: None,
+    }
+    assert {text: parse_yes_no(text) for text in cases} == cases
+
+
+def test_pope_metrics_on_hand_made_predictions():
+    predictions = ["yes", "Yes, there is one.", "no", "No.", "I think so", "yes", "There is no cat.", None]
+    labels = ["yes", "yes", "yes", "no", "yes", "no", "no", "no"]
+    m = pope_metrics(predictions, labels)
+    # read as yes, yes, no, no, (none -> no), yes, no, (none -> no)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 2, 1, 3)
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 4)
+    assert m["f1"] == pytest.approx(4 / 7)  # 2 * (2/3) * (1/2) / (2/3 + 1/2)
+    assert m["yes_ratio"] == pytest.approx(3 / 8)
+    assert m["unparsed"] == 2 and m["num"] == 8
+    assert [r["prediction"] for r in m["samples"]] == ["yes", "yes", "no", "no", "no", "yes", "no", "no"]
+    with pytest.raises(ValueError):
+        pope_metrics(["yes"], ["maybe"])
+
+
+def _records(n: int) -> list[ImageRecord]:
+    return [ImageRecord(image_id=i, path=Path(f"{i}.png"), width=10, height=10) for i in range(n)]
+
+
+def _shapes_ground_truth(n: int) -> list[frozenset[str]]:
+    style = get_style("wild")
+    return [frozenset(f"{o.colour} {o.shape}" for o in sample_scene(style, EVAL_SEED, i).objects) for i in range(n)]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_pope_questions_are_balanced_true_and_fixed_by_seed(strategy):
+    gt = _shapes_ground_truth(40)
+    records = _records(40)
+    questions = build_pope_questions(records, gt, strategy, per_image=3, seed=7, categories=SHAPES.objects, table=SHAPES)
+    assert questions == build_pope_questions(records, gt, strategy, per_image=3, seed=7, categories=SHAPES.objects, table=SHAPES)
+    for i, objects in enumerate(gt):
+        mine = [q for q in questions if q["image_id"] == i]
+        yes = [q["object"] for q in mine if q["label"] == "yes"]
+        no = [q["object"] for q in mine if q["label"] == "no"]
+        assert len(yes) == len(no) == min(3, len(objects), 12 - len(objects))
+        assert set(yes) <= objects and not set(no) & objects
+        assert len(set(yes)) == len(yes) and len(set(no)) == len(no)
+    assert all(q["question"] == f"is there a {q['object']} ?" for q in questions)
+    other = build_pope_questions(records, gt, strategy, per_image=3, seed=8, categories=SHAPES.objects)
+    assert [q["object"] for q in other] != [q["object"] for q in questions]  # the seed draws the present objects (and random's absent ones)
+
+
+def test_popular_and_adversarial_negatives_follow_the_dataset():
+    gt = [{"a", "b"}, {"a", "b"}, {"d"}, {"d"}, {"d"}, {"a"}, set()]
+    records = _records(len(gt))
+
+    def negatives(strategy: str) -> dict:
+        questions = build_pope_questions(records, gt, strategy, per_image=1, categories=["a", "b", "c", "d"])
+        return {q["image_id"]: q["object"] for q in questions if q["label"] == "no"}
+
+    # frequency: a 3, d 3, b 2, c 0; only a and b appear together (twice)
+    assert negatives("popular") == {0: "d", 1: "d", 2: "a", 3: "a", 4: "a", 5: "d"}
+    assert negatives("adversarial") == {0: "d", 1: "d", 2: "a", 3: "a", 4: "a", 5: "b"}  # image 5 holds a: b co-occurs
+    assert 6 not in negatives("random")  # no object, no question
+    with pytest.raises(RefloopError, match="unknown POPE strategy"):
+        build_pope_questions(records, gt, "hardest")
+
+
+# ---- runs on a small COCO-style file with a scripted model ----------------------------------------
+
+
+def _coco_files(tmp_path: Path) -> tuple[Path, Path]:
+    for name in ("1.png", "2.png"):
+        Image.new("RGB", (20, 10)).save(tmp_path / name)
+    instances = {
+        "images": [{"id": 1, "file_name": "1.png", "width": 20, "height": 10}, {"id": 2, "file_name": "2.png", "width": 20, "height": 10}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [8, 1, 5, 5]},
+            {"id": 3, "image_id": 2, "category_id": 3, "bbox": [1, 1, 5, 5]},
+            {"id": 4, "image_id": 2, "category_id": 1, "bbox": [8, 1, 5, 5]},
+        ],
+        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "lamp"}],
+    }
+    captions = {"annotations": [{"image_id": 1, "caption": "a man and his dog"}, {"image_id": 2, "caption": "a woman under a lamp"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    return tmp_path / "instances.json", tmp_path / "captions.json"
+
+
+class ScriptedCaptioner:
+    name = "scripted"
+
+    def __init__(self, captions: list[str], answer: str = "yes") -> None:
+        self.captions, self.reply = list(captions), answer
+
+    def caption(self, images, options=None):
+        return [self.captions.pop(0) for _ in images]
+
+    def answer(self, images, questions, options=None):
+        return [self.reply for _ in questions]
+
+
+def test_object_data_from_a_coco_file_maps_categories_and_reads_captions(tmp_path):
+    instances, captions = _coco_files(tmp_path)
+    found = load_object_data(str(instances), captions=captions)
+    assert found.objects == [frozenset({"person", "dog"}), frozenset({"person"})]
+    assert found.references == [["a man and his dog"], ["a woman under a lamp"]]
+    assert found.unmapped_categories == {"lamp": 1}
+    vlm = ScriptedCaptioner(["a man with a cat", "a woman"])
+    m = evaluate_captions(vlm, found, tmp_path / "cap", java=False)
+    assert (m["chair_i"], m["chair_s"], m["object_recall"]) == (pytest.approx(1 / 3), 0.5, pytest.approx(2 / 3))
+    assert m["num_with_references"] == 2 and m["unmapped_categories"] == {"lamp": 1}
+    rows = [json.loads(line) for line in (tmp_path / "cap" / "caption_samples.jsonl").read_text().splitlines()]
+    assert [r["hallucinated"] for r in rows] == [["cat"], []]
+    m = evaluate_pope(ScriptedCaptioner([], answer="Yes."), found, tmp_path / "pope", per_image=3)
+    # image 1: 2 yes + 2 no, image 2: 1 yes + 1 no; always "yes": recall 1, precision 1/2
+    assert (m["num"], m["recall"], m["precision"], m["yes_ratio"], m["unparsed"]) == (6, 1.0, 0.5, 1.0, 0)
+
+
+# ---- the commands with refloop-tiny on a shapes-world domain ---------------------------------------
+
+
+def test_answer_asks_the_question_inside_the_family_prompt():
+    expected = inspect.signature(VLM.answer).parameters.values()
+    assert [(p.name, p.default) for p in inspect.signature(HFVLM.answer).parameters.values()] == [(p.name, p.default) for p in expected]
+    vlm = load_vlm(device="cpu", batch_size=4)
+    _, images = scene_images(2)
+    questions = ["is there a red circle ?", "is there a blue square ?"]
+    answers = vlm.answer(images, questions)
+    groups = vlm.generate(images, [vlm.profile.prompt(q) for q in questions])
+    assert answers == [vlm.profile.read_caption(group[0].text) for group in groups]
+    assert set(answers) <= {"yes", "no"}  # refloop-tiny's existence answers
+
+
+def test_eval_caption_command_on_shapes_world(tmp_path, capsys):
+    out = tmp_path / "caption"
+    code, _, err = run_cli(["eval", "caption", "--data", "in-domain", "--num-images", "4", "--out", str(out), "--device", "cpu"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "caption_metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "caption_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["num"] == 4
+    assert {k: metrics[k] for k in ("chair_i", "chair_s", "object_recall")} == {
+        "chair_i": chair_from_rows(rows)["chair_i"],
+        "chair_s": chair_from_rows(rows)["chair_s"],
+        "object_recall": recall_from_rows(rows)["object_recall"],
+    }
+    scenes = [sample_scene(get_style("in-domain"), EVAL_SEED, i) for i in range(4)]
+    assert [r["references"] for r in rows] == [[caption(s)] for s in scenes]
+    assert metrics["CIDEr"] > 0 and metrics["object_recall"] > 0.5  # refloop-tiny captions its own domain well
+    code, _, err = run_cli(["eval", "caption", "--data", "in-domain", "--out", str(out), "--strategy", "popular"], capsys)
+    assert code == 2 and "--strategy does not apply to `eval caption`" in err
+
+
+def test_eval_pope_command_on_shapes_world_resumes_and_refuses_another_run(tmp_path, capsys):
+    out = tmp_path / "pope"
+    args = ["eval", "pope", "--data", "in-domain", "--num-images", "4", "--strategy", "popular", "--out", str(out), "--device", "cpu"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "pope_metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "pope_samples.jsonl").read_text().splitlines()]
+    assert sum(r["label"] == "yes" for r in rows) == sum(r["label"] == "no" for r in rows) == metrics["num"] / 2
+    assert all(r["question"].startswith("is there a ") for r in rows)
+    recomputed = pope_metrics([r["answer"] for r in rows], [r["label"] for r in rows])
+    assert {k: metrics[k] for k in ("accuracy", "f1", "yes_ratio", "unparsed")} == {
+        k: recomputed[k] for k in ("accuracy", "f1", "yes_ratio", "unparsed")
+    }
+    assert metrics["accuracy"] > 0.75  # refloop-tiny was trained on these questions in this domain
+    code, _, err = run_cli(args, capsys)  # the same run again: every question is done, nothing is asked twice
+    assert code == 0, err
+    assert json.loads((out / "pope_metrics.json").read_text()) == metrics
+    assert len((out / "pope_samples.jsonl").read_text().splitlines()) == len(rows)
+    code, _, err = run_cli([*args[:6], "--strategy", "random", "--out", str(out)], capsys)
+    assert code == 2 and "holds outputs of another run" in err
