@@ -115,6 +115,26 @@ def test_grounding_pairs_an_expression_with_its_own_box(tmp_path):
     assert len(samples) == 8  # D has no expression
 
 
+@pytest.mark.parametrize("name", PROFILES)
+def test_native_prompts_are_the_family_own_rec_and_reg_prompts(tmp_path, name):
+    profile = get_profile(name)
+    records = [scene_record(tmp_path)]
+    build_rc_data(records, tmp_path / "bank.jsonl", None, name, 0, None, {"scene": RELATIONS})
+    build_rc_data(records, tmp_path / "native.jsonl", None, name, 0, None, {"scene": RELATIONS}, native=True)
+    bank, native = ([json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("bank.jsonl", "native.jsonl"))
+    assert [s["answer"] for s in bank] == [s["answer"] for s in native]  # same queries, same answers
+    expression_of = {o.box: o.expressions[0] for o in (A, B, C, E)}
+    box_of = {e: b for b, e in expression_of.items()}
+    for b, n in zip(bank, native):
+        if n["task"] == "visual-grounding":
+            (expression,) = [e for e in box_of if e in b["messages"][0]["content"]]
+            assert n["prompt"] == profile.rec_prompt(expression)
+        elif n["task"] == "grounding-caption":
+            assert n["prompt"] == profile.reg_prompt(box_of[n["answer"]], SIZE)
+        else:
+            assert n == b  # tasks without a native prompt keep their bank
+
+
 def test_max_per_image_caps_each_task_on_each_image(tmp_path):
     other = ImageRecord("other", tmp_path / "other.png", *SIZE, objects=(A, B))
     counts, samples = build(tmp_path, max_per_image=2, records=[scene_record(tmp_path), other])

@@ -196,6 +196,14 @@ class _Candidates:
         slots = {k: self.text.box(v, size) if isinstance(v, Box) else v for k, v in query.slots.items()}
         return template.format(**slots), query.answer if isinstance(query.answer, str) else query.answer()
 
+    def native(self, query: _Query, size: tuple[int, int]) -> str | None:
+        """The family's own instruction for a grounding query (None: the bank has no native form)."""
+        if query.bank == "visual-grounding":
+            return self.text.profile.rec_instruction(query.slots["expression"])
+        if query.bank == "grounding-caption":
+            return self.text.profile.reg_instruction(query.slots["box"], size)
+        return None
+
     def visual_grounding(self, record: ImageRecord, relations: Sequence[Relation], rng: random.Random) -> list[_Query]:
         out = []
         for o in record.objects:
@@ -302,12 +310,16 @@ def build_rc_data(
     seed: int = 0,
     max_per_image: int | None = 4,
     relations: Mapping[Any, Sequence[Relation]] | None = None,
+    native: bool = False,
 ) -> dict[str, int]:
     """Write the RC samples of `tasks` (default: all) on `records` to `out_path` (chat JSONL,
     written whole and atomically) and return the count per task.
 
     `max_per_image` caps the samples of one task on one image (None: every candidate);
-    `relations` maps a record's image_id to its triplets. A task whose annotations the data lacks
+    `relations` maps a record's image_id to its triplets. `native`: visual-grounding and
+    grounding-caption ask with the family's own REC / REG instruction (what `locate` and
+    `describe` send) instead of the template banks, to tune the prompts a model is evaluated and
+    used with (the other tasks have no native prompt and keep their banks). A task whose annotations the data lacks
     stops the build with a RefloopError naming the task and the field, before anything is written.
     """
     tasks = list(TASKS) if tasks is None else list(dict.fromkeys(tasks))
@@ -343,6 +355,8 @@ def build_rc_data(
                 rng.shuffle(queries)
                 for n, query in enumerate(queries[:max_per_image]):
                     instruction, answer = candidates.render(query, record.size, rng.choice(TEMPLATES[query.bank]))
+                    if native:
+                        instruction = candidates.native(query, record.size) or instruction
                     counts[task] += 1
                     sample = {
                         "id": f"{record.image_id}/{task}/{n}",
