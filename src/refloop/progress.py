@@ -16,3 +16,18 @@ def progress_bar(description: str, total: int) -> Iterator:
     with Progress(*columns, transient=False, disable=bool(os.environ.get("REFLOOP_NO_PROGRESS"))) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+@contextmanager
+def staged_progress() -> Iterator:
+    """Yields `advance(stage, n, total)`: one bar per stage, opened when the stage first reports."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=False, disable=bool(os.environ.get("REFLOOP_NO_PROGRESS"))) as bar:
+        tasks: dict[str, object] = {}
+
+        def advance(stage: str, n: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.advance(tasks[stage], n)
+
+        yield advance

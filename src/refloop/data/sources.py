@@ -4,13 +4,14 @@ referring JSONL."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from refloop.data.loaders import LoadReport, OnError, load_coco, load_referring
 from refloop.data.records import ImageRecord
 from refloop.errors import RefloopError
 from refloop.world import DOMAINS, EVAL_SEED
-from refloop.world.export import REFS_FILE, export_split
+from refloop.world.export import COCO_FILE, REFS_FILE, export_split
 
 
 def cache_dir() -> Path:
@@ -48,3 +49,36 @@ def load_data(
     raise RefloopError(
         f"--data {spec!r} is neither a shapes-world domain ({', '.join(DOMAINS)}) nor a .json (COCO) / .jsonl (referring) file"
     )
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Images with every annotated box (bootstrapping's and SVP's input), the root their file
+    names are relative to, and whether the objects carry referring expressions (for a domain: the
+    shapes grammar's unique ones)."""
+
+    records: list[ImageRecord]
+    report: LoadReport
+    image_root: Path
+    expressions: bool
+
+
+def load_detections(
+    data: str, images: str | Path | None = None, on_error: OnError = "fail", num_images: int | None = None, scene_seed: int = 0
+) -> Detections:
+    """Every box of a detection file (COCO / Objects365 .json, referring .jsonl) or of a
+    shapes-world domain. A domain is read from its COCO export (all boxes, not only those the
+    grammar can refer to), with the grammar's expressions of each object from its refs export."""
+    if data in DOMAINS:
+        root = world_split_dir(data, num_images or 1000, scene_seed)
+        records, report = load_coco(root / COCO_FILE, root, on_error=on_error, verify_images=True)
+        refs, _ = load_referring(root / REFS_FILE, root)
+        grammar = {(r.image_id, o.ann_id): o.expressions for r in refs for o in r.objects}
+        records = [
+            replace(r, objects=tuple(replace(o, expressions=grammar.get((r.image_id, o.ann_id), ())) for o in r.objects)) for r in records
+        ]
+        return Detections(records, report, root.resolve(), True)
+    records, report = load_data(data, images, on_error=on_error)
+    records = records[:num_images] if num_images else records
+    root = Path(images if images is not None else Path(data).parent).resolve()
+    return Detections(records, report, root, any(o.expressions for r in records for o in r.objects))

@@ -34,7 +34,6 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +45,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from refloop.boxes import Box, iou_matrix
 from refloop.cycle import Consistency, CycleResult, describe_then_locate
 from refloop.data.jsonl import JsonlWriter
-from refloop.data.loaders import LoadReport, OnError, load_coco, load_referring
 from refloop.data.pixels import readable
 from refloop.data.records import ImageRecord, ObjectAnnotation
-from refloop.data.sources import load_data, world_split_dir
+from refloop.data.sources import Detections, load_detections  # noqa: F401  (re-exported: bootstrap's input)
 from refloop.errors import DataError, RefloopError
 from refloop.models.base import VLM, GenerateOptions
 from refloop.runs import model_fingerprint, run_directory
 from refloop.training.trainer import step_seed
-from refloop.world import DOMAINS
-from refloop.world.export import COCO_FILE, REFS_FILE
 
 # A.2's 2000 px is 0.65% of a 640x480 COCO / Objects365-sized image; the same share of a 112x112 scene.
 SHAPES_MIN_AREA_PX = 82.0
@@ -90,39 +86,6 @@ class BootstrapConfig(BaseModel):
     def shapes(cls, **fields) -> BootstrapConfig:
         """The shapes-world recipe: A.2's area filter scaled to 112 px scenes."""
         return cls(**({"min_area_px": SHAPES_MIN_AREA_PX} | fields))
-
-
-# ---- input ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Detections:
-    """Images and every box to bootstrap, the root their file names are relative to, and whether
-    the objects carry reference expressions (the shapes grammar's unique ones for a domain)."""
-
-    records: list[ImageRecord]
-    report: LoadReport
-    image_root: Path
-    expressions: bool
-
-
-def load_detections(
-    data: str, images: str | Path | None = None, on_error: OnError = "fail", num_images: int | None = None, scene_seed: int = 0
-) -> Detections:
-    """Every box of a detection file (COCO / Objects365 .json, referring .jsonl) or of a
-    shapes-world domain. A domain is read from its COCO export (all boxes, not only those the
-    grammar can refer to), with the grammar's expressions of each object from its refs export."""
-    if data in DOMAINS:
-        root = world_split_dir(data, num_images or 1000, scene_seed)
-        records, report = load_coco(root / COCO_FILE, root, on_error=on_error, verify_images=True)
-        refs, _ = load_referring(root / REFS_FILE, root)
-        grammar = {(r.image_id, o.ann_id): o.expressions for r in refs for o in r.objects}
-        records = [
-            replace(r, objects=tuple(replace(o, expressions=grammar.get((r.image_id, o.ann_id), ())) for o in r.objects)) for r in records
-        ]
-        return Detections(records, report, root.resolve(), True)
-    records, report = load_data(data, images, on_error=on_error)
-    records = records[:num_images] if num_images else records
-    root = Path(images if images is not None else Path(data).parent).resolve()
-    return Detections(records, report, root, any(o.expressions for r in records for o in r.objects))
 
 
 def records_digest(records: Sequence[ImageRecord]) -> str:

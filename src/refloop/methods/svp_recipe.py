@@ -1,0 +1,149 @@
+"""`refloop svp`: a YAML recipe around SVP (paper 004): the seed images, the grounder, the visual
+queries of SVP (CVQ), the loop of `refloop.methods.svp`, the export (per-iteration PEFT adapters,
+the final merged checkpoint), results.json and a per-iteration report."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from accelerate import PartialState
+from pydantic import BaseModel, ConfigDict, Field
+
+from refloop.config import ModelSpec
+from refloop.data.records import ImageRecord, InstructionExample
+from refloop.data.sources import load_detections
+from refloop.errors import RefloopError
+from refloop.grounding import Grounder
+from refloop.methods.svp import SVP, SVPConfig
+from refloop.models.processors import save_processor
+from refloop.runs import run_directory
+from refloop.world import DOMAINS, TRAIN_SEED
+
+
+class GrounderSpec(BaseModel):
+    """The feedback model g: the shapes-world scene oracle, an open-set detector through
+    transformers, Florence-2's phrase grounding, or any VLM's REC."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: Literal["oracle", "grounding-dino", "owlv2", "florence-2", "vlm"] = Field("oracle", description="which grounder")
+    model: str | None = Field(None, description="checkpoint of the detector / Florence-2 / VLM (kind != oracle)")
+    miss_rate: float = Field(0.1, ge=0, le=1, description="oracle: share of true objects it misses")
+    false_positive_rate: float = Field(0.1, ge=0, le=1, description="oracle: false detections per requested phrase")
+    jitter: float = Field(0.05, ge=0, le=1, description="oracle: box corner noise as a fraction of the box size")
+    threshold: float | None = Field(None, ge=0, le=1, description="detectors: box score threshold (default: the wrapper's)")
+    text_threshold: float | None = Field(None, ge=0, le=1, description="GroundingDINO: phrase token threshold")
+    seed: int = 0
+
+    def build(self, vlm, device: str, dtype: str) -> Grounder:
+        from refloop import grounding
+
+        if self.kind == "oracle":
+            return grounding.SceneOracle(self.miss_rate, self.false_positive_rate, self.jitter, self.seed)
+        if self.kind == "vlm":
+            other = vlm if self.model is None else _load(self.model, device, dtype)
+            return grounding.VLMGrounder(other)
+        if self.model is None:
+            raise RefloopError(f"grounder kind {self.kind!r} needs grounder.model (a checkpoint directory or hub id)")
+        options = {k: v for k, v in (("threshold", self.threshold), ("text_threshold", self.text_threshold)) if v is not None}
+        if self.kind == "grounding-dino":
+            return grounding.HFGroundingDINO.from_pretrained(self.model, device=device, dtype=dtype, **options)
+        if self.kind == "owlv2":
+            options.pop("text_threshold", None)
+            return grounding.HFOwlV2.from_pretrained(self.model, device=device, dtype=dtype, **options)
+        return grounding.Florence2Grounder(_load(self.model, device, dtype))
+
+
+def _load(model: str, device: str, dtype: str):
+    from refloop.models import load_vlm
+
+    return load_vlm(model, device=device, dtype=dtype)
+
+
+class SVPRecipe(ModelSpec):
+    """The model fields come from `ModelSpec`."""
+
+    train_data: str = Field("wild", description="seed images: a shapes-world domain (training seed) or a detection .json / .jsonl")
+    images: str | None = Field(None, description="image root of train_data's relative paths")
+    num_images: int = Field(200, ge=1, description="C: seed images (paper: 1000 COCO images)")
+    grounder: GrounderSpec = Field(default_factory=GrounderSpec, description="the feedback model")
+    cvq_data: str | None = Field(
+        None, description="SVP (CVQ): referring data whose REC / REG pairs and yes/no questions are mixed in (svp.cvq_ratio per caption)"
+    )
+    cvq_images: int = Field(200, ge=1, description="images of cvq_data used")
+    svp: SVPConfig = Field(default_factory=SVPConfig, description="the method's settings")
+
+
+def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
+    """SVP (CVQ): the model's own task prompts on `cvq_data`: REC and REG in its native prompts and
+    balanced yes/no existence questions (shapes world: the grammar's wording)."""
+    if recipe.cvq_data is None:
+        return []
+    import tempfile
+
+    from refloop.data.rc import build_rc_data, load_rc_data
+    from refloop.evaluation.hallucination import build_pope_questions, shapes_table
+    from refloop.grounding.oracle import scene_objects
+
+    found = load_detections(recipe.cvq_data, recipe.images, num_images=recipe.cvq_images, scene_seed=TRAIN_SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cvq.jsonl"
+        build_rc_data(found.records, path, ["visual-grounding", "grounding-caption"], profile, seed=0, max_per_image=2, native=True)
+        out = load_rc_data(path)
+    if recipe.cvq_data in DOMAINS:
+        objects = [frozenset(f"{o.colour} {o.shape}" for o in scene_objects(r)) for r in found.records]
+        by_id = {r.image_id: r for r in found.records}
+        for q in build_pope_questions(found.records, objects, "random", per_image=1, seed=0, table=shapes_table()):
+            out.append(InstructionExample(str(by_id[q["image_id"]].path), profile.prompt(q["question"]), q["label"], example_id=q["id"]))
+    return out
+
+
+def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], bool]:
+    found = load_detections(recipe.train_data, recipe.images, num_images=recipe.num_images, scene_seed=TRAIN_SEED)
+    if not found.records:
+        raise RefloopError(f"train_data {recipe.train_data!r}: no images")
+    return found.records, recipe.train_data in DOMAINS
+
+
+def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
+    """Run (or resume) SVP in `out`; a run with another recipe (other than its thread count) is
+    refused unless `overwrite`."""
+    fingerprint = {"task": "svp", "recipe": recipe.model_dump(mode="json", exclude={"threads"})}
+    if not PartialState(cpu=recipe.device == "cpu").is_main_process:
+        return _run_svp(recipe, out, progress)
+    with run_directory(out, fingerprint, overwrite):
+        return _run_svp(recipe, out, progress)
+
+
+def _run_svp(recipe: SVPRecipe, out: Path, progress) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+    vlm = recipe.load_vlm(batch_size=recipe.svp.sft.generation_batch_size)
+    records, shapes = load_seed_images(recipe)
+    if recipe.svp.grounding and recipe.svp.phrases != "categories" and not shapes and recipe.grounder.kind == "oracle":
+        raise RefloopError("the scene oracle grounds shapes-world images only: use a shapes-world train_data or another grounder.kind")
+    grounder = recipe.grounder.build(vlm, recipe.device, recipe.dtype) if recipe.svp.grounding else None
+    queries = visual_queries(recipe, vlm.profile) if recipe.svp.cvq_ratio > 0 else []
+    started = time.perf_counter()
+    method = SVP(vlm, grounder, recipe.svp, shapes=shapes)
+    iterations = method.run(records, out, queries, progress)
+    results = {
+        "train_data": recipe.train_data,
+        "images": len(records),
+        "grounder": recipe.grounder.kind if recipe.svp.grounding else None,
+        "score": recipe.svp.score,
+        "iterations": iterations,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    if PartialState().is_main_process:
+        method.vlm.model.save_pretrained(out / "merged")
+        save_processor(method.vlm.processor, out / "merged")
+        from refloop.report.svp import write_svp_report
+
+        write_svp_report(out, results, records)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,65 @@
+"""The SVP report: per iteration, what was sampled with and without grounding, the scores and what
+was selected for training, with a few images shown beside their captions."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from refloop.data.jsonl import read_records
+from refloop.data.records import ImageRecord
+
+EXAMPLES = 6  # images shown per iteration
+SHOWN = 4  # samples shown per image
+
+
+def _thumbnail(record: ImageRecord, side: int = 160) -> str:
+    image = record.load_image().copy()
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _sample_rows(row: dict) -> str:
+    order = sorted(range(len(row["guided"])), key=lambda j: (j not in row["selected"], -row["scores"][j]))[:SHOWN]
+    out = []
+    for j in order:
+        mark = "selected" if j in row["selected"] else html.escape(row["degenerate"][j] or "")
+        out.append(
+            f"<tr><td>{html.escape(row['prior'][j])}</td><td><code>{html.escape(row['contexts'][j]) or '-'}</code></td>"
+            f"<td>{html.escape(row['guided'][j])}</td><td>{row['scores'][j]:.3f}</td><td>{mark}</td></tr>"
+        )
+    return "".join(out)
+
+
+def write_svp_report(out: Path, results: dict, records: Sequence[ImageRecord]) -> Path:
+    by_id = {r.image_id: r for r in records}
+    sections = []
+    for summary in results["iterations"]:
+        work = out / f"iteration-{summary['iteration']}"
+        rows = [r for path in sorted(work.glob("samples-*.jsonl")) for r in read_records(path)][:EXAMPLES]
+        blocks = "".join(
+            f"<h3>image {html.escape(str(row['image_id']))}</h3><p><img src='{_thumbnail(by_id[row['image_id']])}'></p>"
+            "<table><tr><th>prior z_p ~ p(z|c)</th><th>grounding g (text)</th><th>guided z ~ q(z|c,g)</th><th>score</th><th></th></tr>"
+            f"{_sample_rows(row)}</table>"
+            for row in rows
+            if row["image_id"] in by_id
+        )
+        sections.append(f"<h2>Iteration {summary['iteration']}</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre>{blocks}")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>refloop svp</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1300px}}td,th{{padding:2px 10px;text-align:left;vertical-align:top}}
+code{{font-size:80%}}</style></head><body>
+<h1>SVP: captions with grounding feedback (paper 004, Algorithms 1-2)</h1>
+<p>Seed images <code>{html.escape(str(results["train_data"]))}</code> ({results["images"]}), grounder
+<code>{html.escape(str(results["grounder"]))}</code>, score <code>{html.escape(results["score"])}</code>. Rows: the selected samples
+first, then the best-scored others; all samples in <code>iteration-N/samples-*.jsonl</code>.</p>
+{"".join(sections)}
+</body></html>"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,196 @@
+"""SVP (paper 004): the two scores against hand-computed values, Eq. 7's selection, the degenerate
+filter, and `refloop svp` end to end on a tiny random model with the scene oracle, resumed after
+an interruption to the same adapters as an uninterrupted run."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from helpers import run_cli, save_tiny_random
+from safetensors.torch import load_file
+
+from refloop.codecs import get_codec
+from refloop.data.records import InstructionExample
+from refloop.methods.svp import (
+    COORDINATES,
+    EMPTY,
+    REPEATED,
+    SVPConfig,
+    degenerate_reason,
+    log_ratio_score,
+    mix_visual_queries,
+    padded,
+    select_random,
+    select_top,
+    weighted_difference_score,
+)
+from refloop.methods.svp_recipe import SVPRecipe, run_svp
+
+LOG = math.log
+
+
+def dist(*rows):
+    """[T, V] log-probabilities from rows of probabilities."""
+    return torch.tensor([[LOG(p) if p > 0 else -math.inf for p in row] for row in rows])
+
+
+# ---- scores ----------------------------------------------------------------------------------------
+def test_log_ratio_score_is_the_sum_of_per_position_kl_of_q_from_p():
+    q = dist([0.5, 0.5], [0.9, 0.1])
+    p = dist([0.25, 0.75], [0.5, 0.5])
+    expected = (0.5 * LOG(0.5 / 0.25) + 0.5 * LOG(0.5 / 0.75)) + (0.9 * LOG(0.9 / 0.5) + 0.1 * LOG(0.1 / 0.5))
+    score = log_ratio_score(q[None], p[None], torch.tensor([[True, True]]))
+    assert score.shape == (1,) and score.item() == pytest.approx(expected, rel=1e-6)
+    # the mask drops the second position; length_normalize divides by the real length
+    one = log_ratio_score(q[None], p[None], torch.tensor([[True, False]]))
+    assert one.item() == pytest.approx(0.5 * LOG(2) + 0.5 * LOG(2 / 3), rel=1e-6)
+    mean = log_ratio_score(q[None], p[None], torch.tensor([[True, True]]), length_normalize=True)
+    assert mean.item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_weighted_difference_score_is_the_entropy_drop():
+    q = dist([0.5, 0.5], [1.0, 0.0])  # a zero-probability entry: 0 log 0 = 0
+    p = dist([0.25, 0.75], [0.5, 0.5])
+    h_p = -(0.25 * LOG(0.25) + 0.75 * LOG(0.75)) - LOG(0.5)
+    h_q = LOG(2) + 0.0
+    score = weighted_difference_score(q[None], p[None], torch.tensor([[True, True]]))
+    assert score.item() == pytest.approx(h_p - h_q, rel=1e-6)
+    assert not torch.isnan(log_ratio_score(q[None], p[None], torch.tensor([[True, True]]))).any()
+
+
+def test_identical_distributions_score_zero_for_both():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7).log_softmax(-1)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    for fn in (log_ratio_score, weighted_difference_score):
+        assert torch.allclose(fn(logits, logits.clone(), mask), torch.zeros(3), atol=1e-6)
+
+
+def test_padded_batches_ragged_distributions_with_a_mask():
+    out, mask = padded([torch.zeros(2, 4), torch.zeros(3, 4)])
+    assert out.shape == (2, 3, 4) and mask.tolist() == [[True, True, False], [True, True, True]]
+
+
+# ---- selection and filters --------------------------------------------------------------------------
+def test_top_selection_keeps_every_tie_at_the_kth_score():
+    assert select_top([1.0, 3.0, 3.0, 2.0], 0.25) == [1, 2]  # k = 1, S_k = 3: both 3s (Eq. 7's >=)
+    assert select_top([1.0, 3.0, 3.0, 2.0], 0.5) == [1, 2]  # k = 2, S_k = 3
+    assert select_top([1.0, 3.0, 2.5, 2.0], 0.5) == [1, 2]
+    assert select_top([1.0, 3.0, 3.0, 2.0], 0.25, [True, False, True, True]) == [2]  # ineligible never chosen
+    assert select_top([5.0, 1.0], 0.5, [False, False]) == []
+    assert select_top([float("nan"), 1.0], 0.5) == [1]
+
+
+def test_random_selection_takes_the_same_count_among_eligible():
+    import random
+
+    chosen = select_random(20, 0.1, [i % 3 != 0 for i in range(20)], random.Random(0))
+    assert len(chosen) == 2 and all(i % 3 != 0 for i in chosen)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", EMPTY),
+        ("   ", EMPTY),
+        ("a red circle , a red circle , a red circle , a red circle , a blue square", REPEATED),
+        ("two two two red circles", REPEATED),
+        ("a red circle at [0.12, 0.30, 0.25, 0.45]", COORDINATES),
+        ("a red circle {<12><30><25><45>}", COORDINATES),
+        ("two red circles , a blue square and a green triangle", None),
+    ],
+)
+def test_degenerate_samples_are_named(text, reason):
+    assert degenerate_reason(text, get_codec("minigpt-v2"), (112, 112)) == reason
+
+
+def test_visual_queries_are_mixed_at_the_ratio_deterministically():
+    captions = [InstructionExample(f"{i}.png", "p", "c") for i in range(10)]
+    queries = [InstructionExample(f"q{i}.png", "q", "a") for i in range(30)]
+    mixed = mix_visual_queries(captions, queries, 1.0, seed=3)
+    assert len(mixed) == 20 and mixed == mix_visual_queries(captions, queries, 1.0, seed=3)
+    assert mix_visual_queries(captions, queries, 0.0, seed=3) == captions
+
+
+def test_config_defaults_are_the_paper_settings():
+    cfg = SVPConfig()
+    assert (cfg.samples, cfg.top_fraction, cfg.score, cfg.sft.lora.r, cfg.sft.lora.alpha, cfg.sft.epochs) == (
+        20,
+        0.1,
+        "log_ratio",
+        64,
+        16,
+        1.0,
+    )
+
+
+# ---- the job ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_random(tmp_path_factory.mktemp("tiny") / "model")
+
+
+SMALL = {
+    "samples": 3,
+    "top_fraction": 0.34,
+    "max_new_tokens": 8,
+    "images_per_batch": 2,
+    "iterations": 2,
+    "sft": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 1, "generation_batch_size": 8},
+}
+
+
+def recipe(model_dir, **svp) -> SVPRecipe:
+    return SVPRecipe.model_validate(
+        {"model": str(model_dir), "train_data": "wild", "num_images": 4, "device": "cpu", "dtype": "fp32", "svp": SMALL | svp}
+    )
+
+
+def test_svp_runs_end_to_end_with_the_scene_oracle(tmp_path, model_dir, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(model_dir).model_dump(mode="json")))
+    code, out, err = run_cli(["svp", "--config", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [it["iteration"] for it in results["iterations"]] == [1, 2]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "iteration-1" / "samples-000.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["guided"]) == 3 and len(r["scores"]) == 3 for r in rows)
+    assert all(set(r["selected"]) <= {j for j, d in enumerate(r["degenerate"]) if d is None} for r in rows)
+    assert (tmp_path / "run" / "iteration-2" / "adapters" / "svp" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "run" / "merged" / "config.json").exists() and (tmp_path / "run" / "report.html").exists()
+
+
+def test_interrupted_svp_resumes_to_the_same_model(tmp_path, model_dir):
+    run_svp(recipe(model_dir), tmp_path / "straight")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(at: str):
+        def progress(stage, n, total):
+            if at in stage:
+                raise Interrupt
+
+        return progress
+
+    with pytest.raises(Interrupt):  # inside the first iteration's inner loop, after one batch
+        run_svp(recipe(model_dir), tmp_path / "killed", progress=stop("iteration 1: inner"))
+    with pytest.raises(Interrupt):  # inside the second iteration's SFT
+        run_svp(recipe(model_dir), tmp_path / "killed", progress=stop("iteration 2: SFT"))
+    run_svp(recipe(model_dir), tmp_path / "killed")
+    for it in (1, 2):
+        a = (tmp_path / "straight" / f"iteration-{it}" / "samples-000.jsonl").read_text().splitlines()
+        b = (tmp_path / "killed" / f"iteration-{it}" / "samples-000.jsonl").read_text().splitlines()
+        assert sorted(a) == sorted(b)
+    a, b = (load_file(tmp_path / run / "merged" / "model.safetensors") for run in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_another_recipe_in_the_same_directory_is_refused(tmp_path, model_dir):
+    from refloop.errors import RefloopError
+
+    run_svp(recipe(model_dir, iterations=1), tmp_path / "run")
+    with pytest.raises(RefloopError):
+        run_svp(recipe(model_dir, iterations=1, score="weighted_difference"), tmp_path / "run")
