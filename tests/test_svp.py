@@ -194,3 +194,13 @@ def test_another_recipe_in_the_same_directory_is_refused(tmp_path, model_dir):
     run_svp(recipe(model_dir, iterations=1), tmp_path / "run")
     with pytest.raises(RefloopError):
         run_svp(recipe(model_dir, iterations=1, score="weighted_difference"), tmp_path / "run")
+
+
+def test_caption_cli_with_isvp_writes_prior_grounding_and_guided_caption(tmp_path, model_dir, capsys):
+    args = ["caption", "--data", "wild", "--num-images", "3", "--model", str(model_dir), "--device", "cpu", "--out", str(tmp_path / "c")]
+    code, _, err = run_cli([*args, "--isvp"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "c" / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all({"prior", "phrases", "context", "caption"} <= set(r) for r in rows)
+    code, _, err = run_cli(args, capsys)  # the same directory with another job is refused
+    assert code == 2 and ("another" in err.lower() or "overwrite" in err.lower())

@@ -121,13 +121,19 @@ def demo(
     dtype: str = DtypeOpt,
     sctune_domain: str = typer.Option("crowded", "--sctune-domain", help="OOD style whose boxes SC-Tune trains on."),
     sctune: bool = typer.Option(True, "--sctune/--no-sctune", help="Also run a short SC-Tune and add the tuned row."),
+    bootstrap_domain: str = typer.Option("wild", "--bootstrap-domain", help="OOD style whose boxes Pink's bootstrapping describes."),
+    bootstrap_images: int = typer.Option(100, "--bootstrap-images", min=1, help="Training scenes of that style bootstrapped."),
+    bootstrap: bool = typer.Option(True, "--bootstrap/--no-bootstrap", help="Also run Pink's self-consistent bootstrapping."),
 ) -> None:
-    """The main job: self-consistency of refloop-tiny in and out of domain, then SC-Tune, beside SC-Tune's Table 1."""
+    """The main job: self-consistency of refloop-tiny in and out of domain beside SC-Tune's Table 1, a short SC-Tune,
+    and Pink's self-consistent bootstrapping beside Pink's Table 5."""
     from refloop.demo import run_demo
     from refloop.world import DOMAINS
 
     if sctune and (sctune_domain not in DOMAINS):
         raise RefloopError(f"--sctune-domain {sctune_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
+    if bootstrap and (bootstrap_domain not in DOMAINS):
+        raise RefloopError(f"--bootstrap-domain {bootstrap_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
     run_demo(
         out,
         model=model,
@@ -137,6 +143,8 @@ def demo(
         dtype=dtype,
         console=console,
         sctune_domain=sctune_domain if sctune else None,
+        bootstrap_domain=bootstrap_domain if bootstrap else None,
+        bootstrap_images=bootstrap_images,
     )
 
 
@@ -448,6 +456,92 @@ def sft(
     with progress_bar("sft", None) as advance:
         results = run_sft(recipe, out, progress=lambda row: advance(1), overwrite=overwrite)
     console.print_json(json.dumps(results))
+
+
+@app.command()
+def svp(
+    config: Path | None = typer.Option(None, "--config", help="YAML recipe (see src/refloop/recipes/svp-*.yaml)."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Run directory: iteration-N/ (samples-*.jsonl, train/, adapters/), merged/, results.json, report.html.",
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a recipe field, e.g. --set svp.score=weighted_difference (repeatable)."
+    ),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """SVP: sample captions with and without grounding feedback, score them by log q(z|c,g) - log p(z|c) (Eq. 5) or the
+    weighted difference (Eq. 6), fine-tune on the best; iterate. Resumable: rerun the same command."""
+    from refloop.config import load_recipe
+    from refloop.methods.svp_recipe import SVPRecipe, run_svp
+    from refloop.progress import staged_progress
+
+    recipe = load_recipe(SVPRecipe, config, overrides)
+    with staged_progress() as advance:
+        results = run_svp(recipe, out, progress=advance, overwrite=overwrite)
+    console.print_json(json.dumps(results))
+
+
+@app.command()
+def caption(
+    data: str = typer.Option(..., "--data", help="Shapes-world domain, COCO/Objects365 .json or referring .jsonl: the images captioned."),
+    out: Path = typer.Option(..., "--out", help="Output directory: captions.jsonl (one line per image)."),
+    images: Path | None = ImagesOpt,
+    model: str | None = ModelOpt,
+    num_images: int = typer.Option(100, "--num-images", min=1, help="Images captioned (shapes-world domain: scenes exported)."),
+    isvp: bool = typer.Option(False, "--isvp", help="iSVP: prior caption -> grounding -> caption guided by the grounding as text."),
+    grounder: str = typer.Option("oracle", "--grounder", help="oracle (shapes world), grounding-dino, owlv2, florence-2 or vlm."),
+    grounder_model: str | None = typer.Option(None, "--grounder-model", help="Checkpoint of the grounder (not for oracle)."),
+    miss_rate: float = typer.Option(0.1, "--miss-rate", min=0, max=1, help="Oracle: share of true objects missed."),
+    false_positive_rate: float = typer.Option(0.1, "--false-positive-rate", min=0, max=1, help="Oracle: false detections per phrase."),
+    phrases: str = typer.Option("caption", "--phrases", help="What is grounded: caption (its noun phrases), categories or both."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    overwrite: bool = OverwriteOpt,
+    on_error: OnErrorChoice = OnErrorOpt,
+) -> None:
+    """Caption images greedily; with --isvp, SVP's inference-time variant (no tuning): the caption's objects are
+    grounded and the model captions again with the grounding in its prompt."""
+    from refloop.data.jsonl import JsonlWriter
+    from refloop.data.pixels import pending_batches
+    from refloop.data.sources import load_detections
+    from refloop.methods.svp import isvp as run_isvp
+    from refloop.methods.svp_recipe import GrounderSpec
+    from refloop.models import load_vlm
+    from refloop.progress import progress_bar
+    from refloop.runs import model_fingerprint, run_directory
+    from refloop.world import DOMAINS, TRAIN_SEED
+
+    if phrases not in ("caption", "categories", "both"):
+        raise RefloopError(f"--phrases {phrases!r}: choose caption, categories or both")
+    found = load_detections(data, images, on_error.value, num_images, TRAIN_SEED)
+    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size)
+    spec = GrounderSpec.model_validate(
+        {"kind": grounder, "model": grounder_model, "miss_rate": miss_rate, "false_positive_rate": false_positive_rate}
+    )
+    ground = spec.build(vlm, device, dtype) if isvp else None
+    fingerprint = {
+        "task": "caption",
+        "model": model_fingerprint(vlm),
+        "data": data,
+        "isvp": isvp,
+        "grounder": spec.model_dump(),
+        "phrases": phrases,
+    }
+    skipped: list = []
+    with run_directory(out, fingerprint, overwrite), JsonlWriter(out / "captions.jsonl", key="image_id") as writer:
+        with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records)) as advance:
+            for chunk, imgs in pending_batches(
+                found.records, writer.done, lambda r: r.image_id, lambda r: r.load_image(), batch_size, on_error.value, skipped, advance
+            ):
+                if ground is not None:
+                    writer.write_many(run_isvp(vlm, ground, chunk, imgs, phrases, data in DOMAINS))
+                else:
+                    texts = vlm.caption(imgs)
+                    writer.write_many({"image_id": r.image_id, "image": str(r.path), "caption": t} for r, t in zip(chunk, texts))
+    console.print(f"captions: {out / 'captions.jsonl'}" + (f" ({len(skipped)} unreadable images skipped)" if skipped else ""))
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """`refloop demo`: the self-consistency gap of refloop-tiny in and out of domain, in the layout of
-SC-Tune's Table 1, with a report."""
+SC-Tune's Table 1, then Pink's self-consistent bootstrapping on a small out-of-domain split
+(Table 5 layout, kept and rejected examples drawn), with a report."""
 
 from __future__ import annotations
 
@@ -73,6 +74,72 @@ def _demo_sctune(out: Path, model: str | None, domain: str, num_boxes: int, devi
     }
 
 
+def _demo_bootstrap(vlm, out: Path, domain: str, num_images: int) -> dict:
+    """Pink Sec. 3.3 on the boxes of `num_images` training scenes of an OOD style (no text: the
+    grammar's expressions only score the kept and rejected ones)."""
+    from refloop.methods.pink import BootstrapConfig, bootstrap, load_detections
+    from refloop.world import TRAIN_SEED
+
+    detections = load_detections(domain, num_images=num_images, scene_seed=TRAIN_SEED)
+    with progress_bar(f"{domain:>10}: bootstrap pairs", len(detections.records)) as advance:
+        stats = bootstrap(
+            vlm,
+            detections.records,
+            out / "bootstrap",
+            BootstrapConfig.shapes(),
+            data=domain,
+            image_root=detections.image_root,
+            progress=advance,
+            overwrite=True,
+        )
+    return stats | {"domain": domain}
+
+
+def table5(stats: dict) -> Table:
+    from refloop.report.bootstrap import PINK_TABLE5
+
+    table = Table(title=f"Self-consistent bootstrapping on {stats['domain']} boxes - Pink Table 5 layout")
+    table.add_column("")
+    table.add_column("Pink (Objects365)", justify="right")
+    table.add_column("refloop-tiny (ours)", justify="right")
+    pink_keep = PINK_TABLE5["referring_expressions"] / PINK_TABLE5["boxes_considered"]
+    rows = [
+        ("images", PINK_TABLE5["images"], stats["images"]),
+        ("boxes described", PINK_TABLE5["boxes_considered"], stats["boxes_considered"]),
+        ("pairs kept", PINK_TABLE5["referring_expressions"], stats["referring_expressions"]),
+        ("keep rate", pink_keep, stats["keep_rate"]),
+        ("words per kept expression", PINK_TABLE5["avg_expression_length"], stats["avg_expression_length"]),
+    ]
+    unique = stats.get("grammar_unique") or {}
+    rows.append(("grammar-unique: kept / rejected", None, f"{unique.get('kept') or 0:.2f} / {unique.get('rejected') or 0:.2f}"))
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    for label, pink, ours in rows:
+        table.add_row(label, cell(pink), cell(ours))
+    return table
+
+
+def _bootstrap_html(stats: dict | None) -> str:
+    if not stats:
+        return ""
+    unique = stats.get("grammar_unique") or {}
+    return (
+        f"<h2>Pink: self-consistent bootstrapping on {stats['domain']} boxes (no text)</h2>"
+        f"<p>{stats['boxes_considered']} boxes described and re-located on {stats['images']} images: "
+        f"{stats['referring_expressions']} pairs kept (keep rate {100 * (stats['keep_rate'] or 0):.1f}%, IoU &ge; "
+        f"{stats['iou_lambda']}); the scene grammar confirms {100 * (unique.get('kept') or 0):.0f}% of kept and "
+        f"{100 * (unique.get('rejected') or 0):.0f}% of rejected expressions as unique to their object. "
+        f"<a href='bootstrap/report.html'>Kept and rejected examples, Table 5 layout</a>; "
+        f"pairs: <code>bootstrap/pairs.jsonl</code>, RefCOCO-style <code>bootstrap/refs.json</code>.</p>"
+    )
+
+
 def _sctune_html(summary: dict | None, base: dict[str, dict]) -> str:
     if not summary:
         return ""
@@ -98,6 +165,8 @@ def run_demo(
     dtype: str,
     console: Console,
     sctune_domain: str | None = "crowded",
+    bootstrap_domain: str | None = "wild",
+    bootstrap_images: int = 100,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -113,6 +182,7 @@ def run_demo(
         write_consistency_report(out / domain, metrics)
         results[domain] = metrics
     rows = {f"{model_name} (ours)": {d: m["consistency_rate"] for d, m in results.items()}}
+    bootstrap_stats = _demo_bootstrap(vlm, out, bootstrap_domain, bootstrap_images) if bootstrap_domain else None
     sctune_summary = None
     if sctune_domain:
         sctune_summary = _demo_sctune(out, model, sctune_domain, num_boxes, device, dtype)
@@ -124,11 +194,14 @@ def run_demo(
             100 * results["in-domain"].get("rec_accuracy", 0.0), ", ".join(f"{d} -{100 * g:.1f} pts" for d, g in gaps.items())
         )
     )
+    if bootstrap_stats:
+        console.print(table5(bootstrap_stats))
     summary = {
         "model": model_name,
         "num_boxes": num_boxes,
         "domains": results,
         "sctune": sctune_summary,
+        "bootstrap": bootstrap_stats,
         "seconds": time.perf_counter() - started,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -158,6 +231,7 @@ def run_demo(
 <table><tr><th>domain</th><th>what it is</th><th>Pr@0.5 %</th><th>REC acc %</th><th>mean IoU</th><th>unparseable %</th></tr>{rows}</table>
 <p><img src="{chart.name}"></p>
 {_sctune_html(sctune_summary, results)}
+{_bootstrap_html(bootstrap_stats)}
 <h2>The paper's Table 1 (base models), same column roles</h2>
 <table><tr><th>model</th>{"".join(f"<th>{d} ({PAPER_COLUMN[d]})</th>" for d in DOMAINS)}</tr>{paper}</table>
 <p>Finished in {summary["seconds"]:.0f} s.</p></body></html>"""

@@ -292,6 +292,40 @@ def _k(options: GenerateOptions, k: int) -> GenerateOptions:
     return replace(options, num_return_sequences=k)
 
 
+# ---- iSVP: inference-time grounding, no tuning ----------------------------------------------------
+def isvp(
+    vlm: VLM,
+    grounder: Grounder,
+    records: Sequence[ImageRecord],
+    images: Sequence[Image.Image],
+    phrases: str = "caption",
+    shapes: bool = False,
+    max_new_tokens: int = 48,
+) -> list[dict]:
+    """iSVP: a greedy prior caption, its grounding written as text, then a greedy guided caption
+    from the same model (SVP Sec. 3 sampling with K = 1 and no outer loop)."""
+    profile = vlm.profile
+    greedy = GenerateOptions(max_new_tokens=max_new_tokens)
+    prior = [profile.read_caption(g[0].text) for g in vlm.generate(list(images), [profile.caption_prompt()] * len(images), greedy)]
+    asked = [phrases_for(text, rec, phrases, shapes) for text, rec in zip(prior, records)]
+    groundings = grounder.ground(list(images), asked, list(records))
+    contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, images)]
+    prompts = [profile.grounded_caption_prompt(c) for c in contexts]
+    guided = [profile.read_caption(g[0].text) for g in vlm.generate(list(images), prompts, greedy)]
+    return [
+        {
+            "image_id": r.image_id,
+            "image": str(r.path),
+            "prior": p,
+            "phrases": a,
+            "context": c,
+            "caption": z,
+            "dropped_detections": g.dropped,
+        }
+        for r, p, a, c, z, g in zip(records, prior, asked, contexts, guided, groundings)
+    ]
+
+
 # ---- the outer loop ------------------------------------------------------------------------------
 def caption_examples(rows: Sequence[dict], records: dict, profile) -> list[InstructionExample]:
     """Eq. 7's data: (image, base caption prompt -> selected guided sample); no grounding in the

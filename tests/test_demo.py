@@ -1,0 +1,23 @@
+"""`refloop demo` at toy scale: the consistency table, Pink's bootstrapping section and the report."""
+
+import json
+
+from helpers import run_cli
+
+
+def test_demo_runs_consistency_and_bootstrapping_and_links_them_in_the_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(["demo", "--num-boxes", "6", "--no-sctune", "--bootstrap-images", "3", "--out", str(out)], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["domains"]) == {"in-domain", "crowded", "wild"}
+    stats = results["bootstrap"]
+    assert stats["domain"] == "wild" and stats["boxes_considered"] == stats["kept"] + stats["rejected"] > 0
+    assert (out / "bootstrap" / "report.html").exists() and (out / "bootstrap" / "pairs.jsonl").exists()
+    page = (out / "report.html").read_text()
+    assert "bootstrap/report.html" in page and "Pink Table 5" in stdout
+
+
+def test_demo_refuses_an_unknown_bootstrap_domain(tmp_path, capsys):
+    code, _, err = run_cli(["demo", "--bootstrap-domain", "mars", "--out", str(tmp_path / "d")], capsys)
+    assert code == 2 and "mars" in err
