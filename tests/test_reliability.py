@@ -173,3 +173,33 @@ def test_undecodable_image_is_skipped_and_counted_in_eval(tmp_path, models, caps
     assert code == 0, err
     metrics = json.loads(out[out.index("{") :])
     assert metrics["num"] == 2 and metrics["skipped_images"] == 1
+
+
+def test_models_changed_in_memory_never_share_a_fingerprint():
+    """An evaluation directory of one tuned model is never resumed by another with the same name."""
+    import torch
+
+    from refloop.runs import model_fingerprint
+
+    class Adapters:
+        def __init__(self, value):
+            self.tensors = {"sft/lora_A": torch.full((2, 2), value)}
+
+        def state_dict(self):
+            return self.tensors
+
+    class View:
+        name, profile, adapter = "refloop-tiny", None, "sft"
+
+        def __init__(self, value):
+            self.adapters = Adapters(value)
+
+    assert model_fingerprint(View(0.0)) == model_fingerprint(View(0.0))
+    assert model_fingerprint(View(0.0)) != model_fingerprint(View(1.0))
+
+    class Merged:
+        name, profile = "refloop-tiny", None
+
+    tuned = Merged()
+    tuned.lineage = [{"svp_iteration": 1, "adapter": "abc"}]
+    assert model_fingerprint(tuned) != model_fingerprint(Merged())

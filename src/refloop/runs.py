@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from refloop.errors import RefloopError
 
 LOCK = ".refloop.lock"
@@ -117,13 +119,32 @@ def _check_fingerprint(out: Path, fingerprint: dict, overwrite: bool) -> None:
     os.replace(tmp, path)
 
 
+def tensors_digest(tensors: dict) -> str:
+    """A digest of named tensors' values (adapters: megabytes, cheap next to a run)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def model_fingerprint(vlm) -> dict:
     """What identifies the model behind a VLM for a run's fingerprint: its name, the adapter a
-    view has active, its prompt profile, weight dtype and digests of its config and weights."""
+    view has active and a digest of the adapters' values, its prompt profile, weight dtype,
+    digests of its config and weights on disk, and `lineage` for a model changed in memory (a
+    tuned model merged without being saved): two different models never share a fingerprint,
+    so an output directory of one is never resumed by the other."""
     out = {"name": str(getattr(vlm, "name", type(vlm).__name__)), "profile": type(getattr(vlm, "profile", None)).__name__}
     adapter = getattr(vlm, "adapter", None)
     if isinstance(adapter, str):
         out["adapter"] = adapter
+        adapters = getattr(vlm, "adapters", None)
+        if adapters is not None and hasattr(adapters, "state_dict"):
+            out["adapter_digest"] = tensors_digest(adapters.state_dict())
+    lineage = getattr(vlm, "lineage", None)
+    if lineage:
+        out["lineage"] = lineage
     model = getattr(vlm, "model", None)
     if model is not None:
         try:

@@ -44,6 +44,7 @@ from refloop.grounding import Grounder, grounding_context, phrases_from_caption,
 from refloop.grounding.phrases import category_phrases
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.hf import HFVLM
+from refloop.runs import tensors_digest
 from refloop.training.adapters import LoraSettings
 from refloop.training.sft import SFT, SFTConfig
 from refloop.training.trainer import step_seed
@@ -426,7 +427,12 @@ class SVP:
         if PartialState().is_main_process:
             tuner.adapters.save_pretrained(work / "adapters")
         merged = tuner.adapters.merged_copy(sft_cfg.adapter)
+        lineage = [
+            *(getattr(self.vlm, "lineage", None) or []),
+            {"svp_iteration": iteration + 1, "adapter": tensors_digest(tuner.adapters.state_dict())},
+        ]
         self.vlm = HFVLM(merged, self.vlm.processor, self.vlm.profile, name=self.vlm.name, batch_size=self.vlm.batch_size)
+        self.vlm.lineage = lineage  # a model changed in memory: run fingerprints must tell it from the base
         degenerate = Counter(d for r in rows for d in r["degenerate"] if d)
         return {
             "iteration": iteration + 1,
