@@ -6,10 +6,32 @@ from pathlib import Path
 from refloop.models.base import GREEDY, VLM, Completion, GenerateOptions, Located
 from refloop.models.profiles import PROFILES, PromptProfile, TinyProfile, get_profile, profile_for_config
 
+# Checkpoints shipped inside the package, by the name `load_vlm` and --model accept:
+# refloop-tiny, the foundation every benchmark runs; refloop-tiny-context, refloop-tiny continued
+# to caption with a grounding in its prompt (SVP's q(z | c, g); see its README.md).
+PACKAGED_MODELS = ("refloop-tiny", "refloop-tiny-context")
+
+
+def packaged_model_path(name: str) -> Path:
+    """The directory of a checkpoint shipped inside the package (one of PACKAGED_MODELS)."""
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"no packaged model {name!r}; packaged: {', '.join(PACKAGED_MODELS)}")
+    return Path(str(files("refloop") / "assets" / name))
+
 
 def default_model_path() -> Path:
     """The committed refloop-tiny checkpoint inside the package."""
-    return Path(str(files("refloop") / "assets" / "refloop-tiny"))
+    return packaged_model_path("refloop-tiny")
+
+
+def resolve_model(model: str | Path | None) -> str | Path:
+    """None -> the embedded refloop-tiny; a packaged model's name -> its directory, unless a path
+    of that name exists here (a user's own checkpoint directory wins); anything else unchanged."""
+    if model is None:
+        return default_model_path()
+    if isinstance(model, str) and model in PACKAGED_MODELS and not Path(model).exists():
+        return packaged_model_path(model)
+    return model
 
 
 def load_vlm(
@@ -21,12 +43,13 @@ def load_vlm(
     trust_remote_code: bool = False,
     processor_options: dict | None = None,
 ):
-    """A checkpoint (default: the embedded refloop-tiny) behind the VLM interface. `profile` names
-    a prompt profile; by default it is chosen from the config's model_type."""
+    """A checkpoint (default: the embedded refloop-tiny; a name of PACKAGED_MODELS: that packaged
+    checkpoint) behind the VLM interface. `profile` names a prompt profile; by default it is
+    chosen from the config's model_type."""
     from refloop.models.hf import HFVLM
 
     return HFVLM.from_pretrained(
-        model or default_model_path(),
+        resolve_model(model),
         device=device,
         dtype=dtype,
         batch_size=batch_size,
@@ -41,6 +64,7 @@ __all__ = [
     "Completion",
     "GenerateOptions",
     "Located",
+    "PACKAGED_MODELS",
     "PROFILES",
     "PromptProfile",
     "TinyProfile",
@@ -48,5 +72,7 @@ __all__ = [
     "default_model_path",
     "get_profile",
     "load_vlm",
+    "packaged_model_path",
     "profile_for_config",
+    "resolve_model",
 ]

@@ -40,6 +40,14 @@ class PromptProfile:
     def caption_instruction(self) -> str:
         raise NotImplementedError
 
+    def grounded_caption_instruction(self, context: str) -> str:
+        """The caption instruction with a grounding written as text ahead of it (SVP's q(z | c, g),
+        appendix F), in our own words; an empty context gives the plain caption instruction, so
+        an image whose grounding found nothing is asked exactly what p(z | c) is asked."""
+        if not context.strip():
+            return self.caption_instruction()
+        return f"Objects detected in the image, possibly incomplete or wrong:\n{context}\n{self.caption_instruction()}"
+
     def rec_answer(self, box: Box, image_size: ImageSize, expression: str = "") -> str:
         """The target text of a REC answer (what a locator is trained to write)."""
         return self.codec.encode(box, image_size)
@@ -71,6 +79,9 @@ class PromptProfile:
     def caption_prompt(self) -> str:
         return self.prompt(self.caption_instruction())
 
+    def grounded_caption_prompt(self, context: str) -> str:
+        return self.prompt(self.grounded_caption_instruction(context))
+
 
 _CELL = re.compile(r"<cell_\d+>")
 
@@ -99,6 +110,12 @@ class TinyProfile(PromptProfile):
 
     def caption_instruction(self) -> str:
         return "caption"
+
+    def grounded_caption_instruction(self, context: str) -> str:
+        """'<entries> caption': the word-level vocabulary has no room for a sentence of
+        instructions, and the context's labels and box tokens are words it knows."""
+        context = " ".join(context.split())
+        return f"{context} {self.caption_instruction()}" if context else self.caption_instruction()
 
     def cell_of(self, box: Box, image_size: ImageSize) -> int:
         w, h = image_size
@@ -261,6 +278,12 @@ class Florence2Profile(PromptProfile):
 
     def caption_instruction(self) -> str:
         return "<CAPTION>"
+
+    def grounded_caption_instruction(self, context: str) -> str:
+        """Florence-2's processor accepts a task token only as the whole prompt: no room for context."""
+        if context.strip():
+            raise RefloopError("Florence-2's caption task takes no text besides its task token: it cannot be given a grounding context")
+        return self.caption_instruction()
 
     def rec_answer(self, box: Box, image_size: ImageSize, expression: str = "") -> str:
         return f"{expression}{self.codec.encode(box, image_size)}"

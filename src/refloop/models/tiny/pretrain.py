@@ -1,7 +1,9 @@
 """`refloop pretrain-tiny`: train refloop-tiny from scratch on in-domain shapes scenes.
 
 Multi-task: REG (box -> canonical expression), REC (expression -> pointer + box), captioning and
-yes/no existence questions, the abilities SC-Tune, Pink and SVP assume a base LVLM has. Several
+yes/no existence questions, the abilities SC-Tune, Pink and SVP assume a base LVLM has; and
+captioning with a noisy grounding in the prompt (`context_caption`, SVP's q(z | c, g)), added by
+continued pretraining from the committed checkpoint (`init_from`). Several
 queries share each rendered scene (one encoder pass), coordinate targets are Gaussian-smoothed
 over neighbouring bins, and a curriculum starts with few-object scenes. Deterministic by seed,
 checkpointed atomically, resumable to the same weights.
@@ -16,9 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import load_file
 
+from refloop.boxes import Box
 from refloop.cycle import SC_TUNE_CONSISTENCY, describe_then_locate, locate_boxes
+from refloop.errors import RefloopError
+from refloop.grounding.base import Grounding
+from refloop.grounding.context import grounding_context
+from refloop.grounding.oracle import FALSE_SCORES, TRUE_SCORES
 from refloop.models.base import GenerateOptions
 from refloop.models.hf import HFVLM
 from refloop.models.profiles import TinyProfile
@@ -27,8 +35,10 @@ from refloop.models.tiny.modeling import RefloopTinyForConditionalGeneration
 from refloop.models.tiny.processing import NUM_COORD_BINS, RefloopTinyProcessor, build_tokenizer
 from refloop.training.trainer import Trainer, step_seed
 from refloop.world import (
+    COLOURS,
     EVAL_SEED,
     IN_DOMAIN,
+    SHAPES,
     TRAIN_SEED,
     canonical_expression,
     caption,
@@ -39,7 +49,12 @@ from refloop.world import (
     sample_scene,
 )
 
-TASKS = ("rec", "reg", "caption", "exist")
+TASKS = ("rec", "reg", "caption", "exist", "context_caption")
+# context_caption: per query, the scene oracle's miss and false-positive rates and box jitter are
+# drawn uniformly from these ranges, so the model meets groundings from clean to poor.
+CONTEXT_MISS_RATE = (0.0, 0.4)
+CONTEXT_FALSE_POSITIVE_RATE = (0.0, 0.3)
+CONTEXT_JITTER = (0.0, 0.1)
 
 
 class PretrainConfig(BaseModel):
@@ -74,6 +89,24 @@ class PretrainConfig(BaseModel):
     eval_scenes: int = Field(200, ge=1, description="held-out in-domain scenes per evaluation")
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
     threads: int = Field(2, ge=1, description="torch CPU threads")
+    init_from: str | None = Field(
+        None, description="checkpoint directory to continue from ('packaged': the committed refloop-tiny); None: random weights"
+    )
+
+    @field_validator("task_mix")
+    @classmethod
+    def _known_tasks(cls, mix: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(mix) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        if any(p < 0 for p in mix.values()) or sum(mix.values()) <= 0:
+            raise ValueError("task probabilities must be >= 0 with a positive sum")
+        return mix
+
+    def trainer_config(self) -> dict:
+        """The config a run directory is checked against on resume. An unset `init_from` is left
+        out, so runs of recipes written before the field existed still resume."""
+        return self.model_dump(mode="json", exclude={"init_from"} if self.init_from is None else set())
 
 
 def build_model(cfg: PretrainConfig) -> tuple[RefloopTinyForConditionalGeneration, RefloopTinyProcessor]:
@@ -102,6 +135,64 @@ def build_model(cfg: PretrainConfig) -> tuple[RefloopTinyForConditionalGeneratio
     return model, RefloopTinyProcessor(tokenizer, image_size=config.image_size, num_image_tokens=config.num_cells)
 
 
+def init_checkpoint_dir(init_from: str) -> Path:
+    if init_from == "packaged":
+        from refloop.models import default_model_path
+
+        return default_model_path()
+    return Path(init_from)
+
+
+def load_init_weights(model: RefloopTinyForConditionalGeneration, processor: RefloopTinyProcessor, init_from: str) -> Path:
+    """Load a refloop-tiny checkpoint's weights into `model` (built from the recipe): the recipe's
+    architecture and the code's vocabulary must be the checkpoint's."""
+    directory = init_checkpoint_dir(init_from)
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise RefloopError(f"init_from {init_from!r}: no model.safetensors in {directory}")
+    saved = RefloopTinyProcessor.from_pretrained(directory).tokenizer.get_vocab()
+    if saved != processor.tokenizer.get_vocab():
+        raise RefloopError(f"init_from {init_from!r}: the checkpoint's vocabulary differs from this version's tokenizer")
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as exc:
+        raise RefloopError(f"init_from {init_from!r}: weights do not fit the recipe's architecture ({exc})") from None
+    return directory
+
+
+def noisy_grounding(scene, rng: random.Random) -> Grounding:
+    """The scene's objects as a noisy detector reports them, drawn like the scene oracle asked for
+    each colour-shape pair present: per query, a miss rate, a false-positive rate and a jitter are
+    drawn from the CONTEXT_* ranges; each object is missed at the miss rate, else labelled
+    'colour shape' with corners moved by up to the jitter of its width/height; per pair present,
+    a false positive is added at the false-positive rate, labelled with a pair absent from the
+    scene, on a random box of an object's size. Scores follow the oracle's ranges and a
+    `Grounding` lists detections best first, so the order does not reveal the caption's."""
+    miss_rate = rng.uniform(*CONTEXT_MISS_RATE)
+    false_positive_rate = rng.uniform(*CONTEXT_FALSE_POSITIVE_RATE)
+    jitter = rng.uniform(*CONTEXT_JITTER)
+    present = {(o.colour, o.shape) for o in scene.objects}
+    absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in present]
+    boxes, labels, scores = [], [], []
+    for obj in scene.objects:
+        if rng.random() < miss_rate:
+            continue
+        b = obj.box
+        dx1, dy1, dx2, dy2 = (rng.uniform(-jitter, jitter) for _ in range(4))
+        boxes.append(Box(b.x1 + dx1 * b.width, b.y1 + dy1 * b.height, b.x2 + dx2 * b.width, b.y2 + dy2 * b.height))
+        labels.append(f"{obj.colour} {obj.shape}")
+        scores.append(rng.uniform(*TRUE_SCORES))
+    for _ in present:
+        if absent and rng.random() < false_positive_rate:
+            side = rng.uniform(0.1, 0.3) * min(scene.width, scene.height)
+            w, h = side * rng.uniform(0.8, 1.25), side * rng.uniform(0.8, 1.25)
+            x1, y1 = rng.uniform(0, scene.width - w), rng.uniform(0, scene.height - h)
+            boxes.append(Box(x1, y1, x1 + w, y1 + h))
+            labels.append(absent[rng.randrange(len(absent))])
+            scores.append(rng.uniform(*FALSE_SCORES))
+    return Grounding.from_detections(boxes, labels, scores, (scene.width, scene.height))
+
+
 def _query(
     scene, rng: random.Random, np_rng: np.random.Generator, task: str, profile: TinyProfile, canonical_prob: float
 ) -> tuple[str, str] | None:
@@ -118,6 +209,9 @@ def _query(
         return profile.rec_prompt(expr), profile.rec_answer(obj.box, size)
     if task == "caption":
         return profile.caption_prompt(), caption(scene)
+    if task == "context_caption":
+        context = grounding_context(noisy_grounding(scene, rng), size, codec=profile.codec)
+        return profile.grounded_caption_prompt(context), caption(scene)
     question, answer = existence_question(scene, np_rng)
     return profile.prompt(question), answer
 
@@ -238,10 +332,12 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None
     checkpoint directory."""
     torch.set_num_threads(cfg.threads)
     model, processor = build_model(cfg)
+    if cfg.init_from is not None:
+        load_init_weights(model, processor, cfg.init_from)
     profile = TinyProfile(grid_size=model.config.grid_size)
     trainer = Trainer(
         model,
-        config=cfg.model_dump(mode="json"),
+        config=cfg.trainer_config(),
         total_steps=cfg.steps,
         seed=cfg.seed,
         checkpoint_every=cfg.checkpoint_every,

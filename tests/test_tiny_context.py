@@ -1,0 +1,163 @@
+"""refloop-tiny's grounded caption prompt (SVP's q(z | c, g)) and the continued pretraining that
+teaches it (the context_caption task, init_from)."""
+
+import hashlib
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from refloop.errors import RefloopError
+from refloop.grounding import SceneOracle, grounding_context, scene_record
+from refloop.models import PROFILES, default_model_path, get_profile, packaged_model_path, resolve_model
+from refloop.models.profiles import TinyProfile
+from refloop.models.tiny.pretrain import PretrainConfig, build_model, load_init_weights, make_batch, noisy_grounding
+from refloop.models.tiny.processing import RefloopTinyProcessor, build_tokenizer
+from refloop.world import IN_DOMAIN, get_style, render, sample_scene
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return RefloopTinyProcessor(build_tokenizer())
+
+
+def batch_digest(batch: dict) -> str:
+    h = hashlib.sha256()
+    for key in ("input_ids", "labels", "image_index"):
+        h.update(batch[key].numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_empty_context_gives_the_plain_caption_prompt(name):
+    profile = get_profile(name)
+    assert profile.grounded_caption_prompt("") == profile.caption_prompt()
+    assert profile.grounded_caption_prompt(" \n ") == profile.caption_prompt()
+
+
+def test_chat_profiles_put_the_context_before_the_caption_instruction():
+    profile = get_profile("qwen2-vl")
+    prompt = profile.grounded_caption_prompt("red circle <|box_start|>(1,2),(3,4)<|box_end|>")
+    assert prompt == profile.prompt(profile.grounded_caption_instruction("red circle <|box_start|>(1,2),(3,4)<|box_end|>"))
+    assert prompt.index("Objects detected") < prompt.index("red circle") < prompt.index(profile.caption_instruction())
+
+
+def test_florence2_refuses_context_it_cannot_read():
+    with pytest.raises(RefloopError, match="Florence-2"):
+        get_profile("florence-2").grounded_caption_prompt("red circle <loc_1><loc_2><loc_3><loc_4>")
+
+
+def test_tiny_grounded_prompt_is_entries_then_caption():
+    profile = TinyProfile()
+    assert profile.grounded_caption_prompt("red circle {<1><2><30><40>}\nblue square {<5><6><7><8>}") == (
+        "<image> red circle {<1><2><30><40>} blue square {<5><6><7><8>} caption <sep>"
+    )
+
+
+def test_tiny_context_text_has_no_unknown_tokens(processor):
+    """The oracle's grounding (with false positives) and the training noise, as refloop-tiny reads them."""
+    tok, profile = processor.tokenizer, TinyProfile()
+    oracle = SceneOracle(miss_rate=0.2, false_positive_rate=0.5, jitter=0.1, seed=3)
+    rng = random.Random(0)
+    prompts = []
+    for i in range(30):
+        scene = sample_scene(get_style("wild"), 5, i)
+        image = render(scene)
+        phrases = ["red circle", "blue square", "yellow triangle", "green object", "large circle"]
+        grounding = oracle.ground([image], [phrases], [scene_record(scene, image)])[0]
+        prompts.append(profile.grounded_caption_prompt(grounding_context(grounding, image.size, codec=profile.codec)))
+        noisy = noisy_grounding(scene, rng)
+        prompts.append(profile.grounded_caption_prompt(grounding_context(noisy, image.size, codec=profile.codec)))
+    assert sum("{" in p for p in prompts) > 40
+    for prompt in prompts:
+        ids = tok(processor.expand_prompt(prompt), add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, prompt
+
+
+def test_noisy_grounding_labels_true_objects_and_absent_pairs_best_first():
+    rng = random.Random(7)
+    for i in range(50):
+        scene = sample_scene(get_style(IN_DOMAIN), 9, i)
+        present = {f"{o.colour} {o.shape}" for o in scene.objects}
+        g = noisy_grounding(scene, rng)
+        assert list(g.scores) == sorted(g.scores, reverse=True)
+        for box, label, score in zip(g.boxes, g.labels, g.scores):
+            if label in present:  # a true detection: near its object
+                assert score >= 0.5 and max(box.iou(o.box) for o in scene.objects) > 0.5
+            else:
+                assert label.split()[1] in ("circle", "square", "triangle")
+        assert len([lab for lab in g.labels if lab in present]) <= len(scene.objects)
+
+
+def test_context_caption_batch_is_a_function_of_seed_and_step(processor):
+    cfg = PretrainConfig(batch_scenes=2, queries_per_scene=4, task_mix={"context_caption": 1.0}, seed=1)
+    a, b = make_batch(3, cfg, processor, TinyProfile()), make_batch(3, cfg, processor, TinyProfile())
+    assert batch_digest(a) == batch_digest(b)
+    assert batch_digest(make_batch(4, cfg, processor, TinyProfile())) != batch_digest(a)
+    assert batch_digest(make_batch(3, cfg.model_copy(update={"seed": 2}), processor, TinyProfile())) != batch_digest(a)
+    open_brace = processor.tokenizer.convert_tokens_to_ids("{")
+    assert (a["input_ids"] == open_brace).any(dim=1).sum() >= 6  # most prompts carry detections
+
+
+# Digests of make_batch under the old recipe's task mix, computed with the code that trained the
+# committed refloop-tiny (before context_caption existed): its data must not move.
+OLD_RECIPE_DIGESTS = {
+    0: "c37bfd9ef89e785980b1ed5baded8a99ea585e8ad47fe6ee51e9f1e29f52cc8e",
+    7: "9cc4eb39cb7ebe98eef4ff03fbd71c405c563a45b897bc0ecf77e3199e37fdd0",
+}
+
+
+def test_old_recipe_batches_are_unchanged(processor):
+    cfg = PretrainConfig(batch_scenes=3, queries_per_scene=8, curriculum_steps=2)
+    with_zero = cfg.model_copy(update={"task_mix": cfg.task_mix | {"context_caption": 0.0}})
+    for step, digest in OLD_RECIPE_DIGESTS.items():
+        assert batch_digest(make_batch(step, cfg, processor, TinyProfile())) == digest
+        assert batch_digest(make_batch(step, with_zero, processor, TinyProfile())) == digest
+
+
+def test_old_recipe_run_config_is_unchanged_by_init_from():
+    """Run directories of the old recipe still resume: an unset init_from is not part of their config."""
+    assert "init_from" not in PretrainConfig().trainer_config()
+    assert PretrainConfig(init_from="packaged").trainer_config()["init_from"] == "packaged"
+
+
+def test_unknown_task_in_the_mix_is_an_error():
+    with pytest.raises(ValueError, match="unknown task"):
+        PretrainConfig(task_mix={"rec": 1.0, "captoin": 0.5})
+
+
+def test_init_from_packaged_loads_the_committed_weights():
+    model, processor = build_model(PretrainConfig())
+    load_init_weights(model, processor, "packaged")
+    committed = load_file(default_model_path() / "model.safetensors")
+    state = model.state_dict()
+    assert committed.keys() <= state.keys()
+    for key, value in committed.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_init_from_a_checkpoint_of_another_size_is_refused():
+    model, processor = build_model(PretrainConfig(hidden_size=32, num_layers=1, num_heads=2))
+    with pytest.raises(RefloopError, match="architecture"):
+        load_init_weights(model, processor, str(default_model_path()))
+
+
+def test_packaged_model_names_resolve_to_their_directories(tmp_path, monkeypatch):
+    assert resolve_model(None) == default_model_path()
+    assert resolve_model("refloop-tiny-context") == packaged_model_path("refloop-tiny-context")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "refloop-tiny-context").mkdir()  # a user's own directory of that name wins
+    assert resolve_model("refloop-tiny-context") == "refloop-tiny-context"
+
+
+def test_packaged_context_model_loads_by_name_and_captions_with_a_context():
+    from refloop.models import load_vlm
+
+    vlm = load_vlm("refloop-tiny-context", device="cpu")
+    assert isinstance(vlm.profile, TinyProfile)
+    scene = sample_scene(get_style(IN_DOMAIN), 3, 0)
+    image = render(scene)
+    grounding = SceneOracle().ground([image], [["red circle", "blue square"]], [scene_record(scene, image)])[0]
+    prompt = vlm.profile.grounded_caption_prompt(grounding_context(grounding, image.size, codec=vlm.profile.codec))
+    assert vlm.generate([image], [prompt])[0][0].text
