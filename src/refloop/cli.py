@@ -41,6 +41,17 @@ OverwriteOpt = typer.Option(
     False, "--overwrite", help="Replace the outputs of a different earlier run in --out (refused by default; the same run resumes)."
 )
 OnErrorOpt = typer.Option(OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count.")
+ReportToOpt = typer.Option(
+    None,
+    "--report-to",
+    help="Tracker of the training metrics and recipe: none, tensorboard (RUN/train/tensorboard), wandb or trackio "
+    "(the recipe's report_to; same as --set report_to=...).",
+)
+
+
+def _with_report_to(overrides: list[str], report_to: str | None) -> list[str]:
+    return [*overrides, f"report_to={report_to}"] if report_to is not None else overrides
+
 
 ProfileOpt = typer.Option(
     None,
@@ -90,8 +101,10 @@ def consistency(
     from refloop.report.consistency import write_consistency_report
 
     spec = _model_spec(model, device, dtype, profile, trust_remote_code)
-    records, load_report = load_data(data, images, on_error=on_error.value, num_images=num_boxes)
-    if load_report.skipped:
+    state = _processes(spec)
+    with state.main_process_first():  # a shapes-world domain is exported once, by the main process
+        records, load_report = load_data(data, images, on_error=on_error.value, num_images=num_boxes)
+    if load_report.skipped and state.is_main_process:
         err_console.print(f"skipped {load_report.skipped} bad records: {dict(load_report.reasons)}", markup=False)
     cfg = ConsistencyConfig(num_boxes=num_boxes, seed=seed, batch_size=batch_size)
     samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
@@ -102,6 +115,8 @@ def consistency(
         metrics = evaluate_consistency(
             vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error.value
         )
+    if not state.is_main_process:  # the main process merged the shards and reports
+        return
     if load_report.skipped:
         metrics["skipped_records"] = load_report.skipped
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -191,6 +206,7 @@ def sctune(
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set sctune.describer_lr=1e-4 (repeatable)."),
     skip_base_eval: bool = typer.Option(False, "--skip-base-eval", help="Do not evaluate the base model before tuning."),
     overwrite: bool = OverwriteOpt,
+    report_to: str | None = ReportToOpt,
 ) -> None:
     """SC-Tune: describer (PPO on the locator's IoU) and locator (MLE) alternating on one base model. Resumable: rerun the same command."""
     from refloop.config import load_recipe
@@ -198,7 +214,7 @@ def sctune(
     from refloop.methods.sctune_recipe import SCTuneRecipe, run_sctune
     from refloop.progress import progress_bar
 
-    recipe = load_recipe(SCTuneRecipe, config, overrides)
+    recipe = load_recipe(SCTuneRecipe, config, _with_report_to(overrides, report_to))
     total = sum(phase.steps for phase in schedule(recipe.sctune))
     with progress_bar("sc-tune", total) as advance:
         results = run_sctune(recipe, out, progress=lambda row: advance(1), evaluate_base=not skip_base_eval, overwrite=overwrite)
@@ -299,10 +315,14 @@ def evaluate(
         console.print_json(json.dumps(metrics))
         return
     _refuse_options(task, object_options)
-    records, report = _referring_records(data, images, refs, split, on_error.value)
+    state = _processes(spec)
+    with state.main_process_first():  # a shapes-world domain is exported once, by the main process
+        records, report = _referring_records(data, images, refs, split, on_error.value)
     vlm = spec.load_vlm(batch_size)
     run = evaluate_rec if task == EvalTask.rec else evaluate_reg
     metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, overwrite=overwrite, on_error=on_error.value)
+    if not state.is_main_process:
+        return
     if report.skipped:
         metrics["skipped_records"] = report.skipped
     console.print_json(json.dumps(metrics))
@@ -358,6 +378,18 @@ def filter_detections(
     summary = counts.as_dict() | {"skipped_records": report.skipped}
     console.print_json(json.dumps(summary))
     console.print(f"wrote {counts.triplets_kept} triplets ({counts.boxes_kept} boxes) to {out}", markup=False)
+
+
+@app.command("export-parquet")
+def export_parquet(
+    jsonl: Path = typer.Argument(..., help="A refloop JSONL output: samples.jsonl, pairs.jsonl, rc.jsonl, metrics.jsonl..."),
+    parquet: Path = typer.Argument(..., help="The parquet file written (datasets.load_dataset('parquet', data_files=...) reads it)."),
+) -> None:
+    """Write a JSONL output as one parquet file (needs pyarrow). The JSONL files load with
+    datasets.load_dataset('json', data_files=...) as they are."""
+    from refloop.data.parquet import export_parquet as write
+
+    console.print_json(json.dumps({"rows": write(jsonl, parquet), "parquet": str(parquet)}))
 
 
 @app.command("export-world")
@@ -445,6 +477,7 @@ def sft(
     ),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set sft.lr=2e-4 (repeatable)."),
     overwrite: bool = OverwriteOpt,
+    report_to: str | None = ReportToOpt,
 ) -> None:
     """LoRA instruction tuning on RC data (`refloop rc-data`): answer-token loss, adapters on the language model and, with
     vision_lora, the vision tower. Resumable: rerun the same command."""
@@ -452,7 +485,7 @@ def sft(
     from refloop.methods.sft_recipe import SFTRecipe, run_sft
     from refloop.progress import progress_bar
 
-    recipe = load_recipe(SFTRecipe, config, overrides)
+    recipe = load_recipe(SFTRecipe, config, _with_report_to(overrides, report_to))
     with progress_bar("sft", None) as advance:
         results = run_sft(recipe, out, progress=lambda row: advance(1), overwrite=overwrite)
     console.print_json(json.dumps(results))
@@ -470,6 +503,7 @@ def svp(
         [], "--set", help="Override a recipe field, e.g. --set svp.score=weighted_difference (repeatable)."
     ),
     overwrite: bool = OverwriteOpt,
+    report_to: str | None = ReportToOpt,
 ) -> None:
     """SVP: sample captions with and without grounding feedback, score them by log q(z|c,g) - log p(z|c) (Eq. 5) or the
     weighted difference (Eq. 6), fine-tune on the best; iterate. Resumable: rerun the same command."""
@@ -477,7 +511,7 @@ def svp(
     from refloop.methods.svp_recipe import SVPRecipe, run_svp
     from refloop.progress import staged_progress
 
-    recipe = load_recipe(SVPRecipe, config, overrides)
+    recipe = load_recipe(SVPRecipe, config, _with_report_to(overrides, report_to))
     with staged_progress() as advance:
         results = run_svp(recipe, out, progress=advance, overwrite=overwrite)
     console.print_json(json.dumps(results))
@@ -558,6 +592,15 @@ def inspect(
 
     options = {"max_pixels": max_pixels} if max_pixels else None
     console.print_json(json.dumps(inspect_checkpoint(model or default_model_path(), profile, options, trust_remote_code)))
+
+
+def _processes(spec):
+    """The process group of an `accelerate launch` (one process otherwise), set up before any
+    weights load so that every process takes its own device."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=spec.device == "cpu" or not torch.cuda.is_available())
 
 
 @app.command()
@@ -671,7 +714,7 @@ def main() -> None:
     try:
         app()
     except RefloopError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")

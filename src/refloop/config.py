@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from refloop.errors import RefloopError
+from refloop.training.trackers import ReportTo, Tracking
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -49,6 +50,23 @@ class ModelSpec(BaseModel):
             trust_remote_code=self.trust_remote_code,
             processor_options=self.processor_options,
         )
+
+
+class TrackingSpec(BaseModel):
+    """Where a training recipe reports its metrics besides metrics.jsonl; every training recipe
+    inherits these fields. They do not change a run: a run resumes under another tracker."""
+
+    report_to: ReportTo = Field("none", description="none, tensorboard (event files in the run's train/tensorboard), wandb or trackio")
+    tracker_project: str = Field("refloop", min_length=1, description="wandb / Trackio project of the run")
+
+    def tracking(self) -> Tracking:
+        """The tracker settings, with this recipe as the run's logged config; an uninstalled
+        tracker is refused here, before any model loads."""
+        return Tracking(self.report_to, self.tracker_project, self.model_dump(mode="json"))
+
+
+TRACKING_FIELDS = frozenset(TrackingSpec.model_fields)
+"""Recipe fields left out of a run's fingerprint (resuming under another tracker is allowed)."""
 
 
 class DataSpec(BaseModel):

@@ -157,3 +157,19 @@ def model_fingerprint(vlm) -> dict:
         weights = sorted(directory.glob("*.safetensors"))
         out["weights"] = [file_digest(w) for w in weights[:4]]
     return out
+
+
+@contextmanager
+def shared_run_directory(out_dir: Path, fingerprint: dict, overwrite: bool = False) -> Iterator:
+    """`run_directory` for a job all processes of an `accelerate launch` share: the main process
+    locks and checks (or clears) the directory, the others wait for it; yields the PartialState."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        with run_directory(out_dir, fingerprint, overwrite):
+            state.wait_for_everyone()
+            yield state
+    else:
+        state.wait_for_everyone()
+        yield state

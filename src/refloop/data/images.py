@@ -19,6 +19,7 @@ PIL already reduces to 8 bits.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,13 +52,14 @@ _TRANSPOSE = {  # EXIF orientation -> the transposition that displays the image 
 
 
 @contextmanager
-def _opened(path: str | Path, source: object, record: object) -> Iterator[Image.Image]:
+def _opened(path: str | Path, source: object, record: object, data: bytes | None = None) -> Iterator[Image.Image]:
     """The image opened lazily (header read), its size within MAX_IMAGE_PIXELS; every failure a
-    DataError naming the record."""
+    DataError naming the record. `data`: the encoded file held in memory (parquet datasets), then
+    `path` only names it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 _check_pixels(path, img.size, source, record)
                 yield img
     except DataError:
@@ -96,10 +98,11 @@ def _displayed_size(img: Image.Image) -> tuple[int, int]:
     return (height, width) if _orientation(img) in _SWAPS_SIDES else (width, height)
 
 
-def image_size(path: str | Path, source: object, record: object) -> tuple[int, int]:
+def image_size(path: str | Path, source: object, record: object, data: bytes | None = None) -> tuple[int, int]:
     """(width, height) of the image as displayed (EXIF orientation applied), read from the header;
-    a missing, unreadable or too large file is a DataError naming the record."""
-    with _opened(path, source, record) as img:
+    a missing, unreadable or too large file is a DataError naming the record. `data`: the encoded
+    file in memory, with the same checks."""
+    with _opened(path, source, record, data) as img:
         return _displayed_size(img)
 
 
@@ -124,10 +127,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_rgb(path: str | Path, source: object, record: object) -> Image.Image:
+def read_rgb(path: str | Path, source: object, record: object, data: bytes | None = None) -> Image.Image:
     """The decoded RGB pixels as displayed (EXIF orientation applied, 16-bit scaled to 8); a
-    missing, truncated, corrupt or too large file is a DataError naming the record."""
-    with _opened(path, source, record) as img:
+    missing, truncated, corrupt or too large file is a DataError naming the record. `data`: the
+    encoded file in memory, decoded the same way."""
+    with _opened(path, source, record, data) as img:
         orientation = _orientation(img)
         rgb = to_rgb(img)
     method = _TRANSPOSE.get(orientation)

@@ -72,3 +72,59 @@ class JsonlWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ShardedJsonl:
+    """One resumable JSONL output written by every process of a run (`accelerate launch`).
+
+    With one process it is a plain `JsonlWriter` on `path`. With P processes each appends to its
+    own shard, `<path stem>.shards/<rank>.jsonl`; every process counts as done the keys of the
+    output and of all shards (so all of them agree on what is left, and a rerun resumes every
+    shard), and after the work the main process merges the shards into `path` in the items'
+    order: the merged file equals a one-process run's."""
+
+    def __init__(self, path: str | Path, key: str, rank: int = 0, world: int = 1) -> None:
+        self.path, self.key, self.rank, self.world = Path(path), key, rank, world
+        self.shards = self.path.with_name(self.path.stem + ".shards")
+        if world == 1:
+            self.writer = JsonlWriter(self.path, key=key)
+            self.done = self.writer.done
+            return
+        self.shards.mkdir(parents=True, exist_ok=True)
+        own = self.shards / f"{rank:03d}.jsonl"
+        self.writer = JsonlWriter(own, key=key)
+        others = [p for p in sorted(self.shards.glob("*.jsonl")) if p != own]
+        self.done = self.writer.done | {r[key] for p in [self.path, *others] for r in read_records(p) if key in r}
+        self.writer.done = self.done  # keys written by this process join the shared set
+
+    def write_many(self, records: Iterable[dict[str, Any]]) -> None:
+        self.writer.write_many(records)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def merge(self, order: Iterable[object]) -> None:
+        """Main process, after every process finished: rows of the output and the shards, one per
+        key, in `order` (keys not in `order` follow in file order), written whole to `path`."""
+        if self.world == 1 and not self.shards.exists():
+            return
+        rows: dict[object, dict] = {}
+        for source in [self.path, *sorted(self.shards.glob("*.jsonl"))]:
+            for r in read_records(source):
+                rows.setdefault(r.get(self.key), r)
+        ordered = [rows.pop(k) for k in order if k in rows] + list(rows.values())
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in ordered)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        for shard in self.shards.glob("*.jsonl"):
+            shard.unlink()
+        self.shards.rmdir()
+
+    def __enter__(self) -> ShardedJsonl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

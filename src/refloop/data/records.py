@@ -32,16 +32,19 @@ class ImageRecord:
     source: str = ""
     file_name: str = ""  # as written in the annotation file, relative to the image root
     image: Image.Image | None = field(default=None, compare=False, repr=False)
+    data: bytes | None = field(default=None, compare=False, repr=False)  # the encoded image file in memory (parquet datasets)
 
     @property
     def size(self) -> tuple[int, int]:
         return (self.width, self.height)
 
     def load_image(self) -> Image.Image:
-        """The RGB image; a missing or unreadable file is a DataError naming the record."""
+        """The RGB image (decoded from `data` when the file is held in memory: decoded on each
+        call, so a dataset's images stay compressed); a missing or unreadable file is a DataError
+        naming the record."""
         if self.image is not None:
             return self.image
-        return read_rgb(self.path, self.source or self.path, self.image_id)
+        return read_rgb(self.path, self.source or self.path, self.image_id, self.data)
 
 
 @dataclass(frozen=True)

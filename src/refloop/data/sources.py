@@ -1,5 +1,5 @@
-"""Resolve a `--data` argument to records: a shapes-world domain, a COCO-style JSON, or a
-referring JSONL."""
+"""Resolve a `--data` argument to records: a shapes-world domain, a COCO-style JSON, a
+referring JSONL, or a parquet dataset (referring or detection rows, `refloop.data.parquet`)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def load_data(
     seed: int = EVAL_SEED,
 ) -> tuple[list[ImageRecord], LoadReport]:
     """Records from a domain name (exported to the cache, then read by the referring loader, so
-    the real loader is what runs), a *.json COCO file, or a *.jsonl referring file.
+    the real loader is what runs), a *.json COCO file, a *.jsonl referring file or a *.parquet dataset.
 
     Its callers (consistency, eval, SC-Tune's supervised and evaluation data, the demo) read
     pixels, so the images are checked here, one header read per file: a missing or mismatched
@@ -44,10 +44,15 @@ def load_data(
         return load_coco(path, images, on_error=on_error, verify_images=True)
     if path.suffix == ".jsonl":
         return load_referring(path, images, on_error=on_error, verify_images=True)
+    if path.suffix == ".parquet":
+        from refloop.data.parquet import load_parquet
+
+        return load_parquet(path, images, on_error=on_error)
     if path.is_dir():
         raise RefloopError(f"--data {spec!r} is a directory: give its annotation file (a .json COCO or .jsonl referring file)")
     raise RefloopError(
-        f"--data {spec!r} is neither a shapes-world domain ({', '.join(DOMAINS)}) nor a .json (COCO) / .jsonl (referring) file"
+        f"--data {spec!r} is neither a shapes-world domain ({', '.join(DOMAINS)}) nor a .json (COCO) / .jsonl (referring) "
+        "/ .parquet (Hugging Face dataset) file"
     )
 
 

@@ -16,15 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate.utils import gather_object
 from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
-from refloop.data.jsonl import JsonlWriter, read_records
-from refloop.data.pixels import pending_batches
+from refloop.data.pixels import ShardedPass
 from refloop.data.records import ImageRecord, ObjectAnnotation
-from refloop.errors import DataError
 from refloop.models.base import VLM, GenerateOptions
-from refloop.runs import model_fingerprint, run_directory
+from refloop.runs import model_fingerprint, shared_run_directory
 
 
 class ConsistencyConfig(BaseModel):
@@ -95,52 +94,52 @@ def evaluate_consistency(
         "max_new_tokens": cfg.max_new_tokens,
         "iou_threshold": cfg.iou_threshold,
     }
-    with run_directory(out_dir, fingerprint, overwrite):
-        return _evaluate(vlm, samples, out_dir, cfg, data_name, progress, on_error)
+    with shared_run_directory(out_dir, fingerprint, overwrite) as state:
+        return _evaluate(vlm, samples, out_dir, cfg, data_name, progress, on_error, state)
 
 
-def _evaluate(vlm: VLM, samples: list[BoxSample], out_dir: Path, cfg: ConsistencyConfig, data_name: str, progress, on_error: str) -> dict:
+def _evaluate(
+    vlm: VLM, samples: list[BoxSample], out_dir: Path, cfg: ConsistencyConfig, data_name: str, progress, on_error: str, state
+) -> dict:
+    """Under `accelerate launch` each process runs every P-th pending batch into its own shard;
+    the main process merges them into samples.jsonl in sample order (equal to one process's)."""
     samples_path = out_dir / "samples.jsonl"
     options = GenerateOptions(max_new_tokens=cfg.max_new_tokens)  # greedy, as the protocol says
     consistency = Consistency(cfg.iou_threshold)
     started, evaluated = time.perf_counter(), 0
-    skipped: list[DataError] = []
-    with JsonlWriter(samples_path, key="id") as writer:
-        batches = pending_batches(
-            samples, writer.done, lambda s: s.sample_id, lambda s: s.record.load_image(), cfg.batch_size, on_error, skipped, progress
-        )
-        for chunk, images in batches:
-            targets = [s.target.box for s in chunk]
-            cycle = describe_then_locate(vlm, vlm, images, targets, options, consistency=consistency)
-            with_expr = [i for i, s in enumerate(chunk) if s.target.expressions]
-            rec_iou: dict[int, float] = {}
-            if with_expr:
-                expressions = [chunk[i].target.expressions[0] for i in with_expr]
-                _, ious = locate_boxes(vlm, [images[i] for i in with_expr], expressions, [targets[i] for i in with_expr])
-                rec_iou = {i: float(v) for i, v in zip(with_expr, ious)}
-            rows = []
-            for i, (s, cap, loc, iou) in enumerate(zip(chunk, cycle.expressions, cycle.located, cycle.iou)):
-                rows.append(
-                    {
-                        "id": s.sample_id,
-                        "image": str(s.record.path),
-                        "image_id": s.record.image_id,
-                        "box": s.target.box.as_list(),
-                        "category": s.target.category,
-                        "caption": cap,
-                        "located_text": loc.text,
-                        "predicted_box": loc.box.as_list() if loc.box else None,
-                        "iou": float(iou),
-                        "consistent": bool(consistency(iou)),
-                        "reference_expression": s.target.expressions[0] if s.target.expressions else None,
-                        "rec_iou": rec_iou.get(i),
-                    }
-                )
-            writer.write_many(rows)
-            evaluated += len(rows)
+    run = ShardedPass(samples_path, "id", state)
+    for chunk, images in run.batches(samples, lambda s: s.sample_id, lambda s: s.record.load_image(), cfg.batch_size, on_error, progress):
+        targets = [s.target.box for s in chunk]
+        cycle = describe_then_locate(vlm, vlm, images, targets, options, consistency=consistency)
+        with_expr = [i for i, s in enumerate(chunk) if s.target.expressions]
+        rec_iou: dict[int, float] = {}
+        if with_expr:
+            expressions = [chunk[i].target.expressions[0] for i in with_expr]
+            _, ious = locate_boxes(vlm, [images[i] for i in with_expr], expressions, [targets[i] for i in with_expr])
+            rec_iou = {i: float(v) for i, v in zip(with_expr, ious)}
+        rows = []
+        for i, (s, cap, loc, iou) in enumerate(zip(chunk, cycle.expressions, cycle.located, cycle.iou)):
+            rows.append(
+                {
+                    "id": s.sample_id,
+                    "image": str(s.record.path),
+                    "image_id": s.record.image_id,
+                    "box": s.target.box.as_list(),
+                    "category": s.target.category,
+                    "caption": cap,
+                    "located_text": loc.text,
+                    "predicted_box": loc.box.as_list() if loc.box else None,
+                    "iou": float(iou),
+                    "consistent": bool(consistency(iou)),
+                    "reference_expression": s.target.expressions[0] if s.target.expressions else None,
+                    "rec_iou": rec_iou.get(i),
+                }
+            )
+        run.write_many(rows)
+        evaluated += len(rows)
     elapsed = time.perf_counter() - started
-    wanted = {s.sample_id for s in samples}
-    rows = [r for r in read_records(samples_path) if r["id"] in wanted]
+    evaluated = sum(gather_object([evaluated])) if state.num_processes > 1 else evaluated
+    rows, skipped_count = run.finish([s.sample_id for s in samples])
     metrics = summarize(rows, consistency)
     metrics.update(
         {
@@ -150,7 +149,10 @@ def _evaluate(vlm: VLM, samples: list[BoxSample], out_dir: Path, cfg: Consistenc
             "iou_threshold": cfg.iou_threshold,
         }
     )
-    if skipped:
-        metrics["skipped_images"] = len(skipped)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if skipped_count:
+        metrics["skipped_images"] = skipped_count
+    if state.num_processes > 1:
+        metrics["processes"] = state.num_processes
+    if state.is_main_process:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -9,13 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, locate_boxes
-from refloop.data.jsonl import JsonlWriter, read_records
-from refloop.data.pixels import pending_batches
+from refloop.data.pixels import ShardedPass
 from refloop.data.records import ImageRecord
-from refloop.errors import DataError
 from refloop.evaluation.captions import caption_metrics
 from refloop.models.base import VLM
-from refloop.runs import model_fingerprint, run_directory
+from refloop.runs import model_fingerprint, shared_run_directory
 
 
 def rec_pairs(records: list[ImageRecord], limit: int | None = None) -> list[tuple[str, ImageRecord, int, str]]:
@@ -40,38 +38,34 @@ def evaluate_rec(
 ) -> dict:
     """REC accuracy over every (object, expression) pair; an image that does not decode stops the
     run, or with on_error="skip" drops its pairs (counted as `skipped_images`, retried on resume)."""
-    with run_directory(out, _fingerprint("rec", vlm, records) | {"iou_threshold": threshold}, overwrite):
-        return _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_error)
+    with shared_run_directory(out, _fingerprint("rec", vlm, records) | {"iou_threshold": threshold}, overwrite) as state:
+        return _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_error, state)
 
 
 def _fingerprint(task: str, vlm: VLM, records: list[ImageRecord]) -> dict:
     return {"task": task, "model": model_fingerprint(vlm), "data": sorted({str(r.source) for r in records})}
 
 
-def _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_error) -> dict:
+def _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_error, state) -> dict:
+    """Sharded across the processes of an `accelerate launch` (see `ShardedPass`)."""
     pairs = rec_pairs(records, limit)
-    skipped: list[DataError] = []
-    with JsonlWriter(out / "rec_samples.jsonl", key="id") as writer:
-        batches = pending_batches(
-            pairs, writer.done, lambda pair: pair[0], lambda pair: pair[1].load_image(), batch_size, on_error, skipped, progress
+    run = ShardedPass(out / "rec_samples.jsonl", "id", state)
+    for chunk, images in run.batches(pairs, lambda pair: pair[0], lambda pair: pair[1].load_image(), batch_size, on_error, progress):
+        targets = [rec.objects[i].box for _, rec, i, _ in chunk]
+        located, ious = locate_boxes(vlm, images, [expr for *_, expr in chunk], targets)
+        run.write_many(
+            {
+                "id": pid,
+                "image": str(rec.path),
+                "expression": expr,
+                "box": rec.objects[i].box.as_list(),
+                "predicted_box": loc.box.as_list() if loc.box else None,
+                "answer": loc.text,
+                "iou": float(iou),
+            }
+            for (pid, rec, i, expr), loc, iou in zip(chunk, located, ious)
         )
-        for chunk, images in batches:
-            targets = [rec.objects[i].box for _, rec, i, _ in chunk]
-            located, ious = locate_boxes(vlm, images, [expr for *_, expr in chunk], targets)
-            writer.write_many(
-                {
-                    "id": pid,
-                    "image": str(rec.path),
-                    "expression": expr,
-                    "box": rec.objects[i].box.as_list(),
-                    "predicted_box": loc.box.as_list() if loc.box else None,
-                    "answer": loc.text,
-                    "iou": float(iou),
-                }
-                for (pid, rec, i, expr), loc, iou in zip(chunk, located, ious)
-            )
-    wanted = {p[0] for p in pairs}
-    rows = [r for r in read_records(out / "rec_samples.jsonl") if r["id"] in wanted]
+    rows, skipped = run.finish([p[0] for p in pairs])
     metrics = {
         "rec_accuracy": sum(bool(Consistency(threshold)(r["iou"])) for r in rows) / max(len(rows), 1),
         "num": len(rows),
@@ -80,8 +74,9 @@ def _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_
         "iou_threshold": threshold,
     }
     if skipped:
-        metrics["skipped_images"] = len(skipped)
-    (out / "rec_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        metrics["skipped_images"] = skipped
+    if state.is_main_process:
+        (out / "rec_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -98,11 +93,12 @@ def evaluate_reg(
 ) -> dict:
     """One greedy description per referred object, scored against all its expressions; failure
     policy for undecodable images as in `evaluate_rec`."""
-    with run_directory(out, _fingerprint("reg", vlm, records), overwrite):
-        return _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error)
+    with shared_run_directory(out, _fingerprint("reg", vlm, records), overwrite) as state:
+        return _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error, state)
 
 
-def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error) -> dict:
+def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error, state) -> dict:
+    """Sharded across the processes of an `accelerate launch` (see `ShardedPass`)."""
     objects = [
         (f"{rec.image_id}:{obj.ann_id if obj.ann_id is not None else i}", rec, obj)
         for rec in records
@@ -110,21 +106,17 @@ def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error
         if obj.expressions
     ]
     objects = objects[:limit] if limit else objects
-    skipped: list[DataError] = []
-    with JsonlWriter(out / "reg_samples.jsonl", key="id") as writer:
-        batches = pending_batches(
-            objects, writer.done, lambda obj: obj[0], lambda obj: obj[1].load_image(), batch_size, on_error, skipped, progress
+    run = ShardedPass(out / "reg_samples.jsonl", "id", state)
+    for chunk, images in run.batches(objects, lambda obj: obj[0], lambda obj: obj[1].load_image(), batch_size, on_error, progress):
+        captions = vlm.describe(images, [obj.box for _, _, obj in chunk])
+        run.write_many(
+            {"id": oid, "image": str(rec.path), "box": obj.box.as_list(), "prediction": cap, "references": list(obj.expressions)}
+            for (oid, rec, obj), cap in zip(chunk, captions)
         )
-        for chunk, images in batches:
-            captions = vlm.describe(images, [obj.box for _, _, obj in chunk])
-            writer.write_many(
-                {"id": oid, "image": str(rec.path), "box": obj.box.as_list(), "prediction": cap, "references": list(obj.expressions)}
-                for (oid, rec, obj), cap in zip(chunk, captions)
-            )
-    wanted = {o[0] for o in objects}
-    rows = [r for r in read_records(out / "reg_samples.jsonl") if r["id"] in wanted]
+    rows, skipped = run.finish([o[0] for o in objects])
     metrics = caption_metrics({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}, java=java)
     if skipped:
-        metrics["skipped_images"] = len(skipped)
-    (out / "reg_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        metrics["skipped_images"] = skipped
+    if state.is_main_process:
+        (out / "reg_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

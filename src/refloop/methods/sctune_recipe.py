@@ -10,7 +10,7 @@ from pathlib import Path
 from accelerate import PartialState
 from pydantic import Field, field_validator
 
-from refloop.config import DataSpec, ModelSpec
+from refloop.config import TRACKING_FIELDS, DataSpec, ModelSpec, TrackingSpec
 from refloop.data.items import detection_items, referring_items
 from refloop.data.sources import load_data
 from refloop.errors import RefloopError
@@ -20,11 +20,12 @@ from refloop.models.base import VLM
 from refloop.models.processors import save_processor
 from refloop.report.plots import sctune_curves
 from refloop.runs import run_directory
+from refloop.training.model_card import write_model_cards
 
 
-class SCTuneRecipe(ModelSpec):
-    """The model fields come from `ModelSpec`; data entries are a path or domain, or
-    {data, images} with their own image root (default: the recipe's `images`, then the file's directory)."""
+class SCTuneRecipe(ModelSpec, TrackingSpec):
+    """The model fields come from `ModelSpec`, the tracker fields from `TrackingSpec`; data entries
+    are a path or domain, or {data, images} with their own image root (default: the recipe's `images`, then the file's directory)."""
 
     train_data: DataSpec = Field(..., description="shapes-world domain, COCO-style .json (filtered on the fly) or triplets .jsonl")
     images: str | None = Field(None, description="image root of every data file that does not name its own")
@@ -66,7 +67,8 @@ def run_sctune(
 ) -> dict:
     """Train, export and evaluate in `out`. Rerunning resumes; a run with another recipe (other
     than its evaluation sets and thread count) is refused unless `overwrite`."""
-    fingerprint = {"task": "sctune", "recipe": recipe.model_dump(mode="json", exclude={"eval_data", "eval_boxes", "threads"})}
+    unchanged = {"eval_data", "eval_boxes", "threads", *TRACKING_FIELDS}
+    fingerprint = {"task": "sctune", "recipe": recipe.model_dump(mode="json", exclude=unchanged)}
     if not PartialState(cpu=recipe.device == "cpu").is_main_process:
         return _run_sctune(recipe, out, progress, evaluate_base)
     with run_directory(out, fingerprint, overwrite):
@@ -76,6 +78,7 @@ def run_sctune(
 def _run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None] | None, evaluate_base: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+    tracking = recipe.tracking()
     train, filter_counts = detection_items(
         recipe.train_data.data, recipe.root(recipe.train_data), recipe.train_images, recipe.max_overlap_iou, recipe.min_area_fraction
     )
@@ -88,6 +91,7 @@ def _run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None
         results["base"] = evaluate(vlm, recipe, out / "eval", "base")
     supervised = referring_items(recipe.supervised_data.data, recipe.root(recipe.supervised_data)) if recipe.supervised_data else None
     tuner = SCTune.from_base(vlm, recipe.sctune, train, supervised)
+    tuner.trainer.track(tracking)
     started = time.perf_counter()
     summary = tuner.run(out / "train", progress=progress)
     results["train_seconds"] = summary["train_seconds"]
@@ -102,4 +106,5 @@ def _run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None
         results["tuned"] = evaluate(tuner.adapters.view(tuner.vlm, tuner.final_role), recipe, out / "eval", "tuned")
     sctune_curves(out / "train" / "metrics.jsonl", out / "curves.png")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_model_cards(out, recipe.model or "refloop-tiny", "sctune", recipe.model_dump(mode="json"), results)
     return results

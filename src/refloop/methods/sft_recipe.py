@@ -21,18 +21,19 @@ import torch
 from accelerate import PartialState
 from pydantic import Field
 
-from refloop.config import ModelSpec
+from refloop.config import TRACKING_FIELDS, ModelSpec, TrackingSpec
 from refloop.data.rc import load_rc_data
 from refloop.data.records import InstructionExample
 from refloop.errors import RefloopError
 from refloop.models.processors import save_processor
 from refloop.report.plots import sft_curves
 from refloop.runs import run_directory
+from refloop.training.model_card import write_model_cards
 from refloop.training.sft import SFT, SFTConfig
 
 
-class SFTRecipe(ModelSpec):
-    """The model fields come from `ModelSpec`."""
+class SFTRecipe(ModelSpec, TrackingSpec):
+    """The model fields come from `ModelSpec`, the tracker fields from `TrackingSpec`."""
 
     train_data: str = Field(..., description="RC chat JSONL written by `refloop rc-data` (relative image paths: see `images`)")
     images: str | None = Field(None, description="root of the data's relative image paths (default: the JSONL file's folder)")
@@ -119,7 +120,7 @@ def _embedding_modules(model) -> dict[str, torch.nn.Module]:
 def run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | None = None, overwrite: bool = False) -> dict:
     """Train and export in `out`. Rerunning resumes; a run with another recipe (other than its
     thread count) is refused unless `overwrite`."""
-    fingerprint = {"task": "sft", "recipe": recipe.model_dump(mode="json", exclude={"threads"})}
+    fingerprint = {"task": "sft", "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS})}
     if not PartialState(cpu=recipe.device == "cpu").is_main_process:
         return _run_sft(recipe, out, progress)
     with run_directory(out, fingerprint, overwrite):
@@ -129,6 +130,7 @@ def run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | Non
 def _run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+    tracking = recipe.tracking()
     vlm = recipe.load_vlm(batch_size=recipe.sft.generation_batch_size)
     examples = load_examples(recipe, recipe.profile)
     missing = unknown_words(vlm.processor.tokenizer, [t for ex in examples for t in (ex.prompt, ex.answer)])
@@ -144,6 +146,7 @@ def _run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | No
         tuner = SFT(vlm, cfg, examples, trainable_tokens=trainable_tokens)
     except ValueError as exc:
         raise RefloopError(f"cannot place adapters on {recipe.model or 'refloop-tiny'}: {exc}") from None
+    tuner.trainer.track(tracking)
     main_process = PartialState(cpu=vlm.device.type == "cpu").is_main_process
     started = time.perf_counter()
     summary = tuner.run(out / "train", progress=progress)
@@ -172,4 +175,6 @@ def _run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | No
         results["first_loss"], results["final_loss"] = losses[0], losses[-1]
     sft_curves(out / "train" / "metrics.jsonl", out / "curves.png")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    card_metrics = {k: v for k, v in results.items() if k != "added_words"}
+    write_model_cards(out, recipe.model or "refloop-tiny", "sft", recipe.model_dump(mode="json"), card_metrics)
     return results

@@ -47,6 +47,7 @@ from refloop.models.hf import HFVLM
 from refloop.runs import tensors_digest
 from refloop.training.adapters import LoraSettings
 from refloop.training.sft import SFT, SFTConfig
+from refloop.training.trackers import Tracking
 from refloop.training.trainer import step_seed
 
 ScoreName = Literal["log_ratio", "weighted_difference", "none"]
@@ -359,8 +360,12 @@ class SVP:
     reads all of them, and the SFT averages gradients across processes. Every stage resumes:
     sampled images are skipped, training restarts from its last checkpoint."""
 
-    def __init__(self, vlm: HFVLM, grounder: Grounder | None, cfg: SVPConfig, shapes: bool = False) -> None:
+    def __init__(
+        self, vlm: HFVLM, grounder: Grounder | None, cfg: SVPConfig, shapes: bool = False, tracking: Tracking | None = None
+    ) -> None:
+        """`tracking`: where each iteration's SFT reports (one tracker run per iteration's train/)."""
         self.vlm, self.grounder, self.cfg, self.shapes = vlm, grounder, cfg, shapes
+        self.tracking = tracking or Tracking()
 
     def sample(
         self,
@@ -420,6 +425,7 @@ class SVP:
         sample_seconds = time.perf_counter() - started
         sft_cfg = self.cfg.sft.model_copy(update={"seed": self.cfg.sft.seed + iteration})
         tuner = SFT(self.vlm, sft_cfg, examples)
+        tuner.trainer.track(self.tracking)
         step = (lambda row: progress(f"iteration {iteration + 1}: SFT (steps)", 1, tuner.total_steps)) if progress else None
         summary = tuner.run(work / "train", progress=step)
         from accelerate import PartialState

@@ -13,7 +13,7 @@ from typing import Literal
 from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field
 
-from refloop.config import ModelSpec
+from refloop.config import TRACKING_FIELDS, ModelSpec, TrackingSpec
 from refloop.data.records import ImageRecord, InstructionExample
 from refloop.data.sources import load_detections
 from refloop.errors import RefloopError
@@ -64,8 +64,8 @@ def _load(model: str, device: str, dtype: str):
     return load_vlm(model, device=device, dtype=dtype)
 
 
-class SVPRecipe(ModelSpec):
-    """The model fields come from `ModelSpec`."""
+class SVPRecipe(ModelSpec, TrackingSpec):
+    """The model fields come from `ModelSpec`, the tracker fields from `TrackingSpec`."""
 
     train_data: str = Field("wild", description="seed images: a shapes-world domain (training seed) or a detection .json / .jsonl")
     images: str | None = Field(None, description="image root of train_data's relative paths")
@@ -112,7 +112,7 @@ def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], bool]:
 def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
     """Run (or resume) SVP in `out`; a run with another recipe (other than its thread count) is
     refused unless `overwrite`."""
-    fingerprint = {"task": "svp", "recipe": recipe.model_dump(mode="json", exclude={"threads"})}
+    fingerprint = {"task": "svp", "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS})}
     if not PartialState(cpu=recipe.device == "cpu").is_main_process:
         return _run_svp(recipe, out, progress)
     with run_directory(out, fingerprint, overwrite):
@@ -122,6 +122,7 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
 def _run_svp(recipe: SVPRecipe, out: Path, progress) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+    tracking = recipe.tracking()
     vlm = recipe.load_vlm(batch_size=recipe.svp.sft.generation_batch_size)
     records, shapes = load_seed_images(recipe)
     if recipe.svp.grounding and recipe.svp.phrases != "categories" and not shapes and recipe.grounder.kind == "oracle":
@@ -129,7 +130,7 @@ def _run_svp(recipe: SVPRecipe, out: Path, progress) -> dict:
     grounder = recipe.grounder.build(vlm, recipe.device, recipe.dtype) if recipe.svp.grounding else None
     queries = visual_queries(recipe, vlm.profile) if recipe.svp.cvq_ratio > 0 else []
     started = time.perf_counter()
-    method = SVP(vlm, grounder, recipe.svp, shapes=shapes)
+    method = SVP(vlm, grounder, recipe.svp, shapes=shapes, tracking=tracking)
     iterations = method.run(records, out, queries, progress)
     results = {
         "train_data": recipe.train_data,
@@ -146,4 +147,9 @@ def _run_svp(recipe: SVPRecipe, out: Path, progress) -> dict:
 
         write_svp_report(out, results, records)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        from refloop.training.model_card import write_model_cards
+
+        final = results["iterations"][-1] if results["iterations"] else {}
+        card_metrics = {k: v for k, v in results.items() if k != "iterations"} | {"final_iteration": final}
+        write_model_cards(out, recipe.model or "refloop-tiny", "svp", recipe.model_dump(mode="json"), card_metrics)
     return results

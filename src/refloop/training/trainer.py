@@ -7,7 +7,8 @@ step. The trainer owns what every method needs the same way:
 - atomic checkpoints of the trained tensors, the optimizers and the step; resume refuses a
   work directory that holds a run of another config;
 - `metrics.jsonl`, one row per step: the method's stats plus learning rate, step seconds,
-  tokens/s and peak memory;
+  tokens/s and peak memory; the same rows and the config go to a tracker (TensorBoard, wandb,
+  Trackio) when `track` names one (`refloop.training.trackers`);
 - data parallel under `accelerate launch`: every process takes its shard of the step's batch
   and gradients are averaged after each backward pass. Done explicitly (not DDP's wrapper)
   because adapter switches change which tensors require grad;
@@ -32,6 +33,7 @@ from refloop.data.jsonl import JsonlWriter
 from refloop.errors import RefloopError
 from refloop.runs import run_directory
 from refloop.training.checkpoint import latest_checkpoint, save_checkpoint, truncate_log
+from refloop.training.trackers import RunTracker, Tracking
 
 # Seeds of the random streams of a step. These formulas produced every committed result
 # (refloop-tiny, SC-Tune's benchmark); changing one changes the runs.
@@ -90,6 +92,11 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self._step_lr: float | None = None
         self._step_tokens = 0
+        self.tracking = Tracking()
+
+    def track(self, tracking: Tracking) -> None:
+        """Report every metrics row and `tracking.config` to `tracking.report_to` (main process)."""
+        self.tracking = tracking
 
     @property
     def rank(self) -> int:
@@ -161,6 +168,16 @@ class Trainer:
         if self.state.is_main_process:
             truncate_log(log_path, start)
         self.state.wait_for_everyone()
+        tracker = RunTracker(self.tracking, work_dir, start) if self.tracking.enabled and self.state.is_main_process else None
+        try:
+            elapsed = self._steps(work_dir, step_fn, progress, log_path, start, elapsed, tracker)
+        finally:
+            if tracker is not None:
+                tracker.finish()  # a failed step too: the event files are closed and flushed
+        return {"steps": self.total_steps, "train_seconds": elapsed}
+
+    def _steps(self, work_dir: Path, step_fn, progress, log_path: Path, start: int, elapsed: float, tracker: RunTracker | None) -> float:
+        """Steps `start`..`total_steps`; returns the run's training seconds."""
         with JsonlWriter(log_path, key="step") as log:
             for step in range(start, self.total_steps):
                 t0 = time.perf_counter()
@@ -182,13 +199,15 @@ class Trainer:
                 }
                 if self.state.is_main_process:
                     log.write_many([row])
+                    if tracker is not None:
+                        tracker.log(row)
                 if (step + 1) % self.checkpoint_every == 0 or step + 1 == self.total_steps:
                     if self.state.is_main_process:
                         self._checkpoint(work_dir, step + 1, elapsed)
                     self.state.wait_for_everyone()
                 if progress and self.state.is_main_process:
                     progress(row)
-        return {"steps": self.total_steps, "train_seconds": elapsed}
+        return elapsed
 
     def _mean_over_processes(self, stats: dict) -> dict:
         numeric = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
