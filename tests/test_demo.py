@@ -5,9 +5,10 @@ import json
 from helpers import run_cli
 
 
-def test_demo_runs_consistency_and_bootstrapping_and_links_them_in_the_report(tmp_path, capsys):
+def test_demo_runs_consistency_bootstrapping_and_svp_and_links_them_in_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    code, stdout, err = run_cli(["demo", "--num-boxes", "6", "--no-sctune", "--bootstrap-images", "3", "--out", str(out)], capsys)
+    args = ["demo", "--num-boxes", "6", "--no-sctune", "--bootstrap-images", "3", "--svp-images", "2", "--out", str(out)]
+    code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert set(results["domains"]) == {"in-domain", "crowded", "wild"}
@@ -16,6 +17,9 @@ def test_demo_runs_consistency_and_bootstrapping_and_links_them_in_the_report(tm
     assert (out / "bootstrap" / "report.html").exists() and (out / "bootstrap" / "pairs.jsonl").exists()
     page = (out / "report.html").read_text()
     assert "bootstrap/report.html" in page and "Pink Table 5" in stdout
+    svp = results["svp"]
+    assert svp["domain"] == "wild" and svp["examples"] and {"object_recall", "chair_i"} <= set(svp["base"]) <= set(svp["svp"])
+    assert "SVP Table 6" in stdout and "svp/report.html" in page
 
 
 def test_demo_refuses_an_unknown_bootstrap_domain(tmp_path, capsys):

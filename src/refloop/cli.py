@@ -139,6 +139,9 @@ def demo(
     bootstrap_domain: str = typer.Option("wild", "--bootstrap-domain", help="OOD style whose boxes Pink's bootstrapping describes."),
     bootstrap_images: int = typer.Option(100, "--bootstrap-images", min=1, help="Training scenes of that style bootstrapped."),
     bootstrap: bool = typer.Option(True, "--bootstrap/--no-bootstrap", help="Also run Pink's self-consistent bootstrapping."),
+    svp: bool = typer.Option(True, "--svp/--no-svp", help="Also run a short SVP on captions of --svp-domain scenes."),
+    svp_domain: str = typer.Option("wild", "--svp-domain", help="OOD style whose scenes SVP captions."),
+    svp_images: int = typer.Option(64, "--svp-images", min=1, help="Seed images of SVP's inner loop."),
 ) -> None:
     """The main job: self-consistency of refloop-tiny in and out of domain beside SC-Tune's Table 1, a short SC-Tune,
     and Pink's self-consistent bootstrapping beside Pink's Table 5."""
@@ -147,6 +150,8 @@ def demo(
 
     if sctune and (sctune_domain not in DOMAINS):
         raise RefloopError(f"--sctune-domain {sctune_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
+    if svp and (svp_domain not in DOMAINS):
+        raise RefloopError(f"--svp-domain {svp_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
     if bootstrap and (bootstrap_domain not in DOMAINS):
         raise RefloopError(f"--bootstrap-domain {bootstrap_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
     run_demo(
@@ -160,6 +165,8 @@ def demo(
         sctune_domain=sctune_domain if sctune else None,
         bootstrap_domain=bootstrap_domain if bootstrap else None,
         bootstrap_images=bootstrap_images,
+        svp_domain=svp_domain if svp else None,
+        svp_images=svp_images,
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from refloop.data.jsonl import read_records
 from refloop.data.sources import load_data
 from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
 from refloop.models import load_vlm
@@ -140,6 +141,87 @@ def _bootstrap_html(stats: dict | None) -> str:
     )
 
 
+def _demo_svp(out: Path, domain: str, num_images: int, eval_images: int, device: str, dtype: str) -> dict:
+    """SVP at demo scale: refloop-tiny-context captions `num_images` text-free training scenes of
+    an OOD style with and without the scene oracle's grounding, keeps the best-scored guided
+    captions (S(q,p), Eq. 5) and is tuned on them; object recall and CHAIR_i of greedy captions on
+    held-out scenes before and after."""
+    from refloop.data.sources import load_detections
+    from refloop.evaluation.hallucination import evaluate_captions, load_object_data
+    from refloop.grounding import SceneOracle
+    from refloop.methods.svp import SVP, SVPConfig, SVPTraining
+    from refloop.models import load_vlm
+    from refloop.world import TRAIN_SEED
+
+    base = load_vlm("refloop-tiny-context", device=device, dtype=dtype, batch_size=160)
+    seeds = load_detections(domain, num_images=num_images, scene_seed=TRAIN_SEED).records
+    found = load_object_data(domain, num_images=eval_images)
+    cfg = SVPConfig(samples=8, top_fraction=0.25, max_new_tokens=40, sft=SVPTraining(lr=2e-4, checkpoint_every=10_000))
+    method = SVP(base, SceneOracle(miss_rate=0.1, false_positive_rate=0.1, jitter=0.05), cfg, shapes=True)
+    with progress_bar(f"{domain:>10}: SVP captions", num_images) as advance:
+        summary = method.run(seeds, out / "svp", progress=lambda stage, n, total: advance(n) if "inner" in stage else None)
+    from refloop.report.svp import write_svp_report
+
+    write_svp_report(
+        out / "svp",
+        {"train_data": domain, "images": len(seeds), "grounder": "scene oracle", "score": cfg.score, "iterations": summary},
+        seeds,
+    )
+    before = evaluate_captions(
+        load_vlm("refloop-tiny-context", device=device, dtype=dtype), found, out / "svp" / "eval-base", overwrite=True
+    )
+    after = evaluate_captions(method.vlm, found, out / "svp" / "eval-svp", overwrite=True)
+    pairs = []
+    rows = {r["id"]: r for r in read_records(out / "svp" / "eval-base" / "caption_samples.jsonl")}
+    for r in read_records(out / "svp" / "eval-svp" / "caption_samples.jsonl")[:6]:
+        pairs.append({"image": r["image"], "base": rows[r["id"]]["caption"], "svp": r["caption"]})
+    keys = ("object_recall", "chair_i", "chair_s", "CIDEr")
+    return {
+        "domain": domain,
+        "seed_images": num_images,
+        "iterations": summary,
+        "base": {k: before.get(k) for k in keys},
+        "svp": {k: after.get(k) for k in keys},
+        "examples": pairs,
+    }
+
+
+def svp_table(result: dict) -> Table:
+    table = Table(title=f"SVP on {result['domain']} captions (scene-oracle feedback) - SVP Table 6 columns")
+    table.add_column("model")
+    for column in ("object recall", "CHAIR_i", "CHAIR_s", "CIDEr"):
+        table.add_column(column, justify="right")
+    for name, key in (("refloop-tiny-context", "base"), ("  + SVP (S(q,p), ours)", "svp")):
+        v = result[key]
+        table.add_row(
+            name, *[f"{100 * v[k]:.1f}" if v.get(k) is not None else "-" for k in ("object_recall", "chair_i", "chair_s", "CIDEr")]
+        )
+    return table
+
+
+def _svp_html(result: dict | None) -> str:
+    if not result:
+        return ""
+    cells = "".join(
+        f"<tr><td>{name}</td>"
+        + "".join(f"<td>{100 * (result[key].get(k) or 0):.1f}</td>" for k in ("object_recall", "chair_i", "CIDEr"))
+        + "</tr>"
+        for name, key in (("refloop-tiny-context", "base"), ("+ SVP", "svp"))
+    )
+    examples = "".join(
+        f"<tr><td><img src='{html.escape(e['image'])}' width=112></td>"
+        f"<td>{html.escape(e['base'])}</td><td>{html.escape(e['svp'])}</td></tr>"
+        for e in result["examples"]
+    )
+    return (
+        f"<h2>SVP: captions with grounding feedback on {result['domain']} scenes</h2>"
+        f"<table><tr><th>model</th><th>object recall %</th><th>CHAIR_i %</th><th>CIDEr</th></tr>{cells}</table>"
+        f"<table><tr><th>image</th><th>base caption</th><th>after SVP</th></tr>{examples}</table>"
+        "<p>Prior and guided samples, scores and selections: <a href='svp/report.html'>svp/</a> "
+        "(<code>svp/iteration-1/samples-*.jsonl</code>).</p>"
+    )
+
+
 def _sctune_html(summary: dict | None, base: dict[str, dict]) -> str:
     if not summary:
         return ""
@@ -167,6 +249,8 @@ def run_demo(
     sctune_domain: str | None = "crowded",
     bootstrap_domain: str | None = "wild",
     bootstrap_images: int = 100,
+    svp_domain: str | None = "wild",
+    svp_images: int = 64,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -183,6 +267,7 @@ def run_demo(
         results[domain] = metrics
     rows = {f"{model_name} (ours)": {d: m["consistency_rate"] for d, m in results.items()}}
     bootstrap_stats = _demo_bootstrap(vlm, out, bootstrap_domain, bootstrap_images) if bootstrap_domain else None
+    svp_result = _demo_svp(out, svp_domain, svp_images, min(num_boxes, 200), device, dtype) if svp_domain else None
     sctune_summary = None
     if sctune_domain:
         sctune_summary = _demo_sctune(out, model, sctune_domain, num_boxes, device, dtype)
@@ -196,12 +281,15 @@ def run_demo(
     )
     if bootstrap_stats:
         console.print(table5(bootstrap_stats))
+    if svp_result:
+        console.print(svp_table(svp_result))
     summary = {
         "model": model_name,
         "num_boxes": num_boxes,
         "domains": results,
         "sctune": sctune_summary,
         "bootstrap": bootstrap_stats,
+        "svp": svp_result,
         "seconds": time.perf_counter() - started,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -232,6 +320,7 @@ def run_demo(
 <p><img src="{chart.name}"></p>
 {_sctune_html(sctune_summary, results)}
 {_bootstrap_html(bootstrap_stats)}
+{_svp_html(svp_result)}
 <h2>The paper's Table 1 (base models), same column roles</h2>
 <table><tr><th>model</th>{"".join(f"<th>{d} ({PAPER_COLUMN[d]})</th>" for d in DOMAINS)}</tr>{paper}</table>
 <p>Finished in {summary["seconds"]:.0f} s.</p></body></html>"""
