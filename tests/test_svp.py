@@ -204,3 +204,31 @@ def test_caption_cli_with_isvp_writes_prior_grounding_and_guided_caption(tmp_pat
     assert len(rows) == 3 and all({"prior", "phrases", "context", "caption"} <= set(r) for r in rows)
     code, _, err = run_cli(args, capsys)  # the same directory with another job is refused
     assert code == 2 and ("another" in err.lower() or "overwrite" in err.lower())
+
+
+def test_sigkilled_svp_resumes_to_the_same_model(tmp_path, model_dir):
+    """A real kill (torn writes included) in the first inner loop, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(model_dir, iterations=1).model_dump(mode="json")))
+    env = os.environ | {"REFLOOP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "refloop.cli", "svp", "--config", str(path), "--out"]
+    straight = subprocess.run([*command, str(tmp_path / "straight")], env=env, capture_output=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr.decode()[-2000:]
+    proc = subprocess.Popen([*command, str(tmp_path / "killed")], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    samples = tmp_path / "killed" / "iteration-1" / "samples-000.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not samples.exists() or samples.read_bytes().count(b"\n") < 2):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "results.json").exists(), "the run finished before it was killed"
+    resumed = subprocess.run([*command, str(tmp_path / "killed")], env=env, capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    a, b = (load_file(tmp_path / run / "merged" / "model.safetensors") for run in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
