@@ -12,7 +12,15 @@ from refloop.errors import RefloopError
 from refloop.grounding import SceneOracle, grounding_context, scene_record
 from refloop.models import PROFILES, default_model_path, get_profile, packaged_model_path, resolve_model
 from refloop.models.profiles import TinyProfile
-from refloop.models.tiny.pretrain import PretrainConfig, build_model, load_init_weights, make_batch, noisy_grounding
+from refloop.models.tiny.pretrain import (
+    PretrainConfig,
+    build_model,
+    context_scene,
+    degrade_image,
+    load_init_weights,
+    make_batch,
+    noisy_grounding,
+)
 from refloop.models.tiny.processing import RefloopTinyProcessor, build_tokenizer
 from refloop.world import IN_DOMAIN, get_style, render, sample_scene
 
@@ -114,6 +122,78 @@ def test_old_recipe_batches_are_unchanged(processor):
     for step, digest in OLD_RECIPE_DIGESTS.items():
         assert batch_digest(make_batch(step, cfg, processor, TinyProfile())) == digest
         assert batch_digest(make_batch(step, with_zero, processor, TinyProfile())) == digest
+
+
+# Digests of make_batch under the v1 refloop-tiny-context recipe's task mix (no context_styles, no
+# degradation), computed with the code that trained v1 (commit f4f245b): its data must not move.
+V1_CONTEXT_RECIPE_DIGESTS = {
+    0: "aa47d5a042f36204868bdd60e20c3c953256502ef5bdf1e6226c40bd3eb42afa",
+    5: "10653d04f8cbd228eee30d809213b47b550f0a7478ef300b72c16f058e810baa",
+}
+V1_MIX = {"rec": 0.32, "reg": 0.2, "caption": 0.1, "exist": 0.08, "context_caption": 0.3}
+
+
+def test_v1_context_recipe_batches_are_unchanged(processor):
+    cfg = PretrainConfig(batch_scenes=3, queries_per_scene=8, curriculum_steps=0, task_mix=V1_MIX, seed=1)
+    assert not cfg.separate_context_images
+    for step, digest in V1_CONTEXT_RECIPE_DIGESTS.items():
+        assert batch_digest(make_batch(step, cfg, processor, TinyProfile())) == digest
+
+
+def test_context_images_of_their_own_carry_the_context_queries(processor):
+    """context_styles / context_degrade_prob: context_caption queries are asked on extra images
+    (other styles, degraded), one per batch scene that has such queries; the other tasks on the
+    batch's in-domain scenes."""
+    cfg = PretrainConfig(
+        batch_scenes=4, queries_per_scene=8, curriculum_steps=0, task_mix=V1_MIX, seed=2,
+        context_styles={"crowded": 0.5, IN_DOMAIN: 0.5}, context_degrade_prob=0.75,
+    )
+    a = make_batch(3, cfg, processor, TinyProfile())
+    assert batch_digest(a) == batch_digest(make_batch(3, cfg, processor, TinyProfile()))
+    assert a["pixel_values"].shape[0] > cfg.batch_scenes
+    assert a["image_index"].max() == a["pixel_values"].shape[0] - 1
+    caption_id = processor.tokenizer.convert_tokens_to_ids("caption")
+    open_brace = processor.tokenizer.convert_tokens_to_ids("{")
+    grounded = (a["input_ids"] == open_brace).any(dim=1) & (a["input_ids"] == caption_id).any(dim=1)
+    # every image is used; the grounded caption queries' images carry no other task's query
+    used = set(a["image_index"].tolist())
+    assert used == set(range(a["pixel_values"].shape[0]))
+    other_tasks = ~(a["input_ids"] == caption_id).any(dim=1)
+    assert set(a["image_index"][grounded].tolist()).isdisjoint(a["image_index"][other_tasks].tolist())
+    assert grounded.sum() >= 5  # about a third of the 32 queries
+
+
+def test_context_scenes_come_from_the_chosen_styles_and_degrade():
+    cfg = PretrainConfig(batch_scenes=8, context_styles={"crowded": 1.0}, context_degrade_prob=1.0)
+    rng = random.Random(0)
+    for i in range(8):
+        scene, image = context_scene(0, i, cfg, rng, None)
+        assert scene.domain == "crowded"
+        assert image.size == (scene.width, scene.height)
+        assert image.tobytes() != render(scene).tobytes()
+    cfg = PretrainConfig(context_degrade_prob=0.0, context_styles={IN_DOMAIN: 1.0})
+    scene, image = context_scene(0, 0, cfg, random.Random(0), None)
+    assert scene.domain == IN_DOMAIN and image.tobytes() == render(scene).tobytes()
+    scene = sample_scene(get_style(IN_DOMAIN), 0, 5)
+    import numpy as np
+
+    one = degrade_image(scene, render(scene), np.random.default_rng(4))
+    assert one.tobytes() == degrade_image(scene, render(scene), np.random.default_rng(4)).tobytes()
+
+
+def test_wild_is_never_a_context_training_style():
+    with pytest.raises(ValueError, match="out-of-domain"):
+        PretrainConfig(context_styles={"crowded": 1.0, "wild": 0.1})
+    with pytest.raises(ValueError, match="unknown style"):
+        PretrainConfig(context_styles={"crowdd": 1.0})
+
+
+def test_v1_run_config_is_unchanged_by_the_context_options():
+    """v1 run directories still resume: unset context options are not part of their config."""
+    keys = PretrainConfig(init_from="packaged").trainer_config()
+    assert "context_styles" not in keys and "context_degrade_prob" not in keys
+    cfg = PretrainConfig(context_styles={"crowded": 1.0}, context_degrade_prob=0.5).trainer_config()
+    assert cfg["context_styles"] == {"crowded": 1.0} and cfg["context_degrade_prob"] == 0.5
 
 
 def test_old_recipe_run_config_is_unchanged_by_init_from():

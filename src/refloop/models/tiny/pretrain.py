@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file
 
@@ -36,6 +37,7 @@ from refloop.models.tiny.processing import NUM_COORD_BINS, RefloopTinyProcessor,
 from refloop.training.trainer import Trainer, step_seed
 from refloop.world import (
     COLOURS,
+    DOMAINS,
     EVAL_SEED,
     IN_DOMAIN,
     SHAPES,
@@ -55,6 +57,11 @@ TASKS = ("rec", "reg", "caption", "exist", "context_caption")
 CONTEXT_MISS_RATE = (0.0, 0.4)
 CONTEXT_FALSE_POSITIVE_RATE = (0.0, 0.3)
 CONTEXT_JITTER = (0.0, 0.1)
+# The benchmark's out-of-domain style: context_caption never trains on it.
+HELD_OUT_CONTEXT_STYLE = "wild"
+# context_caption scenes drawn apart from the batch's own (context_styles / degrade): scene indices
+# are offset so an in-domain context scene is not the query scene's twin.
+CONTEXT_SCENE_OFFSET = 5_000_000
 
 
 class PretrainConfig(BaseModel):
@@ -92,6 +99,32 @@ class PretrainConfig(BaseModel):
     init_from: str | None = Field(
         None, description="checkpoint directory to continue from ('packaged': the committed refloop-tiny); None: random weights"
     )
+    context_styles: dict[str, float] | None = Field(
+        None,
+        description="context_caption images from these shapes-world styles (probability each), apart from the "
+        "other tasks' in-domain scenes; None: the query's own in-domain scene (the v1 behaviour)",
+    )
+    context_degrade_prob: float = Field(
+        0.0, ge=0, le=1, description="probability that a context_caption image is degraded (degrade_image)"
+    )
+
+    @field_validator("context_styles")
+    @classmethod
+    def _known_styles(cls, styles: dict[str, float] | None) -> dict[str, float] | None:
+        if styles is None:
+            return None
+        unknown = sorted(set(styles) - set(DOMAINS))
+        if unknown:
+            raise ValueError(f"unknown style(s) {', '.join(unknown)}; known: {', '.join(DOMAINS)}")
+        if HELD_OUT_CONTEXT_STYLE in styles:
+            raise ValueError(f"{HELD_OUT_CONTEXT_STYLE!r} is the out-of-domain test of the context; it cannot be trained on")
+        if any(p < 0 for p in styles.values()) or sum(styles.values()) <= 0:
+            raise ValueError("style probabilities must be >= 0 with a positive sum")
+        return styles
+
+    @property
+    def separate_context_images(self) -> bool:
+        return self.context_styles is not None or self.context_degrade_prob > 0
 
     @field_validator("task_mix")
     @classmethod
@@ -104,9 +137,17 @@ class PretrainConfig(BaseModel):
         return mix
 
     def trainer_config(self) -> dict:
-        """The config a run directory is checked against on resume. An unset `init_from` is left
-        out, so runs of recipes written before the field existed still resume."""
-        return self.model_dump(mode="json", exclude={"init_from"} if self.init_from is None else set())
+        """The config a run directory is checked against on resume. Unset later fields
+        (`init_from`, `context_styles`, `context_degrade_prob`) are left out, so runs of recipes
+        written before they existed still resume."""
+        exclude = set()
+        if self.init_from is None:
+            exclude.add("init_from")
+        if self.context_styles is None:
+            exclude.add("context_styles")
+        if self.context_degrade_prob == 0:
+            exclude.add("context_degrade_prob")
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 def build_model(cfg: PretrainConfig) -> tuple[RefloopTinyForConditionalGeneration, RefloopTinyProcessor]:
@@ -136,11 +177,13 @@ def build_model(cfg: PretrainConfig) -> tuple[RefloopTinyForConditionalGeneratio
 
 
 def init_checkpoint_dir(init_from: str) -> Path:
-    if init_from == "packaged":
-        from refloop.models import default_model_path
+    """"packaged": the embedded refloop-tiny; a packaged model's name (refloop-tiny-context): its
+    directory; else a checkpoint directory."""
+    from refloop.models import default_model_path, resolve_model
 
+    if init_from == "packaged":
         return default_model_path()
-    return Path(init_from)
+    return Path(resolve_model(init_from))
 
 
 def load_init_weights(model: RefloopTinyForConditionalGeneration, processor: RefloopTinyProcessor, init_from: str) -> Path:
@@ -193,6 +236,109 @@ def noisy_grounding(scene, rng: random.Random) -> Grounding:
     return Grounding.from_detections(boxes, labels, scores, (scene.width, scene.height))
 
 
+def _random_background(w: int, h: int, rng: np.random.Generator) -> Image.Image:
+    """A busy background of this module's own (not a domain style's): stripes, colour blocks,
+    a noisy gradient or strokes, in random colours."""
+    kind = int(rng.integers(4))
+    if kind == 0:  # stripes at a random angle
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        angle, period = rng.uniform(0, np.pi), rng.uniform(4, 20)
+        phase = (np.cos(angle) * xx + np.sin(angle) * yy) / period
+        a, b = rng.integers(40, 220, size=3), rng.integers(40, 220, size=3)
+        t = (np.sin(2 * np.pi * phase) > 0)[..., None]
+        arr = np.where(t, a, b).astype(np.int16)
+    elif kind == 1:  # colour blocks
+        n = int(rng.integers(3, 9))
+        arr = np.asarray(Image.fromarray(rng.integers(40, 220, size=(n, n, 3)).astype(np.uint8)).resize((w, h), Image.NEAREST))
+        arr = arr.astype(np.int16)
+    elif kind == 2:  # two-colour gradient plus pixel noise
+        t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
+        a, b = rng.integers(40, 220, size=3), rng.integers(40, 220, size=3)
+        ramp = a[None] * (1 - t[:, None]) + b[None] * t[:, None]
+        arr = np.broadcast_to(ramp[None] if ramp.shape[0] == w else ramp[:, None], (h, w, 3)).astype(np.int16)
+        arr = arr + rng.integers(-25, 26, size=(h, w, 3), dtype=np.int16)
+    else:  # strokes and rings in random colours over a random flat colour
+        img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(60, 230, size=3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(8, 25))):
+            x, y = (int(v) for v in rng.integers(0, [w, h]))
+            dx, dy = (int(v) for v in rng.integers(-25, 26, size=2))
+            colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+            if rng.random() < 0.7:
+                draw.line([(x, y), (x + dx, y + dy)], fill=colour, width=int(rng.integers(1, 4)))
+            else:
+                draw.ellipse([min(x, x + dx), min(y, y + dy), max(x, x + dx), max(y, y + dy)], outline=colour, width=2)
+        return img
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj, rgb, edge, width: int) -> None:
+    b = obj.box
+    xy = [b.x1, b.y1, b.x2 - 1, b.y2 - 1]
+    if obj.shape == "circle":
+        draw.ellipse(xy, fill=rgb, outline=edge, width=width)
+    elif obj.shape == "square":
+        draw.rectangle(xy, fill=rgb, outline=edge, width=width)
+    else:
+        draw.polygon([((b.x1 + b.x2 - 1) / 2, b.y1), (b.x2 - 1, b.y2 - 1), (b.x1, b.y2 - 1)], fill=rgb, outline=edge, width=width)
+
+
+def degrade_image(scene, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """`image` of `scene` made hard to read, so the caption needs the grounding: each with its own
+    probability, the objects redrawn with shifted shades (and sometimes an edge) over a random busy
+    background of this module's own, then colour jitter, low contrast, blur, pixel noise and
+    occluding patches. At least one step always applies."""
+    while True:
+        steps = rng.random(6) < np.array([0.5, 0.4, 0.4, 0.35, 0.5, 0.3])
+        if steps.any():
+            break
+    redraw, jitter, contrast, blur, noise, occlude = steps
+    if redraw:
+        img = _random_background(image.width, image.height, rng)
+        draw = ImageDraw.Draw(img)
+        edge_on = rng.random() < 0.4
+        shade = int(rng.integers(10, 61))
+        for obj in scene.objects:
+            rgb = tuple(int(np.clip(v + d, 0, 255)) for v, d in zip(obj.rgb, rng.integers(-shade, shade + 1, size=3)))
+            edge = tuple(int(v) for v in rng.integers(0, 256, size=3)) if edge_on else None
+            _draw_shape(draw, obj, rgb, edge, int(rng.integers(1, 3)) if edge_on else 0)
+        image = img
+    if jitter:  # per-channel gain and offset
+        arr = np.asarray(image).astype(np.float32)
+        arr = arr * rng.uniform(0.7, 1.3, size=3) + rng.uniform(-40, 40, size=3)
+        image = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    if contrast:
+        image = ImageEnhance.Contrast(image).enhance(float(rng.uniform(0.25, 0.6)))
+    if blur:
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.8, 2.0))))
+    if noise:
+        arr = np.asarray(image).astype(np.float32) + rng.normal(0, rng.uniform(10, 40), size=(image.height, image.width, 3))
+        image = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    if occlude:
+        image = image.copy()
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 4))):
+            side = int(rng.integers(8, 24))
+            x, y = (int(v) for v in rng.integers(0, [image.width - side, image.height - side]))
+            draw.rectangle([x, y, x + side, y + side], fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
+    return image
+
+
+def context_scene(step: int, i: int, cfg: PretrainConfig, rng: random.Random, max_objects: int | None):
+    """The scene and image a context_caption query about batch scene `i` is asked on when the
+    recipe sets `context_styles` / `context_degrade_prob`: a scene of a style drawn from
+    `context_styles` (default in-domain), degraded with probability `context_degrade_prob`."""
+    styles = cfg.context_styles or {IN_DOMAIN: 1.0}
+    names, weights = zip(*styles.items())
+    name = rng.choices(names, weights)[0]
+    index = step * cfg.batch_scenes + i + cfg.seed * 10_000_000 + CONTEXT_SCENE_OFFSET
+    scene = sample_scene(get_style(name), TRAIN_SEED, index, max_objects=max_objects)
+    image = render(scene)
+    if rng.random() < cfg.context_degrade_prob:
+        image = degrade_image(scene, image, np.random.default_rng(rng.getrandbits(64)))
+    return scene, image
+
+
 def _query(
     scene, rng: random.Random, np_rng: np.random.Generator, task: str, profile: TinyProfile, canonical_prob: float
 ) -> tuple[str, str] | None:
@@ -224,16 +370,30 @@ def make_batch(step: int, cfg: PretrainConfig, processor: RefloopTinyProcessor, 
     max_objects = 3 if step < cfg.curriculum_steps else None
     tasks, weights = zip(*cfg.task_mix.items())
     images, prompts, answers, image_index = [], [], [], []
+    # context_caption queries on images of their own (context_styles / context_degrade_prob): one
+    # extra image per batch scene that has such a query, drawn from a stream of its own.
+    separate = cfg.separate_context_images
+    ctx_rng = random.Random(f"{cfg.seed}/{step}/context") if separate else None
     for i in range(cfg.batch_scenes):
         scene = sample_scene(style, TRAIN_SEED, step * cfg.batch_scenes + i + cfg.seed * 10_000_000, max_objects=max_objects)
         images.append(render(scene))
+        own = len(images) - 1
+        ctx = None  # (scene, image index) of this scene's context_caption queries
         for _ in range(cfg.queries_per_scene):
-            q = _query(scene, rng, np_rng, rng.choices(tasks, weights)[0], profile, cfg.canonical_rec_prob)
+            task = rng.choices(tasks, weights)[0]
+            if separate and task == "context_caption":
+                if ctx is None:
+                    ctx_scene, ctx_image = context_scene(step, i, cfg, ctx_rng, max_objects)
+                    images.append(ctx_image)
+                    ctx = (ctx_scene, len(images) - 1)
+                q, index = _query(ctx[0], rng, np_rng, task, profile, cfg.canonical_rec_prob), ctx[1]
+            else:
+                q, index = _query(scene, rng, np_rng, task, profile, cfg.canonical_rec_prob), own
             if q is None:
-                q = _query(scene, rng, np_rng, "caption", profile, cfg.canonical_rec_prob)
+                q, index = _query(scene, rng, np_rng, "caption", profile, cfg.canonical_rec_prob), own
             prompts.append(q[0])
             answers.append(q[1])
-            image_index.append(i)
+            image_index.append(index)
     return encode_pairs(processor, images, prompts, answers, image_index)
 
 
