@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200, help="C: seed images")
     parser.add_argument("--samples", type=int, default=20, help="K per image")
     parser.add_argument("--top-fraction", type=float, default=0.1)
+    parser.add_argument("--phrases", default="caption", choices=["caption", "categories", "both"], help="what the oracle grounds")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--eval-images", type=int, default=200)
@@ -93,7 +94,9 @@ def main() -> None:
         t = time.perf_counter()
         vlm = load_vlm(args.model, batch_size=160)
         if settings is not None:
-            cfg = SVPConfig(samples=args.samples, top_fraction=args.top_fraction, max_new_tokens=40, sft=training, **settings)
+            cfg = SVPConfig(
+                samples=args.samples, top_fraction=args.top_fraction, max_new_tokens=40, phrases=args.phrases, sft=training, **settings
+            )
             queries = visual_queries(SVPRecipe(cvq_data="in-domain", cvq_images=args.images), vlm.profile) if cfg.cvq_ratio else []
             method = SVP(vlm, oracle, cfg, shapes=True)
             runs[name] = method.run(seeds, out / name.replace(" ", "_").replace(",", ""), queries)
@@ -125,7 +128,7 @@ def main() -> None:
         "seed_images": args.images,
         "samples_per_image": args.samples,
         "top_fraction": args.top_fraction,
-        "grounder": {"kind": "oracle", "miss_rate": 0.1, "false_positive_rate": 0.1, "jitter": 0.05},
+        "grounder": {"kind": "oracle", "miss_rate": 0.1, "false_positive_rate": 0.1, "jitter": 0.05, "phrases": args.phrases},
         "sft": training.model_dump(mode="json"),
         "eval": {"domain": "wild", "images": args.eval_images, "rec_pairs": args.rec_limit, "pope": "random, 2 yes + 2 no per image"},
         "table": table,

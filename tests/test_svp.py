@@ -232,3 +232,15 @@ def test_sigkilled_svp_resumes_to_the_same_model(tmp_path, model_dir):
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     a, b = (load_file(tmp_path / run / "merged" / "model.safetensors") for run in ("straight", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shapes_world_categories_are_its_colour_shape_pairs():
+    from refloop.data.records import ImageRecord
+    from refloop.methods.svp import phrases_for
+    from refloop.world import COLOURS, SHAPES
+
+    record = ImageRecord("x", "x.png", 112, 112)
+    pairs = phrases_for("", record, "categories", shapes=True)
+    assert len(pairs) == len(COLOURS) * len(SHAPES) and "red circle" in pairs
+    both = phrases_for("two red circles and a blue square", record, "both", shapes=True)
+    assert both[:2] == ["red circle", "blue square"] and len(both) == len(pairs)

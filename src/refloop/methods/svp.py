@@ -49,6 +49,7 @@ from refloop.training.adapters import LoraSettings
 from refloop.training.sft import SFT, SFTConfig
 from refloop.training.trackers import Tracking
 from refloop.training.trainer import step_seed
+from refloop.world import COLOURS, SHAPES
 
 ScoreName = Literal["log_ratio", "weighted_difference", "none"]
 EMPTY, REPEATED, COORDINATES, UNREADABLE = "empty", "repeated_ngrams", "coordinates_in_text", "unreadable"
@@ -207,12 +208,17 @@ class ImageSamples:
 
 
 def phrases_for(caption: str, record: ImageRecord, how: str, shapes: bool) -> list[str]:
-    """What the grounder is asked to find for one prior caption."""
+    """What the grounder is asked to find for one prior caption: the caption's noun phrases, the
+    dataset's categories (the shapes world's are its colour-shape pairs, the names its detector
+    would know), or both."""
     out: list[str] = []
     if how in ("caption", "both"):
         out += phrases_from_caption(caption, shapes_vocabulary() if shapes else None)
     if how in ("categories", "both"):
-        out += category_phrases(sorted({o.category for o in record.objects if o.category}))
+        if shapes:
+            out += [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
+        else:
+            out += category_phrases(sorted({o.category for o in record.objects if o.category}))
     return list(dict.fromkeys(out))
 
 
