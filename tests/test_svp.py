@@ -244,3 +244,31 @@ def test_shapes_world_categories_are_its_colour_shape_pairs():
     assert len(pairs) == len(COLOURS) * len(SHAPES) and "red circle" in pairs
     both = phrases_for("two red circles and a blue square", record, "both", shapes=True)
     assert both[:2] == ["red circle", "blue square"] and len(both) == len(pairs)
+
+
+def test_two_processes_sample_the_same_captions_and_train_the_same_model(tmp_path, model_dir):
+    """Under accelerate launch the inner loop's batches split across processes (same samples as one
+    process) and the SFT averages gradients over the same global batch (same weights up to float
+    summation order)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(model_dir, iterations=1).model_dump(mode="json")))
+    env = os.environ | {"REFLOOP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    args = ["svp", "--config", str(path), "--out"]
+    one = subprocess.run([sys.executable, "-m", "refloop.cli", *args, str(tmp_path / "one")], env=env, capture_output=True, timeout=600)
+    assert one.returncode == 0, one.stderr.decode()[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29535", "-m", "refloop.cli"]
+    two = subprocess.run([*launch, *args, str(tmp_path / "two")], env=env, capture_output=True, timeout=600)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+
+    def rows(run):
+        return sorted(line for p in (tmp_path / run / "iteration-1").glob("samples-*.jsonl") for line in p.read_text().splitlines())
+
+    assert rows("one") == rows("two")
+    assert sorted(p.name for p in (tmp_path / "two" / "iteration-1").glob("samples-*.jsonl")) == ["samples-000.jsonl", "samples-001.jsonl"]
+    a, b = (load_file(tmp_path / run / "merged" / "model.safetensors") for run in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
