@@ -187,22 +187,37 @@ class MiniGPTv2Codec(Codec):
             yield x1 / self.scale * w, y1 / self.scale * h, x2 / self.scale * w, y2 / self.scale * h
 
 
-class PinkCodec(Codec):
-    """Pink: '[0.xxx,0.xxx,0.xxx,0.xxx]' normalised xyxy with three decimals."""
+class NormalisedXYXY(Codec):
+    """'[x1, y1, x2, y2]' as fractions of the image width and height, `decimals` places, values
+    joined by `separator`; `normalised_only`: a list with a value outside 0-1 is no box of this
+    codec (it is some other number list)."""
 
-    name = "pink"
+    name = "normalised-xyxy"
     pattern = re.compile(r"\[\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*\]")
-    step = 0.0005
+
+    def __init__(self, decimals: int = 2, separator: str = ", ", normalised_only: bool = False) -> None:
+        self.decimals, self.separator, self.normalised_only = decimals, separator, normalised_only
+        self.step = 0.5 * 10.0**-decimals
 
     def encode(self, box: Box, image_size: ImageSize) -> str:
         w, h = image_size
-        vals = [min(max(v, 0.0), 1.0) for v in (box.x1 / w, box.y1 / h, box.x2 / w, box.y2 / h)]
-        return "[" + ",".join(f"{v:.3f}" for v in vals) + "]"
+        values = [min(max(v, 0.0), 1.0) for v in (box.x1 / w, box.y1 / h, box.x2 / w, box.y2 / h)]
+        return "[" + self.separator.join(f"{v:.{self.decimals}f}" for v in values) + "]"
 
     def corners(self, text: str, image_size: ImageSize) -> Iterator[Corners]:
         w, h = image_size
         for m in self.pattern.finditer(text):
             x1, y1, x2, y2 = (number(g) for g in m.groups())
-            if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):  # not normalised xyxy: not a Pink box
+            if self.normalised_only and not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
                 continue
             yield x1 * w, y1 * h, x2 * w, y2 * h
+
+
+class PinkCodec(NormalisedXYXY):
+    """Pink: '[0.xxx,0.xxx,0.xxx,0.xxx]' normalised xyxy with three decimals; a list with a value
+    outside 0-1 is not a Pink box."""
+
+    name = "pink"
+
+    def __init__(self) -> None:
+        super().__init__(decimals=3, separator=",", normalised_only=True)

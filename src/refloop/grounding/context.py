@@ -10,37 +10,11 @@ form that model already reads.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 from refloop.boxes import Box
 from refloop.codecs import Codec, ImageSize
-from refloop.codecs.base import Corners, number
+from refloop.codecs.formats import NormalisedXYXY
 from refloop.grounding.base import Grounding
-
-_FLOAT = r"-?\d+(?:\.\d+)?"
-
-
-class NormalisedXYXY(Codec):
-    """'[x1, y1, x2, y2]' as fractions of the image width and height, `decimals` places."""
-
-    name = "normalised-xyxy"
-    pattern = re.compile(r"\[\s*(" + _FLOAT + r")\s*,\s*(" + _FLOAT + r")\s*,\s*(" + _FLOAT + r")\s*,\s*(" + _FLOAT + r")\s*\]")
-
-    def __init__(self, decimals: int = 2) -> None:
-        self.decimals = decimals
-        self.step = 0.5 * 10.0**-decimals
-
-    def encode(self, box: Box, image_size: ImageSize) -> str:
-        w, h = image_size
-        values = [min(max(v, 0.0), 1.0) for v in (box.x1 / w, box.y1 / h, box.x2 / w, box.y2 / h)]
-        return "[" + ", ".join(f"{v:.{self.decimals}f}" for v in values) + "]"
-
-    def corners(self, text: str, image_size: ImageSize) -> Iterator[Corners]:
-        w, h = image_size
-        for m in self.pattern.finditer(text):
-            x1, y1, x2, y2 = (number(g) for g in m.groups())
-            yield x1 * w, y1 * h, x2 * w, y2 * h
-
 
 # Every family's box text starts with one of these; labels are kept free of them.
 _BOX_START = re.compile(r"[\[\(\{<]")

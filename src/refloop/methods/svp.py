@@ -28,11 +28,12 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -238,7 +239,7 @@ def inner_loop(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     # (1) prior samples z_p ~ p(z | c)
-    prior_groups = vlm.generate(list(images), [base_prompt] * len(images), _k(sampled, k))
+    prior_groups = vlm.generate(list(images), [base_prompt] * len(images), replace(sampled, num_return_sequences=k))
     flat_images = [img for img in images for _ in range(k)]
     flat_records = [r for r in records for _ in range(k)]
     prior = [profile.read_caption(c.text) for group in prior_groups for c in group]
@@ -292,12 +293,6 @@ def inner_loop(
             )
         )
     return out
-
-
-def _k(options: GenerateOptions, k: int) -> GenerateOptions:
-    from dataclasses import replace
-
-    return replace(options, num_return_sequences=k)
 
 
 # ---- iSVP: inference-time grounding, no tuning ----------------------------------------------------
@@ -381,8 +376,6 @@ class SVP:
         progress: Callable[[int], None] | None = None,
         on_error: str = "fail",
     ) -> list[dict]:
-        from accelerate import PartialState
-
         state = PartialState()
         rank, world = state.process_index, state.num_processes
         own = work / f"samples-{rank:03d}.jsonl"
@@ -434,8 +427,6 @@ class SVP:
         tuner.trainer.track(self.tracking)
         step = (lambda row: progress(f"iteration {iteration + 1}: SFT (steps)", 1, tuner.total_steps)) if progress else None
         summary = tuner.run(work / "train", progress=step)
-        from accelerate import PartialState
-
         if PartialState().is_main_process:
             tuner.adapters.save_pretrained(work / "adapters")
         merged = tuner.adapters.merged_copy(sft_cfg.adapter)
