@@ -17,6 +17,7 @@ from refloop.errors import RefloopError
 from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
 from refloop.methods.sctune import SCTune, SCTuneConfig
 from refloop.models.base import VLM
+from refloop.models.hf import HFVLM
 from refloop.models.processors import save_processor
 from refloop.report.plots import sctune_curves
 from refloop.runs import run_directory
@@ -87,7 +88,8 @@ def _run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None
     vlm = recipe.load_vlm(batch_size=recipe.sctune.generation_batch_size)
     main_process = PartialState(cpu=vlm.device.type == "cpu").is_main_process
     results: dict = {"train_data": recipe.train_data.data, "train_boxes": len(train), "filter": filter_counts}
-    if evaluate_base and recipe.eval_data and main_process:
+    # Every process evaluates: under `accelerate launch` each takes its share of the boxes.
+    if evaluate_base and recipe.eval_data:
         results["base"] = evaluate(vlm, recipe, out / "eval", "base")
     supervised = referring_items(recipe.supervised_data.data, recipe.root(recipe.supervised_data)) if recipe.supervised_data else None
     tuner = SCTune.from_base(vlm, recipe.sctune, train, supervised)
@@ -97,13 +99,18 @@ def _run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None
     results["train_seconds"] = summary["train_seconds"]
     results["wall_seconds"] = time.perf_counter() - started
     results["processes"] = tuner.trainer.world_size
+    adapters, tuned = tuner.adapters, tuner.vlm
+    if adapters.sharded:  # FSDP: export and evaluate from a gathered, unsharded copy
+        adapters = adapters.unsharded()
+        tuned = HFVLM(adapters.module, vlm.processor, vlm.profile, name=vlm.name, batch_size=recipe.sctune.generation_batch_size)
+    if main_process:
+        adapters.save_pretrained(out / "adapters")
+        adapters.merged_copy(tuner.final_role).save_pretrained(out / "merged")
+        save_processor(vlm.processor, out / "merged")
+    if recipe.eval_data:
+        results["tuned"] = evaluate(adapters.view(tuned, tuner.final_role), recipe, out / "eval", "tuned")
     if not main_process:
         return results
-    tuner.adapters.save_pretrained(out / "adapters")
-    tuner.adapters.merged_copy(tuner.final_role).save_pretrained(out / "merged")
-    save_processor(vlm.processor, out / "merged")
-    if recipe.eval_data:
-        results["tuned"] = evaluate(tuner.adapters.view(tuner.vlm, tuner.final_role), recipe, out / "eval", "tuned")
     sctune_curves(out / "train" / "metrics.jsonl", out / "curves.png")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_model_cards(out, recipe.model or "refloop-tiny", "sctune", recipe.model_dump(mode="json"), results)

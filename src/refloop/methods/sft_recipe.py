@@ -161,12 +161,13 @@ def _run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | No
         "wall_seconds": time.perf_counter() - started,
         "processes": tuner.trainer.world_size,
     }
+    adapters = tuner.adapters.unsharded()  # FSDP: gathered into a plain copy (every process); else itself
     if not main_process:
         return results
-    tuner.adapters.save_pretrained(out / "adapters")
+    adapters.save_pretrained(out / "adapters")
     if missing:  # the adapter needs the extended tokenizer (its embeddings have the new rows)
         vlm.processor.tokenizer.save_pretrained(out / "adapters" / cfg.adapter)
-    merged = tuner.adapters.merged_copy(cfg.adapter)
+    merged = adapters.merged_copy(cfg.adapter)
     merged.save_pretrained(out / "merged")
     save_processor(vlm.processor, out / "merged")
     losses = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -427,9 +427,10 @@ class SVP:
         tuner.trainer.track(self.tracking)
         step = (lambda row: progress(f"iteration {iteration + 1}: SFT (steps)", 1, tuner.total_steps)) if progress else None
         summary = tuner.run(work / "train", progress=step)
+        adapters = tuner.adapters.unsharded()  # FSDP: gathered into a plain copy (every process); else itself
         if PartialState().is_main_process:
-            tuner.adapters.save_pretrained(work / "adapters")
-        merged = tuner.adapters.merged_copy(sft_cfg.adapter)
+            adapters.save_pretrained(work / "adapters")
+        merged = adapters.merged_copy(sft_cfg.adapter)
         lineage = [
             *(getattr(self.vlm, "lineage", None) or []),
             {"svp_iteration": iteration + 1, "adapter": tensors_digest(tuner.adapters.state_dict())},

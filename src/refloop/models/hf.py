@@ -19,6 +19,7 @@ from refloop.errors import RefloopError
 from refloop.models.base import GREEDY, Completion, GenerateOptions, Located
 from refloop.models.processors import load_processor
 from refloop.models.profiles import PromptProfile, get_profile, profile_for_config
+from refloop.training import distributed
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -202,9 +203,20 @@ class HFVLM:
         if options.do_sample:
             kwargs.update(temperature=options.temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0)
         out: list[list[Completion] | None] = [None] * len(prompts)
-        for batch in self._generation_batches(prompts):
+        batches = self._generation_batches(prompts)
+        real = len(batches)
+        if distributed.synced_generation(self.model):
+            # Sharded weights: every process runs as many generate() calls as the busiest one
+            # (repeating its last batch, output discarded), each stepping until all are done.
+            if not batches:
+                raise RuntimeError("a process with no prompts cannot join sharded generation; give every process work")
+            kwargs["synced_gpus"] = True
+            batches += [batches[-1]] * (distributed.max_over_processes(real) - real)
+        for call, batch in enumerate(batches):
             inputs = self._inputs([images[i] for i in batch], [prompts[i] for i in batch])
             generated = self.model.generate(**inputs, **kwargs)
+            if call >= real:
+                continue
             # Decoder-only: the prompt comes back first; encoder-decoder: the decoder start token.
             skip = 1 if self.encoder_decoder else inputs["input_ids"].shape[1]
             new = generated[:, skip:].tolist()

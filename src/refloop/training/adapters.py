@@ -18,6 +18,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, Field
 
+from refloop.training import distributed
+
 REFERENCE = "reference"  # the reserved name of the frozen snapshot adapter
 AUTO_TARGETS = "auto"
 _BLOCK_INDEX = re.compile(r"\\\.(\d+)\\\.")  # a layer index inside an escaped module name
@@ -108,10 +110,13 @@ class NamedAdapters:
         names: Sequence[str],
         reference: str = "base",
         trainable_tokens: dict[str, list[int]] | None = None,
+        shard: bool = True,
     ) -> None:
         """`trainable_tokens` maps embedding-like modules (input embeddings, LM head) to the token
         rows each adapter trains besides its LoRA tensors (PEFT's trainable_token_indices), used
-        when a vocabulary was extended."""
+        when a vocabulary was extended. Under `accelerate launch` with an FSDP config the model is
+        sharded by accelerate's FSDP2 once the adapters exist (`refloop.training.distributed`),
+        unless `shard` is False (a fresh unsharded copy for export and evaluation)."""
         if reference not in ("base", "snapshot"):
             raise ValueError("reference must be 'base' or 'snapshot'")
         names = list(names)
@@ -124,6 +129,7 @@ class NamedAdapters:
             target_modules=lora_targets(base, lora),
             trainable_token_indices=trainable_tokens or None,
         )
+        self._settings = (lora, trainable_tokens)  # to rebuild the same adapters on an unsharded copy
         self.peft: PeftModel = get_peft_model(base, config, adapter_name=names[0])
         for name in names[1:]:
             self.peft.add_adapter(name, config)
@@ -134,6 +140,9 @@ class NamedAdapters:
             self.peft.add_adapter(REFERENCE, config)
             stored.append(REFERENCE)
         self.module = self.peft.base_model.model  # the original model, LoRA layers injected
+        if shard:
+            distributed.shard(self.module)  # in place; parameters become DTensors
+        self.sharded = distributed.sharded(self.module)
         self._params = {name: _adapter_parameters(self.module, name) for name in stored}
         if reference == "snapshot":
             self.copy(names[0], REFERENCE)
@@ -169,7 +178,8 @@ class NamedAdapters:
         set_peft_model_state_dict(self.peft, get_peft_model_state_dict(self.peft, adapter_name=source), adapter_name=target)
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
+        """Adapter `name`'s tensors, whole (gathered across processes when sharded: a collective)."""
+        return {k: distributed.full(v.detach()).clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter's tensors, keyed `name/tensor` (the trainer checkpoints this)."""
@@ -178,12 +188,32 @@ class NamedAdapters:
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in self._params:
             prefix = f"{name}/"
-            set_peft_model_state_dict(
-                self.peft, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, adapter_name=name
-            )
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if self.sharded:  # whole tensors cut to this process's shards
+                current = get_peft_model_state_dict(self.peft, adapter_name=name)
+                state = {k: distributed.like(v, current[k]) if k in current else v for k, v in state.items()}
+            set_peft_model_state_dict(self.peft, state, adapter_name=name)
+
+    def unsharded(self) -> NamedAdapters:
+        """After an FSDP run: the same base weights and adapters, whole, on a plain copy of the model
+        (every process must call it: the weights are gathered). Exports and evaluation use it."""
+        if not self.sharded:
+            return self
+        state = {k: distributed.full(v.detach()) for k, v in self.module.state_dict().items()}  # collective
+        base = distributed.unsharded_model(self.module, state)
+        lora, trainable_tokens = self._settings
+        names = [n for n in self._params if n != REFERENCE]
+        copy = NamedAdapters(base, lora, names, reference=self.reference_kind, trainable_tokens=trainable_tokens, shard=False)
+        missing, unexpected = copy.module.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if k in state]:
+            raise RuntimeError(f"unsharded copy does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        copy.use(self.peft.active_adapter, trainable=False)
+        return copy
 
     def save_pretrained(self, directory: Path) -> None:
         """Each adapter in PEFT's own format (`NAME/adapter_config.json` + `adapter_model.safetensors`)."""
+        if self.sharded:
+            raise RuntimeError("save a sharded run from its unsharded() copy")
         for name in self._params:
             self.peft.save_pretrained(str(directory), selected_adapters=[name])
 
@@ -191,6 +221,8 @@ class NamedAdapters:
         """A plain model with `name`'s adapter merged in (for export as an HF checkpoint)."""
         import copy
 
+        if self.sharded:
+            raise RuntimeError("merge a sharded run from its unsharded() copy")
         clone = copy.deepcopy(self.peft)
         clone.set_adapter(name)
         for other in list(clone.peft_config):

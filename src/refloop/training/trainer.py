@@ -11,7 +11,10 @@ step. The trainer owns what every method needs the same way:
   Trackio) when `track` names one (`refloop.training.trackers`);
 - data parallel under `accelerate launch`: every process takes its shard of the step's batch
   and gradients are averaged after each backward pass. Done explicitly (not DDP's wrapper)
-  because adapter switches change which tensors require grad;
+  because adapter switches change which tensors require grad. With an FSDP config the weights
+  are sharded by accelerate's FSDP2 (`refloop.training.distributed`), which reduce-scatters the
+  gradients itself; checkpoints then hold whole tensors gathered from every process, so a run
+  resumes on any number of processes;
 - micro-batches: an update back-propagates chunk by chunk with accumulated gradients, so
   activation memory scales with the micro-batch, not the batch.
 """
@@ -32,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from refloop.data.jsonl import JsonlWriter
 from refloop.errors import RefloopError
 from refloop.runs import run_directory
+from refloop.training import distributed
 from refloop.training.checkpoint import latest_checkpoint, save_checkpoint, truncate_log
 from refloop.training.trackers import RunTracker, Tracking
 
@@ -93,6 +97,7 @@ class Trainer:
         self._step_lr: float | None = None
         self._step_tokens = 0
         self.tracking = Tracking()
+        self.sharded = bool(getattr(weights, "sharded", False))  # FSDP2 weights (DTensors)
 
     def track(self, tracking: Tracking) -> None:
         """Report every metrics row and `tracking.config` to `tracking.report_to` (main process)."""
@@ -138,16 +143,16 @@ class Trainer:
             loss = loss_of(rows[start : start + size])
             loss.backward()
             total += loss.item()
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:  # FSDP2 has reduce-scattered and averaged them
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
                 p.grad /= self.world_size
         if self.grad_clip is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+            norm = float(distributed.full(torch.nn.utils.clip_grad_norm_(params, self.grad_clip)))
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            norm = float(distributed.full(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
         opt.step()
         self._step_lr = opt.param_groups[0]["lr"]
         self._step_tokens += tokens
@@ -202,8 +207,7 @@ class Trainer:
                     if tracker is not None:
                         tracker.log(row)
                 if (step + 1) % self.checkpoint_every == 0 or step + 1 == self.total_steps:
-                    if self.state.is_main_process:
-                        self._checkpoint(work_dir, step + 1, elapsed)
+                    self._checkpoint(work_dir, step + 1, elapsed)
                     self.state.wait_for_everyone()
                 if progress and self.state.is_main_process:
                     progress(row)
@@ -213,15 +217,28 @@ class Trainer:
         numeric = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         if self.world_size == 1 or not numeric:
             return stats
-        values = torch.tensor([float(stats[k]) for k in numeric], dtype=torch.float64)
+        values = torch.tensor([float(stats[k]) for k in numeric], dtype=torch.float64, device=self.state.device)  # NCCL: on the GPU
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-        return stats | dict(zip(numeric, (values / self.world_size).tolist()))
+        means = dict(zip(numeric, (values / self.world_size).tolist()))
+        # Integers that agree on every process (the phase index) stay integers.
+        return stats | {k: int(v) if isinstance(stats[k], int) and v == int(v) else v for k, v in means.items()}
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _checkpoint(self, work_dir: Path, step: int, elapsed: float) -> None:
+        """Every process calls this (sharded tensors are gathered, a collective); the main one writes."""
+        if not (self.sharded or self.state.is_main_process):
+            return
+        weights = {k: v.contiguous() for k, v in self.weights.state_dict().items()}
+        if self.sharded:
+            optimizers = {name: distributed.full_optimizer_state(opt) for name, opt in self.optimizers.items()}
+        else:
+            optimizers = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        if not self.state.is_main_process:
+            return
+
         def write(directory: Path) -> None:
-            save_file({k: v.contiguous() for k, v in self.weights.state_dict().items()}, str(directory / "weights.safetensors"))
-            torch.save({name: opt.state_dict() for name, opt in self.optimizers.items()}, directory / "optimizers.pt")
+            save_file(weights, str(directory / "weights.safetensors"))
+            torch.save(optimizers, directory / "optimizers.pt")
 
         save_checkpoint(work_dir, {"step": step, "elapsed": elapsed, "config": self.config}, write)
 
@@ -234,5 +251,8 @@ class Trainer:
             raise RefloopError(f"{work_dir} holds a run with another config; resume with the same config or use a fresh output directory")
         self.weights.load_state_dict(load_file(str(directory / "weights.safetensors")))
         for name, opt_state in torch.load(directory / "optimizers.pt", weights_only=True).items():
-            self.optimizer(name).load_state_dict(opt_state)
+            if self.sharded:
+                distributed.load_full_optimizer_state(self.optimizer(name), opt_state)
+            else:
+                self.optimizer(name).load_state_dict(opt_state)
         return state["step"], state["elapsed"]
