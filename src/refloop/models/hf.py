@@ -167,7 +167,10 @@ class HFVLM:
         return next(self.model.parameters()).device
 
     def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
-        batch = self.processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt", padding_side="left")
+        # Families whose processor can share one encoding among the prompts about the same image
+        # (refloop-tiny: the boxes of an image, its K samples) are asked to.
+        shared = {"share_images": True} if getattr(self.processor, "supports_shared_images", False) else {}
+        batch = self.processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt", padding_side="left", **shared)
         batch.pop("labels", None)  # PaliGemma's processor adds training labels
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 

@@ -344,6 +344,15 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values if use_cache else None})
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        """K samples per prompt (`num_return_sequences`) reuse the prompt's encoded image: with
+        `image_index` only the index is repeated, never the pixels."""
+        pixel_values = model_kwargs.pop("pixel_values", None) if model_kwargs.get("image_index") is not None else None
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -365,6 +374,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": pixel_values,
+            "image_index": kwargs.get("image_index") if pixel_values is not None else None,
             _CACHE_FIELD: cache,
             "use_cache": kwargs.get("use_cache", True),
         }

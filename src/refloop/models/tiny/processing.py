@@ -94,6 +94,26 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def distinct_images(images: list[Image.Image]) -> tuple[list[Image.Image], list[int]]:
+    """The distinct images of `images` (first occurrences, in order) and each image's position
+    among them. The same object is recognised at once; other images by size, mode and pixels."""
+    distinct: list[Image.Image] = []
+    by_object: dict[int, int] = {}
+    by_pixels: dict[tuple, int] = {}
+    index = []
+    for img in images:
+        found = by_object.get(id(img))
+        if found is None:
+            key = (img.size, img.mode, img.tobytes())
+            found = by_pixels.get(key)
+            if found is None:
+                found = by_pixels[key] = len(distinct)
+                distinct.append(img)
+            by_object[id(img)] = found
+        index.append(found)
+    return distinct, index
+
+
 class RefloopTinyProcessor:
     """Turns (image, prompt) pairs into model inputs.
 
@@ -102,6 +122,7 @@ class RefloopTinyProcessor:
     """
 
     config_name = "refloop_processor.json"
+    supports_shared_images = True  # see __call__(share_images=...)
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, image_size: int = 112, num_image_tokens: int = NUM_CELLS) -> None:
         self.tokenizer = tokenizer
@@ -127,8 +148,13 @@ class RefloopTinyProcessor:
         padding: bool | str = True,
         return_tensors: str = "pt",
         padding_side: str = "left",
+        share_images: bool = False,
         **kwargs,
     ) -> BatchFeature:
+        """`share_images`: each distinct image is preprocessed and encoded once; `pixel_values`
+        holds the distinct images and `image_index[i]` the row of prompt i (the same PIL object,
+        or equal pixels, counts as one image). Off by default: callers that slice or reorder
+        `pixel_values` per prompt (e.g. other trainers) get one row per prompt, as usual."""
         if isinstance(text, str):
             text = [text]
         data = {}
@@ -141,7 +167,11 @@ class RefloopTinyProcessor:
                 add_special_tokens=False,
             )
             data.update(enc)
-        if images is not None:
+        if images is not None and share_images:
+            distinct, index = distinct_images(list(images))
+            data["pixel_values"] = self.preprocess_images(distinct)
+            data["image_index"] = torch.tensor(index, dtype=torch.long)
+        elif images is not None:
             data["pixel_values"] = self.preprocess_images(list(images))
         return BatchFeature(data=data, tensor_type=None)
 
