@@ -1,0 +1,200 @@
+"""Step cost model (issue 12, item 2): a step's wall time against its pure model passes.
+
+    python benchmarks/step_cost.py [--batch 64] [--group 4] [--threads 1]
+
+Writes benchmarks/results/step_cost.json. Three units of work on refloop-tiny (crowded scenes):
+an SC-Tune describer step (group baseline: K samples per box, the frozen locator re-locating every
+sample, old and reference log-probs, 2 PPO epochs), a locator step (greedy captions, one MLE
+update) and a consistency batch (greedy REG then REC).
+
+How a pure pass is measured: while the unit runs, every call into the model (`generate`, a
+forward outside generate, `backward`, the optimizer's `step`) is recorded with its exact tensor
+inputs; afterwards each recorded call is replayed alone, on the same tensors, with the same
+seed, and timed. `overhead = unit time - sum(replays)`: what refloop spends outside the model
+(tokenising, padding, image decoding and preprocessing, parsing, rewards, Python). A forward
+that ran with gradients is replayed as forward + backward of its logits' sum (the same graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from refloop.data.records import BoxItem
+from refloop.methods.sctune import SCTune, SCTuneConfig
+from refloop.models import load_vlm
+from refloop.models.base import GenerateOptions
+from refloop.training.adapters import LoraSettings
+from refloop.world import get_style, render, sample_scene
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+class Recorder:
+    """Records the model calls of a unit of work (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.calls, self._inside = model, [], 0
+        self._generate, self._forward = model.generate, model.forward
+        self._backward = torch.Tensor.backward
+
+    def __enter__(self):
+        rec = self
+
+        @functools.wraps(self._generate)
+        def generate(*args, **kwargs):
+            rec.calls.append(("generate", _detach(kwargs), torch.random.get_rng_state()))
+            rec._inside += 1
+            try:
+                return rec._generate(*args, **kwargs)
+            finally:
+                rec._inside -= 1
+
+        @functools.wraps(self._forward)  # generate() validates its kwargs against this signature
+        def forward(*args, **kwargs):
+            if not rec._inside:
+                kind = "forward_backward" if torch.is_grad_enabled() else "forward"
+                rec.calls.append((kind, _detach(kwargs), None))
+            return rec._forward(*args, **kwargs)
+
+        def backward(tensor, *args, **kwargs):
+            rec.calls.append(("backward_counted_in_forward", {}, None))
+            return rec._backward(tensor, *args, **kwargs)
+
+        self.model.generate, self.model.forward = generate, forward
+        torch.Tensor.backward = backward
+        return self
+
+    def __exit__(self, *exc):
+        self.model.generate, self.model.forward = self._generate, self._forward
+        torch.Tensor.backward = self._backward
+
+    def replay(self) -> dict[str, float]:
+        """Seconds per kind of call, each call replayed alone."""
+        seconds: dict[str, float] = {}
+        for kind, kwargs, rng in self.calls:
+            if kind == "backward_counted_in_forward":
+                continue
+            if rng is not None:
+                torch.random.set_rng_state(rng)
+            t0 = time.perf_counter()
+            if kind == "generate":
+                with torch.no_grad():
+                    self._generate(**kwargs)
+            elif kind == "forward":
+                with torch.no_grad():
+                    self._forward(**kwargs)
+            else:
+                out = self._forward(**kwargs)
+                out.logits.float().sum().backward()
+                self.model.zero_grad(set_to_none=True)
+            seconds[kind] = seconds.get(kind, 0.0) + time.perf_counter() - t0
+        return seconds
+
+
+def _items(n: int, seed: int = 0) -> list[BoxItem]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        scene = sample_scene(get_style("crowded"), 0, i)
+        image = render(scene)
+        obj = scene.objects[rng.randrange(len(scene.objects))]
+        out.append(BoxItem("", obj.box, image=image))
+    return out
+
+
+def measure(name: str, model: torch.nn.Module, unit, repeats: int) -> dict:
+    unit()  # warm-up
+    totals, passes = [], {}
+    for _ in range(repeats):
+        with Recorder(model) as rec:
+            t0 = time.perf_counter()
+            unit()
+            totals.append(time.perf_counter() - t0)
+        for kind, s in rec.replay().items():
+            passes[kind] = passes.get(kind, 0.0) + s
+    total = sum(totals) / repeats
+    passes = {k: v / repeats for k, v in passes.items()}
+    pure = sum(passes.values())
+    row = {
+        "unit": name,
+        "seconds": round(total, 3),
+        "pure_passes_seconds": {k: round(v, 3) for k, v in passes.items()},
+        "pure_seconds": round(pure, 3),
+        "overhead_seconds": round(total - pure, 3),
+        "overhead_share_of_pure": round((total - pure) / pure, 3),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64, help="boxes per step / batch")
+    parser.add_argument("--group", type=int, default=4, help="samples per box (group baseline)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS / "step_cost.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["REFLOOP_NO_PROGRESS"] = "1"
+    vlm = load_vlm(None, device="cpu", dtype="fp32", batch_size=args.batch * args.group)
+    cfg = SCTuneConfig(
+        phases=2,
+        describer_steps=10,
+        locator_steps=10,
+        batch_size=args.batch,
+        baseline="group",
+        group_size=args.group,
+        describer_lr=3e-4,
+        locator_lr=2e-4,
+        top_p=0.9,
+        max_new_tokens=12,
+        lora=LoraSettings(r=16, alpha=32),
+        generation_batch_size=args.batch * args.group,
+    )
+    items = _items(args.batch)
+    tuner = SCTune.from_base(vlm, cfg, items)
+    model = tuner.vlm.model
+    rows = [
+        measure("describer_step", model, lambda: tuner.describer_step(items), args.repeats),
+        measure("locator_step", model, lambda: tuner.locator_step(items, step=cfg.describer_steps), args.repeats),
+    ]
+    images, boxes = [it.load_image() for it in items], [it.box for it in items]
+    from refloop.cycle import describe_then_locate
+
+    greedy = GenerateOptions(max_new_tokens=cfg.max_new_tokens)
+    rows.append(measure("consistency_batch", model, lambda: describe_then_locate(vlm, vlm, images, boxes, greedy), args.repeats))
+    result = {
+        "benchmark": "step_cost",
+        "model": "refloop-tiny",
+        "device": "cpu",
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "batch": args.batch,
+        "group": args.group,
+        "goal": "overhead <= 30% of the pure passes",
+        "units": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
