@@ -61,3 +61,31 @@ def test_images_and_boxes_must_pair_up():
     vlm = ScriptedVLM({})
     with pytest.raises(ValueError, match="2 images for 3 boxes"):
         describe_then_locate(vlm, vlm, IMAGES[:2], BOXES)
+
+
+def test_repeated_greedy_queries_on_the_same_image_are_answered_once():
+    """K samples that agree are located once per image; answers and IoU are as if asked each time."""
+
+    class Counting(ScriptedVLM):
+        def __init__(self, answers):
+            super().__init__(answers)
+            self.asked = []
+
+        def generate(self, images, prompts, options=None):  # every sample says the same thing
+            k = options.num_return_sequences if options else 1
+            from refloop.models.base import Completion
+
+            return [[Completion(p, ()) for _ in range(k)] for p in prompts]
+
+        def locate(self, images, expressions, options=None):
+            self.asked += list(zip(map(id, images), expressions))
+            return super().locate(images, expressions, options)
+
+    other = Image.new("RGB", (20, 20))  # another image asked the same expression: asked again
+    vlm = Counting(ANSWERS)
+    result = describe_then_locate(
+        vlm, vlm, [IMAGES[0], IMAGES[0], other], BOXES[:1] * 3, GenerateOptions(do_sample=True, num_return_sequences=4)
+    )
+    assert result.expressions == ["box 0"] * 12
+    assert result.iou.tolist() == [1.0] * 12
+    assert sorted(vlm.asked) == sorted([(id(IMAGES[0]), "box 0"), (id(other), "box 0")])

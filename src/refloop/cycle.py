@@ -73,8 +73,20 @@ def locate_boxes(
     boxes: Sequence[Box],
     locate_options: GenerateOptions | None = None,
 ) -> tuple[list[Located], np.ndarray]:
-    """The locator's answers for `expressions` and their IoU with `boxes` (0 when unparseable)."""
-    located = locator.locate(images, expressions, locate_options)
+    """The locator's answers for `expressions` and their IoU with `boxes` (0 when unparseable).
+
+    Greedy answers are deterministic, so a query repeated on the same image (the K samples of a
+    box often agree) is answered once and its answer shared."""
+    greedy = locate_options is None or (not locate_options.do_sample and locate_options.num_return_sequences == 1)
+    if not greedy:
+        located = locator.locate(images, expressions, locate_options)
+        return located, paired_iou([loc.box for loc in located], boxes)
+    first: dict[tuple[int, str], int] = {}
+    rows = [first.setdefault((id(img), e), len(first)) for img, e in zip(images, expressions)]
+    queries = list(first)
+    by_image = {id(img): img for img in images}
+    answers = locator.locate([by_image[i] for i, _ in queries], [e for _, e in queries], locate_options)
+    located = [answers[r] for r in rows]
     return located, paired_iou([loc.box for loc in located], boxes)
 
 

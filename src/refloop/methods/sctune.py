@@ -203,7 +203,10 @@ class SCTune:
         prompts = [self.vlm.profile.reg_prompt(b, img.size) for img, b in zip(r_images, cycle.boxes)]
         ids = [list(c.token_ids) for c in cycle.descriptions]
         logp_old, mask = pad_rows(self.describer.logprobs(r_images, prompts, ids))
-        logp_ref, _ = pad_rows(self.reference.logprobs(r_images, prompts, ids))
+        if cfg.kl_coef > 0:
+            logp_ref, _ = pad_rows(self.reference.logprobs(r_images, prompts, ids))
+        else:  # beta = 0: pi_ref never enters Eq. 2, its forward pass is skipped
+            logp_ref = logp_old
         consistent = float(cycle.consistent.mean())
         return Rollout(r_images, prompts, ids, reward, baseline, logp_old, logp_ref, mask, consistent, cycle.parse_failures, seconds)
 
@@ -242,7 +245,7 @@ class SCTune:
             "reward": float(ro.reward.mean()),
             "baseline_reward": float(ro.baseline.mean()),
             "consistency": ro.consistent,
-            "kl_to_reference": float(((ro.logp_old - ro.logp_ref) * ro.mask).sum() / n_tok),
+            **({"kl_to_reference": float(((ro.logp_old - ro.logp_ref) * ro.mask).sum() / n_tok)} if cfg.kl_coef > 0 else {}),
             "advantage": float((advantages * ro.mask).sum() / n_tok),
             "parse_failure_rate": ro.parse_failures / len(ro.token_ids),
             "caption_tokens": float(ro.mask.sum(1).mean()),
