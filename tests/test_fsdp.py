@@ -76,7 +76,8 @@ def describer_fsdp(tmp_path_factory, config):
 
 def test_fsdp_locator_equals_one_process(tmp_path, config):
     sharded = _worker(tmp_path / "fsdp", "locator", "random", 29642, config)
-    single = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one"), "locator", "random"], capture_output=True, text=True, env=ENV)
+    one_process = [sys.executable, str(WORKER), str(tmp_path / "one"), "locator", "random"]
+    single = subprocess.run(one_process, capture_output=True, text=True, env=ENV)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "sharded False" in single.stdout
     one = load_file(tmp_path / "one" / "adapters.safetensors")

@@ -71,3 +71,33 @@ def test_k_samples_reuse_the_prompt_encoding_and_sample_the_same():
     b = _unshared(_vlm()).describe(images, boxes, sampling)
     assert a == b and len(a) == 4 * len(boxes)
     assert len(set(a)) > 1  # really sampled
+
+
+def _counting(inner, calls: list):
+    def spy(*args):
+        calls.append(args[0].shape[0])  # distinct images run
+        return inner(*args)
+
+    return spy
+
+
+def test_whole_sequence_forward_runs_each_image_once_and_matches_with_gradients():
+    """Log-probs of K completions per prompt (PPO's old/new log-probs): the image tokens' states are
+    computed once per distinct image; values and gradients match the per-row forward."""
+    images, boxes = _boxes_of_each_image(2)
+    images, boxes = [i for i in images for _ in range(3)], [b for b in boxes for _ in range(3)]
+    values = {}
+    for name, vlm in (("shared", _vlm()), ("separate", _unshared(_vlm()))):
+        prompts = [vlm.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
+        ids = [vlm.answer_ids(t) for t in ["red circle", "the left small square", "blue"] * (len(images) // 3)]
+        vlm.model.zero_grad()
+        calls: list[int] = []
+        vlm.model.forward_shared_images = _counting(vlm.model.forward_shared_images, calls)
+        rows = vlm.logprobs(images, prompts, ids, grad=True)
+        # two scenes, 3 rows per box, batches of 16 rows: each batch runs each of its scenes once
+        assert calls == ([2, 1] if name == "shared" else [])
+        sum(r.sum() for r in rows).backward()
+        values[name] = ([r.detach() for r in rows], vlm.model.lm_head.weight.grad.clone())
+    for a, b in zip(values["shared"][0], values["separate"][0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(values["shared"][1], values["separate"][1], rtol=1e-4, atol=1e-5)

@@ -287,6 +287,45 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             txt = txt + layer.mlp(layer.post_attention_layernorm(txt))
         return self._logits(txt, txt_grid)
 
+    def _shared_image_forward(
+        self,
+        pixel_values: torch.Tensor,
+        image_index: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        logits_to_keep: int,
+    ) -> torch.Tensor | None:
+        """A whole-sequence forward (log-probs, training) whose rows share images: the image
+        tokens' states depend on the image only (they attend to each other, never to text), so
+        they are computed once per distinct image by `forward_shared_images` and every row runs
+        only its text. Rows are left-padded prompts that start with the image tokens; returns
+        the logits `forward` returns (same positions), or None when the layout differs or no
+        image is shared (then the plain path runs)."""
+        n_img, b = self.config.num_cells, input_ids.shape[0]
+        if pixel_values.shape[0] >= b or logits_to_keep <= 0:
+            return None
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        start = mask.long().argmax(dim=1)  # first real token of each row (left padding)
+        cols = start[:, None] + torch.arange(n_img, device=input_ids.device)
+        if int(cols.max()) >= input_ids.shape[1] or not bool((input_ids.gather(1, cols) == self.config.image_token_id).all()):
+            return None
+        # Text after the image tokens, right-padded.
+        length = input_ids.shape[1] - start - n_img
+        width = int(length.max())
+        pos = torch.arange(width, device=input_ids.device)
+        src = (start + n_img)[:, None] + pos
+        valid = pos[None, :] < length[:, None]
+        src = src.clamp(max=input_ids.shape[1] - 1)
+        text = torch.where(valid, input_ids.gather(1, src), self.config.pad_token_id or 0)
+        text_mask = torch.where(valid, mask.gather(1, src), 0)
+        logits = self.forward_shared_images(pixel_values, image_index, text, text_mask)
+        # Back to the original layout: its last `logits_to_keep` positions, which are text.
+        orig = torch.arange(input_ids.shape[1] - logits_to_keep, input_ids.shape[1], device=input_ids.device)
+        at = orig[None, :] - (start + n_img)[:, None]
+        if bool((at < 0).any()):
+            return None
+        return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
+
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.vision(pixel_values.to(self.dtype))
 
@@ -310,6 +349,10 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         computes logits for the last that many positions only (0: all), as transformers' models do:
         log-probs of an answer need no vocabulary logits over the image and prompt."""
         past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 names it `cache`
+        if pixel_values is not None and image_index is not None and past_key_values is None and not use_cache and labels is None:
+            shared = self._shared_image_forward(pixel_values, image_index, input_ids, attention_mask, logits_to_keep)
+            if shared is not None:
+                return CausalLMOutputWithPast(logits=shared)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape[0], past_len + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
