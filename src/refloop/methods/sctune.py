@@ -165,6 +165,7 @@ class SCTune:
         torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random: same seed, same start
         adapters = NamedAdapters(vlm.model, cfg.lora, ROLES, reference=cfg.reference)
         tuned = HFVLM(adapters.module, vlm.processor, vlm.profile, name=vlm.name, batch_size=cfg.generation_batch_size)
+        tuned.share_image_states = True  # the K samples of a box share their image's states in every log-prob forward
         return cls(adapters, tuned, cfg, train, supervised)
 
     def batch(self, step: int) -> list[BoxItem]:

@@ -133,6 +133,9 @@ class HFVLM:
         placeholders |= {getattr(processor, k, None) for k in ("image_token_id", "video_token_id")}
         suppressed = set(model.generation_config.suppress_tokens or []) | {t for t in placeholders if isinstance(t, int)}
         self.suppress_tokens = sorted(suppressed)
+        # Whole-sequence forwards of rows that share an image reuse its image tokens' states, where
+        # the family can (refloop-tiny); equal up to float rounding, so trainers opt in (SC-Tune).
+        self.share_image_states = False
 
     @classmethod
     def from_pretrained(
@@ -291,6 +294,8 @@ class HFVLM:
                     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], comp_mask], dim=1)
                     if self._forward_keeps_logits:
                         inputs["logits_to_keep"] = width + 1
+                    if self.share_image_states and "image_index" in inputs:
+                        inputs["share_image_states"] = True
                     # The last prompt position predicts c_1; the last position predicts nothing.
                     # (A forward without logits_to_keep returns every position: the slice is the same.)
                     logits = self.model(**inputs).logits[:, -(width + 1) : -1].float()

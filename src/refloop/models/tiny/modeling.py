@@ -342,14 +342,18 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         cache: Cache | None = None,
+        share_image_states: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`image_index[i]` names the pixel_values row of sequence i, so several queries can share
         one encoded image (training runs several queries per rendered scene). `logits_to_keep > 0`
         computes logits for the last that many positions only (0: all), as transformers' models do:
-        log-probs of an answer need no vocabulary logits over the image and prompt."""
+        log-probs of an answer need no vocabulary logits over the image and prompt.
+        `share_image_states` (whole-sequence forwards only: log-probs, training): rows that share an
+        image reuse its image tokens' states (`_shared_image_forward`); equal to the plain forward
+        up to float rounding (~1e-6), not bit for bit, hence opt-in."""
         past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 names it `cache`
-        if pixel_values is not None and image_index is not None and past_key_values is None and not use_cache and labels is None:
+        if share_image_states and pixel_values is not None and image_index is not None and past_key_values is None and not use_cache:
             shared = self._shared_image_forward(pixel_values, image_index, input_ids, attention_mask, logits_to_keep)
             if shared is not None:
                 return CausalLMOutputWithPast(logits=shared)
