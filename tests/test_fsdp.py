@@ -166,3 +166,15 @@ def test_unsupported_launch_configs_are_refused_with_the_way_out(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     assert distributed.engine() is None
     distributed.check_engine()
+
+
+def test_training_commands_refuse_deepspeed_before_loading_anything(tmp_path, monkeypatch, capsys):
+    from helpers import run_cli
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train_data: crowded\ntrain_images: 2\neval_data: []\n")
+    code, _, err = run_cli(["sctune", "--config", str(recipe), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "ZeRO stage 2" in err and "fsdp2-8gpu.yaml" in err
+    assert not (tmp_path / "run").exists()

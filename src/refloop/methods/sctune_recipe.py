@@ -21,6 +21,7 @@ from refloop.models.hf import HFVLM
 from refloop.models.processors import save_processor
 from refloop.report.plots import sctune_curves
 from refloop.runs import run_directory
+from refloop.training.distributed import check_engine
 from refloop.training.model_card import write_model_cards
 
 
@@ -69,6 +70,7 @@ def run_sctune(
     """Train, export and evaluate in `out`. Rerunning resumes; a run with another recipe (other
     than its evaluation sets and thread count) is refused unless `overwrite`."""
     unchanged = {"eval_data", "eval_boxes", "threads", *TRACKING_FIELDS}
+    check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
     fingerprint = {"task": "sctune", "recipe": recipe.model_dump(mode="json", exclude=unchanged)}
     if not PartialState(cpu=recipe.device == "cpu").is_main_process:
         return _run_sctune(recipe, out, progress, evaluate_base)

@@ -28,6 +28,7 @@ from refloop.errors import RefloopError
 from refloop.models.processors import save_processor
 from refloop.report.plots import sft_curves
 from refloop.runs import run_directory
+from refloop.training.distributed import check_engine
 from refloop.training.model_card import write_model_cards
 from refloop.training.sft import SFT, SFTConfig
 
@@ -120,6 +121,7 @@ def _embedding_modules(model) -> dict[str, torch.nn.Module]:
 def run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | None = None, overwrite: bool = False) -> dict:
     """Train and export in `out`. Rerunning resumes; a run with another recipe (other than its
     thread count) is refused unless `overwrite`."""
+    check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
     fingerprint = {"task": "sft", "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS})}
     if not PartialState(cpu=recipe.device == "cpu").is_main_process:
         return _run_sft(recipe, out, progress)

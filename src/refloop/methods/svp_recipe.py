@@ -21,6 +21,7 @@ from refloop.grounding import Grounder
 from refloop.methods.svp import SVP, SVPConfig
 from refloop.models.processors import save_processor
 from refloop.runs import run_directory
+from refloop.training.distributed import check_engine
 from refloop.world import DOMAINS, TRAIN_SEED
 
 
@@ -112,6 +113,7 @@ def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], bool]:
 def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
     """Run (or resume) SVP in `out`; a run with another recipe (other than its thread count) is
     refused unless `overwrite`."""
+    check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
     fingerprint = {"task": "svp", "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS})}
     if not PartialState(cpu=recipe.device == "cpu").is_main_process:
         return _run_svp(recipe, out, progress)
