@@ -205,7 +205,7 @@ class NamedAdapters:
         names = [n for n in self._params if n != REFERENCE]
         copy = NamedAdapters(base, lora, names, reference=self.reference_kind, trainable_tokens=trainable_tokens, shard=False)
         missing, unexpected = copy.module.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if k in state]:
+        if missing or unexpected:  # the same class, config and adapters: the same keys
             raise RuntimeError(f"unsharded copy does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
         copy.use(self.peft.active_adapter, trainable=False)
         return copy
