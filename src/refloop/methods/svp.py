@@ -433,7 +433,7 @@ class SVP:
         merged = adapters.merged_copy(sft_cfg.adapter)
         lineage = [
             *(getattr(self.vlm, "lineage", None) or []),
-            {"svp_iteration": iteration + 1, "adapter": tensors_digest(tuner.adapters.state_dict())},
+            {"svp_iteration": iteration + 1, "adapter": tensors_digest(adapters.state_dict())},
         ]
         self.vlm = HFVLM(merged, self.vlm.processor, self.vlm.profile, name=self.vlm.name, batch_size=self.vlm.batch_size)
         self.vlm.lineage = lineage  # a model changed in memory: run fingerprints must tell it from the base
