@@ -50,22 +50,22 @@ def test_chair_and_recall_on_hand_made_captions():
         {"dog"},
         {"person", "cell phone"},
     ]
-    c = chair(captions, gt, COCO)
+    c = chair(captions, gt, COCO, protocol="refloop")
     # mentions 4 + 3 + 0 + 3, hallucinated 1 + 0 + 0 + 1; two of four captions hallucinate
     assert (c["mentions"], c["hallucinated_mentions"], c["hallucinating_captions"]) == (10, 2, 2)
     assert c["chair_i"] == pytest.approx(2 / 10)
     assert c["chair_s"] == pytest.approx(2 / 4)
-    r = object_recall(captions, gt, COCO)
+    r = object_recall(captions, gt, COCO, protocol="refloop")
     # recalled 3 of 4, 3 of 3, 0 of 1, 2 of 2
     assert (r["recalled_objects"], r["gt_objects"]) == (8, 10)
     assert r["object_recall"] == pytest.approx(0.8)
     first, _, empty, last = c["samples"]
-    assert first["phrases"] == ["man", "motorbike", "hot dogs", "teddy bear"]
+    assert first["words"] == ["man", "motorbike", "hot dogs", "teddy bear"]
     assert first["hallucinated"] == ["teddy bear"] and first["missed"] == ["dining table"]
     assert empty["mentioned"] == [] and empty["missed"] == ["dog"]
     assert last["mentioned"] == ["cell phone", "dog", "person"]  # "bus stop" and "glasses" name nothing
-    assert chair_from_rows(c["samples"]) | {"samples": c["samples"]} == c
-    assert recall_from_rows(r["samples"]) | {"samples": r["samples"]} == r
+    assert chair_from_rows(c["samples"]) | {"protocol": "refloop", "samples": c["samples"]} == c
+    assert recall_from_rows(r["samples"]) | {"protocol": "refloop", "samples": r["samples"]} == r
 
 
 def test_longest_phrase_wins_over_the_object_inside_it():
@@ -146,7 +146,7 @@ def test_parse_yes_no_takes_the_first_yes_or_no_word():
 def test_pope_metrics_on_hand_made_predictions():
     predictions = ["yes", "Yes, there is one.", "no", "No.", "I think so", "yes", "There is no cat.", None]
     labels = ["yes", "yes", "yes", "no", "yes", "no", "no", "no"]
-    m = pope_metrics(predictions, labels)
+    m = pope_metrics(predictions, labels, rule="refloop")
     # read as yes, yes, no, no, (none -> no), yes, no, (none -> no)
     assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 2, 1, 3)
     assert m["accuracy"] == pytest.approx(5 / 8)
@@ -250,9 +250,19 @@ def test_object_data_from_a_coco_file_maps_categories_and_reads_captions(tmp_pat
     assert m["num_with_references"] == 2 and m["unmapped_categories"] == {"lamp": 1}
     rows = [json.loads(line) for line in (tmp_path / "cap" / "caption_samples.jsonl").read_text().splitlines()]
     assert [r["hallucinated"] for r in rows] == [["cat"], []]
+    assert m["chair_protocol"] == "original" and set(m["chair_by_protocol"]) == {"original", "refloop"}
+    assert m["tokenizer"].startswith("fallback") and {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"} <= set(m)
+    for r in rows:  # every caption carries its own scores
+        assert {"BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "chair_i", "chair_s", "recall"} <= set(r)
+        assert set(r["protocols"]) == {"original", "refloop"}
+    assert rows[0]["chair_s"] == 1 and rows[0]["recall"] == pytest.approx(1 / 2)
     m = evaluate_pope(ScriptedCaptioner([], answer="Yes."), found, tmp_path / "pope", per_image=3)
     # image 1: 2 yes + 2 no, image 2: 1 yes + 1 no; always "yes": recall 1, precision 1/2
     assert (m["num"], m["recall"], m["precision"], m["yes_ratio"], m["unparsed"]) == (6, 1.0, 0.5, 1.0, 0)
+    assert m["rule"] == "reference" and m["by_rule"]["refloop"]["f1"] == m["by_rule"]["reference"]["f1"] == m["f1"]
+    m = evaluate_pope(ScriptedCaptioner([], answer="I can't tell."), found, tmp_path / "pope-unsure", per_image=3)
+    # neither yes nor no: YES under the release's rule, no (and unparsed) under refloop's
+    assert (m["yes_ratio"], m["by_rule"]["refloop"]["yes_ratio"], m["unparsed"]) == (1.0, 0.0, 6)
 
 
 # ---- the commands with refloop-tiny on a shapes-world domain ---------------------------------------
@@ -298,7 +308,7 @@ def test_eval_pope_command_on_shapes_world_resumes_and_refuses_another_run(tmp_p
     rows = [json.loads(line) for line in (out / "pope_samples.jsonl").read_text().splitlines()]
     assert sum(r["label"] == "yes" for r in rows) == sum(r["label"] == "no" for r in rows) == metrics["num"] / 2
     assert all(r["question"].startswith("is there a ") for r in rows)
-    recomputed = pope_metrics([r["answer"] for r in rows], [r["label"] for r in rows])
+    recomputed = pope_metrics([r["answer"] for r in rows], [r["label"] for r in rows])  # the reference rule, the default
     assert {k: metrics[k] for k in ("accuracy", "f1", "yes_ratio", "unparsed")} == {
         k: recomputed[k] for k in ("accuracy", "f1", "yes_ratio", "unparsed")
     }

@@ -241,6 +241,16 @@ class PopeStrategy(str, Enum):
     adversarial = "adversarial"
 
 
+class ChairProtocol(str, Enum):
+    original = "original"
+    refloop = "refloop"
+
+
+class PopeRule(str, Enum):
+    reference = "reference"
+    refloop = "refloop"
+
+
 def _referring_records(data: str, images: Path | None, refs: Path | None, split: str | None, on_error: str):
     if refs is not None:
         from refloop.data.formats import load_refcoco
@@ -257,7 +267,7 @@ def _referring_records(data: str, images: Path | None, refs: Path | None, split:
 def evaluate(
     task: EvalTask = typer.Argument(
         ...,
-        help="rec: REC accuracy, a predicted box is correct when IoU with the referred box > 0.5 (every expression counts). "
+        help="rec: REC accuracy, a predicted box is correct when IoU with the referred box >= 0.5 (every expression counts). "
         "reg: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L). "
         "caption: one greedy caption per image: object recall, CHAIR_i, CHAIR_s and, against reference captions, the same text "
         "metrics. pope: balanced yes/no questions about present and absent objects (accuracy, precision, recall, F1, yes-ratio).",
@@ -289,19 +299,39 @@ def evaluate(
     ),
     per_image: int | None = typer.Option(None, "--per-image", min=1, help="pope: yes questions per image, as many no ones (default 3)."),
     seed: int | None = typer.Option(None, "--seed", help="pope: seed of the objects asked about (default 0)."),
+    chair_protocol: ChairProtocol | None = typer.Option(
+        None,
+        "--chair-protocol",
+        help="caption: CHAIR and recall at the top of the metrics as the original chair.py counts them (default for dataset files) "
+        "or as refloop does (default for shapes-world domains); both are reported.",
+    ),
+    pope_rule: PopeRule | None = typer.Option(
+        None,
+        "--pope-rule",
+        help="pope: answers read as the POPE release's evaluate.py does (reference, default) or by their first yes/no word "
+        "(refloop); both are reported.",
+    ),
 ) -> None:
     """Object-level benchmarks of the papers: REC accuracy (`eval rec`) and REG caption metrics (`eval reg`); caption
     hallucination and recall (`eval caption`) and POPE (`eval pope`), as SVP reports them."""
     from refloop.evaluation.referring import evaluate_rec, evaluate_reg
 
     spec = _model_spec(model, device, dtype, profile, trust_remote_code)
-    object_options = {"--num-images": num_images, "--captions": captions, "--strategy": strategy, "--per-image": per_image, "--seed": seed}
+    object_options = {
+        "--num-images": num_images,
+        "--captions": captions,
+        "--strategy": strategy,
+        "--per-image": per_image,
+        "--seed": seed,
+        "--chair-protocol": chair_protocol,
+        "--pope-rule": pope_rule,
+    }
     if task in (EvalTask.caption, EvalTask.pope):
         from refloop.evaluation.hallucination import evaluate_captions, evaluate_pope, load_object_data
         from refloop.progress import progress_bar
 
         _refuse_options(task, {"--refs": refs, "--split": split, "--limit": limit})
-        unused = ("--strategy", "--per-image", "--seed") if task == EvalTask.caption else ("--captions",)
+        unused = ("--strategy", "--per-image", "--seed", "--pope-rule") if task == EvalTask.caption else ("--captions", "--chair-protocol")
         _refuse_options(task, {k: object_options[k] for k in unused})
         found = load_object_data(data, images, captions, on_error=on_error.value, num_images=num_images or 500)
         if found.report.skipped:
@@ -312,9 +342,11 @@ def evaluate(
         common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error.value}
         if task == EvalTask.caption:
             with progress_bar(f"caption {data}", len(found.records)) as advance:
-                metrics = evaluate_captions(vlm, found, out, progress=advance, **common)
+                protocol = chair_protocol.value if chair_protocol else None
+                metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
         else:
             pope = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
+            pope["rule"] = (pope_rule or PopeRule.reference).value
             with progress_bar(f"pope {pope['strategy']} {data}", None) as advance:
                 metrics = evaluate_pope(vlm, found, out, progress=advance, **pope, **common)
         if found.report.skipped:

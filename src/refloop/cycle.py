@@ -34,8 +34,10 @@ class Consistency:
         return f"IoU {'>=' if self.inclusive else '>'} {self.threshold:g}"
 
 
+# Every IoU rule of the project lives here; the README's "Metrics" section says which metric uses which.
 SC_TUNE_CONSISTENCY = Consistency(0.5, inclusive=False)  # Pr@0.5, SC-Tune appendix 6
 PINK_CONSISTENCY = Consistency(0.5, inclusive=True)  # lambda = 0.5, Pink Sec. 4.1
+REC_ACCURACY = Consistency(0.5, inclusive=True)  # REC acc@0.5 as lmms-eval's RefCOCO utils and Qwen-VL's evaluate_grounding count it
 
 
 @dataclass(frozen=True)

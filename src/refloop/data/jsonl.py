@@ -35,6 +35,17 @@ def read_records(path: Path) -> list[dict]:
     return out
 
 
+def write_records(path: Path, records: Iterable[dict]) -> None:
+    """Replace a JSONL file whole: written beside it, fsynced, then renamed over it (a kill leaves
+    the old file or the new one, never a mix)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class JsonlWriter:
     """Appends records; `done` holds the keys already written, so a resumed job skips them."""
 
@@ -112,13 +123,7 @@ class ShardedJsonl:
         for source in [self.path, *sorted(self.shards.glob("*.jsonl"))]:
             for r in read_records(source):
                 rows.setdefault(r.get(self.key), r)
-        ordered = [rows.pop(k) for k in order if k in rows] + list(rows.values())
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in ordered)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_records(self.path, [rows.pop(k) for k in order if k in rows] + list(rows.values()))
         for shard in self.shards.glob("*.jsonl"):
             shard.unlink()
         self.shards.rmdir()

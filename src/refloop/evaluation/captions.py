@@ -1,8 +1,11 @@
-"""BLEU, ROUGE-L, CIDEr and METEOR through pycocoevalcap (the REG and captioning papers' scorers).
+"""BLEU-1..4, METEOR, ROUGE-L and CIDEr-D through pycocoevalcap (the captioning and REG papers' scorers).
 
-METEOR and the PTB tokenizer are Java programs shipped with pycocoevalcap. Without Java, text is
-tokenized by a simple lower-case/punctuation rule and METEOR is reported as None with
-`meteor_backend` saying why, never silently replaced by another number.
+Text is tokenized by pycocoevalcap's PTB tokenizer and METEOR 1.5 is scored, both Java programs
+shipped with pycocoevalcap; the numbers then equal pycocoevalcap's. Without Java (or with
+java=False) a fallback tokenizer is used instead - lower-case, punctuation removed, which is NOT the
+PTB tokenizer ("3.5", "isn't", "!!!" split differently) - `tokenizer` in the output names it, and
+METEOR is reported as None with `meteor_backend` saying why, never silently replaced by another
+number.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import re
 import shutil
 
 _PUNCT = re.compile(r"[^\w\s]")
+PTB_TOKENIZER = "ptb (java)"
+FALLBACK_TOKENIZER = "fallback: lower-case, punctuation removed (not PTB)"
 
 
 def simple_tokenize(text: str) -> str:
@@ -18,7 +23,9 @@ def simple_tokenize(text: str) -> str:
 
 
 def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]], java: bool | None = None) -> dict:
-    """Corpus-level scores of one prediction per id against its references."""
+    """Corpus-level scores of one prediction per id against its references, and per-id scores
+    under "samples" (id -> BLEU-1..4, METEOR, ROUGE-L, CIDEr). `java`: None uses Java when it is
+    on PATH; False forces the fallback tokenizer (and no METEOR)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -27,35 +34,40 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
         raise ValueError("predictions and references must have the same ids")
     if not predictions:
         raise ValueError("no predictions to score")
-    java = shutil.which("java") is not None if java is None else java
-    if java:
+    found = shutil.which("java") is not None
+    use_java = found if java is None else java
+    if use_java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         tok = PTBTokenizer()
         gts = tok.tokenize({k: [{"caption": r} for r in refs] for k, refs in references.items()})
         res = tok.tokenize({k: [{"caption": p}] for k, p in predictions.items()})
+        res = {k: res[k] for k in gts}
     else:
         gts = {k: [simple_tokenize(r) for r in refs] for k, refs in references.items()}
-        res = {k: [simple_tokenize(p)] for k, p in predictions.items()}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)
-    out = {
-        "BLEU-1": bleu[0],
-        "BLEU-4": bleu[3],
-        "ROUGE-L": rouge,
-        "CIDEr": cider,
-        "num": len(predictions),
-        "tokenizer": "ptb (java)" if java else "simple (no java)",
+        res = {k: [simple_tokenize(predictions[k])] for k in gts}
+    ids = list(gts)  # pycocoevalcap's per-item scores follow this order
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, rouge_each = Rouge().compute_score(gts, res)
+    cider, cider_each = Cider().compute_score(gts, res)
+    out: dict = {f"BLEU-{n + 1}": float(bleu[n]) for n in range(4)}
+    out |= {"ROUGE-L": float(rouge), "CIDEr": float(cider), "num": len(predictions)}
+    samples = {
+        k: {f"BLEU-{n + 1}": float(bleu_each[n][i]) for n in range(4)} | {"ROUGE-L": float(rouge_each[i]), "CIDEr": float(cider_each[i])}
+        for i, k in enumerate(ids)
     }
-    if java:
+    if use_java:
         from pycocoevalcap.meteor.meteor import Meteor
 
         meteor = Meteor()  # a Java subprocess, ended when the object is collected
-        out["METEOR"], _ = meteor.compute_score(gts, res)
+        score, meteor_each = meteor.compute_score(gts, res)
         del meteor
-        out["meteor_backend"] = "meteor-1.5 (java)"
+        out |= {"METEOR": float(score), "meteor_backend": "meteor-1.5 (java)", "tokenizer": PTB_TOKENIZER}
+        for i, k in enumerate(ids):
+            samples[k]["METEOR"] = float(meteor_each[i])
     else:
-        out["METEOR"] = None
-        out["meteor_backend"] = "unavailable: java not found"
-    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "num" else v) for k, v in out.items()}
+        why = "java=False was passed" if found else "java not found"
+        out |= {"METEOR": None, "meteor_backend": f"unavailable: {why}", "tokenizer": f"{FALLBACK_TOKENIZER}; {why}"}
+        for k in ids:
+            samples[k]["METEOR"] = None
+    return out | {"samples": samples}

@@ -4,7 +4,7 @@ For one box per image, the describe-then-locate cycle with greedy decoding: the 
 the box with its REG prompt, then locates its own description with its REC prompt; the sample
 is consistent when IoU(box, located) > 0.5. Pr@0.5 is the consistent fraction. When the data
 carries referring expressions, REC accuracy on the first (canonical) expression is measured in
-the same run.
+the same run, by the REC rule (IoU >= the same threshold, `refloop.cycle.REC_ACCURACY`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from accelerate.utils import gather_object
 from pydantic import BaseModel, ConfigDict, Field
 
-from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
+from refloop.cycle import REC_ACCURACY, SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
 from refloop.data.pixels import ShardedPass
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.models.base import VLM, GenerateOptions
@@ -69,7 +69,8 @@ def summarize(rows: list[dict], consistency: Consistency = SC_TUNE_CONSISTENCY) 
     }
     rec_rows = [r for r in rows if r.get("rec_iou") is not None]
     if rec_rows:
-        metrics["rec_accuracy"] = sum(bool(consistency(r["rec_iou"])) for r in rec_rows) / len(rec_rows)
+        rec_rule = replace(REC_ACCURACY, threshold=consistency.threshold)
+        metrics["rec_accuracy"] = sum(bool(rec_rule(r["rec_iou"])) for r in rec_rows) / len(rec_rows)
         metrics["rec_num"] = len(rec_rows)
     return metrics
 

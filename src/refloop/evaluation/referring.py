@@ -1,14 +1,19 @@
-"""The object-level evaluations of the papers: REC accuracy at IoU > 0.5 on every (object,
+"""The object-level evaluations of the papers: REC accuracy at IoU >= 0.5 on every (object,
 expression) pair, and REG caption metrics of one greedy description per referred object against
-all its expressions. Prompts come from the model's profile: deterministic, no random templates."""
+all its expressions. Prompts come from the model's profile: deterministic, no random templates.
+
+REC accuracy counts a prediction right at IoU >= 0.5 (`refloop.cycle.REC_ACCURACY`), as lmms-eval's
+RefCOCO utils and Qwen-VL's evaluate_grounding do; SC-Tune's Pr@0.5 (`evaluation.consistency`)
+keeps its paper's IoU > 0.5. Unlike lmms-eval, a predicted box is clipped to the image and an
+inverted or unparseable one scores IoU 0 (lmms-eval raises ZeroDivisionError on those)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from refloop.cycle import SC_TUNE_CONSISTENCY, Consistency, locate_boxes
+from refloop.cycle import REC_ACCURACY, Consistency, locate_boxes
 from refloop.data.pixels import ShardedPass
 from refloop.data.records import ImageRecord
 from refloop.evaluation.captions import caption_metrics
@@ -31,22 +36,29 @@ def evaluate_rec(
     out: Path,
     batch_size: int = 64,
     limit: int | None = None,
-    threshold: float = SC_TUNE_CONSISTENCY.threshold,
+    rule: Consistency = REC_ACCURACY,
     progress: Callable[[int], None] | None = None,
     overwrite: bool = False,
     on_error: str = "fail",
 ) -> dict:
     """REC accuracy over every (object, expression) pair; an image that does not decode stops the
-    run, or with on_error="skip" drops its pairs (counted as `skipped_images`, retried on resume)."""
-    with shared_run_directory(out, _fingerprint("rec", vlm, records) | {"iou_threshold": threshold}, overwrite) as state:
-        return _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_error, state)
+    run, or with on_error="skip" drops its pairs (counted as `skipped_images`, retried on resume).
+    `rule`: when a prediction counts as right (default IoU >= 0.5); the samples hold every IoU, so
+    another rule rescoring the same directory asks nothing again."""
+    with shared_run_directory(out, _fingerprint("rec", vlm, records) | {"iou_threshold": rule.threshold}, overwrite) as state:
+        return _evaluate_rec(vlm, records, out, batch_size, limit, rule, progress, on_error, state)
+
+
+def rec_accuracy(ious: Sequence[float], rule: Consistency = REC_ACCURACY) -> float:
+    """The share of IoUs `rule` counts as right (IoU >= 0.5 by default; 0.0 for none)."""
+    return sum(bool(rule(iou)) for iou in ious) / len(ious) if len(ious) else 0.0
 
 
 def _fingerprint(task: str, vlm: VLM, records: list[ImageRecord]) -> dict:
     return {"task": task, "model": model_fingerprint(vlm), "data": sorted({str(r.source) for r in records})}
 
 
-def _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_error, state) -> dict:
+def _evaluate_rec(vlm, records, out, batch_size, limit, rule, progress, on_error, state) -> dict:
     """Sharded across the processes of an `accelerate launch` (see `ShardedPass`)."""
     pairs = rec_pairs(records, limit)
     run = ShardedPass(out / "rec_samples.jsonl", "id", state)
@@ -67,11 +79,12 @@ def _evaluate_rec(vlm, records, out, batch_size, limit, threshold, progress, on_
         )
     rows, skipped = run.finish([p[0] for p in pairs])
     metrics = {
-        "rec_accuracy": sum(bool(Consistency(threshold)(r["iou"])) for r in rows) / max(len(rows), 1),
+        "rec_accuracy": rec_accuracy([r["iou"] for r in rows], rule),
         "num": len(rows),
         "parse_failure_rate": sum(r["predicted_box"] is None for r in rows) / max(len(rows), 1),
         "mean_iou": sum(r["iou"] for r in rows) / max(len(rows), 1),
-        "iou_threshold": threshold,
+        "iou_threshold": rule.threshold,
+        "iou_rule": rule.rule,
     }
     if skipped:
         metrics["skipped_images"] = skipped
@@ -115,6 +128,7 @@ def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error
         )
     rows, skipped = run.finish([o[0] for o in objects])
     metrics = caption_metrics({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}, java=java)
+    del metrics["samples"]
     if skipped:
         metrics["skipped_images"] = skipped
     if state.is_main_process:
