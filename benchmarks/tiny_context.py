@@ -24,9 +24,9 @@ from refloop.world import COLOURS, EVAL_SEED, SHAPES, caption, get_style, render
 
 def caption_scores(captions: list[str], scenes, gt: list[frozenset[str]]) -> dict:
     table = shapes_table()
-    h = chair(captions, gt, table)
+    h = chair(captions, gt, table, protocol="refloop")  # each object once per caption, as its recorded numbers
     return {
-        "object_recall": round(100 * object_recall(captions, gt, table)["object_recall"], 2),
+        "object_recall": round(100 * object_recall(captions, gt, table, protocol="refloop")["object_recall"], 2),
         "chair_i": round(100 * h["chair_i"], 2),
         "chair_s": round(100 * h["chair_s"], 2),
         "exact_caption": round(100 * sum(c == caption(s) for c, s in zip(captions, scenes)) / len(scenes), 2),
