@@ -79,10 +79,11 @@ def _qwen_ids(tok) -> dict:
     }
 
 
-def _qwen_text(tok, head_dim: int = 16, mrope_section=(2, 3, 3), **extra) -> dict:
+def _qwen_text(tok, head_dim: int = 16, mrope_section=(2, 3, 3), lm: dict | None = None, **extra) -> dict:
     return {
         "vocab_size": len(tok),
         **_LM,
+        **(lm or {}),
         "head_dim": head_dim,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section), **extra},
         "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
@@ -106,18 +107,31 @@ def _qwen_family(config_cls, model_cls, processor_cls, text: dict, vision: dict,
 _QWEN_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32}
 
 
-def qwen2_vl(mrope_section=(2, 3, 3)):
+def _wider(head_dim: int) -> dict:
+    """Text settings for attention heads of `head_dim` (vLLM's CPU attention needs >= 32): two
+    heads of that size, the multimodal RoPE sections scaled to head_dim / 2."""
+    if head_dim == 16:
+        return {}
+    hidden = 2 * head_dim
+    section = (head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16)
+    return {"head_dim": head_dim, "mrope_section": section, "lm": {"hidden_size": hidden, "intermediate_size": 2 * hidden}}
+
+
+def qwen2_vl(mrope_section=(2, 3, 3), head_dim: int = 16):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    vision = {"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "in_chans": 3}
-    return _qwen_family(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, {"mrope_section": mrope_section}, vision)
+    text = {"mrope_section": mrope_section} | _wider(head_dim)
+    width = text.get("lm", {}).get("hidden_size", 32)  # the merger projects onto the language model's width
+    vision = {"depth": 1, "embed_dim": 32, "hidden_size": width, "num_heads": 2, "mlp_ratio": 2, "in_chans": 3}
+    return _qwen_family(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, text, vision)
 
 
-def qwen2_5_vl():
+def qwen2_5_vl(head_dim: int = 16):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    vision = _QWEN_VISION | {"window_size": 56, "fullatt_block_indexes": [1]}
-    return _qwen_family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, {}, vision)
+    text = _wider(head_dim)
+    vision = _QWEN_VISION | {"window_size": 56, "fullatt_block_indexes": [1], "out_hidden_size": text.get("lm", {}).get("hidden_size", 32)}
+    return _qwen_family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, text, vision)
 
 
 def qwen3_vl():

@@ -62,14 +62,30 @@ ProfileOpt = typer.Option(
 RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow a checkpoint's own modelling code (only for checkpoints you trust).")
 
 
-def _model_spec(model: str | None, device: str, dtype: str, profile: str | None, trust_remote_code: bool):
+class BackendChoice(str, Enum):
+    hf = "hf"
+    vllm = "vllm"
+
+
+BackendOpt = typer.Option(
+    BackendChoice.hf,
+    "--backend",
+    help="What generates: hf (transformers) or vllm (continuous batching, prefix caching; README 'Generation backends').",
+)
+
+
+def _model_spec(
+    model: str | None, device: str, dtype: str, profile: str | None, trust_remote_code: bool, backend: BackendChoice = BackendChoice.hf
+):
     """The command's model options, validated (device, dtype) before any weights load."""
     from pydantic import ValidationError
 
     from refloop.config import ModelSpec
 
     try:
-        return ModelSpec(model=model, device=device, dtype=dtype, profile=profile, trust_remote_code=trust_remote_code)
+        return ModelSpec(
+            model=model, device=device, dtype=dtype, profile=profile, trust_remote_code=trust_remote_code, generation_backend=backend.value
+        )
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise RefloopError(f"invalid model options: {problems}") from None
@@ -92,6 +108,7 @@ def consistency(
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with plots and examples."),
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
+    backend: BackendChoice = BackendOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Self-consistency Pr@0.5 (SC-Tune appendix 6): box -> caption -> box, IoU > 0.5. Resumable."""
@@ -100,7 +117,7 @@ def consistency(
     from refloop.progress import progress_bar
     from refloop.report.consistency import write_consistency_report
 
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code)
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
     state = _processes(spec)
     with state.main_process_first():  # a shapes-world domain is exported once, by the main process
         records, load_report = load_data(data, images, on_error=on_error.value, num_images=num_boxes)
@@ -110,7 +127,7 @@ def consistency(
     samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
     if not samples:
         raise RefloopError(f"{data}: no boxes to evaluate")
-    vlm = spec.load_vlm(batch_size)
+    vlm = spec.load_vlm(batch_size, generation=True)
     with progress_bar(f"consistency {data}", len(samples)) as advance:
         metrics = evaluate_consistency(
             vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error.value
@@ -287,6 +304,7 @@ def evaluate(
     on_error: OnErrorChoice = OnErrorOpt,
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
+    backend: BackendChoice = BackendOpt,
     overwrite: bool = OverwriteOpt,
     num_images: int | None = typer.Option(
         None, "--num-images", min=1, help="caption, pope: images (shapes-world domain: scenes exported; file: its first N; default 500)."
@@ -316,7 +334,7 @@ def evaluate(
     hallucination and recall (`eval caption`) and POPE (`eval pope`), as SVP reports them."""
     from refloop.evaluation.referring import evaluate_rec, evaluate_reg
 
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code)
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
     object_options = {
         "--num-images": num_images,
         "--captions": captions,
@@ -338,7 +356,7 @@ def evaluate(
             err_console.print(f"skipped {found.report.skipped} bad records: {dict(found.report.reasons)}", markup=False)
         if not found.records:
             raise RefloopError(f"{data}: no images to evaluate")
-        vlm = spec.load_vlm(batch_size)
+        vlm = spec.load_vlm(batch_size, generation=True)
         common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error.value}
         if task == EvalTask.caption:
             with progress_bar(f"caption {data}", len(found.records)) as advance:
@@ -357,7 +375,7 @@ def evaluate(
     state = _processes(spec)
     with state.main_process_first():  # a shapes-world domain is exported once, by the main process
         records, report = _referring_records(data, images, refs, split, on_error.value)
-    vlm = spec.load_vlm(batch_size)
+    vlm = spec.load_vlm(batch_size, generation=True)
     run = evaluate_rec if task == EvalTask.rec else evaluate_reg
     metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, overwrite=overwrite, on_error=on_error.value)
     if not state.is_main_process:
@@ -574,6 +592,7 @@ def caption(
     dtype: str = DtypeOpt,
     overwrite: bool = OverwriteOpt,
     on_error: OnErrorChoice = OnErrorOpt,
+    backend: BackendChoice = BackendOpt,
 ) -> None:
     """Caption images greedily; with --isvp, SVP's inference-time variant (no tuning): the caption's objects are
     grounded and the model captions again with the grounding in its prompt."""
@@ -582,7 +601,6 @@ def caption(
     from refloop.data.sources import load_detections
     from refloop.methods.svp import isvp as run_isvp
     from refloop.methods.svp_recipe import GrounderSpec
-    from refloop.models import load_vlm
     from refloop.progress import progress_bar
     from refloop.runs import model_fingerprint, run_directory
     from refloop.world import DOMAINS, TRAIN_SEED
@@ -590,7 +608,7 @@ def caption(
     if phrases not in ("caption", "categories", "both"):
         raise RefloopError(f"--phrases {phrases!r}: choose caption, categories or both")
     found = load_detections(data, images, on_error.value, num_images, TRAIN_SEED)
-    vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size)
+    vlm = _model_spec(model, device, dtype, None, False, backend).load_vlm(batch_size, generation=True)
     spec = GrounderSpec.model_validate(
         {"kind": grounder, "model": grounder_model, "miss_rate": miss_rate, "false_positive_rate": false_positive_rate}
     )
@@ -690,6 +708,7 @@ def bootstrap(
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with kept and rejected examples."),
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
+    backend: BackendChoice = BackendOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Pink's self-consistent bootstrapping (Sec. 3.3): describe every box, re-locate the description, keep when IoU >= lambda.
@@ -705,7 +724,7 @@ def bootstrap(
     from refloop.progress import progress_bar
     from refloop.world import DOMAINS
 
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code).model_copy(update={"threads": threads})
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend).model_copy(update={"threads": threads})
     chosen = {"iou_lambda": iou_lambda, "max_objects": max_objects, "min_area_px": min_area_px, "samples": samples}
     fields = {k: v for k, v in chosen.items() if v is not None} | {
         "distractor_check": distractor_check,
@@ -725,7 +744,7 @@ def bootstrap(
         err_console.print(f"skipped {source.report.skipped} bad records: {dict(source.report.reasons)}", markup=False)
     if not source.records:
         raise RefloopError(f"{data}: no images to bootstrap")
-    vlm = spec.load_vlm(batch_size)
+    vlm = spec.load_vlm(batch_size, generation=True)
     share = sum(map(len, process_batches(len(source.records), cfg.batch_size, state.process_index, state.num_processes)))
     title = f"bootstrap {data}" + (f" (process 1 of {state.num_processes})" if state.num_processes > 1 else "")
     with progress_bar(title, share) if state.is_main_process else nullcontext(None) as advance:

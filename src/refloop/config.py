@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from refloop.errors import RefloopError
 from refloop.training.trackers import ReportTo, Tracking
@@ -27,13 +27,25 @@ class ModelSpec(BaseModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N, mps")
     dtype: Literal["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = Field("auto", description="auto, fp32, bf16, fp16")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    generation_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="what generates: hf (transformers) or vllm (a vLLM engine, roles as LoRA adapters; training stays in HF)"
+    )
 
-    def load_vlm(self, batch_size: int = 32):
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        # The default backend is left out, so runs recorded before the field existed keep their fingerprint.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("generation_backend") == "hf":
+            data.pop("generation_backend")
+        return data
+
+    def load_vlm(self, batch_size: int = 32, generation: bool = False):
         """The model behind the VLM interface, with this spec's settings. A device this machine
-        lacks is refused before any weights load."""
+        lacks is refused before any weights load. With `generation` (inference-only commands) and
+        generation_backend vllm, a vLLM engine serves it; training always loads the HF backend."""
         import torch
 
-        from refloop.models import load_vlm
+        from refloop.models import load_vlm, resolve_model
 
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RefloopError(f"device {self.device!r} asked for, but torch sees no CUDA device here (use --device cpu or auto)")
@@ -41,6 +53,19 @@ class ModelSpec(BaseModel):
             raise RefloopError("device 'mps' asked for, but torch sees no Apple GPU here (use --device cpu or auto)")
         if self.threads:
             torch.set_num_threads(self.threads)
+        if generation and self.generation_backend == "vllm":
+            from refloop.models.vllm import VLLMVLM
+
+            return VLLMVLM.from_pretrained(
+                resolve_model(self.model),
+                device=self.device,
+                dtype=self.dtype,
+                profile=self.profile,
+                trust_remote_code=self.trust_remote_code,
+                batch_size=batch_size,
+                processor_options=self.processor_options,
+                threads=self.threads,
+            )
         return load_vlm(
             self.model,
             device=self.device,

@@ -136,6 +136,9 @@ def model_fingerprint(vlm) -> dict:
     tuned model merged without being saved): two different models never share a fingerprint,
     so an output directory of one is never resumed by the other."""
     out = {"name": str(getattr(vlm, "name", type(vlm).__name__)), "profile": type(getattr(vlm, "profile", None)).__name__}
+    backend = getattr(vlm, "backend", None)
+    if isinstance(backend, str):  # only non-HF backends say so: HF fingerprints stay as recorded
+        out["backend"] = backend
     adapter = getattr(vlm, "adapter", None)
     if isinstance(adapter, str):
         out["adapter"] = adapter

@@ -5,6 +5,9 @@ from pathlib import Path
 
 from refloop.models.base import GREEDY, VLM, Completion, GenerateOptions, Located
 from refloop.models.profiles import PROFILES, PromptProfile, TinyProfile, get_profile, profile_for_config
+from refloop.torchvision_ops import declare_missing_operators
+
+declare_missing_operators()  # before transformers imports torchvision (a CUDA build on a CPU torch: see the module)
 
 # Checkpoints shipped inside the package, by the name `load_vlm` and --model accept:
 # refloop-tiny, the foundation every benchmark runs; refloop-tiny-context, refloop-tiny continued

@@ -36,6 +36,9 @@ GREEDY = GenerateOptions()
 class Completion:
     text: str
     token_ids: tuple[int, ...]  # generated ids up to and including EOS, no padding
+    # log p of each token as the model computed it while generating (log-softmax of its logits,
+    # before temperature / top-k / top-p), where the backend returns them (vLLM); else None
+    logprobs: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,46 @@ class VLM(Protocol):
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], options: GenerateOptions = GREEDY) -> list[str]:
         """Free answers to one question per image (POPE's yes/no probes), K per question, question-major."""
         ...
+
+
+class ProfileTasks:
+    """describe / locate / caption / answer on top of a backend's `generate`, with the backend's
+    prompt profile and tokenizer: every backend asks and reads the same text."""
+
+    profile: PromptProfile
+    tokenizer: PreTrainedTokenizerBase
+
+    def generate(self, images, prompts, options: GenerateOptions = GREEDY) -> list[list[Completion]]:
+        raise NotImplementedError
+
+    def describe(self, images: Sequence[Image.Image], boxes: Sequence[Box], options: GenerateOptions = GREEDY) -> list[str]:
+        """K = options.num_return_sequences expressions per box, box-major (sample j of box i at i * K + j)."""
+        prompts = [self.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
+        return [self.profile.read_expression(c.text) for group in self.generate(images, prompts, options) for c in group]
+
+    def locate(self, images: Sequence[Image.Image], expressions: Sequence[str], options: GenerateOptions | None = None) -> list[Located]:
+        """K answers per expression, expression-major; `options=None` is greedy within `_locate_budget` tokens."""
+        prompts = [self.profile.rec_prompt(e) for e in expressions]
+        options = options or GenerateOptions(max_new_tokens=self._locate_budget(expressions))
+        groups = self.generate(images, prompts, options)
+        return [Located(self.profile.read_box(c.text, img.size), c.text) for img, group in zip(images, groups) for c in group]
+
+    def _locate_budget(self, expressions: Sequence[str]) -> int:
+        """Greedy REC token budget: the token length of this family's own REC answer for the longest
+        expression and a box with four-digit coordinates, plus 8 spare tokens; at least 32. Families
+        that repeat the expression around the box (Qwen-VL, InternVL, Florence-2, PaliGemma) get
+        room for long model-written captions; refloop-tiny's short answer keeps 32."""
+        longest = max(expressions, key=lambda e: len(self.tokenizer.encode(e, add_special_tokens=False)), default="")
+        answer = self.profile.rec_answer(Box(1234.0, 1234.0, 2345.0, 2345.0), (4000, 4000), longest)
+        return max(GREEDY.max_new_tokens, len(self.tokenizer.encode(answer, add_special_tokens=False)) + 8)
+
+    def caption(self, images: Sequence[Image.Image], options: GenerateOptions = GREEDY) -> list[str]:
+        """K = options.num_return_sequences captions per image, image-major."""
+        prompts = [self.profile.caption_prompt()] * len(images)
+        return [self.profile.read_caption(c.text) for group in self.generate(images, prompts, options) for c in group]
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], options: GenerateOptions = GREEDY) -> list[str]:
+        """K = options.num_return_sequences answers per question, question-major. The question is the
+        whole instruction inside the family's prompt, so its wording is the caller's."""
+        prompts = [self.profile.prompt(q) for q in questions]
+        return [self.profile.read_caption(c.text) for group in self.generate(images, prompts, options) for c in group]

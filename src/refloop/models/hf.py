@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
 from refloop.boxes import Box
 from refloop.errors import RefloopError
-from refloop.models.base import GREEDY, Completion, GenerateOptions, Located
+from refloop.models.base import GREEDY, Completion, GenerateOptions, ProfileTasks
 from refloop.models.processors import load_processor
 from refloop.models.profiles import PromptProfile, get_profile, profile_for_config
 from refloop.training import distributed
@@ -117,7 +117,7 @@ def check_profile_fits(profile: PromptProfile, processor, path: str) -> None:
         )
 
 
-class HFVLM:
+class HFVLM(ProfileTasks):
     """Batched generation with left padding; log-probs from one forward pass with the real mask.
     Decoder-only and encoder-decoder (Florence-2) models alike."""
 
@@ -309,36 +309,3 @@ class HFVLM:
         """Whether the model's forward takes `logits_to_keep` (every decoder-only family in
         transformers 5 and refloop-tiny do; a wrapper such as DDP hides it, and then logits are sliced)."""
         return "logits_to_keep" in inspect.signature(self.model.forward).parameters
-
-    # Tasks ----------------------------------------------------------------------------------
-    def describe(self, images: Sequence[Image.Image], boxes: Sequence[Box], options: GenerateOptions = GREEDY) -> list[str]:
-        """K = options.num_return_sequences expressions per box, box-major (sample j of box i at i * K + j)."""
-        prompts = [self.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
-        return [self.profile.read_expression(c.text) for group in self.generate(images, prompts, options) for c in group]
-
-    def locate(self, images: Sequence[Image.Image], expressions: Sequence[str], options: GenerateOptions | None = None) -> list[Located]:
-        """K answers per expression, expression-major; `options=None` is greedy within `_locate_budget` tokens."""
-        prompts = [self.profile.rec_prompt(e) for e in expressions]
-        options = options or GenerateOptions(max_new_tokens=self._locate_budget(expressions))
-        groups = self.generate(images, prompts, options)
-        return [Located(self.profile.read_box(c.text, img.size), c.text) for img, group in zip(images, groups) for c in group]
-
-    def _locate_budget(self, expressions: Sequence[str]) -> int:
-        """Greedy REC token budget: the token length of this family's own REC answer for the longest
-        expression and a box with four-digit coordinates, plus 8 spare tokens; at least 32. Families
-        that repeat the expression around the box (Qwen-VL, InternVL, Florence-2, PaliGemma) get
-        room for long model-written captions; refloop-tiny's short answer keeps 32."""
-        longest = max(expressions, key=lambda e: len(self.tokenizer.encode(e, add_special_tokens=False)), default="")
-        answer = self.profile.rec_answer(Box(1234.0, 1234.0, 2345.0, 2345.0), (4000, 4000), longest)
-        return max(GREEDY.max_new_tokens, len(self.tokenizer.encode(answer, add_special_tokens=False)) + 8)
-
-    def caption(self, images: Sequence[Image.Image], options: GenerateOptions = GREEDY) -> list[str]:
-        """K = options.num_return_sequences captions per image, image-major."""
-        prompts = [self.profile.caption_prompt()] * len(images)
-        return [self.profile.read_caption(c.text) for group in self.generate(images, prompts, options) for c in group]
-
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], options: GenerateOptions = GREEDY) -> list[str]:
-        """K = options.num_return_sequences answers per question, question-major. The question is the
-        whole instruction inside the family's prompt, so its wording is the caller's."""
-        prompts = [self.profile.prompt(q) for q in questions]
-        return [self.profile.read_caption(c.text) for group in self.generate(images, prompts, options) for c in group]
