@@ -107,20 +107,22 @@ def _qwen_family(config_cls, model_cls, processor_cls, text: dict, vision: dict,
 _QWEN_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32}
 
 
-def _wider(head_dim: int) -> dict:
-    """Text settings for attention heads of `head_dim` (vLLM's CPU attention needs >= 32): two
-    heads of that size, the multimodal RoPE sections scaled to head_dim / 2."""
-    if head_dim == 16:
+def _wider(head_dim: int, heads: int = 2, layers: int = 2) -> dict:
+    """Text settings for `heads` attention heads of `head_dim` (vLLM's CPU attention needs >= 32)
+    and `layers` blocks, the multimodal RoPE sections scaled to head_dim / 2."""
+    if (head_dim, heads, layers) == (16, 2, 2):
         return {}
-    hidden = 2 * head_dim
+    hidden = heads * head_dim
     section = (head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16)
-    return {"head_dim": head_dim, "mrope_section": section, "lm": {"hidden_size": hidden, "intermediate_size": 2 * hidden}}
+    lm = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_attention_heads": heads, "num_hidden_layers": layers}
+    return {"head_dim": head_dim, "mrope_section": section, "lm": lm}
 
 
-def qwen2_vl(mrope_section=(2, 3, 3), head_dim: int = 16):
+def qwen2_vl(mrope_section=(2, 3, 3), head_dim: int = 16, heads: int = 2, layers: int = 2):
+    """`head_dim`, `heads`, `layers`: a wider language model (benchmarks, the vLLM backend's tests)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    text = {"mrope_section": mrope_section} | _wider(head_dim)
+    text = {"mrope_section": mrope_section} | _wider(head_dim, heads, layers)
     width = text.get("lm", {}).get("hidden_size", 32)  # the merger projects onto the language model's width
     vision = {"depth": 1, "embed_dim": 32, "hidden_size": width, "num_heads": 2, "mlp_ratio": 2, "in_chans": 3}
     return _qwen_family(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, text, vision)

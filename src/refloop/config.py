@@ -39,6 +39,27 @@ class ModelSpec(BaseModel):
             data.pop("generation_backend")
         return data
 
+    def vllm_engine(self, lora_rank: int, adapters: int = 3):
+        """With generation_backend vllm: a vLLM engine on this spec's model serving `adapters`
+        LoRA adapters of rank <= `lora_rank` (training roles); else None."""
+        if self.generation_backend != "vllm":
+            return None
+        from refloop.models import resolve_model
+        from refloop.models.vllm import VLLMEngine
+
+        return VLLMEngine(
+            str(resolve_model(self.model)),
+            device=self.device,
+            dtype=self.dtype,
+            processor_options=self.processor_options,
+            trust_remote_code=self.trust_remote_code,
+            lora_rank=lora_rank,
+            max_loras=adapters,
+            seed=0,
+            gpu_memory_utilization=0.3,  # colocated with the training model (TRL's default for colocate)
+            threads=self.threads,
+        )
+
     def load_vlm(self, batch_size: int = 32, generation: bool = False):
         """The model behind the VLM interface, with this spec's settings. A device this machine
         lacks is refused before any weights load. With `generation` (inference-only commands) and

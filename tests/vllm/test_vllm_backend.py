@@ -137,3 +137,31 @@ def test_roles_follow_each_pushed_adapter_exactly(served, items):
     rows = [(img, p, c) for img, p, g in zip(images, prompts, groups) for c in g]
     scored = describer.logprobs([r[0] for r in rows], [r[1] for r in rows], [list(r[2].token_ids) for r in rows])
     assert max(float((torch.tensor(r[2].logprobs) - s).abs().max()) for r, s in zip(rows, scored)) < 1e-5
+
+
+def test_sctune_steps_generate_through_the_engine_with_the_current_adapters(served, items):
+    from refloop.methods.sctune import SCTune, SCTuneConfig
+
+    hf, _, _, vllm = served
+    engine = vllm.engine
+    base = HFVLM.from_pretrained(hf.name, device="cpu", dtype="fp32", batch_size=8)
+    cfg = SCTuneConfig(
+        phases=2, describer_steps=1, locator_steps=1, batch_size=2, baseline="group", group_size=2, lora=LORA,
+        describer_lr=0.05, locator_lr=0.05, max_new_tokens=8, generation_batch_size=8, checkpoint_every=100,
+    )  # fmt: skip
+    tuner = SCTune.from_base(base, cfg, items, engine=engine)
+    assert tuner.describer.backend == "vllm" and tuner.locator.backend == "vllm"
+    images = [it.load_image() for it in items]
+    boxes = [it.box for it in items]
+    hf_describer = tuner.adapters.view(tuner.vlm, "describer")
+    hf_locator = tuner.adapters.view(tuner.vlm, "locator")
+    for step in range(2):  # a describer step (PPO on vLLM samples), then a locator step and the parameter sync
+        stats = tuner.step(step)
+        assert stats["role"] == ("describer", "locator")[step]
+        tuner._publish()
+        greedy = GenerateOptions(max_new_tokens=12)
+        assert tuner.describer.describe(images, boxes, greedy) == hf_describer.describe(images, boxes, greedy)
+        expressions = ["the red circle", "a small green triangle"]
+        assert tuner.locator.locate(images[:2], expressions) == hf_locator.locate(images[:2], expressions)
+    trained = tuner.adapters.adapter_state("describer")
+    assert any(float(v.abs().max()) > 0 for k, v in trained.items() if "lora_B" in k)  # the roles did change

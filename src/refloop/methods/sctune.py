@@ -141,6 +141,8 @@ class SCTune:
         self.describer: VLM = adapters.view(vlm, "describer")
         self.locator: VLM = adapters.view(vlm, "locator")
         self.reference: VLM = adapters.view(vlm, REFERENCE)
+        self.engine = None  # a vLLM engine generating for the roles (generate_with), else transformers
+        self._stale: set[str] = set()  # adapters changed since their last push to the engine
         self.phases = schedule(cfg)
         self.total_steps = sum(p.steps for p in self.phases)
         self.trainer = Trainer(
@@ -161,12 +163,52 @@ class SCTune:
             )
 
     @classmethod
-    def from_base(cls, vlm: HFVLM, cfg: SCTuneConfig, train: list[BoxItem], supervised: list[BoxItem] | None = None) -> SCTune:
+    def from_base(cls, vlm: HFVLM, cfg: SCTuneConfig, train: list[BoxItem], supervised: list[BoxItem] | None = None, engine=None) -> SCTune:
+        """`engine` (a `refloop.models.vllm.VLLMEngine` on the same checkpoint, started with LoRA):
+        the roles generate through it; log-probs and training stay in transformers."""
         torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random: same seed, same start
         adapters = NamedAdapters(vlm.model, cfg.lora, ROLES, reference=cfg.reference)
         tuned = HFVLM(adapters.module, vlm.processor, vlm.profile, name=vlm.name, batch_size=cfg.generation_batch_size)
         tuned.share_image_states = True  # the K samples of a box share their image's states in every log-prob forward
-        return cls(adapters, tuned, cfg, train, supervised)
+        tuner = cls(adapters, tuned, cfg, train, supervised)
+        if engine is not None:
+            tuner.generate_with(engine)
+        return tuner
+
+    def generate_with(self, engine) -> None:
+        """Generate every role's text with a vLLM engine: each role is a LoRA adapter of it (the
+        reference: the base, or its snapshot adapter), pushed again before any step that follows
+        a change of its tensors (an update, a parameter sync, a resumed checkpoint)."""
+        from refloop.models.vllm import VLLMVLM
+
+        if self.cfg.lora.vision_tower:
+            raise RefloopError("generation_backend vllm serves language-model LoRA adapters only: set lora.vision_tower to false")
+        if self.adapters.sharded:
+            raise RefloopError("generation_backend vllm runs in one process: launch without FSDP")
+        served = VLLMVLM(
+            engine,
+            self.vlm.processor,
+            self.vlm.profile,
+            self.vlm.name,
+            self.cfg.generation_batch_size,
+            suppress_tokens=self.vlm.suppress_tokens,
+        )
+        self.engine = engine
+        self.describer = served.view("describer", scorer=self.describer)
+        self.locator = served.view("locator", scorer=self.locator)
+        reference = REFERENCE if self.adapters.reference_kind == "snapshot" else None
+        self.reference = served.view(reference, scorer=self.reference)
+        self._stale = {*ROLES, *([REFERENCE] if reference else [])}
+
+    def _publish(self) -> None:
+        """Push the adapters changed since their last push (vLLM backend only)."""
+        from refloop.models.vllm import write_peft_adapter
+
+        if self.engine is None:
+            return
+        for name in sorted(self._stale):
+            self.engine.push(name, write_peft_adapter(self.adapters, name))
+        self._stale.clear()
 
     def batch(self, step: int) -> list[BoxItem]:
         """Step `step`'s boxes (all processes), a pure function of (seed, step)."""
@@ -288,13 +330,18 @@ class SCTune:
         if step == phase.start and self.cfg.reset_optimizer_on_switch:
             self.trainer.reset_optimizer(phase.role)
         items = self.trainer.shard(self.batch(step))
+        self._publish()
         if phase.role == "describer":
             stats = self.describer_step(items)
         else:
             stats = self.locator_step(items, step)
+        changed = {phase.role}
         if step == phase.start + phase.steps - 1 and self.cfg.tune == "both":
             other = "locator" if phase.role == "describer" else "describer"
             self.adapters.copy(phase.role, other)  # parameter synchronisation
+            changed.add(other)
+        if self.engine is not None:
+            self._stale |= changed
         return {"phase": phase.index, "role": phase.role, **stats}
 
     def run(self, work_dir: Path, progress: Callable[[dict], None] | None = None) -> dict:

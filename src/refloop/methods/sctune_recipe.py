@@ -94,7 +94,7 @@ def _run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None
     if evaluate_base and recipe.eval_data:
         results["base"] = evaluate(vlm, recipe, out / "eval", "base")
     supervised = referring_items(recipe.supervised_data.data, recipe.root(recipe.supervised_data)) if recipe.supervised_data else None
-    tuner = SCTune.from_base(vlm, recipe.sctune, train, supervised)
+    tuner = SCTune.from_base(vlm, recipe.sctune, train, supervised, engine=recipe.vllm_engine(recipe.sctune.lora.r))
     tuner.trainer.track(tracking)
     started = time.perf_counter()
     summary = tuner.run(out / "train", progress=progress)
