@@ -165,6 +165,35 @@ def test_adapter_views_switch_the_active_adapter_per_call():
         adapters.view(vlm, "c")
 
 
+def test_a_never_trained_adapter_runs_as_the_base_until_its_tensors_change():
+    vlm = _vlm()
+    adapters = NamedAdapters(vlm.model, LoraSettings(r=2, alpha=4), ("locator", "describer"))
+    vlm = HFVLM(adapters.module, vlm.processor, vlm.profile, batch_size=8)
+    view = adapters.view(vlm, "locator")
+    (example,) = _examples(1)
+    ids = [vlm.answer_ids(example.answer)]
+    assert adapters.is_identity("locator") and adapters.is_identity("describer")
+    lora_calls = []
+    lora_layer = next(m for n, m in adapters.module.named_modules() if hasattr(m, "lora_A") and "locator" in m.lora_A)
+    hook = lora_layer.lora_A["locator"].register_forward_hook(lambda *a: lora_calls.append(1))
+    untrained = view.logprobs([example.image], [example.prompt], ids)[0]
+    view.generate([example.image], [example.prompt])
+    assert not lora_calls  # no LoRA matmul ran
+    with adapters.peft.disable_adapter():
+        assert torch.equal(untrained, vlm.logprobs([example.image], [example.prompt], ids)[0])  # bit for bit the base
+    # A training forward uses the adapter (gradients reach it) ...
+    loss = answer_nll(view, [example.image], [example.prompt], ids)
+    assert lora_calls
+    loss.backward()
+    torch.optim.SGD(adapters.parameters("locator"), lr=1.0).step()
+    # ... and once its tensors changed, every call does.
+    assert not adapters.is_identity("locator") and adapters.is_identity("describer")
+    lora_calls.clear()
+    assert not torch.equal(view.logprobs([example.image], [example.prompt], ids)[0], untrained)
+    assert lora_calls
+    hook.remove()
+
+
 def test_step_seeds_are_named_streams():
     assert step_seed(2, 5, "batch") != step_seed(2, 5, "mix")
     assert step_seed(2, 5, "torch", rank=1) != step_seed(2, 5, "torch", rank=0)

@@ -207,7 +207,8 @@ class SCTune:
         if self.engine is None:
             return
         for name in sorted(self._stale):
-            self.engine.push(name, write_peft_adapter(self.adapters, name))
+            # a never-trained adapter (LoRA B = 0) is served as the base: no LoRA kernels
+            self.engine.push(name, write_peft_adapter(self.adapters, name), identity=self.adapters.is_identity(name))
         self._stale.clear()
 
     def batch(self, step: int) -> list[BoxItem]:

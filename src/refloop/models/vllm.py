@@ -168,12 +168,18 @@ class VLLMEngine:
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._root, True)
         self.vocab_size = config.get_text_config().vocab_size
 
-    def push(self, name: str, write) -> object:
-        """A new version of adapter `name` (written by `write(directory)`), served from now on."""
+    def push(self, name: str, write, identity: bool = False) -> object:
+        """A new version of adapter `name` (written by `write(directory)`), served from now on.
+        `identity`: the adapter changes nothing (LoRA B = 0), so `name` is served by the base
+        weights, without LoRA kernels."""
         from vllm.lora.request import LoRARequest
 
         if not self.lora:
             raise RuntimeError("this engine was started without LoRA (lora_rank=None)")
+        if identity:
+            self._retire(name)
+            self._requests[name] = None
+            return None
         lora_id = next(self._ids)
         directory = self._root / f"{name}-{lora_id}"
         directory.mkdir()
@@ -181,12 +187,16 @@ class VLLMEngine:
         request = LoRARequest(f"{name}-{lora_id}", lora_id, str(directory))
         if not self.llm.llm_engine.add_lora(request):
             raise RuntimeError(f"vLLM refused adapter {name!r} from {directory}")
-        old = self._requests.get(name)
-        self._requests[name], old_dir, self._dirs[name] = request, self._dirs.get(name), directory
+        self._retire(name)
+        self._requests[name], self._dirs[name] = request, directory
+        return request
+
+    def _retire(self, name: str) -> None:
+        old, directory = self._requests.pop(name, None), self._dirs.pop(name, None)
         if old is not None:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        return request
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def request(self, name: str | None):
         """The LoRARequest serving adapter `name` (None: the base weights)."""

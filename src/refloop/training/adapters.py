@@ -144,12 +144,40 @@ class NamedAdapters:
             distributed.shard(self.module)  # in place; parameters become DTensors
         self.sharded = distributed.sharded(self.module)
         self._params = {name: _adapter_parameters(self.module, name) for name in stored}
+        self._identity: dict[str, tuple] = {}  # name -> (tensor versions when checked, result)
+        self._named: dict[str, list] = {}
         if reference == "snapshot":
             self.copy(names[0], REFERENCE)
         self.use(names[0], trainable=False)
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         return self._params[name]
+
+    def is_identity(self, name: str) -> bool:
+        """Whether adapter `name` changes nothing: every LoRA B matrix (and trainable-token delta)
+        is zero, as for an adapter never trained (PEFT starts B at 0). Such an adapter can run as
+        the base, without its LoRA matmuls, with the same outputs bit for bit. Checked again only
+        after its tensors change (an optimizer step or a copy bumps their version counters)."""
+        params = self._named_params(name)
+        versions = tuple(p._version for _, p in params)
+        cached = self._identity.get(name)
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+        deltas = [p for n, p in params if _ZERO_MEANS_IDENTITY.search(n)]
+        if self.sharded or len(deltas) + sum(1 for n, _ in params if ".lora_A." in n or ".lora_embedding_A." in n) != len(params):
+            result = False  # sharded tensors, or tensors (DoRA magnitudes) whose zero is not the identity
+        else:
+            with torch.no_grad():
+                result = all(not p.any() for p in deltas)
+        self._identity[name] = (versions, result)
+        return result
+
+    def _named_params(self, name: str) -> list[tuple[str, torch.nn.Parameter]]:
+        named = self._named.get(name)
+        if named is None:
+            wanted = {id(p) for p in self._params[name]}
+            named = self._named[name] = [(n, p) for n, p in self.module.named_parameters() if id(p) in wanted]
+        return named
 
     def use(self, name: str, trainable: bool) -> None:
         """Make `name` the active adapter; only its tensors require grad, and only if `trainable`."""
@@ -248,6 +276,9 @@ def _adapter_parameters(module: torch.nn.Module, name: str) -> list[torch.nn.Par
     return params
 
 
+_ZERO_MEANS_IDENTITY = re.compile(r"\.(lora_B|lora_embedding_B|trainable_tokens_delta)\.")
+
+
 class AdapterView:
     """A VLM with one named adapter active. Every call activates it first, so views of the same
     base can be used in any order (the describer's view, then the locator's); `logprobs(...,
@@ -273,6 +304,11 @@ class AdapterView:
     def _active(self, trainable: bool = False) -> Iterator[None]:
         if self.adapter == REFERENCE:
             with self.adapters.reference():
+                yield
+        elif not trainable and self.adapters.is_identity(self.adapter):
+            # A never-trained adapter (LoRA B = 0) is the base: run without the LoRA matmuls.
+            self.adapters.use(self.adapter, trainable=False)
+            with self.adapters.peft.disable_adapter():
                 yield
         else:
             # Left trainable on exit: autograd skips leaves that no longer require grad, and the
