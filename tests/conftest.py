@@ -9,7 +9,8 @@ torch.set_num_threads(2)
 
 # The vLLM backend's tests run in the vLLM venv, as .ci/run's separate step; where vllm is not
 # installed (the main venv) they are not collected at all.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+_vllm = importlib.util.find_spec("vllm")
+collect_ignore = [] if _vllm is not None and _vllm.origin is not None else ["vllm_backend"]
 
 
 @pytest.fixture(autouse=True)

@@ -122,6 +122,8 @@ def run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | Non
     """Train and export in `out`. Rerunning resumes; a run with another recipe (other than its
     thread count) is refused unless `overwrite`."""
     check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
+    if recipe.generation_backend != "hf":
+        raise RefloopError("generation_backend vllm serves sctune recipes and the inference commands; sft recipes generate with hf")
     fingerprint = {"task": "sft", "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS})}
     if not PartialState(cpu=recipe.device == "cpu").is_main_process:
         return _run_sft(recipe, out, progress)

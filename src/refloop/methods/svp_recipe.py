@@ -114,6 +114,8 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
     """Run (or resume) SVP in `out`; a run with another recipe (other than its thread count) is
     refused unless `overwrite`."""
     check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
+    if recipe.generation_backend != "hf":
+        raise RefloopError("generation_backend vllm serves sctune recipes and the inference commands; svp recipes generate with hf")
     fingerprint = {"task": "svp", "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS})}
     if not PartialState(cpu=recipe.device == "cpu").is_main_process:
         return _run_svp(recipe, out, progress)

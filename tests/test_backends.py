@@ -1,0 +1,68 @@
+"""Choosing a generation backend in the main venv (no vLLM here): recipes and run fingerprints
+unchanged for the default, clear refusals, and the torchvision shim the vLLM venv relies on."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from helpers import run_cli
+
+from refloop.config import ModelSpec
+
+
+def test_the_default_backend_is_left_out_of_recorded_recipes():
+    assert "generation_backend" not in ModelSpec().model_dump()  # fingerprints of earlier runs still match
+    assert ModelSpec(generation_backend="vllm").model_dump()["generation_backend"] == "vllm"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_backend_vllm_without_vllm_is_refused_with_the_install(tmp_path, capsys):
+    code, _, err = run_cli(["eval", "rec", "--data", "in-domain", "--limit", "2", "--out", str(tmp_path), "--backend", "vllm"], capsys)
+    assert code == 2
+    assert "error: the vLLM backend needs the vllm package" in err and ".ci/install-vllm" in err
+
+
+def test_recipes_that_do_not_serve_roles_from_vllm_refuse_it(tmp_path, capsys):
+    from refloop.models import packaged_model_path
+
+    recipes = packaged_model_path("refloop-tiny").parent.parent / "recipes"
+    for command, recipe in (("sft", "sft-shapes.yaml"), ("svp", "svp-shapes.yaml")):
+        args = [command, "--config", str(recipes / recipe), "--set", "generation_backend=vllm", "--out", str(tmp_path / command)]
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and f"{command} recipes generate with hf" in err
+
+
+def test_a_torchvision_whose_operators_cannot_load_imports_after_the_declaration(tmp_path):
+    """A stand-in for PyPI's CUDA torchvision on a CPU torch: its operator library does not load,
+    and its meta registrations name an operator nobody declared (as torchvision 0.28 does)."""
+    package = tmp_path / "torchvision"
+    package.mkdir()
+    (package / "_C.so").write_bytes(b"not a shared library")
+    (package / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            try:
+                torch.ops.load_library(__path__[0] + "/_C.so")
+            except OSError:
+                pass
+
+            @torch.library.register_fake("torchvision::nms")
+            def meta_nms(dets, scores, iou_threshold):
+                return dets.new_empty(0, dtype=torch.long)
+            """
+        )
+    )
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    plain = run("import torchvision")
+    assert plain.returncode != 0 and "torchvision::nms" in plain.stderr
+    hooked = run("import refloop.torchvision_ops as t; t.install_import_hook(); import torchvision; print('ok')")
+    assert hooked.returncode == 0, hooked.stderr
+    assert hooked.stdout.strip() == "ok"
