@@ -9,7 +9,7 @@ caption, answer) served by one vLLM engine, with training roles as LoRA adapters
   serving the OLD weights when an id is reused with a new path, so an id is never reused.
 - Prompts, box text and answer reading are the checkpoint's prompt profile, exactly as in the
   HF backend; image placeholder tokens (and the generation config's suppressed tokens) are never
-  sampled (`allowed_token_ids`); the log-probs of the sampled tokens come back with every
+  sampled (a -inf logit bias); the log-probs of the sampled tokens come back with every
   completion (`Completion.logprobs`, the model's log-softmax before any sampling transform, which
   is what `HFVLM.logprobs` computes).
 - Log-probs of given completions, losses and training stay in transformers: a `VLLMVLM` built
@@ -263,8 +263,11 @@ class VLLMVLM(ProfileTasks):
         placeholders = {getattr(config, k, None) for k in _PLACEHOLDER_KEYS}
         placeholders |= {getattr(processor, k, None) for k in ("image_token_id", "video_token_id")}
         self.suppress_tokens = sorted({t for t in placeholders if isinstance(t, int)} | set(suppress_tokens))
-        banned = set(self.suppress_tokens)
-        self._allowed = [t for t in range(engine.vocab_size) if t not in banned]
+        # -inf logit biases (SamplingParams' own constructor does not clip them, unlike its
+        # from_optional): the tokens are never chosen, greedy or sampled, and the returned
+        # log-probs (computed before any bias) are untouched. allowed_token_ids would do the same
+        # with a vocabulary-long list validated in Python per request.
+        self._banned = {t: float("-inf") for t in self.suppress_tokens if 0 <= t < engine.vocab_size}
 
     @classmethod
     def from_pretrained(
@@ -308,7 +311,7 @@ class VLLMVLM(ProfileTasks):
         from vllm import SamplingParams
 
         n = options.num_return_sequences if options.do_sample else 1
-        common = {"max_tokens": options.max_new_tokens, "n": n, "logprobs": 0, "allowed_token_ids": self._allowed}
+        common = {"max_tokens": options.max_new_tokens, "n": n, "logprobs": 0, "logit_bias": dict(self._banned) or None}
         if not options.do_sample:
             return SamplingParams(temperature=0.0, **common)
         return SamplingParams(temperature=options.temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0, seed=seed, **common)
