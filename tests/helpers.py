@@ -71,14 +71,17 @@ class ScriptedVLM:
         return [Located(self.answers.get(e), "text") for e in expressions]
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+def run_cli(args: list[str], capsys=None) -> tuple[int, str, str]:
     """`refloop ARGS` in this process through the real entry point (its error handler included):
-    (exit code, stdout, stderr with whitespace folded)."""
+    (exit code, stdout, stderr with whitespace folded; without `capsys`, empty). Torch's thread
+    count is restored afterwards (`--threads` would change it for every later test)."""
     import sys
+
+    import torch
 
     from refloop import cli
 
-    argv = sys.argv
+    argv, threads = sys.argv, torch.get_num_threads()
     sys.argv = ["refloop", *args]
     try:
         cli.main()
@@ -87,5 +90,6 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = argv
-    out, err = capsys.readouterr()
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
     return code, out, " ".join(err.split())

@@ -44,7 +44,7 @@ def test_pr_at_05_mean_iou_and_parse_failures_hand_computed(tmp_path):
     assert saved["consistency_rate"] == m["consistency_rate"]
 
 
-def test_resume_does_not_redo_finished_samples(tmp_path):
+def test_resume_does_not_redo_finished_batches(tmp_path):
     records = make_records(tmp_path, 5)
     answers = {f"box {i}": Box(i, 0, i + 10, 10) for i in range(5)}
     calls = []
@@ -54,11 +54,20 @@ def test_resume_does_not_redo_finished_samples(tmp_path):
             calls.append(len(prompts))
             return super().generate(images, prompts, options)
 
-    out = tmp_path / "out"
-    evaluate_consistency(Counting(answers), sample_boxes(records, 3), out, ConsistencyConfig(batch_size=2))
-    m = evaluate_consistency(Counting(answers), sample_boxes(records, 5), out, ConsistencyConfig(batch_size=2))
-    assert calls == [2, 1, 2]
+    class Killed(Exception):
+        pass
+
+    def kill(done: int) -> None:
+        raise Killed
+
+    out, samples = tmp_path / "out", sample_boxes(records, 5)
+    with pytest.raises(Killed):  # after the first batch (samples 0, 1) is written
+        evaluate_consistency(Counting(answers), samples, out, ConsistencyConfig(batch_size=2), progress=kill)
+    assert calls == [2]
+    m = evaluate_consistency(Counting(answers), samples, out, ConsistencyConfig(batch_size=2))
+    assert calls == [2, 2, 1]  # batches 1 and 2 only
     assert m["num_boxes"] == 5 and m["consistency_rate"] == 1.0
+    assert [r["id"] for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines())] == [s.sample_id for s in samples]
 
 
 def test_one_box_per_image():

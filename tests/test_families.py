@@ -116,7 +116,7 @@ def test_logprobs_equal_what_generate_computes(family, items):
     prompts = [vlm.profile.rec_prompt("the small red circle"), vlm.profile.caption_prompt()]  # different lengths: padding
     ids, expected = _generation_logprobs(vlm, images, prompts)
     got = vlm.logprobs(images, prompts, ids)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-4)
 
 
@@ -133,7 +133,7 @@ def test_full_vocab_rows_gather_to_the_token_logprobs(family, items):
     images, prompts, answers = _answers(vlm, items)
     tokens = vlm.logprobs(images, prompts, answers)
     rows = vlm.logprobs(images, prompts, answers, full_vocab=True)
-    for row, token, ids in zip(rows, tokens, answers):
+    for row, token, ids in zip(rows, tokens, answers, strict=True):
         assert row.shape == (len(ids), vlm.model.get_output_embeddings().out_features)
         torch.testing.assert_close(row.logsumexp(-1), torch.zeros(len(ids)), atol=1e-5, rtol=0)
         assert torch.equal(row.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1), token)
@@ -177,7 +177,7 @@ def test_batched_generation_equals_one_by_one(family, items):
     images = [it.image for it in items[:2]]
     prompts = [vlm.profile.rec_prompt("the small red circle"), vlm.profile.caption_prompt()]
     together = vlm.generate(images, prompts)
-    alone = [vlm.generate([img], [p])[0] for img, p in zip(images, prompts)]
+    alone = [vlm.generate([img], [p])[0] for img, p in zip(images, prompts, strict=True)]
     assert [g[0].token_ids for g in together] == [g[0].token_ids for g in alone]
 
 
@@ -189,7 +189,7 @@ def test_rec_answer_round_trips_through_the_tokenizer(family, items):
     parsed = vlm.profile.read_box(text, image.size)
     step = vlm.profile.codec.step * max(image.size) * 2 + 1e-6
     assert parsed is not None
-    assert max(abs(a - b) for a, b in zip(parsed.as_list(), box.as_list())) <= max(step, 1.0)
+    assert max(abs(a - b) for a, b in zip(parsed.as_list(), box.as_list(), strict=True)) <= max(step, 1.0)
 
 
 def test_one_sctune_step_per_phase_trains_only_the_language_model(family, items):

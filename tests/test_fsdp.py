@@ -74,6 +74,7 @@ def describer_fsdp(tmp_path_factory, config):
     return _worker(tmp_path_factory.mktemp("fsdp-describer"), "describer", "packaged", 29641, config)
 
 
+@pytest.mark.distributed
 def test_fsdp_locator_equals_one_process(tmp_path, config):
     sharded = _worker(tmp_path / "fsdp", "locator", "random", 29642, config)
     one_process = [sys.executable, str(WORKER), str(tmp_path / "one"), "locator", "random"]
@@ -86,6 +87,7 @@ def test_fsdp_locator_equals_one_process(tmp_path, config):
     assert _lora_b(sharded, "describer") == 0  # ... and only the active adapter
 
 
+@pytest.mark.distributed
 def test_fsdp_describer_equals_data_parallel(tmp_path, describer_fsdp):
     plain = _worker(tmp_path / "dp", "describer", "packaged", 29643, None)
     assert _max_diff(describer_fsdp, plain) < 1e-6
@@ -93,6 +95,7 @@ def test_fsdp_describer_equals_data_parallel(tmp_path, describer_fsdp):
     assert _lora_b(describer_fsdp, "locator") == 0
 
 
+@pytest.mark.distributed
 def test_fsdp_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp_path, config, describer_fsdp):
     """Killed after step 3 (checkpoint at step 2: gathered adapters and AdamW states), relaunched."""
     _worker(tmp_path, "describer", "packaged", 29644, config, stop_at=3)
@@ -103,6 +106,7 @@ def test_fsdp_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp_path
     assert len(rows) == 4 and '"phase": 1,' in rows[-1]  # integer stats stay integers across processes
 
 
+@pytest.mark.distributed
 def test_sctune_cli_under_fsdp_exports_and_evaluates(tmp_path, config):
     """`accelerate launch --config_file fsdp... -m refloop.cli sctune`: adapters and merged model
     from the gathered copy, base and tuned evaluation sharded over both processes."""

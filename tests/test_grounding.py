@@ -215,13 +215,18 @@ def owlv2(tmp_path_factory):
         return HFOwlV2.from_pretrained(path, device="cpu", threshold=0.0, nms_iou=None)
 
 
-def test_owlv2_without_scipy_resizes_with_pil_and_says_so(owlv2):
+def test_owlv2_without_scipy_resizes_with_pil_and_says_so(owlv2, monkeypatch):
+    """Both branches, whether or not scipy is installed here: its absence is simulated."""
     import importlib.util
 
-    if importlib.util.find_spec("scipy") is not None:
-        pytest.skip("scipy is installed: the processor resizes")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a))
     with pytest.warns(UserWarning, match="scipy"):
-        HFOwlV2(owlv2.model, owlv2.processor)
+        assert HFOwlV2(owlv2.model, owlv2.processor)._resize_here
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "scipy" else find_spec(name, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert not HFOwlV2(owlv2.model, owlv2.processor)._resize_here
 
 
 def test_owlv2_maps_boxes_of_the_padded_square_back_to_a_non_square_image(owlv2):

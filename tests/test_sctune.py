@@ -48,20 +48,23 @@ def _tuner(tmp_path, **overrides):
 
 def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     """micro_batch_size bounds activation memory; the update must not change (up to float sums)."""
-    results = []
+    results, starts = [], []
     for micro in (None, 1, 3):
         tuner = _tuner(tmp_path / str(micro), phases=2, micro_batch_size=micro, minibatches=2)
+        starts.append({r: [p.detach().clone() for p in tuner.adapters.parameters(r)] for r in ("describer", "locator")})
         torch.manual_seed(0)
         d = tuner.describer_step(tuner.batch(0))
         loc = tuner.locator_step(tuner.batch(1), step=1)
         results.append((d, loc, {r: [p.detach().clone() for p in tuner.adapters.parameters(r)] for r in ("describer", "locator")}))
     (d0, l0, p0), *others = results
+    for role in p0:  # both updates move their adapter: a no-op update would pass the comparisons below
+        assert any(not torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(p0[role], starts[0][role], strict=True)), role
     for d, loc, params in others:
         for key in ("loss", "approx_kl", "clipfrac", "grad_norm", "reward"):
             assert d[key] == pytest.approx(d0[key], rel=1e-4, abs=1e-6), key
         assert loc["loss"] == pytest.approx(l0["loss"], rel=1e-5)
         for role in params:
-            for a, b in zip(params[role], p0[role]):
+            for a, b in zip(params[role], p0[role], strict=True):
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
@@ -169,6 +172,7 @@ def test_resume_with_another_config_is_refused(tmp_path):
         other.run(tmp_path / "run")
 
 
+@pytest.mark.distributed
 def test_two_processes_stay_in_sync(tmp_path):
     """accelerate launch, two CPU processes (gloo): each rank tunes its half of every batch; the
     averaged gradients keep their adapters identical."""

@@ -74,8 +74,12 @@ def _sft_weights(tmp_path, name: str, **overrides) -> tuple[dict, list[dict]]:
 
 
 def test_micro_batches_give_the_same_sft_update(tmp_path):
+    start = {k: v.detach().clone() for k, v in SFT(_vlm(), SFTConfig(**SMALL_SFT), _examples()).adapters.state_dict().items()}
     whole, _ = _sft_weights(tmp_path, "whole")
     micro, _ = _sft_weights(tmp_path, "micro", micro_batch_size=1)
+    assert whole.keys() == micro.keys() == start.keys()
+    moved = [k for k in whole if not torch.allclose(whole[k], start[k], rtol=0, atol=1e-4)]
+    assert len(moved) >= len(whole) // 2, "the update must move the adapter (a no-op update would pass the comparison)"
     for key in whole:
         torch.testing.assert_close(whole[key], micro[key], rtol=1e-4, atol=1e-6)
 

@@ -351,8 +351,10 @@ def evaluate(
         _refuse_options(task, {"--refs": refs, "--split": split, "--limit": limit})
         unused = ("--strategy", "--per-image", "--seed", "--pope-rule") if task == EvalTask.caption else ("--captions", "--chair-protocol")
         _refuse_options(task, {k: object_options[k] for k in unused})
-        found = load_object_data(data, images, captions, on_error=on_error.value, num_images=num_images or 500)
-        if found.report.skipped:
+        state = _processes(spec)
+        with state.main_process_first():  # a shapes-world domain is exported once, by the main process
+            found = load_object_data(data, images, captions, on_error=on_error.value, num_images=num_images or 500)
+        if found.report.skipped and state.is_main_process:
             err_console.print(f"skipped {found.report.skipped} bad records: {dict(found.report.reasons)}", markup=False)
         if not found.records:
             raise RefloopError(f"{data}: no images to evaluate")
@@ -367,6 +369,8 @@ def evaluate(
             pope["rule"] = (pope_rule or PopeRule.reference).value
             with progress_bar(f"pope {pope['strategy']} {data}", None) as advance:
                 metrics = evaluate_pope(vlm, found, out, progress=advance, **pope, **common)
+        if not state.is_main_process:
+            return
         if found.report.skipped:
             metrics["skipped_records"] = found.report.skipped
         console.print_json(json.dumps(metrics))
@@ -554,7 +558,7 @@ def svp(
     out: Path = typer.Option(
         ...,
         "--out",
-        help="Run directory: iteration-N/ (samples-*.jsonl, train/, adapters/), merged/, results.json, report.html.",
+        help="Run directory: iteration-N/ (samples.jsonl, train/, adapters/), merged/, results.json, report.html.",
     ),
     overrides: list[str] = typer.Option(
         [], "--set", help="Override a recipe field, e.g. --set svp.score=weighted_difference (repeatable)."
@@ -596,43 +600,31 @@ def caption(
 ) -> None:
     """Caption images greedily; with --isvp, SVP's inference-time variant (no tuning): the caption's objects are
     grounded and the model captions again with the grounding in its prompt."""
-    from refloop.data.jsonl import JsonlWriter
-    from refloop.data.pixels import pending_batches
     from refloop.data.sources import load_detections
-    from refloop.methods.svp import isvp as run_isvp
+    from refloop.methods.svp import caption_images
     from refloop.methods.svp_recipe import GrounderSpec
     from refloop.progress import progress_bar
-    from refloop.runs import model_fingerprint, run_directory
     from refloop.world import DOMAINS, TRAIN_SEED
 
     if phrases not in ("caption", "categories", "both"):
         raise RefloopError(f"--phrases {phrases!r}: choose caption, categories or both")
-    found = load_detections(data, images, on_error.value, num_images, TRAIN_SEED)
-    vlm = _model_spec(model, device, dtype, None, False, backend).load_vlm(batch_size, generation=True)
-    spec = GrounderSpec.model_validate(
+    spec = _model_spec(model, device, dtype, None, False, backend)
+    state = _processes(spec)
+    with state.main_process_first():  # a shapes-world domain is exported once, by the main process
+        found = load_detections(data, images, on_error.value, num_images, TRAIN_SEED)
+    vlm = spec.load_vlm(batch_size, generation=True)
+    grounding = GrounderSpec.model_validate(
         {"kind": grounder, "model": grounder_model, "miss_rate": miss_rate, "false_positive_rate": false_positive_rate}
     )
-    ground = spec.build(vlm, device, dtype) if isvp else None
-    fingerprint = {
-        "task": "caption",
-        "model": model_fingerprint(vlm),
-        "data": data,
-        "isvp": isvp,
-        "grounder": spec.model_dump(),
-        "phrases": phrases,
-    }
-    skipped: list = []
-    with run_directory(out, fingerprint, overwrite), JsonlWriter(out / "captions.jsonl", key="image_id") as writer:
-        with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records)) as advance:
-            for chunk, imgs in pending_batches(
-                found.records, writer.done, lambda r: r.image_id, lambda r: r.load_image(), batch_size, on_error.value, skipped, advance
-            ):
-                if ground is not None:
-                    writer.write_many(run_isvp(vlm, ground, chunk, imgs, phrases, data in DOMAINS))
-                else:
-                    texts = vlm.caption(imgs)
-                    writer.write_many({"image_id": r.image_id, "image": str(r.path), "caption": t} for r, t in zip(chunk, texts))
-    console.print(f"captions: {out / 'captions.jsonl'}" + (f" ({len(skipped)} unreadable images skipped)" if skipped else ""))
+    ground = grounding.build(vlm, device, dtype) if isvp else None
+    fingerprint = {"data": data, "isvp": isvp, "grounder": grounding.model_dump(), "phrases": phrases}
+    with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records)) as advance:
+        skipped = caption_images(
+            vlm, found.records, out, ground, phrases, data in DOMAINS, batch_size, fingerprint, advance, overwrite, on_error.value
+        )
+    if not state.is_main_process:
+        return
+    console.print(f"captions: {out / 'captions.jsonl'}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
 
 
 @app.command()
@@ -662,13 +654,14 @@ def _processes(spec):
 
 @app.command()
 def bootstrap(
-    data: str = typer.Option(
-        ...,
-        "--data",
-        help="Detection boxes: a shapes-world domain (in-domain, crowded, wild), a COCO / Objects365 .json or a referring .jsonl.",
-    ),
+    config: Path | None = typer.Option(None, "--config", help="YAML recipe (configs/bootstrap-shapes.yaml); options below override it."),
     out: Path = typer.Option(
         ..., "--out", help="Output directory: pairs.jsonl, refs.json + instances.json, candidates.jsonl, stats.json, report.html."
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="Detection boxes: a shapes-world domain (in-domain, crowded, wild), a COCO / Objects365 .json or a referring .jsonl.",
     ),
     images: Path | None = typer.Option(None, "--images", help="Image root for --data files (default: the file's directory)."),
     model: str | None = ModelOpt,
@@ -690,82 +683,71 @@ def bootstrap(
         min=1,
         help="K: the greedy description plus K-1 sampled ones per box, the most consistent kept (default 1, as Pink).",
     ),
-    distractor_check: bool = typer.Option(
-        False, "--distractor-check", help="Reject a description whose re-located box fits another box of its category at least as well."
+    distractor_check: bool | None = typer.Option(
+        None,
+        "--distractor-check/--no-distractor-check",
+        help="Reject a description whose re-located box fits another box of its category at least as well.",
     ),
     num_images: int | None = typer.Option(
         None, "--num-images", min=1, help="Shapes-world domain: scenes exported (default 1000); files: only the first N images."
     ),
-    scene_seed: int = typer.Option(0, "--scene-seed", help="Shapes-world scene seed (0: training scenes, 1: evaluation scenes)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampled descriptions (--samples > 1)."),
-    batch_size: int = BatchOpt,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    scene_seed: int | None = typer.Option(None, "--scene-seed", help="Shapes-world scene seed (0: training scenes, 1: evaluation scenes)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the sampled descriptions (--samples > 1)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Images per generation batch (default 64)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str | None = typer.Option(None, "--dtype", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16 or fp16."),
     threads: int | None = typer.Option(
         None, "--threads", min=1, help="Torch CPU threads per process (default: torch's choice; on a busy CPU 1 can be much faster)."
     ),
-    on_error: OnErrorChoice = OnErrorOpt,
-    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with kept and rejected examples."),
+    on_error: OnErrorChoice | None = typer.Option(None, "--on-error", help="fail: stop at the first bad record; skip: skip and count."),
+    report: bool | None = typer.Option(None, "--report/--no-report", help="Write report.html with kept and rejected examples."),
     profile: str | None = ProfileOpt,
-    trust_remote_code: bool = RemoteOpt,
-    backend: BackendChoice = BackendOpt,
+    trust_remote_code: bool | None = typer.Option(
+        None, "--trust-remote-code/--no-trust-remote-code", help="Allow a checkpoint's own modelling code."
+    ),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set bootstrap.samples=4 (repeatable)."),
+    backend: BackendChoice | None = typer.Option(None, "--backend", help="What generates: hf (transformers, default) or vllm."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Pink's self-consistent bootstrapping (Sec. 3.3): describe every box, re-locate the description, keep when IoU >= lambda.
     Resumable (rerun the same command); sharded under `accelerate launch`."""
-    from contextlib import nullcontext
+    from refloop.config import load_recipe
+    from refloop.methods.bootstrap_recipe import BootstrapRecipe, run_bootstrap
+    from refloop.progress import staged_progress
 
-    import torch
-    from accelerate import PartialState
-    from pydantic import ValidationError
-
-    from refloop.methods.pink import BootstrapConfig, load_detections, process_batches
-    from refloop.methods.pink import bootstrap as run_bootstrap
-    from refloop.progress import progress_bar
-    from refloop.world import DOMAINS
-
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend).model_copy(update={"threads": threads})
-    chosen = {"iou_lambda": iou_lambda, "max_objects": max_objects, "min_area_px": min_area_px, "samples": samples}
-    fields = {k: v for k, v in chosen.items() if v is not None} | {
-        "distractor_check": distractor_check,
-        "batch_size": batch_size,
-        "seed": seed,
+    flags = {
+        "data": data,
+        "images": images,
+        "model": model,
+        "num_images": num_images,
+        "scene_seed": scene_seed,
+        "device": device,
+        "dtype": dtype,
+        "threads": threads,
+        "on_error": on_error,
+        "report": report,
+        "profile": profile,
+        "trust_remote_code": trust_remote_code,
+        "generation_backend": backend,
+        "bootstrap.iou_lambda": iou_lambda,
+        "bootstrap.max_objects": max_objects,
+        "bootstrap.min_area_px": min_area_px,
+        "bootstrap.samples": samples,
+        "bootstrap.distractor_check": distractor_check,
+        "bootstrap.seed": seed,
+        "bootstrap.batch_size": batch_size,
     }
-    try:
-        cfg = BootstrapConfig.shapes(**fields) if data in DOMAINS else BootstrapConfig(**fields)
-    except ValidationError as exc:
-        problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
-        raise RefloopError(f"invalid bootstrap options: {problems}") from None
-    # Before any weights load: under accelerate launch every process takes its own device.
-    state = PartialState(cpu=spec.device == "cpu" or not torch.cuda.is_available())
-    with state.main_process_first():  # a shapes-world domain is exported once, by the main process
-        source = load_detections(data, images, on_error.value, num_images, scene_seed)
-    if source.report.skipped and state.is_main_process:
-        err_console.print(f"skipped {source.report.skipped} bad records: {dict(source.report.reasons)}", markup=False)
-    if not source.records:
-        raise RefloopError(f"{data}: no images to bootstrap")
-    vlm = spec.load_vlm(batch_size, generation=True)
-    share = sum(map(len, process_batches(len(source.records), cfg.batch_size, state.process_index, state.num_processes)))
-    title = f"bootstrap {data}" + (f" (process 1 of {state.num_processes})" if state.num_processes > 1 else "")
-    with progress_bar(title, share) if state.is_main_process else nullcontext(None) as advance:
-        stats = run_bootstrap(
-            vlm,
-            source.records,
-            out,
-            cfg,
-            data=data,
-            image_root=source.image_root,
-            grammar=source.expressions,
-            progress=advance,
-            overwrite=overwrite,
-            on_error=on_error.value,
-            write_report=report,
-            extra_stats={"skipped_records": source.report.skipped} if source.report.skipped else None,
-        )
+    given = [f"{k}={json.dumps(getattr(v, 'value', str(v) if isinstance(v, Path) else v))}" for k, v in flags.items() if v is not None]
+    recipe = load_recipe(BootstrapRecipe, config, [*given, *overrides])
+    state = _processes(recipe)
+    with staged_progress() as advance:
+        stats = run_bootstrap(recipe, out, progress=advance if state.is_main_process else None, overwrite=overwrite)
     if stats is None:
         return
+    if stats.get("skipped_records"):
+        err_console.print(f"skipped {stats['skipped_records']} bad records", markup=False)
     console.print_json(json.dumps({k: v for k, v in stats.items() if k != "config"}))
-    console.print(f"read the pairs back with: --data {out / 'pairs.jsonl'} --images {source.image_root}", markup=False)
+    console.print(f"read the pairs back with: --data {out / 'pairs.jsonl'} --images {stats['image_root']}", markup=False)
 
 
 def main() -> None:

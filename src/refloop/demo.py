@@ -218,7 +218,7 @@ def _svp_html(result: dict | None) -> str:
         f"<table><tr><th>model</th><th>object recall %</th><th>CHAIR_i %</th><th>CIDEr</th></tr>{cells}</table>"
         f"<table><tr><th>image</th><th>base caption</th><th>after SVP</th></tr>{examples}</table>"
         "<p>Prior and guided samples, scores and selections: <a href='svp/report.html'>svp/</a> "
-        "(<code>svp/iteration-1/samples-*.jsonl</code>).</p>"
+        "(<code>svp/iteration-1/samples.jsonl</code>).</p>"
     )
 
 

@@ -154,12 +154,17 @@ def model_fingerprint(vlm) -> dict:
             out["dtype"] = str(next(model.parameters()).dtype)
         except (StopIteration, AttributeError, TypeError):
             pass
-    directory = Path(out["name"])
-    if directory.is_dir():
-        out["config"] = file_digest(directory / "config.json")
-        weights = sorted(directory.glob("*.safetensors"))
-        out["weights"] = [file_digest(w) for w in weights[:4]]
-    return out
+    return out | checkpoint_digest(Path(out["name"]))
+
+
+def checkpoint_digest(directory: Path) -> dict:
+    """Digests of a checkpoint directory's config and first weight files ({} for a hub id): a model
+    retrained under the same path is another model."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    weights = sorted(directory.glob("*.safetensors"))
+    return {"config": file_digest(directory / "config.json"), "weights": [file_digest(w) for w in weights[:4]]}
 
 
 @contextmanager

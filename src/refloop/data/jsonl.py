@@ -5,34 +5,49 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from refloop.errors import DataError
 
 
-def read_records(path: Path) -> list[dict]:
-    """Complete records of a JSONL file; a torn trailing line (a write cut short by a kill) is
-    ignored. A damaged complete line is a DataError naming the line: resuming past it would
-    silently lose or redo records."""
-    if not path.exists():
-        return []
-    out = []
+def complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, raw line) of each complete line of a JSONL file, in file order; a torn last
+    line (a write cut short by a kill) is left out."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        offset = 0
+        for raw in f:
             if not raw.endswith(b"\n"):
-                break
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-                raise DataError(path, f"line {number}", f"damaged record ({exc}); delete the file or rerun with --overwrite") from None
-            if not isinstance(record, dict):
-                raise DataError(path, f"line {number}", f"expected a JSON object, got {type(record).__name__}")
-            out.append(record)
-    return out
+                return
+            yield offset, raw
+            offset += len(raw)
+
+
+def parse_line(path: Path, number: int, raw: bytes) -> dict:
+    """One complete line as a record. A damaged line is a DataError naming it: resuming past it
+    would silently lose or redo records."""
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DataError(path, f"line {number}", f"damaged record ({exc}); delete the file or rerun with --overwrite") from None
+    if not isinstance(record, dict):
+        raise DataError(path, f"line {number}", f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def iter_records(path: Path) -> Iterator[dict]:
+    """Complete records of a JSONL file, streamed (blank lines skipped, a torn last line ignored)."""
+    if not Path(path).exists():
+        return
+    for number, (_, raw) in enumerate(complete_lines(path), start=1):
+        if raw.strip():
+            yield parse_line(path, number, raw)
+
+
+def read_records(path: Path) -> list[dict]:
+    """Complete records of a JSONL file (see `iter_records`)."""
+    return list(iter_records(path))
 
 
 def write_records(path: Path, records: Iterable[dict]) -> None:
@@ -79,56 +94,6 @@ class JsonlWriter:
         self._handle.close()
 
     def __enter__(self) -> JsonlWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ShardedJsonl:
-    """One resumable JSONL output written by every process of a run (`accelerate launch`).
-
-    With one process it is a plain `JsonlWriter` on `path`. With P processes each appends to its
-    own shard, `<path stem>.shards/<rank>.jsonl`; every process counts as done the keys of the
-    output and of all shards (so all of them agree on what is left, and a rerun resumes every
-    shard), and after the work the main process merges the shards into `path` in the items'
-    order: the merged file equals a one-process run's."""
-
-    def __init__(self, path: str | Path, key: str, rank: int = 0, world: int = 1) -> None:
-        self.path, self.key, self.rank, self.world = Path(path), key, rank, world
-        self.shards = self.path.with_name(self.path.stem + ".shards")
-        if world == 1:
-            self.writer = JsonlWriter(self.path, key=key)
-            self.done = self.writer.done
-            return
-        self.shards.mkdir(parents=True, exist_ok=True)
-        own = self.shards / f"{rank:03d}.jsonl"
-        self.writer = JsonlWriter(own, key=key)
-        others = [p for p in sorted(self.shards.glob("*.jsonl")) if p != own]
-        self.done = self.writer.done | {r[key] for p in [self.path, *others] for r in read_records(p) if key in r}
-        self.writer.done = self.done  # keys written by this process join the shared set
-
-    def write_many(self, records: Iterable[dict[str, Any]]) -> None:
-        self.writer.write_many(records)
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def merge(self, order: Iterable[object]) -> None:
-        """Main process, after every process finished: rows of the output and the shards, one per
-        key, in `order` (keys not in `order` follow in file order), written whole to `path`."""
-        if self.world == 1 and not self.shards.exists():
-            return
-        rows: dict[object, dict] = {}
-        for source in [self.path, *sorted(self.shards.glob("*.jsonl"))]:
-            for r in read_records(source):
-                rows.setdefault(r.get(self.key), r)
-        write_records(self.path, [rows.pop(k) for k in order if k in rows] + list(rows.values()))
-        for shard in self.shards.glob("*.jsonl"):
-            shard.unlink()
-        self.shards.rmdir()
-
-    def __enter__(self) -> ShardedJsonl:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from accelerate.utils import gather_object
 from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.cycle import REC_ACCURACY, SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
-from refloop.data.pixels import ShardedPass
 from refloop.data.records import ImageRecord, ObjectAnnotation
+from refloop.data.shards import ShardedRun
 from refloop.models.base import VLM, GenerateOptions
 from refloop.runs import model_fingerprint, shared_run_directory
 
@@ -102,14 +101,14 @@ def evaluate_consistency(
 def _evaluate(
     vlm: VLM, samples: list[BoxSample], out_dir: Path, cfg: ConsistencyConfig, data_name: str, progress, on_error: str, state
 ) -> dict:
-    """Under `accelerate launch` each process runs every P-th pending batch into its own shard;
-    the main process merges them into samples.jsonl in sample order (equal to one process's)."""
+    """Sharded under `accelerate launch` (see `ShardedRun`): samples.jsonl equals one process's."""
     samples_path = out_dir / "samples.jsonl"
     options = GenerateOptions(max_new_tokens=cfg.max_new_tokens)  # greedy, as the protocol says
     consistency = Consistency(cfg.iou_threshold)
     started, evaluated = time.perf_counter(), 0
-    run = ShardedPass(samples_path, "id", state)
-    for chunk, images in run.batches(samples, lambda s: s.sample_id, lambda s: s.record.load_image(), cfg.batch_size, on_error, progress):
+    run = ShardedRun(samples_path, samples, lambda s: s.sample_id, cfg.batch_size, state=state)
+    for batch in run.batches(lambda s: s.record.load_image(), on_error, progress):
+        chunk, images = batch.items, batch.images
         targets = [s.target.box for s in chunk]
         cycle = describe_then_locate(vlm, vlm, images, targets, options, consistency=consistency)
         with_expr = [i for i, s in enumerate(chunk) if s.target.expressions]
@@ -136,11 +135,12 @@ def _evaluate(
                     "rec_iou": rec_iou.get(i),
                 }
             )
-        run.write_many(rows)
+        run.write(rows)
         evaluated += len(rows)
     elapsed = time.perf_counter() - started
-    evaluated = sum(gather_object([evaluated])) if state.num_processes > 1 else evaluated
-    rows, skipped_count = run.finish([s.sample_id for s in samples])
+    evaluated = run.total(evaluated)
+    skipped_count = run.finish()
+    rows = run.rows()
     metrics = summarize(rows, consistency)
     metrics.update(
         {

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from refloop.data.jsonl import JsonlWriter, read_records, write_records
+from refloop.data.jsonl import write_records
 from refloop.data.loaders import LoadReport, OnError, read_text
-from refloop.data.pixels import pending_batches
 from refloop.data.records import ImageRecord
+from refloop.data.shards import ShardedRun
 from refloop.errors import DataError, RefloopError
 from refloop.evaluation.captions import caption_metrics
 from refloop.evaluation.object_metrics import (  # noqa: F401  (public names, importable from here)
@@ -47,7 +47,7 @@ from refloop.evaluation.pope import (  # noqa: F401
 )
 from refloop.evaluation.synonyms import SynonymTable, coco_table, plural, shapes_table, words  # noqa: F401
 from refloop.models.base import VLM, GenerateOptions
-from refloop.runs import model_fingerprint, run_directory
+from refloop.runs import model_fingerprint, shared_run_directory
 from refloop.world import DOMAINS, EVAL_SEED, caption, get_style, sample_scene
 
 # ---- data: images, their ground-truth objects and reference captions ----------------------------
@@ -188,8 +188,8 @@ def evaluate_captions(
     if protocol not in PROTOCOLS:
         raise RefloopError(f"unknown CHAIR protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     fingerprint = _fingerprint("caption", vlm, found, num_images=len(found.records), max_new_tokens=max_new_tokens)
-    with run_directory(out, fingerprint, overwrite):
-        return _evaluate_captions(vlm, found, Path(out), batch_size, max_new_tokens, progress, java, on_error, protocol)
+    with shared_run_directory(out, fingerprint, overwrite) as state:
+        return _evaluate_captions(vlm, found, Path(out), batch_size, max_new_tokens, progress, java, on_error, protocol, state)
 
 
 def _caption_tables(found: ObjectData) -> dict[str, ObjectReader]:
@@ -197,23 +197,21 @@ def _caption_tables(found: ObjectData) -> dict[str, ObjectReader]:
     return {p: found.table if found.table.name == "shapes" else default_table(p) for p in PROTOCOLS}
 
 
-def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_tokens, progress, java, on_error, protocol) -> dict:
+def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_tokens, progress, java, on_error, protocol, state) -> dict:
+    """Captions sharded under `accelerate launch` (see `ShardedRun`); the main process scores and
+    rewrites the merged rows."""
     items = [(str(rec.image_id), rec, gt, refs) for rec, gt, refs in zip(found.records, found.objects, found.references)]
     options = GenerateOptions(max_new_tokens=max_new_tokens)
-    skipped: list[DataError] = []
     path = out / "caption_samples.jsonl"
-    with JsonlWriter(path, key="id") as writer:
-        batches = pending_batches(
-            items, writer.done, lambda it: it[0], lambda it: it[1].load_image(), batch_size, on_error, skipped, progress
+    run = ShardedRun(path, items, lambda it: it[0], batch_size, state=state)
+    for batch in run.batches(lambda it: it[1].load_image(), on_error, progress):
+        texts = vlm.caption(batch.images, options)
+        run.write(
+            {"id": key, "image": str(rec.path), "caption": text, "references": refs, "annotated_objects": sorted(gt)}
+            for (key, rec, gt, refs), text in zip(batch.items, texts)
         )
-        for chunk, images in batches:
-            texts = vlm.caption(images, options)
-            writer.write_many(
-                {"id": key, "image": str(rec.path), "caption": text, "references": refs, "annotated_objects": sorted(gt)}
-                for (key, rec, gt, refs), text in zip(chunk, texts)
-            )
-    by_id = {it[0]: it for it in items}
-    captions = {r["id"]: r["caption"] for r in read_records(path) if r["id"] in by_id}
+    skipped = run.finish()
+    captions = {r["id"]: r["caption"] for r in run.rows()}
     done = [it for it in items if it[0] in captions]
     tables = _caption_tables(found)
     per_protocol = {
@@ -250,12 +248,13 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
             | {"protocols": {p: {k: v for k, v in per_protocol[p][i].items() if k != "caption"} for p in PROTOCOLS}}
             | text_scores.get(key, {})
         )
-    write_records(path, rows)
     if found.unmapped_categories:
         metrics["unmapped_categories"] = found.unmapped_categories
     if skipped:
-        metrics["skipped_images"] = len(skipped)
-    (out / "caption_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        metrics["skipped_images"] = skipped
+    if state.is_main_process:
+        write_records(path, rows)
+        (out / "caption_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -283,25 +282,24 @@ def evaluate_pope(
     if not questions:
         raise RefloopError("no POPE questions: no image has an object of the table and an absent one")
     fingerprint = _fingerprint("pope", vlm, found, num_images=len(found.records), strategy=strategy, per_image=per_image, seed=seed)
-    with run_directory(out, fingerprint, overwrite):
-        return _evaluate_pope(vlm, found, questions, Path(out), strategy, per_image, seed, batch_size, progress, on_error, rule)
+    with shared_run_directory(out, fingerprint, overwrite) as state:
+        return _evaluate_pope(vlm, found, questions, Path(out), strategy, per_image, seed, batch_size, progress, on_error, rule, state)
 
 
-def _evaluate_pope(vlm, found: ObjectData, questions, out: Path, strategy, per_image, seed, batch_size, progress, on_error, rule) -> dict:
+def _evaluate_pope(
+    vlm, found: ObjectData, questions, out: Path, strategy, per_image, seed, batch_size, progress, on_error, rule, state
+) -> dict:
+    """Sharded under `accelerate launch` (see `ShardedRun`)."""
     record_of = {rec.image_id: rec for rec in found.records}
     load = _LastImage()
-    skipped: list[DataError] = []
-    with JsonlWriter(out / "pope_samples.jsonl", key="id") as writer:
-        batches = pending_batches(
-            questions, writer.done, lambda q: q["id"], lambda q: load(record_of[q["image_id"]]), batch_size, on_error, skipped, progress
+    run = ShardedRun(out / "pope_samples.jsonl", questions, lambda q: q["id"], batch_size, state=state)
+    for batch in run.batches(lambda q: load(record_of[q["image_id"]]), on_error, progress):
+        answers = vlm.answer(batch.images, [q["question"] for q in batch.items])
+        run.write(
+            q | {"answer": a, "parsed": parse_yes_no(a), "reference_reading": reference_reading(a)} for q, a in zip(batch.items, answers)
         )
-        for chunk, images in batches:
-            answers = vlm.answer(images, [q["question"] for q in chunk])
-            writer.write_many(
-                q | {"answer": a, "parsed": parse_yes_no(a), "reference_reading": reference_reading(a)} for q, a in zip(chunk, answers)
-            )
-    wanted = {q["id"] for q in questions}
-    rows = [r for r in read_records(out / "pope_samples.jsonl") if r["id"] in wanted]
+    skipped = run.finish()
+    rows = run.rows()
     answers, labels = [r["answer"] for r in rows], [r["label"] for r in rows]
     scores = pope_metrics(answers, labels, rule)
     del scores["samples"]
@@ -313,6 +311,7 @@ def _evaluate_pope(vlm, found: ObjectData, questions, out: Path, strategy, per_i
     metrics["images"] = len({r["image_id"] for r in rows})
     metrics["table"] = found.table.name
     if skipped:
-        metrics["skipped_questions"] = len(skipped)
-    (out / "pope_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        metrics["skipped_questions"] = skipped
+    if state.is_main_process:
+        (out / "pope_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

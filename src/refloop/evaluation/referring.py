@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from refloop.cycle import REC_ACCURACY, Consistency, locate_boxes
-from refloop.data.pixels import ShardedPass
 from refloop.data.records import ImageRecord
+from refloop.data.shards import ShardedRun
 from refloop.evaluation.captions import caption_metrics
 from refloop.models.base import VLM
 from refloop.runs import model_fingerprint, shared_run_directory
@@ -59,13 +59,14 @@ def _fingerprint(task: str, vlm: VLM, records: list[ImageRecord]) -> dict:
 
 
 def _evaluate_rec(vlm, records, out, batch_size, limit, rule, progress, on_error, state) -> dict:
-    """Sharded across the processes of an `accelerate launch` (see `ShardedPass`)."""
+    """Sharded across the processes of an `accelerate launch` (see `ShardedRun`)."""
     pairs = rec_pairs(records, limit)
-    run = ShardedPass(out / "rec_samples.jsonl", "id", state)
-    for chunk, images in run.batches(pairs, lambda pair: pair[0], lambda pair: pair[1].load_image(), batch_size, on_error, progress):
+    run = ShardedRun(out / "rec_samples.jsonl", pairs, lambda pair: pair[0], batch_size, state=state)
+    for batch in run.batches(lambda pair: pair[1].load_image(), on_error, progress):
+        chunk, images = batch.items, batch.images
         targets = [rec.objects[i].box for _, rec, i, _ in chunk]
         located, ious = locate_boxes(vlm, images, [expr for *_, expr in chunk], targets)
-        run.write_many(
+        run.write(
             {
                 "id": pid,
                 "image": str(rec.path),
@@ -77,7 +78,8 @@ def _evaluate_rec(vlm, records, out, batch_size, limit, rule, progress, on_error
             }
             for (pid, rec, i, expr), loc, iou in zip(chunk, located, ious)
         )
-    rows, skipped = run.finish([p[0] for p in pairs])
+    skipped = run.finish()
+    rows = run.rows()
     metrics = {
         "rec_accuracy": rec_accuracy([r["iou"] for r in rows], rule),
         "num": len(rows),
@@ -111,7 +113,7 @@ def evaluate_reg(
 
 
 def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error, state) -> dict:
-    """Sharded across the processes of an `accelerate launch` (see `ShardedPass`)."""
+    """Sharded across the processes of an `accelerate launch` (see `ShardedRun`)."""
     objects = [
         (f"{rec.image_id}:{obj.ann_id if obj.ann_id is not None else i}", rec, obj)
         for rec in records
@@ -119,14 +121,16 @@ def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error
         if obj.expressions
     ]
     objects = objects[:limit] if limit else objects
-    run = ShardedPass(out / "reg_samples.jsonl", "id", state)
-    for chunk, images in run.batches(objects, lambda obj: obj[0], lambda obj: obj[1].load_image(), batch_size, on_error, progress):
+    run = ShardedRun(out / "reg_samples.jsonl", objects, lambda obj: obj[0], batch_size, state=state)
+    for batch in run.batches(lambda obj: obj[1].load_image(), on_error, progress):
+        chunk, images = batch.items, batch.images
         captions = vlm.describe(images, [obj.box for _, _, obj in chunk])
-        run.write_many(
+        run.write(
             {"id": oid, "image": str(rec.path), "box": obj.box.as_list(), "prediction": cap, "references": list(obj.expressions)}
             for (oid, rec, obj), cap in zip(chunk, captions)
         )
-    rows, skipped = run.finish([o[0] for o in objects])
+    skipped = run.finish()
+    rows = run.rows()
     metrics = caption_metrics({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}, java=java)
     del metrics["samples"]
     if skipped:

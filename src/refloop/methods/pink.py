@@ -15,12 +15,11 @@ Beyond Pink, both off by default:
 - `distractor_check`: a description whose located box overlaps another box of the target's
   category at least as well as the target fits two objects, so it is no referring expression.
 
-Every candidate, its located box, IoU and decision (with the rejection reason) is recorded. The
-run is batched across images, resumable by image id and sharded under `accelerate launch`: batch
-b of the image list (fixed by the data and `batch_size`) goes to process b mod P, sampling is
-seeded per batch, so a batch's records are the same whichever process runs it and however often
-the run was killed. Each process appends one record per image to its own shard file; the main
-process merges the shards in image order into outputs equal to a one-process run's.
+Every candidate, its located box, IoU and decision (with the rejection reason) is recorded, one
+record per image in records.jsonl. The run is the shared sharded pass (`data.shards.ShardedRun`:
+resumable by image id, batch b on process b mod P, sampling seeded per batch), so a batch's
+records are the same whichever process runs it and however often the run was killed, and the
+outputs equal a one-process run's.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from array import array
@@ -36,21 +34,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from accelerate import PartialState
-from accelerate.utils import gather_object
 from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.boxes import Box, iou_matrix
 from refloop.cycle import Consistency, CycleResult, describe_then_locate
-from refloop.data.jsonl import JsonlWriter
-from refloop.data.pixels import readable
+from refloop.data.jsonl import iter_records
 from refloop.data.records import ImageRecord, ObjectAnnotation
+from refloop.data.shards import ShardedRun, readable
 from refloop.data.sources import Detections, load_detections  # noqa: F401  (re-exported: bootstrap's input)
-from refloop.errors import DataError, RefloopError
+from refloop.errors import RefloopError
 from refloop.models.base import VLM, GenerateOptions
-from refloop.runs import model_fingerprint, run_directory
+from refloop.runs import model_fingerprint, shared_run_directory
 from refloop.training.trainer import step_seed
 
 # A.2's 2000 px is 0.65% of a 640x480 COCO / Objects365-sized image; the same share of a 112x112 scene.
@@ -61,7 +56,7 @@ TOO_MANY_OBJECTS, SMALL_BOX, UNREADABLE = "too_many_objects", "small_box", "unre
 INCONSISTENT, DISTRACTOR, EMPTY = "inconsistent", "distractor", "empty_expression"  # described and rejected
 NOT_CHOSEN = "not_chosen"  # a candidate that passed, while another sample of its box was kept
 
-SHARDS_DIR = "shards"
+RECORDS = "records.jsonl"  # one record per image: every box, its candidates and decision
 OUTPUTS = ("candidates.jsonl", "pairs.jsonl", "refs.json", "instances.json")
 
 
@@ -98,12 +93,6 @@ def records_digest(records: Sequence[ImageRecord]) -> str:
             h.update(f"|{o.ann_id!r},{o.category},{o.box.as_list()},{o.expressions}".encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
-
-
-def process_batches(num_images: int, batch_size: int, rank: int = 0, world: int = 1) -> list[range]:
-    """Image indices of the batches process `rank` of `world` runs: batch b goes to b mod world."""
-    starts = range(rank * batch_size, num_images, batch_size * world)
-    return [range(s, min(s + batch_size, num_images)) for s in starts]
 
 
 # ---- the rules ----------------------------------------------------------------------------------
@@ -251,7 +240,7 @@ def _decide(box: dict, candidates: list[dict]) -> None:
     box.update(decision=candidates[best]["decision"], reason=candidates[best]["reason"], chosen=best, candidates=candidates)
 
 
-# ---- the run: shards, resume, merge -------------------------------------------------------------
+# ---- the run ------------------------------------------------------------------------------------
 def bootstrap(
     vlm: VLM,
     records: Sequence[ImageRecord],
@@ -268,9 +257,8 @@ def bootstrap(
 ) -> dict | None:
     """Bootstrap every box of `records` into `out_dir`; rerun to resume. Under `accelerate launch`
     (initialise `PartialState` before loading the model) each process runs its share of the
-    batches; the main process merges the shards and returns the stats (the others return None).
+    batches; the main process writes the outputs and returns the stats (the others return None).
     `grammar` (default: whether any object carries expressions) adds the grammar-unique shares."""
-    state = PartialState()
     grammar = any(o.expressions for r in records for o in r.objects) if grammar is None else grammar
     fingerprint = {
         "task": "bootstrap",
@@ -279,97 +267,28 @@ def bootstrap(
         "config": cfg.model_dump(mode="json"),
     }
     meta = {"model": getattr(vlm, "name", "model"), "data": data, "image_root": str(image_root or "")} | (extra_stats or {})
-    args = (vlm, list(records), Path(out_dir), cfg, state, grammar, progress, on_error, write_report, meta)
-    if state.is_main_process:
-        with run_directory(out_dir, fingerprint, overwrite):
-            return _run(*args)
-    return _run(*args)
+    with shared_run_directory(out_dir, fingerprint, overwrite) as state:
+        return bootstrap_pass(vlm, list(records), Path(out_dir), cfg, state, grammar, progress, on_error, write_report, meta)
 
 
-def _run(vlm, records, out_dir, cfg, state, grammar, progress, on_error, write_report, meta) -> dict | None:
-    state.wait_for_everyone()  # the main process holds the directory and has checked (or cleared) it
-    shards = out_dir / SHARDS_DIR
-    shards.mkdir(exist_ok=True)
+def bootstrap_pass(vlm, records, out_dir: Path, cfg, state, grammar, progress, on_error, write_report, meta) -> dict | None:
+    """The sharded pass over the images (in a run directory already held), then the outputs."""
     started = time.perf_counter()
-    described = _run_shard(vlm, records, shards, cfg, state, grammar, progress, on_error)
-    described = sum(gather_object([described]))
+    run = ShardedRun(out_dir / RECORDS, list(enumerate(records)), lambda item: item[1].image_id, cfg.batch_size, "image_id", state)
+    described = 0
+    for batch in run.batches(progress=progress):
+        # The whole batch reruns, so a batch cut short by a kill gives the same records again.
+        entries = bootstrap_batch(vlm, batch.items, cfg, step_seed(cfg.seed, batch.number, "torch"), on_error, grammar)
+        todo = [e for e in entries if e["image_id"] not in run.done]
+        run.write(todo)
+        described += sum(bool(box["candidates"]) for e in todo for box in e["boxes"])
+    described = run.total(described)
     elapsed = time.perf_counter() - started
-    state.wait_for_everyone()
+    run.finish()
     if not state.is_main_process:
         return None
     meta = meta | {"processes": state.num_processes, "boxes_per_second": described / elapsed if described and elapsed > 0 else None}
     return write_outputs(records, out_dir, cfg, grammar, meta, write_report)
-
-
-def _run_shard(vlm, records, shards: Path, cfg, state, grammar, progress, on_error) -> int:
-    """This process's batches; returns the boxes it described."""
-    rank, world = state.process_index, state.num_processes
-    own = shards / f"records-{rank:03d}.jsonl"
-    described = 0
-    with JsonlWriter(own, key="image_id") as writer:
-        done = writer.done | {r["image_id"] for path in sorted(shards.glob("records-*.jsonl")) if path != own for r in _shard_records(path)}
-        for b, indices in enumerate(process_batches(len(records), cfg.batch_size, rank, world)):
-            batch = [(i, records[i]) for i in indices]
-            if any(r.image_id not in done for _, r in batch):
-                # The whole batch reruns, so a batch cut short by a kill gives the same records again.
-                seed = step_seed(cfg.seed, b * world + rank, "torch")
-                entries = bootstrap_batch(vlm, batch, cfg, seed, on_error, grammar)
-                todo = [e for e in entries if e["image_id"] not in done]
-                writer.write_many(todo)
-                described += sum(bool(box["candidates"]) for e in todo for box in e["boxes"])
-            if progress:
-                progress(len(batch))
-    return described
-
-
-_INDEX = re.compile(rb'^\{"index": (\d+),')
-
-
-def _shard_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, line) of each complete line; a torn last line (a write cut short) is left out."""
-    with open(path, "rb") as f:
-        offset = 0
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                return
-            yield offset, raw
-            offset += len(raw)
-
-
-def _shard_records(path: Path) -> Iterator[dict]:
-    for number, (_, raw) in enumerate(_shard_lines(path), start=1):
-        try:
-            yield json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, f"line {number}", f"damaged record ({exc}); rerun with --overwrite") from None
-
-
-def merged_records(shards: Path, num_images: int) -> Iterator[dict]:
-    """The records of every shard file in image order, each image once. Streams: only (index,
-    file, offset) per image is held, as Objects365 has 1.7M images."""
-    paths = sorted(shards.glob("records-*.jsonl"))
-    index, source, offset = [], [], []
-    for s, path in enumerate(paths):
-        for where, raw in _shard_lines(path):
-            found = _INDEX.match(raw)
-            index.append(int(found.group(1)) if found else json.loads(raw)["index"])
-            source.append(s)
-            offset.append(where)
-    order = np.argsort(np.asarray(index, dtype=np.int64), kind="stable")
-    seen = np.zeros(num_images, dtype=bool)
-    handles = [open(p, "rb") for p in paths]
-    try:
-        for k in order.tolist():
-            if index[k] >= num_images or seen[index[k]]:
-                continue
-            seen[index[k]] = True
-            handles[source[k]].seek(offset[k])
-            yield json.loads(handles[source[k]].readline())
-    finally:
-        for handle in handles:
-            handle.close()
-    if not seen.all():
-        raise RefloopError(f"{shards}: {int((~seen).sum())} images have no record; rerun the same command to finish them")
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -508,7 +427,7 @@ def _flat(record: dict, box: dict) -> Iterator[dict]:
 def write_outputs(
     records: Sequence[ImageRecord], out_dir: Path, cfg: BootstrapConfig, grammar: bool, meta: dict, write_report: bool
 ) -> dict:
-    """From the merged shards: candidates.jsonl (every candidate and skipped box), pairs.jsonl (kept
+    """From records.jsonl: candidates.jsonl (every candidate and skipped box), pairs.jsonl (kept
     pairs, the referring JSONL `load_referring` reads, file names relative to the image root), a
     RefCOCO-style refs.json + instances.json (every box of the images with pairs), stats.json and
     the report. Each file appears whole (written aside, then renamed)."""
@@ -519,7 +438,7 @@ def write_outputs(
     images, annotations, refs = (_JsonArray(parts / f"{name}.part") for name in ("images", "annotations", "refs"))
     categories: dict[str, int] = {}
     with open(parts / "candidates.jsonl", "w") as candidates, open(parts / "pairs.jsonl", "w") as pairs:
-        for record in merged_records(out_dir / SHARDS_DIR, len(records)):
+        for record in iter_records(out_dir / RECORDS):
             stats.add(record)
             examples.add(record, records[record["index"]].path)
             candidates.writelines(json.dumps(line) + "\n" for box in record["boxes"] for line in _flat(record, box))
@@ -528,6 +447,8 @@ def write_outputs(
         for handle in (candidates, pairs):
             handle.flush()
             os.fsync(handle.fileno())
+    if stats.images["all"] != len(records):
+        raise RefloopError(f"{out_dir / RECORDS}: {len(records) - stats.images['all']} images have no record; rerun the same command")
     for part in (images, annotations, refs):
         part.close()
     _assemble(parts / "instances.json", [("images", images), ("annotations", annotations)], categories)

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from accelerate import PartialState
 from pydantic import Field, field_validator
 
-from refloop.config import TRACKING_FIELDS, DataSpec, ModelSpec, TrackingSpec
+from refloop.config import DataSpec, ModelSpec, TrackingSpec
 from refloop.data.items import detection_items, referring_items
 from refloop.data.sources import load_data
 from refloop.errors import RefloopError
 from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
+from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.methods.sctune import SCTune, SCTuneConfig
 from refloop.models.base import VLM
 from refloop.models.hf import HFVLM
-from refloop.models.processors import save_processor
 from refloop.report.plots import sctune_curves
-from refloop.runs import run_directory
-from refloop.training.distributed import check_engine
-from refloop.training.model_card import write_model_cards
 
 
 class SCTuneRecipe(ModelSpec, TrackingSpec):
@@ -69,33 +64,28 @@ def run_sctune(
 ) -> dict:
     """Train, export and evaluate in `out`. Rerunning resumes; a run with another recipe (other
     than its evaluation sets and thread count) is refused unless `overwrite`."""
-    unchanged = {"eval_data", "eval_boxes", "threads", *TRACKING_FIELDS}
-    check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
-    fingerprint = {"task": "sctune", "recipe": recipe.model_dump(mode="json", exclude=unchanged)}
-    if not PartialState(cpu=recipe.device == "cpu").is_main_process:
-        return _run_sctune(recipe, out, progress, evaluate_base)
-    with run_directory(out, fingerprint, overwrite):
-        return _run_sctune(recipe, out, progress, evaluate_base)
+
+    def body(run: RecipeRun) -> dict:
+        return _run_sctune(recipe, run, progress, evaluate_base)
+
+    return run_recipe("sctune", recipe, out, body, overwrite, unchanged=frozenset({"eval_data", "eval_boxes"}), card_metrics=dict)
 
 
-def _run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None] | None, evaluate_base: bool) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
-    tracking = recipe.tracking()
+def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict], None] | None, evaluate_base: bool) -> dict:
+    out = run.out
     train, filter_counts = detection_items(
         recipe.train_data.data, recipe.root(recipe.train_data), recipe.train_images, recipe.max_overlap_iou, recipe.min_area_fraction
     )
     if not train:
         raise RefloopError(f"no training boxes left after filtering {recipe.train_data.data}: {filter_counts}")
     vlm = recipe.load_vlm(batch_size=recipe.sctune.generation_batch_size)
-    main_process = PartialState(cpu=vlm.device.type == "cpu").is_main_process
     results: dict = {"train_data": recipe.train_data.data, "train_boxes": len(train), "filter": filter_counts}
     # Every process evaluates: under `accelerate launch` each takes its share of the boxes.
     if evaluate_base and recipe.eval_data:
         results["base"] = evaluate(vlm, recipe, out / "eval", "base")
     supervised = referring_items(recipe.supervised_data.data, recipe.root(recipe.supervised_data)) if recipe.supervised_data else None
     tuner = SCTune.from_base(vlm, recipe.sctune, train, supervised, engine=recipe.vllm_engine(recipe.sctune.lora.r))
-    tuner.trainer.track(tracking)
+    tuner.trainer.track(run.tracking)
     started = time.perf_counter()
     summary = tuner.run(out / "train", progress=progress)
     results["train_seconds"] = summary["train_seconds"]
@@ -105,15 +95,10 @@ def _run_sctune(recipe: SCTuneRecipe, out: Path, progress: Callable[[dict], None
     if adapters.sharded:  # FSDP: export and evaluate from a gathered, unsharded copy
         adapters = adapters.unsharded()
         tuned = HFVLM(adapters.module, vlm.processor, vlm.profile, name=vlm.name, batch_size=recipe.sctune.generation_batch_size)
-    if main_process:
-        adapters.save_pretrained(out / "adapters")
-        adapters.merged_copy(tuner.final_role).save_pretrained(out / "merged")
-        save_processor(vlm.processor, out / "merged")
+    if run.main_process:
+        export_checkpoint(out, vlm.processor, adapters, tuner.final_role)
     if recipe.eval_data:
         results["tuned"] = evaluate(adapters.view(tuned, tuner.final_role), recipe, out / "eval", "tuned")
-    if not main_process:
-        return results
-    sctune_curves(out / "train" / "metrics.jsonl", out / "curves.png")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_model_cards(out, recipe.model or "refloop-tiny", "sctune", recipe.model_dump(mode="json"), results)
+    if run.main_process:
+        sctune_curves(out / "train" / "metrics.jsonl", out / "curves.png")
     return results

@@ -18,18 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from pydantic import Field
 
-from refloop.config import TRACKING_FIELDS, ModelSpec, TrackingSpec
+from refloop.config import ModelSpec, TrackingSpec
 from refloop.data.rc import load_rc_data
 from refloop.data.records import InstructionExample
 from refloop.errors import RefloopError
-from refloop.models.processors import save_processor
+from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.report.plots import sft_curves
-from refloop.runs import run_directory
-from refloop.training.distributed import check_engine
-from refloop.training.model_card import write_model_cards
 from refloop.training.sft import SFT, SFTConfig
 
 
@@ -121,20 +117,20 @@ def _embedding_modules(model) -> dict[str, torch.nn.Module]:
 def run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | None = None, overwrite: bool = False) -> dict:
     """Train and export in `out`. Rerunning resumes; a run with another recipe (other than its
     thread count) is refused unless `overwrite`."""
-    check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
     if recipe.generation_backend != "hf":
         raise RefloopError("generation_backend vllm serves sctune recipes and the inference commands; sft recipes generate with hf")
-    fingerprint = {"task": "sft", "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS})}
-    if not PartialState(cpu=recipe.device == "cpu").is_main_process:
-        return _run_sft(recipe, out, progress)
-    with run_directory(out, fingerprint, overwrite):
-        return _run_sft(recipe, out, progress)
+
+    def body(run: RecipeRun) -> dict:
+        return _run_sft(recipe, run, progress)
+
+    def card(results: dict) -> dict:
+        return {k: v for k, v in results.items() if k != "added_words"}
+
+    return run_recipe("sft", recipe, out, body, overwrite, card_metrics=card)
 
 
-def _run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | None) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
-    tracking = recipe.tracking()
+def _run_sft(recipe: SFTRecipe, run: RecipeRun, progress: Callable[[dict], None] | None) -> dict:
+    out = run.out
     vlm = recipe.load_vlm(batch_size=recipe.sft.generation_batch_size)
     examples = load_examples(recipe, recipe.profile)
     missing = unknown_words(vlm.processor.tokenizer, [t for ex in examples for t in (ex.prompt, ex.answer)])
@@ -150,8 +146,7 @@ def _run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | No
         tuner = SFT(vlm, cfg, examples, trainable_tokens=trainable_tokens)
     except ValueError as exc:
         raise RefloopError(f"cannot place adapters on {recipe.model or 'refloop-tiny'}: {exc}") from None
-    tuner.trainer.track(tracking)
-    main_process = PartialState(cpu=vlm.device.type == "cpu").is_main_process
+    tuner.trainer.track(run.tracking)
     started = time.perf_counter()
     summary = tuner.run(out / "train", progress=progress)
     results: dict = {
@@ -166,20 +161,14 @@ def _run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | No
         "processes": tuner.trainer.world_size,
     }
     adapters = tuner.adapters.unsharded()  # FSDP: gathered into a plain copy (every process); else itself
-    if not main_process:
+    if not run.main_process:
         return results
-    adapters.save_pretrained(out / "adapters")
+    export_checkpoint(out, vlm.processor, adapters, cfg.adapter)
     if missing:  # the adapter needs the extended tokenizer (its embeddings have the new rows)
         vlm.processor.tokenizer.save_pretrained(out / "adapters" / cfg.adapter)
-    merged = adapters.merged_copy(cfg.adapter)
-    merged.save_pretrained(out / "merged")
-    save_processor(vlm.processor, out / "merged")
     losses = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in losses if "loss" in r]
     if losses:
         results["first_loss"], results["final_loss"] = losses[0], losses[-1]
     sft_curves(out / "train" / "metrics.jsonl", out / "curves.png")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    card_metrics = {k: v for k, v in results.items() if k != "added_words"}
-    write_model_cards(out, recipe.model or "refloop-tiny", "sft", recipe.model_dump(mode="json"), card_metrics)
     return results

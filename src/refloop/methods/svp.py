@@ -37,15 +37,14 @@ from accelerate import PartialState
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from refloop.data.jsonl import JsonlWriter, read_records
-from refloop.data.pixels import readable
 from refloop.data.records import ImageRecord, InstructionExample
-from refloop.errors import DataError, RefloopError
+from refloop.data.shards import ShardedRun
+from refloop.errors import RefloopError
 from refloop.grounding import Grounder, grounding_context, phrases_from_caption, shapes_vocabulary
 from refloop.grounding.phrases import category_phrases
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.hf import HFVLM
-from refloop.runs import tensors_digest
+from refloop.runs import model_fingerprint, shared_run_directory, tensors_digest
 from refloop.training.adapters import LoraSettings
 from refloop.training.sft import SFT, SFTConfig
 from refloop.training.trackers import Tracking
@@ -329,6 +328,34 @@ def isvp(
     ]
 
 
+def caption_images(
+    vlm: VLM,
+    records: Sequence[ImageRecord],
+    out: Path,
+    grounder: Grounder | None = None,
+    phrases: str = "caption",
+    shapes: bool = False,
+    batch_size: int = 8,
+    fingerprint: dict | None = None,
+    progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+    on_error: str = "fail",
+) -> int:
+    """`refloop caption`: one greedy caption per image into out/captions.jsonl, or with a
+    `grounder` iSVP's guided caption; resumable, sharded under `accelerate launch`. Returns the
+    images skipped as undecodable."""
+    fingerprint = {"task": "caption", "model": model_fingerprint(vlm)} | (fingerprint or {})
+    with shared_run_directory(out, fingerprint, overwrite):
+        run = ShardedRun(Path(out) / "captions.jsonl", records, lambda r: r.image_id, batch_size, field="image_id")
+        for batch in run.batches(lambda r: r.load_image(), on_error, progress):
+            if grounder is not None:
+                run.write(isvp(vlm, grounder, batch.items, batch.images, phrases, shapes))
+            else:
+                texts = vlm.caption(batch.images)
+                run.write({"image_id": r.image_id, "image": str(r.path), "caption": t} for r, t in zip(batch.items, texts))
+        return run.finish()
+
+
 # ---- the outer loop ------------------------------------------------------------------------------
 def caption_examples(rows: Sequence[dict], records: dict, profile) -> list[InstructionExample]:
     """Eq. 7's data: (image, base caption prompt -> selected guided sample); no grounding in the
@@ -376,31 +403,16 @@ class SVP:
         progress: Callable[[int], None] | None = None,
         on_error: str = "fail",
     ) -> list[dict]:
-        state = PartialState()
-        rank, world = state.process_index, state.num_processes
-        own = work / f"samples-{rank:03d}.jsonl"
-        skipped: list[DataError] = []
-        batch = self.cfg.images_per_batch
-        with JsonlWriter(own, key="image_id") as writer:
-            done = writer.done | {r["image_id"] for path in work.glob("samples-*.jsonl") if path != own for r in read_records(path)}
-            for b, start in enumerate(range(0, len(records), batch)):
-                chunk = list(records[start : start + batch])
-                if b % world != rank:
-                    continue
-                if all(r.image_id in done for r in chunk):
-                    if progress:
-                        progress(len(chunk))
-                    continue
-                kept, images = readable(chunk, lambda r: r.load_image(), on_error, skipped)
-                seed = step_seed(self.cfg.seed + 7919 * iteration, b, "torch")
-                rows = inner_loop(self.vlm, self.grounder, kept, images, self.cfg, seed, self.shapes)
-                writer.write_many(row.as_dict() for row in rows if row.image_id not in done)
-                if progress:
-                    progress(len(chunk))
-        state.wait_for_everyone()
-        wanted = {r.image_id for r in records}
-        rows = {r["image_id"]: r for path in sorted(work.glob("samples-*.jsonl")) for r in read_records(path) if r["image_id"] in wanted}
-        return [rows[r.image_id] for r in records if r.image_id in rows]
+        """Algorithm 1's inner loop over `records` into samples.jsonl of `work`, sharded under
+        `accelerate launch` (see `ShardedRun`; the seed of batch b is the same wherever it runs);
+        every process returns all rows, in record order."""
+        run = ShardedRun(work / "samples.jsonl", records, lambda r: r.image_id, self.cfg.images_per_batch, field="image_id")
+        for batch in run.batches(lambda r: r.load_image(), on_error, progress):
+            seed = step_seed(self.cfg.seed + 7919 * iteration, batch.number, "torch")
+            rows = inner_loop(self.vlm, self.grounder, batch.items, batch.images, self.cfg, seed, self.shapes)
+            run.write(row.as_dict() for row in rows)
+        run.finish()
+        return run.rows()
 
     def iteration(
         self,

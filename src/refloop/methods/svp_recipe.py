@@ -4,24 +4,20 @@ the final merged checkpoint), results.json and a per-iteration report."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field
 
-from refloop.config import TRACKING_FIELDS, ModelSpec, TrackingSpec
+from refloop.config import ModelSpec, TrackingSpec
 from refloop.data.records import ImageRecord, InstructionExample
 from refloop.data.sources import load_detections
 from refloop.errors import RefloopError
 from refloop.grounding import Grounder
+from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.methods.svp import SVP, SVPConfig
-from refloop.models.processors import save_processor
-from refloop.runs import run_directory
-from refloop.training.distributed import check_engine
 from refloop.world import DOMAINS, TRAIN_SEED
 
 
@@ -113,20 +109,21 @@ def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], bool]:
 def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
     """Run (or resume) SVP in `out`; a run with another recipe (other than its thread count) is
     refused unless `overwrite`."""
-    check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
     if recipe.generation_backend != "hf":
         raise RefloopError("generation_backend vllm serves sctune recipes and the inference commands; svp recipes generate with hf")
-    fingerprint = {"task": "svp", "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS})}
-    if not PartialState(cpu=recipe.device == "cpu").is_main_process:
-        return _run_svp(recipe, out, progress)
-    with run_directory(out, fingerprint, overwrite):
-        return _run_svp(recipe, out, progress)
+
+    def body(run: RecipeRun) -> dict:
+        return _run_svp(recipe, run, progress)
+
+    def card(results: dict) -> dict:
+        final = results["iterations"][-1] if results["iterations"] else {}
+        return {k: v for k, v in results.items() if k != "iterations"} | {"final_iteration": final}
+
+    return run_recipe("svp", recipe, out, body, overwrite, card_metrics=card)
 
 
-def _run_svp(recipe: SVPRecipe, out: Path, progress) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
-    tracking = recipe.tracking()
+def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
+    out = run.out
     vlm = recipe.load_vlm(batch_size=recipe.svp.sft.generation_batch_size)
     records, shapes = load_seed_images(recipe)
     if recipe.svp.grounding and recipe.svp.phrases != "categories" and not shapes and recipe.grounder.kind == "oracle":
@@ -134,7 +131,7 @@ def _run_svp(recipe: SVPRecipe, out: Path, progress) -> dict:
     grounder = recipe.grounder.build(vlm, recipe.device, recipe.dtype) if recipe.svp.grounding else None
     queries = visual_queries(recipe, vlm.profile) if recipe.svp.cvq_ratio > 0 else []
     started = time.perf_counter()
-    method = SVP(vlm, grounder, recipe.svp, shapes=shapes, tracking=tracking)
+    method = SVP(vlm, grounder, recipe.svp, shapes=shapes, tracking=run.tracking)
     iterations = method.run(records, out, queries, progress)
     results = {
         "train_data": recipe.train_data,
@@ -144,16 +141,9 @@ def _run_svp(recipe: SVPRecipe, out: Path, progress) -> dict:
         "iterations": iterations,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    if PartialState().is_main_process:
-        method.vlm.model.save_pretrained(out / "merged")
-        save_processor(method.vlm.processor, out / "merged")
+    if run.main_process:
         from refloop.report.svp import write_svp_report
 
+        export_checkpoint(out, method.vlm.processor, merged=method.vlm.model)
         write_svp_report(out, results, records)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        from refloop.training.model_card import write_model_cards
-
-        final = results["iterations"][-1] if results["iterations"] else {}
-        card_metrics = {k: v for k, v in results.items() if k != "iterations"} | {"final_iteration": final}
-        write_model_cards(out, recipe.model or "refloop-tiny", "svp", recipe.model_dump(mode="json"), card_metrics)
     return results

@@ -42,7 +42,7 @@ def write_svp_report(out: Path, results: dict, records: Sequence[ImageRecord]) -
     sections = []
     for summary in results["iterations"]:
         work = out / f"iteration-{summary['iteration']}"
-        rows = [r for path in sorted(work.glob("samples-*.jsonl")) for r in read_records(path)][:EXAMPLES]
+        rows = read_records(work / "samples.jsonl")[:EXAMPLES]
         blocks = "".join(
             f"<h3>image {html.escape(str(row['image_id']))}</h3><p><img src='{_thumbnail(by_id[row['image_id']])}'></p>"
             "<table><tr><th>prior z_p ~ p(z|c)</th><th>grounding g (text)</th><th>guided z ~ q(z|c,g)</th><th>score</th><th></th></tr>"
@@ -57,7 +57,7 @@ code{{font-size:80%}}</style></head><body>
 <h1>SVP: captions with grounding feedback (paper 004, Algorithms 1-2)</h1>
 <p>Seed images <code>{html.escape(str(results["train_data"]))}</code> ({results["images"]}), grounder
 <code>{html.escape(str(results["grounder"]))}</code>, score <code>{html.escape(results["score"])}</code>. Rows: the selected samples
-first, then the best-scored others; all samples in <code>iteration-N/samples-*.jsonl</code>.</p>
+first, then the best-scored others; all samples in <code>iteration-N/samples.jsonl</code>.</p>
 {"".join(sections)}
 </body></html>"""
     path = out / "report.html"

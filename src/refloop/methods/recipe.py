@@ -1,0 +1,78 @@
+"""The one wrapper around every recipe (SC-Tune, SFT, SVP, bootstrapping; torchtune's recipe over
+components): the launch-engine check, the run's fingerprint (the recipe's fields that change
+results), the run directory held by the main process, recipe.json, the tracker, the exports,
+results.json and the model cards. A recipe's body is then its method's loop and nothing else."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import PartialState
+
+from refloop.config import TRACKING_FIELDS, ModelSpec
+from refloop.models.processors import save_processor
+from refloop.runs import run_directory
+from refloop.training.distributed import check_engine
+from refloop.training.model_card import write_model_cards
+from refloop.training.trackers import Tracking
+
+
+@dataclass
+class RecipeRun:
+    """What a recipe's body gets: its output directory, whether this process is the main one
+    (the one that writes shared files), and where its trainers report."""
+
+    out: Path
+    main_process: bool
+    tracking: Tracking
+
+
+def run_recipe(
+    task: str,
+    recipe: ModelSpec,
+    out: Path,
+    body: Callable[[RecipeRun], dict | None],
+    overwrite: bool = False,
+    unchanged: frozenset[str] = frozenset(),
+    card_metrics: Callable[[dict], dict] | None = None,
+    results_file: str | None = "results.json",
+    trains: bool = True,
+    fingerprint: dict | None = None,
+) -> dict | None:
+    """Run (or resume) `body` in `out` for `recipe`. A rerun with another recipe (other than the
+    `unchanged` fields, the thread count and the tracker) is refused unless `overwrite`. The main
+    process writes `results_file` and, with `card_metrics` (results -> the card's numbers), the
+    model cards of the exports; every process returns the body's results. `fingerprint`: more of
+    what identifies the run (e.g. digests of the model's files)."""
+    if trains:
+        check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
+    fingerprint = {
+        "task": task,
+        "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS, *unchanged}),
+    } | (fingerprint or {})
+    main_process = PartialState(cpu=recipe.device == "cpu").is_main_process
+    with run_directory(out, fingerprint, overwrite) if main_process else nullcontext():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+        tracking = recipe.tracking() if hasattr(recipe, "tracking") else Tracking()
+        results = body(RecipeRun(out, main_process, tracking))
+        if main_process and results is not None:
+            if results_file:
+                (out / results_file).write_text(json.dumps(results, indent=2) + "\n")
+            if card_metrics is not None:
+                write_model_cards(out, recipe.model or "refloop-tiny", task, recipe.model_dump(mode="json"), card_metrics(results))
+        return results
+
+
+def export_checkpoint(out: Path, processor, adapters=None, role: str | None = None, merged=None) -> None:
+    """Main process: the PEFT adapters (out/adapters) and the merged checkpoint with its processor
+    (out/merged; `merged`, or the adapters' `role` folded into the base)."""
+    if adapters is not None:
+        adapters.save_pretrained(out / "adapters")
+        merged = adapters.merged_copy(role) if merged is None else merged
+    merged.save_pretrained(out / "merged")
+    save_processor(processor, out / "merged")

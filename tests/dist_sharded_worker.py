@@ -1,0 +1,44 @@
+"""Every sharded command, run in one `accelerate launch` (each process runs them all, in order):
+`python -m accelerate.commands.launch ... dist_sharded_worker.py ROOT MODEL RECIPE`. The test
+(test_distributed.py) runs the same commands in one process and compares the outputs."""
+
+import sys
+from pathlib import Path
+
+
+def jobs(model: str, out: Path, svp_recipe: str) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """name -> (command line, files equal byte for byte, JSON files equal but for timings)."""
+    common = ["--model", model, "--device", "cpu"]
+    shapes = ["--data", "in-domain", *common, "--batch-size", "4"]
+    return {
+        "consistency": (
+            ["consistency", *shapes, "--num-boxes", "12", "--no-report", "--out", str(out / "consistency")],
+            ["samples.jsonl"],
+            ["metrics.json"],
+        ),
+        "rec": (["eval", "rec", *shapes, "--limit", "14", "--out", str(out / "rec")], ["rec_samples.jsonl"], ["rec_metrics.json"]),
+        "reg": (["eval", "reg", *shapes, "--limit", "10", "--out", str(out / "reg")], ["reg_samples.jsonl"], ["reg_metrics.json"]),
+        "caption-eval": (
+            ["eval", "caption", *shapes, "--num-images", "10", "--out", str(out / "caption-eval")],
+            ["caption_samples.jsonl"],
+            ["caption_metrics.json"],
+        ),
+        "pope": (["eval", "pope", *shapes, "--num-images", "5", "--out", str(out / "pope")], ["pope_samples.jsonl"], ["pope_metrics.json"]),
+        "caption": (["caption", *shapes, "--num-images", "10", "--out", str(out / "caption")], ["captions.jsonl"], []),
+        "isvp": (["caption", *shapes, "--num-images", "10", "--isvp", "--out", str(out / "isvp")], ["captions.jsonl"], []),
+        "bootstrap": (
+            ["bootstrap", "--data", "crowded", "--num-images", "12", *common, "--samples", "2", "--batch-size", "2", "--no-report"]
+            + ["--out", str(out / "bootstrap")],
+            ["candidates.jsonl", "pairs.jsonl", "refs.json", "instances.json", "records.jsonl"],
+            ["stats.json"],
+        ),
+        "svp": (["svp", "--config", svp_recipe, "--out", str(out / "svp")], ["iteration-1/samples.jsonl"], []),
+    }
+
+
+if __name__ == "__main__":
+    from refloop.cli import app
+
+    root, model, recipe = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    for args, _, _ in jobs(model, root / "two", recipe).values():
+        app(args=args, standalone_mode=False, prog_name="refloop")

@@ -1,0 +1,81 @@
+"""Two CPU processes under `accelerate launch` (gloo) equal one process, for every sharded command:
+consistency, eval rec / reg / caption / pope, caption (plain and iSVP), bootstrap and SVP's inner
+loop. One launch runs them all (dist_sharded_worker.py); the one-process references run here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from dist_sharded_worker import jobs
+from helpers import run_cli, save_tiny_random
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.distributed
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541"]
+SVP = {
+    "train_data": "wild",
+    "num_images": 4,
+    "device": "cpu",
+    "dtype": "fp32",
+    "svp": {
+        "samples": 3,
+        "top_fraction": 0.34,
+        "max_new_tokens": 8,
+        "images_per_batch": 2,
+        "iterations": 1,
+        "sft": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 1, "generation_batch_size": 8},
+    },
+}
+VOLATILE = {"boxes_per_second", "processes", "wall_seconds", "train_seconds"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(root, jobs): every job run by this process (root/one), then by two launched ones (root/two)."""
+    root = tmp_path_factory.mktemp("distributed")
+    model = str(save_tiny_random(root / "model"))
+    recipe = root / "svp.yaml"
+    recipe.write_text(yaml.safe_dump(SVP | {"model": model}))
+    cache = str(root / "cache")
+    env = os.environ | {"REFLOOP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "REFLOOP_CACHE": cache}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("REFLOOP_CACHE", cache)  # the same scenes (and image paths) as the launch
+            for name, (args, _, _) in jobs(model, root / "one", str(recipe)).items():
+                code, _, _ = run_cli(args)
+                assert code == 0, name
+    finally:
+        torch.set_num_threads(threads)
+    worker = str(Path(__file__).with_name("dist_sharded_worker.py"))
+    launched = subprocess.run([*LAUNCH, worker, str(root), model, str(recipe)], env=env, capture_output=True, timeout=1200)
+    assert launched.returncode == 0, launched.stderr.decode()[-4000:]
+    return root, jobs(model, Path("."), str(recipe))
+
+
+@pytest.mark.parametrize("job", list(jobs("m", Path("."), "r")))
+def test_two_processes_write_what_one_process_writes(runs, job):
+    root, table = runs
+    args, same_bytes, same_json = table[job]
+    where = Path(args[args.index("--out") + 1]).name
+    one, two = root / "one" / where, root / "two" / where
+    for name in same_bytes:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+        assert (one / name).stat().st_size > 0, name
+    for name in same_json:
+        a, b = (json.loads((d / name).read_text()) for d in (one, two))
+        assert {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}, name
+    assert not list(two.glob("**/*.shards")), "shards are merged away"
+    if job in ("consistency", "bootstrap"):
+        assert json.loads((two / same_json[0]).read_text())["processes"] == 2
+    if job == "svp":  # the SFT averages gradients over the same global batch: the same weights up to summation order
+        a, b = (load_file(d / "merged" / "model.safetensors") for d in (one, two))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
