@@ -1,9 +1,7 @@
 import json
-import subprocess
-import sys
 
 import pytest
-from helpers import ScriptedVLM, save_tiny_random
+from helpers import ScriptedVLM, run_cli, save_tiny_random
 
 from refloop.boxes import Box
 from refloop.data.records import ImageRecord, ObjectAnnotation
@@ -82,13 +80,10 @@ def test_one_box_per_image():
     assert sample_boxes(recs, 4, seed=1) == samples
 
 
-def test_cli_end_to_end_on_a_few_boxes(tmp_path):
+def test_cli_end_to_end_on_a_few_boxes(tmp_path, capsys):
     ckpt = save_tiny_random(tmp_path / "model")
     out = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "refloop.cli",
         "consistency",
         "--data",
         "in-domain",
@@ -103,8 +98,8 @@ def test_cli_end_to_end_on_a_few_boxes(tmp_path):
         "--device",
         "cpu",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = run_cli(cmd, capsys)
+    assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("consistency_rate", "mean_iou", "parse_failure_rate", "num_boxes", "boxes_per_second", "model", "data"):
         assert key in metrics

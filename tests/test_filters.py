@@ -1,10 +1,9 @@
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from PIL import Image
 
 from refloop.boxes import Box
@@ -52,45 +51,43 @@ def test_filter_excludes_held_out_images(tmp_path):
     assert [t.image_id for t in triplets] == [3] and counts.images_excluded == 1
 
 
-def test_filter_cli_writes_one_triplet_per_line(tmp_path):
+def test_filter_cli_writes_one_triplet_per_line(tmp_path, capsys):
     path = crafted_coco(tmp_path)
     out = tmp_path / "triplets.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "refloop.cli", "filter", str(path), "--out", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    code, stdout, err = run_cli(["filter", str(path), "--out", str(out)], capsys)
+    assert code == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [set(r) >= {"image_id", "category", "boxes", "file_name"} for r in rows] == [True, True]
     assert rows[0]["boxes"] == [[0, 0, 20, 20], [50, 50, 70, 70]] and rows[0]["file_name"] == "im/1.png"
-    assert "triplets_kept" in proc.stdout
+    assert "triplets_kept" in stdout
 
 
-def test_filter_works_when_images_are_absent(tmp_path):
+def test_filter_works_when_images_are_absent(tmp_path, capsys):
     """Annotation-only work reads no pixels: the filter runs on a detection file whose images are
     not on this machine, and writes the triplets it writes when they are."""
     path = crafted_coco(tmp_path)
     with_images = tmp_path / "with.jsonl"
-    cmd = [sys.executable, "-m", "refloop.cli", "filter", str(path)]
-    assert subprocess.run([*cmd, "--out", str(with_images)], capture_output=True, text=True).returncode == 0
+    cmd = ["filter", str(path)]
+    assert run_cli([*cmd, "--out", str(with_images)], capsys)[0] == 0
     shutil.rmtree(tmp_path / "im")
     out = tmp_path / "triplets.jsonl"
-    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    code, stdout, err = run_cli([*cmd, "--out", str(out)], capsys)
+    assert code == 0, err
     assert out.read_text() == with_images.read_text() and len(out.read_text().splitlines()) == 2
-    assert '"skipped_records": 0' in proc.stdout
+    assert '"skipped_records": 0' in stdout
 
 
-def test_filter_without_images_still_confines_paths(tmp_path):
+def test_filter_without_images_still_confines_paths(tmp_path, capsys):
     data = json.loads(crafted_coco(tmp_path).read_text())
     shutil.rmtree(tmp_path / "im")
     data["images"][2]["file_name"] = "im/../../elsewhere/3.png"
     path = tmp_path / "escaping.json"
     path.write_text(json.dumps(data))
-    cmd = [sys.executable, "-m", "refloop.cli", "filter", str(path), "--out", str(tmp_path / "t.jsonl")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    message = " ".join(proc.stderr.split())  # rich wraps long lines
-    assert proc.returncode == 2 and "escaping.json, record images[2] (id 3)" in message and "escapes the image root" in message
-    assert "Traceback" not in proc.stderr
-    proc = subprocess.run([*cmd, "--on-error", "skip"], capture_output=True, text=True)
-    assert proc.returncode == 0 and '"skipped_records": 5' in proc.stdout  # the image, then each of its 4 boxes
+    cmd = ["filter", str(path), "--out", str(tmp_path / "t.jsonl")]
+    code, _, message = run_cli(cmd, capsys)  # an error is one message (exit 2), never a traceback (it would raise here)
+    assert code == 2 and "escaping.json, record images[2] (id 3)" in message and "escapes the image root" in message
+    code, stdout, _ = run_cli([*cmd, "--on-error", "skip"], capsys)
+    assert code == 0 and '"skipped_records": 5' in stdout  # the image, then each of its 4 boxes
 
 
 def random_coco(seed: int, num_images: int = 60) -> dict:

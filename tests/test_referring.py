@@ -1,10 +1,8 @@
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from helpers import save_tiny_random
+from helpers import run_cli, save_tiny_random
 from test_formats import refcoco_fixture
 
 from refloop.boxes import Box
@@ -66,7 +64,7 @@ def test_reg_scores_generated_descriptions(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["shapes", "refcoco"])
-def test_eval_cli_runs_on_shapes_export_and_refcoco_fixture(tmp_path, source):
+def test_eval_cli_runs_on_shapes_export_and_refcoco_fixture(tmp_path, source, capsys):
     model = save_tiny_random(tmp_path / "model")
     if source == "shapes":
         data = ["--data", "in-domain"]
@@ -76,9 +74,6 @@ def test_eval_cli_runs_on_shapes_export_and_refcoco_fixture(tmp_path, source):
     for task in ("rec", "reg"):
         out = tmp_path / f"out-{task}"
         cmd = [
-            sys.executable,
-            "-m",
-            "refloop.cli",
             "eval",
             task,
             *data,
@@ -91,7 +86,7 @@ def test_eval_cli_runs_on_shapes_export_and_refcoco_fixture(tmp_path, source):
             "--device",
             "cpu",
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        code, _, err = run_cli(cmd, capsys)
+        assert code == 0, err[-2000:]
         metrics = json.loads((out / f"{task}_metrics.json").read_text())
         assert metrics["num"] == (2 if source == "refcoco" and task == "reg" else 3 if source == "refcoco" else 4)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import save_tiny_random, scene_box_items, scene_images, tiny_random_model
+from helpers import run_cli, save_tiny_random, scene_box_items, scene_images, tiny_random_model
 from safetensors.torch import load_file
 
 from refloop.methods.sctune import SCTune, SCTuneConfig, schedule
@@ -123,19 +123,18 @@ def write_recipe(tmp_path) -> tuple:
     return path
 
 
-def run_cli(recipe, out, env, wait=True):
-    cmd = [sys.executable, "-m", "refloop.cli", "sctune", "--config", str(recipe), "--out", str(out), "--skip-base-eval"]
-    if wait:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def sctune_args(recipe, out) -> list[str]:
+    return ["sctune", "--config", str(recipe), "--out", str(out), "--skip-base-eval"]
 
 
 def test_sigkilled_run_resumes_to_the_same_adapters_and_metrics(tmp_path):
+    """A real kill of the command; the uninterrupted baseline and the resume run in this process
+    (the recipe's one thread, as the killed run's)."""
     recipe = write_recipe(tmp_path)
     env = os.environ | {"REFLOOP_NO_PROGRESS": "1"}
-    straight = run_cli(recipe, tmp_path / "straight", env)
-    assert straight.returncode == 0, straight.stderr
-    proc = run_cli(recipe, tmp_path / "killed", env, wait=False)
+    assert run_cli(sctune_args(recipe, tmp_path / "straight"))[0] == 0
+    command = [sys.executable, "-m", "refloop.cli", *sctune_args(recipe, tmp_path / "killed")]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "train" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -143,8 +142,7 @@ def test_sigkilled_run_resumes_to_the_same_adapters_and_metrics(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(metrics.read_text().splitlines()) < 6, "the run finished before it was killed"
-    resumed = run_cli(recipe, tmp_path / "killed", env)
-    assert resumed.returncode == 0, resumed.stderr
+    assert run_cli(sctune_args(recipe, tmp_path / "killed"))[0] == 0  # resumed in this process
     a = load_file(tmp_path / "straight" / "train" / "checkpoint" / "weights.safetensors")
     b = load_file(tmp_path / "killed" / "train" / "checkpoint" / "weights.safetensors")
     assert a.keys() == b.keys()

@@ -3,13 +3,11 @@ vision-tower LoRA placement."""
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from helpers import save_tiny_random, tiny_random_model
+from helpers import run_cli, save_tiny_random, tiny_random_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -148,13 +146,11 @@ def test_unknown_words_are_refused_when_extension_is_off(tmp_path, model_dir, rc
 @pytest.mark.parametrize(
     "text", ["train_data: [unclosed", "train_data: x.jsonl\nsft: {batch_size: 0, typo: 1}\nvision_lora: maybe", "model: m"]
 )
-def test_malformed_recipe_exits_2_naming_the_file(tmp_path, text):
+def test_malformed_recipe_exits_2_naming_the_file(tmp_path, text, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    cmd = [sys.executable, "-m", "refloop.cli", "sft", "--config", str(path), "--out", str(tmp_path / "run")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert "bad.yaml" in result.stderr and "Traceback" not in result.stderr
+    code, _, err = run_cli(["sft", "--config", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "bad.yaml" in err, err  # in this process: a traceback would have raised here
     assert not (tmp_path / "run" / "train").exists()
 
 
