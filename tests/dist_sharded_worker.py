@@ -1,23 +1,25 @@
 """Every sharded command, run in one `accelerate launch` (each process runs them all, in order):
-`python -m accelerate.commands.launch ... dist_sharded_worker.py ROOT MODEL RECIPE`. The test
+`python -m accelerate.commands.launch ... dist_sharded_worker.py ROOT MODEL RECIPE REFS`. The test
 (test_distributed.py) runs the same commands in one process and compares the outputs."""
 
 import sys
 from pathlib import Path
 
 
-def jobs(model: str, out: Path, svp_recipe: str) -> dict[str, tuple[list[str], list[str], list[str]]]:
-    """name -> (command line, files equal byte for byte, JSON files equal but for timings)."""
+def jobs(model: str, out: Path, svp_recipe: str, refs: str) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """name -> (command line, files equal byte for byte, JSON files equal but for timings); `refs`:
+    a small referring file (REC/REG read every expression of every scene it has)."""
     common = ["--model", model, "--device", "cpu"]
     shapes = ["--data", "in-domain", *common, "--batch-size", "4"]
+    referring = ["--data", refs, *common, "--batch-size", "4"]
     return {
         "consistency": (
             ["consistency", *shapes, "--num-boxes", "12", "--no-report", "--out", str(out / "consistency")],
             ["samples.jsonl"],
             ["metrics.json"],
         ),
-        "rec": (["eval", "rec", *shapes, "--limit", "14", "--out", str(out / "rec")], ["rec_samples.jsonl"], ["rec_metrics.json"]),
-        "reg": (["eval", "reg", *shapes, "--limit", "10", "--out", str(out / "reg")], ["reg_samples.jsonl"], ["reg_metrics.json"]),
+        "rec": (["eval", "rec", *referring, "--limit", "14", "--out", str(out / "rec")], ["rec_samples.jsonl"], ["rec_metrics.json"]),
+        "reg": (["eval", "reg", *referring, "--limit", "10", "--out", str(out / "reg")], ["reg_samples.jsonl"], ["reg_metrics.json"]),
         "caption-eval": (
             ["eval", "caption", *shapes, "--num-images", "10", "--out", str(out / "caption-eval")],
             ["caption_samples.jsonl"],
@@ -39,6 +41,6 @@ def jobs(model: str, out: Path, svp_recipe: str) -> dict[str, tuple[list[str], l
 if __name__ == "__main__":
     from refloop.cli import app
 
-    root, model, recipe = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    for args, _, _ in jobs(model, root / "two", recipe).values():
+    root, model, recipe, refs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    for args, _, _ in jobs(model, root / "two", recipe, refs).values():
         app(args=args, standalone_mode=False, prog_name="refloop")

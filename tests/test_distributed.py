@@ -15,6 +15,9 @@ from dist_sharded_worker import jobs
 from helpers import run_cli, save_tiny_random
 from safetensors.torch import load_file
 
+from refloop.data.sources import world_split_dir
+from refloop.world.export import REFS_FILE
+
 pytestmark = pytest.mark.distributed
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
@@ -50,18 +53,19 @@ def runs(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("REFLOOP_CACHE", cache)  # the same scenes (and image paths) as the launch
-            for name, (args, _, _) in jobs(model, root / "one", str(recipe)).items():
+            refs = str(world_split_dir("in-domain", 6) / REFS_FILE)
+            for name, (args, _, _) in jobs(model, root / "one", str(recipe), refs).items():
                 code, _, _ = run_cli(args)
                 assert code == 0, name
     finally:
         torch.set_num_threads(threads)
     worker = str(Path(__file__).with_name("dist_sharded_worker.py"))
-    launched = subprocess.run([*LAUNCH, worker, str(root), model, str(recipe)], env=env, capture_output=True, timeout=1200)
+    launched = subprocess.run([*LAUNCH, worker, str(root), model, str(recipe), refs], env=env, capture_output=True, timeout=1200)
     assert launched.returncode == 0, launched.stderr.decode()[-4000:]
-    return root, jobs(model, Path("."), str(recipe))
+    return root, jobs(model, Path("."), str(recipe), refs)
 
 
-@pytest.mark.parametrize("job", list(jobs("m", Path("."), "r")))
+@pytest.mark.parametrize("job", list(jobs("m", Path("."), "r", "refs")))
 def test_two_processes_write_what_one_process_writes(runs, job):
     root, table = runs
     args, same_bytes, same_json = table[job]

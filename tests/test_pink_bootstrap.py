@@ -300,3 +300,24 @@ def test_sigkilled_run_resumes_to_identical_records(straight, tmp_path, monkeypa
     assert_same_outputs(reference, out)
     ids = [c["id"] for c in candidates(out)]
     assert len(ids) == len(set(ids))
+
+
+# ---- the recipe: YAML, flags as overrides ---------------------------------------------------------
+def test_bootstrap_recipe_takes_yaml_with_the_flags_as_overrides(tmp_path, monkeypatch, capsys):
+    from refloop.methods import bootstrap_recipe
+
+    seen = []
+    monkeypatch.setattr(bootstrap_recipe, "run_bootstrap", lambda recipe, out, progress=None, overwrite=False: seen.append(recipe))
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text("data: crowded\nnum_images: 40\nbootstrap: {samples: 2, seed: 5}\n")
+    code, _, err = run_cli(["bootstrap", "--config", str(path), "--samples", "3", "--no-report", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    (recipe,) = seen
+    assert (recipe.data, recipe.num_images, recipe.report) == ("crowded", 40, False)
+    assert (recipe.bootstrap.samples, recipe.bootstrap.seed, recipe.bootstrap.min_area_px) == (3, 5, SHAPES_MIN_AREA_PX)
+    seen.clear()
+    code, _, err = run_cli(["bootstrap", "--data", str(tmp_path / "det.json"), "--batch-size", "8", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert seen[0].bootstrap.min_area_px == 2000 and seen[0].bootstrap.batch_size == 8  # a file: Pink's A.2 value
+    code, _, err = run_cli(["bootstrap", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "data" in err  # no --data and no recipe naming it

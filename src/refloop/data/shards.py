@@ -101,10 +101,6 @@ class ShardedRun(Generic[T]):
         self.writer.done = self.done  # records written here join the shared set
         self.skipped: list[DataError] = []
 
-    @property
-    def share(self) -> int:
-        return share(len(self.items), self.batch_size, self.rank, self.world)
-
     def batches(
         self,
         load: Callable[[T], Image.Image] | None = None,
