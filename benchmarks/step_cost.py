@@ -1,6 +1,13 @@
 """Step cost model (issue 12, item 2): a step's wall time against its pure model passes.
 
     python benchmarks/step_cost.py [--batch 64] [--group 4] [--threads 1]
+    python benchmarks/step_cost.py --b0-lever     # only the A/B of the LoRA-B=0 lever, merged into the JSON
+
+`--b0-lever` (issue 22, item 4): the frozen, never-trained locator of a describer phase has LoRA
+B = 0, and such an adapter now runs as the base (no LoRA matmuls, same outputs bit for bit). The
+describer step and the locator's greedy answers alone are timed with the lever on and off,
+alternating within one process (so a busy machine slows both arms alike), and written under
+"b0_lever" into the existing JSON, whose other numbers are kept.
 
 Writes benchmarks/results/step_cost.json. Three units of work on refloop-tiny (crowded scenes):
 an SC-Tune describer step (group baseline: K samples per box, the frozen locator re-locating every
@@ -144,6 +151,40 @@ def measure(name: str, model: torch.nn.Module, unit, repeats: int) -> dict:
     return row
 
 
+def b0_lever(tuner: SCTune, items: list[BoxItem], repeats: int) -> dict:
+    """Describer step and the frozen locator's greedy answers, lever on and off, alternating."""
+    from refloop.cycle import describe_then_locate
+
+    images, boxes = [it.load_image() for it in items], [it.box for it in items]
+    sampling = GenerateOptions(do_sample=True, top_k=100, top_p=0.9, max_new_tokens=12, num_return_sequences=tuner.cfg.group_size)
+    expressions = describe_then_locate(tuner.describer, tuner.locator, images, boxes, sampling).expressions
+    r_images = [img for img in images for _ in range(tuner.cfg.group_size)]
+    assert not tuner.adapters.is_identity("describer") and tuner.adapters.is_identity("locator")
+    lever_on = tuner.adapters.is_identity
+    times: dict[str, dict[str, list[float]]] = {"describer_step": {"on": [], "off": []}, "locator_answers": {"on": [], "off": []}}
+    same = None
+    for _ in range(repeats):
+        for arm in ("on", "off"):
+            tuner.adapters.is_identity = lever_on if arm == "on" else (lambda name: False)
+            t0 = time.perf_counter()
+            located = tuner.locator.locate(r_images, expressions)
+            times["locator_answers"][arm].append(time.perf_counter() - t0)
+            same = located if same is None else same
+            assert located == same  # the lever changes no answer
+            t0 = time.perf_counter()
+            tuner.describer_step(items)
+            times["describer_step"][arm].append(time.perf_counter() - t0)
+    tuner.adapters.is_identity = lever_on
+    out = {}
+    for unit, arms in times.items():
+        on, off = (sum(arms[a]) / len(arms[a]) for a in ("on", "off"))
+        out[unit] = {"lever_on_seconds": round(on, 3), "lever_off_seconds": round(off, 3), "speedup": round(off / on, 3)}
+    out["locator_answers"]["queries"] = len(expressions)
+    out["identical_outputs"] = True
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64, help="boxes per step / batch")
@@ -151,6 +192,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "step_cost.json")
+    parser.add_argument("--b0-lever", action="store_true", help="only the A/B of the LoRA-B=0 lever, merged into --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["REFLOOP_NO_PROGRESS"] = "1"
@@ -172,6 +214,12 @@ def main() -> None:
     items = _items(args.batch)
     tuner = SCTune.from_base(vlm, cfg, items)
     model = tuner.vlm.model
+    if args.b0_lever:
+        tuner.describer_step(items)  # warm-up; the describer is trained from here on, the locator is not
+        result = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result["b0_lever"] = {"threads": args.threads, "batch": args.batch, "group": args.group, **b0_lever(tuner, items, args.repeats)}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     rows = [
         measure("describer_step", model, lambda: tuner.describer_step(items), args.repeats),
         measure("locator_step", model, lambda: tuner.locator_step(items, step=cfg.describer_steps), args.repeats),
