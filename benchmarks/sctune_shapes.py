@@ -1,9 +1,11 @@
 """SC-Tune on the shapes world: Pr@0.5 per domain before and after tuning on one OOD style.
 
-    python benchmarks/sctune_shapes.py [--train-domain crowded] [--tune both|describer|locator]
+    python benchmarks/sctune_shapes.py [--seeds 0,1,2] [--train-domain crowded] [--tune both|describer|locator]
 
-Writes benchmarks/results/sctune_shapes.json (or sctune_shapes_<tune>.json for ablations):
-train_domain, train_seconds, domains: {name: {base, tuned}}.
+Each seed (SC-Tune's seed: batches, sampling, adapter init) tunes the same base model on the same
+training boxes; the held-out evaluation boxes are fixed. Writes benchmarks/results/sctune_shapes.json
+(or sctune_shapes_<tune>.json for ablations): train_domain, domains: {name: {base, tuned}} (tuned
+as mean/range over seeds), gain_points (mean/range), per_seed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import json
 import os
 from pathlib import Path
+
+from seeds import parse_seeds, spread
 
 from refloop.config import load_recipe
 from refloop.methods.sctune import schedule
@@ -34,34 +38,47 @@ def main() -> None:
     parser.add_argument("--train-domain", default="crowded")
     parser.add_argument("--tune", default="both", choices=["both", "describer", "locator"])
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-sctune"))
+    parser.add_argument("--seeds", default="0,1,2", help="SC-Tune seeds")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
     args = parser.parse_args()
     os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
+    seeds = parse_seeds(args.seeds)
     overrides = [f"train_data={args.train_domain}", f"sctune.tune={args.tune}", *args.overrides]
     recipe = load_recipe(SCTuneRecipe, Path(args.config), overrides)
-    out = Path(args.out) / f"{args.train_domain}-{args.tune}"
     # Ablations reuse the base-model numbers of the full run (same model, same held-out boxes).
     full = RESULTS / "sctune_shapes.json"
-    reuse = None
+    base = None
     if args.tune != "both" and full.exists():
         previous = json.loads(full.read_text())
         if previous["train_domain"] == args.train_domain and previous["eval_boxes"] == recipe.eval_boxes:
-            reuse = {d: v["base"] for d, v in previous["domains"].items()}
-    results = run_sctune(recipe, out, evaluate_base=reuse is None)
-    if reuse is not None:
-        results["base"] = reuse
+            base = {d: v["base"] for d, v in previous["domains"].items()}
     eval_names = [spec.data for spec in recipe.eval_data]
+    per_seed = {}
+    for seed in seeds:
+        seeded = load_recipe(SCTuneRecipe, Path(args.config), [*overrides, f"sctune.seed={seed}"])
+        out = Path(args.out) / f"{args.train_domain}-{args.tune}-seed{seed}"
+        results = run_sctune(seeded, out, evaluate_base=base is None)  # the base model is greedy: evaluated once
+        base = base or results["base"]
+        per_seed[seed] = {
+            "tuned": results["tuned"],
+            "gain_points": {d: round(100 * (results["tuned"][d] - base[d]), 1) for d in eval_names},
+            "train_seconds": round(results["train_seconds"], 1),
+            "rollout_captions_per_second": rollout_throughput(out),
+        }
+        print(f"seed {seed}:", json.dumps(per_seed[seed]), flush=True)
     summary = {
         "benchmark": "sctune_shapes",
+        "model": recipe.model or "refloop-tiny",
         "train_domain": args.train_domain,
         "tune": args.tune,
-        "train_seconds": round(results["train_seconds"], 1),
+        "seeds": seeds,
+        "train_seconds_per_seed": spread([r["train_seconds"] for r in per_seed.values()]),
         "train_steps": sum(p.steps for p in schedule(recipe.sctune)),
         "train_boxes": results["train_boxes"],
-        "rollout_captions_per_second": rollout_throughput(out),
         "eval_boxes": recipe.eval_boxes,
-        "domains": {d: {"base": results["base"][d], "tuned": results["tuned"][d]} for d in eval_names},
-        "gain_points": {d: round(100 * (results["tuned"][d] - results["base"][d]), 1) for d in eval_names},
+        "domains": {d: {"base": base[d], "tuned": spread([r["tuned"][d] for r in per_seed.values()], 4)} for d in eval_names},
+        "gain_points": {d: spread([r["gain_points"][d] for r in per_seed.values()]) for d in eval_names},
+        "per_seed": per_seed,
         "recipe": recipe.model_dump(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -141,8 +141,8 @@ def _bootstrap_html(stats: dict | None) -> str:
     )
 
 
-def _demo_svp(out: Path, domain: str, num_images: int, eval_images: int, device: str, dtype: str) -> dict:
-    """SVP at demo scale: refloop-tiny-context captions `num_images` text-free training scenes of
+def _demo_svp(out: Path, model: str | None, domain: str, num_images: int, eval_images: int, device: str, dtype: str) -> dict:
+    """SVP at demo scale: the model captions `num_images` text-free training scenes of
     an OOD style with and without the scene oracle's grounding, keeps the best-scored guided
     captions (S(q,p), Eq. 5) and is tuned on them; object recall and CHAIR_i of greedy captions on
     held-out scenes before and after."""
@@ -153,7 +153,7 @@ def _demo_svp(out: Path, domain: str, num_images: int, eval_images: int, device:
     from refloop.models import load_vlm
     from refloop.world import TRAIN_SEED
 
-    base = load_vlm("refloop-tiny-context", device=device, dtype=dtype, batch_size=160)
+    base = load_vlm(model, device=device, dtype=dtype, batch_size=160)
     seeds = load_detections(domain, num_images=num_images, scene_seed=TRAIN_SEED).records
     found = load_object_data(domain, num_images=eval_images)
     cfg = SVPConfig(samples=8, top_fraction=0.25, max_new_tokens=40, sft=SVPTraining(lr=2e-4, checkpoint_every=10_000))
@@ -167,9 +167,7 @@ def _demo_svp(out: Path, domain: str, num_images: int, eval_images: int, device:
         {"train_data": domain, "images": len(seeds), "grounder": "scene oracle", "score": cfg.score, "iterations": summary},
         seeds,
     )
-    before = evaluate_captions(
-        load_vlm("refloop-tiny-context", device=device, dtype=dtype), found, out / "svp" / "eval-base", overwrite=True
-    )
+    before = evaluate_captions(load_vlm(model, device=device, dtype=dtype), found, out / "svp" / "eval-base", overwrite=True)
     after = evaluate_captions(method.vlm, found, out / "svp" / "eval-svp", overwrite=True)
     pairs = []
     rows = {r["id"]: r for r in read_records(out / "svp" / "eval-base" / "caption_samples.jsonl")}
@@ -177,6 +175,7 @@ def _demo_svp(out: Path, domain: str, num_images: int, eval_images: int, device:
         pairs.append({"image": r["image"], "base": rows[r["id"]]["caption"], "svp": r["caption"]})
     keys = ("object_recall", "chair_i", "chair_s", "CIDEr")
     return {
+        "model": "refloop-tiny" if model is None else str(model),
         "domain": domain,
         "seed_images": num_images,
         "iterations": summary,
@@ -191,7 +190,7 @@ def svp_table(result: dict) -> Table:
     table.add_column("model")
     for column in ("object recall", "CHAIR_i", "CHAIR_s", "CIDEr"):
         table.add_column(column, justify="right")
-    for name, key in (("refloop-tiny-context", "base"), ("  + SVP (S(q,p), ours)", "svp")):
+    for name, key in ((result.get("model", "refloop-tiny"), "base"), ("  + SVP (S(q,p), ours)", "svp")):
         v = result[key]
         table.add_row(
             name, *[f"{100 * v[k]:.1f}" if v.get(k) is not None else "-" for k in ("object_recall", "chair_i", "chair_s", "CIDEr")]
@@ -206,7 +205,7 @@ def _svp_html(result: dict | None) -> str:
         f"<tr><td>{name}</td>"
         + "".join(f"<td>{100 * (result[key].get(k) or 0):.1f}</td>" for k in ("object_recall", "chair_i", "CIDEr"))
         + "</tr>"
-        for name, key in (("refloop-tiny-context", "base"), ("+ SVP", "svp"))
+        for name, key in ((result.get("model", "refloop-tiny"), "base"), ("+ SVP", "svp"))
     )
     examples = "".join(
         f"<tr><td><img src='{html.escape(e['image'])}' width=112></td>"
@@ -267,7 +266,7 @@ def run_demo(
         results[domain] = metrics
     rows = {f"{model_name} (ours)": {d: m["consistency_rate"] for d, m in results.items()}}
     bootstrap_stats = _demo_bootstrap(vlm, out, bootstrap_domain, bootstrap_images) if bootstrap_domain else None
-    svp_result = _demo_svp(out, svp_domain, svp_images, min(num_boxes, 200), device, dtype) if svp_domain else None
+    svp_result = _demo_svp(out, model, svp_domain, svp_images, min(num_boxes, 200), device, dtype) if svp_domain else None
     sctune_summary = None
     if sctune_domain:
         sctune_summary = _demo_sctune(out, model, sctune_domain, num_boxes, device, dtype)
