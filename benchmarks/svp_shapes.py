@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200, help="C: seed images")
     parser.add_argument("--samples", type=int, default=20, help="K per image")
     parser.add_argument("--top-fraction", type=float, default=0.1)
-    parser.add_argument("--phrases", default="caption", choices=["caption", "categories", "both"], help="what the oracle grounds")
+    parser.add_argument("--phrases", default="both", choices=["caption", "categories", "both"], help="what the oracle grounds")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--eval-images", type=int, default=200)
