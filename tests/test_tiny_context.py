@@ -225,16 +225,18 @@ def test_init_from_a_checkpoint_of_another_size_is_refused():
 
 def test_packaged_model_names_resolve_to_their_directories(tmp_path, monkeypatch):
     assert resolve_model(None) == default_model_path()
-    assert resolve_model("refloop-tiny-context") == packaged_model_path("refloop-tiny-context")
+    assert resolve_model("refloop-tiny") == packaged_model_path("refloop-tiny") == default_model_path()
+    # the retired context model's name serves the one packaged model that replaced it
+    assert resolve_model("refloop-tiny-context") == default_model_path()
     monkeypatch.chdir(tmp_path)
     (tmp_path / "refloop-tiny-context").mkdir()  # a user's own directory of that name wins
     assert resolve_model("refloop-tiny-context") == "refloop-tiny-context"
 
 
-def test_packaged_context_model_loads_by_name_and_captions_with_a_context():
+def test_packaged_model_loads_by_name_and_captions_with_a_context():
     from refloop.models import load_vlm
 
-    vlm = load_vlm("refloop-tiny-context", device="cpu")
+    vlm = load_vlm("refloop-tiny", device="cpu")
     assert isinstance(vlm.profile, TinyProfile)
     scene = sample_scene(get_style(IN_DOMAIN), 3, 0)
     image = render(scene)

@@ -9,14 +9,17 @@ from refloop.torchvision_ops import declare_missing_operators
 
 declare_missing_operators()  # before transformers imports torchvision (a CUDA build on a CPU torch: see the module)
 
-# Checkpoints shipped inside the package, by the name `load_vlm` and --model accept:
-# refloop-tiny, the foundation every benchmark runs; refloop-tiny-context, refloop-tiny continued
-# to caption with a grounding in its prompt (SVP's q(z | c, g); see its README.md).
-PACKAGED_MODELS = ("refloop-tiny", "refloop-tiny-context")
+# Checkpoints shipped inside the package, by the name `load_vlm` and --model accept: refloop-tiny,
+# the one base model every method and benchmark runs (REG, REC, captions, yes/no, and captions that
+# use a grounding written in the prompt; see its README.md).
+PACKAGED_MODELS = ("refloop-tiny",)
+# Names of earlier packaged models, now served by the one model that replaced them.
+RETIRED_MODELS = {"refloop-tiny-context": "refloop-tiny"}
 
 
 def packaged_model_path(name: str) -> Path:
     """The directory of a checkpoint shipped inside the package (one of PACKAGED_MODELS)."""
+    name = RETIRED_MODELS.get(name, name)
     if name not in PACKAGED_MODELS:
         raise ValueError(f"no packaged model {name!r}; packaged: {', '.join(PACKAGED_MODELS)}")
     return Path(str(files("refloop") / "assets" / name))
@@ -28,11 +31,12 @@ def default_model_path() -> Path:
 
 
 def resolve_model(model: str | Path | None) -> str | Path:
-    """None -> the embedded refloop-tiny; a packaged model's name -> its directory, unless a path
-    of that name exists here (a user's own checkpoint directory wins); anything else unchanged."""
+    """None -> the embedded refloop-tiny; a packaged model's name (or a retired one's) -> its
+    directory, unless a path of that name exists here (a user's own checkpoint directory wins);
+    anything else unchanged."""
     if model is None:
         return default_model_path()
-    if isinstance(model, str) and model in PACKAGED_MODELS and not Path(model).exists():
+    if isinstance(model, str) and (model in PACKAGED_MODELS or model in RETIRED_MODELS) and not Path(model).exists():
         return packaged_model_path(model)
     return model
 
@@ -68,6 +72,7 @@ __all__ = [
     "GenerateOptions",
     "Located",
     "PACKAGED_MODELS",
+    "RETIRED_MODELS",
     "PROFILES",
     "PromptProfile",
     "TinyProfile",

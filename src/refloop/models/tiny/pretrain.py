@@ -177,7 +177,7 @@ def build_model(cfg: PretrainConfig) -> tuple[RefloopTinyForConditionalGeneratio
 
 
 def init_checkpoint_dir(init_from: str) -> Path:
-    """"packaged": the embedded refloop-tiny; a packaged model's name (refloop-tiny-context): its
+    """"packaged": the embedded refloop-tiny; a packaged model's name: its
     directory; else a checkpoint directory."""
     from refloop.models import default_model_path, resolve_model
 
