@@ -40,7 +40,20 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-sctune"))
     parser.add_argument("--seeds", default="0,1,2", help="SC-Tune seeds")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
+    parser.add_argument("--result", default=None, help="output JSON (default: benchmarks/results/sctune_shapes[_<tune>].json)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="combine results of runs over other seeds (same model, recipe, base) into --result",
+    )
     args = parser.parse_args()
+    name = "sctune_shapes.json" if args.tune == "both" else f"sctune_shapes_{args.tune}.json"
+    result_path = Path(args.result) if args.result else RESULTS / name
+    if args.merge:
+        write(result_path, merge([json.loads(Path(m).read_text()) for m in args.merge]))
+        return
     os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
     seeds = parse_seeds(args.seeds)
     overrides = [f"train_data={args.train_domain}", f"sctune.tune={args.tune}", *args.overrides]
@@ -71,20 +84,48 @@ def main() -> None:
         "model": recipe.model or "refloop-tiny",
         "train_domain": args.train_domain,
         "tune": args.tune,
-        "seeds": seeds,
-        "train_seconds_per_seed": spread([r["train_seconds"] for r in per_seed.values()]),
         "train_steps": sum(p.steps for p in schedule(recipe.sctune)),
         "train_boxes": results["train_boxes"],
         "eval_boxes": recipe.eval_boxes,
-        "domains": {d: {"base": base[d], "tuned": spread([r["tuned"][d] for r in per_seed.values()], 4)} for d in eval_names},
-        "gain_points": {d: spread([r["gain_points"][d] for r in per_seed.values()]) for d in eval_names},
+        "base": base,
         "per_seed": per_seed,
         "recipe": recipe.model_dump(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "sctune_shapes.json" if args.tune == "both" else f"sctune_shapes_{args.tune}.json"
-    (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "recipe"}, indent=2))
+    write(result_path, summarize(summary))
+
+
+def summarize(summary: dict) -> dict:
+    """Mean, range and per-seed values of the tuned Pr@0.5 and the gains, from `per_seed`."""
+    runs, base = summary["per_seed"], summary["base"]
+    summary["seeds"] = [int(s) for s in runs]
+    summary["train_seconds_per_seed"] = spread([r["train_seconds"] for r in runs.values()])
+    summary["domains"] = {d: {"base": base[d], "tuned": spread([r["tuned"][d] for r in runs.values()], 4)} for d in base}
+    summary["gain_points"] = {d: spread([r["gain_points"][d] for r in runs.values()]) for d in base}
+    return summary
+
+
+def merge(parts: list[dict]) -> dict:
+    """Runs of other seeds on the same model, recipe (up to the seed) and base numbers, as one run."""
+    first = parts[0]
+    for other in parts[1:]:
+        for key in ("model", "train_domain", "tune", "eval_boxes", "base"):
+            if other[key] != first[key]:
+                raise SystemExit(f"--merge: the runs differ in {key!r}: {first[key]!r} vs {other[key]!r}")
+    runs = {}
+    for part in parts:
+        for seed, run in part["per_seed"].items():
+            if seed in runs:
+                raise SystemExit(f"--merge: seed {seed} appears twice")
+            runs[seed] = run
+    merged = {k: v for k, v in first.items() if k not in ("per_seed", "seeds", "domains", "gain_points", "train_seconds_per_seed")}
+    merged["per_seed"] = dict(sorted(runs.items(), key=lambda kv: int(kv[0])))
+    return summarize(merged)
+
+
+def write(path: Path, summary: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("recipe", "per_seed")}, indent=2))
 
 
 if __name__ == "__main__":
