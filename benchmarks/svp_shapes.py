@@ -53,9 +53,17 @@ ROWS = {
 
 
 def evaluate(vlm, out: Path, found, rec_records, rec_limit: int) -> dict:
-    captions = evaluate_captions(vlm, found, out / "captions", batch_size=64, overwrite=True)
-    pope = evaluate_pope(vlm, found, out / "pope", "random", per_image=2, batch_size=64, overwrite=True)
-    rec = evaluate_rec(vlm, rec_records, out / "rec", limit=rec_limit, overwrite=True)
+    evaluate_captions(vlm, found, out / "captions", batch_size=64, overwrite=True)
+    evaluate_pope(vlm, found, out / "pope", "random", per_image=2, batch_size=64, overwrite=True)
+    evaluate_rec(vlm, rec_records, out / "rec", limit=rec_limit, overwrite=True)
+    return read_row(out)
+
+
+def read_row(out: Path) -> dict:
+    """A row's numbers from the metrics files its evaluation wrote."""
+    captions = json.loads((out / "captions" / "caption_metrics.json").read_text())
+    pope = json.loads((out / "pope" / "pope_metrics.json").read_text())
+    rec = json.loads((out / "rec" / "rec_metrics.json").read_text())
     return {
         "object_recall": round(100 * captions["object_recall"], 1),
         "chair_i": round(100 * captions["chair_i"], 1),
@@ -65,6 +73,28 @@ def evaluate(vlm, out: Path, found, rec_records, rec_limit: int) -> dict:
         "pope_yes_ratio": round(100 * pope["yes_ratio"], 1),
         "rec_acc": round(100 * rec["rec_accuracy"], 1),
     }
+
+
+def tag_of(seed: int, name: str) -> str:
+    return f"seed{seed}/" + name.replace(" ", "_").replace(",", "")
+
+
+def collect(out: Path, rows: list[str], seeds: list[int]) -> tuple[dict, list[int]]:
+    """The rows an earlier run in `out` finished, for the seeds whose every row finished (the base
+    model, having no seed, is read from the first seed that evaluated it)."""
+    done = lambda d: all((d / f).is_file() for f in ("captions/caption_metrics.json", "pope/pope_metrics.json", "rec/rec_metrics.json"))  # noqa: E731
+    base = next((out / "eval" / tag_of(s, "base") for s in seeds if done(out / "eval" / tag_of(s, "base"))), None)
+    table: dict[str, dict[int, dict]] = {}
+    complete = []
+    for seed in seeds:
+        dirs = {name: (base if ROWS[name] is None else out / "eval" / tag_of(seed, name)) for name in rows}
+        if all(d is not None and done(d) for d in dirs.values()):
+            complete.append(seed)
+            for name, d in dirs.items():
+                table.setdefault(name, {})[seed] = read_row(d)
+    if not complete:
+        raise SystemExit(f"--collect: no seed of {seeds} finished every row in {out}")
+    return table, complete
 
 
 def main() -> None:
@@ -81,12 +111,16 @@ def main() -> None:
     parser.add_argument("--rec-limit", type=int, default=400)
     parser.add_argument("--rows", default=";".join(ROWS), help="semicolon-separated subset of the rows")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-svp"))
+    parser.add_argument(
+        "--collect", action="store_true", help="no runs: the summary of the rows an earlier (interrupted) run in --out finished"
+    )
     parser.add_argument("--result", default=str(RESULTS / "svp_shapes.json"))
     args = parser.parse_args()
     os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
     torch.set_num_threads(int(os.environ.get("REFLOOP_THREADS", "2")))
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    if not args.collect:
+        shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     seeds = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
     found = load_object_data("wild", num_images=args.eval_images)
@@ -95,7 +129,7 @@ def main() -> None:
     rows = args.rows.split(";")
     table: dict[str, dict[int, dict]] = {}
     runs: dict[str, dict] = {}
-    for seed in parse_seeds(args.seeds):
+    for seed in [] if args.collect else parse_seeds(args.seeds):
         oracle = SceneOracle(miss_rate=0.1, false_positive_rate=0.1, jitter=0.05, seed=seed)
         for name in rows:
             settings = ROWS[name]
@@ -104,7 +138,7 @@ def main() -> None:
                 continue
             t = time.perf_counter()
             vlm = load_vlm(args.model, batch_size=160)
-            tag = f"seed{seed}/" + name.replace(" ", "_").replace(",", "")
+            tag = tag_of(seed, name)
             if settings is not None:
                 cfg = SVPConfig(
                     samples=args.samples,
@@ -124,6 +158,8 @@ def main() -> None:
             table.setdefault(name, {})[seed] = row
             print(f"seed {seed}", name, row, flush=True)
     seeds_run = parse_seeds(args.seeds)
+    if args.collect:
+        table, seeds_run = collect(out, rows, seeds_run)
     metrics = ("object_recall", "chair_i", "chair_s", "cider", "pope_f1", "pope_yes_ratio", "rec_acc")
     mean_table = {name: {m: spread([table[name][s][m] for s in seeds_run]) for m in metrics} for name in table}
 
@@ -177,6 +213,7 @@ def main() -> None:
         "sft": training.model_dump(mode="json"),
         "eval": {"domain": "wild", "images": args.eval_images, "rec_pairs": args.rec_limit, "pope": "random, 2 yes + 2 no per image"},
         "seeds": seeds_run,
+        "collected_from_an_interrupted_run": args.collect,
         "table": mean_table,
         "per_seed": table,
         "iterations": runs,

@@ -1,0 +1,86 @@
+"""The README's evidence tables, written from the benchmark JSONs (never typed by hand).
+
+    python benchmarks/readme_tables.py [sctune|pink|svp ...]
+
+Each cell is the mean over seeds with its range [min, max]; a change whose range crosses zero is
+marked with '~' (not a claimed effect).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cell(stat: dict, scale: float = 1.0, signed: bool = False) -> str:
+    mean, lo, hi = (scale * stat[k] for k in ("mean", "min", "max"))
+    f = "{:+.1f}" if signed else "{:.1f}"
+    text = f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
+    if signed and lo <= 0 <= hi:
+        text += " ~"
+    return text
+
+
+def sctune() -> str:
+    r = json.loads((RESULTS / "sctune_shapes.json").read_text())
+    lines = [
+        f"| domain | {r['model']} | + SC-Tune ({r['train_domain']}), {len(r['seeds'])} seeds | change (points) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for d, v in r["domains"].items():
+        lines.append(f"| {d} | {100 * v['base']:.1f} | {cell(v['tuned'], 100)} | {cell(r['gain_points'][d], signed=True)} |")
+    return "\n".join(lines)
+
+
+def pink() -> str:
+    r = json.loads((RESULTS / "pink_shapes.json").read_text())
+    domains = list(r["rec_accuracy"]["base"])
+    zs = r["targets"]["zero_shot_split"]
+    head = " | ".join(f"{d} (zero-shot split)" if d == zs else d for d in domains)
+    lines = [f"| model ({len(r['seeds'])} seeds) | {head} |", "| --- |" + " --- |" * len(domains)]
+    for arm, row in r["rec_accuracy"].items():
+        name = r["model"] if arm == "base" else f"{arm} ({r['train_domain']} boxes)"
+        lines.append(f"| {name} | " + " | ".join(cell(row[d]) if arm != "base" else f"{row[d]['mean']:.1f}" for d in domains) + " |")
+    t = r["targets"]
+    lines += [
+        "",
+        "| effect on the zero-shot split (points) | mean [range] | target |",
+        "| --- | --- | --- |",
+        f"| filtered - unfiltered | {cell(t['filtered_minus_unfiltered_zero_shot'], signed=True)} | >= +3 |",
+        f"| filtered - base | {cell(t['filtered_minus_base_zero_shot'], signed=True)} | >= +5 |",
+        f"| in-domain, filtered - base | {cell(t['in_domain_change_filtered'], signed=True)} | within 1 |",
+    ]
+    return "\n".join(lines)
+
+
+def svp() -> str:
+    r = json.loads((RESULTS / "svp_shapes.json").read_text())
+    metrics = [("object_recall", "object recall"), ("chair_i", "CHAIR_i"), ("cider", "CIDEr"), ("pope_f1", "POPE F1"), ("rec_acc", "REC")]
+    lines = [f"| row ({len(r['seeds'])} seeds) | " + " | ".join(m for _, m in metrics) + " |", "| --- |" + " --- |" * len(metrics)]
+    for name, row in r["table"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(row[k]) for k, _ in metrics) + " |")
+    t = r["targets"]
+    rows = [
+        ("recall: S(q,p) - no feedback", "recall_gain_over_no_feedback", ">= +5"),
+        ("recall: S(q,p) - grounding only", "recall_gain_over_grounding_only", "> 0"),
+        ("recall: grounding only - no feedback", "recall_grounding_only_minus_no_feedback", "> 0"),
+        ("CHAIR_i: S(q,p) - no feedback", "chair_i_change_vs_no_feedback", "<= 0"),
+        ("REC: S(q,p) - base", "rec_change_vs_base", ">= -2"),
+        ("REC: S(q,p) + CVQ - base", "rec_change_vs_base_with_cvq", "(CVQ)"),
+        ("POPE F1: S(q,p) - base", "pope_f1_change_vs_base", ">= -1"),
+    ]
+    lines += ["", "| effect (points) | mean [range] | target |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {cell(t[key], signed=True)} | {target} |" for label, key, target in rows if key in t]
+    return "\n".join(lines)
+
+
+TABLES = {"sctune": sctune, "pink": pink, "svp": svp}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or list(TABLES):
+        print(f"<!-- {name}: python benchmarks/readme_tables.py {name} -->")
+        print(TABLES[name]())
+        print()
