@@ -82,6 +82,10 @@ def _model_spec(
 
     from refloop.config import ModelSpec
 
+    if backend == BackendChoice.vllm:  # refused before any data loads when vLLM is missing
+        from refloop.models.vllm import check_install
+
+        check_install()
     try:
         return ModelSpec(
             model=model, device=device, dtype=dtype, profile=profile, trust_remote_code=trust_remote_code, generation_backend=backend.value
