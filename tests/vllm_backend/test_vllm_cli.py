@@ -63,3 +63,13 @@ def test_an_unservable_head_size_is_refused_before_the_engine_starts(tmp_path, c
     code, _, err = run_cli([*args, "--device", "cpu", "--backend", "vllm"], capsys)
     assert code == 2
     assert "error: vLLM's CPU backend cannot run attention heads of size 16" in err and "--backend hf" in err
+
+
+def test_a_model_vllm_does_not_implement_is_refused_cleanly(tmp_path, capsys):
+    from helpers import run_cli, save_tiny_random
+
+    model = save_tiny_random(tmp_path / "tiny", hidden=64)  # refloop-tiny's architecture, heads of 32
+    args = ["eval", "rec", "--data", "in-domain", "--limit", "2", "--out", str(tmp_path / "o"), "--model", str(model)]
+    code, _, err = run_cli([*args, "--device", "cpu", "--backend", "vllm"], capsys)
+    assert code == 2
+    assert "error: vLLM cannot serve" in err and "RefloopTinyForConditionalGeneration" in err and "not supported" in err

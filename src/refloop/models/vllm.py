@@ -158,7 +158,9 @@ class VLLMEngine:
         try:
             self.llm = LLM(**kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise RefloopError(f"vLLM cannot serve {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            reason = " ".join(lines[:2]).split(" Supported architectures")[0]  # pydantic's header and its first error
+            raise RefloopError(f"vLLM cannot serve {path}: {reason[:300]}") from None
         self.path = path
         self.lora = bool(lora_rank)
         self._requests: dict[str, object] = {}  # adapter name -> its current LoRARequest
