@@ -143,7 +143,7 @@ def train_items(n_scenes: int, domain: str):
 
 def step_batch(items, seed: int, step: int, boxes: int):
     """The boxes of step `step`: SC-Tune's own rule (`SCTune.batch`), reproduced for TRL's dataset."""
-    from refloop.training.trainer import step_seed
+    from refloop.seeding import step_seed
 
     rng = random.Random(step_seed(seed, step, "batch"))
     return [items[rng.randrange(len(items))] for _ in range(boxes)]
@@ -420,7 +420,7 @@ def run_trl(name: str, steps: int, warmup: int, boxes: int) -> dict:
     from refloop.boxes import Box
     from refloop.cycle import locate_boxes
     from refloop.models.hf import HFVLM
-    from refloop.training.adapters import language_model_targets
+    from refloop.models.lora import language_model_targets
 
     s = SETTINGS
     torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from helpers import run_cli
 
-from refloop.config import ModelSpec
+from refloop.models.spec import ModelSpec
 
 
 def test_the_default_backend_is_left_out_of_recorded_recipes():

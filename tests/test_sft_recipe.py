@@ -15,7 +15,8 @@ from refloop.cli import app
 from refloop.data.rc import build_rc_data, load_rc_annotations
 from refloop.errors import RefloopError
 from refloop.methods.sft_recipe import SFTRecipe, run_sft, unknown_words
-from refloop.training.adapters import VISION_MODULE, LoraSettings, NamedAdapters, language_model_targets, vision_targets
+from refloop.models.lora import VISION_MODULE, language_model_targets, vision_targets
+from refloop.training.adapters import LoraSettings, NamedAdapters
 
 SFT_SMALL = {"epochs": 1, "batch_size": 4, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 1, "generation_batch_size": 8}
 

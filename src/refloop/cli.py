@@ -80,7 +80,7 @@ def _model_spec(
     """The command's model options, validated (device, dtype) before any weights load."""
     from pydantic import ValidationError
 
-    from refloop.config import ModelSpec
+    from refloop.models.spec import ModelSpec
 
     if backend == BackendChoice.vllm:  # refused before any data loads when vLLM is missing
         from refloop.models.vllm import check_install

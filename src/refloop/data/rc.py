@@ -34,13 +34,13 @@ from typing import Any, NamedTuple
 
 from refloop.boxes import Box, iou_matrix
 from refloop.codecs.formats import JsonBBoxCodec
+from refloop.codecs.profiles import PromptProfile, get_profile
 from refloop.data.formats import Relation, load_visual_genome, load_visual_genome_relationships
 from refloop.data.loaders import LoadReport, OnError, jsonl_lines, load_coco, load_referring
 from refloop.data.paths import shown
 from refloop.data.records import ImageRecord, InstructionExample, ObjectAnnotation
 from refloop.data.sources import cache_dir
 from refloop.errors import DataError, RefloopError
-from refloop.models.profiles import PromptProfile, get_profile
 from refloop.world import DOMAINS, TRAIN_SEED
 from refloop.world.export import COCO_FILE, REFS_FILE, VG_RELATIONSHIPS_FILE, export_visual_genome
 

@@ -46,7 +46,7 @@ from refloop.data.sources import Detections, load_detections  # noqa: F401  (re-
 from refloop.errors import RefloopError
 from refloop.models.base import VLM, GenerateOptions
 from refloop.runs import model_fingerprint, shared_run_directory
-from refloop.training.trainer import step_seed
+from refloop.seeding import step_seed
 
 # A.2's 2000 px is 0.65% of a 640x480 COCO / Objects365-sized image; the same share of a 112x112 scene.
 SHAPES_MIN_AREA_PX = 82.0

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from refloop.config import TRACKING_FIELDS, ModelSpec
 from refloop.models.processors import save_processor
+from refloop.models.spec import ModelSpec
 from refloop.runs import run_directory
 from refloop.training.distributed import check_engine
 from refloop.training.model_card import write_model_cards
-from refloop.training.trackers import Tracking
+from refloop.training.trackers import TRACKING_FIELDS, Tracking
 
 
 @dataclass

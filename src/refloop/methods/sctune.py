@@ -31,10 +31,11 @@ from refloop.data.records import BoxItem
 from refloop.errors import RefloopError
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.hf import HFVLM
+from refloop.seeding import step_seed
 from refloop.training.adapters import REFERENCE, LoraSettings, NamedAdapters
 from refloop.training.losses import answer_nll
 from refloop.training.ppo import clipped_policy_loss, pad_rows, token_rewards, value_free_advantages
-from refloop.training.trainer import Trainer, step_seed
+from refloop.training.trainer import Trainer
 
 Role = Literal["describer", "locator"]
 ROLES: tuple[Role, Role] = ("describer", "locator")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from refloop.config import DataSpec, ModelSpec, TrackingSpec
+from refloop.config import DataSpec
 from refloop.data.items import detection_items, referring_items
 from refloop.data.sources import load_data
 from refloop.errors import RefloopError
@@ -17,7 +17,9 @@ from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.methods.sctune import SCTune, SCTuneConfig
 from refloop.models.base import VLM
 from refloop.models.hf import HFVLM
+from refloop.models.spec import ModelSpec
 from refloop.report.plots import sctune_curves
+from refloop.training.trackers import TrackingSpec
 
 
 class SCTuneRecipe(ModelSpec, TrackingSpec):

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from refloop.config import ModelSpec, TrackingSpec
 from refloop.data.rc import load_rc_data
 from refloop.data.records import InstructionExample
 from refloop.errors import RefloopError
 from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
+from refloop.models.spec import ModelSpec
 from refloop.report.plots import sft_curves
 from refloop.training.sft import SFT, SFTConfig
+from refloop.training.trackers import TrackingSpec
 
 
 class SFTRecipe(ModelSpec, TrackingSpec):

@@ -45,10 +45,10 @@ from refloop.grounding.phrases import category_phrases
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.hf import HFVLM
 from refloop.runs import model_fingerprint, shared_run_directory, tensors_digest
+from refloop.seeding import step_seed, text_seeded_rng
 from refloop.training.adapters import LoraSettings
 from refloop.training.sft import SFT, SFTConfig
 from refloop.training.trackers import Tracking
-from refloop.training.trainer import step_seed
 from refloop.world import COLOURS, SHAPES
 
 ScoreName = Literal["log_ratio", "weighted_difference", "none"]
@@ -373,7 +373,7 @@ def mix_visual_queries(captions: list[InstructionExample], queries: Sequence[Ins
     last), so the model keeps answering its other task prompts."""
     if ratio <= 0 or not queries:
         return list(captions)
-    rng = random.Random(f"refloop-svp-cvq/{seed}")
+    rng = text_seeded_rng("svp-cvq", seed)
     count = min(len(queries), round(ratio * len(captions)))
     return list(captions) + rng.sample(list(queries), count)
 
@@ -408,7 +408,7 @@ class SVP:
         every process returns all rows, in record order."""
         run = ShardedRun(work / "samples.jsonl", records, lambda r: r.image_id, self.cfg.images_per_batch, field="image_id")
         for batch in run.batches(lambda r: r.load_image(), on_error, progress):
-            seed = step_seed(self.cfg.seed + 7919 * iteration, batch.number, "torch")
+            seed = step_seed(step_seed(self.cfg.seed, iteration, "svp-iteration"), batch.number, "torch")
             rows = inner_loop(self.vlm, self.grounder, batch.items, batch.images, self.cfg, seed, self.shapes)
             run.write(row.as_dict() for row in rows)
         run.finish()

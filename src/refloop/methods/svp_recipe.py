@@ -11,13 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from refloop.config import ModelSpec, TrackingSpec
 from refloop.data.records import ImageRecord, InstructionExample
 from refloop.data.sources import load_detections
 from refloop.errors import RefloopError
 from refloop.grounding import Grounder
 from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.methods.svp import SVP, SVPConfig
+from refloop.models.spec import ModelSpec
+from refloop.training.trackers import TrackingSpec
 from refloop.world import DOMAINS, TRAIN_SEED
 
 
@@ -37,22 +38,22 @@ class GrounderSpec(BaseModel):
     seed: int = 0
 
     def build(self, vlm, device: str, dtype: str) -> Grounder:
-        from refloop import grounding
+        from refloop.grounding import Florence2Grounder, HFGroundingDINO, HFOwlV2, SceneOracle, VLMGrounder
 
         if self.kind == "oracle":
-            return grounding.SceneOracle(self.miss_rate, self.false_positive_rate, self.jitter, self.seed)
+            return SceneOracle(self.miss_rate, self.false_positive_rate, self.jitter, self.seed)
         if self.kind == "vlm":
             other = vlm if self.model is None else _load(self.model, device, dtype)
-            return grounding.VLMGrounder(other)
+            return VLMGrounder(other)
         if self.model is None:
             raise RefloopError(f"grounder kind {self.kind!r} needs grounder.model (a checkpoint directory or hub id)")
         options = {k: v for k, v in (("threshold", self.threshold), ("text_threshold", self.text_threshold)) if v is not None}
         if self.kind == "grounding-dino":
-            return grounding.HFGroundingDINO.from_pretrained(self.model, device=device, dtype=dtype, **options)
+            return HFGroundingDINO.from_pretrained(self.model, device=device, dtype=dtype, **options)
         if self.kind == "owlv2":
             options.pop("text_threshold", None)
-            return grounding.HFOwlV2.from_pretrained(self.model, device=device, dtype=dtype, **options)
-        return grounding.Florence2Grounder(_load(self.model, device, dtype))
+            return HFOwlV2.from_pretrained(self.model, device=device, dtype=dtype, **options)
+        return Florence2Grounder(_load(self.model, device, dtype))
 
 
 def _load(model: str, device: str, dtype: str):

@@ -3,8 +3,8 @@
 from importlib.resources import files
 from pathlib import Path
 
+from refloop.codecs.profiles import PROFILES, PromptProfile, TinyProfile, get_profile, profile_for_config
 from refloop.models.base import GREEDY, VLM, Completion, GenerateOptions, Located
-from refloop.models.profiles import PROFILES, PromptProfile, TinyProfile, get_profile, profile_for_config
 from refloop.torchvision_ops import declare_missing_operators
 
 declare_missing_operators()  # before transformers imports torchvision (a CUDA build on a CPU torch: see the module)

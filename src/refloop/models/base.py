@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from refloop.boxes import Box
-from refloop.models.profiles import PromptProfile
+from refloop.codecs.profiles import PromptProfile
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -14,12 +14,12 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
+from refloop import parallel
 from refloop.boxes import Box
+from refloop.codecs.profiles import PromptProfile, get_profile, profile_for_config
 from refloop.errors import RefloopError
 from refloop.models.base import GREEDY, Completion, GenerateOptions, ProfileTasks
 from refloop.models.processors import load_processor
-from refloop.models.profiles import PromptProfile, get_profile, profile_for_config
-from refloop.training import distributed
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -153,7 +153,7 @@ class HFVLM(ProfileTasks):
         batch_size: int = 32,
         processor_options: dict | None = None,
     ) -> HFVLM:
-        """Load a checkpoint; `profile` (a name from `refloop.models.profiles.PROFILES`) overrides
+        """Load a checkpoint; `profile` (a name from `refloop.codecs.profiles.PROFILES`) overrides
         the one chosen from the config's model_type; `processor_options` go to the processor
         (image size limits such as Qwen's max_pixels; the profile reads them back)."""
         path = str(name_or_path)
@@ -216,13 +216,13 @@ class HFVLM(ProfileTasks):
         out: list[list[Completion] | None] = [None] * len(prompts)
         batches = self._generation_batches(prompts)
         real = len(batches)
-        if distributed.synced_generation(self.model):
+        if parallel.synced_generation(self.model):
             # Sharded weights: every process runs as many generate() calls as the busiest one
             # (repeating its last batch, output discarded), each stepping until all are done.
             if not batches:
                 raise RuntimeError("a process with no prompts cannot join sharded generation; give every process work")
             kwargs["synced_gpus"] = True
-            batches += [batches[-1]] * (distributed.max_over_processes(real) - real)
+            batches += [batches[-1]] * (parallel.max_over_processes(real) - real)
         for call, batch in enumerate(batches):
             inputs = self._inputs([images[i] for i in batch], [prompts[i] for i in batch])
             generated = self.model.generate(**inputs, **kwargs)

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
 from refloop.boxes import Box
 from refloop.models.hf import load_parts
-from refloop.training.adapters import VISION_MODULE, language_model_targets
+from refloop.models.lora import VISION_MODULE, language_model_targets
 
 EXAMPLE_SIZE = (640, 480)
 EXAMPLE_BOX = Box(64, 48, 320, 240)

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from refloop.codecs.profiles import PromptProfile
 from refloop.errors import RefloopError
 from refloop.models.base import GREEDY, Completion, GenerateOptions, ProfileTasks
-from refloop.models.profiles import PromptProfile
 from refloop.torchvision_ops import declare_missing_operators
 
 INSTALL = "on CPU run `bash .ci/install-vllm` (a venv of its own, .venv-vllm); on CUDA `pip install 'refloop[vllm]'`"

@@ -29,6 +29,7 @@ import torch
 from accelerate import PartialState
 
 from refloop.errors import RefloopError
+from refloop.parallel import max_over_processes, sharded, synced_generation  # noqa: F401  (this module's API too)
 
 _TRUE = {"1", "true", "yes"}
 
@@ -61,14 +62,6 @@ def check_engine() -> None:
             "phase. Use the FSDP2 config (configs/accelerate/fsdp2-8gpu.yaml): FULL_SHARD shards parameters, gradients "
             "and optimizer states like ZeRO-3, SHARD_GRAD_OP like ZeRO-2 (README 'Scaling out')"
         )
-
-
-def sharded(module: torch.nn.Module) -> bool:
-    """Whether `module` (or the model inside a PEFT wrapper) is an FSDP2 module."""
-    from torch.distributed.fsdp import FSDPModule
-
-    inner = getattr(getattr(module, "base_model", None), "model", module)
-    return isinstance(module, FSDPModule) or isinstance(inner, FSDPModule)
 
 
 def shard(model: torch.nn.Module) -> torch.nn.Module:
@@ -136,15 +129,3 @@ def unsharded_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     with no_init_weights():
         model = cls(module.config)
     return model.to(dtype=dtype, device=PartialState().device).eval()
-
-
-def synced_generation(module: torch.nn.Module) -> bool:
-    """Whether generate() must keep stepping until every process is done (sharded weights)."""
-    return sharded(module) and PartialState().num_processes > 1
-
-
-def max_over_processes(value: int) -> int:
-    """The largest `value` of all processes (every process must call it)."""
-    t = torch.tensor([value], dtype=torch.long, device=PartialState().device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())

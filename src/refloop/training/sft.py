@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.data.records import InstructionExample
 from refloop.models.hf import HFVLM
+from refloop.seeding import step_seed
 from refloop.training.adapters import LoraSettings, NamedAdapters
 from refloop.training.losses import answer_nll
-from refloop.training.trainer import Trainer, step_seed
+from refloop.training.trainer import Trainer
 
 
 class SFTConfig(BaseModel):

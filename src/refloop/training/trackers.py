@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from pydantic import BaseModel, Field
+
 from refloop.errors import RefloopError
 
 ReportTo = Literal["none", "tensorboard", "wandb", "trackio"]
@@ -103,3 +105,20 @@ class RunTracker:
 
     def finish(self) -> None:
         self.tracker.finish()
+
+
+class TrackingSpec(BaseModel):
+    """Where a training recipe reports its metrics besides metrics.jsonl; every training recipe
+    inherits these fields. They do not change a run: a run resumes under another tracker."""
+
+    report_to: ReportTo = Field("none", description="none, tensorboard (event files in the run's train/tensorboard), wandb or trackio")
+    tracker_project: str = Field("refloop", min_length=1, description="wandb / Trackio project of the run")
+
+    def tracking(self) -> Tracking:
+        """The tracker settings, with this recipe as the run's logged config; an uninstalled
+        tracker is refused here, before any model loads."""
+        return Tracking(self.report_to, self.tracker_project, self.model_dump(mode="json"))
+
+
+TRACKING_FIELDS = frozenset(TrackingSpec.model_fields)
+"""Recipe fields left out of a run's fingerprint (resuming under another tracker is allowed)."""

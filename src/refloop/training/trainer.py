@@ -35,25 +35,10 @@ from safetensors.torch import load_file, save_file
 from refloop.data.jsonl import JsonlWriter
 from refloop.errors import RefloopError
 from refloop.runs import run_directory
+from refloop.seeding import step_seed
 from refloop.training import distributed
 from refloop.training.checkpoint import latest_checkpoint, save_checkpoint, truncate_log
 from refloop.training.trackers import RunTracker, Tracking
-
-# Seeds of the random streams of a step. These formulas produced every committed result
-# (refloop-tiny, SC-Tune's benchmark); changing one changes the runs.
-_SEED_STREAMS: dict[str, Callable[[int, int, int], int]] = {
-    "batch": lambda seed, step, rank: seed * 1_000_003 + step,  # which examples a step draws
-    "torch": lambda seed, step, rank: seed * 1_000_003 + step + 7919 * rank,  # sampling, dropout, shuffles
-    "mix": lambda seed, step, rank: seed * 31 + step,  # mixing in supervised data
-}
-
-
-def step_seed(seed: int, step: int, stream: str, rank: int = 0) -> int:
-    """The seed of random stream `stream` ('batch', 'torch' or 'mix') at `step`."""
-    try:
-        return _SEED_STREAMS[stream](seed, step, rank)
-    except KeyError:
-        raise ValueError(f"unknown seed stream {stream!r}; known: {', '.join(_SEED_STREAMS)}") from None
 
 
 class Stateful(Protocol):

@@ -1,0 +1,28 @@
+"""Process-group helpers every layer may need when `accelerate launch` runs several processes:
+whether a module's weights are sharded (FSDP2), whether generation must step in lockstep, and
+the largest of a number over processes. The sharding itself is `refloop.training.distributed`."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import PartialState
+
+
+def sharded(module: torch.nn.Module) -> bool:
+    """Whether `module` (or the model inside a PEFT wrapper) is an FSDP2 module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(getattr(module, "base_model", None), "model", module)
+    return isinstance(module, FSDPModule) or isinstance(inner, FSDPModule)
+
+
+def synced_generation(module: torch.nn.Module) -> bool:
+    """Whether generate() must keep stepping until every process is done (sharded weights)."""
+    return sharded(module) and PartialState().num_processes > 1
+
+
+def max_over_processes(value: int) -> int:
+    """The largest `value` of all processes (every process must call it)."""
+    t = torch.tensor([value], dtype=torch.long, device=PartialState().device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
