@@ -31,7 +31,7 @@ from seeds import parse_seeds, spread
 from refloop.data.sources import load_data, load_detections
 from refloop.evaluation.hallucination import evaluate_captions, evaluate_pope, load_object_data
 from refloop.evaluation.referring import evaluate_rec
-from refloop.grounding import SceneOracle
+from refloop.grounding import SceneOracle, shapes_vocabulary
 from refloop.methods.svp import SVP, SVPConfig, SVPTraining
 from refloop.methods.svp_recipe import SVPRecipe, visual_queries
 from refloop.models import load_vlm
@@ -150,7 +150,7 @@ def main() -> None:
                     **settings,
                 )
                 queries = visual_queries(SVPRecipe(cvq_data="in-domain", cvq_images=args.images), vlm.profile) if cfg.cvq_ratio else []
-                method = SVP(vlm, oracle, cfg, shapes=True)
+                method = SVP(vlm, oracle, cfg, vocabulary=shapes_vocabulary())
                 runs[tag] = method.run(seeds, out / tag, queries)
                 vlm = method.vlm
             row = evaluate(vlm, out / "eval" / tag, found, rec_records, args.rec_limit)

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from refloop.boxes import Box
 from refloop.codecs import CODECS, get_codec
+from refloop.errors import RefloopError
 from refloop.grounding import (
     Florence2Grounder,
     Grounding,
@@ -365,20 +366,33 @@ def _scenes(n: int, domain: str = "wild", seed: int = 3):
     return [sample_scene(get_style(domain), seed, i) for i in range(n)]
 
 
-def test_perfect_oracle_returns_exactly_the_named_objects_of_the_regenerated_scene():
-    scene = _scenes(1, "in-domain")[0]
-    full = scene_record(scene)
-    # An export keeps only referable objects, without colours: the oracle regenerates the scene.
-    partial = replace(full, objects=full.objects[:1])
-    image = render(scene)
-    obj = scene.objects[-1]
-    phrase = f"{obj.colour} {obj.shape}"
-    expected = sorted(o.box.as_list() for o in scene.objects if (o.colour, o.shape) == (obj.colour, obj.shape))
-    for record in (full, partial):
+def test_perfect_oracle_returns_exactly_the_named_objects_of_an_exported_split(tmp_path):
+    from refloop.data.loaders import load_coco
+    from refloop.world.export import COCO_FILE, export_split
+
+    split = export_split("in-domain", tmp_path / "split", 3, seed=3)
+    records, _ = load_coco(split / COCO_FILE, split)
+    for scene, record in zip(_scenes(3, "in-domain"), records, strict=True):
+        # the export carries each object's colour and size: nothing is re-derived from the file name
+        assert [o.attributes for o in record.objects] == [{"colour": o.colour, "size": o.size} for o in scene.objects]
+        assert scene_objects(record) == scene_objects(scene_record(scene))
+        image = render(scene)
+        obj = scene.objects[-1]
+        phrase = f"{obj.colour} {obj.shape}"
+        expected = sorted(o.box.as_list() for o in scene.objects if (o.colour, o.shape) == (obj.colour, obj.shape))
         [found] = SceneOracle().ground([image], [[phrase, "purple hexagon"]], [record])
         assert sorted(b.as_list() for b in found.boxes) == expected
         assert set(found.labels) == {phrase} and found.dropped == 0
-    assert len(scene_objects(partial)) == len(scene.objects)
+
+
+def test_oracle_knows_only_the_objects_its_record_carries_and_refuses_a_record_that_says_nothing():
+    scene = _scenes(1, "in-domain")[0]
+    full = scene_record(scene)
+    partial = replace(full, objects=full.objects[:1])
+    assert scene_objects(partial) == scene_objects(full)[:1]
+    bare = replace(full, objects=tuple(replace(o, attributes={}, expressions=()) for o in full.objects))
+    with pytest.raises(RefloopError, match="no colour/size attributes and no referring expressions"):
+        scene_objects(bare)
 
 
 def test_oracle_reads_shape_and_colour_from_annotations_of_other_records():

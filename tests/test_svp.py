@@ -235,11 +235,12 @@ def test_sigkilled_svp_resumes_to_the_same_model(tmp_path, model_dir):
 
 def test_shapes_world_categories_are_its_colour_shape_pairs():
     from refloop.data.records import ImageRecord
+    from refloop.data.vocabulary import shapes_vocabulary
     from refloop.methods.svp import phrases_for
     from refloop.world import COLOURS, SHAPES
 
     record = ImageRecord("x", "x.png", 112, 112)
-    pairs = phrases_for("", record, "categories", shapes=True)
+    pairs = phrases_for("", record, "categories", shapes_vocabulary())
     assert len(pairs) == len(COLOURS) * len(SHAPES) and "red circle" in pairs
-    both = phrases_for("two red circles and a blue square", record, "both", shapes=True)
+    both = phrases_for("two red circles and a blue square", record, "both", shapes_vocabulary())
     assert both[:2] == ["red circle", "blue square"] and len(both) == len(pairs)

@@ -608,7 +608,7 @@ def caption(
     from refloop.methods.svp import caption_images
     from refloop.methods.svp_recipe import GrounderSpec
     from refloop.progress import progress_bar
-    from refloop.world import DOMAINS, TRAIN_SEED
+    from refloop.world import TRAIN_SEED
 
     if phrases not in ("caption", "categories", "both"):
         raise RefloopError(f"--phrases {phrases!r}: choose caption, categories or both")
@@ -624,7 +624,7 @@ def caption(
     fingerprint = {"data": data, "isvp": isvp, "grounder": grounding.model_dump(), "phrases": phrases}
     with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records)) as advance:
         skipped = caption_images(
-            vlm, found.records, out, ground, phrases, data in DOMAINS, batch_size, fingerprint, advance, overwrite, on_error.value
+            vlm, found.records, out, ground, phrases, found.vocabulary, batch_size, fingerprint, advance, overwrite, on_error.value
         )
     if not state.is_main_process:
         return

@@ -145,7 +145,7 @@ def model_fingerprint(vlm) -> dict:
         adapters = getattr(vlm, "adapters", None)
         if adapters is not None and hasattr(adapters, "state_dict"):
             out["adapter_digest"] = tensors_digest(adapters.state_dict())
-    lineage = getattr(vlm, "lineage", None)
+    lineage = getattr(vlm, "lineage", None)  # an HFVLM field; other VLMs may lack it
     if lineage:
         out["lineage"] = lineage
     model = getattr(vlm, "model", None)

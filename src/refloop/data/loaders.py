@@ -286,6 +286,7 @@ class DetectionTable:
     xyxy: np.ndarray  # float64 (boxes, 4), pixels
     ann_ids: list | np.ndarray
     built: dict[int, Box] = field(default_factory=dict)  # boxes validate_box built (the clipped ones), kept as built
+    attributes: list[dict] | None = None  # per box, when the file gives any box COCO `attributes`
 
     @property
     def num_images(self) -> int:
@@ -305,10 +306,16 @@ class DetectionTable:
         ends = np.cumsum(np.bincount(self.box_image, minlength=self.num_images)).tolist()
         xyxy, category, ann_ids = self.xyxy.tolist(), self.box_category.tolist(), _as_list(self.ann_ids)
         widths, heights, built, names = self.widths.tolist(), self.heights.tolist(), self.built, self.categories
+        attributes = self.attributes
         out, start = [], 0
         for k, end in enumerate(ends):
             objects = tuple(
-                ObjectAnnotation(box=built[j] if j in built else Box(*xyxy[j]), category=names[category[j]], ann_id=ann_ids[j])
+                ObjectAnnotation(
+                    box=built[j] if j in built else Box(*xyxy[j]),
+                    category=names[category[j]],
+                    ann_id=ann_ids[j],
+                    attributes=attributes[j] if attributes is not None else {},
+                )
                 for j in order[start:end]
             )
             start = end
@@ -460,6 +467,9 @@ def _read_coco(
         list(map(methodcaller("get", key, default), objects))
         for key, default in (("image_id", _MISSING), ("iscrowd", 0), ("category_id", _MISSING), ("bbox", _MISSING), ("id", _MISSING))
     )
+    attribute_col = list(map(methodcaller("get", "attributes"), objects))
+    if not any(map(is_not, attribute_col, repeat(None))):
+        attribute_col = None
     del objects
     box_image, box_category = _lookup(index, image_col), _lookup(category_index, category_col)
     named = np.fromiter(map(is_not, image_col, repeat(_MISSING)), dtype=bool, count=n)
@@ -539,9 +549,22 @@ def _read_coco(
         xyxy=xyxy[rows],
         ann_ids=ann_ids,
         built={int(position[i]): box for i, box in built.items()},
+        attributes=None if attribute_col is None else [_attributes(attribute_col[i]) for i in row_list],
     )
     report.kept = table.num_images
     return table, report
+
+
+_ATTRIBUTE_TYPES = (str, int, float, bool)
+
+
+def _attributes(value: Any) -> dict:
+    """A box's COCO `attributes`: the entries naming a text, number or truth value. Other forms
+    (lists of attribute ids, nested objects) are datasets' own conventions refloop does not read,
+    and are left out rather than refused, as the field was before refloop read it."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, _ATTRIBUTE_TYPES)}
 
 
 def _lookup(table: dict, keys: list) -> np.ndarray:

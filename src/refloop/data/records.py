@@ -14,10 +14,15 @@ from refloop.data.images import read_rgb
 
 @dataclass(frozen=True)
 class ObjectAnnotation:
+    """One annotated object. `attributes` are what the annotation file says of it beyond its
+    category (COCO `attributes`; a shapes-world export: colour and size), so what a method or
+    metric needs to know of an object travels with it."""
+
     box: Box
     category: str
     ann_id: str | int | None = None
     expressions: tuple[str, ...] = ()
+    attributes: dict[str, str | int | float | bool] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from refloop.data.loaders import LoadReport, OnError, load_coco, load_referring
 from refloop.data.records import ImageRecord
+from refloop.data.vocabulary import Vocabulary, shapes_vocabulary
 from refloop.errors import RefloopError
 from refloop.world import DOMAINS, EVAL_SEED
 from refloop.world.export import COCO_FILE, REFS_FILE, export_split
@@ -60,12 +61,14 @@ def load_data(
 class Detections:
     """Images with every annotated box (bootstrapping's and SVP's input), the root their file
     names are relative to, and whether the objects carry referring expressions (for a domain: the
-    shapes grammar's unique ones)."""
+    shapes grammar's unique ones), and the data's closed vocabulary when it has one (a domain:
+    the shapes world's; free-text data: None)."""
 
     records: list[ImageRecord]
     report: LoadReport
     image_root: Path
     expressions: bool
+    vocabulary: Vocabulary | None = None
 
 
 def load_detections(
@@ -82,7 +85,7 @@ def load_detections(
         records = [
             replace(r, objects=tuple(replace(o, expressions=grammar.get((r.image_id, o.ann_id), ())) for o in r.objects)) for r in records
         ]
-        return Detections(records, report, root.resolve(), True)
+        return Detections(records, report, root.resolve(), True, shapes_vocabulary())
     records, report = load_data(data, images, on_error=on_error)
     records = records[:num_images] if num_images else records
     root = Path(images if images is not None else Path(data).parent).resolve()

@@ -48,7 +48,7 @@ from refloop.evaluation.pope import (  # noqa: F401
 from refloop.evaluation.synonyms import SynonymTable, coco_table, plural, shapes_table, words  # noqa: F401
 from refloop.models.base import VLM, GenerateOptions
 from refloop.runs import model_fingerprint, shared_run_directory
-from refloop.world import DOMAINS, EVAL_SEED, caption, get_style, sample_scene
+from refloop.world import DOMAINS
 
 # ---- data: images, their ground-truth objects and reference captions ----------------------------
 
@@ -75,29 +75,27 @@ def load_object_data(
     """Images and ground truth for caption and POPE evaluation.
 
     A shapes-world domain: its evaluation split (`num_images` scenes, seed EVAL_SEED) is exported
-    and read back through the COCO loader (every image, every box); each image's objects
-    (colour + shape) and reference caption (the grammar's) come from its scene, regenerated from
-    (domain, seed, image id), the very scene the export drew. A COCO-style .json or referring
-    .jsonl: its first `num_images` images, objects = categories named in COCO's table, reference
-    captions from `captions` (a COCO captions JSON) when given.
+    and read back through the COCO loader (every image, every box); each image's objects are its
+    annotations' colour attribute + shape category, its reference caption the grammar's, from the
+    export's captions file. A COCO-style .json or referring .jsonl: its first `num_images`
+    images, objects = categories named in COCO's table, reference captions from `captions` (a
+    COCO captions JSON) when given.
     """
     from refloop.data.sources import load_data, world_split_dir
-    from refloop.world.export import COCO_FILE
+    from refloop.world.export import CAPTIONS_FILE, COCO_FILE
 
     if data in DOMAINS:
         if captions is not None:
             raise RefloopError("--captions is for dataset files: a shapes-world domain's references are its grammar captions")
         split = world_split_dir(data, num_images)
         records, report = load_data(str(split / COCO_FILE), on_error=on_error)
-        style = get_style(data)
-        objects, references = [], []
+        by_image = read_coco_captions(split / CAPTIONS_FILE)
+        objects = []
         for rec in records:
-            scene = sample_scene(style, EVAL_SEED, int(rec.image_id))
-            if sorted(o.shape for o in scene.objects) != sorted(o.category for o in rec.objects):
-                raise RefloopError(f"{split / COCO_FILE}: image {rec.image_id} does not hold the objects of its scene; delete {split}")
-            objects.append(frozenset(f"{o.colour} {o.shape}" for o in scene.objects))
-            references.append([caption(scene)])
-        return ObjectData(records, objects, references, shapes_table(), {}, report)
+            if any("colour" not in o.attributes for o in rec.objects) or rec.image_id not in by_image:
+                raise RefloopError(f"{split / COCO_FILE}: image {rec.image_id} lacks the colours or caption of its scene; delete {split}")
+            objects.append(frozenset(f"{o.attributes['colour']} {o.category}" for o in rec.objects))
+        return ObjectData(records, objects, [by_image[rec.image_id] for rec in records], shapes_table(), {}, report)
     records, report = load_data(data, images, on_error=on_error)
     records = records[:num_images]
     table = coco_table()

@@ -14,11 +14,11 @@ from PIL import Image
 
 from refloop.boxes import Box
 from refloop.data.records import ImageRecord, ObjectAnnotation
+from refloop.errors import RefloopError
 from refloop.grounding.base import Grounding, check_inputs, unique_phrases
 from refloop.grounding.phrases import singular
-from refloop.world import COLOURS, DOMAINS, SHAPES, SIZES, Scene, get_style, referring_expressions, sample_scene
+from refloop.world import COLOURS, SHAPES, SIZES, Scene, referring_expressions
 
-_SCENE_ID = re.compile(r"(?P<domain>.+)-(?P<seed>\d+)-(?P<index>\d{6})")
 _GENERIC = frozenset({"object", "shape", "thing"})
 # Confidence ranges: false positives score lower on average, as a detector's do, but overlap
 # the true ones, so a score threshold cannot remove them all.
@@ -38,29 +38,17 @@ class SceneObject:
 
 def scene_record(scene: Scene, image: Image.Image | None = None) -> ImageRecord:
     """A generated scene as the record its export would load to (file name, shape categories,
-    referring expressions), with the rendered `image` in memory when given."""
+    colour and size attributes, referring expressions), with the rendered `image` in memory when given."""
     file_name = f"images/{scene.image_id}.png"
     objects = tuple(
-        ObjectAnnotation(o.box, o.shape, ann_id=k, expressions=tuple(referring_expressions(scene, o))) for k, o in enumerate(scene.objects)
+        ObjectAnnotation(
+            o.box, o.shape, ann_id=k, expressions=tuple(referring_expressions(scene, o)), attributes={"colour": o.colour, "size": o.size}
+        )
+        for k, o in enumerate(scene.objects)
     )
     return ImageRecord(
         scene.image_id, Path(file_name), scene.width, scene.height, objects, source="shapes-world", file_name=file_name, image=image
     )
-
-
-def _regenerated(record: ImageRecord) -> Scene | None:
-    """The scene a shapes-world export wrote this image from (its file is named by the scene id),
-    if every annotated box is one of that scene's: exports keep only referable objects and no
-    colours, the scene has them all."""
-    match = _SCENE_ID.fullmatch(Path(record.file_name or str(record.path)).stem)
-    if match is None or match["domain"] not in DOMAINS:
-        return None
-    scene = sample_scene(get_style(match["domain"]), int(match["seed"]), int(match["index"]))
-    if (scene.width, scene.height) != record.size:
-        return None
-    if not all(any(a.box.iou(o.box) > 0.99 for o in scene.objects) for a in record.objects):
-        return None
-    return scene
 
 
 def _first(words: Sequence[str], choices: Sequence[str]) -> str | None:
@@ -68,16 +56,23 @@ def _first(words: Sequence[str], choices: Sequence[str]) -> str | None:
 
 
 def scene_objects(record: ImageRecord) -> list[SceneObject]:
-    """Every object of a shapes-world image: from the regenerated scene when the record is one
-    of the world's exports, else from its annotations (shape = category; colour and size read
-    from its referring expressions)."""
-    scene = _regenerated(record)
-    if scene is not None:
-        return [SceneObject(o.shape, o.colour, o.size, o.box) for o in scene.objects]
+    """Every object the record annotates: shape = category; colour and size from its attributes
+    (a shapes-world export's COCO file writes them), else read from its referring expressions.
+    A record whose objects carry neither cannot be grounded by the oracle (any circle would
+    answer "red circle"): that is an error naming the record."""
+    if record.objects and not any(a.attributes or a.expressions for a in record.objects):
+        raise RefloopError(
+            f"the scene oracle cannot know the objects of image {record.image_id!r} ({record.source or record.path}): its "
+            "annotations carry no colour/size attributes and no referring expressions; give it a shapes-world export's "
+            "COCO file (instances.json), whose annotations carry them"
+        )
     out = []
     for a in record.objects:
-        words = " ".join(a.expressions).lower().split()
-        out.append(SceneObject(singular(a.category), _first(words, COLOURS), _first(words, SIZES), a.box))
+        colour, size = a.attributes.get("colour"), a.attributes.get("size")
+        if not a.attributes:
+            words = " ".join(a.expressions).lower().split()
+            colour, size = _first(words, COLOURS), _first(words, SIZES)
+        out.append(SceneObject(singular(a.category), colour, size, a.box))
     return out
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
-from refloop.world.grammar import vocabulary as shapes_words
-from refloop.world.scene import COLOURS, SHAPES
+from refloop.data.vocabulary import Vocabulary, shapes_vocabulary  # noqa: F401  (this module's API too)
 
 _IRREGULAR = {
     "people": "person",
@@ -62,24 +60,6 @@ def singular(word: str) -> str:
     if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")):
         return w[:-1]
     return w
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """A closed vocabulary: `nouns` maps every written form of a noun to its singular, and
-    `modifiers` are the attribute words kept in front of it ("red" in "red circle")."""
-
-    nouns: dict[str, str]
-    modifiers: frozenset[str]
-
-
-def shapes_vocabulary() -> Vocabulary:
-    """The shapes world's nouns (shapes, singular and plural, as its grammar writes them) and
-    colours: captions yield "colour shape" phrases."""
-    words = set(shapes_words())
-    nouns = {w: w for w in SHAPES if w in words}
-    nouns |= {w: w[:-1] for w in words if w.endswith("s") and w[:-1] in SHAPES}
-    return Vocabulary(nouns=nouns, modifiers=frozenset(w for w in COLOURS if w in words))
 
 
 _WORD = re.compile(r"[a-z]+(?:[-'][a-z]+)*")

@@ -169,7 +169,7 @@ class SCTune:
         the roles generate through it; log-probs and training stay in transformers."""
         torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random: same seed, same start
         adapters = NamedAdapters(vlm.model, cfg.lora, ROLES, reference=cfg.reference)
-        tuned = HFVLM(adapters.module, vlm.processor, vlm.profile, name=vlm.name, batch_size=cfg.generation_batch_size)
+        tuned = vlm.with_module(adapters.module, batch_size=cfg.generation_batch_size)
         tuned.share_image_states = True  # the K samples of a box share their image's states in every log-prob forward
         tuner = cls(adapters, tuned, cfg, train, supervised)
         if engine is not None:

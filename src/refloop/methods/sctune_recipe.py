@@ -16,7 +16,6 @@ from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consisten
 from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.methods.sctune import SCTune, SCTuneConfig
 from refloop.models.base import VLM
-from refloop.models.hf import HFVLM
 from refloop.models.spec import ModelSpec
 from refloop.report.plots import sctune_curves
 from refloop.training.trackers import TrackingSpec
@@ -96,7 +95,7 @@ def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict],
     adapters, tuned = tuner.adapters, tuner.vlm
     if adapters.sharded:  # FSDP: export and evaluate from a gathered, unsharded copy
         adapters = adapters.unsharded()
-        tuned = HFVLM(adapters.module, vlm.processor, vlm.profile, name=vlm.name, batch_size=recipe.sctune.generation_batch_size)
+        tuned = vlm.with_module(adapters.module, batch_size=recipe.sctune.generation_batch_size)
     if run.main_process:
         export_checkpoint(out, vlm.processor, adapters, tuner.final_role)
     if recipe.eval_data:

@@ -39,8 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.data.records import ImageRecord, InstructionExample
 from refloop.data.shards import ShardedRun
+from refloop.data.vocabulary import Vocabulary
 from refloop.errors import RefloopError
-from refloop.grounding import Grounder, grounding_context, phrases_from_caption, shapes_vocabulary
+from refloop.grounding import Grounder, grounding_context, phrases_from_caption
 from refloop.grounding.phrases import category_phrases
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.hf import HFVLM
@@ -49,7 +50,6 @@ from refloop.seeding import step_seed, text_seeded_rng
 from refloop.training.adapters import LoraSettings
 from refloop.training.sft import SFT, SFTConfig
 from refloop.training.trackers import Tracking
-from refloop.world import COLOURS, SHAPES
 
 ScoreName = Literal["log_ratio", "weighted_difference", "none"]
 EMPTY, REPEATED, COORDINATES, UNREADABLE = "empty", "repeated_ngrams", "coordinates_in_text", "unreadable"
@@ -207,16 +207,16 @@ class ImageSamples:
         }
 
 
-def phrases_for(caption: str, record: ImageRecord, how: str, shapes: bool) -> list[str]:
+def phrases_for(caption: str, record: ImageRecord, how: str, vocabulary: Vocabulary | None = None) -> list[str]:
     """What the grounder is asked to find for one prior caption: the caption's noun phrases, the
-    dataset's categories (the shapes world's are its colour-shape pairs, the names its detector
-    would know), or both."""
+    dataset's categories (with a closed `vocabulary`, the phrases its detector knows: the shapes
+    world's colour-shape pairs), or both."""
     out: list[str] = []
     if how in ("caption", "both"):
-        out += phrases_from_caption(caption, shapes_vocabulary() if shapes else None)
+        out += phrases_from_caption(caption, vocabulary)
     if how in ("categories", "both"):
-        if shapes:
-            out += [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
+        if vocabulary is not None and vocabulary.categories:
+            out += vocabulary.categories
         else:
             out += category_phrases(sorted({o.category for o in record.objects if o.category}))
     return list(dict.fromkeys(out))
@@ -229,9 +229,10 @@ def inner_loop(
     images: Sequence[Image.Image],
     cfg: SVPConfig,
     seed: int,
-    shapes: bool = False,
+    vocabulary: Vocabulary | None = None,
 ) -> list[ImageSamples]:
-    """Algorithm 1, lines 10-23, for a batch of images; sampling seeded by `seed`."""
+    """Algorithm 1, lines 10-23, for a batch of images; sampling seeded by `seed`; phrases read
+    with the records' closed `vocabulary` when they have one."""
     profile, k = vlm.profile, cfg.samples
     sampled = GenerateOptions(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     base_prompt = profile.caption_prompt()
@@ -245,7 +246,7 @@ def inner_loop(
     dropped = [0] * len(flat_images)
     if cfg.grounding and grounder is not None:
         # (2) grounding of each prior sample, written as text; (3) one guided sample per grounding
-        phrases = [phrases_for(text, rec, cfg.phrases, shapes) for text, rec in zip(prior, flat_records)]
+        phrases = [phrases_for(text, rec, cfg.phrases, vocabulary) for text, rec in zip(prior, flat_records)]
         groundings = grounder.ground(flat_images, phrases, flat_records)
         dropped = [g.dropped for g in groundings]
         contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, flat_images)]
@@ -301,7 +302,7 @@ def isvp(
     records: Sequence[ImageRecord],
     images: Sequence[Image.Image],
     phrases: str = "caption",
-    shapes: bool = False,
+    vocabulary: Vocabulary | None = None,
     max_new_tokens: int = 48,
 ) -> list[dict]:
     """iSVP: a greedy prior caption, its grounding written as text, then a greedy guided caption
@@ -309,7 +310,7 @@ def isvp(
     profile = vlm.profile
     greedy = GenerateOptions(max_new_tokens=max_new_tokens)
     prior = [profile.read_caption(g[0].text) for g in vlm.generate(list(images), [profile.caption_prompt()] * len(images), greedy)]
-    asked = [phrases_for(text, rec, phrases, shapes) for text, rec in zip(prior, records)]
+    asked = [phrases_for(text, rec, phrases, vocabulary) for text, rec in zip(prior, records)]
     groundings = grounder.ground(list(images), asked, list(records))
     contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, images)]
     prompts = [profile.grounded_caption_prompt(c) for c in contexts]
@@ -334,7 +335,7 @@ def caption_images(
     out: Path,
     grounder: Grounder | None = None,
     phrases: str = "caption",
-    shapes: bool = False,
+    vocabulary: Vocabulary | None = None,
     batch_size: int = 8,
     fingerprint: dict | None = None,
     progress: Callable[[int], None] | None = None,
@@ -349,7 +350,7 @@ def caption_images(
         run = ShardedRun(Path(out) / "captions.jsonl", records, lambda r: r.image_id, batch_size, field="image_id")
         for batch in run.batches(lambda r: r.load_image(), on_error, progress):
             if grounder is not None:
-                run.write(isvp(vlm, grounder, batch.items, batch.images, phrases, shapes))
+                run.write(isvp(vlm, grounder, batch.items, batch.images, phrases, vocabulary))
             else:
                 texts = vlm.caption(batch.images)
                 run.write({"image_id": r.image_id, "image": str(r.path), "caption": t} for r, t in zip(batch.items, texts))
@@ -389,10 +390,16 @@ class SVP:
     sampled images are skipped, training restarts from its last checkpoint."""
 
     def __init__(
-        self, vlm: HFVLM, grounder: Grounder | None, cfg: SVPConfig, shapes: bool = False, tracking: Tracking | None = None
+        self,
+        vlm: HFVLM,
+        grounder: Grounder | None,
+        cfg: SVPConfig,
+        vocabulary: Vocabulary | None = None,
+        tracking: Tracking | None = None,
     ) -> None:
-        """`tracking`: where each iteration's SFT reports (one tracker run per iteration's train/)."""
-        self.vlm, self.grounder, self.cfg, self.shapes = vlm, grounder, cfg, shapes
+        """`vocabulary`: the seed records' closed vocabulary (`Detections.vocabulary`), if any;
+        `tracking`: where each iteration's SFT reports (one tracker run per iteration's train/)."""
+        self.vlm, self.grounder, self.cfg, self.vocabulary = vlm, grounder, cfg, vocabulary
         self.tracking = tracking or Tracking()
 
     def sample(
@@ -409,7 +416,7 @@ class SVP:
         run = ShardedRun(work / "samples.jsonl", records, lambda r: r.image_id, self.cfg.images_per_batch, field="image_id")
         for batch in run.batches(lambda r: r.load_image(), on_error, progress):
             seed = step_seed(step_seed(self.cfg.seed, iteration, "svp-iteration"), batch.number, "torch")
-            rows = inner_loop(self.vlm, self.grounder, batch.items, batch.images, self.cfg, seed, self.shapes)
+            rows = inner_loop(self.vlm, self.grounder, batch.items, batch.images, self.cfg, seed, self.vocabulary)
             run.write(row.as_dict() for row in rows)
         run.finish()
         return run.rows()
@@ -443,12 +450,9 @@ class SVP:
         if PartialState().is_main_process:
             adapters.save_pretrained(work / "adapters")
         merged = adapters.merged_copy(sft_cfg.adapter)
-        lineage = [
-            *(getattr(self.vlm, "lineage", None) or []),
-            {"svp_iteration": iteration + 1, "adapter": tensors_digest(adapters.state_dict())},
-        ]
-        self.vlm = HFVLM(merged, self.vlm.processor, self.vlm.profile, name=self.vlm.name, batch_size=self.vlm.batch_size)
-        self.vlm.lineage = lineage  # a model changed in memory: run fingerprints must tell it from the base
+        # a model changed in memory: run fingerprints must tell it from the base
+        lineage = [*self.vlm.lineage, {"svp_iteration": iteration + 1, "adapter": tensors_digest(adapters.state_dict())}]
+        self.vlm = self.vlm.with_module(merged, lineage=lineage)
         degenerate = Counter(d for r in rows for d in r["degenerate"] if d)
         return {
             "iteration": iteration + 1,

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.data.records import ImageRecord, InstructionExample
 from refloop.data.sources import load_detections
+from refloop.data.vocabulary import Vocabulary
 from refloop.errors import RefloopError
 from refloop.grounding import Grounder
 from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
@@ -100,11 +101,11 @@ def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
     return out
 
 
-def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], bool]:
+def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], Vocabulary | None]:
     found = load_detections(recipe.train_data, recipe.images, num_images=recipe.num_images, scene_seed=TRAIN_SEED)
     if not found.records:
         raise RefloopError(f"train_data {recipe.train_data!r}: no images")
-    return found.records, recipe.train_data in DOMAINS
+    return found.records, found.vocabulary
 
 
 def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
@@ -126,13 +127,13 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
 def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
     out = run.out
     vlm = recipe.load_vlm(batch_size=recipe.svp.sft.generation_batch_size)
-    records, shapes = load_seed_images(recipe)
-    if recipe.svp.grounding and recipe.svp.phrases != "categories" and not shapes and recipe.grounder.kind == "oracle":
+    records, vocabulary = load_seed_images(recipe)
+    if recipe.svp.grounding and recipe.svp.phrases != "categories" and vocabulary is None and recipe.grounder.kind == "oracle":
         raise RefloopError("the scene oracle grounds shapes-world images only: use a shapes-world train_data or another grounder.kind")
     grounder = recipe.grounder.build(vlm, recipe.device, recipe.dtype) if recipe.svp.grounding else None
     queries = visual_queries(recipe, vlm.profile) if recipe.svp.cvq_ratio > 0 else []
     started = time.perf_counter()
-    method = SVP(vlm, grounder, recipe.svp, shapes=shapes, tracking=run.tracking)
+    method = SVP(vlm, grounder, recipe.svp, vocabulary=vocabulary, tracking=run.tracking)
     iterations = method.run(records, out, queries, progress)
     results = {
         "train_data": recipe.train_data,

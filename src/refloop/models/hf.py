@@ -128,8 +128,13 @@ class HFVLM(ProfileTasks):
     """Batched generation with left padding; log-probs from one forward pass with the real mask.
     Decoder-only and encoder-decoder (Florence-2) models alike."""
 
-    def __init__(self, model, processor, profile: PromptProfile, name: str = "model", batch_size: int = 32) -> None:
+    def __init__(
+        self, model, processor, profile: PromptProfile, name: str = "model", batch_size: int = 32, lineage: Sequence[dict] = ()
+    ) -> None:
+        """`name`: the checkpoint the weights came from; `lineage`: how `model` was changed in memory
+        since (e.g. SVP's merged iterations), so a run's fingerprint tells it from the checkpoint."""
         self.model, self.processor, self.profile, self.name, self.batch_size = model, processor, profile, name, batch_size
+        self.lineage: list[dict] = list(lineage)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         # Some processors pad with the tokenizer's own side whatever the call says (Kosmos-2).
         self.tokenizer.padding_side = "left"
@@ -169,6 +174,12 @@ class HFVLM(ProfileTasks):
             ) from None
         model.to(dev).eval()
         return cls(model, processor, profile, name=path, batch_size=batch_size)
+
+    def with_module(self, model, batch_size: int | None = None, lineage: Sequence[dict] = ()) -> HFVLM:
+        """This VLM's processor, profile and checkpoint name around another module of the same
+        checkpoint (with adapters injected, or merged), at `batch_size` (default: this one's) and
+        with the `lineage` of how that module was changed in memory."""
+        return HFVLM(model, self.processor, self.profile, self.name, self.batch_size if batch_size is None else batch_size, lineage)
 
     @property
     def device(self) -> torch.device:

@@ -61,7 +61,7 @@ class SFT:
         self.cfg, self.examples = cfg, examples
         torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random: same seed, same start
         self.adapters = NamedAdapters(vlm.model, cfg.lora, [cfg.adapter], trainable_tokens=trainable_tokens)
-        self.vlm = HFVLM(self.adapters.module, vlm.processor, vlm.profile, name=vlm.name, batch_size=cfg.generation_batch_size)
+        self.vlm = vlm.with_module(self.adapters.module, batch_size=cfg.generation_batch_size)
         self.policy = self.adapters.view(self.vlm, cfg.adapter)
         self.total_steps = max(1, round(cfg.epochs * len(examples) / cfg.batch_size))
         self.trainer = Trainer(

@@ -1,6 +1,8 @@
-"""Write a shapes-world split as real dataset files: PNG images, COCO-style detection JSON
-(boxes and categories only), RefCOCO-style referring JSONL (one line per referable object) and,
-on request, Visual Genome-style objects and relationships."""
+"""Write a shapes-world split as real dataset files: PNG images, COCO-style detection JSON (every
+object's box and category, and its colour and size as COCO `attributes`), COCO-style captions
+(the grammar's caption of each scene), RefCOCO-style referring JSONL (one line per referable
+object) and, on request, Visual Genome-style objects and relationships. Everything a method or
+metric needs to know of a scene is in these files: nothing downstream regenerates scenes."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ from pathlib import Path
 
 from refloop.errors import RefloopError
 from refloop.world.domains import get_style
-from refloop.world.grammar import referring_expressions
+from refloop.world.grammar import caption, referring_expressions
 from refloop.world.relations import scene_relations
 from refloop.world.render import render
 from refloop.world.scene import SHAPES, ShapeObject, sample_scene
 
 COCO_FILE = "instances.json"
+CAPTIONS_FILE = "captions.json"
 REFS_FILE = "refs.jsonl"
 DONE_FILE = "export.json"
 VG_IMAGES_FILE = "image_data.json"
@@ -41,7 +44,7 @@ def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -
     if not 1 <= num_images <= MAX_SCENES:
         raise RefloopError(f"a shapes-world split holds 1 to {MAX_SCENES} scenes, not {num_images} (each is a PNG on disk)")
     out = Path(out_dir)
-    manifest = {"domain": domain, "seed": seed, "num_images": num_images, "format": 1}
+    manifest = {"domain": domain, "seed": seed, "num_images": num_images, "format": 2}  # 2: with captions.json
     done = out / DONE_FILE
     if done.exists() and json.loads(done.read_text()) == manifest:
         return out
@@ -49,12 +52,13 @@ def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -
     (out / "images").mkdir(parents=True, exist_ok=True)
     categories = [{"id": i + 1, "name": s} for i, s in enumerate(SHAPES)]
     cat_id = {s: i + 1 for i, s in enumerate(SHAPES)}
-    images, annotations, refs = [], [], []
+    images, annotations, refs, captions = [], [], [], []
     for index in range(num_images):
         scene = sample_scene(style, seed, index)
         file_name = f"images/{scene.image_id}.png"
         render(scene).save(out / file_name)
         images.append({"id": index, "file_name": file_name, "width": scene.width, "height": scene.height})
+        captions.append({"id": index + 1, "image_id": index, "caption": caption(scene)})
         for obj in scene.objects:
             ann_id = len(annotations) + 1
             attributes = {"colour": obj.colour, "size": obj.size}
@@ -90,6 +94,7 @@ def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -
         "categories": categories,
     }
     _atomic_text(out / COCO_FILE, json.dumps(coco))
+    _atomic_text(out / CAPTIONS_FILE, json.dumps({"info": coco["info"], "images": images, "annotations": captions}))
     _atomic_text(out / REFS_FILE, "".join(json.dumps(r) + "\n" for r in refs))
     _atomic_text(done, json.dumps(manifest))
     return out
