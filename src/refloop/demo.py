@@ -18,6 +18,7 @@ from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consisten
 from refloop.models import load_vlm
 from refloop.progress import progress_bar
 from refloop.report.consistency import write_consistency_report
+from refloop.report.page import write_page
 from refloop.report.plots import grouped_bars
 from refloop.world import DOMAINS, STYLES
 
@@ -314,9 +315,7 @@ def run_demo(
         f"<tr><td>{name}</td>" + "".join(f"<td>{v[PAPER_COLUMN[d]]:.1f}</td>" for d in DOMAINS) + "</tr>"
         for name, v in PAPER_TABLE1.items()
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>refloop demo</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}td,th{{padding:3px 12px;text-align:left}}</style></head><body>
-<h1>refloop demo: the self-consistency gap</h1>
+    body = f"""<h1>refloop demo: the self-consistency gap</h1>
 <p>Model <code>{html.escape(model_name)}</code>, {num_boxes} boxes per domain, one per image, greedy decoding.</p>
 <table><tr><th>domain</th><th>what it is</th><th>Pr@0.5 %</th><th>REC acc %</th><th>mean IoU</th><th>unparseable %</th></tr>{rows}</table>
 <p><img src="{chart.name}"></p>
@@ -325,7 +324,7 @@ def run_demo(
 {_svp_html(svp_result)}
 <h2>The paper's Table 1 (base models), same column roles</h2>
 <table><tr><th>model</th>{"".join(f"<th>{d} ({PAPER_COLUMN[d]})</th>" for d in DOMAINS)}</tr>{paper}</table>
-<p>Finished in {summary["seconds"]:.0f} s.</p></body></html>"""
-    (out / "report.html").write_text(page)
+<p>Finished in {summary["seconds"]:.0f} s.</p>"""
+    write_page(out / "report.html", "refloop demo", body, max_width=1100, style="td,th{padding:3px 12px;text-align:left}")
     console.print(f"report: {out / 'report.html'}")
     return summary

@@ -23,33 +23,34 @@ from pathlib import Path
 from typing import Any
 
 from refloop.boxes import Box, InvalidBoxError, OutsidePolicy, validate_box
-from refloop.data.images import image_size
-from refloop.data.loaders import (
-    _ESCAPED,
+from refloop.data.fields import (
+    ESCAPED,
     LoadReport,
     OnError,
-    _id,
-    _image_size,
-    _is_id,
-    _json_type,
-    _open_binary,
-    _optional_id,
-    _Policy,
-    _read_json,
-    _read_json_list,
-    _require,
-    _text,
-    _xywh_box,
-    grouped_records,
+    Policy,
+    UniqueIds,
+    id_field,
+    image_size_field,
+    is_id,
+    json_type,
+    open_binary,
     open_text,
+    optional_id,
+    read_json,
+    read_json_list,
     read_text,
+    require,
+    text_field,
+    xywh_box,
 )
+from refloop.data.images import image_size
+from refloop.data.loaders import grouped_records
 from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.errors import DataError
 
 
-def _csv_rows(reader: Any, path: Path, policy: _Policy) -> Iterator[list | dict | DataError]:
+def _csv_rows(reader: Any, path: Path, policy: Policy) -> Iterator[list | dict | DataError]:
     """The rows of a csv reader (or DictReader); a row csv cannot parse (a field beyond csv's size
     limit, ...) is yielded as its DataError, so the caller counts it as a row and goes on. A file
     that stops decoding (UTF-16/32) is a DataError of the whole file."""
@@ -82,7 +83,7 @@ def load_openimages(
     Image sizes come from the image files ({ImageID}{extension} under `image_root`)."""
     boxes_csv, names_csv = Path(boxes_csv), Path(class_descriptions_csv)
     report = LoadReport(source=str(boxes_csv))
-    policy = _Policy(on_error, report)
+    policy = Policy(on_error, report)
     names: dict[str, str] = {}
     names_reader = csv.reader(io.StringIO(read_text(names_csv)))
     for r in _csv_rows(names_reader, names_csv, policy):
@@ -109,7 +110,7 @@ def load_openimages(
                 if any(row[k] is None for k in _OPENIMAGES_COLUMNS):
                     raise DataError(boxes_csv, rec, "the row has fewer fields than the header")
                 image_id, label = row["ImageID"], row["LabelName"]
-                if not (image_id.isascii() and label.isascii()) and _ESCAPED.search(image_id + label):
+                if not (image_id.isascii() and label.isascii()) and ESCAPED.search(image_id + label):
                     raise DataError(boxes_csv, rec, "not UTF-8 text (a byte that is no UTF-8 in ImageID or LabelName)")
                 if label not in names:
                     raise DataError(boxes_csv, rec, f"label {shown(label)} is not in {names_csv.name}")
@@ -150,9 +151,9 @@ def read_refs(path: str | Path) -> list:
     """RefCOCO `refs(...)` annotations from a JSON export or the original pickle (restricted)."""
     path = Path(path)
     if path.suffix == ".json":
-        data = _read_json(path)
+        data = read_json(path)
     else:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             try:
                 raw = f.read()
             except OSError as exc:
@@ -162,33 +163,29 @@ def read_refs(path: str | Path) -> list:
         except Exception as exc:  # a refused reference, or a malformed pickle (EOFError, KeyError, ValueError, ...)
             raise DataError(path, None, f"cannot read refs pickle safely: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, list):
-        raise DataError(path, None, f"expected a list of refs, got {_json_type(data)}")
+        raise DataError(path, None, f"expected a list of refs, got {json_type(data)}")
     return data
 
 
-def _entries_by_id(data: dict, key: str, path: Path, policy: _Policy) -> dict:
+def _entries_by_id(data: dict, key: str, path: Path, policy: Policy) -> dict:
     """{id: entry} of one list of a COCO instances file; an entry without a usable id, or reusing
     one, is a DataError (under "skip", every entry of a reused id is dropped)."""
     entries = data.get(key, [])
     if not isinstance(entries, list):
-        raise DataError(path, None, f"{key!r} must be a list, got {_json_type(entries)}")
+        raise DataError(path, None, f"{key!r} must be a list, got {json_type(entries)}")
     out: dict = {}
-    first: dict = {}
-    reused: dict = {}
+    ids = UniqueIds(path, key)
     for i, entry in enumerate(entries):
         rec = f"{key}[{i}]"
         try:
-            entry_id = _id(_require(entry, "id", path, rec), path, rec, "id")
-            if entry_id in first:
-                reused.setdefault(entry_id, i)
-                raise DataError(path, rec, f"id {shown(entry_id)} is already used by {key}[{first[entry_id]}]")
-            first[entry_id] = i
+            entry_id = id_field(require(entry, "id", path, rec), path, rec, "id")
+            ids.claim(entry_id, i)
             out[entry_id] = entry
         except DataError as err:
             policy.handle(err)
-    for entry_id, again in reused.items():
+    for entry_id, err in ids.reused():
         del out[entry_id]
-        policy.handle(DataError(path, f"{key}[{first[entry_id]}]", f"id {shown(entry_id)} is used again by {key}[{again}]"))
+        policy.handle(err)
     return out
 
 
@@ -203,17 +200,17 @@ def load_refcoco(
     """RefCOCO / RefCOCO+ / RefCOCOg: COCO `instances.json` (boxes) + refs (sentences per ann_id).
     `split` keeps one of train/val/test/testA/testB."""
     instances, refs_path = Path(instances_json), Path(refs_path)
-    data = _read_json(instances)
+    data = read_json(instances)
     if not isinstance(data, dict):
-        raise DataError(instances, None, f"expected a JSON object at the top level, got {_json_type(data)}: not a COCO instances file")
+        raise DataError(instances, None, f"expected a JSON object at the top level, got {json_type(data)}: not a COCO instances file")
     report = LoadReport(source=str(refs_path))
-    policy = _Policy(on_error, report)
+    policy = Policy(on_error, report)
     images = _entries_by_id(data, "images", instances, policy)
     anns = _entries_by_id(data, "annotations", instances, policy)
     cats: dict[Any, str] = {}
     for cat_id, cat in _entries_by_id(data, "categories", instances, policy).items():
         try:
-            cats[cat_id] = _text(cat.get("name", ""), instances, f"category {cat_id}", "name")
+            cats[cat_id] = text_field(cat.get("name", ""), instances, f"category {cat_id}", "name")
         except DataError as err:
             policy.handle(err)
     root = ImageRoot(image_root)
@@ -223,40 +220,40 @@ def load_refcoco(
         rec = f"refs[{i}]"
         try:
             if split is not None:
-                ref_split = _require(ref, "split", refs_path, rec)
+                ref_split = require(ref, "split", refs_path, rec)
                 if type(ref_split) is not str:
                     raise DataError(refs_path, rec, f"field 'split' must be a string, got {shown(ref_split)}")
                 if ref_split != split:
                     continue
-            ann_id = _id(_require(ref, "ann_id", refs_path, rec), refs_path, rec, "ann_id")
+            ann_id = id_field(require(ref, "ann_id", refs_path, rec), refs_path, rec, "ann_id")
             if ann_id not in anns:
                 raise DataError(refs_path, rec, f"ann_id {shown(ann_id)} is not in {instances.name}")
             ann = anns[ann_id]
             image_id = ann.get("image_id")
-            if not _is_id(image_id) or image_id not in images:
+            if not is_id(image_id) or image_id not in images:
                 raise DataError(refs_path, rec, f"image_id {shown(image_id)} is not in {instances.name}")
-            raw = _require(ref, "sentences", refs_path, rec)
+            raw = require(ref, "sentences", refs_path, rec)
             if not isinstance(raw, (list, tuple)):
-                raise DataError(refs_path, rec, f"field 'sentences' must be a list of sentences, got {_json_type(raw)}")
+                raise DataError(refs_path, rec, f"field 'sentences' must be a list of sentences, got {json_type(raw)}")
             sentences = [s.get("sent") or s.get("raw") if isinstance(s, dict) else s for s in raw]
             sentences = [s for s in sentences if isinstance(s, str) and s.strip()]
             if not sentences:
                 raise DataError(refs_path, rec, "no sentences")
             if image_id not in groups:
                 img, where = images[image_id], f"image {image_id}"
-                file_name = _require(img, "file_name", instances, where)
-                size = _image_size(img.get("width"), img.get("height"), instances, where)
+                file_name = require(img, "file_name", instances, where)
+                size = image_size_field(img.get("width"), img.get("height"), instances, where)
                 groups[image_id] = {"path": root.resolve(file_name, instances, where), "size": size, "objects": [], "file_name": file_name}
-            box = _xywh_box(
-                _require(ann, "bbox", instances, f"annotation {ann_id}"),
+            box = xywh_box(
+                require(ann, "bbox", instances, f"annotation {ann_id}"),
                 groups[image_id]["size"],
                 instances,
                 f"annotation {ann_id}",
                 outside,
             )
-            category_id = _optional_id(ref.get("category_id", ann.get("category_id")), refs_path, rec, "category_id")
+            category_id = optional_id(ref.get("category_id", ann.get("category_id")), refs_path, rec, "category_id")
             category = cats.get(category_id, "")
-            ref_id = _optional_id(ref.get("ref_id", ann_id), refs_path, rec, "ref_id")
+            ref_id = optional_id(ref.get("ref_id", ann_id), refs_path, rec, "ref_id")
             groups[image_id]["objects"].append(ObjectAnnotation(box, category, ann_id=ref_id, expressions=tuple(sentences)))
         except DataError as err:
             policy.handle(err)
@@ -266,18 +263,18 @@ def load_refcoco(
 
 
 # ---- Visual Genome --------------------------------------------------------------------------------
-def _per_image_lists(source: Path, key: str, known, known_where: str, policy: _Policy) -> Iterator[tuple[int, Any, list]]:
+def _per_image_lists(source: Path, key: str, known, known_where: str, policy: Policy) -> Iterator[tuple[int, Any, list]]:
     """(entry index, image_id, entry[key]) of a Visual Genome per-image file (objects.json,
     relationships.json): each entry names a known image and holds a list under `key`; a bad entry
     goes to the failure policy."""
-    for i, entry in enumerate(_read_json_list(source, f"images with {key}")):
+    for i, entry in enumerate(read_json_list(source, f"images with {key}")):
         try:
-            image_id = _id(_require(entry, "image_id", source, f"[{i}]"), source, f"[{i}]", "image_id")
+            image_id = id_field(require(entry, "image_id", source, f"[{i}]"), source, f"[{i}]", "image_id")
             if image_id not in known:
                 raise DataError(source, f"[{i}]", f"image_id {shown(image_id)} is not {known_where}")
-            items = _require(entry, key, source, f"[{i}]")
+            items = require(entry, key, source, f"[{i}]")
             if not isinstance(items, list):
-                raise DataError(source, f"[{i}]", f"field '{key}' must be a list, got {_json_type(items)}")
+                raise DataError(source, f"[{i}]", f"field '{key}' must be a list, got {json_type(items)}")
         except DataError as err:
             policy.handle(err)
             continue
@@ -297,27 +294,21 @@ def load_visual_genome(
     `{image_id}.jpg` under `image_root` (VG_100K and VG_100K_2 merged)."""
     meta_path = Path(image_data_json)
     report = LoadReport(source=str(meta_path))
-    policy = _Policy(on_error, report)
+    policy = Policy(on_error, report)
     meta: dict[Any, tuple[int, int]] = {}
-    first: dict[Any, int] = {}
-    reused: dict[Any, int] = {}
-    for i, img in enumerate(_read_json_list(meta_path, "images")):
+    ids = UniqueIds(meta_path, "images", "image id")
+    for i, img in enumerate(read_json_list(meta_path, "images")):
         rec = f"images[{i}]"
         try:
             key = "image_id" if isinstance(img, dict) and "image_id" in img else "id"
-            image_id = _id(_require(img, key, meta_path, rec), meta_path, rec, key)
-            if image_id in first:
-                reused.setdefault(image_id, i)
-                raise DataError(meta_path, rec, f"image id {shown(image_id)} is already used by images[{first[image_id]}]")
-            first[image_id] = i
-            meta[image_id] = _image_size(img.get("width"), img.get("height"), meta_path, rec)
+            image_id = id_field(require(img, key, meta_path, rec), meta_path, rec, key)
+            ids.claim(image_id, i)
+            meta[image_id] = image_size_field(img.get("width"), img.get("height"), meta_path, rec)
         except DataError as err:
             policy.handle(err)
-    for image_id, again in reused.items():  # on_error="skip": a reused id has no size for sure
+    for image_id, err in ids.reused():  # on_error="skip": a reused id has no size for sure
         if meta.pop(image_id, None) is not None:
-            policy.handle(
-                DataError(meta_path, f"images[{first[image_id]}]", f"image id {shown(image_id)} is used again by images[{again}]")
-            )
+            policy.handle(err)
     objects: dict[Any, list[ObjectAnnotation]] = defaultdict(list)
     if objects_json is not None:
         source = Path(objects_json)
@@ -325,41 +316,41 @@ def load_visual_genome(
             for j, obj in enumerate(entry_objects):
                 rec = f"[{i}].objects[{j}]"
                 try:
-                    xywh = [_require(obj, k, source, rec) for k in ("x", "y", "w", "h")]
+                    xywh = [require(obj, k, source, rec) for k in ("x", "y", "w", "h")]
                     names = obj.get("names") or ([obj["name"]] if "name" in obj else [])
                     if not isinstance(names, list):
-                        raise DataError(source, rec, f"field 'names' must be a list of names, got {_json_type(names)}")
-                    box = _xywh_box(xywh, meta[image_id], source, rec, outside)
-                    category = _text(names[0], source, rec, "names") if names else ""
+                        raise DataError(source, rec, f"field 'names' must be a list of names, got {json_type(names)}")
+                    box = xywh_box(xywh, meta[image_id], source, rec, outside)
+                    category = text_field(names[0], source, rec, "names") if names else ""
                     objects[image_id].append(
-                        ObjectAnnotation(box, category, ann_id=_optional_id(obj.get("object_id"), source, rec, "object_id"))
+                        ObjectAnnotation(box, category, ann_id=optional_id(obj.get("object_id"), source, rec, "object_id"))
                     )
                 except DataError as err:
                     policy.handle(err)
     if region_descriptions_json is not None:
         source = Path(region_descriptions_json)
-        for i, entry in enumerate(_read_json_list(source, "images with regions")):
+        for i, entry in enumerate(read_json_list(source, "images with regions")):
             try:
                 if not isinstance(entry, dict):
-                    raise DataError(source, f"[{i}]", f"expected an object, got {_json_type(entry)}")
+                    raise DataError(source, f"[{i}]", f"expected an object, got {json_type(entry)}")
                 regions = entry.get("regions", [])
                 if not isinstance(regions, list):
-                    raise DataError(source, f"[{i}]", f"field 'regions' must be a list, got {_json_type(regions)}")
+                    raise DataError(source, f"[{i}]", f"field 'regions' must be a list, got {json_type(regions)}")
             except DataError as err:
                 policy.handle(err)
                 continue
             for j, region in enumerate(regions):
                 rec = f"[{i}].regions[{j}]"
                 try:
-                    image_id = _id(_require(region, "image_id", source, rec), source, rec, "image_id")
+                    image_id = id_field(require(region, "image_id", source, rec), source, rec, "image_id")
                     if image_id not in meta:
                         raise DataError(source, rec, f"image_id {shown(image_id)} is not in {meta_path.name}")
-                    xywh = [_require(region, k, source, rec) for k in ("x", "y", "width", "height")]
-                    phrase = _text(_require(region, "phrase", source, rec), source, rec, "phrase").strip()
+                    xywh = [require(region, k, source, rec) for k in ("x", "y", "width", "height")]
+                    phrase = text_field(require(region, "phrase", source, rec), source, rec, "phrase").strip()
                     if not phrase:
                         raise DataError(source, rec, "empty phrase")
-                    box = _xywh_box(xywh, meta[image_id], source, rec, outside)
-                    region_id = _optional_id(region.get("region_id"), source, rec, "region_id")
+                    box = xywh_box(xywh, meta[image_id], source, rec, outside)
+                    region_id = optional_id(region.get("region_id"), source, rec, "region_id")
                     objects[image_id].append(ObjectAnnotation(box, "", ann_id=region_id, expressions=(phrase,)))
                 except DataError as err:
                     policy.handle(err)
@@ -393,13 +384,13 @@ class Relation:
 
 def _relation_end(entry: Any, size: tuple[int, int], source: Path, rec: str, outside: OutsidePolicy) -> ObjectAnnotation:
     """A relationship's subject or object: x, y, w, h and `names` (VG 1.4) or `name` (VG 1.2)."""
-    xywh = [_require(entry, k, source, rec) for k in ("x", "y", "w", "h")]
+    xywh = [require(entry, k, source, rec) for k in ("x", "y", "w", "h")]
     names = entry.get("names") or ([entry["name"]] if "name" in entry else [])
     if not isinstance(names, list):
-        raise DataError(source, rec, f"field 'names' must be a list of names, got {_json_type(names)}")
-    category = _text(names[0], source, rec, "names") if names else ""
-    ann_id = _optional_id(entry.get("object_id"), source, rec, "object_id")
-    return ObjectAnnotation(_xywh_box(xywh, size, source, rec, outside), category, ann_id=ann_id)
+        raise DataError(source, rec, f"field 'names' must be a list of names, got {json_type(names)}")
+    category = text_field(names[0], source, rec, "names") if names else ""
+    ann_id = optional_id(entry.get("object_id"), source, rec, "object_id")
+    return ObjectAnnotation(xywh_box(xywh, size, source, rec, outside), category, ann_id=ann_id)
 
 
 def load_visual_genome_relationships(
@@ -414,18 +405,18 @@ def load_visual_genome_relationships(
     with spaces collapsed (VG writes both 'ON' and 'on')."""
     source = Path(relationships_json)
     report = LoadReport(source=str(source))
-    policy = _Policy(on_error, report)
+    policy = Policy(on_error, report)
     relations: dict[Any, list[Relation]] = defaultdict(list)
     for i, image_id, triplets in _per_image_lists(source, "relationships", image_sizes, "among the loaded images", policy):
         for j, triplet in enumerate(triplets):
             rec = f"[{i}].relationships[{j}]"
             try:
-                predicate = " ".join(_text(_require(triplet, "predicate", source, rec), source, rec, "predicate").lower().split())
+                predicate = " ".join(text_field(require(triplet, "predicate", source, rec), source, rec, "predicate").lower().split())
                 if not predicate:
                     raise DataError(source, rec, "empty predicate")
                 size = image_sizes[image_id]
-                subject = _relation_end(_require(triplet, "subject", source, rec), size, source, f"{rec}.subject", outside)
-                object_ = _relation_end(_require(triplet, "object", source, rec), size, source, f"{rec}.object", outside)
+                subject = _relation_end(require(triplet, "subject", source, rec), size, source, f"{rec}.subject", outside)
+                object_ = _relation_end(require(triplet, "object", source, rec), size, source, f"{rec}.object", outside)
                 relations[image_id].append(Relation(subject, predicate, object_))
             except DataError as err:
                 policy.handle(err)

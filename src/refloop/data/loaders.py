@@ -22,234 +22,43 @@ naming file and record (`refloop.data.images`).
 
 from __future__ import annotations
 
-import codecs
 import gc
-import io
 import json
 import math
-import re
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
 from operator import is_, is_not, methodcaller
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any
 
 import numpy as np
 
-from refloop.boxes import Box, InvalidBoxError, OutsidePolicy, validate_box
-from refloop.data.images import ImageHeaders, check_image, image_size  # noqa: F401 (image_size: formats.py)
+from refloop.boxes import Box, OutsidePolicy
+from refloop.data.fields import (  # noqa: F401  (LoadReport, OnError, open_text, read_text: this module's API too)
+    ESCAPED,
+    LoadReport,
+    OnError,
+    Policy,
+    UniqueIds,
+    id_field,
+    image_side,
+    image_size_field,
+    is_id,
+    json_type,
+    open_text,
+    optional_id,
+    read_json,
+    read_text,
+    require,
+    text_field,
+    xywh_box,
+)
+from refloop.data.images import ImageHeaders, check_image
 from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.errors import DataError
-
-OnError = Literal["fail", "skip"]
-
-
-@dataclass
-class LoadReport:
-    """What a loader kept and skipped, with the reason of each skip."""
-
-    source: str
-    kept: int = 0
-    skipped: int = 0
-    reasons: Counter = field(default_factory=Counter)
-
-    def skip(self, error: DataError) -> None:
-        self.skipped += 1
-        self.reasons[error.problem.split(":")[0]] += 1
-
-
-class _Policy:
-    def __init__(self, on_error: OnError, report: LoadReport) -> None:
-        if on_error not in ("fail", "skip"):
-            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-        self.on_error, self.report = on_error, report
-
-    def handle(self, error: DataError) -> None:
-        if self.on_error == "fail":
-            raise error
-        self.report.skip(error)
-
-
-# ---- reading files ------------------------------------------------------------------------------
-_BOMS = (  # longest first: the UTF-32-LE mark begins with the UTF-16-LE one
-    (codecs.BOM_UTF32_LE, "utf-32"),
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
-)
-_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as errors="surrogateescape" decodes them
-
-
-def _encoding(head: bytes) -> str:
-    """The encoding a file's first bytes announce: its byte-order mark, else UTF-8."""
-    return next((name for bom, name in _BOMS if head.startswith(bom)), "utf-8")
-
-
-def _open_binary(path: Path) -> IO[bytes]:
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(path, None, "file not found") from None
-    except IsADirectoryError:
-        raise DataError(path, None, "is a directory, not a file") from None
-    except OSError as exc:
-        raise DataError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
-    except ValueError as exc:  # an embedded NUL
-        raise DataError(path, None, f"not a usable file name: {exc}") from None
-
-
-def open_text(path: Path, newline: str | None = None) -> IO[str]:
-    """A text file as `open` would give it, in the encoding its byte-order mark announces (UTF-8
-    without one); every failure to open it a DataError. UTF-8 is decoded with errors="surrogateescape":
-    a byte that is not UTF-8 shows as a character of U+DC80..U+DCFF (see `_ESCAPED`), so one bad line
-    can be named and skipped; other encodings fail strictly (UnicodeDecodeError while reading)."""
-    raw = _open_binary(path)
-    try:
-        encoding = _encoding(raw.peek(4)[:4])  # type: ignore[attr-defined]
-    except OSError as exc:
-        raw.close()
-        raise DataError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
-    errors = "surrogateescape" if encoding.startswith("utf-8") else "strict"
-    return io.TextIOWrapper(raw, encoding=encoding, errors=errors, newline=newline)  # type: ignore[arg-type]
-
-
-def read_text(path: Path) -> str:
-    """A whole text file (UTF-8, or the encoding of its byte-order mark); a DataError naming the line
-    of the first byte that does not decode."""
-    with _open_binary(path) as handle:
-        try:
-            raw = handle.read()
-        except OSError as exc:
-            raise DataError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
-    encoding = _encoding(raw[:4])
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as exc:  # a problem of the whole file (record None), located in the message
-        line = f", line {_line_of(raw, exc.start)}" if encoding.startswith("utf-8") else ""
-        raise DataError(path, None, f"not {encoding.replace('-sig', '').upper()} text: {exc.reason} at byte {exc.start}{line}") from None
-
-
-def _line_of(raw: bytes, offset: int) -> int:
-    return raw.count(b"\n", 0, offset) + 1
-
-
-def _read_json(path: Path) -> Any:
-    text = read_text(path)
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise DataError(path, None, "not usable JSON: nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        hint = " (it looks like UTF-16 or UTF-32 without a byte-order mark: save it as UTF-8)" if "\x00" in text[:4] else ""
-        raise DataError(path, None, f"not valid JSON: {exc}{hint}") from None
-    except ValueError as exc:  # an integer beyond Python's digit limit
-        raise DataError(path, None, f"not usable JSON: {exc}") from None
-
-
-def _read_json_list(path: Path, what: str) -> list:
-    data = _read_json(path)
-    if not isinstance(data, list):
-        raise DataError(path, None, f"expected a JSON array of {what} at the top level, got {_json_type(data)}")
-    return data
-
-
-def _json_type(value: Any) -> str:
-    names = {
-        dict: "an object",
-        list: "an array",
-        str: "a string",
-        bool: "a boolean",
-        type(None): "null",
-        int: "a number",
-        float: "a number",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
-# ---- checking values ------------------------------------------------------------------------------
-_MAX_SIDE = 2**31 - 1  # image sides beyond this are no image (PIL's own bound); keeps width * height in int64
-
-
-def _number(value: Any, source: object, record: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(source, record, f"field {name!r} must be a finite number, got {shown(value)}")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise DataError(source, record, f"field {name!r} must be a finite number, got {shown(value)} (beyond the float range)") from None
-    if not math.isfinite(number):
-        raise DataError(source, record, f"field {name!r} must be a finite number, got {shown(value)}")
-    return number
-
-
-def _side(value: Any, source: object, record: object, name: str) -> int:
-    """An image width or height: a finite number, truncated to an integer (as before), at most _MAX_SIDE.
-    Positivity is checked by the caller, which names both sides."""
-    side = int(_number(value, source, record, name))
-    if side > _MAX_SIDE:
-        raise DataError(source, record, f"field {name!r} is {shown(value)}, beyond any image ({_MAX_SIDE} pixels)")
-    return side
-
-
-def _image_size(width: Any, height: Any, source: object, record: object) -> tuple[int, int]:
-    size = (_side(width, source, record, "width"), _side(height, source, record, "height"))
-    if size[0] <= 0 or size[1] <= 0:
-        raise DataError(source, record, f"image size must be positive, got {size[0]}x{size[1]}")
-    return size
-
-
-def _is_id(value: Any) -> bool:
-    """A usable id: a string, an integer of at most 64 bits (it must print: a pickle can hold an
-    integer Python refuses to print), or a finite float; never a list, an object, a boolean (true
-    would be the id 1) or null."""
-    kind = type(value)
-    return kind is str or (kind is int and value.bit_length() <= 64) or (kind is float and math.isfinite(value))
-
-
-def _id(value: Any, source: object, record: object, name: str) -> Any:
-    if not _is_id(value):
-        raise DataError(source, record, f"field {name!r} must be a string or a number (integers of at most 64 bits), got {shown(value)}")
-    return value
-
-
-def _optional_id(value: Any, source: object, record: object, name: str) -> Any:
-    """An id that may be absent (None)."""
-    return None if value is None else _id(value, source, record, name)
-
-
-def _text(value: Any, source: object, record: object, name: str) -> str:
-    """A name or phrase: a string, or a number written as text (as `str` did before); null is no
-    text (""); never a list or an object."""
-    if type(value) is str:
-        return value
-    if value is None:
-        return ""
-    if type(value) in (bool, float) or (type(value) is int and value.bit_length() <= 64):
-        return str(value)
-    raise DataError(source, record, f"field {name!r} must be a string, got {shown(value)}")
-
-
-def _xywh_box(bbox: Any, size: tuple[int, int], source: object, record: object, outside: OutsidePolicy) -> Box:
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        raise DataError(source, record, f"bbox must be [x, y, width, height], got {shown(bbox)}")
-    x, y, w, h = (_number(v, source, record, "bbox") for v in bbox)
-    try:
-        return validate_box(Box.from_xywh(x, y, w, h), size, outside=outside)
-    except InvalidBoxError as exc:
-        raise DataError(source, record, f"invalid bbox: {exc}") from None
-
-
-def _require(entry: dict, key: str, source: object, record: object) -> Any:
-    if not isinstance(entry, dict):
-        raise DataError(source, record, f"expected an object, got {type(entry).__name__}")
-    if key not in entry:
-        raise DataError(source, record, f"missing field {key!r}")
-    return entry[key]
 
 
 def grouped_records(groups: dict, source: Path) -> list[ImageRecord]:
@@ -354,7 +163,7 @@ def read_coco_table(
     Image paths are resolved under the image root (escaping it is an error) without opening or
     needing the files; `verify_images` also opens each image once, reading its header (`check_image`).
     """
-    policy = _Policy(on_error, LoadReport(source=str(path)))
+    policy = Policy(on_error, LoadReport(source=str(path)))
     with _gc_paused():
         return _read_coco(Path(path), image_root, policy, outside, check_image if verify_images else None)
 
@@ -373,13 +182,13 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _read_coco(
-    path: Path, image_root: str | Path | None, policy: _Policy, outside: OutsidePolicy, check: ImageCheck | None
+    path: Path, image_root: str | Path | None, policy: Policy, outside: OutsidePolicy, check: ImageCheck | None
 ) -> tuple[DetectionTable, LoadReport]:
     report = policy.report
     root = ImageRoot(image_root if image_root is not None else path.parent)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
-        raise DataError(path, None, f"expected a JSON object at the top level, got {_json_type(data)}: not a COCO-style detection file")
+        raise DataError(path, None, f"expected a JSON object at the top level, got {json_type(data)}: not a COCO-style detection file")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(path, None, f"missing list {key!r}: not a COCO-style detection file")
@@ -388,8 +197,8 @@ def _read_coco(
     for i, cat in enumerate(data["categories"]):
         rec = f"categories[{i}]"
         try:
-            cat_id = _id(_require(cat, "id", path, rec), path, rec, "id")
-            name = _text(_require(cat, "name", path, rec), path, rec, "name")
+            cat_id = id_field(require(cat, "id", path, rec), path, rec, "id")
+            name = text_field(require(cat, "name", path, rec), path, rec, "name")
             if categories.get(cat_id, name) != name:
                 renamed.add(cat_id)
                 problem = f"category id {shown(cat_id)} is already the category {shown(categories[cat_id])}, not {shown(name)}"
@@ -400,21 +209,17 @@ def _read_coco(
     for cat_id in renamed:  # on_error="skip": which name its boxes have is unknown, so the category goes, and its boxes
         del categories[cat_id]
     index: dict[Any, int] = {}  # image id -> row of the image columns
-    entry_of: dict[Any, int] = {}  # image id -> the images[] entry that first gave it
-    reused: dict[Any, int] = {}  # image id -> the first images[] entry that gave it again (on_error="skip")
+    ids = UniqueIds(path, "images", "image id")
     image_ids: list = []
     columns: tuple[list, ...] = ([], [], [], [])  # file_name, path, width, height
     for i, img in enumerate(data["images"]):
         rec = f"images[{i}]"
         try:
-            image_id = _id(_require(img, "id", path, rec), path, rec, "id")
-            if image_id in entry_of:
-                reused.setdefault(image_id, i)
-                raise DataError(path, rec, f"image id {shown(image_id)} is already used by images[{entry_of[image_id]}]")
-            entry_of[image_id] = i
-            file_name = _require(img, "file_name", path, rec)
-            width = _side(_require(img, "width", path, rec), path, rec, "width")
-            height = _side(_require(img, "height", path, rec), path, rec, "height")
+            image_id = id_field(require(img, "id", path, rec), path, rec, "id")
+            ids.claim(image_id, i)
+            file_name = require(img, "file_name", path, rec)
+            width = image_side(require(img, "width", path, rec), path, rec, "width")
+            height = image_side(require(img, "height", path, rec), path, rec, "height")
             if width <= 0 or height <= 0:
                 raise DataError(path, rec, f"image size must be positive, got {width}x{height}")
             where = f"{rec} (id {image_id})"
@@ -428,13 +233,13 @@ def _read_coco(
         image_ids.append(image_id)
         for column, value in zip(columns, (file_name, file_path, width, height)):
             column.append(value)
+    reused = ids.reused()
     if reused:  # on_error="skip": which entry the boxes of a reused id belong to is unknown, so none keeps it
-        for image_id, again in reused.items():
+        for image_id, err in reused:
             if image_id in index:
-                policy.handle(
-                    DataError(path, f"images[{entry_of[image_id]}]", f"image id {shown(image_id)} is used again by images[{again}]")
-                )
-        rows_kept = [k for k, image_id in enumerate(image_ids) if image_id not in reused]
+                policy.handle(err)
+        dropped = {image_id for image_id, _ in reused}
+        rows_kept = [k for k, image_id in enumerate(image_ids) if image_id not in dropped]
         image_ids = [image_ids[k] for k in rows_kept]
         columns = tuple([column[k] for k in rows_kept] for column in columns)
         index = {image_id: k for k, image_id in enumerate(image_ids)}
@@ -445,17 +250,17 @@ def _read_coco(
     def checked(i: int, ann: Any) -> tuple[int, int, Box, Any] | None:
         """The record-by-record checks in order: the DataError of the first problem, None for a crowd box."""
         rec = f"annotations[{i}]"
-        image_id = _require(ann, "image_id", path, rec)
+        image_id = require(ann, "image_id", path, rec)
         if ann.get("iscrowd", 0):
             return None
-        if _id(image_id, path, rec, "image_id") not in index:
+        if id_field(image_id, path, rec, "image_id") not in index:
             raise DataError(path, rec, f"image_id {shown(image_id)} is not among the usable images")
-        cat = _id(_require(ann, "category_id", path, rec), path, rec, "category_id")
+        cat = id_field(require(ann, "category_id", path, rec), path, rec, "category_id")
         if cat not in categories:
             raise DataError(path, rec, f"category_id {shown(cat)} is not in 'categories'")
         k = index[image_id]
-        box = _xywh_box(_require(ann, "bbox", path, rec), (widths[k], heights[k]), path, rec, outside)
-        return k, category_index[cat], box, _optional_id(ann.get("id", i), path, rec, "id")
+        box = xywh_box(require(ann, "bbox", path, rec), (widths[k], heights[k]), path, rec, outside)
+        return k, category_index[cat], box, optional_id(ann.get("id", i), path, rec, "id")
 
     # Columns straight from the JSON objects, by C-level maps rather than a Python loop per box.
     # An annotation that is not plainly well-formed takes the record-by-record checks (`checked`).
@@ -478,7 +283,7 @@ def _read_coco(
     fast = named & ~crowd & (box_image >= 0) & (box_category >= 0) & plain_bbox
     if not (set(map(type, id_col)) <= {int} and (not n or max(max(id_col), -min(id_col)).bit_length() <= 64)):
         # an id that is absent, or not an integer of at most 64 bits: the record-by-record checks name it
-        fast &= np.fromiter((v is _MISSING or v is None or _is_id(v) for v in id_col), dtype=bool, count=n)
+        fast &= np.fromiter((v is _MISSING or v is None or is_id(v) for v in id_col), dtype=bool, count=n)
     slow = ~named | (~crowd & ~fast)
     del image_col, crowd_col, category_col
 
@@ -508,7 +313,7 @@ def _read_coco(
     for i in np.flatnonzero(fast & ~keep).tolist():
         k = int(box_image[i])
         try:
-            built[i] = _xywh_box(bbox_col[i], (widths[k], heights[k]), path, f"annotations[{i}]", outside)
+            built[i] = xywh_box(bbox_col[i], (widths[k], heights[k]), path, f"annotations[{i}]", outside)
         except DataError as err:
             errors.append((i, err))
     for i in np.flatnonzero(slow).tolist():
@@ -573,7 +378,7 @@ def _lookup(table: dict, keys: list) -> np.ndarray:
     if set(map(type, keys)) <= {int, str}:
         found = list(map(table.get, keys, repeat(-1)))
     else:
-        found = [table.get(key, -1) if _is_id(key) else -2 for key in keys]
+        found = [table.get(key, -1) if is_id(key) else -2 for key in keys]
     return np.array(found, dtype=np.int64)
 
 
@@ -624,7 +429,7 @@ def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
             number += 1
             if not line.strip():
                 continue
-            if not line.isascii() and _ESCAPED.search(line):
+            if not line.isascii() and ESCAPED.search(line):
                 yield number, DataError(path, f"line {number}", "not UTF-8 text (a byte that is no UTF-8)")
                 continue
             try:
@@ -656,15 +461,15 @@ def load_referring(
     root = ImageRoot(image_root if image_root is not None else path.parent)
     headers = ImageHeaders()
     report = LoadReport(source=str(path))
-    policy = _Policy(on_error, report)
+    policy = Policy(on_error, report)
     grouped: dict[Any, dict] = {}
     for number, entry in jsonl_lines(path):
         rec = f"line {number}"
         try:
             if isinstance(entry, DataError):
                 raise entry
-            image_id = _id(_require(entry, "image_id", path, rec), path, rec, "image_id")
-            file_name = _require(entry, "file_name", path, rec)
+            image_id = id_field(require(entry, "image_id", path, rec), path, rec, "image_id")
+            file_name = require(entry, "file_name", path, rec)
             file_path = root.resolve(file_name, path, rec)
             group = grouped.get(image_id)
             if group is not None and group["path"] != file_path:
@@ -674,11 +479,11 @@ def load_referring(
                     f"image_id {shown(image_id)} is the image {shown(group['file_name'])} on line {group['line']}, "
                     f"but this line names {shown(file_name)}",
                 )
-            sentences = _require(entry, "sentences", path, rec)
+            sentences = require(entry, "sentences", path, rec)
             if not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) and s.strip() for s in sentences):
                 raise DataError(path, rec, "field 'sentences' must be a non-empty list of non-empty strings")
             if "width" in entry and "height" in entry:
-                size = _image_size(entry["width"], entry["height"], path, rec)
+                size = image_size_field(entry["width"], entry["height"], path, rec)
                 if group is not None and group["size"] != size:
                     raise DataError(
                         path,
@@ -692,9 +497,9 @@ def load_referring(
                 size = group["size"]  # the size an earlier line gave (or its header): the one the boxes go with
             else:
                 size = headers.size(file_path, path, rec)
-            box = _xywh_box(_require(entry, "bbox", path, rec), size, path, rec, outside)
-            category = _text(entry.get("category", ""), path, rec, "category")
-            ann_id = _optional_id(entry.get("ref_id", number), path, rec, "ref_id")
+            box = xywh_box(require(entry, "bbox", path, rec), size, path, rec, outside)
+            category = text_field(entry.get("category", ""), path, rec, "category")
+            ann_id = optional_id(entry.get("ref_id", number), path, rec, "ref_id")
             if group is None:
                 group = grouped[image_id] = {"path": file_path, "size": size, "objects": [], "file_name": file_name, "line": number}
             group["objects"].append(ObjectAnnotation(box=box, category=category, ann_id=ann_id, expressions=tuple(sentences)))

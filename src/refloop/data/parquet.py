@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from refloop.boxes import OutsidePolicy
+from refloop.data.fields import LoadReport, OnError, Policy, id_field, image_size_field, optional_id, text_field, xywh_box
 from refloop.data.images import ImageHeaders, image_size
-from refloop.data.loaders import LoadReport, OnError, _id, _image_size, _optional_id, _Policy, _text, _xywh_box, grouped_records
+from refloop.data.loaders import grouped_records
 from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ObjectAnnotation
 from refloop.errors import DataError, RefloopError
@@ -146,7 +147,7 @@ def load_parquet(
     handle = _open(path)
     columns = handle.schema_arrow.names
     report = LoadReport(source=str(path))
-    policy = _Policy(on_error, report)
+    policy = Policy(on_error, report)
     if "image" not in columns:
         raise DataError(path, None, f"missing column 'image' (columns: {', '.join(columns)})")
     if "objects" in columns:
@@ -160,7 +161,7 @@ def load_parquet(
     return records, report
 
 
-def _referring_rows(handle, path: Path, columns: list[str], image_root, policy: _Policy, outside: OutsidePolicy) -> dict:
+def _referring_rows(handle, path: Path, columns: list[str], image_root, policy: Policy, outside: OutsidePolicy) -> dict:
     expression_column = next((c for c in _EXPRESSION_COLUMNS if c in columns), None)
     if expression_column is None:
         raise DataError(path, None, f"missing column 'answer' (the referring expressions); columns: {', '.join(columns)}")
@@ -170,22 +171,22 @@ def _referring_rows(handle, path: Path, columns: list[str], image_root, policy: 
     for i, row in _rows(handle, path, ["image", "bbox", expression_column, *optional]):
         rec = f"row {i}"
         try:
-            file_name = _text(row.get("file_name"), path, rec, "file_name") or None
+            file_name = text_field(row.get("file_name"), path, rec, "file_name") or None
             where, data, file_name = images.locate(row["image"], file_name, rec)
-            image_id = _id(row["image_id"], path, rec, "image_id") if row.get("image_id") is not None else file_name or str(where)
+            image_id = id_field(row["image_id"], path, rec, "image_id") if row.get("image_id") is not None else file_name or str(where)
             group = grouped.get(image_id)
             if group is not None:
                 size = group["size"]
             elif row.get("width") is not None and row.get("height") is not None:
-                size = _image_size(row["width"], row["height"], path, rec)
+                size = image_size_field(row["width"], row["height"], path, rec)
                 if images.size(where, data, rec) != size:
                     raise DataError(path, rec, f"image {where} is not {size[0]}x{size[1]} as the row says")
             else:
                 size = images.size(where, data, rec)
-            box = _xywh_box(row["bbox"], size, path, rec, outside)
+            box = xywh_box(row["bbox"], size, path, rec, outside)
             expressions = _expressions(row[expression_column], path, rec, expression_column)
-            category = _text(row.get("category"), path, rec, "category")
-            ann_id = _optional_id(row.get("question_id", i), path, rec, "question_id")
+            category = text_field(row.get("category"), path, rec, "category")
+            ann_id = optional_id(row.get("question_id", i), path, rec, "question_id")
         except DataError as err:
             policy.handle(err)
             continue
@@ -195,7 +196,7 @@ def _referring_rows(handle, path: Path, columns: list[str], image_root, policy: 
     return grouped
 
 
-def _detection_rows(handle, path: Path, columns: list[str], image_root, policy: _Policy, outside: OutsidePolicy) -> dict:
+def _detection_rows(handle, path: Path, columns: list[str], image_root, policy: Policy, outside: OutsidePolicy) -> dict:
     names = _category_names(handle.schema_arrow)
     images = _Images(path, image_root)
     optional = [c for c in ("image_id", "file_name", "width", "height") if c in columns]
@@ -203,14 +204,14 @@ def _detection_rows(handle, path: Path, columns: list[str], image_root, policy: 
     for i, row in _rows(handle, path, ["image", "objects", *optional]):
         rec = f"row {i}"
         try:
-            file_name = _text(row.get("file_name"), path, rec, "file_name") or None
+            file_name = text_field(row.get("file_name"), path, rec, "file_name") or None
             where, data, file_name = images.locate(row["image"], file_name, rec)
-            image_id = _id(row["image_id"], path, rec, "image_id") if row.get("image_id") is not None else i
+            image_id = id_field(row["image_id"], path, rec, "image_id") if row.get("image_id") is not None else i
             if image_id in grouped:
                 raise DataError(path, rec, f"image_id {shown(image_id)} is already used by an earlier row")
             size = images.size(where, data, rec)
             claimed = (row.get("width"), row.get("height"))
-            if None not in claimed and _image_size(*claimed, path, rec) != size:
+            if None not in claimed and image_size_field(*claimed, path, rec) != size:
                 raise DataError(path, rec, f"image {where} is {size[0]}x{size[1]}, not {row['width']}x{row['height']} as the row says")
             objects = _objects(row["objects"], size, names, path, rec, outside)
         except DataError as err:
@@ -235,13 +236,13 @@ def _objects(value: Any, size, names: list[str] | None, path: Path, rec: str, ou
     out = []
     for j, (bbox, category, ann_id) in enumerate(entries):
         where = f"{rec}, object {j}"
-        box = _xywh_box(bbox, size, path, where, outside)
+        box = xywh_box(bbox, size, path, where, outside)
         if names is not None and type(category) is int:
             if not 0 <= category < len(names):
                 raise DataError(path, where, f"category {category} is not among the file's {len(names)} class names")
             category = names[category]
-        category = _text(category, path, where, "category")
-        out.append(ObjectAnnotation(box=box, category=category, ann_id=_optional_id(ann_id, path, where, "id")))
+        category = text_field(category, path, where, "category")
+        out.append(ObjectAnnotation(box=box, category=category, ann_id=optional_id(ann_id, path, where, "id")))
     return out
 
 

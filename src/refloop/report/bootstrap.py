@@ -10,6 +10,7 @@ from PIL import Image
 
 from refloop.boxes import Box
 from refloop.report.draw import grid, panel, save_png
+from refloop.report.page import write_page
 from refloop.report.plots import iou_histogram
 
 # Pink Table 5 and appendix A.2 (Objects365), beside ours.
@@ -76,10 +77,7 @@ def write_bootstrap_report(out_dir: Path, stats: dict, kept: list[dict], rejecte
     hist = iou_histogram(iou_rows, out_dir / "bootstrap_iou.png", f"kept when IoU >= {lam:g}: {_fmt(stats.get('keep_rate'))}", lam)
     kept_png = save_png(grid(_panels(kept), title="kept"), out_dir / "kept.png")
     rejected_png = save_png(grid(_panels(rejected), title="rejected"), out_dir / "rejected.png")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>refloop bootstrap</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}td,th{{padding:2px 12px;text-align:left}}img{{max-width:100%}}</style>
-</head><body>
-<h1>Self-consistent bootstrapping (Pink Sec. 3.3)</h1>
+    body = f"""<h1>Self-consistent bootstrapping (Pink Sec. 3.3)</h1>
 <p>model <code>{html.escape(str(stats.get("model", "")))}</code>, data <code>{html.escape(str(stats.get("data", "")))}</code>;
 lambda {lam:g}, {stats.get("samples", 1)} description(s) per box, distractor check {"on" if stats.get("distractor_check") else "off"}.
 Green: the annotated box; magenta: where the model located its own description.</p>
@@ -91,8 +89,6 @@ Green: the annotated box; magenta: where the model located its own description.<
 <h2>Rejected</h2><p><img src="{rejected_png.name}"></p>
 <p>Every candidate: <code>candidates.jsonl</code>; kept pairs: <code>pairs.jsonl</code> (referring JSONL, file names
 relative to <code>{html.escape(str(stats.get("image_root", "")))}</code>), <code>refs.json</code> + <code>instances.json</code>;
-counts: <code>stats.json</code>.</p>
-</body></html>"""
-    path = out_dir / "report.html"
-    path.write_text(page)
-    return path
+counts: <code>stats.json</code>.</p>"""
+    style = "td,th{padding:2px 12px;text-align:left}img{max-width:100%}"
+    return write_page(out_dir / "report.html", "refloop bootstrap", body, style=style)

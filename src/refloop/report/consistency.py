@@ -10,6 +10,7 @@ from PIL import Image
 from refloop.boxes import Box
 from refloop.data.jsonl import read_records
 from refloop.report.draw import grid, panel, save_png
+from refloop.report.page import write_page
 from refloop.report.plots import iou_histogram
 
 METRIC_LABELS = {
@@ -50,17 +51,12 @@ def write_consistency_report(out_dir: Path, metrics: dict, examples: int = 8) ->
     table = "".join(
         f"<tr><td>{html.escape(label)}</td><td>{_fmt(metrics.get(key))}</td></tr>" for key, label in METRIC_LABELS.items() if key in metrics
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>refloop self-consistency</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}td{{padding:2px 12px}}img{{max-width:100%}}</style></head><body>
-<h1>Self-consistency: box &rarr; caption &rarr; box</h1>
+    body = f"""<h1>Self-consistency: box &rarr; caption &rarr; box</h1>
 <p>model <code>{html.escape(str(metrics.get("model", "")))}</code>, data <code>{html.escape(str(metrics.get("data", "")))}</code>.
 Green: the target box; magenta: where the model re-located its own description.</p>
 <table>{table}</table>
 <p><img src="{hist.name}"></p>
 <h2>Most consistent</h2><p><img src="{best.name}"></p>
 <h2>Least consistent</h2><p><img src="{worst.name}"></p>
-<p>Per-sample records: <code>samples.jsonl</code>; metrics: <code>metrics.json</code>.</p>
-</body></html>"""
-    path = out_dir / "report.html"
-    path.write_text(page)
-    return path
+<p>Per-sample records: <code>samples.jsonl</code>; metrics: <code>metrics.json</code>.</p>"""
+    return write_page(out_dir / "report.html", "refloop self-consistency", body, style="td{padding:2px 12px}img{max-width:100%}")

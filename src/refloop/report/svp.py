@@ -12,6 +12,7 @@ from pathlib import Path
 
 from refloop.data.jsonl import read_records
 from refloop.data.records import ImageRecord
+from refloop.report.page import write_page
 
 EXAMPLES = 6  # images shown per iteration
 SHOWN = 4  # samples shown per image
@@ -51,15 +52,10 @@ def write_svp_report(out: Path, results: dict, records: Sequence[ImageRecord]) -
             if row["image_id"] in by_id
         )
         sections.append(f"<h2>Iteration {summary['iteration']}</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre>{blocks}")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>refloop svp</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1300px}}td,th{{padding:2px 10px;text-align:left;vertical-align:top}}
-code{{font-size:80%}}</style></head><body>
-<h1>SVP: captions with grounding feedback (paper 004, Algorithms 1-2)</h1>
+    body = f"""<h1>SVP: captions with grounding feedback (paper 004, Algorithms 1-2)</h1>
 <p>Seed images <code>{html.escape(str(results["train_data"]))}</code> ({results["images"]}), grounder
 <code>{html.escape(str(results["grounder"]))}</code>, score <code>{html.escape(results["score"])}</code>. Rows: the selected samples
 first, then the best-scored others; all samples in <code>iteration-N/samples.jsonl</code>.</p>
-{"".join(sections)}
-</body></html>"""
-    path = out / "report.html"
-    path.write_text(page)
-    return path
+{"".join(sections)}"""
+    style = "td,th{padding:2px 10px;text-align:left;vertical-align:top}\ncode{font-size:80%}"
+    return write_page(out / "report.html", "refloop svp", body, max_width=1300, style=style)
