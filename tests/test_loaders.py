@@ -52,6 +52,18 @@ def test_coco_round_trip(tmp_path):
     assert first.load_image().size == (64, 48)
 
 
+def test_coco_attributes_travel_with_their_objects(tmp_path):
+    data = coco_fixture(tmp_path)
+    data["annotations"][0]["attributes"] = {"colour": "red", "size": "small", "occluded": True, "ids": [3, 4], "name": {"x": 1}}
+    data["annotations"][2]["attributes"] = [1, 2]  # a dataset's own convention: not read, not refused
+    records, report = load_coco(dump(tmp_path, data))
+    assert report.skipped == 0
+    assert [o.attributes for o in records[0].objects] == [{"colour": "red", "size": "small", "occluded": True}, {}]
+    assert records[1].objects[0].attributes == {}
+    plain, _ = load_coco(dump(tmp_path, coco_fixture(tmp_path), "plain.json"))
+    assert all(o.attributes == {} for r in plain for o in r.objects)
+
+
 def test_coco_loader_agrees_with_pycocotools(tmp_path):
     """The reference COCO API reads the same file into the same non-crowd boxes and names."""
     from pycocotools.coco import COCO
