@@ -11,7 +11,7 @@ from refloop.data.loaders import LoadReport, OnError, load_coco, load_referring
 from refloop.data.records import ImageRecord
 from refloop.data.vocabulary import Vocabulary, shapes_vocabulary
 from refloop.errors import RefloopError
-from refloop.world import DOMAINS, EVAL_SEED
+from refloop.world import DOMAINS, EVAL_SEED, TRAIN_SEED
 from refloop.world.export import COCO_FILE, REFS_FILE, export_split
 
 
@@ -72,11 +72,12 @@ class Detections:
 
 
 def load_detections(
-    data: str, images: str | Path | None = None, on_error: OnError = "fail", num_images: int | None = None, scene_seed: int = 0
+    data: str, images: str | Path | None = None, on_error: OnError = "fail", num_images: int | None = None, scene_seed: int = TRAIN_SEED
 ) -> Detections:
     """Every box of a detection file (COCO / Objects365 .json, referring .jsonl) or of a
     shapes-world domain. A domain is read from its COCO export (all boxes, not only those the
-    grammar can refer to), with the grammar's expressions of each object from its refs export."""
+    grammar can refer to), with the grammar's expressions of each object from its refs export;
+    its scenes are the training ones (seed TRAIN_SEED) unless `scene_seed` says otherwise."""
     if data in DOMAINS:
         root = world_split_dir(data, num_images or 1000, scene_seed)
         records, report = load_coco(root / COCO_FILE, root, on_error=on_error, verify_images=True)

@@ -20,7 +20,6 @@ from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.methods.svp import SVP, SVPConfig
 from refloop.models.spec import ModelSpec
 from refloop.training.trackers import TrackingSpec
-from refloop.world import DOMAINS, TRAIN_SEED
 
 
 class GrounderSpec(BaseModel):
@@ -88,12 +87,12 @@ def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
     from refloop.evaluation.hallucination import build_pope_questions, shapes_table
     from refloop.grounding.oracle import scene_objects
 
-    found = load_detections(recipe.cvq_data, recipe.images, num_images=recipe.cvq_images, scene_seed=TRAIN_SEED)
+    found = load_detections(recipe.cvq_data, recipe.images, num_images=recipe.cvq_images)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cvq.jsonl"
         build_rc_data(found.records, path, ["visual-grounding", "grounding-caption"], profile, seed=0, max_per_image=2, native=True)
         out = load_rc_data(path)
-    if recipe.cvq_data in DOMAINS:
+    if found.vocabulary is not None:  # the shapes world: its POPE questions too
         objects = [frozenset(f"{o.colour} {o.shape}" for o in scene_objects(r)) for r in found.records]
         by_id = {r.image_id: r for r in found.records}
         for q in build_pope_questions(found.records, objects, "random", per_image=1, seed=0, table=shapes_table()):
@@ -102,7 +101,7 @@ def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
 
 
 def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], Vocabulary | None]:
-    found = load_detections(recipe.train_data, recipe.images, num_images=recipe.num_images, scene_seed=TRAIN_SEED)
+    found = load_detections(recipe.train_data, recipe.images, num_images=recipe.num_images)
     if not found.records:
         raise RefloopError(f"train_data {recipe.train_data!r}: no images")
     return found.records, found.vocabulary
