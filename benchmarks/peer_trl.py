@@ -120,7 +120,7 @@ def load_model(name: str):
 
         vlm = load_vlm(device="cpu", dtype="fp32")
         return vlm.model, vlm.processor, vlm.profile
-    from refloop.models.tiny.pretrain import PretrainConfig, build_model
+    from refloop.methods.pretrain import PretrainConfig, build_model
 
     spec = MODELS[name]
     model, processor = build_model(PretrainConfig(hidden_size=spec["hidden"], num_layers=spec["layers"], num_heads=spec["heads"], seed=0))

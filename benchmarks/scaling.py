@@ -30,10 +30,10 @@ def step_seconds(batch: int, new_tokens: int, repeats: int = 2) -> float:
     import torch
 
     from refloop.data.records import BoxItem
+    from refloop.methods.pretrain import PretrainConfig, build_model
     from refloop.methods.sctune import SCTune, SCTuneConfig
     from refloop.models.hf import HFVLM
     from refloop.models.profiles import TinyProfile
-    from refloop.models.tiny.pretrain import PretrainConfig, build_model
     from refloop.training.adapters import LoraSettings
     from refloop.world import get_style, render, sample_scene
 

@@ -37,11 +37,11 @@ def child(mode: str, hidden: int, layers: int, batch: int) -> dict:
     import torch
 
     from refloop.data.records import BoxItem
+    from refloop.methods.pretrain import PretrainConfig, build_model
     from refloop.methods.sctune import SCTune, SCTuneConfig
     from refloop.models.base import GenerateOptions
     from refloop.models.hf import HFVLM
     from refloop.models.profiles import TinyProfile
-    from refloop.models.tiny.pretrain import PretrainConfig, build_model
     from refloop.training.adapters import LoraSettings
     from refloop.training.ppo import clipped_policy_loss, pad_rows
     from refloop.world import get_style, render, sample_scene

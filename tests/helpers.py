@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from refloop.models.tiny.pretrain import PretrainConfig, build_model
+from refloop.methods.pretrain import PretrainConfig, build_model
 
 
 def tiny_random_model(hidden: int = 32, layers: int = 2, seed: int = 0):

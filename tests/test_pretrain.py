@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from refloop.errors import RefloopError
-from refloop.models.tiny.pretrain import PretrainConfig, lr_at, pretrain
+from refloop.methods.pretrain import PretrainConfig, lr_at, pretrain
 
 SMALL = dict(
     steps=5,

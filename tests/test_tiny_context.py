@@ -10,19 +10,19 @@ from safetensors.torch import load_file
 
 from refloop.errors import RefloopError
 from refloop.grounding import SceneOracle, grounding_context, scene_record
-from refloop.models import PROFILES, default_model_path, get_profile, packaged_model_path, resolve_model
-from refloop.models.profiles import TinyProfile
-from refloop.models.tiny.pretrain import (
+from refloop.methods.pretrain import (
     PretrainConfig,
     build_model,
     context_scene,
-    degrade_image,
     load_init_weights,
     make_batch,
     noisy_grounding,
 )
+from refloop.models import PROFILES, default_model_path, get_profile, packaged_model_path, resolve_model
+from refloop.models.profiles import TinyProfile
 from refloop.models.tiny.processing import RefloopTinyProcessor, build_tokenizer
 from refloop.world import IN_DOMAIN, get_style, render, sample_scene
+from refloop.world.augment import degrade_image
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,13 @@ def test_context_images_of_their_own_carry_the_context_queries(processor):
     (other styles, degraded), one per batch scene that has such queries; the other tasks on the
     batch's in-domain scenes."""
     cfg = PretrainConfig(
-        batch_scenes=4, queries_per_scene=8, curriculum_steps=0, task_mix=V1_MIX, seed=2,
-        context_styles={"crowded": 0.5, IN_DOMAIN: 0.5}, context_degrade_prob=0.75,
+        batch_scenes=4,
+        queries_per_scene=8,
+        curriculum_steps=0,
+        task_mix=V1_MIX,
+        seed=2,
+        context_styles={"crowded": 0.5, IN_DOMAIN: 0.5},
+        context_degrade_prob=0.75,
     )
     a = make_batch(3, cfg, processor, TinyProfile())
     assert batch_digest(a) == batch_digest(make_batch(3, cfg, processor, TinyProfile()))

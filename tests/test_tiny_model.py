@@ -4,9 +4,9 @@ from helpers import save_tiny_random, scene_images, tiny_random_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from refloop.boxes import Box
+from refloop.methods.pretrain import PretrainConfig, encode_pairs, make_batch, smoothed_loss
 from refloop.models.hf import HFVLM
 from refloop.models.profiles import TinyProfile
-from refloop.models.tiny.pretrain import PretrainConfig, encode_pairs, make_batch, smoothed_loss
 
 profile = TinyProfile()
 

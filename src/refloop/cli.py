@@ -203,7 +203,7 @@ def pretrain_tiny(
     import shutil
 
     from refloop.config import load_recipe
-    from refloop.models.tiny.pretrain import PretrainConfig, pretrain
+    from refloop.methods.pretrain import PretrainConfig, pretrain
     from refloop.progress import progress_bar
     from refloop.report.plots import pretrain_curves
 

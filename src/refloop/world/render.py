@@ -33,20 +33,23 @@ def _background(scene: Scene, kind: str, rng: np.random.Generator) -> Image.Imag
     raise ValueError(f"unknown background kind {kind!r}")
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, outline: bool) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject, fill, edge, width: int) -> None:
+    """`obj`'s shape inside its box: the one drawing of a shape (rendering and augmentation)."""
     b = obj.box
     xy = [b.x1, b.y1, b.x2 - 1, b.y2 - 1]
-    edge = (30, 30, 30) if outline else None
-    width = 2 if outline else 0
     if obj.shape == "circle":
-        draw.ellipse(xy, fill=obj.rgb, outline=edge, width=width)
+        draw.ellipse(xy, fill=fill, outline=edge, width=width)
     elif obj.shape == "square":
-        draw.rectangle(xy, fill=obj.rgb, outline=edge, width=width)
+        draw.rectangle(xy, fill=fill, outline=edge, width=width)
     elif obj.shape == "triangle":
         pts = [((b.x1 + b.x2 - 1) / 2, b.y1), (b.x2 - 1, b.y2 - 1), (b.x1, b.y2 - 1)]
-        draw.polygon(pts, fill=obj.rgb, outline=edge, width=width)
+        draw.polygon(pts, fill=fill, outline=edge, width=width)
     else:
         raise ValueError(f"unknown shape {obj.shape!r}")
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, outline: bool) -> None:
+    draw_shape(draw, obj, obj.rgb, (30, 30, 30) if outline else None, 2 if outline else 0)
 
 
 def render(scene: Scene) -> Image.Image:
