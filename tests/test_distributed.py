@@ -4,6 +4,7 @@ loop. One launch runs them all (dist_sharded_worker.py); the one-process referen
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from dist_sharded_worker import jobs
+from dist_sharded_worker import jobs, without_java
 from helpers import run_cli, save_tiny_random
 from safetensors.torch import load_file
 
@@ -53,6 +54,7 @@ def runs(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("REFLOOP_CACHE", cache)  # the same scenes (and image paths) as the launch
+            patch.setattr(shutil, "which", without_java(shutil.which))
             refs = str(world_split_dir("in-domain", 6) / REFS_FILE)
             for name, (args, _, _) in jobs(model, root / "one", str(recipe), refs).items():
                 code, _, _ = run_cli(args)
