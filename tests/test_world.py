@@ -102,3 +102,25 @@ def test_caption_counts_objects():
 
 def test_domains_list_names_in_domain_first():
     assert DOMAINS[0] == "in-domain" and len(DOMAINS) >= 3
+
+
+def _export_and_read(out: str) -> list[str]:
+    from PIL import Image
+
+    from refloop.world.export import export_split
+
+    path = export_split("crowded", out, 12, 5)
+    for png in sorted((path / "images").glob("*.png")):
+        Image.open(png).load()  # a half-written image would not decode
+    return sorted(p.name for p in path.iterdir() if not p.name.endswith(".tmp"))  # another process may be mid-write
+
+
+def test_processes_exporting_one_split_at_once_never_expose_half_written_files(tmp_path):
+    """Every rank of a launch on a fresh cache exports the same split: files are renamed into
+    place, so each process reads whole files and the split ends as one export."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        listings = pool.map(_export_and_read, [str(tmp_path)] * 3)
+    assert listings[0] == listings[1] == listings[2] == ["captions.json", "export.json", "images", "instances.json", "refs.jsonl"]
+    assert not list(tmp_path.rglob("*.tmp"))

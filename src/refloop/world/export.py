@@ -27,12 +27,25 @@ VG_RELATIONSHIPS_FILE = "relationships.json"
 VG_DONE_FILE = "export_visual_genome.json"
 
 
+# Every file of an export is written under a name of its own process and renamed into place:
+# processes that export one split at once (each rank of `accelerate launch` on a fresh cache)
+# write the same bytes, and a reader never meets a half-written image or annotation file.
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_png(image, path: Path) -> None:
+    tmp = _tmp_name(path)
+    image.save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
@@ -56,7 +69,7 @@ def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -
     for index in range(num_images):
         scene = sample_scene(style, seed, index)
         file_name = f"images/{scene.image_id}.png"
-        render(scene).save(out / file_name)
+        _atomic_png(render(scene), out / file_name)
         images.append({"id": index, "file_name": file_name, "width": scene.width, "height": scene.height})
         captions.append({"id": index + 1, "image_id": index, "caption": caption(scene)})
         for obj in scene.objects:
