@@ -93,3 +93,12 @@ def run_cli(args: list[str], capsys=None) -> tuple[int, str, str]:
         torch.set_num_threads(threads)
     out, err = capsys.readouterr() if capsys is not None else ("", "")
     return code, out, " ".join(err.split())
+
+
+def assert_refused(result, *fragments: str) -> None:
+    """A `run_cli` result of the failure policy: exit 2, one `error:` line holding each fragment, no traceback."""
+    code, _, err = result
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)

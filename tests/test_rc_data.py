@@ -254,7 +254,16 @@ def test_rc_file_has_one_schema_for_every_line(tmp_path):
     """What `datasets.load_dataset("json")` needs: every line the same keys, each key one type."""
     _, samples = build(tmp_path, profile="qwen2.5-vl")
     schema = {k: type(v) for k, v in samples[0].items()}
-    assert schema == {"id": str, "task": str, "image": str, "messages": list, "prompt": str, "answer": str, "profile": str}
+    assert schema == {
+        "id": str,
+        "task": str,
+        "image": str,
+        "file_name": str,
+        "messages": list,
+        "prompt": str,
+        "answer": str,
+        "profile": str,
+    }
     for s in samples:
         assert {k: type(v) for k, v in s.items()} == schema
         assert [(m["role"], type(m["content"])) for m in s["messages"]] == [("user", str), ("assistant", str)]

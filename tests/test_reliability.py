@@ -4,18 +4,10 @@ problem (no traceback), and no rerun or concurrent run silently mixes outputs.""
 import json
 
 import pytest
+from helpers import assert_refused, save_tiny_random
 from helpers import run_cli as run
-from helpers import save_tiny_random
 
 from refloop.runs import run_directory
-
-
-def assert_refused(result, *fragments: str) -> None:
-    code, _, err = result
-    assert code == 2, err
-    assert "Traceback" not in err and err.count("error:") == 1, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
 
 
 @pytest.fixture(scope="module")

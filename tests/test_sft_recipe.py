@@ -159,7 +159,11 @@ def test_images_root_rebases_relative_image_paths(tmp_path):
     from refloop.methods.sft_recipe import load_examples
 
     line = {"id": "a", "image": "img/0.png", "prompt": "<image> count .", "answer": "1", "profile": "refloop-tiny"}
-    (tmp_path / "rc.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(line | {"id": "b", "image": "/abs/1.png"}) + "\n")
+    (tmp_path / "rc.jsonl").write_text(json.dumps(line) + "\n")
     recipe = SFTRecipe(train_data=str(tmp_path / "rc.jsonl"), images=str(tmp_path / "root"))
-    assert [ex.image_path for ex in load_examples(recipe, None)] == [str(tmp_path / "root" / "img" / "0.png"), "/abs/1.png"]
+    assert [ex.image_path for ex in load_examples(recipe, None)] == [str(tmp_path / "root" / "img" / "0.png")]
     assert load_examples(SFTRecipe(train_data=str(tmp_path / "rc.jsonl")), None)[0].image_path == str(tmp_path / "img" / "0.png")
+    # an absolute path is outside every root (issue 18: refused before anything is opened, never trained on)
+    (tmp_path / "rc.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(line | {"id": "b", "image": "/abs/1.png"}) + "\n")
+    with pytest.raises(RefloopError, match=r"record line 2: image path '/abs/1.png' is absolute"):
+        load_examples(recipe, None)

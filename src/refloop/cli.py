@@ -74,6 +74,19 @@ BackendOpt = typer.Option(
 )
 
 
+def _check_out(out: Path, *inputs: object, kind: str = "dir", option: str = "--out", overwrite: bool = False) -> None:
+    """The one rule for output paths (`refloop.runs.check_output`), before any data or weights load."""
+    from refloop.runs import check_output
+
+    check_output(out, kind=kind, inputs=inputs, option=option, overwrite=overwrite)
+
+
+def _recipe_inputs(recipe) -> dict:
+    """The fields of a recipe that may name files or directories it reads (data, images, models)."""
+    names = ("report_to", "tracker_project", "device", "dtype", "profile", "threads")
+    return {k: v for k, v in recipe.model_dump(mode="json").items() if k not in names}
+
+
 def _model_spec(
     model: str | None, device: str, dtype: str, profile: str | None, trust_remote_code: bool, backend: BackendChoice = BackendChoice.hf
 ):
@@ -121,6 +134,7 @@ def consistency(
     from refloop.progress import progress_bar
     from refloop.report.consistency import write_consistency_report
 
+    _check_out(out, data, images, model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
     state = _processes(spec)
     with state.main_process_first():  # a shapes-world domain is exported once, by the main process
@@ -163,6 +177,7 @@ def demo(
     svp: bool = typer.Option(True, "--svp/--no-svp", help="Also run a short SVP on captions of --svp-domain scenes."),
     svp_domain: str = typer.Option("wild", "--svp-domain", help="OOD style whose scenes SVP captions."),
     svp_images: int = typer.Option(64, "--svp-images", min=1, help="Seed images of SVP's inner loop."),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """The main job: self-consistency of refloop-tiny in and out of domain beside SC-Tune's Table 1, a short SC-Tune,
     and Pink's self-consistent bootstrapping beside Pink's Table 5."""
@@ -175,6 +190,7 @@ def demo(
         raise RefloopError(f"--svp-domain {svp_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
     if bootstrap and (bootstrap_domain not in DOMAINS):
         raise RefloopError(f"--bootstrap-domain {bootstrap_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
+    _check_out(out, model, overwrite=overwrite)
     run_demo(
         out,
         model=model,
@@ -188,6 +204,7 @@ def demo(
         bootstrap_images=bootstrap_images,
         svp_domain=svp_domain if svp else None,
         svp_images=svp_images,
+        overwrite=overwrite,
     )
 
 
@@ -198,6 +215,7 @@ def pretrain_tiny(
     config: Path | None = typer.Option(None, "--config", help="YAML file overriding PretrainConfig fields."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Override the number of optimizer steps."),
     seed: int | None = typer.Option(None, "--seed", help="Override the seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint of another recipe that refloop wrote in --out."),
 ) -> None:
     """Train refloop-tiny from scratch on in-domain shapes scenes (deterministic, resumable)."""
     import shutil
@@ -206,10 +224,15 @@ def pretrain_tiny(
     from refloop.methods.pretrain import PretrainConfig, pretrain
     from refloop.progress import progress_bar
     from refloop.report.plots import pretrain_curves
+    from refloop.runs import check_output, run_directory
 
     overrides = [f"{k}={v}" for k, v in {"steps": steps, "seed": seed}.items() if v is not None]
     cfg = load_recipe(PretrainConfig, config, overrides)
-    with progress_bar("pretrain refloop-tiny", cfg.steps) as advance:
+    fingerprint = {"task": "pretrain-tiny", "config": cfg.model_dump(mode="json")}
+    # both places checked before the first step: a bad --out would otherwise be found after training
+    check_output(out, inputs=[config], fingerprint=fingerprint, overwrite=overwrite, apart_from={"--work-dir": work_dir})
+    check_output(work_dir, inputs=[config], option="--work-dir")
+    with run_directory(out, fingerprint, overwrite), progress_bar("pretrain refloop-tiny", cfg.steps) as advance:
 
         def on_record(record: dict) -> None:
             advance(1)
@@ -220,8 +243,8 @@ def pretrain_tiny(
                 )
 
         summary = pretrain(cfg, work_dir, export_dir=out, progress=on_record)
-    shutil.copyfile(work_dir / "metrics.jsonl", out / "training_log.jsonl")
-    pretrain_curves(work_dir / "metrics.jsonl", out / "learning_curves.png")
+        shutil.copyfile(work_dir / "metrics.jsonl", out / "training_log.jsonl")
+        pretrain_curves(work_dir / "metrics.jsonl", out / "learning_curves.png")
     console.print(f"refloop-tiny written to {out} ({summary['elapsed_s'] / 60:.1f} min of training)", markup=False)
 
 
@@ -243,6 +266,7 @@ def sctune(
     from refloop.progress import progress_bar
 
     recipe = load_recipe(SCTuneRecipe, config, _with_report_to(overrides, report_to))
+    _check_out(out, config, _recipe_inputs(recipe), overwrite=overwrite)
     total = sum(phase.steps for phase in schedule(recipe.sctune))
     with progress_bar("sc-tune", total) as advance:
         results = run_sctune(recipe, out, progress=lambda row: advance(1), evaluate_base=not skip_base_eval, overwrite=overwrite)
@@ -338,6 +362,7 @@ def evaluate(
     hallucination and recall (`eval caption`) and POPE (`eval pope`), as SVP reports them."""
     from refloop.evaluation.referring import evaluate_rec, evaluate_reg
 
+    _check_out(out, data, refs, images, captions, model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
     object_options = {
         "--num-images": num_images,
@@ -419,11 +444,7 @@ def filter_detections(
     from refloop.data.filters import sctune_triplets
     from refloop.data.loaders import iter_jsonl, read_coco_table
 
-    inputs = [p.resolve() for p in (detections, exclude) if p is not None]
-    if out.resolve() in inputs:
-        raise RefloopError(f"--out {out} is one of the input files; write the triplets elsewhere")
-    if out.is_dir():
-        raise RefloopError(f"--out {out} is a directory; name a .jsonl file")
+    _check_out(out, detections, exclude, images, kind="file")
     # annotations only: image paths must stay under the image root, but no image file is read (or needed)
     table, report = read_coco_table(detections, images, on_error=on_error.value)
     held_out = set()
@@ -454,6 +475,7 @@ def export_parquet(
     datasets.load_dataset('json', data_files=...) as they are."""
     from refloop.data.parquet import export_parquet as write
 
+    _check_out(parquet, jsonl, kind="file", option="PARQUET")
     console.print_json(json.dumps({"rows": write(jsonl, parquet), "parquet": str(parquet)}))
 
 
@@ -463,14 +485,18 @@ def export_world(
     out: Path = typer.Option(..., "--out", help="Directory for images/, instances.json (COCO) and refs.jsonl."),
     num_images: int = typer.Option(1000, "--num-images", min=1, help="Scenes to export."),
     seed: int = typer.Option(1, "--seed", help="Scene seed (0: training scenes, 1: evaluation scenes)."),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Write a shapes-world split as COCO-style detection JSON + referring JSONL + PNG images."""
+    from refloop.runs import run_directory
     from refloop.world import DOMAINS
     from refloop.world.export import export_split
 
     if domain not in DOMAINS:
         raise RefloopError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
-    path = export_split(domain, out, num_images, seed)
+    _check_out(out, overwrite=overwrite)
+    with run_directory(out, {"task": "export-world", "domain": domain, "num_images": num_images, "seed": seed}, overwrite):
+        path = export_split(domain, out, num_images, seed)
     console.print(f"exported {num_images} scenes of {domain} to {path}", markup=False)
 
 
@@ -499,16 +525,18 @@ def rc_data(
         False, "--native-prompts", help="Grounding tasks ask with the family's own REC/REG instruction instead of the template banks."
     ),
     on_error: OnErrorChoice = OnErrorOpt,
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Pink Sec. 3.2: referential-comprehension instruction data (grounding, grounding caption, relations both ways,
     coarse spatial, counting, detection) from annotations, as chat JSONL for `datasets` and SFT."""
-    from refloop.data.rc import TASKS, build_rc_data, load_rc_annotations
+    from refloop.data.rc import IMAGE_ROOT_KEY, TASKS, build_rc_data, load_rc_annotations, rc_image_root
     from refloop.runs import run_directory
 
     chosen = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     unknown = sorted(set(chosen or ()) - set(TASKS))
     if unknown:
         raise RefloopError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    _check_out(out, data, images, objects, relationships, expressions, overwrite=overwrite)
     fingerprint = {
         "task": "rc-data",
         "data": data,
@@ -518,7 +546,7 @@ def rc_data(
         "max_per_image": max_per_image,
         "native_prompts": native_prompts,
     }
-    with run_directory(out, fingerprint, overwrite=True):
+    with run_directory(out, fingerprint, overwrite):
         found = load_rc_annotations(data, images, objects, relationships, expressions, num_images=num_images, on_error=on_error.value)
         if chosen is None:  # what the annotations support: relation tasks need relations, grounding tasks expressions
             has_expressions = any(o.expressions for r in found.records for o in r.objects)
@@ -530,6 +558,7 @@ def rc_data(
         counts = build_rc_data(found.records, out / "rc.jsonl", chosen, profile, seed, max_per_image, found.relations, native_prompts)
         skipped = {str(r.source): r.skipped for r in found.reports if r.skipped}
         summary = {"samples": counts, "total": sum(counts.values()), "skipped_records": skipped}
+        summary[IMAGE_ROOT_KEY] = str(rc_image_root(out / "rc.jsonl"))  # where sft reads the images
         (out / "counts.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print_json(json.dumps(summary))
 
@@ -551,6 +580,7 @@ def sft(
     from refloop.progress import progress_bar
 
     recipe = load_recipe(SFTRecipe, config, _with_report_to(overrides, report_to))
+    _check_out(out, config, _recipe_inputs(recipe), overwrite=overwrite)
     with progress_bar("sft", None) as advance:
         results = run_sft(recipe, out, progress=lambda row: advance(1), overwrite=overwrite)
     console.print_json(json.dumps(results))
@@ -577,6 +607,7 @@ def svp(
     from refloop.progress import staged_progress
 
     recipe = load_recipe(SVPRecipe, config, _with_report_to(overrides, report_to))
+    _check_out(out, config, _recipe_inputs(recipe), overwrite=overwrite)
     with staged_progress() as advance:
         results = run_svp(recipe, out, progress=advance, overwrite=overwrite)
     console.print_json(json.dumps(results))
@@ -608,10 +639,12 @@ def caption(
     from refloop.methods.svp import caption_images
     from refloop.methods.svp_recipe import GrounderSpec
     from refloop.progress import progress_bar
+    from refloop.runs import records_digest
     from refloop.world import TRAIN_SEED
 
     if phrases not in ("caption", "categories", "both"):
         raise RefloopError(f"--phrases {phrases!r}: choose caption, categories or both")
+    _check_out(out, data, images, model, grounder_model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, None, False, backend)
     state = _processes(spec)
     with state.main_process_first():  # a shapes-world domain is exported once, by the main process
@@ -621,7 +654,8 @@ def caption(
         {"kind": grounder, "model": grounder_model, "miss_rate": miss_rate, "false_positive_rate": false_positive_rate}
     )
     ground = grounding.build(vlm, device, dtype) if isvp else None
-    fingerprint = {"data": data, "isvp": isvp, "grounder": grounding.model_dump(), "phrases": phrases}
+    records = {"name": data, "image_root": str(found.image_root), "records": records_digest(found.records)}
+    fingerprint = {"data": records, "isvp": isvp, "grounder": grounding.model_dump(), "phrases": phrases}
     with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records)) as advance:
         skipped = caption_images(
             vlm, found.records, out, ground, phrases, found.vocabulary, batch_size, fingerprint, advance, overwrite, on_error.value
@@ -743,6 +777,7 @@ def bootstrap(
     }
     given = [f"{k}={json.dumps(getattr(v, 'value', str(v) if isinstance(v, Path) else v))}" for k, v in flags.items() if v is not None]
     recipe = load_recipe(BootstrapRecipe, config, [*given, *overrides])
+    _check_out(out, config, _recipe_inputs(recipe), overwrite=overwrite)
     state = _processes(recipe)
     with staged_progress() as advance:
         stats = run_bootstrap(recipe, out, progress=advance if state.is_main_process else None, overwrite=overwrite)

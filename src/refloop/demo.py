@@ -48,7 +48,7 @@ def table1(rows: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-def _demo_sctune(out: Path, model: str | None, domain: str, num_boxes: int, device: str, dtype: str) -> dict:
+def _demo_sctune(out: Path, model: str | None, domain: str, num_boxes: int, device: str, dtype: str, overwrite: bool) -> dict:
     """SC-Tune on text-free boxes of one OOD style, then Pr@0.5 of the tuned model on every domain."""
     from importlib.resources import files
 
@@ -63,7 +63,7 @@ def _demo_sctune(out: Path, model: str | None, domain: str, num_boxes: int, devi
     recipe = load_recipe(SCTuneRecipe, recipe_path, overrides + [f"eval_data=[{', '.join(DOMAINS)}]"])
     steps = sum(p.steps for p in schedule(recipe.sctune))
     with progress_bar(f"SC-Tune on {domain} boxes", steps) as advance:
-        result = run_sctune(recipe, out / "sctune", progress=lambda row: advance(1), evaluate_base=False)
+        result = run_sctune(recipe, out / "sctune", progress=lambda row: advance(1), evaluate_base=False, overwrite=overwrite)
     for d in DOMAINS:
         directory = out / "sctune" / "eval" / "tuned" / d
         write_consistency_report(directory, json.loads((directory / "metrics.json").read_text()))
@@ -76,7 +76,7 @@ def _demo_sctune(out: Path, model: str | None, domain: str, num_boxes: int, devi
     }
 
 
-def _demo_bootstrap(vlm, out: Path, domain: str, num_images: int) -> dict:
+def _demo_bootstrap(vlm, out: Path, domain: str, num_images: int, overwrite: bool) -> dict:
     """Pink Sec. 3.3 on the boxes of `num_images` training scenes of an OOD style (no text: the
     grammar's expressions only score the kept and rejected ones)."""
     from refloop.methods.pink import BootstrapConfig, bootstrap, load_detections
@@ -92,7 +92,7 @@ def _demo_bootstrap(vlm, out: Path, domain: str, num_images: int) -> dict:
             data=domain,
             image_root=detections.image_root,
             progress=advance,
-            overwrite=True,
+            overwrite=overwrite,
         )
     return stats | {"domain": domain}
 
@@ -142,7 +142,9 @@ def _bootstrap_html(stats: dict | None) -> str:
     )
 
 
-def _demo_svp(out: Path, model: str | None, domain: str, num_images: int, eval_images: int, device: str, dtype: str) -> dict:
+def _demo_svp(
+    out: Path, model: str | None, domain: str, num_images: int, eval_images: int, device: str, dtype: str, overwrite: bool
+) -> dict:
     """SVP at demo scale: the model captions `num_images` text-free training scenes of
     an OOD style with and without the scene oracle's grounding, keeps the best-scored guided
     captions (S(q,p), Eq. 5) and is tuned on them; object recall and CHAIR_i of greedy captions on
@@ -171,8 +173,8 @@ def _demo_svp(out: Path, model: str | None, domain: str, num_images: int, eval_i
         {"train_data": domain, "images": len(seeds), "grounder": "scene oracle", "score": cfg.score, "iterations": summary},
         seeds,
     )
-    before = evaluate_captions(load_vlm(model, device=device, dtype=dtype), found, out / "svp" / "eval-base", overwrite=True)
-    after = evaluate_captions(method.vlm, found, out / "svp" / "eval-svp", overwrite=True)
+    before = evaluate_captions(load_vlm(model, device=device, dtype=dtype), found, out / "svp" / "eval-base", overwrite=overwrite)
+    after = evaluate_captions(method.vlm, found, out / "svp" / "eval-svp", overwrite=overwrite)
     pairs = []
     rows = {r["id"]: r for r in read_records(out / "svp" / "eval-base" / "caption_samples.jsonl")}
     for r in read_records(out / "svp" / "eval-svp" / "caption_samples.jsonl")[:6]:
@@ -254,8 +256,33 @@ def run_demo(
     bootstrap_images: int = 100,
     svp_domain: str | None = "wild",
     svp_images: int = 64,
+    overwrite: bool = False,
 ) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+    """The demo in `out`, a run directory of its own (its sections resume; `overwrite` replaces
+    an earlier demo run of other options)."""
+    from refloop.runs import run_directory
+
+    options = {"num_boxes": num_boxes, "dtype": dtype, "sctune_domain": sctune_domain, "bootstrap_domain": bootstrap_domain}
+    options |= {"bootstrap_images": bootstrap_images, "svp_domain": svp_domain, "svp_images": svp_images}
+    with run_directory(out, {"task": "demo", "model": model, **options}, overwrite):
+        return _run_demo(out, model, batch_size, device, console, overwrite, **options)
+
+
+def _run_demo(
+    out,
+    model,
+    batch_size,
+    device,
+    console,
+    overwrite,
+    num_boxes,
+    dtype,
+    sctune_domain,
+    bootstrap_domain,
+    bootstrap_images,
+    svp_domain,
+    svp_images,
+) -> dict:
     started = time.perf_counter()
     vlm = load_vlm(model, device=device, dtype=dtype, batch_size=batch_size)
     model_name = "refloop-tiny" if model is None else str(model)
@@ -265,15 +292,15 @@ def run_demo(
         records, _ = load_data(domain, num_images=num_boxes)
         samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
         with progress_bar(f"{domain:>10}: box -> caption -> box", len(samples)) as advance:
-            metrics = evaluate_consistency(vlm, samples, out / domain, cfg, data_name=domain, progress=advance)
+            metrics = evaluate_consistency(vlm, samples, out / domain, cfg, data_name=domain, progress=advance, overwrite=overwrite)
         write_consistency_report(out / domain, metrics)
         results[domain] = metrics
     rows = {f"{model_name} (ours)": {d: m["consistency_rate"] for d, m in results.items()}}
-    bootstrap_stats = _demo_bootstrap(vlm, out, bootstrap_domain, bootstrap_images) if bootstrap_domain else None
-    svp_result = _demo_svp(out, model, svp_domain, svp_images, min(num_boxes, 200), device, dtype) if svp_domain else None
+    bootstrap_stats = _demo_bootstrap(vlm, out, bootstrap_domain, bootstrap_images, overwrite) if bootstrap_domain else None
+    svp_result = _demo_svp(out, model, svp_domain, svp_images, min(num_boxes, 200), device, dtype, overwrite) if svp_domain else None
     sctune_summary = None
     if sctune_domain:
-        sctune_summary = _demo_sctune(out, model, sctune_domain, num_boxes, device, dtype)
+        sctune_summary = _demo_sctune(out, model, sctune_domain, num_boxes, device, dtype, overwrite)
         rows[f"  +SC-Tune ({sctune_domain}, ours)"] = sctune_summary["tuned"]
     console.print(table1(rows))
     gaps = {d: results["in-domain"]["consistency_rate"] - results[d]["consistency_rate"] for d in DOMAINS if d != "in-domain"}

@@ -23,6 +23,7 @@ unreadable file is a DataError of the whole file.
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -58,16 +59,32 @@ def _open(path: Path):
 
 
 def _rows(handle, path: Path, columns: list[str]):
-    """(row index, row dict) over the file, a few hundred rows in memory at a time."""
+    """(row index, row dict) over the file, a few hundred rows in memory at a time; a row whose
+    text does not decode (not UTF-8) comes as (row index, DataError naming the column), for the
+    caller's failure policy."""
     pa = _pyarrow()
     index = 0
     try:
         for batch in handle.iter_batches(batch_size=256, columns=columns):
-            for row in batch.to_pylist():
+            try:
+                rows = batch.to_pylist()
+            except UnicodeDecodeError:  # one row at a time, to name the bad ones
+                rows = [_decoded(batch, j, path, f"row {index + j}") for j in range(batch.num_rows)]
+            for row in rows:
                 yield index, row
                 index += 1
     except (pa.ArrowException, OSError) as exc:
         raise DataError(path, f"row {index}", f"cannot read the parquet data: {exc}") from None
+
+
+def _decoded(batch, j: int, path: Path, record: str) -> dict | DataError:
+    row = {}
+    for name in batch.column_names:
+        try:
+            row[name] = batch.column(name)[j].as_py()
+        except UnicodeDecodeError as exc:
+            return DataError(path, record, f"field {name!r} holds text that is not UTF-8 ({exc.reason} at byte {exc.start})")
+    return row
 
 
 def _image(value: Any, source: Path, record: str) -> tuple[bytes | None, str | None]:
@@ -171,11 +188,20 @@ def _referring_rows(handle, path: Path, columns: list[str], image_root, policy: 
     for i, row in _rows(handle, path, ["image", "bbox", expression_column, *optional]):
         rec = f"row {i}"
         try:
+            if isinstance(row, DataError):
+                raise row
             file_name = text_field(row.get("file_name"), path, rec, "file_name") or None
             where, data, file_name = images.locate(row["image"], file_name, rec)
             image_id = id_field(row["image_id"], path, rec, "image_id") if row.get("image_id") is not None else file_name or str(where)
             group = grouped.get(image_id)
             if group is not None:
+                if group["data"] != data or group["path"] != where:  # one image per file_name: never boxes on another picture
+                    raise DataError(
+                        path,
+                        rec,
+                        f"image {shown(image_id)} is also the image of {group['row']}, with other "
+                        f"{'bytes' if data is not None and group['data'] is not None else 'contents'}; give each image its own file_name",
+                    )
                 size = group["size"]
             elif row.get("width") is not None and row.get("height") is not None:
                 size = image_size_field(row["width"], row["height"], path, rec)
@@ -191,7 +217,7 @@ def _referring_rows(handle, path: Path, columns: list[str], image_root, policy: 
             policy.handle(err)
             continue
         if group is None:
-            group = grouped[image_id] = {"path": where, "size": size, "objects": [], "file_name": file_name, "data": data}
+            group = grouped[image_id] = {"path": where, "size": size, "objects": [], "file_name": file_name, "data": data, "row": rec}
         group["objects"].append(ObjectAnnotation(box=box, category=category, ann_id=ann_id, expressions=expressions))
     return grouped
 
@@ -204,6 +230,8 @@ def _detection_rows(handle, path: Path, columns: list[str], image_root, policy: 
     for i, row in _rows(handle, path, ["image", "objects", *optional]):
         rec = f"row {i}"
         try:
+            if isinstance(row, DataError):
+                raise row
             file_name = text_field(row.get("file_name"), path, rec, "file_name") or None
             where, data, file_name = images.locate(row["image"], file_name, rec)
             image_id = id_field(row["image_id"], path, rec, "image_id") if row.get("image_id") is not None else i
@@ -261,8 +289,15 @@ def export_parquet(jsonl_path: str | Path, parquet_path: str | Path) -> int:
     except (pa.ArrowException, OverflowError) as exc:
         raise DataError(jsonl_path, None, f"rows of mixed types that parquet cannot hold in one column: {exc}") from None
     out = Path(parquet_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    pa.parquet.write_table(table, tmp)
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pa.parquet.write_table(table, tmp)
+        tmp.replace(out)  # the old file stays whole until the new one is
+    except (pa.ArrowException, OSError) as exc:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, pa.ArrowException):  # e.g. a struct with no fields ({}), which parquet cannot store
+            raise DataError(jsonl_path, None, f"parquet cannot hold these rows: {exc}") from None
+        raise RefloopError(f"cannot write {out}: {exc.strerror or exc}") from None
     return table.num_rows

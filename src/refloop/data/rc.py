@@ -37,7 +37,7 @@ from refloop.codecs.formats import JsonBBoxCodec
 from refloop.codecs.profiles import PromptProfile, get_profile
 from refloop.data.formats import Relation, load_visual_genome, load_visual_genome_relationships
 from refloop.data.loaders import LoadReport, OnError, jsonl_lines, load_coco, load_referring
-from refloop.data.paths import shown
+from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ImageRecord, InstructionExample, ObjectAnnotation
 from refloop.data.sources import cache_dir
 from refloop.errors import DataError, RefloopError
@@ -302,6 +302,17 @@ def _atomic_lines(path: Path, lines: Iterable[str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _file_name(record: ImageRecord, folder: Path, root: Path | None) -> str:
+    """A record's image as the file names `load_rc_data` reads: as its annotations wrote it (relative
+    to their image root, recorded beside the file), else (a record built in memory) relative to the
+    RC file's folder when the image is under it; else the absolute path, which the confinement rule
+    refuses at read time."""
+    if root is not None:
+        return record.file_name
+    path, folder = Path(record.path).resolve(), folder.resolve()
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(record.path)
+
+
 def build_rc_data(
     records: Sequence[ImageRecord],
     out_path: str | Path,
@@ -362,6 +373,7 @@ def build_rc_data(
                         "id": f"{record.image_id}/{task}/{n}",
                         "task": task,
                         "image": str(record.path),
+                        "file_name": _file_name(record, out.parent, root),  # what refloop reads: relative to the image root
                         "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
                         "prompt": profile.prompt(instruction),
                         "answer": answer,
@@ -371,15 +383,53 @@ def build_rc_data(
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    root = _records_root(records)
     _atomic_lines(out, lines())
+    sidecar = out.with_name(out.name + ROOT_SUFFIX)  # where load_rc_data (and sft) reads the images
+    if root is not None:
+        sidecar.write_text(json.dumps({IMAGE_ROOT_KEY: str(root)}) + "\n")
+    else:
+        sidecar.unlink(missing_ok=True)
     return counts
 
 
-def load_rc_data(path: str | Path, profile: str | None = None) -> list[InstructionExample]:
+IMAGE_ROOT_KEY = "image_root"
+ROOT_SUFFIX = ".root.json"  # rc.jsonl -> rc.jsonl.root.json: {"image_root": ...}, written by `build_rc_data`
+
+
+def rc_image_root(path: str | Path) -> Path:
+    """The image root of an RC file: the one `build_rc_data` recorded beside it (FILE.root.json),
+    else the file's folder."""
+    path = Path(path)
+    try:
+        root = json.loads(path.with_name(path.name + ROOT_SUFFIX).read_text()).get(IMAGE_ROOT_KEY)
+    except (OSError, ValueError, AttributeError):
+        root = None
+    return Path(root) if isinstance(root, str) and root else path.parent
+
+
+def _records_root(records: Sequence[ImageRecord]) -> Path | None:
+    """The one image root the records' file names are relative to (their paths without the file
+    names), or None when they have none or disagree."""
+    roots = set()
+    for r in records:
+        if not r.file_name or Path(r.file_name).is_absolute():
+            return None
+        parts, name = Path(r.path).parts, Path(r.file_name).parts
+        if len(parts) <= len(name) or parts[-len(name) :] != name:
+            return None
+        roots.add(Path(*parts[: -len(name)]))
+    return roots.pop() if len(roots) == 1 else None
+
+
+def load_rc_data(path: str | Path, profile: str | None = None, image_root: str | Path | None = None) -> list[InstructionExample]:
     """The samples of an RC file as SFT examples. A line that is not a sample (bad JSON, a field
     missing or not a string, an id seen before, another profile's text when `profile` is given)
-    is a DataError naming the file and line. Relative image paths are read from the file's folder."""
+    is a DataError naming the file and line. Each image (`file_name`; a file without it: `image`)
+    goes through the confinement rule before anything is opened: relative, under `image_root`
+    (default `rc_image_root`), no symlink out of it."""
     path = Path(path)
+    root = ImageRoot(image_root if image_root is not None else rc_image_root(path))
     examples, seen = [], {}
     for number, entry in jsonl_lines(path):
         rec = f"line {number}"
@@ -397,12 +447,11 @@ def load_rc_data(path: str | Path, profile: str | None = None) -> list[Instructi
             raise DataError(
                 path, rec, f"written for profile {shown(entry.get('profile'))}, not {profile!r}: rebuild it with --profile {profile}"
             )
-        image = Path(entry["image"])
-        examples.append(
-            InstructionExample(
-                str(image if image.is_absolute() else path.parent / image), entry["prompt"], entry["answer"], example_id=entry["id"]
-            )
-        )
+        if "file_name" not in entry and Path(entry["image"]).is_absolute():
+            problem = f"image path {shown(entry['image'])} is absolute and the line has no file_name"
+            raise DataError(path, rec, f"{problem}: rebuild the file with `refloop rc-data`")
+        image = root.resolve_str(entry.get("file_name", entry["image"]), path, rec)
+        examples.append(InstructionExample(image, entry["prompt"], entry["answer"], example_id=entry["id"]))
     return examples
 
 
@@ -438,6 +487,16 @@ class RCAnnotations(NamedTuple):
     reports: list[LoadReport]
 
 
+def rc_annotations_root(
+    data: str, images: str | Path | None = None, objects: str | Path | None = None, num_images: int = 1000, seed: int = TRAIN_SEED
+) -> Path:
+    """The image root the file names of `load_rc_annotations(data, images, objects, ...)` are
+    relative to (what `refloop rc-data` records for `sft`)."""
+    if data in DOMAINS:
+        return (cache_dir() / "world" / f"{data}-seed{seed}-n{num_images}").resolve()
+    return Path(images if images is not None or objects is not None else Path(data).parent).resolve()
+
+
 def load_rc_annotations(
     data: str,
     images: str | Path | None = None,
@@ -458,7 +517,7 @@ def load_rc_annotations(
     JSONL, e.g. bootstrapped pairs) adds expressions to the boxes they match. Annotation-only: no
     image is opened."""
     if data in DOMAINS:
-        directory = export_visual_genome(data, cache_dir() / "world" / f"{data}-seed{seed}-n{num_images}", num_images, seed)
+        directory = export_visual_genome(data, rc_annotations_root(data, num_images=num_images, seed=seed), num_images, seed)
         records, report = load_coco(directory / COCO_FILE, directory, on_error=on_error)
         images, expressions, relationships = directory, directory / REFS_FILE, directory / VG_RELATIONSHIPS_FILE
     elif objects is not None:

@@ -22,7 +22,7 @@ from refloop.cycle import REC_ACCURACY, SC_TUNE_CONSISTENCY, Consistency, descri
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.data.shards import ShardedRun
 from refloop.models.base import VLM, GenerateOptions
-from refloop.runs import model_fingerprint, shared_run_directory
+from refloop.runs import files_digest, model_fingerprint, shared_run_directory
 
 
 class ConsistencyConfig(BaseModel):
@@ -90,6 +90,10 @@ def evaluate_consistency(
         "task": "consistency",
         "model": model_fingerprint(vlm),
         "data": data_name,
+        # what the sample ids stand for: the data file's content and where its images are (more or fewer
+        # boxes of the same data resume by id; another file, changed in place, or another image root does not)
+        "data_files": files_digest(data_name),
+        "first_image": str(samples[0].record.path) if samples else "",
         "seed": cfg.seed,
         "max_new_tokens": cfg.max_new_tokens,
         "iou_threshold": cfg.iou_threshold,

@@ -9,6 +9,7 @@ inverted or unparseable one scores IoU 0 (lmms-eval raises ZeroDivisionError on 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from refloop.data.records import ImageRecord
 from refloop.data.shards import ShardedRun
 from refloop.evaluation.captions import caption_metrics
 from refloop.models.base import VLM
-from refloop.runs import model_fingerprint, shared_run_directory
+from refloop.runs import model_fingerprint, records_digest, shared_run_directory
 
 
 def rec_pairs(records: list[ImageRecord], limit: int | None = None) -> list[tuple[str, ImageRecord, int, str]]:
@@ -55,7 +56,13 @@ def rec_accuracy(ious: Sequence[float], rule: Consistency = REC_ACCURACY) -> flo
 
 
 def _fingerprint(task: str, vlm: VLM, records: list[ImageRecord]) -> dict:
-    return {"task": task, "model": model_fingerprint(vlm), "data": sorted({str(r.source) for r in records})}
+    paths = hashlib.sha256("|".join(str(r.path) for r in records).encode()).hexdigest()[:16]
+    return {
+        "task": task,
+        "model": model_fingerprint(vlm),
+        "data": sorted({str(r.source) for r in records}),
+        "records": records_digest(records) + paths,  # another file's content or image root is another run
+    }
 
 
 def _evaluate_rec(vlm, records, out, batch_size, limit, rule, progress, on_error, state) -> dict:

@@ -24,7 +24,6 @@ outputs equal a one-process run's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -45,7 +44,7 @@ from refloop.data.shards import ShardedRun, readable
 from refloop.data.sources import Detections, load_detections  # noqa: F401  (re-exported: bootstrap's input)
 from refloop.errors import RefloopError
 from refloop.models.base import VLM, GenerateOptions
-from refloop.runs import model_fingerprint, shared_run_directory
+from refloop.runs import model_fingerprint, records_digest, shared_run_directory
 from refloop.seeding import step_seed
 
 # A.2's 2000 px is 0.65% of a 640x480 COCO / Objects365-sized image; the same share of a 112x112 scene.
@@ -83,16 +82,6 @@ class BootstrapConfig(BaseModel):
         return cls(**({"min_area_px": SHAPES_MIN_AREA_PX} | fields))
 
 
-def records_digest(records: Sequence[ImageRecord]) -> str:
-    """What the outputs depend on in the data (ids, files, sizes, boxes, categories, expressions),
-    for a run's fingerprint: a resumed run never mixes records of two datasets."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(f"{r.image_id!r}|{r.file_name}|{r.width}x{r.height}".encode())
-        for o in r.objects:
-            h.update(f"|{o.ann_id!r},{o.category},{o.box.as_list()},{o.expressions}".encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
 
 
 # ---- the rules ----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from accelerate import PartialState
 
 from refloop.models.processors import save_processor
 from refloop.models.spec import ModelSpec
-from refloop.runs import run_directory
+from refloop.runs import files_digest, shared_run_directory
 from refloop.training.distributed import check_engine
 from refloop.training.model_card import write_model_cards
 from refloop.training.trackers import TRACKING_FIELDS, Tracking
@@ -54,8 +53,11 @@ def run_recipe(
         "task": task,
         "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS, *unchanged}),
     } | (fingerprint or {})
+    fingerprint["data_files"] = files_digest(fingerprint["recipe"])  # a data file changed in place is other data
     main_process = PartialState(cpu=recipe.device == "cpu").is_main_process
-    with run_directory(out, fingerprint, overwrite) if main_process else nullcontext():
+    # the other processes of an `accelerate launch` write nothing (not even recipe.json) before the main
+    # one has checked the directory; a run that fails before writing more than recipe.json leaves no fingerprint
+    with shared_run_directory(out, fingerprint, overwrite, setup_files=("recipe.json",), cpu=recipe.device == "cpu"):
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         tracking = recipe.tracking() if hasattr(recipe, "tracking") else Tracking()

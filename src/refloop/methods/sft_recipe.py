@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,7 +33,11 @@ class SFTRecipe(ModelSpec, TrackingSpec):
     """The model fields come from `ModelSpec`, the tracker fields from `TrackingSpec`."""
 
     train_data: str = Field(..., description="RC chat JSONL written by `refloop rc-data` (relative image paths: see `images`)")
-    images: str | None = Field(None, description="root of the data's relative image paths (default: the JSONL file's folder)")
+    images: str | None = Field(
+        None,
+        description="root of the data's relative image paths (default: the root `refloop rc-data` recorded in the counts.json "
+        "beside the file, else the file's folder)",
+    )
     vision_lora: bool = Field(False, description="also put LoRA on the vision tower's Linear and Conv2d layers (never full tuning)")
     extend_vocabulary: bool = Field(
         True, description="add words the tokenizer maps to <unk> (word-level tokenizers only), else refuse them"
@@ -46,15 +49,9 @@ def load_examples(recipe: SFTRecipe, profile: str | None) -> list[InstructionExa
     path = Path(recipe.train_data)
     if not path.is_file():
         raise RefloopError(f"train_data {path} is not a file (write it with `refloop rc-data`)")
-    examples = load_rc_data(path, profile)
+    examples = load_rc_data(path, profile, recipe.images)  # every image confined to the root before anything opens
     if not examples:
         raise RefloopError(f"{path}: no examples")
-    if recipe.images is not None:
-        # load_rc_data resolves relative paths under the file's folder; re-root those under `images`.
-        root, folder = Path(recipe.images), str(path.parent) + "/"
-        examples = [
-            replace(ex, image_path=str(root / ex.image_path[len(folder) :])) if ex.image_path.startswith(folder) else ex for ex in examples
-        ]
     return examples
 
 

@@ -91,7 +91,7 @@ def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cvq.jsonl"
         build_rc_data(found.records, path, ["visual-grounding", "grounding-caption"], profile, seed=0, max_per_image=2, native=True)
-        out = load_rc_data(path)
+        out = load_rc_data(path, image_root=found.image_root)
     if found.vocabulary is not None:  # the shapes world: its POPE questions too
         objects = [frozenset(f"{o.colour} {o.shape}" for o in scene_objects(r)) for r in found.records]
         by_id = {r.image_id: r for r in found.records}

@@ -147,7 +147,8 @@ class Trainer:
     def run(self, work_dir: Path, step_fn: Callable[[int], dict], progress: Callable[[dict], None] | None = None) -> dict:
         """Run (or resume from `work_dir`) steps until `total_steps`; returns {steps, train_seconds}."""
         if self.state.is_main_process:
-            with run_directory(work_dir):  # one writer at a time; the checkpoint holds the config check
+            # one writer at a time, in a directory of its own; the checkpoint holds the config check
+            with run_directory(work_dir, {"task": "training"}):
                 return self._run(Path(work_dir), step_fn, progress)
         return self._run(Path(work_dir), step_fn, progress)
 

@@ -1,0 +1,365 @@
+"""Ownership of outputs (issue 18): refloop deletes or replaces only what it wrote. A run directory
+records what it holds (run.json + a manifest of the entries refloop created); --overwrite replaces
+an earlier refloop run (the manifest's entries only) and a directory holding no refloop run is
+refused; every output path is checked before any work; a rerun with other data is never a resume."""
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+from helpers import assert_refused, save_tiny_random
+from helpers import run_cli as run
+
+from refloop.errors import RefloopError
+from refloop.runs import FINGERPRINT, MANIFEST, check_output, run_directory
+
+RECIPES = Path(str(files("refloop") / "recipes"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return save_tiny_random(root / "a", seed=0), save_tiny_random(root / "b", seed=1)
+
+
+@pytest.fixture
+def user_dir(tmp_path):
+    """A directory of the user's: a file and a folder refloop never wrote."""
+    d = tmp_path / "mine"
+    (d / "photos").mkdir(parents=True)
+    (d / "notes.txt").write_text("mine")
+    (d / "photos" / "a.txt").write_text("mine too")
+    return d
+
+
+def assert_untouched(d: Path, extra: set[str] = frozenset()) -> None:
+    assert (d / "notes.txt").read_text() == "mine" and (d / "photos" / "a.txt").read_text() == "mine too"
+    assert {p.name for p in d.iterdir()} - {".refloop.lock"} == {"notes.txt", "photos"} | set(extra)
+
+
+def referring_file(tmp_path: Path) -> Path:
+    """A one-image referring JSONL whose image exists."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "img.png")
+    row = {"ref_id": 1, "image_id": 1, "file_name": "img.png", "width": 32, "height": 32, "bbox": [1, 1, 19, 19]}
+    row |= {"category": "square", "sentences": ["the square"]}
+    path = tmp_path / "refs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    return path
+
+
+def every_command(out: Path, model: Path, data: Path) -> dict[str, list[str]]:
+    """Each command that writes a directory, with arguments that would otherwise run."""
+    o, m, d = str(out), str(model), str(data)
+    return {
+        "consistency": ["consistency", "--data", "in-domain", "--num-boxes", "2", "--model", m, "--out", o],
+        "eval rec": ["eval", "rec", "--data", d, "--model", m, "--out", o],
+        "eval caption": ["eval", "caption", "--data", "in-domain", "--num-images", "2", "--model", m, "--out", o],
+        "caption": ["caption", "--data", "in-domain", "--num-images", "2", "--model", m, "--out", o],
+        "bootstrap": ["bootstrap", "--data", "in-domain", "--num-images", "2", "--model", m, "--out", o],
+        "rc-data": ["rc-data", "--data", d, "--out", o],
+        "export-world": ["export-world", "--domain", "in-domain", "--num-images", "2", "--out", o],
+        "demo": ["demo", "--num-boxes", "2", "--no-sctune", "--no-svp", "--no-bootstrap", "--model", m, "--out", o],
+        "pretrain-tiny": ["pretrain-tiny", "--steps", "1", "--work-dir", str(out.parent / "work"), "--out", o],
+        "sctune": ["sctune", "--config", str(RECIPES / "sctune-shapes.yaml"), "--out", o],
+        "sft": ["sft", "--config", str(RECIPES / "sft-shapes.yaml"), "--set", f"train_data={d}", "--out", o],
+        "svp": ["svp", "--config", str(RECIPES / "svp-shapes.yaml"), "--out", o],
+    }
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("command", list(every_command(Path("o"), Path("m"), Path("d"))))
+def test_a_directory_holding_no_refloop_run_is_refused_by_every_command(tmp_path, models, user_dir, capsys, command, overwrite):
+    args = every_command(user_dir, models[0], referring_file(tmp_path))[command] + (["--overwrite"] if overwrite else [])
+    assert_refused(run(args, capsys), str(user_dir), "holds no refloop run", "choose an empty or new directory")
+    assert_untouched(user_dir)
+
+
+def test_rc_data_into_the_working_directory_deletes_nothing(tmp_path, user_dir, capsys, monkeypatch):
+    monkeypatch.chdir(user_dir)
+    assert_refused(run(["rc-data", "--data", str(referring_file(tmp_path)), "--out", "."], capsys), "holds no refloop run")
+    assert_untouched(user_dir)
+
+
+def test_overwrite_replaces_only_the_files_of_the_earlier_run(tmp_path, models, capsys):
+    out = tmp_path / "run"
+    args = ["consistency", "--data", "in-domain", "--num-boxes", "2", "--out", str(out)]
+    assert run([*args, "--model", str(models[0])], capsys)[0] == 0
+    wrote = {p.name for p in out.iterdir()} - {".refloop.lock", FINGERPRINT, MANIFEST}
+    assert {"samples.jsonl", "metrics.json", "report.html"} <= wrote
+    assert set(json.loads((out / MANIFEST).read_text())["files"]) == wrote
+    (out / "notes.txt").write_text("mine")  # the user's, beside refloop's
+    (out / "mine").mkdir()
+    assert_refused(run([*args, "--model", str(models[1])], capsys), "holds outputs of another run", "--overwrite")
+    assert run([*args, "--model", str(models[1]), "--overwrite"], capsys)[0] == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mine").is_dir()
+    assert json.loads((out / "metrics.json").read_text())["model"] == str(models[1])
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert "notes.txt" not in manifest["files"] and {"notes.txt", "mine"} <= set(manifest["foreign"])
+    assert run([*args, "--model", str(models[1])], capsys)[0] == 0  # the same run resumes beside the user's files
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_rc_data_rerun_with_other_options_needs_overwrite_and_keeps_the_users_files(tmp_path, capsys):
+    data, out = referring_file(tmp_path), tmp_path / "rc"
+    assert run(["rc-data", "--data", str(data), "--out", str(out)], capsys)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    assert run(["rc-data", "--data", str(data), "--out", str(out)], capsys)[0] == 0  # the same run: redone in place
+    assert_refused(run(["rc-data", "--data", str(data), "--seed", "1", "--out", str(out)], capsys), "--overwrite")
+    assert run(["rc-data", "--data", str(data), "--seed", "1", "--out", str(out), "--overwrite"], capsys)[0] == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "rc.jsonl").exists()
+
+
+def test_a_killed_run_leaves_its_files_to_the_next_overwrite_but_not_the_users(tmp_path):
+    out = tmp_path / "run"
+    with run_directory(out, {"task": "t", "v": 1}):
+        (out / "a.jsonl").write_text("x")
+    (out / "notes.txt").write_text("mine")  # added after a clean run: the user's
+    with run_directory(out, {"task": "t", "v": 1}):
+        (out / "b.jsonl").write_text("x")
+        manifest = json.loads((out / MANIFEST).read_text())
+        assert manifest["open"] and manifest["files"] == ["a.jsonl"] and manifest["foreign"] == ["notes.txt"]
+    # a SIGKILL leaves the manifest open and its new files unrecorded: the next run adopts them
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    (out / "c.jsonl").write_text("x")
+    with run_directory(out, {"task": "t", "v": 1}):
+        pass
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+        assert sorted(p.name for p in out.iterdir() if p.name not in (".refloop.lock", FINGERPRINT, MANIFEST)) == ["notes.txt"]
+        (out / "d.jsonl").write_text("x")
+        killed = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps(killed))  # killed again, then replaced by a run of other settings
+    (out / "e.jsonl").write_text("x")
+    with run_directory(out, {"task": "t", "v": 3}, overwrite=True):  # no stale rows of the killed run to resume from
+        assert sorted(p.name for p in out.iterdir() if p.name not in (".refloop.lock", FINGERPRINT, MANIFEST)) == ["notes.txt"]
+
+
+def test_a_run_without_a_manifest_resumes_but_is_never_overwritten(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / FINGERPRINT).write_text(json.dumps({"task": "t"}))  # written by a refloop without manifests
+    (out / "samples.jsonl").write_text("x")
+    with run_directory(out, {"task": "t"}):
+        pass
+    with pytest.raises(RefloopError, match="without a readable manifest"):
+        with run_directory(out, {"task": "u"}, overwrite=True):
+            pass
+    assert (out / "samples.jsonl").read_text() == "x"
+
+
+def test_a_new_run_that_fails_before_writing_leaves_no_fingerprint(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RefloopError, match="no such data"):
+        with run_directory(out, {"task": "t", "data": "missing"}, setup_files=("recipe.json",)):
+            (out / "recipe.json").write_text("{}")
+            raise RefloopError("no such data")
+    assert not out.exists()  # the corrected rerun starts afresh, no --overwrite needed
+    out.mkdir()
+    with pytest.raises(RefloopError):
+        with run_directory(out, {"task": "t"}):
+            raise RefloopError("no such data")
+    assert out.is_dir() and not (out / FINGERPRINT).exists()
+    with run_directory(out, {"task": "t", "data": "there"}):
+        (out / "rows.jsonl").write_text("x")
+    with pytest.raises(RefloopError):  # an interrupted resume keeps its run
+        with run_directory(out, {"task": "t", "data": "there"}):
+            raise RefloopError("later")
+    assert (out / FINGERPRINT).exists() and (out / "rows.jsonl").exists()
+
+
+def test_sft_with_missing_training_data_leaves_no_run_behind(tmp_path, capsys):
+    out = tmp_path / "sft"
+    args = ["sft", "--config", str(RECIPES / "sft-shapes.yaml"), "--set", f"train_data={tmp_path / 'none.jsonl'}", "--out", str(out)]
+    assert_refused(run(args, capsys), "none.jsonl")
+    assert not (out / FINGERPRINT).exists()
+
+
+# ---- one rule for output paths ------------------------------------------------------------------
+def test_export_parquet_never_replaces_its_input(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"a": 1}\n')
+    assert_refused(run(["export-parquet", str(data), str(data)], capsys), "is one of the input files")
+    assert data.read_text() == '{"a": 1}\n'
+
+
+@pytest.mark.parametrize("where", ["directory", "under a file"])
+def test_export_parquet_to_a_bad_place_is_one_error_line(tmp_path, capsys, where):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"a": 1}\n')
+    (tmp_path / "file").write_text("x")
+    target = tmp_path if where == "directory" else tmp_path / "file" / "x.parquet"
+    assert_refused(run(["export-parquet", str(data), str(target)], capsys), str(target))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_demo_and_pretrain_refuse_a_file_as_out_before_any_work(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    assert_refused(run(["demo", "--out", str(taken)], capsys), "not a directory")
+    # the real recipe trains for 80 minutes: the refusal comes before the first step
+    args = ["pretrain-tiny", "--work-dir", str(tmp_path / "work"), "--out", str(taken)]
+    assert_refused(run(args, capsys), "not a directory")
+    assert not (tmp_path / "work").exists() and taken.read_text() == "x"
+    assert_refused(run([*args[:-1], str(tmp_path / "work" / "model")], capsys), "overlap")
+
+
+def test_out_inside_or_equal_to_an_input_is_refused(tmp_path, models, capsys):
+    data = referring_file(tmp_path)
+    for out in (tmp_path, tmp_path / "outs" / "x"):
+        args = ["eval", "rec", "--data", str(data), "--images", str(tmp_path), "--model", str(models[0]), "--out", str(out)]
+        assert_refused(run(args, capsys), "inside the input" if out != tmp_path else "is one of the input files")
+    assert not (tmp_path / "outs").exists()
+    assert_refused(run(["filter", str(data), "--out", str(data)], capsys), "is one of the input files")
+
+
+def test_out_under_a_file_is_refused_before_anything_loads(tmp_path, models, capsys):
+    (tmp_path / "file").write_text("x")
+    args = ["consistency", "--data", "in-domain", "--num-boxes", "2", "--model", str(models[0]), "--out", str(tmp_path / "file" / "o")]
+    assert_refused(run(args, capsys), "is a file, not a directory")
+
+
+def test_check_output_creates_nothing(tmp_path):
+    check_output(tmp_path / "a" / "b")
+    check_output(tmp_path / "c.parquet", kind="file")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- fingerprints carry the data ----------------------------------------------------------------
+def test_caption_rerun_with_other_images_is_refused_not_resumed(tmp_path, models, capsys):
+    out = tmp_path / "cap"
+    args = ["caption", "--data", "in-domain", "--model", str(models[0]), "--out", str(out), "--num-images"]
+    assert run([*args, "2"], capsys)[0] == 0
+    assert_refused(run([*args, "3"], capsys), "holds outputs of another run", "data.records")
+    assert run([*args, "3", "--overwrite"], capsys)[0] == 0
+    assert len((out / "captions.jsonl").read_text().splitlines()) == 3
+    assert run([*args, "3"], capsys)[0] == 0  # the same data resumes
+
+
+def test_consistency_rerun_on_a_changed_data_file_is_refused(tmp_path, models, capsys):
+    data = referring_file(tmp_path)
+    args = ["consistency", "--data", str(data), "--model", str(models[0]), "--no-report", "--out", str(tmp_path / "o")]
+    assert run(args, capsys)[0] == 0
+    row = json.loads(data.read_text())
+    row["bbox"] = [2, 2, 28, 28]
+    data.write_text(json.dumps(row) + "\n")
+    assert_refused(run(args, capsys), "holds outputs of another run", "data_files")
+
+
+# ---- parquet: one image per file_name, text under the failure policy ----------------------------
+def _png(colour) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _referring_parquet(path: Path, rows: list[dict], bad_text_row: int | None = None) -> Path:
+    """lmms-eval's referring layout; `bad_text_row`: that row's file_name is not UTF-8."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    names = [r["file_name"].encode() for r in rows]
+    if bad_text_row is not None:
+        names[bad_text_row] = b"img\xff.png"
+    offsets = [0]
+    for n in names:
+        offsets.append(offsets[-1] + len(n))
+    file_name = pa.Array.from_buffers(
+        pa.string(), len(names), [None, pa.py_buffer(pa.array(offsets, pa.int32()).buffers()[1]), pa.py_buffer(b"".join(names))]
+    )
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": r["image"], "path": None} for r in rows]),
+            "bbox": [[1.0, 1.0, 10.0, 10.0]] * len(rows),
+            "answer": [["the square"]] * len(rows),
+            "file_name": file_name,
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def test_parquet_rows_sharing_a_file_name_with_other_image_bytes_are_refused_naming_both(tmp_path, models, capsys):
+    from refloop.data.parquet import load_parquet
+
+    red, blue = _png((200, 0, 0)), _png((0, 0, 200))
+    rows = [{"file_name": "a.png", "image": red}, {"file_name": "a.png", "image": red}, {"file_name": "a.png", "image": blue}]
+    path = _referring_parquet(tmp_path / "refs.parquet", rows)
+    with pytest.raises(RefloopError, match=r"record row 2: image 'a.png' is also the image of row 0, with other bytes"):
+        load_parquet(path)
+    records, report = load_parquet(path, on_error="skip")  # the rows that agree stay on their own picture
+    assert report.skipped == 1 and len(records) == 1 and len(records[0].objects) == 2 and records[0].data == red
+    args = ["eval", "rec", "--data", str(path), "--model", str(models[0]), "--out", str(tmp_path / "o")]
+    assert_refused(run(args, capsys), "row 2", "row 0", "other bytes")
+
+
+def test_parquet_text_that_is_not_utf8_is_one_error_line_or_skipped(tmp_path, models, capsys):
+    rows = [{"file_name": f"{k}.png", "image": _png((40 * k, 0, 0))} for k in range(3)]
+    path = _referring_parquet(tmp_path / "refs.parquet", rows, bad_text_row=1)
+    args = ["consistency", "--data", str(path), "--model", str(models[0]), "--no-report", "--out"]
+    assert_refused(run([*args, str(tmp_path / "o")], capsys), str(path), "row 1", "'file_name'", "not UTF-8")
+    code, _, err = run([*args, str(tmp_path / "o2"), "--on-error", "skip"], capsys)
+    assert code == 0 and "skipped 1 bad records" in err, err
+    assert len((tmp_path / "o2" / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_export_parquet_of_rows_parquet_cannot_hold_is_one_error_line(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"a": {}, "b": 1}\n')
+    assert_refused(run(["export-parquet", str(data), str(tmp_path / "x.parquet")], capsys), str(data), "struct")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+# ---- training data: one confinement rule for image paths ----------------------------------------
+def _rc_line(image: str, n: int = 0) -> str:
+    return json.dumps({"id": f"s{n}", "image": image, "prompt": "<image> how many? <sep>", "answer": "1", "profile": "refloop-tiny"})
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [("../outside.png", "escapes the image root"), ("/etc/hostname", "is absolute"), ("link/x.png", "escapes the image root")],
+)
+def test_training_data_image_paths_are_confined_before_anything_opens(tmp_path, capsys, monkeypatch, name, problem):
+    from refloop.data.rc import load_rc_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "outside.png").write_bytes(_png((1, 2, 3)))
+    (tmp_path / "elsewhere").mkdir()
+    (data / "link").symlink_to(tmp_path / "elsewhere")
+    path = data / "rc.jsonl"
+    path.write_text(_rc_line("ok.png") + "\n" + _rc_line(name, 1) + "\n")
+    opened = []
+    monkeypatch.setattr("PIL.Image.open", lambda *a, **k: opened.append(a))
+    with pytest.raises(RefloopError, match=rf"rc.jsonl, record line 2: image path .*{problem}"):
+        load_rc_data(path)
+    assert not opened
+    monkeypatch.undo()
+    args = ["sft", "--config", str(RECIPES / "sft-shapes.yaml"), "--set", f"train_data={path}", "--out", str(tmp_path / "run")]
+    assert_refused(run(args, capsys), "record line 2", problem)
+
+
+def test_rc_data_records_its_image_root_and_sft_reads_the_images_under_it(tmp_path, capsys):
+    from refloop.data.rc import load_rc_data
+
+    data = referring_file(tmp_path)
+    assert run(["rc-data", "--data", str(data), "--out", str(tmp_path / "rc")], capsys)[0] == 0
+    assert json.loads((tmp_path / "rc" / "counts.json").read_text())["image_root"] == str(tmp_path.resolve())
+    examples = load_rc_data(tmp_path / "rc" / "rc.jsonl")
+    assert examples and {e.image_path for e in examples} == {str((tmp_path / "img.png").resolve())}
+
+
+def test_sctune_that_finds_no_training_boxes_leaves_nothing_to_block_the_corrected_rerun(tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    out = tmp_path / "run"
+    args = ["sctune", "--config", str(RECIPES / "sctune-shapes.yaml"), "--set", f"train_data={empty}", "--out", str(out)]
+    assert_refused(run(args, capsys), "empty.json")
+    assert not out.exists()
