@@ -263,6 +263,7 @@ def test_rc_file_has_one_schema_for_every_line(tmp_path):
         "prompt": str,
         "answer": str,
         "profile": str,
+        "frame": str,
     }
     for s in samples:
         assert {k: type(v) for k, v in s.items()} == schema

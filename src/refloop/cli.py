@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
 
@@ -33,7 +35,9 @@ ModelOpt = typer.Option(None, "--model", help="Model directory or hub id (defaul
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16 or fp16.")
 BatchOpt = typer.Option(64, "--batch-size", min=1, help="Images per generation batch.")
-RefDataOpt = typer.Option(..., "--data", help="Shapes-world domain, referring .jsonl, or with --refs a COCO instances .json.")
+RefDataOpt = typer.Option(
+    ..., "--data", help="Shapes-world domain, referring .jsonl, .parquet dataset, or with --refs a COCO instances .json."
+)
 RefsOpt = typer.Option(None, "--refs", help="RefCOCO/+/g refs file (.json export or the original .p, read safely).")
 SplitOpt = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB).")
 ImagesOpt = typer.Option(None, "--images", help="Image root.")
@@ -88,30 +92,53 @@ def _recipe_inputs(recipe) -> dict:
 
 
 def _model_spec(
-    model: str | None, device: str, dtype: str, profile: str | None, trust_remote_code: bool, backend: BackendChoice = BackendChoice.hf
+    model: str | None,
+    device: str,
+    dtype: str,
+    profile: str | None,
+    trust_remote_code: bool,
+    backend: BackendChoice = BackendChoice.hf,
+    threads: int | None = None,
 ):
-    """The command's model options, validated (device, dtype) before any weights load."""
-    from pydantic import ValidationError
-
+    """The command's model options, validated (device and whether this machine has it, dtype,
+    threads) before any data or weights load."""
     from refloop.models.spec import ModelSpec
 
     if backend == BackendChoice.vllm:  # refused before any data loads when vLLM is missing
         from refloop.models.vllm import check_install
 
         check_install()
+    fields = {"model": model, "device": device, "dtype": dtype, "profile": profile, "trust_remote_code": trust_remote_code}
+    spec = _options(ModelSpec, "model", **fields, threads=threads, generation_backend=backend.value)
+    spec.check_device("--device ")
+    return spec
+
+
+def _options(config: type, what: str, options: dict[str, str] | None = None, /, **fields):
+    """A config model built from command options; an invalid value is one message naming the
+    option (`options` maps a field to its option where the names differ)."""
+    from pydantic import ValidationError
+
     try:
-        return ModelSpec(
-            model=model, device=device, dtype=dtype, profile=profile, trust_remote_code=trust_remote_code, generation_backend=backend.value
-        )
+        return config(**fields)
     except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise RefloopError(f"invalid model options: {problems}") from None
+        named = options or {}
+        problems = "; ".join(f"{named.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))}: {e['msg']}" for e in exc.errors())
+        raise RefloopError(f"invalid {what} options: {problems}") from None
+
+
+def _check_seeds(**seeds: int | None) -> None:
+    """Seeds of options no config model validates: within every seeded generator's range."""
+    from refloop.limits import MAX_SEED, check_range
+
+    for name, value in seeds.items():
+        check_range(value, 0, MAX_SEED, f"--{name.replace('_', '-')}")
 
 
 @app.command()
 def consistency(
     data: str = typer.Option(
-        ..., "--data", help="Shapes-world domain (in-domain, crowded, wild), a COCO-style .json or a referring .jsonl."
+        ..., "--data", help="Shapes-world domain (in-domain, crowded, wild), a COCO-style .json, a referring .jsonl or a .parquet dataset."
     ),
     out: Path = typer.Option(..., "--out", help="Output directory: samples.jsonl, metrics.json, report.html, PNGs."),
     images: Path | None = typer.Option(None, "--images", help="Image root for --data files (default: the file's directory)."),
@@ -134,6 +161,7 @@ def consistency(
     from refloop.progress import progress_bar
     from refloop.report.consistency import write_consistency_report
 
+    cfg = _options(ConsistencyConfig, "consistency", num_boxes=num_boxes, seed=seed, batch_size=batch_size)
     _check_out(out, data, images, model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
     state = _processes(spec)
@@ -141,7 +169,6 @@ def consistency(
         records, load_report = load_data(data, images, on_error=on_error.value, num_images=num_boxes)
     if load_report.skipped and state.is_main_process:
         err_console.print(f"skipped {load_report.skipped} bad records: {dict(load_report.reasons)}", markup=False)
-    cfg = ConsistencyConfig(num_boxes=num_boxes, seed=seed, batch_size=batch_size)
     samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
     if not samples:
         raise RefloopError(f"{data}: no boxes to evaluate")
@@ -156,7 +183,7 @@ def consistency(
         metrics["skipped_records"] = load_report.skipped
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if report:
-        path = write_consistency_report(out, metrics)
+        path = write_consistency_report(out, metrics, images={str(s.record.path): s.record.load_image for s in samples})
         console.print(f"report: {path}", markup=False)
     console.print_json(json.dumps(metrics))
 
@@ -360,8 +387,10 @@ def evaluate(
 ) -> None:
     """Object-level benchmarks of the papers: REC accuracy (`eval rec`) and REG caption metrics (`eval reg`); caption
     hallucination and recall (`eval caption`) and POPE (`eval pope`), as SVP reports them."""
-    from refloop.evaluation.referring import evaluate_rec, evaluate_reg
+    from refloop.evaluation.referring import evaluate_rec, evaluate_reg, rec_pairs, reg_objects
+    from refloop.progress import progress_bar
 
+    _check_seeds(seed=seed)
     _check_out(out, data, refs, images, captions, model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
     object_options = {
@@ -374,8 +403,7 @@ def evaluate(
         "--pope-rule": pope_rule,
     }
     if task in (EvalTask.caption, EvalTask.pope):
-        from refloop.evaluation.hallucination import evaluate_captions, evaluate_pope, load_object_data
-        from refloop.progress import progress_bar
+        from refloop.evaluation.hallucination import evaluate_captions, evaluate_pope, load_object_data, pope_questions
 
         _refuse_options(task, {"--refs": refs, "--split": split, "--limit": limit})
         unused = ("--strategy", "--per-image", "--seed", "--pope-rule") if task == EvalTask.caption else ("--captions", "--chair-protocol")
@@ -387,6 +415,8 @@ def evaluate(
             err_console.print(f"skipped {found.report.skipped} bad records: {dict(found.report.reasons)}", markup=False)
         if not found.records:
             raise RefloopError(f"{data}: no images to evaluate")
+        pope = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
+        questions = pope_questions(found, **pope) if task == EvalTask.pope else None  # before any weights load
         vlm = spec.load_vlm(batch_size, generation=True)
         common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error.value}
         if task == EvalTask.caption:
@@ -394,10 +424,9 @@ def evaluate(
                 protocol = chair_protocol.value if chair_protocol else None
                 metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
         else:
-            pope = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
-            pope["rule"] = (pope_rule or PopeRule.reference).value
-            with progress_bar(f"pope {pope['strategy']} {data}", None) as advance:
-                metrics = evaluate_pope(vlm, found, out, progress=advance, **pope, **common)
+            rule = (pope_rule or PopeRule.reference).value
+            with progress_bar(f"pope {pope['strategy']} {data}", len(questions)) as advance:
+                metrics = evaluate_pope(vlm, found, out, progress=advance, questions=questions, rule=rule, **pope, **common)
         if not state.is_main_process:
             return
         if found.report.skipped:
@@ -408,9 +437,14 @@ def evaluate(
     state = _processes(spec)
     with state.main_process_first():  # a shapes-world domain is exported once, by the main process
         records, report = _referring_records(data, images, refs, split, on_error.value)
+    total = len(rec_pairs(records, limit) if task == EvalTask.rec else reg_objects(records, limit))
+    if not total:
+        where = "a referring .jsonl, RefCOCO refs or a shapes-world domain"
+        raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task.value}` reads {where})")
     vlm = spec.load_vlm(batch_size, generation=True)
     run = evaluate_rec if task == EvalTask.rec else evaluate_reg
-    metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, overwrite=overwrite, on_error=on_error.value)
+    with progress_bar(f"{task.value} {data}", total) if state.is_main_process else nullcontext(None) as advance:
+        metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, progress=advance, overwrite=overwrite, on_error=on_error.value)
     if not state.is_main_process:
         return
     if report.skipped:
@@ -494,6 +528,7 @@ def export_world(
 
     if domain not in DOMAINS:
         raise RefloopError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
+    _check_seeds(seed=seed)
     _check_out(out, overwrite=overwrite)
     with run_directory(out, {"task": "export-world", "domain": domain, "num_images": num_images, "seed": seed}, overwrite):
         path = export_split(domain, out, num_images, seed)
@@ -517,7 +552,19 @@ def rc_data(
     tasks: str | None = typer.Option(
         None, "--tasks", help="Comma-separated tasks (default: every task the annotations support: relations and expressions if present)."
     ),
-    profile: str = typer.Option("refloop-tiny", "--profile", help="Prompt profile whose prompt layout and box text the samples use."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Checkpoint the samples are for: its prompt profile and the pixel frame of its processor (Qwen2.5-VL's resize "
+        "limits) are used and recorded in rc.jsonl, where `refloop sft` checks them (no weights load).",
+    ),
+    profile: str | None = typer.Option(
+        None,
+        "--profile",
+        help="Prompt profile whose prompt layout and box text the samples use (default: --model's, else refloop-tiny; "
+        "without --model, the profile's default pixel frame).",
+    ),
+    trust_remote_code: bool = RemoteOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of template and target choice (same seed, same file)."),
     max_per_image: int = typer.Option(4, "--max-per-image", min=1, help="Samples per task per image."),
     num_images: int = typer.Option(1000, "--num-images", min=1, help="Scenes exported when --data is a shapes-world domain."),
@@ -530,18 +577,33 @@ def rc_data(
     """Pink Sec. 3.2: referential-comprehension instruction data (grounding, grounding caption, relations both ways,
     coarse spatial, counting, detection) from annotations, as chat JSONL for `datasets` and SFT."""
     from refloop.data.rc import IMAGE_ROOT_KEY, TASKS, build_rc_data, load_rc_annotations, rc_image_root
+    from refloop.models import get_profile, resolve_model
     from refloop.runs import run_directory
+    from refloop.world import DOMAINS
 
     chosen = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     unknown = sorted(set(chosen or ()) - set(TASKS))
     if unknown:
         raise RefloopError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    _check_seeds(seed=seed)
+    if data in DOMAINS:  # a domain brings its own boxes, expressions and relations
+        files = {"--objects": objects, "--relationships": relationships, "--expressions": expressions}
+        given = [name for name, value in files.items() if value]
+        if given:
+            raise RefloopError(f"{', '.join(given)} cannot be combined with the shapes-world domain {data!r} (it has its own annotations)")
+    if model is not None:
+        from refloop.models.hf import load_parts
+
+        chosen_profile = load_parts(str(resolve_model(model)), profile, None, trust_remote_code)[2]
+    else:
+        chosen_profile = get_profile(profile or "refloop-tiny")
     _check_out(out, data, images, objects, relationships, expressions, overwrite=overwrite)
     fingerprint = {
         "task": "rc-data",
         "data": data,
         "tasks": chosen,
-        "profile": profile,
+        "profile": chosen_profile.name,
+        "frame": chosen_profile.frame_text,
         "seed": seed,
         "max_per_image": max_per_image,
         "native_prompts": native_prompts,
@@ -555,7 +617,9 @@ def rc_data(
                 for t in TASKS
                 if not (t.startswith("relation") and not found.relations) and not ("grounding" in t and not has_expressions)
             ]
-        counts = build_rc_data(found.records, out / "rc.jsonl", chosen, profile, seed, max_per_image, found.relations, native_prompts)
+        counts = build_rc_data(
+            found.records, out / "rc.jsonl", chosen, chosen_profile, seed, max_per_image, found.relations, native_prompts
+        )
         skipped = {str(r.source): r.skipped for r in found.reports if r.skipped}
         summary = {"samples": counts, "total": sum(counts.values()), "skipped_records": skipped}
         summary[IMAGE_ROOT_KEY] = str(rc_image_root(out / "rc.jsonl"))  # where sft reads the images
@@ -582,7 +646,7 @@ def sft(
     recipe = load_recipe(SFTRecipe, config, _with_report_to(overrides, report_to))
     _check_out(out, config, _recipe_inputs(recipe), overwrite=overwrite)
     with progress_bar("sft", None) as advance:
-        results = run_sft(recipe, out, progress=lambda row: advance(1), overwrite=overwrite)
+        results = run_sft(recipe, out, progress=lambda row: advance(1, total=row["total_steps"]), overwrite=overwrite)
     console.print_json(json.dumps(results))
 
 
@@ -615,7 +679,9 @@ def svp(
 
 @app.command()
 def caption(
-    data: str = typer.Option(..., "--data", help="Shapes-world domain, COCO/Objects365 .json or referring .jsonl: the images captioned."),
+    data: str = typer.Option(
+        ..., "--data", help="Shapes-world domain, COCO/Objects365 .json, referring .jsonl or .parquet: the images captioned."
+    ),
     out: Path = typer.Option(..., "--out", help="Output directory: captions.jsonl (one line per image)."),
     images: Path | None = ImagesOpt,
     model: str | None = ModelOpt,
@@ -644,15 +710,25 @@ def caption(
 
     if phrases not in ("caption", "categories", "both"):
         raise RefloopError(f"--phrases {phrases!r}: choose caption, categories or both")
+    grounding = _options(
+        GrounderSpec,
+        "grounder",
+        {"kind": "--grounder", "model": "--grounder-model"},
+        kind=grounder,
+        model=grounder_model,
+        miss_rate=miss_rate,
+        false_positive_rate=false_positive_rate,
+    )
+    if isvp:
+        from refloop.world import DOMAINS
+
+        grounding.check_data(data in DOMAINS, phrases)
     _check_out(out, data, images, model, grounder_model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, None, False, backend)
     state = _processes(spec)
     with state.main_process_first():  # a shapes-world domain is exported once, by the main process
         found = load_detections(data, images, on_error.value, num_images, TRAIN_SEED)
     vlm = spec.load_vlm(batch_size, generation=True)
-    grounding = GrounderSpec.model_validate(
-        {"kind": grounder, "model": grounder_model, "miss_rate": miss_rate, "false_positive_rate": false_positive_rate}
-    )
     ground = grounding.build(vlm, device, dtype) if isvp else None
     records = {"name": data, "image_root": str(found.image_root), "records": records_digest(found.records)}
     fingerprint = {"data": records, "isvp": isvp, "grounder": grounding.model_dump(), "phrases": phrases}
@@ -753,6 +829,7 @@ def bootstrap(
     from refloop.methods.bootstrap_recipe import BootstrapRecipe, run_bootstrap
     from refloop.progress import staged_progress
 
+    _check_seeds(scene_seed=scene_seed)
     flags = {
         "data": data,
         "images": images,
@@ -786,10 +863,43 @@ def bootstrap(
     if stats.get("skipped_records"):
         err_console.print(f"skipped {stats['skipped_records']} bad records", markup=False)
     console.print_json(json.dumps({k: v for k, v in stats.items() if k != "config"}))
-    console.print(f"read the pairs back with: --data {out / 'pairs.jsonl'} --images {stats['image_root']}", markup=False)
+    if stats["kept"]:
+        console.print(f"read the pairs back with: --data {out / 'pairs.jsonl'} --images {stats['image_root']}", markup=False)
+    else:
+        err_console.print(
+            f"no pair was kept ({stats['boxes_considered']} boxes considered): pairs.jsonl is empty; see rejected_by_reason above",
+            markup=False,
+        )
+
+
+def _quiet_libraries() -> None:
+    """CLI users see refloop's own messages and progress bars, not library advisories
+    (transformers' FutureWarnings) or weight-loading bars. Set before the libraries import."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if "transformers" in sys.modules:  # already imported (refloop used as a library, then the CLI)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+
+
+class _Warnings(logging.Handler):
+    """refloop's own warnings (logged by the library) as one `warning:` line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"[bold yellow]warning:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
+    _quiet_libraries()
+    logger = logging.getLogger("refloop")
+    if not any(isinstance(h, _Warnings) for h in logger.handlers):
+        logger.addHandler(_Warnings(logging.WARNING))
     try:
         app()
     except RefloopError as exc:

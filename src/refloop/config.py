@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from refloop.errors import RefloopError
+from refloop.limits import MAX_RECIPE_NODES
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -48,6 +49,26 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "recipe") ->
     return data
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def check_size(data: object, source: str, limit: int = MAX_RECIPE_NODES) -> None:
+    """Refuse a recipe whose values, with YAML aliases expanded, number more than `limit`: nested
+    anchors (an alias bomb) load as a small graph but expand exponentially in validation and
+    fingerprints, and a self-referencing anchor never ends. Stops counting at the limit."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise RefloopError(f"{source}: more than {limit} values once YAML aliases are expanded (an alias bomb?); write the recipe out")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
 def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     """A recipe of type `model` from a YAML file (or none: the defaults) plus `--set` overrides.
     Missing files, YAML errors, unsafe tags, non-mapping files and invalid fields are RefloopErrors
@@ -56,7 +77,10 @@ def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] = 
     data: object = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
+            if len(text) > MAX_RECIPE_BYTES:
+                raise RefloopError(f"{path}: {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES}")
+            data = yaml.safe_load(text) or {}
         except FileNotFoundError:
             raise RefloopError(f"recipe not found: {path}") from None
         except IsADirectoryError:
@@ -68,6 +92,7 @@ def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] = 
     if not isinstance(data, dict):
         raise RefloopError(f"{source}: expected a mapping of {model.__name__} fields, got {type(data).__name__}")
     data = apply_overrides(data, list(overrides), source)
+    check_size(data, source)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -10,12 +10,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator:
-    """Yields `advance(n)`."""
+def progress_bar(description: str, total: int | None) -> Iterator:
+    """Yields `advance(n=1, total=None)`; a job that learns its total only once it starts (SFT:
+    steps from the examples) passes it with its first advance."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=False, disable=bool(os.environ.get("REFLOOP_NO_PROGRESS"))) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance(n: int = 1, total: int | None = None) -> None:
+            if total is not None:
+                bar.update(task, total=total)
+            bar.advance(task, n)
+
+        yield advance
 
 
 @contextmanager

@@ -27,6 +27,19 @@ class PromptProfile:
     # mis-positions left-padded rows (Kosmos-2 counts pads into its position ids after the first step).
     unpadded_generation: bool = False
 
+    @property
+    def frame(self) -> dict[str, int]:
+        """The pixel frame the codec writes boxes in (Qwen2.5-VL: the processor's resize factor and
+        pixel limits; empty for codecs that write normalised or original-image coordinates). Data
+        written under one frame is wrong for a model with another."""
+        return {k: getattr(self.codec, k) for k in ("factor", "min_pixels", "max_pixels") if hasattr(self.codec, k)}
+
+    @property
+    def frame_text(self) -> str:
+        """`frame` as one string ("factor=28,min_pixels=3136,max_pixels=12544"; "" for none), as
+        rc.jsonl records it (a flat string column loads in `datasets` and parquet alike)."""
+        return ",".join(f"{k}={v}" for k, v in self.frame.items())
+
     def prompt(self, instruction: str) -> str:
         """Full model input text around one image placeholder."""
         raise NotImplementedError

@@ -378,6 +378,7 @@ def build_rc_data(
                         "prompt": profile.prompt(instruction),
                         "answer": answer,
                         "profile": profile.name,
+                        "frame": profile.frame_text,
                     }
                     yield json.dumps(sample) + "\n"
 
@@ -422,14 +423,19 @@ def _records_root(records: Sequence[ImageRecord]) -> Path | None:
     return roots.pop() if len(roots) == 1 else None
 
 
-def load_rc_data(path: str | Path, profile: str | None = None, image_root: str | Path | None = None) -> list[InstructionExample]:
+def load_rc_data(
+    path: str | Path, profile: PromptProfile | str | None = None, image_root: str | Path | None = None, model: str | None = None
+) -> list[InstructionExample]:
     """The samples of an RC file as SFT examples. A line that is not a sample (bad JSON, a field
-    missing or not a string, an id seen before, another profile's text when `profile` is given)
-    is a DataError naming the file and line. Each image (`file_name`; a file without it: `image`)
+    missing or not a string, an id seen before, another profile's text or, for a PromptProfile,
+    another pixel frame when `profile` is given) is a DataError naming the file and line; `model`
+    names the checkpoint in the way out. Each image (`file_name`; a file without it: `image`)
     goes through the confinement rule before anything is opened: relative, under `image_root`
     (default `rc_image_root`), no symlink out of it."""
     path = Path(path)
     root = ImageRoot(image_root if image_root is not None else rc_image_root(path))
+    name = profile if isinstance(profile, str) or profile is None else profile.name
+    rebuild = f"rebuild it with `refloop rc-data --model {model}`" if model else f"rebuild it with --profile {name}"
     examples, seen = [], {}
     for number, entry in jsonl_lines(path):
         rec = f"line {number}"
@@ -443,9 +449,13 @@ def load_rc_data(path: str | Path, profile: str | None = None, image_root: str |
         if entry["id"] in seen:
             raise DataError(path, rec, f"id {shown(entry['id'])} is already used on line {seen[entry['id']]}")
         seen[entry["id"]] = number
-        if profile is not None and entry.get("profile") != profile:
+        if name is not None and entry.get("profile") != name:
+            raise DataError(path, rec, f"written for profile {shown(entry.get('profile'))}, not {name!r} (the model's): {rebuild}")
+        if isinstance(profile, PromptProfile) and entry.get("frame", "") != profile.frame_text:
             raise DataError(
-                path, rec, f"written for profile {shown(entry.get('profile'))}, not {profile!r}: rebuild it with --profile {profile}"
+                path,
+                rec,
+                f"boxes written in the pixel frame {shown(entry.get('frame'))}, not {profile.frame_text!r} (the model's): {rebuild}",
             )
         if "file_name" not in entry and Path(entry["image"]).is_absolute():
             problem = f"image path {shown(entry['image'])} is absolute and the line has no file_name"

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from refloop.cycle import REC_ACCURACY, SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.data.shards import ShardedRun
+from refloop.limits import BatchSize, NewTokens, Seed
 from refloop.models.base import VLM, GenerateOptions
 from refloop.runs import files_digest, model_fingerprint, shared_run_directory
 
@@ -29,10 +30,10 @@ class ConsistencyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_boxes: int = Field(1000, ge=1, description="boxes to evaluate, one per image (the paper: 4000)")
-    seed: int = Field(0, description="seed of the box choice within each image")
+    seed: Seed = Field(0, description="seed of the box choice within each image")
     iou_threshold: float = Field(SC_TUNE_CONSISTENCY.threshold, ge=0, le=1, description="consistent when IoU is above this (Pr@0.5)")
-    batch_size: int = Field(64, ge=1, description="images per generation batch")
-    max_new_tokens: int = Field(32, ge=1, description="longest caption generated")
+    batch_size: BatchSize = Field(64, description="images per generation batch")
+    max_new_tokens: NewTokens = Field(32, description="longest caption generated")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from refloop.evaluation.object_metrics import (  # noqa: F401  (public names, im
     object_mentions,
     object_recall,
     recall_from_rows,
+    undefined_metrics,
 )
 from refloop.evaluation.pope import (  # noqa: F401
     RULES,
@@ -229,6 +230,9 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
             metrics |= scores | {"chair_protocol": protocol}
         metrics.setdefault("chair_by_protocol", {})[p] = scores
     metrics |= {"num": len(done), "table": found.table.name}
+    undefined = undefined_metrics(metrics, found.table.name)
+    if undefined:
+        metrics["undefined"] = undefined
     scored = [it for it in done if it[3]]
     text_scores: dict = {}
     if scored:
@@ -256,6 +260,23 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
     return metrics
 
 
+def pope_questions(found: ObjectData, strategy: str = "random", per_image: int = 3, seed: int = 0) -> list[dict]:
+    """`build_pope_questions` on loaded data, negatives from all of the table's objects; no
+    question at all is a RefloopError saying which table the categories were read with and what to do."""
+    questions = build_pope_questions(found.records, found.objects, strategy, per_image, seed, found.table.objects, found.table)
+    if questions:
+        return questions
+    with_objects = sum(bool(o) for o in found.objects)
+    why = f"{with_objects} of {len(found.records)} images have an object named in the {found.table.name} category table"
+    if found.unmapped_categories:
+        names = sorted(found.unmapped_categories, key=lambda c: -found.unmapped_categories[c])
+        why += f"; categories not in that table: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    raise RefloopError(
+        f"no POPE questions: {why}. POPE asks about objects the table names (COCO's 80 categories, or a shapes-world domain's "
+        "colour-shape objects): use annotations with those category names"
+    )
+
+
 def evaluate_pope(
     vlm: VLM,
     found: ObjectData,
@@ -268,17 +289,16 @@ def evaluate_pope(
     overwrite: bool = False,
     on_error: str = "fail",
     rule: str = "reference",
+    questions: list[dict] | None = None,
 ) -> dict:
-    """POPE: balanced yes/no questions from the ground truth (`build_pope_questions`, negatives
-    from all of the table's objects), asked through `vlm.answer` in the table's wording. The
+    """POPE: balanced yes/no questions from the ground truth (`pope_questions`, unless given),
+    asked through `vlm.answer` in the table's wording. The
     metrics of `rule` (default: the POPE release's reading) are at the top level, both rules'
     under "by_rule". Writes pope_samples.jsonl (resumable) and pope_metrics.json; undecodable
     images as in `evaluate_captions`."""
     if rule not in RULES:
         raise RefloopError(f"unknown POPE rule {rule!r}; choose one of {', '.join(RULES)}")
-    questions = build_pope_questions(found.records, found.objects, strategy, per_image, seed, found.table.objects, found.table)
-    if not questions:
-        raise RefloopError("no POPE questions: no image has an object of the table and an absent one")
+    questions = pope_questions(found, strategy, per_image, seed) if questions is None else questions
     fingerprint = _fingerprint("pope", vlm, found, num_images=len(found.records), strategy=strategy, per_image=per_image, seed=seed)
     with shared_run_directory(out, fingerprint, overwrite) as state:
         return _evaluate_pope(vlm, found, questions, Path(out), strategy, per_image, seed, batch_size, progress, on_error, rule, state)

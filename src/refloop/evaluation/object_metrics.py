@@ -10,9 +10,11 @@
   annotations only (`references` extend it only when passed).
 
 Either way, per caption:
-- CHAIR_i = hallucinated mentions / mentions, summed over captions (0.0 when nothing is named);
+- CHAIR_i = hallucinated mentions / mentions, summed over captions (per caption 0.0 when nothing
+  is named; over a corpus that names nothing, None: undefined, see `undefined_metrics`);
 - CHAIR_s = captions with at least one hallucinated mention / captions;
-- object recall = ground-truth objects named (each once) / ground-truth objects, summed over images.
+- object recall = ground-truth objects named (each once) / ground-truth objects, summed over images
+  (None when there is no ground-truth object).
 
 A `table` (a `synonyms.SynonymTable` such as the shapes world's, or `chair_words.ChairWords`)
 replaces the reader; the protocol still decides how mentions count.
@@ -109,13 +111,14 @@ def caption_rows(
 
 
 def chair_from_rows(rows: Sequence[dict]) -> dict:
-    """CHAIR_i and CHAIR_s from `caption_objects` rows (0.0 when nothing is mentioned)."""
+    """CHAIR_i and CHAIR_s from `caption_objects` rows (None, undefined, when nothing is
+    mentioned or there is no caption; `undefined_metrics` says why)."""
     mentions = sum(len(r["mentioned"]) for r in rows)
     hallucinated = sum(len(r["hallucinated"]) for r in rows)
     hallucinating = sum(bool(r["hallucinated"]) for r in rows)
     return {
-        "chair_i": hallucinated / mentions if mentions else 0.0,
-        "chair_s": hallucinating / len(rows) if rows else 0.0,
+        "chair_i": hallucinated / mentions if mentions else None,
+        "chair_s": hallucinating / len(rows) if rows else None,
         "mentions": mentions,
         "hallucinated_mentions": hallucinated,
         "captions": len(rows),
@@ -124,10 +127,21 @@ def chair_from_rows(rows: Sequence[dict]) -> dict:
 
 
 def recall_from_rows(rows: Sequence[dict]) -> dict:
-    """Object recall from `caption_objects` rows, over all ground-truth objects (0.0 when there are none)."""
+    """Object recall from `caption_objects` rows, over all ground-truth objects (None, undefined,
+    when there are none)."""
     gt = sum(len(r["gt_objects"]) for r in rows)
     recalled = sum(len(r["recalled"]) for r in rows)
-    return {"object_recall": recalled / gt if gt else 0.0, "recalled_objects": recalled, "gt_objects": gt}
+    return {"object_recall": recalled / gt if gt else None, "recalled_objects": recalled, "gt_objects": gt}
+
+
+def undefined_metrics(metrics: dict, table: str) -> dict[str, str]:
+    """Why each CHAIR / recall value of `metrics` is None (for the metrics file, beside the nulls)."""
+    reasons = {
+        "object_recall": f"no image has a ground-truth object named in the {table} category table",
+        "chair_i": f"no caption mentions an object of the {table} category table",
+        "chair_s": "no caption was scored",
+    }
+    return {k: why for k, why in reasons.items() if k in metrics and metrics[k] is None}
 
 
 def chair(

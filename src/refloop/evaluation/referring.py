@@ -119,15 +119,20 @@ def evaluate_reg(
         return _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error, state)
 
 
-def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error, state) -> dict:
-    """Sharded across the processes of an `accelerate launch` (see `ShardedRun`)."""
+def reg_objects(records: list[ImageRecord], limit: int | None = None) -> list[tuple[str, ImageRecord, object]]:
+    """The referred objects `eval reg` describes: (id, record, object), the first `limit`."""
     objects = [
         (f"{rec.image_id}:{obj.ann_id if obj.ann_id is not None else i}", rec, obj)
         for rec in records
         for i, obj in enumerate(rec.objects)
         if obj.expressions
     ]
-    objects = objects[:limit] if limit else objects
+    return objects[:limit] if limit else objects
+
+
+def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error, state) -> dict:
+    """Sharded across the processes of an `accelerate launch` (see `ShardedRun`)."""
+    objects = reg_objects(records, limit)
     run = ShardedRun(out / "reg_samples.jsonl", objects, lambda obj: obj[0], batch_size, state=state)
     for batch in run.batches(lambda obj: obj[1].load_image(), on_error, progress):
         chunk, images = batch.items, batch.images
@@ -138,8 +143,15 @@ def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error
         )
     skipped = run.finish()
     rows = run.rows()
-    metrics = caption_metrics({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}, java=java)
-    del metrics["samples"]
+    empty = sum(not r["prediction"].strip() for r in rows)
+    if rows and empty < len(rows):
+        metrics = caption_metrics({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}, java=java)
+        del metrics["samples"]
+    else:  # no text to score: the metrics are undefined, not 0
+        reason = f"all {len(rows)} predictions are empty (the model wrote no description)" if rows else "no object was described"
+        scores = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "METEOR")
+        metrics = dict.fromkeys(scores) | {"num": len(rows), "undefined": reason}
+    metrics["empty_predictions"] = empty
     if skipped:
         metrics["skipped_images"] = skipped
     if state.is_main_process:

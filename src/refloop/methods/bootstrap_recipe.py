@@ -53,6 +53,7 @@ def run_bootstrap(
 
     from refloop.models import resolve_model
 
+    recipe.check_device()  # before the data is read
     state = PartialState(cpu=recipe.device == "cpu")
     with state.main_process_first():  # a shapes-world domain is exported once, by the main process
         source = load_detections(recipe.data, recipe.images, recipe.on_error, recipe.num_images, recipe.scene_seed)

@@ -43,6 +43,7 @@ from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.data.shards import ShardedRun, readable
 from refloop.data.sources import Detections, load_detections  # noqa: F401  (re-exported: bootstrap's input)
 from refloop.errors import RefloopError
+from refloop.limits import BatchSize, NewTokens, Samples, Seed
 from refloop.models.base import VLM, GenerateOptions
 from refloop.runs import model_fingerprint, records_digest, shared_run_directory
 from refloop.seeding import step_seed
@@ -68,20 +69,18 @@ class BootstrapConfig(BaseModel):
     iou_lambda: float = Field(0.5, ge=0, le=1, description="lambda: keep a description when IoU(B, B_hat) >= lambda (Sec. 3.3, 4.1)")
     max_objects: int = Field(15, ge=1, description="skip images with more objects than this (A.2)")
     min_area_px: float = Field(2000.0, ge=0, description="skip boxes under this many pixels (A.2); shapes world: SHAPES_MIN_AREA_PX")
-    samples: int = Field(1, ge=1, description="K: the greedy description plus K-1 sampled ones per box (Pink: 1, greedy)")
+    samples: Samples = Field(1, description="K: the greedy description plus K-1 sampled ones per box (Pink: 1, greedy)")
     distractor_check: bool = Field(False, description="reject a description located on another box of the target's category as well")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the K-1 sampled descriptions")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass of the K-1 sampled descriptions")
-    max_new_tokens: int = Field(32, ge=1, description="longest description generated")
-    batch_size: int = Field(64, ge=1, description="images per batch; all their boxes go to the model together")
-    seed: int = Field(0, description="seed of the sampled descriptions (one stream per batch)")
+    max_new_tokens: NewTokens = Field(32, description="longest description generated")
+    batch_size: BatchSize = Field(64, description="images per batch; all their boxes go to the model together")
+    seed: Seed = Field(0, description="seed of the sampled descriptions (one stream per batch)")
 
     @classmethod
     def shapes(cls, **fields) -> BootstrapConfig:
         """The shapes-world recipe: A.2's area filter scaled to 112 px scenes."""
         return cls(**({"min_area_px": SHAPES_MIN_AREA_PX} | fields))
-
-
 
 
 # ---- the rules ----------------------------------------------------------------------------------

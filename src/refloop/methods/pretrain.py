@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file
 
 from refloop.boxes import Box
@@ -28,6 +28,7 @@ from refloop.errors import RefloopError
 from refloop.grounding.base import Grounding
 from refloop.grounding.context import grounding_context
 from refloop.grounding.oracle import FALSE_SCORES, TRUE_SCORES
+from refloop.limits import BatchSize, Seed, Threads
 from refloop.models.base import GenerateOptions
 from refloop.models.hf import HFVLM
 from refloop.models.profiles import TinyProfile
@@ -70,12 +71,12 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    seed: int = Field(0, description="seed of weights, task sampling and scene order")
+    seed: Seed = Field(0, description="seed of weights, task sampling and scene order")
     steps: int = Field(5000, ge=1, description="optimizer steps")
     cosine_steps: int = Field(10000, ge=1, description="the cosine decay is laid out over this many steps")
     cooldown_steps: int = Field(1200, ge=0, description="last steps, where the LR falls linearly to its minimum")
-    batch_scenes: int = Field(24, ge=1, description="scenes rendered per step")
-    queries_per_scene: int = Field(8, ge=1, description="queries sharing one encoded scene")
+    batch_scenes: BatchSize = Field(24, description="scenes rendered per step")
+    queries_per_scene: BatchSize = Field(8, description="queries sharing one encoded scene")
     task_mix: dict[str, float] = Field(
         default_factory=lambda: {"rec": 0.45, "reg": 0.35, "caption": 0.1, "exist": 0.1},
         description="probability of each task per query",
@@ -90,13 +91,13 @@ class PretrainConfig(BaseModel):
     canonical_rec_prob: float = Field(
         0.5, ge=0, le=1, description="REC queries use the canonical expression with this probability, else another unique one"
     )
-    hidden_size: int = Field(160, ge=8, description="decoder width")
-    num_layers: int = Field(4, ge=1, description="decoder layers")
+    hidden_size: int = Field(160, ge=8, le=4096, description="decoder width (refloop-tiny: a tiny model)")
+    num_layers: int = Field(4, ge=1, le=64, description="decoder layers")
     num_heads: int = Field(4, ge=1, description="attention heads")
     eval_every: int = Field(1000, ge=1, description="steps between held-out evaluations")
     eval_scenes: int = Field(200, ge=1, description="held-out in-domain scenes per evaluation")
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
-    threads: int = Field(2, ge=1, description="torch CPU threads")
+    threads: Threads = Field(2, description="torch CPU threads")
     init_from: str | None = Field(
         None, description="checkpoint directory to continue from ('packaged': the committed refloop-tiny); None: random weights"
     )
@@ -120,6 +121,12 @@ class PretrainConfig(BaseModel):
         if any(p < 0 for p in styles.values()) or sum(styles.values()) <= 0:
             raise ValueError("style probabilities must be >= 0 with a positive sum")
         return styles
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> PretrainConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size} (each head takes an equal share)")
+        return self
 
     @property
     def separate_context_images(self) -> bool:

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from accelerate import PartialState
 
@@ -28,6 +29,7 @@ class RecipeRun:
     out: Path
     main_process: bool
     tracking: Tracking
+    prepared: Any = None  # what the recipe's `prepare` returned (checked before the run began)
 
 
 def run_recipe(
@@ -41,14 +43,22 @@ def run_recipe(
     results_file: str | None = "results.json",
     trains: bool = True,
     fingerprint: dict | None = None,
+    prepare: Callable[[], Any] | None = None,
 ) -> dict | None:
     """Run (or resume) `body` in `out` for `recipe`. A rerun with another recipe (other than the
     `unchanged` fields, the thread count and the tracker) is refused unless `overwrite`. The main
     process writes `results_file` and, with `card_metrics` (results -> the card's numbers), the
     model cards of the exports; every process returns the body's results. `fingerprint`: more of
-    what identifies the run (e.g. digests of the model's files)."""
+    what identifies the run (e.g. digests of the model's files). Before the directory is claimed
+    and anything loads: the device, the tracker, and `prepare` (default: the model's profile read
+    from its config and processor, which checks the model path and processor options), whose
+    result the body gets as `run.prepared` (e.g. training data checked against that profile)."""
     if trains:
         check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
+    recipe.check_device()
+    if hasattr(recipe, "tracking"):
+        recipe.tracking()  # an uninstalled tracker is refused here
+    prepared = prepare() if prepare is not None else recipe.load_profile()
     fingerprint = {
         "task": task,
         "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS, *unchanged}),
@@ -61,7 +71,7 @@ def run_recipe(
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         tracking = recipe.tracking() if hasattr(recipe, "tracking") else Tracking()
-        results = body(RecipeRun(out, main_process, tracking))
+        results = body(RecipeRun(out, main_process, tracking, prepared))
         if main_process and results is not None:
             if results_file:
                 (out / results_file).write_text(json.dumps(results, indent=2) + "\n")

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from refloop.cycle import describe_then_locate
 from refloop.data.records import BoxItem
 from refloop.errors import RefloopError
+from refloop.limits import BatchSize, NewTokens, Samples, Seed
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.hf import HFVLM
 from refloop.seeding import step_seed
@@ -54,7 +55,7 @@ class SCTuneConfig(BaseModel):
     tune: Literal["both", "describer", "locator"] = Field(
         "both", description="both = SC-Tune; describer/locator = Table 8 ablations (only that role, every phase, no sync)"
     )
-    batch_size: int = Field(128, ge=1, description="boxes per step")
+    batch_size: BatchSize = Field(128, description="boxes per step")
     # Optimisation
     describer_lr: float = Field(5e-7, gt=0, description="describer learning rate (paper, 7B models)")
     locator_lr: float = Field(1e-6, gt=0, description="locator learning rate (paper, 7B models)")
@@ -69,23 +70,22 @@ class SCTuneConfig(BaseModel):
     baseline: Literal["reference", "greedy", "group"] = Field(
         "reference", description="reference: pi_ref's greedy caption (paper); greedy: current policy's; group: mean of K samples"
     )
-    group_size: int = Field(4, ge=2, description="samples per box with baseline=group")
+    group_size: Samples = Field(4, ge=2, description="samples per box with baseline=group")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_k: int = Field(100, ge=0, description="sampling top-k (authors' release)")
     top_p: float = Field(0.3, gt=0, le=1, description="sampling top-p (authors' release)")
-    max_new_tokens: int = Field(30, ge=1, description="longest sampled caption (authors' release)")
+    max_new_tokens: NewTokens = Field(30, description="longest sampled caption (authors' release)")
     # Locator (Eq. 4)
     supervised_ratio: float = Field(0.0, ge=0, le=1, description="fraction of locator samples taken from supervised referring data (L_sup)")
     # Roles
     lora: LoraSettings = Field(default_factory=LoraSettings, description="adapter settings")
     reference: Literal["base", "snapshot"] = Field("base", description="reference policy: base with adapters off, or a frozen snapshot")
     # Bookkeeping
-    seed: int = Field(0, description="seed of batches and sampling")
+    seed: Seed = Field(0, description="seed of batches and sampling")
     checkpoint_every: int = Field(25, ge=1, description="steps between resumable checkpoints")
-    generation_batch_size: int = Field(64, ge=1, description="sequences per generation/forward batch")
-    micro_batch_size: int | None = Field(
+    generation_batch_size: BatchSize = Field(64, description="sequences per generation/forward batch")
+    micro_batch_size: BatchSize | None = Field(
         None,
-        ge=1,
         description="sequences per forward+backward of an update; gradients accumulate to the full minibatch's, "
         "so activation memory scales with this instead of the batch (None: the whole minibatch at once)",
     )

@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from accelerate import PartialState
+from pydantic import Field, field_validator, model_validator
 
 from refloop.config import DataSpec
 from refloop.data.items import detection_items, referring_items
@@ -45,6 +46,12 @@ class SCTuneRecipe(ModelSpec, TrackingSpec):
     def _many_specs(cls, value):
         return [DataSpec.of(v) for v in value] if isinstance(value, list) else value
 
+    @model_validator(mode="after")
+    def _supervised_data_given(self) -> SCTuneRecipe:
+        if self.sctune.supervised_ratio > 0 and self.supervised_data is None:
+            raise ValueError("sctune.supervised_ratio > 0 mixes in referring pairs: set supervised_data (a domain or referring .jsonl)")
+        return self
+
     def root(self, spec: DataSpec) -> str | None:
         return spec.images or self.images
 
@@ -53,9 +60,11 @@ def evaluate(vlm: VLM, recipe: SCTuneRecipe, out: Path, label: str) -> dict[str,
     """Pr@0.5 of `vlm` on every eval set; keyed by the data as the recipe names it."""
     results = {}
     for spec in recipe.eval_data:
-        records, _ = load_data(spec.data, recipe.root(spec), num_images=recipe.eval_boxes)
+        with PartialState().main_process_first():  # a shapes-world domain is exported once, by the main process
+            records, _ = load_data(spec.data, recipe.root(spec), num_images=recipe.eval_boxes)
         samples = sample_boxes(records, recipe.eval_boxes)
-        metrics = evaluate_consistency(vlm, samples, out / label / Path(spec.data).stem, ConsistencyConfig(num_boxes=recipe.eval_boxes))
+        cfg = ConsistencyConfig(num_boxes=recipe.eval_boxes)
+        metrics = evaluate_consistency(vlm, samples, out / label / Path(spec.data).stem, cfg, data_name=spec.data)
         results[spec.data] = metrics["consistency_rate"]
     return results
 
@@ -74,9 +83,11 @@ def run_sctune(
 
 def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict], None] | None, evaluate_base: bool) -> dict:
     out = run.out
-    train, filter_counts = detection_items(
-        recipe.train_data.data, recipe.root(recipe.train_data), recipe.train_images, recipe.max_overlap_iou, recipe.min_area_fraction
-    )
+    with PartialState().main_process_first():  # a shapes-world domain is exported once, by the main process
+        train, filter_counts = detection_items(
+            recipe.train_data.data, recipe.root(recipe.train_data), recipe.train_images, recipe.max_overlap_iou, recipe.min_area_fraction
+        )
+        supervised = referring_items(recipe.supervised_data.data, recipe.root(recipe.supervised_data)) if recipe.supervised_data else None
     if not train:
         raise RefloopError(f"no training boxes left after filtering {recipe.train_data.data}: {filter_counts}")
     vlm = recipe.load_vlm(batch_size=recipe.sctune.generation_batch_size)
@@ -84,7 +95,6 @@ def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict],
     # Every process evaluates: under `accelerate launch` each takes its share of the boxes.
     if evaluate_base and recipe.eval_data:
         results["base"] = evaluate(vlm, recipe, out / "eval", "base")
-    supervised = referring_items(recipe.supervised_data.data, recipe.root(recipe.supervised_data)) if recipe.supervised_data else None
     tuner = SCTune.from_base(vlm, recipe.sctune, train, supervised, engine=recipe.vllm_engine(recipe.sctune.lora.r))
     tuner.trainer.track(run.tracking)
     started = time.perf_counter()

@@ -23,6 +23,7 @@ from refloop.data.rc import load_rc_data
 from refloop.data.records import InstructionExample
 from refloop.errors import RefloopError
 from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
+from refloop.models.profiles import PromptProfile
 from refloop.models.spec import ModelSpec
 from refloop.report.plots import sft_curves
 from refloop.training.sft import SFT, SFTConfig
@@ -45,11 +46,14 @@ class SFTRecipe(ModelSpec, TrackingSpec):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="the training hyperparameters")
 
 
-def load_examples(recipe: SFTRecipe, profile: str | None) -> list[InstructionExample]:
+def load_examples(recipe: SFTRecipe, profile: PromptProfile | str | None) -> list[InstructionExample]:
+    """The training examples, refused when written for another prompt profile or pixel frame than
+    the model's (targets in another family's chat format or box frame would train silently wrong)."""
     path = Path(recipe.train_data)
     if not path.is_file():
         raise RefloopError(f"train_data {path} is not a file (write it with `refloop rc-data`)")
-    examples = load_rc_data(path, profile, recipe.images)  # every image confined to the root before anything opens
+    # every image confined to the root before anything opens
+    examples = load_rc_data(path, profile, recipe.images, model=recipe.model or "refloop-tiny")
     if not examples:
         raise RefloopError(f"{path}: no examples")
     return examples
@@ -124,13 +128,15 @@ def run_sft(recipe: SFTRecipe, out: Path, progress: Callable[[dict], None] | Non
     def card(results: dict) -> dict:
         return {k: v for k, v in results.items() if k != "added_words"}
 
-    return run_recipe("sft", recipe, out, body, overwrite, card_metrics=card)
+    def prepare() -> list[InstructionExample]:  # the data checked against the model before its weights load
+        return load_examples(recipe, recipe.load_profile())
+
+    return run_recipe("sft", recipe, out, body, overwrite, card_metrics=card, prepare=prepare)
 
 
 def _run_sft(recipe: SFTRecipe, run: RecipeRun, progress: Callable[[dict], None] | None) -> dict:
-    out = run.out
+    out, examples = run.out, run.prepared
     vlm = recipe.load_vlm(batch_size=recipe.sft.generation_batch_size)
-    examples = load_examples(recipe, recipe.profile)
     missing = unknown_words(vlm.processor.tokenizer, [t for ex in examples for t in (ex.prompt, ex.answer)])
     trainable_tokens = None
     if missing and not recipe.extend_vocabulary:
@@ -146,7 +152,8 @@ def _run_sft(recipe: SFTRecipe, run: RecipeRun, progress: Callable[[dict], None]
         raise RefloopError(f"cannot place adapters on {recipe.model or 'refloop-tiny'}: {exc}") from None
     tuner.trainer.track(run.tracking)
     started = time.perf_counter()
-    summary = tuner.run(out / "train", progress=progress)
+    step = (lambda row: progress(row | {"total_steps": tuner.total_steps})) if progress else None  # the bar's total
+    summary = tuner.run(out / "train", progress=step)
     results: dict = {
         "train_data": recipe.train_data,
         "examples": len(examples),

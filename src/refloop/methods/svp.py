@@ -22,6 +22,7 @@ grounding without scoring (guided samples, a random top fraction).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -43,6 +44,7 @@ from refloop.data.vocabulary import Vocabulary
 from refloop.errors import RefloopError
 from refloop.grounding import Grounder, grounding_context, phrases_from_caption
 from refloop.grounding.phrases import category_phrases
+from refloop.limits import BatchSize, NewTokens, SafeName, Samples, Seed
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.hf import HFVLM
 from refloop.runs import model_fingerprint, shared_run_directory, tensors_digest
@@ -50,6 +52,8 @@ from refloop.seeding import step_seed, text_seeded_rng
 from refloop.training.adapters import LoraSettings
 from refloop.training.sft import SFT, SFTConfig
 from refloop.training.trackers import Tracking
+
+log = logging.getLogger(__name__)
 
 ScoreName = Literal["log_ratio", "weighted_difference", "none"]
 EMPTY, REPEATED, COORDINATES, UNREADABLE = "empty", "repeated_ngrams", "coordinates_in_text", "unreadable"
@@ -149,9 +153,9 @@ class SVPTraining(SFTConfig):
     """The outer loop's SFT with SVP's defaults (Sec. 4): LoRA r 64, alpha 16, one epoch, batch 20."""
 
     epochs: float = Field(1.0, gt=0, description="passes over each iteration's selected samples (SVP: one)")
-    batch_size: int = Field(20, ge=1, description="examples per optimizer step (SVP: 20)")
+    batch_size: BatchSize = Field(20, description="examples per optimizer step (SVP: 20)")
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=64, alpha=16), description="adapter settings (SVP: r 64, alpha 16)")
-    adapter: str = Field("svp", description="name of the trained adapter")
+    adapter: SafeName = Field("svp", description="name of the trained adapter")
 
 
 class SVPConfig(BaseModel):
@@ -160,7 +164,7 @@ class SVPConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    samples: int = Field(20, ge=1, description="K: prior samples (and guided samples) per image")
+    samples: Samples = Field(20, description="K: prior samples (and guided samples) per image")
     top_fraction: float = Field(0.1, gt=0, le=1, description="share of each image's guided samples kept (Eq. 7)")
     score: ScoreName = Field("log_ratio", description="log_ratio: S(q,p) Eq. 5; weighted_difference: Delta(q,p) Eq. 6; none: random")
     grounding: bool = Field(True, description="false: self-captioning without feedback (prior samples, random selection)")
@@ -172,10 +176,10 @@ class SVPConfig(BaseModel):
     cvq_ratio: float = Field(0.0, ge=0, description="SVP (CVQ): visual-query pairs per selected caption (paper: 1.0)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(48, ge=1, description="longest caption sampled")
-    images_per_batch: int = Field(8, ge=1, description="images sampled together (K samples each)")
-    score_batch: int = Field(32, ge=1, description="guided samples per full-vocabulary forward (bounds [B, T, V] memory)")
-    seed: int = 0
+    max_new_tokens: NewTokens = Field(48, description="longest caption sampled")
+    images_per_batch: BatchSize = Field(8, description="images sampled together (K samples each)")
+    score_batch: BatchSize = Field(32, description="guided samples per full-vocabulary forward (bounds [B, T, V] memory)")
+    seed: Seed = Field(0, description="seed of sampling and selection")
     sft: SVPTraining = Field(default_factory=SVPTraining, description="the outer loop's LoRA SFT")
 
 
@@ -435,6 +439,12 @@ class SVP:
         started = time.perf_counter()
         tick = (lambda n: progress(f"iteration {iteration + 1}: inner loop (images)", n, len(records))) if progress else None
         rows = self.sample(iteration, records, work, tick, on_error)
+        ungrounded = sum(not any(c.strip() for c in r["contexts"]) for r in rows)
+        if self.grounder is not None and rows and ungrounded == len(rows) and PartialState().is_main_process:
+            log.warning(
+                f"iteration {iteration + 1}: the grounder found nothing in any of the {len(rows)} images, so the guided captions "
+                "saw no grounding and SVP reduces to self-captioning (check the grounder, its threshold and svp.phrases)"
+            )
         by_id = {r.image_id: r for r in records}
         captions = caption_examples(rows, by_id, self.vlm.profile)
         if not captions:
@@ -462,6 +472,7 @@ class SVP:
             "visual_queries": len(examples) - len(captions),
             "degenerate": dict(sorted(degenerate.items())),
             "dropped_detections": sum(r["dropped_detections"] for r in rows),
+            "images_without_grounding": ungrounded,
             "mean_score_selected": _mean([r["scores"][j] for r in rows for j in r["selected"]]),
             "mean_score_all": _mean([s for r in rows for s, d in zip(r["scores"], r["degenerate"]) if d is None]),
             "sft_steps": tuner.total_steps,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.data.records import ImageRecord, InstructionExample
@@ -16,6 +17,7 @@ from refloop.data.sources import load_detections
 from refloop.data.vocabulary import Vocabulary
 from refloop.errors import RefloopError
 from refloop.grounding import Grounder
+from refloop.limits import Seed
 from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.methods.svp import SVP, SVPConfig
 from refloop.models.spec import ModelSpec
@@ -35,7 +37,16 @@ class GrounderSpec(BaseModel):
     jitter: float = Field(0.05, ge=0, le=1, description="oracle: box corner noise as a fraction of the box size")
     threshold: float | None = Field(None, ge=0, le=1, description="detectors: box score threshold (default: the wrapper's)")
     text_threshold: float | None = Field(None, ge=0, le=1, description="GroundingDINO: phrase token threshold")
-    seed: int = 0
+    seed: Seed = Field(0, description="oracle: seed of its misses, false detections and jitter")
+
+    def check_data(self, shapes: bool, phrases: str) -> None:
+        """Before anything loads: the scene oracle knows the objects of shapes-world scenes only,
+        so it cannot ground a caption's phrases on other images."""
+        if self.kind == "oracle" and phrases != "categories" and not shapes:
+            raise RefloopError(
+                "the scene oracle grounds shapes-world images only: use a shapes-world domain as the data or another grounder "
+                "(grounding-dino, owlv2, florence-2 or vlm)"
+            )
 
     def build(self, vlm, device: str, dtype: str) -> Grounder:
         from refloop.grounding import Florence2Grounder, HFGroundingDINO, HFOwlV2, SceneOracle, VLMGrounder
@@ -120,13 +131,21 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
         final = results["iterations"][-1] if results["iterations"] else {}
         return {k: v for k, v in results.items() if k != "iterations"} | {"final_iteration": final}
 
-    return run_recipe("svp", recipe, out, body, overwrite, card_metrics=card)
+    def prepare() -> None:
+        if recipe.svp.grounding:
+            from refloop.world import DOMAINS
+
+            recipe.grounder.check_data(recipe.train_data in DOMAINS, recipe.svp.phrases)
+        recipe.load_profile()
+
+    return run_recipe("svp", recipe, out, body, overwrite, card_metrics=card, prepare=prepare)
 
 
 def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
     out = run.out
     vlm = recipe.load_vlm(batch_size=recipe.svp.sft.generation_batch_size)
-    records, vocabulary = load_seed_images(recipe)
+    with PartialState().main_process_first():  # a shapes-world domain is exported once, by the main process
+        records, vocabulary = load_seed_images(recipe)
     if recipe.svp.grounding and recipe.svp.phrases != "categories" and vocabulary is None and recipe.grounder.kind == "oracle":
         raise RefloopError("the scene oracle grounds shapes-world images only: use a shapes-world train_data or another grounder.kind")
     grounder = recipe.grounder.build(vlm, recipe.device, recipe.dtype) if recipe.svp.grounding else None

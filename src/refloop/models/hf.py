@@ -91,11 +91,25 @@ def load_parts(
         raise RefloopError(f"cannot load a model config from {path}: {exc}") from None
     validate_config(config)
     processor = load_processor(path, config, trust_remote_code=trust_remote_code, **(processor_options or {}))
+    check_processor_options(processor, processor_options or {}, path)
     if isinstance(profile, str):
         profile = get_profile(profile, processor)
     profile = profile or profile_for_config(config, processor)
     check_profile_fits(profile, processor, path)
     return config, processor, profile
+
+
+def check_processor_options(processor, options: dict, path: str) -> None:
+    """Every processor option must be one the checkpoint's image processor takes: transformers
+    drops an unknown one silently, so a misspelt `max_pixel` would run at the default size."""
+    image_processor = getattr(processor, "image_processor", None)
+    known = set(getattr(type(image_processor), "valid_kwargs", dict).__annotations__) if image_processor is not None else set()
+    if image_processor is not None and hasattr(image_processor, "to_dict"):
+        known |= set(image_processor.to_dict())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+        raise RefloopError(f"processor_options {', '.join(unknown)}: not an option of {path}'s image processor ({takes})")
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")

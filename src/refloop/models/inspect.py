@@ -44,7 +44,7 @@ def inspect_checkpoint(
         "processor": type(processor).__name__,
         "image_processor": type(processor.image_processor).__name__ if getattr(processor, "image_processor", None) else None,
         "codec": codec.name,
-        "codec_options": {k: getattr(codec, k) for k in ("factor", "min_pixels", "max_pixels") if hasattr(codec, k)},
+        "codec_options": chosen.frame,
         "example": {
             "image_size": list(EXAMPLE_SIZE),
             "box_xyxy": EXAMPLE_BOX.as_list(),

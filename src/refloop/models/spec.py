@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from refloop.errors import RefloopError
+from refloop.limits import Threads
 
 
 class ModelSpec(BaseModel):
@@ -21,7 +22,7 @@ class ModelSpec(BaseModel):
     processor_options: dict = Field(default_factory=dict, description="processor settings, e.g. image size limits {max_pixels: ...}")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N, mps")
     dtype: Literal["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = Field("auto", description="auto, fp32, bf16, fp16")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: Threads | None = Field(None, description="torch CPU threads (default: torch's choice)")
     generation_backend: Literal["hf", "vllm"] = Field(
         "hf", description="what generates: hf (transformers) or vllm (a vLLM engine, roles as LoRA adapters; training stays in HF)"
     )
@@ -55,6 +56,29 @@ class ModelSpec(BaseModel):
             threads=self.threads,
         )
 
+    def check_device(self, option: str = "--set device=") -> None:
+        """A device this machine lacks is refused before any data or weights load; `option` is
+        how the user sets the device (`--device ` on commands, `--set device=` on recipes)."""
+        import torch
+
+        way_out = f"use {option}cpu or {option}auto"
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise RefloopError(f"device {self.device!r} asked for, but torch sees no CUDA device here ({way_out})")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise RefloopError(f"device {self.device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s) here")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise RefloopError(f"device 'mps' asked for, but torch sees no Apple GPU here ({way_out})")
+
+    def load_profile(self):
+        """The prompt profile this spec's model takes (with its pixel frame), read from the
+        checkpoint's config and processor: no weights load."""
+        from refloop.models import resolve_model
+        from refloop.models.hf import load_parts
+
+        return load_parts(str(resolve_model(self.model)), self.profile, self.processor_options, self.trust_remote_code)[2]
+
     def load_vlm(self, batch_size: int = 32, generation: bool = False):
         """The model behind the VLM interface, with this spec's settings. A device this machine
         lacks is refused before any weights load. With `generation` (inference-only commands) and
@@ -63,10 +87,7 @@ class ModelSpec(BaseModel):
 
         from refloop.models import load_vlm, resolve_model
 
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RefloopError(f"device {self.device!r} asked for, but torch sees no CUDA device here (use --device cpu or auto)")
-        if self.device == "mps" and not torch.backends.mps.is_available():
-            raise RefloopError("device 'mps' asked for, but torch sees no Apple GPU here (use --device cpu or auto)")
+        self.check_device()
         if self.threads:
             torch.set_num_threads(self.threads)
         if generation and self.generation_backend == "vllm":

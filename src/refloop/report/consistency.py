@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from PIL import Image
@@ -30,11 +31,21 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
-def example_panels(rows: list[dict], count: int) -> list[Image.Image]:
+def example_panels(rows: list[dict], count: int, images: Mapping[str, Callable[[], Image.Image]] | None = None) -> list[Image.Image]:
+    """Panels of the first `count` rows. `images` loads a row's image by its "image" field where
+    the pixels are not a file of that name (a parquet dataset's images are held in memory); a
+    file that is gone since the run is left out rather than ending the report."""
     panels = []
     for r in rows[:count]:
-        with Image.open(r["image"]) as img:
-            image = img.convert("RGB")
+        load = (images or {}).get(r["image"])
+        try:
+            if load is not None:
+                image = load()
+            else:
+                with Image.open(r["image"]) as img:
+                    image = img.convert("RGB")
+        except OSError:
+            continue
         predicted = Box(*r["predicted_box"]) if r.get("predicted_box") else None
         lines = [f"described: {r['caption'] or '(empty)'}", f"IoU {r['iou']:.2f}"]
         if r.get("reference_expression"):
@@ -43,11 +54,14 @@ def example_panels(rows: list[dict], count: int) -> list[Image.Image]:
     return panels
 
 
-def write_consistency_report(out_dir: Path, metrics: dict, examples: int = 8) -> Path:
+def write_consistency_report(
+    out_dir: Path, metrics: dict, examples: int = 8, images: Mapping[str, Callable[[], Image.Image]] | None = None
+) -> Path:
+    """report.html and its PNGs from samples.jsonl; `images` as in `example_panels`."""
     rows = read_records(out_dir / "samples.jsonl")
     ranked = sorted(rows, key=lambda r: (r["iou"], r["id"]))
-    best = save_png(grid(example_panels(ranked[::-1], examples), title="most consistent"), out_dir / "best.png")
-    worst = save_png(grid(example_panels(ranked, examples), title="least consistent"), out_dir / "worst.png")
+    best = save_png(grid(example_panels(ranked[::-1], examples, images), title="most consistent"), out_dir / "best.png")
+    worst = save_png(grid(example_panels(ranked, examples, images), title="least consistent"), out_dir / "worst.png")
     hist = iou_histogram(rows, out_dir / "iou_hist.png", f"{metrics.get('data', '')}: Pr@0.5 = {metrics.get('consistency_rate', 0):.3f}")
     table = "".join(
         f"<tr><td>{html.escape(label)}</td><td>{_fmt(metrics.get(key))}</td></tr>" for key, label in METRIC_LABELS.items() if key in metrics

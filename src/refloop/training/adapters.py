@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from refloop.errors import RefloopError
+from refloop.limits import LoraRank
 from refloop.models.lora import language_model_targets, vision_targets
 from refloop.training import distributed
 
@@ -28,7 +30,7 @@ AUTO_TARGETS = "auto"
 class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    r: int = Field(16, ge=1, description="LoRA rank")
+    r: LoraRank = Field(16, description="LoRA rank")
     alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 keeps rollouts and updates deterministic)")
     target_modules: str | list[str] = Field(
@@ -36,17 +38,54 @@ class LoraSettings(BaseModel):
     )
     vision_tower: bool = Field(False, description="also adapt every Linear and Conv2d of the vision tower (LoRA, never full tuning)")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _compiles(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value or not all(value):
+                raise ValueError("a list of module names must hold at least one non-empty name")
+        elif value != AUTO_TARGETS:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression ({exc})") from None
+        return value
+
+
+def _matches(targets: str | list[str], name: str) -> bool:
+    """PEFT's rule: a regex must match the whole module name, a list entry its last components."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_targets(model: torch.nn.Module, targets: str | list[str], lora: LoraSettings) -> None:
+    """Before PEFT touches the model: the targets must name at least one layer LoRA can adapt
+    (else the message lists the candidates), and the rank must not exceed every such layer's
+    width (the update B A has rank at most min(in, out): a larger r only allocates)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding))}
+    matched = [m for n, m in layers.items() if _matches(targets, n)]
+    if not matched:
+        candidates = list(dict.fromkeys(re.sub(r"\.\d+\.", ".N.", n) for n in layers))
+        shown = ", ".join(candidates[:15]) + (f" (+{len(candidates) - 15} more)" if len(candidates) > 15 else "")
+        raise RefloopError(f"lora.target_modules {targets!r} matches no Linear, Conv2d or Embedding layer; candidates: {shown}")
+    widest = max(min(m.weight.shape[0], m.weight[0].numel()) for m in matched)
+    if lora.r > widest:
+        raise RefloopError(f"lora.r {lora.r} exceeds the rank any adapted layer can take (at most {widest} here); choose r <= {widest}")
+
 
 def lora_targets(model: torch.nn.Module, lora: LoraSettings) -> str | list[str]:
     """PEFT's target_modules for `lora` on `model`: the settings' targets, plus the vision tower's
-    layers (as escaped full paths) when `lora.vision_tower`."""
+    layers (as escaped full paths) when `lora.vision_tower`, checked against the model."""
     targets = language_model_targets(model) if lora.target_modules == AUTO_TARGETS else lora.target_modules
-    if not lora.vision_tower:
-        return targets
-    vision = vision_targets(model)
-    if isinstance(targets, list):
-        return list(dict.fromkeys(targets + vision))
-    return "|".join([f"(?:{targets})", *(re.escape(n) for n in vision)])
+    if lora.vision_tower:
+        vision = vision_targets(model)
+        if isinstance(targets, list):
+            targets = list(dict.fromkeys(targets + vision))
+        else:
+            targets = "|".join([f"(?:{targets})", *(re.escape(n) for n in vision)])
+    _check_targets(model, targets, lora)
+    return targets
 
 
 class NamedAdapters:

@@ -37,9 +37,11 @@ def model_card(base_model: str, method: str, recipe: dict, metrics: dict | None 
         )
     else:
         load = (
-            "```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
-            'model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder")\n'
-            'processor = AutoProcessor.from_pretrained("path/to/this/folder")\n```'
+            "```python\nfrom refloop.models import load_vlm\n\n"
+            'vlm = load_vlm("path/to/this/folder")  # model, processor and prompt profile\n```\n\n'
+            "With transformers alone: `AutoModelForImageTextToText.from_pretrained` loads the model; "
+            "`AutoProcessor.from_pretrained` needs torchvision for the processors of Qwen-VL and InternVL "
+            "(refloop's loader builds them without their video half)."
         )
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---",

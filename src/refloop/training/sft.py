@@ -10,12 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refloop.data.records import InstructionExample
+from refloop.limits import BatchSize, SafeName, Seed
 from refloop.models.hf import HFVLM
 from refloop.seeding import step_seed
-from refloop.training.adapters import LoraSettings, NamedAdapters
+from refloop.training.adapters import REFERENCE, LoraSettings, NamedAdapters
 from refloop.training.losses import answer_nll
 from refloop.training.trainer import Trainer
 
@@ -24,16 +25,23 @@ class SFTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: float = Field(1.0, gt=0, description="passes over the examples (SVP: one epoch)")
-    batch_size: int = Field(16, ge=1, description="examples per optimizer step")
+    batch_size: BatchSize = Field(16, description="examples per optimizer step")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
-    micro_batch_size: int | None = Field(None, ge=1, description="examples per forward+backward (gradients accumulate)")
+    micro_batch_size: BatchSize | None = Field(None, description="examples per forward+backward (gradients accumulate)")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="adapter settings")
-    adapter: str = Field("sft", description="name of the trained adapter")
-    seed: int = Field(0, description="seed of adapter init and data order")
+    adapter: SafeName = Field("sft", description="name of the trained adapter")
+    seed: Seed = Field(0, description="seed of adapter init and data order")
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints")
-    generation_batch_size: int = Field(32, ge=1, description="sequences per forward batch")
+    generation_batch_size: BatchSize = Field(32, description="sequences per forward batch")
+
+    @field_validator("adapter")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == REFERENCE:
+            raise ValueError(f"{REFERENCE!r} is reserved for the frozen reference adapter")
+        return value
 
 
 def epoch_order(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
