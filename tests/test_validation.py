@@ -40,7 +40,7 @@ def recipe_file(tmp_path, fields: dict) -> str:
 
 def test_absurd_thread_counts_are_refused_before_anything_loads(tmp_path, capsys, no_weights):
     args = ["bootstrap", "--data", "in-domain", "--out", str(tmp_path / "b"), "--threads", "100000000"]
-    assert_refused(run_cli(args, capsys), "--threads", "CPU cores")
+    assert_refused(run_cli(args, capsys), "threads", "CPU cores")
     path = recipe_file(tmp_path, {"train_data": "wild", "threads": 100000000})
     assert_refused(run_cli(["svp", "--config", path, "--out", str(tmp_path / "s")], capsys), "threads", "CPU cores")
     assert not (tmp_path / "b").exists() and not (tmp_path / "s").exists()
@@ -73,9 +73,9 @@ def test_absurd_sizes_and_seeds_in_recipes_are_refused(tmp_path, capsys, command
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["bootstrap", "--data", "in-domain", "--samples", "1000000000"], "--samples"),
-        (["bootstrap", "--data", "in-domain", "--batch-size", "1000000000"], "--batch-size"),
-        (["bootstrap", "--data", "in-domain", "--seed", "-1"], "--seed"),
+        (["bootstrap", "--data", "in-domain", "--samples", "1000000000"], "bootstrap.samples"),
+        (["bootstrap", "--data", "in-domain", "--batch-size", "1000000000"], "bootstrap.batch_size"),
+        (["bootstrap", "--data", "in-domain", "--seed", "-1"], "bootstrap.seed"),
         (["bootstrap", "--data", "in-domain", "--scene-seed", "99999999999"], "--scene-seed"),
         (["consistency", "--data", "in-domain", "--batch-size", "1000000000"], "--batch-size"),
         (["consistency", "--data", "in-domain", "--seed", "-3"], "--seed"),
