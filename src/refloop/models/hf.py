@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers.cache_utils import DynamicCache
 
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
 from refloop import parallel
@@ -138,6 +141,60 @@ def placeholder_tokens(config, processor) -> set[int]:
     return {t for t in found if isinstance(t, int)}
 
 
+@contextlib.contextmanager
+def shared_prompt_prefill(model) -> Iterator[None]:
+    """Within this context, a `generate()` of `num_return_sequences = K > 1` prefills each prompt
+    once, then repeats its cache and first-step logits K times, instead of prefilling the K
+    copies that transformers makes of every prompt before the prefill.
+
+    The K copies are the same rows, so their prefill is the same computation; the decode steps,
+    the sampling (and its random draws) and the outputs are generate()'s own. It hooks two steps
+    of transformers' generate (>= 5.2x): `_expand_inputs_for_generation` (to keep the prompt
+    inputs as they were before the expansion) and `_prefill` (to run it on those and expand the
+    result with the cache's own `batch_repeat_interleave`). Anywhere it cannot apply (an
+    encoder-decoder, whose decoder prefill is one start token; a cache other than DynamicCache;
+    a transformers without those steps) generate() runs unchanged."""
+    hooks = ("_expand_inputs_for_generation", "_prefill")
+    if getattr(model.config, "is_encoder_decoder", False) or not all(callable(getattr(model, h, None)) for h in hooks):
+        yield
+        return
+    expand, prefill = model._expand_inputs_for_generation, model._prefill
+    before: dict = {}
+
+    def expand_keeping_prompts(expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        before.update(size=expand_size, input_ids=input_ids, kwargs=dict(model_kwargs))
+        if isinstance(model_kwargs.get("mm_encoder_outputs"), dict):
+            # Expanded in place (their pooler_output is reassigned): expand copies, keep these.
+            model_kwargs["mm_encoder_outputs"] = {m: copy.copy(o) for m, o in model_kwargs["mm_encoder_outputs"].items()}
+        return expand(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+
+    def prefill_once(input_ids, generation_config, model_kwargs, is_first_iteration: bool = True, **kw):
+        k, prompts = before.get("size", 1), before.get("input_ids")
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if (
+            k <= 1
+            or prompts is None
+            or input_ids.shape[0] != prompts.shape[0] * k
+            or type(cache) is not DynamicCache
+            or cache.get_seq_length() > 0
+        ):
+            return prefill(input_ids, generation_config, model_kwargs, is_first_iteration, **kw)
+        # The prompt inputs as they were before the expansion; what generate() added after it
+        # (the cache, logits_to_keep, use_cache) stays.
+        outputs = prefill(prompts, generation_config, {**model_kwargs, **before["kwargs"]}, is_first_iteration, **kw)
+        if outputs.get("cache", outputs.get("past_key_values")) is not cache:
+            raise RuntimeError("shared prompt prefill: the model returned another cache than generate() passed")
+        cache.batch_repeat_interleave(k)
+        outputs.logits = outputs.logits.repeat_interleave(k, dim=0)
+        return outputs
+
+    model._expand_inputs_for_generation, model._prefill = expand_keeping_prompts, prefill_once
+    try:
+        yield
+    finally:
+        del model._expand_inputs_for_generation, model._prefill
+
+
 class HFVLM(ProfileTasks):
     """Batched generation with left padding; log-probs from one forward pass with the real mask.
     Decoder-only and encoder-decoder (Florence-2) models alike."""
@@ -160,6 +217,9 @@ class HFVLM(ProfileTasks):
         # Whole-sequence forwards of rows that share an image reuse its image tokens' states, where
         # the family can (refloop-tiny); equal up to float rounding, so trainers opt in (SC-Tune).
         self.share_image_states = False
+        # K samples of a prompt share one prefill of it (`shared_prompt_prefill`); the same
+        # computation on fewer rows, so on by default (False: the plain generate(), for A/B runs).
+        self.shared_prefill = True
 
     @classmethod
     def from_pretrained(
@@ -250,7 +310,9 @@ class HFVLM(ProfileTasks):
             batches += [batches[-1]] * (parallel.max_over_processes(real) - real)
         for call, batch in enumerate(batches):
             inputs = self._inputs([images[i] for i in batch], [prompts[i] for i in batch])
-            generated = self.model.generate(**inputs, **kwargs)
+            shared = self.shared_prefill and options.num_return_sequences > 1 and "synced_gpus" not in kwargs
+            with shared_prompt_prefill(self.model) if shared else contextlib.nullcontext():
+                generated = self.model.generate(**inputs, **kwargs)
             if call >= real:
                 continue
             # Decoder-only: the prompt comes back first; encoder-decoder: the decoder start token.

@@ -370,6 +370,9 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
                 past_key_values.refloop_grid = grid
         elif past_key_values is not None and hasattr(past_key_values, "refloop_grid"):
             grid, region_maps = past_key_values.refloop_grid, None
+            if grid.shape[0] != input_ids.shape[0]:
+                # A prompt prefilled once for its K samples: the cache was repeated K times after the prefill.
+                grid = past_key_values.refloop_grid = grid.repeat_interleave(input_ids.shape[0] // grid.shape[0], dim=0)
         else:
             raise ValueError("refloop-tiny needs pixel_values on the first forward pass")
 

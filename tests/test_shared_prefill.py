@@ -1,0 +1,75 @@
+"""One prompt prefill shared by the K samples of a prompt (issue 22, item 4, lever 2): the samples
+are generate()'s own, token for token given the seed, on refloop-tiny and real families."""
+
+from __future__ import annotations
+
+import families
+import pytest
+import torch
+from helpers import scene_images, tiny_random_model
+
+from refloop.codecs.profiles import profile_for_config
+from refloop.models.base import GenerateOptions
+from refloop.models.hf import HFVLM
+
+BUILDERS = {
+    "refloop_tiny": tiny_random_model,
+    "qwen2_vl": families.qwen2_vl,
+    "paligemma": families.paligemma,
+    "internvl": families.internvl,
+}
+K = 4
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def vlm(request):
+    model, processor = BUILDERS[request.param]()
+    return HFVLM(model, processor, profile_for_config(model.config, processor), batch_size=8)
+
+
+def _prefill_rows(vlm, run):
+    """Rows of every forward that starts from an empty cache (a prefill), while `run` runs."""
+    rows = []
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or cache.get_seq_length() == 0:
+            rows.append(kwargs["input_ids"].shape[0])
+
+    handle = vlm.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        return run(), rows
+    finally:
+        handle.remove()
+
+
+def _sample(vlm, shared: bool, images, prompts, options, seed: int = 7):
+    vlm.shared_prefill = shared
+    torch.manual_seed(seed)
+    return _prefill_rows(vlm, lambda: [[c.token_ids for c in g] for g in vlm.generate(images, prompts, options)])
+
+
+def test_k_samples_share_one_prefill_and_sample_the_same_tokens(vlm):
+    scenes, images = scene_images(3)
+    images = images + images[:1]  # two prompts on one image as well
+    boxes = [s.objects[0].box for s in scenes] + [scenes[0].objects[-1].box]
+    prompts = [vlm.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
+    options = GenerateOptions(do_sample=True, temperature=1.0, top_k=100, top_p=0.95, max_new_tokens=8, num_return_sequences=K)
+    shared, shared_rows = _sample(vlm, True, images, prompts, options)
+    plain, plain_rows = _sample(vlm, False, images, prompts, options)
+    assert shared_rows == [len(prompts)] and plain_rows == [len(prompts) * K]  # the lever ran, once per batch
+    assert shared == plain  # bit for bit: same tokens, same stopping
+    assert any(len(set(group)) > 1 for group in shared)  # random weights: the K samples differ, so the RNG is exercised
+
+
+def test_shared_prefill_is_the_same_across_batches_and_seeds(vlm):
+    """Several generate() calls (batch_size 8 rows of prompts: two calls), another seed, top-k only."""
+    scenes, images = scene_images(3)
+    images = [img for img in images for _ in range(3)]
+    boxes = [o.box for s in scenes for o in s.objects[:3]][: len(images)]
+    images = images[: len(boxes)]
+    prompts = [vlm.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
+    options = GenerateOptions(do_sample=True, top_k=5, max_new_tokens=6, num_return_sequences=2)
+    shared, rows = _sample(vlm, True, images, prompts, options, seed=11)
+    assert shared == _sample(vlm, False, images, prompts, options, seed=11)[0]
+    assert sum(rows) == len(prompts)
