@@ -73,3 +73,42 @@ def test_shared_prefill_is_the_same_across_batches_and_seeds(vlm):
     shared, rows = _sample(vlm, True, images, prompts, options, seed=11)
     assert shared == _sample(vlm, False, images, prompts, options, seed=11)[0]
     assert sum(rows) == len(prompts)
+
+
+def test_refloop_tiny_prefill_shares_image_states_among_the_queries_on_one_image():
+    """Opt-in (`share_image_states`): the image tokens' keys and values once per distinct image
+    in generate()'s prefill. Equal up to float rounding: the first step's logits within 1e-5, and
+    here the greedy answers and the samples token for token."""
+    model, processor = tiny_random_model()
+    vlm = HFVLM(model, processor, profile_for_config(model.config, processor), batch_size=16)
+    scenes, images = scene_images(3)
+    images = [img for img in images for _ in range(4)]  # four queries on each image
+    words = ["the red circle", "a small green triangle left of the blue square", "square", "the thing above"]
+    expressions = [w for _ in scenes for w in words]
+    inputs = vlm._inputs(images, [vlm.profile.rec_prompt(e) for e in expressions])
+    assert inputs["pixel_values"].shape[0] == 3 and inputs["attention_mask"].min() == 0  # shared images, left padding
+
+    from transformers.cache_utils import DynamicCache
+
+    with torch.no_grad():
+        caches = [DynamicCache(config=model.config) for _ in range(2)]
+        plain = model(**inputs, cache=caches[0], use_cache=True, logits_to_keep=1)
+        shared = model(**inputs, cache=caches[1], use_cache=True, logits_to_keep=1, share_image_states=True)
+    torch.testing.assert_close(shared.logits, plain.logits, rtol=0, atol=1e-5)
+    mask = inputs["attention_mask"].bool()[:, None, :, None]
+    for a, b in zip(caches[0].layers, caches[1].layers):  # the cache, at every real (unpadded) position
+        torch.testing.assert_close(b.keys * mask, a.keys * mask, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.values * mask, a.values * mask, rtol=0, atol=1e-5)
+
+    taken = []
+    prefill = model._shared_image_prefill
+    model._shared_image_prefill = lambda *a: taken.append(prefill(*a)) or taken[-1]
+    prompts = [vlm.profile.rec_prompt(e) for e in expressions]
+    options = GenerateOptions(do_sample=True, top_k=100, max_new_tokens=8, num_return_sequences=K)
+    outputs = {}
+    for share in (False, True):
+        vlm.share_image_states = share
+        located = [loc.text for loc in vlm.locate(images, expressions)]
+        outputs[share] = (located, _sample(vlm, True, images, prompts, options)[0])
+    assert len(taken) == 2 and all(t is not None for t in taken)  # the shared prefill ran (greedy, then sampled)
+    assert outputs[True] == outputs[False]

@@ -214,8 +214,9 @@ class HFVLM(ProfileTasks):
         # taken for an image slot and the forward fails or reads garbage.
         suppressed = set(model.generation_config.suppress_tokens or []) | placeholder_tokens(model.config, processor)
         self.suppress_tokens = sorted(suppressed)
-        # Whole-sequence forwards of rows that share an image reuse its image tokens' states, where
-        # the family can (refloop-tiny); equal up to float rounding, so trainers opt in (SC-Tune).
+        # Rows that share an image reuse its image tokens' states, where the family can (refloop-tiny),
+        # in whole-sequence forwards and in generate()'s prefill (the locator's queries on one image);
+        # equal up to float rounding, so trainers opt in (SC-Tune).
         self.share_image_states = False
         # K samples of a prompt share one prefill of it (`shared_prompt_prefill`); the same
         # computation on fewer rows, so on by default (False: the plain generate(), for A/B runs).
@@ -310,6 +311,8 @@ class HFVLM(ProfileTasks):
             batches += [batches[-1]] * (parallel.max_over_processes(real) - real)
         for call, batch in enumerate(batches):
             inputs = self._inputs([images[i] for i in batch], [prompts[i] for i in batch])
+            if self.share_image_states and "image_index" in inputs:
+                inputs["share_image_states"] = True
             shared = self.shared_prefill and options.num_return_sequences > 1 and "synced_gpus" not in kwargs
             with shared_prompt_prefill(self.model) if shared else contextlib.nullcontext():
                 generated = self.model.generate(**inputs, **kwargs)

@@ -263,6 +263,21 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
 
         Equals `forward` on '<image> x grid^2 + input_ids' (right-padded text); tested.
         """
+        _, txt, txt_grid = self._shared_image_layers(pixel_values, image_index, input_ids, attention_mask)
+        return self._logits(txt, txt_grid)
+
+    def _shared_image_layers(
+        self,
+        pixel_values: torch.Tensor,
+        image_index: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        keep=None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoder over right-padded text rows that follow the image tokens, the image tokens'
+        states computed once per distinct image: (image states, text states, each row's grid)
+        after the last layer. `keep(layer_idx, keys, values)` receives every layer's keys and
+        values of the rows ([image tokens, text])."""
         n_img = self.config.num_cells
         grid, maps = self.encode_images(pixel_values)
         img = grid + self.embed_positions(torch.arange(n_img, device=grid.device))
@@ -280,12 +295,33 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             img_out = attn.out(F.scaled_dot_product_attention(qi, ki, vi))
             keys = torch.cat([ki[image_index], kt], dim=2)
             values = torch.cat([vi[image_index], vt], dim=2)
+            if keep is not None:
+                keep(attn.layer_idx, keys, values)
             txt_out = attn.out(F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask))
             img = img + img_out
             img = img + layer.mlp(layer.post_attention_layernorm(img))
             txt = txt + txt_out
             txt = txt + layer.mlp(layer.post_attention_layernorm(txt))
-        return self._logits(txt, txt_grid)
+        return img, txt, txt_grid
+
+    def _image_prefix_text(self, input_ids: torch.LongTensor, mask: torch.Tensor) -> tuple | None:
+        """Left-padded rows that start with the image tokens, split: (first real position of each
+        row, its text length, the text after the image tokens right-padded, its mask); None when
+        a row does not start with the image tokens."""
+        n_img = self.config.num_cells
+        start = mask.long().argmax(dim=1)  # first real token of each row (left padding)
+        cols = start[:, None] + torch.arange(n_img, device=input_ids.device)
+        if int(cols.max()) >= input_ids.shape[1] or not bool((input_ids.gather(1, cols) == self.config.image_token_id).all()):
+            return None
+        length = input_ids.shape[1] - start - n_img
+        width = int(length.max())
+        pos = torch.arange(width, device=input_ids.device)
+        src = (start + n_img)[:, None] + pos
+        valid = pos[None, :] < length[:, None]
+        src = src.clamp(max=input_ids.shape[1] - 1)
+        text = torch.where(valid, input_ids.gather(1, src), self.config.pad_token_id or 0)
+        text_mask = torch.where(valid, mask.gather(1, src), 0)
+        return start, length, text, text_mask
 
     def _shared_image_forward(
         self,
@@ -304,20 +340,10 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         n_img, b = self.config.num_cells, input_ids.shape[0]
         if pixel_values.shape[0] >= b or logits_to_keep <= 0:
             return None
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        start = mask.long().argmax(dim=1)  # first real token of each row (left padding)
-        cols = start[:, None] + torch.arange(n_img, device=input_ids.device)
-        if int(cols.max()) >= input_ids.shape[1] or not bool((input_ids.gather(1, cols) == self.config.image_token_id).all()):
+        split = self._image_prefix_text(input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids))
+        if split is None:
             return None
-        # Text after the image tokens, right-padded.
-        length = input_ids.shape[1] - start - n_img
-        width = int(length.max())
-        pos = torch.arange(width, device=input_ids.device)
-        src = (start + n_img)[:, None] + pos
-        valid = pos[None, :] < length[:, None]
-        src = src.clamp(max=input_ids.shape[1] - 1)
-        text = torch.where(valid, input_ids.gather(1, src), self.config.pad_token_id or 0)
-        text_mask = torch.where(valid, mask.gather(1, src), 0)
+        start, _, text, text_mask = split
         logits = self.forward_shared_images(pixel_values, image_index, text, text_mask)
         # Back to the original layout: its last `logits_to_keep` positions, which are text.
         orig = torch.arange(input_ids.shape[1] - logits_to_keep, input_ids.shape[1], device=input_ids.device)
@@ -325,6 +351,43 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         if bool((at < 0).any()):
             return None
         return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def _shared_image_prefill(
+        self,
+        pixel_values: torch.Tensor,
+        image_index: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        cache: Cache,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor | None:
+        """A generate() prefill whose rows share images (the locator's queries on one image, the
+        describer's boxes of one image): the image tokens attend only to each other, so their keys
+        and values depend on the image alone and a prefix cache of them is valid for any text
+        that follows. They are computed once per distinct image, every row runs only its text
+        (`_shared_image_layers`), and `cache` is filled in each row's own left-padded layout, so
+        the decode steps are the plain ones. Returns the logits `forward` returns (the last
+        `logits_to_keep` positions, 0: all; a padding position's mean nothing), or None when the
+        layout differs (then the plain prefill runs). Equal to the plain prefill up to float
+        rounding (~1e-6), not bit for bit, hence opt-in (`share_image_states`)."""
+        total = input_ids.shape[1]
+        split = self._image_prefix_text(input_ids, attention_mask)
+        if split is None or self.config.num_cells + split[2].shape[1] != total or int(split[1].min()) < 1:
+            return None
+        start, _, text, text_mask = split
+        # Row b's cache position p holds [image tokens, text] position (p - start_b) mod total:
+        # its left padding takes the right-padded text's tail, which the attention mask hides.
+        layout = (torch.arange(total, device=input_ids.device)[None, :] - start[:, None]) % total
+
+        def keep(layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+            at = layout[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+            cache.update(keys.gather(2, at), values.gather(2, at), layer_idx)
+
+        img, txt, txt_grid = self._shared_image_layers(pixel_values, image_index, text, text_mask, keep)
+        cache.refloop_grid = txt_grid
+        states = torch.cat([img[image_index], txt], dim=1)
+        states = states.gather(1, layout[:, -logits_to_keep:, None].expand(-1, -1, states.shape[-1]))  # -0: every position
+        return self._logits(states, txt_grid)
 
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.vision(pixel_values.to(self.dtype))
@@ -349,15 +412,29 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         one encoded image (training runs several queries per rendered scene). `logits_to_keep > 0`
         computes logits for the last that many positions only (0: all), as transformers' models do:
         log-probs of an answer need no vocabulary logits over the image and prompt.
-        `share_image_states` (whole-sequence forwards only: log-probs, training): rows that share an
-        image reuse its image tokens' states (`_shared_image_forward`); equal to the plain forward
-        up to float rounding (~1e-6), not bit for bit, hence opt-in."""
+        `share_image_states`: rows that share an image reuse its image tokens' states, in
+        whole-sequence forwards (log-probs, training: `_shared_image_forward`) and in generate()'s
+        prefill (`_shared_image_prefill`); equal to the plain forward up to float rounding (~1e-6),
+        not bit for bit, hence opt-in."""
         past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 names it `cache`
         if share_image_states and pixel_values is not None and image_index is not None and past_key_values is None and not use_cache:
             shared = self._shared_image_forward(pixel_values, image_index, input_ids, attention_mask, logits_to_keep)
             if shared is not None:
                 return CausalLMOutputWithPast(logits=shared)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if (
+            share_image_states
+            and use_cache
+            and past_len == 0
+            and pixel_values is not None
+            and image_index is not None
+            and pixel_values.shape[0] < input_ids.shape[0]
+        ):
+            cache = past_key_values if past_key_values is not None else DynamicCache(config=self.config)
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            logits = self._shared_image_prefill(pixel_values, image_index, input_ids, mask, cache, logits_to_keep)
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache})
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape[0], past_len + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
         if use_cache and past_key_values is None:
@@ -425,6 +502,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             "attention_mask": attention_mask,
             "pixel_values": pixel_values,
             "image_index": kwargs.get("image_index") if pixel_values is not None else None,
+            "share_image_states": bool(kwargs.get("share_image_states")) and pixel_values is not None,
             _CACHE_FIELD: cache,
             "use_cache": kwargs.get("use_cache", True),
         }
