@@ -9,7 +9,8 @@ Reproduce (TRL lives in its own venv so the main one stays untouched):
 
 Options: --model tiny|100m|both (default both), --steps N (timed steps, default 20), --warmup N
 (untimed first steps, default 2), --boxes N (boxes a step; default 8 for tiny, 2 for 100m),
---out FILE (default benchmarks/results/peer_trl.json). The default run takes about 15 minutes on
+--out FILE (default benchmarks/results/peer_trl.json; models not run keep their entries there, each
+entry records the run that measured it under "run"). The default run takes about 15 minutes on
 one core (100m: about 4.5 minutes per system).
 
 "Same work" means, on both sides:
@@ -682,10 +683,18 @@ def write(runs: dict, args) -> None:
         "python": platform.python_version(),
         "models": {},
     }
+    # A run of some models keeps the others' entries, each with the run that measured it.
+    run_keys = ("command", "cpu_affinity", "refloop_source", "torch", "transformers", "trl", "python")
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    for name, entry in previous.get("models", {}).items():
+        if name not in runs:
+            entry.setdefault("run", {k: previous.get(k) for k in run_keys})
+            out["models"][name] = entry
     for name, pair in runs.items():
         r, t = pair["refloop"], pair["trl"]
         out["models"][name] = {
             "description": MODELS[name]["desc"],
+            "run": {k: out[k] for k in run_keys},
             "refloop": r,
             "trl": t,
             "ratio_samples_per_second": round(r["samples_per_second"] / t["samples_per_second"], 3),

@@ -2,12 +2,19 @@
 
     python benchmarks/step_cost.py [--batch 64] [--group 4] [--threads 1]
     python benchmarks/step_cost.py --b0-lever     # only the A/B of the LoRA-B=0 lever, merged into the JSON
+    python benchmarks/step_cost.py --prefill-lever  # only the A/B of the shared prompt prefill, merged likewise
 
 `--b0-lever` (issue 22, item 4): the frozen, never-trained locator of a describer phase has LoRA
 B = 0, and such an adapter now runs as the base (no LoRA matmuls, same outputs bit for bit). The
 describer step and the locator's greedy answers alone are timed with the lever on and off,
 alternating within one process (so a busy machine slows both arms alike), and written under
 "b0_lever" into the existing JSON, whose other numbers are kept.
+
+`--prefill-lever` (issue 22, item 4): the K samples of a box share one prompt prefill (exact), and
+the frozen locator's queries on one image share its image tokens' prefill (SC-Tune's
+share_image_states; equal up to float rounding). The describer's sampling, the locator's answers
+and the describer step are timed with the lever on and off, alternating within one process, and
+written under "prefill_lever" (with each repeat's ratio, so the spread shows).
 
 Writes benchmarks/results/step_cost.json. Three units of work on refloop-tiny (crowded scenes):
 an SC-Tune describer step (group baseline: K samples per box, the frozen locator re-locating every
@@ -185,6 +192,64 @@ def b0_lever(tuner: SCTune, items: list[BoxItem], repeats: int) -> dict:
     return out
 
 
+def prefill_lever(tuner: SCTune, items: list[BoxItem], repeats: int) -> dict:
+    """Shared prompt prefill (issue 22, item 4, lever 2), on and off alternating: the describer's
+    K samples of each box, the frozen locator's greedy answers (K queries per image) and the
+    whole describer step. Both arms run the first lever (LoRA B = 0 as the base)."""
+    from refloop.cycle import describe_then_locate
+
+    images, boxes = [it.load_image() for it in items], [it.box for it in items]
+    k = tuner.cfg.group_size
+    sampling = GenerateOptions(do_sample=True, top_k=100, top_p=0.9, max_new_tokens=12, num_return_sequences=k)
+    expressions = describe_then_locate(tuner.describer, tuner.locator, images, boxes, sampling).expressions
+    r_images = [img for img in images for _ in range(k)]
+    prompts = [tuner.vlm.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
+    units = ("describer_sampling", "locator_answers", "describer_step")
+    times: dict[str, dict[str, list[float]]] = {u: {"on": [], "off": []} for u in units}
+    identical, differing = True, 0
+    for repeat in range(repeats):
+        # The describer is trained by each step: both arms sample and answer first, then both step;
+        # the arms' order alternates between repeats.
+        order = ("on", "off") if repeat % 2 == 0 else ("off", "on")
+        outputs = {}
+        for arm in order:
+            tuner.vlm.shared_prefill = arm == "on"
+            torch.manual_seed(1)
+            t0 = time.perf_counter()
+            sampled = [[c.token_ids for c in g] for g in tuner.describer.generate(images, prompts, sampling)]
+            times["describer_sampling"][arm].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            located = [loc.text for loc in tuner.locator.locate(r_images, expressions)]
+            times["locator_answers"][arm].append(time.perf_counter() - t0)
+            outputs[arm] = sampled, located
+        identical &= outputs["on"][0] == outputs["off"][0]
+        differing += sum(a != b for a, b in zip(outputs["on"][1], outputs["off"][1]))
+        for arm in order:
+            tuner.vlm.shared_prefill = arm == "on"
+            t0 = time.perf_counter()
+            tuner.describer_step(items)
+            times["describer_step"][arm].append(time.perf_counter() - t0)
+    tuner.vlm.shared_prefill = True
+    out: dict = {}
+    for unit, arms in times.items():
+        on, off = (sum(arms[a]) / len(arms[a]) for a in ("on", "off"))
+        ratios = [b / a for a, b in zip(arms["on"], arms["off"])]
+        out[unit] = {
+            "lever_on_seconds": round(on, 3),
+            "lever_off_seconds": round(off, 3),
+            "speedup": round(off / on, 3),
+            "speedup_per_repeat": [round(r, 3) for r in ratios],
+        }
+    out["describer_sampling"]["samples"] = len(prompts) * k
+    out["locator_answers"]["queries"] = len(expressions)
+    # K samples: token for token given the seed; the locator's answers: equal up to float
+    # rounding by construction (the image tokens' states computed once per image), compared here.
+    out["identical_samples_given_seed"] = identical
+    out["locator_answers_differing"] = differing
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64, help="boxes per step / batch")
@@ -193,6 +258,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "step_cost.json")
     parser.add_argument("--b0-lever", action="store_true", help="only the A/B of the LoRA-B=0 lever, merged into --out")
+    parser.add_argument("--prefill-lever", action="store_true", help="only the A/B of the shared prompt prefill, merged into --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["REFLOOP_NO_PROGRESS"] = "1"
@@ -214,10 +280,11 @@ def main() -> None:
     items = _items(args.batch)
     tuner = SCTune.from_base(vlm, cfg, items)
     model = tuner.vlm.model
-    if args.b0_lever:
+    if args.b0_lever or args.prefill_lever:
         tuner.describer_step(items)  # warm-up; the describer is trained from here on, the locator is not
+        key, lever = ("b0_lever", b0_lever) if args.b0_lever else ("prefill_lever", prefill_lever)
         result = json.loads(args.out.read_text()) if args.out.exists() else {}
-        result["b0_lever"] = {"threads": args.threads, "batch": args.batch, "group": args.group, **b0_lever(tuner, items, args.repeats)}
+        result[key] = {"threads": args.threads, "batch": args.batch, "group": args.group, **lever(tuner, items, args.repeats)}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         return
     rows = [

@@ -218,8 +218,9 @@ class HFVLM(ProfileTasks):
         # in whole-sequence forwards and in generate()'s prefill (the locator's queries on one image);
         # equal up to float rounding, so trainers opt in (SC-Tune).
         self.share_image_states = False
-        # K samples of a prompt share one prefill of it (`shared_prompt_prefill`); the same
-        # computation on fewer rows, so on by default (False: the plain generate(), for A/B runs).
+        # K samples of a prompt share one prefill of it (`shared_prompt_prefill`): the same
+        # computation on fewer rows, so on by default; with share_image_states the prefill also
+        # computes the image tokens once per image. False: the plain generate() (A/B runs).
         self.shared_prefill = True
 
     @classmethod
@@ -311,8 +312,8 @@ class HFVLM(ProfileTasks):
             batches += [batches[-1]] * (parallel.max_over_processes(real) - real)
         for call, batch in enumerate(batches):
             inputs = self._inputs([images[i] for i in batch], [prompts[i] for i in batch])
-            if self.share_image_states and "image_index" in inputs:
-                inputs["share_image_states"] = True
+            if self.shared_prefill and self.share_image_states and "image_index" in inputs:
+                inputs["share_image_states"] = True  # the prefill computes each image's tokens once
             shared = self.shared_prefill and options.num_return_sequences > 1 and "synced_gpus" not in kwargs
             with shared_prompt_prefill(self.model) if shared else contextlib.nullcontext():
                 generated = self.model.generate(**inputs, **kwargs)
