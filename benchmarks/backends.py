@@ -112,7 +112,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("REFLOOP_THREADS", "1")))
 
     from refloop.data.items import detection_items
-    from refloop.methods.pink import load_detections
+    from refloop.data.sources import load_detections
     from refloop.models.hf import HFVLM
     from refloop.models.vllm import VLLMVLM, VLLMEngine, check_install
 

@@ -139,7 +139,7 @@ def check(size: str, work: Path, images: int, steps: int, boxes: int) -> dict:
     from vllm.distributed import cleanup_dist_env_and_memory
 
     from refloop.data.items import detection_items
-    from refloop.methods.pink import load_detections
+    from refloop.data.sources import load_detections
     from refloop.models.hf import HFVLM
     from refloop.models.vllm import VLLMVLM, VLLMEngine
 

@@ -39,10 +39,10 @@ from seeds import parse_seeds, spread
 from refloop.boxes import iou_matrix
 from refloop.data.rc import build_rc_data, load_rc_data
 from refloop.data.records import ImageRecord
-from refloop.data.sources import load_data
+from refloop.data.sources import load_data, load_detections
 from refloop.evaluation.referring import evaluate_rec
 from refloop.grounding.oracle import scene_objects
-from refloop.methods.pink import KEPT, SKIPPED, BootstrapConfig, bootstrap, choose, load_detections, rejection
+from refloop.methods.pink import KEPT, SKIPPED, BootstrapConfig, bootstrap, choose, rejection
 from refloop.models import load_vlm
 from refloop.training.adapters import LoraSettings
 from refloop.training.sft import SFT, SFTConfig

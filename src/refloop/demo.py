@@ -79,7 +79,8 @@ def _demo_sctune(out: Path, model: str | None, domain: str, num_boxes: int, devi
 def _demo_bootstrap(vlm, out: Path, domain: str, num_images: int, overwrite: bool) -> dict:
     """Pink Sec. 3.3 on the boxes of `num_images` training scenes of an OOD style (no text: the
     grammar's expressions only score the kept and rejected ones)."""
-    from refloop.methods.pink import BootstrapConfig, bootstrap, load_detections
+    from refloop.data.sources import load_detections
+    from refloop.methods.pink import BootstrapConfig, bootstrap
     from refloop.world import TRAIN_SEED
 
     detections = load_detections(domain, num_images=num_images, scene_seed=TRAIN_SEED)

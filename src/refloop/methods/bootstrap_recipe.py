@@ -11,8 +11,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from refloop.data.shards import share
+from refloop.data.sources import load_detections
 from refloop.errors import RefloopError
-from refloop.methods.pink import SHAPES_MIN_AREA_PX, BootstrapConfig, bootstrap_pass, load_detections
+from refloop.methods.pink import SHAPES_MIN_AREA_PX, BootstrapConfig, bootstrap_pass
 from refloop.methods.recipe import RecipeRun, run_recipe
 from refloop.models.spec import ModelSpec
 from refloop.runs import checkpoint_digest

@@ -4,11 +4,13 @@ examples drawn (target box green, where the model re-located its own description
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
 from refloop.boxes import Box
+from refloop.data.bootstrapped import Examples
 from refloop.report.draw import grid, panel, save_png
 from refloop.report.page import write_page
 from refloop.report.plots import iou_histogram
@@ -56,8 +58,11 @@ def _panels(examples: list[dict]) -> list[Image.Image]:
     return out
 
 
-def write_bootstrap_report(out_dir: Path, stats: dict, kept: list[dict], rejected: list[dict], iou_rows: list[dict]) -> Path:
-    """report.html (+ PNGs) in `out_dir` from the run's stats and example boxes."""
+def write_bootstrap_report(out_dir: Path, stats: dict, examples: Examples, ious: Sequence[float]) -> Path:
+    """report.html (+ PNGs) in `out_dir` from the run's stats, example boxes and chosen IoUs."""
+    kept, rejected = examples.kept, examples.rejected_mix()
+    step = max(1, len(ious) // 200_000)  # the histogram's shape from at most ~200k boxes
+    iou_rows = [{"iou": v} for v in ious[::step]]
     pink = PINK_TABLE5 | {"keep_rate": PINK_TABLE5["referring_expressions"] / PINK_TABLE5["boxes_considered"]}
     table = "".join(
         f"<tr><td>{html.escape(label)}</td><td>{_fmt(stats.get(key))}</td><td>{_fmt(pink.get(key))}</td></tr>" for key, label in ROWS
