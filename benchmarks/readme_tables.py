@@ -1,6 +1,6 @@
 """The README's evidence tables, written from the benchmark JSONs (never typed by hand).
 
-    python benchmarks/readme_tables.py [sctune|pink|svp ...]
+    python benchmarks/readme_tables.py [sctune|sctune_lsup|pink|svp ...]
 
 Each cell is the mean over seeds with its range [min, max]; a change whose range crosses zero is
 marked with '~' (not a claimed effect).
@@ -24,15 +24,21 @@ def cell(stat: dict, scale: float = 1.0, signed: bool = False) -> str:
     return text
 
 
-def sctune() -> str:
-    r = json.loads((RESULTS / "sctune_shapes.json").read_text())
+def sctune(name: str = "sctune_shapes.json", label: str = "SC-Tune") -> str:
+    r = json.loads((RESULTS / name).read_text())
     lines = [
-        f"| domain | {r['model']} | + SC-Tune ({r['train_domain']}), {len(r['seeds'])} seeds | change (points) |",
-        "| --- | --- | --- | --- |",
+        f"| domain | {r['model']} | + {label} ({r['train_domain']}), {len(r['seeds'])} seeds | change (points) | target |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    targets = {"in-domain": ">= -1"}
     for d, v in r["domains"].items():
-        lines.append(f"| {d} | {100 * v['base']:.1f} | {cell(v['tuned'], 100)} | {cell(r['gain_points'][d], signed=True)} |")
+        target = targets.get(d, ">= +10")
+        lines.append(f"| {d} | {100 * v['base']:.1f} | {cell(v['tuned'], 100)} | {cell(r['gain_points'][d], signed=True)} | {target} |")
     return "\n".join(lines)
+
+
+def sctune_lsup() -> str:
+    return sctune("sctune_shapes_lsup.json", "SC-Tune + L_sup")
 
 
 def pink() -> str:
@@ -77,7 +83,7 @@ def svp() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"sctune": sctune, "pink": pink, "svp": svp}
+TABLES = {"sctune": sctune, "sctune_lsup": sctune_lsup, "pink": pink, "svp": svp}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(TABLES):
