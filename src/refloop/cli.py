@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from refloop.errors import DataError, RefloopError
+from refloop.errors import RefloopError
 
 app = typer.Typer(
     help="refloop: make vision-language models self-consistent about the objects they talk about.",
@@ -156,36 +155,24 @@ def consistency(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Self-consistency Pr@0.5 (SC-Tune appendix 6): box -> caption -> box, IoU > 0.5. Resumable."""
-    from refloop.data.sources import load_data
-    from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
-    from refloop.progress import progress_bar
-    from refloop.report.consistency import write_consistency_report
+    from refloop.evaluation.consistency import ConsistencyConfig, run_consistency
 
     cfg = _options(ConsistencyConfig, "consistency", num_boxes=num_boxes, seed=seed, batch_size=batch_size)
     _check_out(out, data, images, model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
-    state = _processes(spec)
-    with state.main_process_first():  # a shapes-world domain is exported once, by the main process
-        records, load_report = load_data(data, images, on_error=on_error.value, num_images=num_boxes)
-    if load_report.skipped and state.is_main_process:
-        err_console.print(f"skipped {load_report.skipped} bad records: {dict(load_report.reasons)}", markup=False)
-    samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
-    if not samples:
-        raise RefloopError(f"{data}: no boxes to evaluate")
-    vlm = spec.load_vlm(batch_size, generation=True)
-    with progress_bar(f"consistency {data}", len(samples)) as advance:
-        metrics = evaluate_consistency(
-            vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error.value
-        )
-    if not state.is_main_process:  # the main process merged the shards and reports
+    done = run_consistency(spec, data, out, cfg, images, on_error.value, report, overwrite, progress=True)
+    if done is None:  # not the main process
         return
-    if load_report.skipped:
-        metrics["skipped_records"] = load_report.skipped
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if report:
-        path = write_consistency_report(out, metrics, images={str(s.record.path): s.record.load_image for s in samples})
+    metrics, load_report, path = done
+    _report_skipped(load_report)
+    if path is not None:
         console.print(f"report: {path}", markup=False)
     console.print_json(json.dumps(metrics))
+
+
+def _report_skipped(report) -> None:
+    if report.skipped:
+        err_console.print(f"skipped {report.skipped} bad records: {dict(report.reasons)}", markup=False)
 
 
 @app.command()
@@ -211,28 +198,14 @@ def demo(
     from refloop.demo import run_demo
     from refloop.world import DOMAINS
 
-    if sctune and (sctune_domain not in DOMAINS):
-        raise RefloopError(f"--sctune-domain {sctune_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
-    if svp and (svp_domain not in DOMAINS):
-        raise RefloopError(f"--svp-domain {svp_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
-    if bootstrap and (bootstrap_domain not in DOMAINS):
-        raise RefloopError(f"--bootstrap-domain {bootstrap_domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
+    chosen = {"sctune_domain": (sctune_domain, sctune), "svp_domain": (svp_domain, svp), "bootstrap_domain": (bootstrap_domain, bootstrap)}
+    domains = {field: domain if runs else None for field, (domain, runs) in chosen.items()}
+    for field, domain in domains.items():
+        if domain is not None and domain not in DOMAINS:
+            raise RefloopError(f"--{field.replace('_', '-')} {domain!r} is not a shapes-world domain ({', '.join(DOMAINS)})")
     _check_out(out, model, overwrite=overwrite)
-    run_demo(
-        out,
-        model=model,
-        num_boxes=num_boxes,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        console=console,
-        sctune_domain=sctune_domain if sctune else None,
-        bootstrap_domain=bootstrap_domain if bootstrap else None,
-        bootstrap_images=bootstrap_images,
-        svp_domain=svp_domain if svp else None,
-        svp_images=svp_images,
-        overwrite=overwrite,
-    )
+    sizes = {"num_boxes": num_boxes, "batch_size": batch_size, "bootstrap_images": bootstrap_images, "svp_images": svp_images}
+    run_demo(out, model=model, device=device, dtype=dtype, console=console, **sizes, **domains, overwrite=overwrite)
 
 
 @app.command("pretrain-tiny")
@@ -245,34 +218,20 @@ def pretrain_tiny(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint of another recipe that refloop wrote in --out."),
 ) -> None:
     """Train refloop-tiny from scratch on in-domain shapes scenes (deterministic, resumable)."""
-    import shutil
-
     from refloop.config import load_recipe
-    from refloop.methods.pretrain import PretrainConfig, pretrain
-    from refloop.progress import progress_bar
-    from refloop.report.plots import pretrain_curves
-    from refloop.runs import check_output, run_directory
+    from refloop.methods.pretrain import PretrainConfig, run_pretrain_tiny
 
     overrides = [f"{k}={v}" for k, v in {"steps": steps, "seed": seed}.items() if v is not None]
     cfg = load_recipe(PretrainConfig, config, overrides)
-    fingerprint = {"task": "pretrain-tiny", "config": cfg.model_dump(mode="json")}
-    # both places checked before the first step: a bad --out would otherwise be found after training
-    check_output(out, inputs=[config], fingerprint=fingerprint, overwrite=overwrite, apart_from={"--work-dir": work_dir})
-    check_output(work_dir, inputs=[config], option="--work-dir")
-    with run_directory(out, fingerprint, overwrite), progress_bar("pretrain refloop-tiny", cfg.steps) as advance:
-
-        def on_record(record: dict) -> None:
-            advance(1)
-            if "rec_acc" in record:
-                console.print(
-                    f"step {record['step']}: REC {record['rec_acc']:.3f}  REG exact {record['reg_exact']:.3f}  "
-                    f"self-consistency {record['self_consistency']:.3f}"
-                )
-
-        summary = pretrain(cfg, work_dir, export_dir=out, progress=on_record)
-        shutil.copyfile(work_dir / "metrics.jsonl", out / "training_log.jsonl")
-        pretrain_curves(work_dir / "metrics.jsonl", out / "learning_curves.png")
+    summary = run_pretrain_tiny(cfg, out, work_dir, [config], overwrite, progress=True, on_eval=_print_quick_eval)
     console.print(f"refloop-tiny written to {out} ({summary['elapsed_s'] / 60:.1f} min of training)", markup=False)
+
+
+def _print_quick_eval(record: dict) -> None:
+    console.print(
+        f"step {record['step']}: REC {record['rec_acc']:.3f}  REG exact {record['reg_exact']:.3f}  "
+        f"self-consistency {record['self_consistency']:.3f}"
+    )
 
 
 @app.command()
@@ -321,18 +280,6 @@ class ChairProtocol(str, Enum):
 class PopeRule(str, Enum):
     reference = "reference"
     refloop = "refloop"
-
-
-def _referring_records(data: str, images: Path | None, refs: Path | None, split: str | None, on_error: str):
-    if refs is not None:
-        from refloop.data.formats import load_refcoco
-
-        if images is None:
-            raise RefloopError("--refs needs --images (the COCO image directory)")
-        return load_refcoco(data, refs, images, split=split, on_error=on_error)
-    from refloop.data.sources import load_data
-
-    return load_data(data, images, on_error=on_error)
 
 
 @app.command("eval")
@@ -387,69 +334,32 @@ def evaluate(
 ) -> None:
     """Object-level benchmarks of the papers: REC accuracy (`eval rec`) and REG caption metrics (`eval reg`); caption
     hallucination and recall (`eval caption`) and POPE (`eval pope`), as SVP reports them."""
-    from refloop.evaluation.referring import evaluate_rec, evaluate_reg, rec_pairs, reg_objects
-    from refloop.progress import progress_bar
+    from refloop.evaluation.hallucination import run_object_eval
+    from refloop.evaluation.referring import run_referring_eval
 
     _check_seeds(seed=seed)
     _check_out(out, data, refs, images, captions, model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
-    object_options = {
-        "--num-images": num_images,
-        "--captions": captions,
-        "--strategy": strategy,
-        "--per-image": per_image,
-        "--seed": seed,
-        "--chair-protocol": chair_protocol,
-        "--pope-rule": pope_rule,
-    }
+    options = {"--num-images": num_images, "--captions": captions, "--strategy": strategy, "--per-image": per_image}
+    options |= {"--seed": seed, "--chair-protocol": chair_protocol, "--pope-rule": pope_rule}
+    common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite}
     if task in (EvalTask.caption, EvalTask.pope):
-        from refloop.evaluation.hallucination import evaluate_captions, evaluate_pope, load_object_data, pope_questions
-
         _refuse_options(task, {"--refs": refs, "--split": split, "--limit": limit})
-        unused = ("--strategy", "--per-image", "--seed", "--pope-rule") if task == EvalTask.caption else ("--captions", "--chair-protocol")
-        _refuse_options(task, {k: object_options[k] for k in unused})
-        state = _processes(spec)
-        with state.main_process_first():  # a shapes-world domain is exported once, by the main process
-            found = load_object_data(data, images, captions, on_error=on_error.value, num_images=num_images or 500)
-        if found.report.skipped and state.is_main_process:
-            err_console.print(f"skipped {found.report.skipped} bad records: {dict(found.report.reasons)}", markup=False)
-        if not found.records:
-            raise RefloopError(f"{data}: no images to evaluate")
-        pope = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
-        questions = pope_questions(found, **pope) if task == EvalTask.pope else None  # before any weights load
-        vlm = spec.load_vlm(batch_size, generation=True)
-        common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error.value}
-        if task == EvalTask.caption:
-            with progress_bar(f"caption {data}", len(found.records)) as advance:
-                protocol = chair_protocol.value if chair_protocol else None
-                metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
-        else:
-            rule = (pope_rule or PopeRule.reference).value
-            with progress_bar(f"pope {pope['strategy']} {data}", len(questions)) as advance:
-                metrics = evaluate_pope(vlm, found, out, progress=advance, questions=questions, rule=rule, **pope, **common)
-        if not state.is_main_process:
-            return
-        if found.report.skipped:
-            metrics["skipped_records"] = found.report.skipped
-        console.print_json(json.dumps(metrics))
-        return
-    _refuse_options(task, object_options)
-    state = _processes(spec)
-    with state.main_process_first():  # a shapes-world domain is exported once, by the main process
-        records, report = _referring_records(data, images, refs, split, on_error.value)
-    total = len(rec_pairs(records, limit) if task == EvalTask.rec else reg_objects(records, limit))
-    if not total:
-        where = "a referring .jsonl, RefCOCO refs or a shapes-world domain"
-        raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task.value}` reads {where})")
-    vlm = spec.load_vlm(batch_size, generation=True)
-    run = evaluate_rec if task == EvalTask.rec else evaluate_reg
-    with progress_bar(f"{task.value} {data}", total) if state.is_main_process else nullcontext(None) as advance:
-        metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, progress=advance, overwrite=overwrite, on_error=on_error.value)
-    if not state.is_main_process:
-        return
-    if report.skipped:
-        metrics["skipped_records"] = report.skipped
-    console.print_json(json.dumps(metrics))
+        _refuse_options(task, {k: options[k] for k in _NOT_READ_BY[task]})
+        protocol, rule = chair_protocol.value if chair_protocol else None, (pope_rule or PopeRule.reference).value
+        objects = {"captions": captions, "num_images": num_images or 500, "protocol": protocol, "rule": rule}
+        pope_options = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
+        done = run_object_eval(task.value, spec, data, out, **objects, **pope_options, **common, progress=True)
+    else:
+        _refuse_options(task, options)
+        done = run_referring_eval(task.value, spec, data, out, refs=refs, split=split, limit=limit, **common, progress=True)
+    if done is not None:  # the main process
+        _report_skipped(done[1])
+        console.print_json(json.dumps(done[0]))
+
+
+# The caption and POPE options the other of the two tasks does not read.
+_NOT_READ_BY = {EvalTask.caption: ("--strategy", "--per-image", "--seed", "--pope-rule"), EvalTask.pope: ("--captions", "--chair-protocol")}
 
 
 def _refuse_options(task: EvalTask, given: dict) -> None:
@@ -474,29 +384,11 @@ def filter_detections(
     on_error: OnErrorChoice = OnErrorOpt,
 ) -> None:
     """SC-Tune appendix 9: (image, category, boxes) triplets for training, from boxes alone."""
-    from refloop.data import JsonlWriter
-    from refloop.data.filters import sctune_triplets
-    from refloop.data.loaders import iter_jsonl, read_coco_table
+    from refloop.data.filters import write_triplets
 
     _check_out(out, detections, exclude, images, kind="file")
-    # annotations only: image paths must stay under the image root, but no image file is read (or needed)
-    table, report = read_coco_table(detections, images, on_error=on_error.value)
-    held_out = set()
-    for number, row in iter_jsonl(exclude) if exclude else ():
-        image_id = row.get("image_id") if isinstance(row, dict) else None
-        if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
-            raise DataError(exclude, f"line {number}", f"expected an object with a string or integer image_id, got {row!r:.80}")
-        held_out.add(image_id)
-    triplets, counts = sctune_triplets(table, max_overlap_iou, min_area_fraction, held_out)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with JsonlWriter(tmp, key="image_id", resume=False) as writer:
-            writer.write_many(t.to_json() for t in triplets)
-        os.replace(tmp, out)  # the old file stays whole until the new one is
-    except OSError as exc:
-        raise RefloopError(f"cannot write {out}: {exc.strerror or exc}") from None
-    summary = counts.as_dict() | {"skipped_records": report.skipped}
-    console.print_json(json.dumps(summary))
+    counts, skipped = write_triplets(detections, out, images, exclude, max_overlap_iou, min_area_fraction, on_error.value)
+    console.print_json(json.dumps(counts.as_dict() | {"skipped_records": skipped}))
     console.print(f"wrote {counts.triplets_kept} triplets ({counts.boxes_kept} boxes) to {out}", markup=False)
 
 
@@ -576,54 +468,17 @@ def rc_data(
 ) -> None:
     """Pink Sec. 3.2: referential-comprehension instruction data (grounding, grounding caption, relations both ways,
     coarse spatial, counting, detection) from annotations, as chat JSONL for `datasets` and SFT."""
-    from refloop.data.rc import IMAGE_ROOT_KEY, TASKS, build_rc_data, load_rc_annotations, rc_image_root
-    from refloop.models import get_profile, resolve_model
-    from refloop.runs import run_directory
-    from refloop.world import DOMAINS
+    from refloop.data.rc import check_sources, parse_tasks, write_rc_dataset
+    from refloop.models import checkpoint_profile
 
-    chosen = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    unknown = sorted(set(chosen or ()) - set(TASKS))
-    if unknown:
-        raise RefloopError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    chosen = parse_tasks(tasks)
     _check_seeds(seed=seed)
-    if data in DOMAINS:  # a domain brings its own boxes, expressions and relations
-        files = {"--objects": objects, "--relationships": relationships, "--expressions": expressions}
-        given = [name for name, value in files.items() if value]
-        if given:
-            raise RefloopError(f"{', '.join(given)} cannot be combined with the shapes-world domain {data!r} (it has its own annotations)")
-    if model is not None:
-        from refloop.models.hf import load_parts
-
-        chosen_profile = load_parts(str(resolve_model(model)), profile, None, trust_remote_code)[2]
-    else:
-        chosen_profile = get_profile(profile or "refloop-tiny")
+    check_sources(data, **{"--objects": objects, "--relationships": relationships, "--expressions": expressions})
+    chosen_profile = checkpoint_profile(model, profile, trust_remote_code)
     _check_out(out, data, images, objects, relationships, expressions, overwrite=overwrite)
-    fingerprint = {
-        "task": "rc-data",
-        "data": data,
-        "tasks": chosen,
-        "profile": chosen_profile.name,
-        "frame": chosen_profile.frame_text,
-        "seed": seed,
-        "max_per_image": max_per_image,
-        "native_prompts": native_prompts,
-    }
-    with run_directory(out, fingerprint, overwrite):
-        found = load_rc_annotations(data, images, objects, relationships, expressions, num_images=num_images, on_error=on_error.value)
-        if chosen is None:  # what the annotations support: relation tasks need relations, grounding tasks expressions
-            has_expressions = any(o.expressions for r in found.records for o in r.objects)
-            chosen = [
-                t
-                for t in TASKS
-                if not (t.startswith("relation") and not found.relations) and not ("grounding" in t and not has_expressions)
-            ]
-        counts = build_rc_data(
-            found.records, out / "rc.jsonl", chosen, chosen_profile, seed, max_per_image, found.relations, native_prompts
-        )
-        skipped = {str(r.source): r.skipped for r in found.reports if r.skipped}
-        summary = {"samples": counts, "total": sum(counts.values()), "skipped_records": skipped}
-        summary[IMAGE_ROOT_KEY] = str(rc_image_root(out / "rc.jsonl"))  # where sft reads the images
-        (out / "counts.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files = {"images": images, "objects": objects, "relationships": relationships, "expressions": expressions}
+    options = {"seed": seed, "max_per_image": max_per_image, "num_images": num_images, "native_prompts": native_prompts}
+    summary = write_rc_dataset(out, data, chosen_profile, chosen, **files, **options, on_error=on_error.value, overwrite=overwrite)
     console.print_json(json.dumps(summary))
 
 
@@ -701,44 +556,17 @@ def caption(
 ) -> None:
     """Caption images greedily; with --isvp, SVP's inference-time variant (no tuning): the caption's objects are
     grounded and the model captions again with the grounding in its prompt."""
-    from refloop.data.sources import load_detections
-    from refloop.methods.svp import caption_images
-    from refloop.methods.svp_recipe import GrounderSpec
-    from refloop.progress import progress_bar
-    from refloop.runs import records_digest
-    from refloop.world import TRAIN_SEED
+    from refloop.methods.svp_recipe import GrounderSpec, run_captions
 
-    if phrases not in ("caption", "categories", "both"):
-        raise RefloopError(f"--phrases {phrases!r}: choose caption, categories or both")
-    grounding = _options(
-        GrounderSpec,
-        "grounder",
-        {"kind": "--grounder", "model": "--grounder-model"},
-        kind=grounder,
-        model=grounder_model,
-        miss_rate=miss_rate,
-        false_positive_rate=false_positive_rate,
-    )
-    if isvp:
-        from refloop.world import DOMAINS
-
-        grounding.check_data(data in DOMAINS, phrases)
+    named = {"kind": "--grounder", "model": "--grounder-model"}
+    rates = {"miss_rate": miss_rate, "false_positive_rate": false_positive_rate}
+    grounding = _options(GrounderSpec, "grounder", named, kind=grounder, model=grounder_model, **rates)
+    grounding.check_caption(data, isvp, phrases)
     _check_out(out, data, images, model, grounder_model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, None, False, backend)
-    state = _processes(spec)
-    with state.main_process_first():  # a shapes-world domain is exported once, by the main process
-        found = load_detections(data, images, on_error.value, num_images, TRAIN_SEED)
-    vlm = spec.load_vlm(batch_size, generation=True)
-    ground = grounding.build(vlm, device, dtype) if isvp else None
-    records = {"name": data, "image_root": str(found.image_root), "records": records_digest(found.records)}
-    fingerprint = {"data": records, "isvp": isvp, "grounder": grounding.model_dump(), "phrases": phrases}
-    with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records)) as advance:
-        skipped = caption_images(
-            vlm, found.records, out, ground, phrases, found.vocabulary, batch_size, fingerprint, advance, overwrite, on_error.value
-        )
-    if not state.is_main_process:
-        return
-    console.print(f"captions: {out / 'captions.jsonl'}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
+    skipped = run_captions(spec, grounding, data, out, images, num_images, isvp, phrases, batch_size, on_error.value, overwrite, True)
+    if skipped is not None:  # the main process
+        console.print(f"captions: {out / 'captions.jsonl'}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
 
 
 @app.command()
@@ -755,15 +583,6 @@ def inspect(
 
     options = {"max_pixels": max_pixels} if max_pixels else None
     console.print_json(json.dumps(inspect_checkpoint(model or default_model_path(), profile, options, trust_remote_code)))
-
-
-def _processes(spec):
-    """The process group of an `accelerate launch` (one process otherwise), set up before any
-    weights load so that every process takes its own device."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=spec.device == "cpu" or not torch.cuda.is_available())
 
 
 @app.command()
@@ -830,36 +649,34 @@ def bootstrap(
     from refloop.progress import staged_progress
 
     _check_seeds(scene_seed=scene_seed)
-    flags = {
-        "data": data,
-        "images": images,
-        "model": model,
-        "num_images": num_images,
-        "scene_seed": scene_seed,
-        "device": device,
-        "dtype": dtype,
-        "threads": threads,
-        "on_error": on_error,
-        "report": report,
-        "profile": profile,
-        "trust_remote_code": trust_remote_code,
-        "generation_backend": backend,
-        "bootstrap.iou_lambda": iou_lambda,
-        "bootstrap.max_objects": max_objects,
-        "bootstrap.min_area_px": min_area_px,
-        "bootstrap.samples": samples,
-        "bootstrap.distractor_check": distractor_check,
-        "bootstrap.seed": seed,
-        "bootstrap.batch_size": batch_size,
-    }
-    given = [f"{k}={json.dumps(getattr(v, 'value', str(v) if isinstance(v, Path) else v))}" for k, v in flags.items() if v is not None]
-    recipe = load_recipe(BootstrapRecipe, config, [*given, *overrides])
+    recipe = load_recipe(BootstrapRecipe, config, [*_given_fields(_BOOTSTRAP_FIELDS, locals()), *overrides])
     _check_out(out, config, _recipe_inputs(recipe), overwrite=overwrite)
-    state = _processes(recipe)
+    main_process = recipe.process_state().is_main_process
     with staged_progress() as advance:
-        stats = run_bootstrap(recipe, out, progress=advance if state.is_main_process else None, overwrite=overwrite)
-    if stats is None:
-        return
+        stats = run_bootstrap(recipe, out, progress=advance if main_process else None, overwrite=overwrite)
+    if stats is not None:  # the main process
+        _print_bootstrap(stats, out)
+
+
+# The options of `refloop bootstrap` and the recipe fields they override.
+_BOOTSTRAP_FIELDS = {
+    **{name: name for name in ("data", "images", "model", "num_images", "scene_seed", "device", "dtype", "threads")},
+    **{name: name for name in ("on_error", "report", "profile", "trust_remote_code")},
+    "backend": "generation_backend",
+    **{name: f"bootstrap.{name}" for name in ("iou_lambda", "max_objects", "min_area_px", "samples", "distractor_check")},
+    "seed": "bootstrap.seed",
+    "batch_size": "bootstrap.batch_size",
+}
+
+
+def _given_fields(fields: dict[str, str], options: dict) -> list[str]:
+    """`--set`-style overrides (field=JSON value) of the options given (not None), by `fields`:
+    option name -> recipe field."""
+    given = {field: options[name] for name, field in fields.items() if options[name] is not None}
+    return [f"{k}={json.dumps(getattr(v, 'value', str(v) if isinstance(v, Path) else v))}" for k, v in given.items()]
+
+
+def _print_bootstrap(stats: dict, out: Path) -> None:
     if stats.get("skipped_records"):
         err_console.print(f"skipped {stats['skipped_records']} bad records", markup=False)
     console.print_json(json.dumps({k: v for k, v in stats.items() if k != "config"}))

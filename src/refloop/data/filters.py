@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from refloop.boxes import Box
-from refloop.data.loaders import DetectionTable
+from refloop.data.jsonl import write_records
+from refloop.data.loaders import DetectionTable, OnError, iter_jsonl, read_coco_table
 from refloop.data.records import ImageRecord
+from refloop.errors import DataError, RefloopError
 
 
 @dataclass(frozen=True)
@@ -155,3 +158,37 @@ def _overlaps_another(
         out[which[lo:hi]] = np.maximum.reduceat(iou, offsets) > threshold
         lo = hi
     return out
+
+
+def held_out_ids(path: Path | None) -> set:
+    """The image_id fields of a JSONL (e.g. a consistency samples.jsonl): images kept out of training."""
+    held_out = set()
+    for number, row in iter_jsonl(path) if path else ():
+        image_id = row.get("image_id") if isinstance(row, dict) else None
+        if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
+            raise DataError(path, f"line {number}", f"expected an object with a string or integer image_id, got {row!r:.80}")
+        held_out.add(image_id)
+    return held_out
+
+
+def write_triplets(
+    detections: Path,
+    out: Path,
+    images: Path | None = None,
+    exclude: Path | None = None,
+    max_overlap_iou: float = 0.5,
+    min_area_fraction: float = 0.02,
+    on_error: OnError = "fail",
+) -> tuple[FilterCounts, int]:
+    """`refloop filter`: the appendix-9 triplets of a COCO-style file written to `out` as JSONL
+    (replaced whole: the old file stays until the new one is), with the counts and the number of
+    bad records skipped. Annotations only: image paths must stay under the image root, but no image
+    file is read (or needed)."""
+    table, report = read_coco_table(detections, images, on_error=on_error)
+    triplets, counts = sctune_triplets(table, max_overlap_iou, min_area_fraction, held_out_ids(exclude))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_records(out, (t.to_json() for t in triplets))
+    except OSError as exc:
+        raise RefloopError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return counts, report.skipped

@@ -41,6 +41,7 @@ from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ImageRecord, InstructionExample, ObjectAnnotation
 from refloop.data.sources import cache_dir
 from refloop.errors import DataError, RefloopError
+from refloop.runs import run_directory
 from refloop.world import DOMAINS, TRAIN_SEED
 from refloop.world.export import COCO_FILE, REFS_FILE, VG_RELATIONSHIPS_FILE, export_visual_genome
 
@@ -552,3 +553,66 @@ def load_rc_annotations(
         relations, report = load_visual_genome_relationships(relationships, {r.image_id: r.size for r in records}, on_error=on_error)
         reports.append(report)
     return RCAnnotations(records, relations, reports)
+
+
+def parse_tasks(tasks: str | None) -> list[str] | None:
+    """A comma-separated task list (None: the tasks the annotations support); an unknown task is refused."""
+    chosen = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    unknown = sorted(set(chosen or ()) - set(TASKS))
+    if unknown:
+        raise RefloopError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    return chosen
+
+
+def check_sources(data: str, **files: object) -> None:
+    """A shapes-world domain brings its own boxes, expressions and relations: other annotation
+    files (`files`: option name -> value) beside it are refused."""
+    given = [name for name, value in files.items() if value]
+    if data in DOMAINS and given:
+        raise RefloopError(f"{', '.join(given)} cannot be combined with the shapes-world domain {data!r} (it has its own annotations)")
+
+
+def supported_tasks(found: RCAnnotations) -> list[str]:
+    """What the annotations support: relation tasks need relations, grounding tasks expressions."""
+    has_expressions = any(o.expressions for r in found.records for o in r.objects)
+    return [t for t in TASKS if not (t.startswith("relation") and not found.relations) and not ("grounding" in t and not has_expressions)]
+
+
+def write_rc_dataset(
+    out: Path,
+    data: str,
+    profile: PromptProfile,
+    tasks: list[str] | None = None,
+    images: str | Path | None = None,
+    objects: str | Path | None = None,
+    relationships: str | Path | None = None,
+    expressions: str | Path | None = None,
+    seed: int = 0,
+    max_per_image: int = 4,
+    num_images: int = 1000,
+    native_prompts: bool = False,
+    on_error: OnError = "fail",
+    overwrite: bool = False,
+) -> dict:
+    """`refloop rc-data`: out/rc.jsonl from the annotations `load_rc_annotations` reads (`tasks`
+    None: every task they support), and out/counts.json (samples per task, records skipped, the
+    image root `sft` reads from), returned. A run directory: rerun to reuse, another recipe refused."""
+    fingerprint = {
+        "task": "rc-data",
+        "data": data,
+        "tasks": tasks,
+        "profile": profile.name,
+        "frame": profile.frame_text,
+        "seed": seed,
+        "max_per_image": max_per_image,
+        "native_prompts": native_prompts,
+    }
+    with run_directory(out, fingerprint, overwrite):
+        found = load_rc_annotations(data, images, objects, relationships, expressions, num_images=num_images, on_error=on_error)
+        chosen = supported_tasks(found) if tasks is None else tasks
+        counts = build_rc_data(found.records, out / "rc.jsonl", chosen, profile, seed, max_per_image, found.relations, native_prompts)
+        skipped = {str(r.source): r.skipped for r in found.reports if r.skipped}
+        summary = {"samples": counts, "total": sum(counts.values()), "skipped_records": skipped}
+        summary[IMAGE_ROOT_KEY] = str(rc_image_root(out / "rc.jsonl"))  # where sft reads the images
+        (out / "counts.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

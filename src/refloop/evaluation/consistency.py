@@ -13,16 +13,20 @@ import json
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.cycle import REC_ACCURACY, SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
+from refloop.data.loaders import LoadReport
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.data.shards import ShardedRun
+from refloop.errors import RefloopError
 from refloop.limits import BatchSize, NewTokens, Seed
 from refloop.models.base import VLM, GenerateOptions
+from refloop.models.spec import ModelSpec
 from refloop.runs import files_digest, model_fingerprint, shared_run_directory
 
 
@@ -162,3 +166,40 @@ def _evaluate(
     if state.is_main_process:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def run_consistency(
+    spec: ModelSpec,
+    data: str,
+    out: Path,
+    cfg: ConsistencyConfig,
+    images: Path | None = None,
+    on_error: str = "fail",
+    report: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[dict, LoadReport, Path | None] | None:
+    """`refloop consistency`: `data` loaded (a shapes-world domain exported once, by the main
+    process), one box per image, the evaluation, and with `report` report.html. The main process
+    returns the metrics, the data's load report and the report's path; the others None.
+    `progress`: show a progress bar."""
+    from refloop.data.sources import load_data
+    from refloop.progress import progress_bar
+    from refloop.report.consistency import write_consistency_report
+
+    state = spec.process_state()
+    with state.main_process_first():
+        records, load_report = load_data(data, images, on_error=on_error, num_images=cfg.num_boxes)
+    samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
+    if not samples:
+        raise RefloopError(f"{data}: no boxes to evaluate")
+    vlm = spec.load_vlm(cfg.batch_size, generation=True)
+    with progress_bar(f"consistency {data}", len(samples)) if progress else nullcontext() as advance:
+        metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error)
+    if not state.is_main_process:  # the main process merged the shards and reports
+        return None
+    if load_report.skipped:
+        metrics["skipped_records"] = load_report.skipped
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    path = write_consistency_report(out, metrics, images={str(s.record.path): s.record.load_image for s in samples}) if report else None
+    return metrics, load_report, path

@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from refloop.evaluation.pope import (  # noqa: F401
 )
 from refloop.evaluation.synonyms import SynonymTable, coco_table, plural, shapes_table, words  # noqa: F401
 from refloop.models.base import VLM, GenerateOptions
+from refloop.models.spec import ModelSpec
 from refloop.runs import model_fingerprint, shared_run_directory
 from refloop.world import DOMAINS
 
@@ -333,3 +335,49 @@ def _evaluate_pope(
     if state.is_main_process:
         (out / "pope_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def run_object_eval(
+    task: str,
+    spec: ModelSpec,
+    data: str,
+    out: Path,
+    images: str | Path | None = None,
+    captions: str | Path | None = None,
+    num_images: int = 500,
+    strategy: str = "random",
+    per_image: int = 3,
+    seed: int = 0,
+    protocol: str | None = None,
+    rule: str = "reference",
+    batch_size: int = 64,
+    on_error: OnError = "fail",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[dict, LoadReport] | None:
+    """`refloop eval caption` / `eval pope`: the images and their objects loaded (a shapes-world
+    domain exported once, by the main process), POPE's questions drawn before any weights load, the
+    run. The main process returns the metrics and the data's load report; the others None.
+    `progress`: show a progress bar."""
+    from refloop.progress import progress_bar
+
+    state = spec.process_state()
+    with state.main_process_first():
+        found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images)
+    if not found.records:
+        raise RefloopError(f"{data}: no images to evaluate")
+    pope = {"strategy": strategy, "per_image": per_image, "seed": seed}
+    questions = pope_questions(found, **pope) if task == "pope" else None
+    vlm = spec.load_vlm(batch_size, generation=True)
+    common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error}
+    if task == "caption":
+        with progress_bar(f"caption {data}", len(found.records)) if progress else nullcontext() as advance:
+            metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
+    else:
+        with progress_bar(f"pope {strategy} {data}", len(questions)) if progress else nullcontext() as advance:
+            metrics = evaluate_pope(vlm, found, out, progress=advance, questions=questions, rule=rule, **pope, **common)
+    if not state.is_main_process:
+        return None
+    if found.report.skipped:
+        metrics["skipped_records"] = found.report.skipped
+    return metrics, found.report

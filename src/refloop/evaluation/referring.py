@@ -12,13 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from refloop.cycle import REC_ACCURACY, Consistency, locate_boxes
+from refloop.data.loaders import LoadReport
 from refloop.data.records import ImageRecord
 from refloop.data.shards import ShardedRun
+from refloop.errors import RefloopError
 from refloop.evaluation.captions import caption_metrics
 from refloop.models.base import VLM
+from refloop.models.spec import ModelSpec
 from refloop.runs import model_fingerprint, records_digest, shared_run_directory
 
 
@@ -157,3 +161,54 @@ def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error
     if state.is_main_process:
         (out / "reg_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def load_referring_data(data: str, images: Path | None = None, refs: Path | None = None, split: str | None = None, on_error: str = "fail"):
+    """Records with expressions: a RefCOCO/+/g `refs` file over a COCO instances `data` file, or
+    what `--data` names (a referring JSONL, a parquet dataset, a shapes-world domain)."""
+    if refs is not None:
+        from refloop.data.formats import load_refcoco
+
+        if images is None:
+            raise RefloopError("--refs needs --images (the COCO image directory)")
+        return load_refcoco(data, refs, images, split=split, on_error=on_error)
+    from refloop.data.sources import load_data
+
+    return load_data(data, images, on_error=on_error)
+
+
+def run_referring_eval(
+    task: str,
+    spec: ModelSpec,
+    data: str,
+    out: Path,
+    images: Path | None = None,
+    refs: Path | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    on_error: str = "fail",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[dict, LoadReport] | None:
+    """`refloop eval rec` / `eval reg`: the referring data loaded (a shapes-world domain exported
+    once, by the main process), the run. The main process returns the metrics and the data's load
+    report; the others None. `progress`: show a progress bar (on the main process)."""
+    from refloop.progress import progress_bar
+
+    state = spec.process_state()
+    with state.main_process_first():
+        records, report = load_referring_data(data, images, refs, split, on_error)
+    total = len(rec_pairs(records, limit) if task == "rec" else reg_objects(records, limit))
+    if not total:
+        where = "a referring .jsonl, RefCOCO refs or a shapes-world domain"
+        raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task}` reads {where})")
+    vlm = spec.load_vlm(batch_size, generation=True)
+    run = evaluate_rec if task == "rec" else evaluate_reg
+    with progress_bar(f"{task} {data}", total) if progress and state.is_main_process else nullcontext() as advance:
+        metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, progress=advance, overwrite=overwrite, on_error=on_error)
+    if not state.is_main_process:
+        return None
+    if report.skipped:
+        metrics["skipped_records"] = report.skipped
+    return metrics, report

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -455,3 +456,44 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None
         model.save_pretrained(export_dir)
         processor.save_pretrained(export_dir)
     return {"steps": cfg.steps, "elapsed_s": summary["train_seconds"]}
+
+
+def run_pretrain_tiny(
+    cfg: PretrainConfig,
+    out: Path,
+    work_dir: Path,
+    inputs: Sequence[object] = (),
+    overwrite: bool = False,
+    progress: bool = False,
+    on_eval: Callable[[dict], None] | None = None,
+) -> dict:
+    """`refloop pretrain-tiny`: train (or resume) in `work_dir` and export to `out` with its training
+    log and learning curves. `out` holds a run of this recipe only: another recipe's checkpoint there
+    is refused unless `overwrite`; both places are checked before the first step (a bad `out` would
+    otherwise be found after training). `inputs`: files the recipe was read from; `progress`: show a
+    progress bar; `on_eval`: called with each step's record that holds the quick evaluation."""
+    import shutil
+    from contextlib import nullcontext
+
+    from refloop.progress import progress_bar
+    from refloop.report.plots import pretrain_curves
+    from refloop.runs import check_output, run_directory
+
+    fingerprint = {"task": "pretrain-tiny", "config": cfg.model_dump(mode="json")}
+    check_output(out, inputs=inputs, fingerprint=fingerprint, overwrite=overwrite, apart_from={"--work-dir": work_dir})
+    check_output(work_dir, inputs=inputs, option="--work-dir")
+    with (
+        run_directory(out, fingerprint, overwrite),
+        progress_bar("pretrain refloop-tiny", cfg.steps) if progress else nullcontext() as advance,
+    ):
+
+        def on_record(record: dict) -> None:
+            if advance is not None:
+                advance(1)
+            if on_eval is not None and "rec_acc" in record:
+                on_eval(record)
+
+        summary = pretrain(cfg, work_dir, export_dir=out, progress=on_record)
+        shutil.copyfile(work_dir / "metrics.jsonl", out / "training_log.jsonl")
+        pretrain_curves(work_dir / "metrics.jsonl", out / "learning_curves.png")
+    return summary

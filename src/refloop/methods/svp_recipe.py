@@ -48,6 +48,16 @@ class GrounderSpec(BaseModel):
                 "(grounding-dino, owlv2, florence-2 or vlm)"
             )
 
+    def check_caption(self, data: str, isvp: bool, phrases: str) -> None:
+        """`refloop caption`'s options, before anything loads: what is grounded, and with iSVP
+        whether this grounder can ground `data`'s images."""
+        from refloop.world import DOMAINS
+
+        if phrases not in ("caption", "categories", "both"):
+            raise RefloopError(f"--phrases {phrases!r}: choose caption, categories or both")
+        if isvp:
+            self.check_data(data in DOMAINS, phrases)
+
     def build(self, vlm, device: str, dtype: str) -> Grounder:
         from refloop.grounding import Florence2Grounder, HFGroundingDINO, HFOwlV2, SceneOracle, VLMGrounder
 
@@ -167,3 +177,42 @@ def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
         export_checkpoint(out, method.vlm.processor, merged=method.vlm.model)
         write_svp_report(out, results, records)
     return results
+
+
+def run_captions(
+    spec: ModelSpec,
+    grounding: GrounderSpec,
+    data: str,
+    out: Path,
+    images: str | Path | None = None,
+    num_images: int = 100,
+    isvp: bool = False,
+    phrases: str = "caption",
+    batch_size: int = 64,
+    on_error: str = "fail",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> int | None:
+    """`refloop caption`: greedy captions of `data`'s images (training scenes of a shapes-world
+    domain, exported once by the main process), with `isvp` SVP's inference-time variant through
+    `grounding`. The main process returns the images skipped as unreadable; the others None.
+    `progress`: show a progress bar."""
+    from contextlib import nullcontext
+
+    from refloop.methods.svp import caption_images
+    from refloop.progress import progress_bar
+    from refloop.runs import records_digest
+    from refloop.world import TRAIN_SEED
+
+    state = spec.process_state()
+    with state.main_process_first():
+        found = load_detections(data, images, on_error, num_images, TRAIN_SEED)
+    vlm = spec.load_vlm(batch_size, generation=True)
+    ground = grounding.build(vlm, spec.device, spec.dtype) if isvp else None
+    records = {"name": data, "image_root": str(found.image_root), "records": records_digest(found.records)}
+    fingerprint = {"data": records, "isvp": isvp, "grounder": grounding.model_dump(), "phrases": phrases}
+    with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records)) if progress else nullcontext() as advance:
+        skipped = caption_images(
+            vlm, found.records, out, ground, phrases, found.vocabulary, batch_size, fingerprint, advance, overwrite, on_error
+        )
+    return skipped if state.is_main_process else None

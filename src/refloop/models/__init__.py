@@ -41,6 +41,16 @@ def resolve_model(model: str | Path | None) -> str | Path:
     return model
 
 
+def checkpoint_profile(model: str | None, profile: str | None = None, trust_remote_code: bool = False) -> PromptProfile:
+    """The prompt profile data is written for: `model`'s (its pixel frame read from its processor;
+    no weights load), else the named one (default refloop-tiny, with its default pixel frame)."""
+    if model is None:
+        return get_profile(profile or "refloop-tiny")
+    from refloop.models.hf import load_parts
+
+    return load_parts(str(resolve_model(model)), profile, None, trust_remote_code)[2]
+
+
 def load_vlm(
     model: str | Path | None = None,
     device: str = "auto",
@@ -77,6 +87,7 @@ __all__ = [
     "PromptProfile",
     "TinyProfile",
     "VLM",
+    "checkpoint_profile",
     "default_model_path",
     "get_profile",
     "load_vlm",

@@ -71,6 +71,14 @@ class ModelSpec(BaseModel):
         if self.device == "mps" and not torch.backends.mps.is_available():
             raise RefloopError(f"device 'mps' asked for, but torch sees no Apple GPU here ({way_out})")
 
+    def process_state(self):
+        """The process group of an `accelerate launch` (one process otherwise), set up before any
+        weights load so that every process takes its own device."""
+        import torch
+        from accelerate import PartialState
+
+        return PartialState(cpu=self.device == "cpu" or not torch.cuda.is_available())
+
     def load_profile(self):
         """The prompt profile this spec's model takes (with its pixel frame), read from the
         checkpoint's config and processor: no weights load."""
