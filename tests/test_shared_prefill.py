@@ -1,5 +1,7 @@
-"""One prompt prefill shared by the K samples of a prompt (issue 22, item 4, lever 2): the samples
-are generate()'s own, token for token given the seed, on refloop-tiny and real families."""
+"""Leaner generate() (issue 22, item 4, lever 2): one prompt prefill shared by the K samples of a
+prompt, and a preallocated cache; the outputs are generate()'s own, token for token (given the
+seed), on refloop-tiny and real families. refloop-tiny's opt-in image-state prefill: equal within
+float rounding."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from helpers import scene_images, tiny_random_model
 
 from refloop.codecs.profiles import profile_for_config
 from refloop.models.base import GenerateOptions
-from refloop.models.hf import HFVLM
+from refloop.models.hf import HFVLM, PreallocatedLayer
 
 BUILDERS = {
     "refloop_tiny": tiny_random_model,
@@ -44,7 +46,7 @@ def _prefill_rows(vlm, run):
 
 
 def _sample(vlm, shared: bool, images, prompts, options, seed: int = 7):
-    vlm.shared_prefill = shared
+    vlm.shared_prefill = vlm.preallocated_cache = shared
     torch.manual_seed(seed)
     return _prefill_rows(vlm, lambda: [[c.token_ids for c in g] for g in vlm.generate(images, prompts, options)])
 
@@ -112,3 +114,29 @@ def test_refloop_tiny_prefill_shares_image_states_among_the_queries_on_one_image
         outputs[share] = (located, _sample(vlm, True, images, prompts, options)[0])
     assert len(taken) == 2 and all(t is not None for t in taken)  # the shared prefill ran (greedy, then sampled)
     assert outputs[True] == outputs[False]
+
+
+def test_preallocated_cache_gives_the_same_greedy_answers_and_is_used(vlm):
+    scenes, images = scene_images(3)
+    boxes = [s.objects[0].box for s in scenes]
+    layers = []
+    update = PreallocatedLayer.update
+
+    def spy(self, *args, **kwargs):
+        layers.append(self)
+        return update(self, *args, **kwargs)
+
+    outputs = {}
+    for preallocated in (False, True):
+        vlm.preallocated_cache = preallocated
+        PreallocatedLayer.update = spy
+        try:
+            captions = vlm.describe(images, boxes, GenerateOptions(max_new_tokens=10))
+            located = [loc.text for loc in vlm.locate(images, captions)]
+        finally:
+            PreallocatedLayer.update = update
+        outputs[preallocated] = captions, located
+        assert bool(layers) == preallocated
+    assert outputs[True] == outputs[False]
+    # one buffer per layer and call, written in place: the returned keys are views into it
+    assert all(layer.keys.data_ptr() == layer._buffers[0].data_ptr() for layer in layers)

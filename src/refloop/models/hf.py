@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import re
 from collections.abc import Iterator, Sequence
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
 from refloop import parallel
@@ -141,24 +142,70 @@ def placeholder_tokens(config, processor) -> set[int]:
     return {t for t in found if isinstance(t, int)}
 
 
-@contextlib.contextmanager
-def shared_prompt_prefill(model) -> Iterator[None]:
-    """Within this context, a `generate()` of `num_return_sequences = K > 1` prefills each prompt
-    once, then repeats its cache and first-step logits K times, instead of prefilling the K
-    copies that transformers makes of every prompt before the prefill.
+class PreallocatedLayer(DynamicLayer):
+    """transformers' DynamicLayer with its keys and values as views into buffers sized for the
+    whole generate() call: a step writes its tokens in place. DynamicLayer concatenates, which
+    allocates and copies the layer's whole cache at every step; on CPU those fresh
+    multi-megabyte tensors also cost page faults (about 2 ms per layer and step for 8 rows of a
+    100M model, a quarter of a 32-token greedy answer's time). The values are the same, so are
+    the outputs. Whatever replaces `keys`/`values` (batch selection or repetition, offloading) is
+    copied into a new buffer at the next update; a crop keeps the buffer."""
 
-    The K copies are the same rows, so their prefill is the same computation; the decode steps,
-    the sampling (and its random draws) and the outputs are generate()'s own. It hooks two steps
-    of transformers' generate (>= 5.2x): `_expand_inputs_for_generation` (to keep the prompt
-    inputs as they were before the expansion) and `_prefill` (to run it on those and expand the
-    result with the cache's own `batch_repeat_interleave`). Anywhere it cannot apply (an
-    encoder-decoder, whose decoder prefill is one start token; a cache other than DynamicCache;
-    a transformers without those steps) generate() runs unchanged."""
-    hooks = ("_expand_inputs_for_generation", "_prefill")
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _owns_states(self) -> bool:
+        if self._buffers is None:
+            return False
+        return all(
+            t.data_ptr() == buf.data_ptr() and t.shape[:2] == buf.shape[:2] and t.stride() == buf.stride()
+            for t, buf in zip((self.keys, self.values), self._buffers)
+        )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, t = self.get_seq_length(), key_states.shape[-2]
+        if n == 0 or not self._owns_states() or n + t > self._buffers[0].shape[-2]:
+            size = max(self.capacity, n + t)
+            buffers = []
+            for old, new in ((self.keys, key_states), (self.values, value_states)):
+                buf = new.new_empty((*new.shape[:-2], size, new.shape[-1]))
+                if n:
+                    buf[..., :n, :] = old
+                buffers.append(buf)
+            self._buffers = (buffers[0], buffers[1])
+        keys, values = self._buffers
+        keys[..., n : n + t, :] = key_states
+        values[..., n : n + t, :] = value_states
+        self.keys, self.values = keys[..., : n + t, :], values[..., : n + t, :]
+        return self.keys, self.values
+
+
+@contextlib.contextmanager
+def lean_generate(model, shared_prefill: bool = True, preallocated_cache: bool = True) -> Iterator[None]:
+    """Two hooks into transformers' generate() (>= 5.2x), within this context, both exact (the same
+    computation; outputs token for token the same, tested per family):
+
+    - `shared_prefill`: a generate() of `num_return_sequences = K > 1` prefills each prompt once,
+      then repeats its cache and first-step logits K times, instead of prefilling the K copies
+      that transformers makes of every prompt before the prefill. It hooks
+      `_expand_inputs_for_generation` (to keep the prompt inputs as they were before the
+      expansion) and `_prefill` (to run it on those and expand the result with the cache's own
+      `batch_repeat_interleave`); the decode steps and the sampling (its random draws too) are
+      generate()'s own.
+    - `preallocated_cache`: the cache's full-attention layers are `PreallocatedLayer`s sized for
+      the prompt and the new tokens (hooks `_prepare_cache_for_generation`).
+
+    Anywhere they cannot apply (an encoder-decoder, whose decoder prefill is one start token; a
+    cache other than DynamicCache; a transformers without those steps) generate() runs unchanged."""
+    hooks = ("_expand_inputs_for_generation", "_prefill", "_prepare_cache_for_generation")
     if getattr(model.config, "is_encoder_decoder", False) or not all(callable(getattr(model, h, None)) for h in hooks):
         yield
         return
-    expand, prefill = model._expand_inputs_for_generation, model._prefill
+    expand, prefill, prepare_cache = (getattr(model, h) for h in hooks)
     before: dict = {}
 
     def expand_keeping_prompts(expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
@@ -188,11 +235,26 @@ def shared_prompt_prefill(model) -> Iterator[None]:
         outputs.logits = outputs.logits.repeat_interleave(k, dim=0)
         return outputs
 
-    model._expand_inputs_for_generation, model._prefill = expand_keeping_prompts, prefill_once
+    def prepare_preallocated_cache(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kw):
+        prepare_cache(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kw)
+        cache = model_kwargs.get("cache")
+        if type(cache) is DynamicCache and max_cache_length > 0:
+            cache.layers = [PreallocatedLayer(max_cache_length) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+            if cache.layer_class_to_replicate is DynamicLayer:
+                cache.layer_class_to_replicate = functools.partial(PreallocatedLayer, max_cache_length)
+
+    replaced = {}
+    if shared_prefill:
+        replaced.update(_expand_inputs_for_generation=expand_keeping_prompts, _prefill=prefill_once)
+    if preallocated_cache:
+        replaced["_prepare_cache_for_generation"] = prepare_preallocated_cache
+    for name, hook in replaced.items():
+        setattr(model, name, hook)
     try:
         yield
     finally:
-        del model._expand_inputs_for_generation, model._prefill
+        for name in replaced:
+            delattr(model, name)
 
 
 class HFVLM(ProfileTasks):
@@ -218,10 +280,11 @@ class HFVLM(ProfileTasks):
         # in whole-sequence forwards and in generate()'s prefill (the locator's queries on one image);
         # equal up to float rounding, so trainers opt in (SC-Tune).
         self.share_image_states = False
-        # K samples of a prompt share one prefill of it (`shared_prompt_prefill`): the same
-        # computation on fewer rows, so on by default; with share_image_states the prefill also
-        # computes the image tokens once per image. False: the plain generate() (A/B runs).
+        # K samples of a prompt share one prefill of it, and the cache is preallocated
+        # (`lean_generate`): the same computation, so on by default; with share_image_states the
+        # prefill also computes the image tokens once per image. False: the plain generate() (A/B runs).
         self.shared_prefill = True
+        self.preallocated_cache = True
 
     @classmethod
     def from_pretrained(
@@ -314,8 +377,8 @@ class HFVLM(ProfileTasks):
             inputs = self._inputs([images[i] for i in batch], [prompts[i] for i in batch])
             if self.shared_prefill and self.share_image_states and "image_index" in inputs:
                 inputs["share_image_states"] = True  # the prefill computes each image's tokens once
-            shared = self.shared_prefill and options.num_return_sequences > 1 and "synced_gpus" not in kwargs
-            with shared_prompt_prefill(self.model) if shared else contextlib.nullcontext():
+            lean = lean_generate(self.model, self.shared_prefill, self.preallocated_cache)
+            with lean if "synced_gpus" not in kwargs else contextlib.nullcontext():
                 generated = self.model.generate(**inputs, **kwargs)
             if call >= real:
                 continue

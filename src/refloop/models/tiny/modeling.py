@@ -244,12 +244,14 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
         return mask[:, None]
 
-    def _logits(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, grid: torch.Tensor, pointer_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """`pointer_keys`: `pointer_key(grid)` if already computed (a decode step reuses the first step's)."""
         h = self.norm(x)
         logits = self.lm_head(h)
         # Pointer logits: content match between the decoder state and each grid cell.
         start, n = self.config.cell_token_start, self.config.num_cells
-        pointer = self.pointer_query(h) @ self.pointer_key(grid).transpose(1, 2) / math.sqrt(h.shape[-1])
+        keys = self.pointer_key(grid) if pointer_keys is None else pointer_keys
+        pointer = self.pointer_query(h) @ keys.transpose(1, 2) / math.sqrt(h.shape[-1])
         return torch.cat([logits[..., :start], pointer.to(logits.dtype), logits[..., start + n :]], dim=-1)
 
     def forward_shared_images(
@@ -384,7 +386,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             cache.update(keys.gather(2, at), values.gather(2, at), layer_idx)
 
         img, txt, txt_grid = self._shared_image_layers(pixel_values, image_index, text, text_mask, keep)
-        cache.refloop_grid = txt_grid
+        cache.refloop_grid, cache.refloop_pointer_keys = txt_grid, None
         states = torch.cat([img[image_index], txt], dim=1)
         states = states.gather(1, layout[:, -logits_to_keep:, None].expand(-1, -1, states.shape[-1]))  # -0: every position
         return self._logits(states, txt_grid)
@@ -444,7 +446,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
             if image_index is not None:
                 grid, region_maps = grid[image_index], [m[image_index] for m in region_maps]
             if past_key_values is not None:
-                past_key_values.refloop_grid = grid
+                past_key_values.refloop_grid, past_key_values.refloop_pointer_keys = grid, None
         elif past_key_values is not None and hasattr(past_key_values, "refloop_grid"):
             grid, region_maps = past_key_values.refloop_grid, None
             if grid.shape[0] != input_ids.shape[0]:
@@ -462,7 +464,13 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         cache = past_key_values if use_cache or past_len else None
         for layer in self.layers:
             x = layer(x, mask, cache)
-        logits = self._logits(x[:, -logits_to_keep:], grid)  # -0: every position
+        pointer_keys = None
+        if past_len and region_maps is None:
+            # Decode steps: the grid is the cache's, so are its pointer keys (computed at the first step).
+            pointer_keys = getattr(past_key_values, "refloop_pointer_keys", None)
+            if pointer_keys is None or pointer_keys.shape[0] != grid.shape[0]:
+                pointer_keys = past_key_values.refloop_pointer_keys = self.pointer_key(grid)
+        logits = self._logits(x[:, -logits_to_keep:], grid, pointer_keys)  # -0: every position
 
         loss = None
         if labels is not None:
