@@ -39,7 +39,8 @@ one core (100m: about 4.5 minutes per system).
 - no gradient checkpointing, no bf16, one thread, no checkpoints written during the timed steps.
 
 A step is one rollout (boxes x G completions) and its two optimizer updates (TRL: two global steps).
-Reported per system: completions/s, s/step, peak RSS of its subprocess, the mean reward of the
+Reported per system: completions/s, s/step, completions per CPU second of its subprocess (the
+contention-robust cost when other jobs share the core), peak RSS of its subprocess, the mean reward of the
 last 5 steps, and where the time goes (generation, reward = locator, no-grad log-prob forward,
 training forward, backward, other), measured by timers around those calls.
 The random 100M model earns reward 0 on both sides (its captions do not locate anything): that
@@ -106,6 +107,11 @@ CATEGORIES = ("generation", "reward_locator", "logprob_forward", "train_forward"
 
 
 # ---- shared pieces -------------------------------------------------------------------------
+def clock() -> tuple[float, float]:
+    """(wall, process CPU) seconds."""
+    return time.perf_counter(), time.process_time()
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -217,7 +223,7 @@ def instrument_common(timers: Timers) -> None:
 def summarize(
     name: str,
     system: str,
-    step_ends: list[float],
+    step_ends: list[tuple[float, float]],
     rewards: list[float],
     warmup: int,
     completions_per_step: int,
@@ -225,9 +231,10 @@ def summarize(
     setup_rss: float,
     extra: dict,
 ) -> dict:
-    intervals = [b - a for a, b in zip(step_ends[:-1], step_ends[1:])]
+    intervals = [b[0] - a[0] for a, b in zip(step_ends[:-1], step_ends[1:])]
     timed = intervals[warmup:]
     total = sum(timed)
+    cpu = step_ends[-1][1] - step_ends[warmup][1]
     breakdown = {k: round(timers.seconds.get(k, 0.0) / len(timed), 4) for k in CATEGORIES}
     breakdown["other"] = round(total / len(timed) - sum(breakdown.values()), 4)
     return {
@@ -238,6 +245,9 @@ def summarize(
         "completions_per_step": completions_per_step,
         "seconds_per_step": round(total / len(timed), 4),
         "samples_per_second": round(completions_per_step * len(timed) / total, 3),
+        # CPU time of the process over the timed steps: what a step costs, whatever else ran on the core.
+        "cpu_seconds_per_step": round(cpu / len(timed), 4),
+        "samples_per_cpu_second": round(completions_per_step * len(timed) / cpu, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_after_setup_mb": round(setup_rss, 1),
         "final_reward": round(sum(rewards[-5:]) / len(rewards[-5:]), 4),
@@ -294,18 +304,18 @@ def run_refloop(name: str, steps: int, warmup: int, boxes: int) -> dict:
     tuner = SCTune.from_base(HFVLM(model, processor, profile, batch_size=boxes * group), cfg, items)
     assert all(a is b for k in range(total) for a, b in zip(tuner.batch(k), step_batch(items, s["seed"], k, boxes)))
     setup_rss = peak_rss_mb()
-    step_ends: list[float] = []
+    step_ends: list[tuple[float, float]] = []
     rewards: list[float] = []
 
     def progress(row: dict) -> None:
-        step_ends.append(time.perf_counter())
+        step_ends.append(clock())
         rewards.append(row["reward"])
         if len(step_ends) == warmup + 1:
             timers.enabled = True
 
     os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
     with tempfile.TemporaryDirectory() as work:
-        step_ends.append(time.perf_counter())
+        step_ends.append(clock())
         tuner.run(Path(work) / "train", progress)
     return summarize(name, "refloop", step_ends, rewards, warmup, boxes * group, timers, setup_rss, {})
 
@@ -483,16 +493,16 @@ def run_trl(name: str, steps: int, warmup: int, boxes: int) -> dict:
         return [float(v) for v in iou]
 
     iou_reward.__name__ = "locator_iou"
-    step_ends: list[float] = []
+    step_ends: list[tuple[float, float]] = []
     updates = s["ppo_epochs"]
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            step_ends.append(time.perf_counter())
+            step_ends.append(clock())
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step % updates == 0:
-                step_ends.append(time.perf_counter())
+                step_ends.append(clock())
                 if len(step_ends) == warmup + 1:
                     timers.enabled = True
 
@@ -698,6 +708,7 @@ def write(runs: dict, args) -> None:
             "refloop": r,
             "trl": t,
             "ratio_samples_per_second": round(r["samples_per_second"] / t["samples_per_second"], 3),
+            "ratio_samples_per_cpu_second": round(r["samples_per_cpu_second"] / t["samples_per_cpu_second"], 3),
             "ratio_peak_rss": round(r["peak_rss_mb"] / t["peak_rss_mb"], 3),
             "goal_met": r["samples_per_second"] >= 1.5 * t["samples_per_second"] and r["peak_rss_mb"] <= t["peak_rss_mb"],
             "analysis": analyse(r, t),
@@ -710,7 +721,10 @@ def write(runs: dict, args) -> None:
             x = m[system]
             rate, step, peak, reward = x["samples_per_second"], x["seconds_per_step"], x["peak_rss_mb"], x["final_reward"]
             print(f"{name:6s} {system:8s} {rate:8.2f} {step:8.3f} {peak:8.0f} {reward:7.3f}")
-        print(f"{name:6s} refloop/TRL: {m['ratio_samples_per_second']:.2f}x completions/s, {m['ratio_peak_rss']:.2f}x peak RSS")
+        print(
+            f"{name:6s} refloop/TRL: {m['ratio_samples_per_second']:.2f}x completions/s "
+            f"({m['ratio_samples_per_cpu_second']:.2f}x per CPU second), {m['ratio_peak_rss']:.2f}x peak RSS"
+        )
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ describer step and the locator's greedy answers alone are timed with the lever o
 alternating within one process (so a busy machine slows both arms alike), and written under
 "b0_lever" into the existing JSON, whose other numbers are kept.
 
-`--prefill-lever` (issue 22, item 4): the K samples of a box share one prompt prefill (exact), and
-the frozen locator's queries on one image share its image tokens' prefill (SC-Tune's
-share_image_states; equal up to float rounding). The describer's sampling, the locator's answers
-and the describer step are timed with the lever on and off, alternating within one process, and
-written under "prefill_lever" (with each repeat's ratio, so the spread shows).
+`--prefill-lever` (issue 22, item 4): the K samples of a box share one prompt prefill (exact), the
+frozen locator's queries on one image share its image tokens' prefill (SC-Tune's
+share_image_states; equal up to float rounding), and the cache is preallocated (exact). The
+describer's sampling, the locator's answers and the describer step are timed in three arms (off,
+prefill only, both), alternating within one process, and written under "prefill_lever" (with each
+repeat's ratio, so the spread shows).
 
 Writes benchmarks/results/step_cost.json. Three units of work on refloop-tiny (crowded scenes):
 an SC-Tune describer step (group baseline: K samples per box, the frozen locator re-locating every
@@ -192,10 +193,20 @@ def b0_lever(tuner: SCTune, items: list[BoxItem], repeats: int) -> dict:
     return out
 
 
+PREFILL_ARMS = {  # arm -> (shared_prefill, preallocated_cache)
+    "off": (False, False),
+    "prefill": (True, False),
+    "on": (True, True),
+}
+
+
 def prefill_lever(tuner: SCTune, items: list[BoxItem], repeats: int) -> dict:
-    """Shared prompt prefill (issue 22, item 4, lever 2), on and off alternating: the describer's
-    K samples of each box, the frozen locator's greedy answers (K queries per image) and the
-    whole describer step. Both arms run the first lever (LoRA B = 0 as the base)."""
+    """The leaner generate() (issue 22, item 4, lever 2) in three arms alternating in one process:
+    "off" (transformers' generate() as it is), "prefill" (one prompt prefill shared by a box's K
+    samples; the frozen locator's queries on one image share its image tokens' prefill) and "on"
+    (that and the preallocated cache). Timed: the describer's K samples of each box, the locator's
+    greedy answers (K queries per image) and the whole describer step. Every arm runs the first
+    lever (LoRA B = 0 as the base)."""
     from refloop.cycle import describe_then_locate
 
     images, boxes = [it.load_image() for it in items], [it.box for it in items]
@@ -205,15 +216,20 @@ def prefill_lever(tuner: SCTune, items: list[BoxItem], repeats: int) -> dict:
     r_images = [img for img in images for _ in range(k)]
     prompts = [tuner.vlm.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
     units = ("describer_sampling", "locator_answers", "describer_step")
-    times: dict[str, dict[str, list[float]]] = {u: {"on": [], "off": []} for u in units}
+    times: dict[str, dict[str, list[float]]] = {u: {a: [] for a in PREFILL_ARMS} for u in units}
     identical, differing = True, 0
+
+    def use(arm: str) -> None:
+        tuner.vlm.shared_prefill, tuner.vlm.preallocated_cache = PREFILL_ARMS[arm]
+
     for repeat in range(repeats):
-        # The describer is trained by each step: both arms sample and answer first, then both step;
-        # the arms' order alternates between repeats.
-        order = ("on", "off") if repeat % 2 == 0 else ("off", "on")
+        # The describer is trained by each step: every arm samples and answers first, then every
+        # arm steps; the arms' order rotates between repeats.
+        arms = list(PREFILL_ARMS)
+        order = arms[repeat % 3 :] + arms[: repeat % 3]
         outputs = {}
         for arm in order:
-            tuner.vlm.shared_prefill = arm == "on"
+            use(arm)
             torch.manual_seed(1)
             t0 = time.perf_counter()
             sampled = [[c.token_ids for c in g] for g in tuner.describer.generate(images, prompts, sampling)]
@@ -222,30 +238,30 @@ def prefill_lever(tuner: SCTune, items: list[BoxItem], repeats: int) -> dict:
             located = [loc.text for loc in tuner.locator.locate(r_images, expressions)]
             times["locator_answers"][arm].append(time.perf_counter() - t0)
             outputs[arm] = sampled, located
-        identical &= outputs["on"][0] == outputs["off"][0]
-        differing += sum(a != b for a, b in zip(outputs["on"][1], outputs["off"][1]))
+        identical &= all(outputs[a][0] == outputs["off"][0] for a in arms)
+        differing += sum(a != b for arm in arms for a, b in zip(outputs[arm][1], outputs["off"][1]))
         for arm in order:
-            tuner.vlm.shared_prefill = arm == "on"
+            use(arm)
             t0 = time.perf_counter()
             tuner.describer_step(items)
             times["describer_step"][arm].append(time.perf_counter() - t0)
-    tuner.vlm.shared_prefill = True
+    use("on")
     out: dict = {}
-    for unit, arms in times.items():
-        on, off = (sum(arms[a]) / len(arms[a]) for a in ("on", "off"))
-        ratios = [b / a for a, b in zip(arms["on"], arms["off"])]
-        out[unit] = {
-            "lever_on_seconds": round(on, 3),
-            "lever_off_seconds": round(off, 3),
-            "speedup": round(off / on, 3),
-            "speedup_per_repeat": [round(r, 3) for r in ratios],
-        }
+    for unit, arms_times in times.items():
+        off = arms_times["off"]
+        row = {f"{arm}_seconds": round(sum(t) / len(t), 3) for arm, t in arms_times.items()}
+        for arm in ("prefill", "on"):
+            ratios = [b / a for a, b in zip(arms_times[arm], off)]
+            row[f"speedup_{arm}"] = round(sum(off) / sum(arms_times[arm]), 3)
+            row[f"speedup_{arm}_per_repeat"] = [round(r, 3) for r in ratios]
+        out[unit] = row
     out["describer_sampling"]["samples"] = len(prompts) * k
     out["locator_answers"]["queries"] = len(expressions)
     # K samples: token for token given the seed; the locator's answers: equal up to float
     # rounding by construction (the image tokens' states computed once per image), compared here.
     out["identical_samples_given_seed"] = identical
     out["locator_answers_differing"] = differing
+    out["locator_answers_compared"] = len(expressions) * repeats * 2
     print(json.dumps(out), flush=True)
     return out
 
