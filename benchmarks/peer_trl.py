@@ -721,10 +721,8 @@ def write(runs: dict, args) -> None:
             x = m[system]
             rate, step, peak, reward = x["samples_per_second"], x["seconds_per_step"], x["peak_rss_mb"], x["final_reward"]
             print(f"{name:6s} {system:8s} {rate:8.2f} {step:8.3f} {peak:8.0f} {reward:7.3f}")
-        print(
-            f"{name:6s} refloop/TRL: {m['ratio_samples_per_second']:.2f}x completions/s "
-            f"({m['ratio_samples_per_cpu_second']:.2f}x per CPU second), {m['ratio_peak_rss']:.2f}x peak RSS"
-        )
+        per_cpu = f" ({m['ratio_samples_per_cpu_second']:.2f}x per CPU second)" if "ratio_samples_per_cpu_second" in m else ""
+        print(f"{name:6s} refloop/TRL: {m['ratio_samples_per_second']:.2f}x completions/s{per_cpu}, {m['ratio_peak_rss']:.2f}x peak RSS")
 
 
 if __name__ == "__main__":
