@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from refloop.errors import RefloopError
-from refloop.methods.pretrain import PretrainConfig, lr_at, pretrain
+from refloop.methods.pretrain import PretrainConfig, lr_at, pretrain, run_pretrain_tiny
 
 SMALL = dict(
     steps=5,
@@ -51,6 +51,32 @@ def test_resuming_with_another_config_is_refused(tmp_path):
     pretrain(PretrainConfig(**(SMALL | {"steps": 1})), tmp_path / "run")
     with pytest.raises(RefloopError, match="another config"):
         pretrain(PretrainConfig(**(SMALL | {"steps": 1, "lr": 1e-4})), tmp_path / "run")
+
+
+def test_the_exported_model_records_its_recipe_and_another_recipe_needs_overwrite(tmp_path):
+    """Pretraining runs through the one recipe wrapper: the exported model folder holds recipe.json
+    (its provenance) and no results.json or model card; another recipe is refused before any
+    step unless --overwrite, which replaces refloop's files and keeps the user's (a hand-written
+    README.md)."""
+    cfg, other = PretrainConfig(**(SMALL | {"steps": 1})), PretrainConfig(**(SMALL | {"steps": 1, "lr": 1e-4}))
+    out = tmp_path / "model"
+    run_pretrain_tiny(cfg, out, tmp_path / "work")
+    assert PretrainConfig.model_validate_json((out / "recipe.json").read_text()) == cfg
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "training_log.jsonl", "learning_curves.png"} <= files
+    assert not {"results.json", "README.md"} & files
+    (out / "README.md").write_text("hand-written")
+    weights = (out / "model.safetensors").read_bytes()
+    run_pretrain_tiny(cfg, out, tmp_path / "work")  # the same recipe: resumes (finished: nothing to do)
+    with pytest.raises(RefloopError, match="holds outputs of another run.*--overwrite"):
+        run_pretrain_tiny(other, out, tmp_path / "work-other")
+    assert not (tmp_path / "work-other").exists()  # refused before the first step
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert PretrainConfig.model_validate_json((out / "recipe.json").read_text()) == cfg
+    run_pretrain_tiny(other, out, tmp_path / "work-other", overwrite=True)
+    assert PretrainConfig.model_validate_json((out / "recipe.json").read_text()) == other
+    assert (out / "model.safetensors").read_bytes() != weights
+    assert (out / "README.md").read_text() == "hand-written"
 
 
 def test_unknown_config_field_is_an_error():

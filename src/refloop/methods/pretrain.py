@@ -36,6 +36,7 @@ from refloop.models.profiles import TinyProfile
 from refloop.models.tiny.configuration import RefloopTinyConfig
 from refloop.models.tiny.modeling import RefloopTinyForConditionalGeneration
 from refloop.models.tiny.processing import NUM_COORD_BINS, RefloopTinyProcessor, build_tokenizer
+from refloop.training.trackers import Tracking
 from refloop.training.trainer import Trainer, step_seed
 from refloop.world import (
     COLOURS,
@@ -406,9 +407,9 @@ def quick_eval(model, processor, profile: TinyProfile, num_scenes: int, batch: i
     }
 
 
-def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None, progress=None) -> dict:
-    """Train (or resume) in `work_dir` on the shared trainer; export the final model as an HF
-    checkpoint directory."""
+def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None, progress=None, tracking: Tracking | None = None) -> dict:
+    """Train (or resume) in `work_dir` on the shared trainer, reporting to `tracking` (default:
+    nowhere); export the final model as an HF checkpoint directory."""
     torch.set_num_threads(cfg.threads)
     model, processor = build_model(cfg)
     if cfg.init_from is not None:
@@ -422,6 +423,8 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None
         checkpoint_every=cfg.checkpoint_every,
         grad_clip=cfg.grad_clip,
     )
+    if tracking is not None:
+        trainer.track(tracking)
 
     def adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -467,33 +470,38 @@ def run_pretrain_tiny(
     progress: bool = False,
     on_eval: Callable[[dict], None] | None = None,
 ) -> dict:
-    """`refloop pretrain-tiny`: train (or resume) in `work_dir` and export to `out` with its training
-    log and learning curves. `out` holds a run of this recipe only: another recipe's checkpoint there
-    is refused unless `overwrite`; both places are checked before the first step (a bad `out` would
-    otherwise be found after training). `inputs`: files the recipe was read from; `progress`: show a
-    progress bar; `on_eval`: called with each step's record that holds the quick evaluation."""
+    """`refloop pretrain-tiny`: train (or resume) in `work_dir` and export to `out` with its recipe
+    (recipe.json), training log and learning curves, through the one recipe wrapper (`run_recipe`;
+    no results.json and no model card: `out` is a model folder, whose README.md is written by hand).
+    `out` holds a run of this recipe only: another recipe's checkpoint there is refused unless
+    `overwrite`; both places are checked before the first step (a bad `out` would otherwise be
+    found after training). `inputs`: files the recipe was read from; `progress`: show a progress
+    bar; `on_eval`: called with each step's record that holds the quick evaluation."""
     import shutil
     from contextlib import nullcontext
 
+    from refloop.methods.recipe import RecipeRun, recipe_fingerprint, run_recipe
     from refloop.progress import progress_bar
     from refloop.report.plots import pretrain_curves
-    from refloop.runs import check_output, run_directory
+    from refloop.runs import check_output
 
-    fingerprint = {"task": "pretrain-tiny", "config": cfg.model_dump(mode="json")}
-    check_output(out, inputs=inputs, fingerprint=fingerprint, overwrite=overwrite, apart_from={"--work-dir": work_dir})
+    task = "pretrain-tiny"
+    check_output(out, inputs=inputs, fingerprint=recipe_fingerprint(task, cfg), overwrite=overwrite, apart_from={"--work-dir": work_dir})
     check_output(work_dir, inputs=inputs, option="--work-dir")
-    with (
-        run_directory(out, fingerprint, overwrite),
-        progress_bar("pretrain refloop-tiny", cfg.steps) if progress else nullcontext() as advance,
-    ):
 
-        def on_record(record: dict) -> None:
-            if advance is not None:
-                advance(1)
-            if on_eval is not None and "rec_acc" in record:
-                on_eval(record)
+    def body(run: RecipeRun) -> dict:
+        with progress_bar("pretrain refloop-tiny", cfg.steps) if progress and run.main_process else nullcontext() as advance:
 
-        summary = pretrain(cfg, work_dir, export_dir=out, progress=on_record)
-        shutil.copyfile(work_dir / "metrics.jsonl", out / "training_log.jsonl")
-        pretrain_curves(work_dir / "metrics.jsonl", out / "learning_curves.png")
-    return summary
+            def on_record(record: dict) -> None:
+                if advance is not None:
+                    advance(1)
+                if on_eval is not None and "rec_acc" in record:
+                    on_eval(record)
+
+            summary = pretrain(cfg, work_dir, export_dir=out if run.main_process else None, progress=on_record, tracking=run.tracking)
+        if run.main_process:
+            shutil.copyfile(work_dir / "metrics.jsonl", out / "training_log.jsonl")
+            pretrain_curves(work_dir / "metrics.jsonl", out / "learning_curves.png")
+        return summary
+
+    return run_recipe(task, cfg, out, body, overwrite, results_file=None)

@@ -1,7 +1,13 @@
-"""The one wrapper around every recipe (SC-Tune, SFT, SVP, bootstrapping; torchtune's recipe over
-components): the launch-engine check, the run's fingerprint (the recipe's fields that change
-results), the run directory held by the main process, recipe.json, the tracker, the exports,
-results.json and the model cards. A recipe's body is then its method's loop and nothing else."""
+"""The one wrapper around every recipe (SC-Tune, SFT, SVP, bootstrapping, refloop-tiny's
+pretraining; torchtune's recipe over components): the launch-engine check, the run's fingerprint
+(the recipe's fields that change results), the run directory held by the main process,
+recipe.json, the tracker, the exports, results.json and the model cards. A recipe's body is then
+its method's loop and nothing else.
+
+A recipe is a pydantic model. A `ModelSpec` recipe (a model to load: every method's) also has
+its device checked and, by default, its model's profile read before the run; a recipe with
+`tracking()` (`TrackingSpec`) has its tracker checked. A recipe that is neither (refloop-tiny's
+pretraining, which builds its model from code and trains on the CPU) gets only the rest."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from pydantic import BaseModel
 
 from refloop.models.processors import save_processor
 from refloop.models.spec import ModelSpec
@@ -32,9 +39,22 @@ class RecipeRun:
     prepared: Any = None  # what the recipe's `prepare` returned (checked before the run began)
 
 
+def recipe_fingerprint(task: str, recipe: BaseModel, unchanged: frozenset[str] = frozenset(), more: dict | None = None) -> dict:
+    """What identifies a run of `recipe` (stored as run.json): the task, the recipe's fields but the
+    `unchanged` ones, the thread count and the tracker, `more` (e.g. digests of the model's files)
+    and digests of the data files the recipe names (a file changed in place is other data). A
+    command that checks its `--out` before any work compares against this."""
+    fingerprint = {
+        "task": task,
+        "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS, *unchanged}),
+    } | (more or {})
+    fingerprint["data_files"] = files_digest(fingerprint["recipe"])
+    return fingerprint
+
+
 def run_recipe(
     task: str,
-    recipe: ModelSpec,
+    recipe: BaseModel,
     out: Path,
     body: Callable[[RecipeRun], dict | None],
     overwrite: bool = False,
@@ -49,25 +69,28 @@ def run_recipe(
     `unchanged` fields, the thread count and the tracker) is refused unless `overwrite`. The main
     process writes `results_file` and, with `card_metrics` (results -> the card's numbers), the
     model cards of the exports; every process returns the body's results. `fingerprint`: more of
-    what identifies the run (e.g. digests of the model's files). Before the directory is claimed
-    and anything loads: the device, the tracker, and `prepare` (default: the model's profile read
-    from its config and processor, which checks the model path and processor options), whose
-    result the body gets as `run.prepared` (e.g. training data checked against that profile)."""
+    what identifies the run (see `recipe_fingerprint`). Before the directory is claimed and
+    anything loads: the device, the tracker, and `prepare` (default: a ModelSpec's model profile
+    read from its config and processor, which checks the model path and processor options; None
+    for other recipes), whose result the body gets as `run.prepared` (e.g. training data checked
+    against that profile)."""
+    spec = recipe if isinstance(recipe, ModelSpec) else None  # no model to load: trains on the CPU
+    cpu = spec is None or spec.device == "cpu"
     if trains:
         check_engine()  # an FSDP1 or DeepSpeed launch config is refused before anything loads
-    recipe.check_device()
+    if spec is not None:
+        spec.check_device()
     if hasattr(recipe, "tracking"):
         recipe.tracking()  # an uninstalled tracker is refused here
-    prepared = prepare() if prepare is not None else recipe.load_profile()
-    fingerprint = {
-        "task": task,
-        "recipe": recipe.model_dump(mode="json", exclude={"threads", *TRACKING_FIELDS, *unchanged}),
-    } | (fingerprint or {})
-    fingerprint["data_files"] = files_digest(fingerprint["recipe"])  # a data file changed in place is other data
-    main_process = PartialState(cpu=recipe.device == "cpu").is_main_process
+    if prepare is not None:
+        prepared = prepare()
+    else:
+        prepared = spec.load_profile() if spec is not None else None
+    fingerprint = recipe_fingerprint(task, recipe, unchanged, fingerprint)
+    main_process = PartialState(cpu=cpu).is_main_process
     # the other processes of an `accelerate launch` write nothing (not even recipe.json) before the main
     # one has checked the directory; a run that fails before writing more than recipe.json leaves no fingerprint
-    with shared_run_directory(out, fingerprint, overwrite, setup_files=("recipe.json",), cpu=recipe.device == "cpu"):
+    with shared_run_directory(out, fingerprint, overwrite, setup_files=("recipe.json",), cpu=cpu):
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         tracking = recipe.tracking() if hasattr(recipe, "tracking") else Tracking()
@@ -76,7 +99,8 @@ def run_recipe(
             if results_file:
                 (out / results_file).write_text(json.dumps(results, indent=2) + "\n")
             if card_metrics is not None:
-                write_model_cards(out, recipe.model or "refloop-tiny", task, recipe.model_dump(mode="json"), card_metrics(results))
+                base = (spec.model if spec is not None else None) or "refloop-tiny"
+                write_model_cards(out, base, task, recipe.model_dump(mode="json"), card_metrics(results))
         return results
 
 
