@@ -47,6 +47,7 @@ from refloop.data.records import BoxItem
 from refloop.methods.sctune import SCTune, SCTuneConfig
 from refloop.models import load_vlm
 from refloop.models.base import GenerateOptions
+from refloop.models.hf import GENERATE_HOOKS
 from refloop.training.adapters import LoraSettings
 from refloop.world import get_style, render, sample_scene
 
@@ -74,7 +75,9 @@ class Recorder:
 
         @functools.wraps(self._generate)
         def generate(*args, **kwargs):
-            rec.calls.append(("generate", _detach(kwargs), torch.random.get_rng_state()))
+            # generate()'s steps that refloop's `lean_generate` hooks for this call replay with it
+            hooks = {h: self.model.__dict__[h] for h in GENERATE_HOOKS if h in self.model.__dict__}
+            rec.calls.append(("generate", _detach(kwargs), (torch.random.get_rng_state(), hooks)))
             rec._inside += 1
             try:
                 return rec._generate(*args, **kwargs)
@@ -103,15 +106,20 @@ class Recorder:
     def replay(self) -> dict[str, float]:
         """Seconds per kind of call, each call replayed alone."""
         seconds: dict[str, float] = {}
-        for kind, kwargs, rng in self.calls:
+        for kind, kwargs, state in self.calls:
             if kind == "backward_counted_in_forward":
                 continue
-            if rng is not None:
-                torch.random.set_rng_state(rng)
+            if state is not None:
+                torch.random.set_rng_state(state[0])
             t0 = time.perf_counter()
             if kind == "generate":
-                with torch.no_grad():
-                    self._generate(**kwargs)
+                self.model.__dict__.update(state[1])
+                try:
+                    with torch.no_grad():
+                        self._generate(**kwargs)
+                finally:
+                    for hook in state[1]:
+                        del self.model.__dict__[hook]
             elif kind == "forward":
                 with torch.no_grad():
                     self._forward(**kwargs)

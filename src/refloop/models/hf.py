@@ -184,6 +184,10 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
+# The steps of transformers' generate() that `lean_generate` replaces on the model instance.
+GENERATE_HOOKS = ("_expand_inputs_for_generation", "_prefill", "_prepare_cache_for_generation")
+
+
 @contextlib.contextmanager
 def lean_generate(model, shared_prefill: bool = True, preallocated_cache: bool = True) -> Iterator[None]:
     """Two hooks into transformers' generate() (>= 5.2x), within this context, both exact (the same
@@ -201,11 +205,10 @@ def lean_generate(model, shared_prefill: bool = True, preallocated_cache: bool =
 
     Anywhere they cannot apply (an encoder-decoder, whose decoder prefill is one start token; a
     cache other than DynamicCache; a transformers without those steps) generate() runs unchanged."""
-    hooks = ("_expand_inputs_for_generation", "_prefill", "_prepare_cache_for_generation")
-    if getattr(model.config, "is_encoder_decoder", False) or not all(callable(getattr(model, h, None)) for h in hooks):
+    if getattr(model.config, "is_encoder_decoder", False) or not all(callable(getattr(model, h, None)) for h in GENERATE_HOOKS):
         yield
         return
-    expand, prefill, prepare_cache = (getattr(model, h) for h in hooks)
+    expand, prefill, prepare_cache = (getattr(model, h) for h in GENERATE_HOOKS)
     before: dict = {}
 
     def expand_keeping_prompts(expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
