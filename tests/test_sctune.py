@@ -68,6 +68,32 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path):
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+def test_old_logprobs_from_the_first_epoch_equal_a_separate_pass(tmp_path, kl_coef):
+    """One minibatch: the first PPO epoch's forward, detached, is log pi_theta_old, so the no-grad
+    pass is skipped; the update (over micro-batches, with or without the KL term) must not change."""
+    results = []
+    for separate in (True, False):
+        tuner = _tuner(tmp_path / str(separate), phases=1, ppo_epochs=2, micro_batch_size=3, kl_coef=kl_coef)
+        tuner.old_logprobs_from_first_epoch = not separate
+        calls = []
+        scorer = tuner.describer.logprobs
+        tuner.describer.logprobs = lambda *a, grad=False, **k: calls.append(grad) or scorer(*a, grad=grad, **k)
+        rollout = tuner.rollout  # a random locator finds nothing: give the captions distinct rewards
+        tuner.rollout = lambda *a, **k: (ro := rollout(*a, **k))._replace(reward=torch.linspace(0, 1, len(ro.token_ids)))
+        torch.manual_seed(0)
+        stats = tuner.describer_step(tuner.batch(0))
+        results.append((stats, calls, [p.detach().clone() for p in tuner.adapters.parameters("describer")]))
+    (s_sep, calls_sep, p_sep), (s_one, calls_one, p_one) = results
+    assert calls_sep.count(False) == 1 and calls_one.count(False) == 0  # the no-grad pass is gone
+    assert calls_one.count(True) == calls_sep.count(True)
+    for key in ("loss", "approx_kl", "clipfrac", "grad_norm", "reward", "advantage", *(["kl_to_reference"] if kl_coef else [])):
+        assert s_one[key] == pytest.approx(s_sep[key], rel=1e-4, abs=1e-6), key
+    assert s_one["grad_norm"] > 0
+    for a, b in zip(p_one, p_sep, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_describer_step_changes_only_the_describer_and_sync_copies_it(tmp_path):
     tuner = _tuner(tmp_path, phases=1)
     before = {r: [p.detach().clone() for p in tuner.adapters.parameters(r)] for r in ("describer", "locator")}

@@ -132,6 +132,10 @@ class SCTune:
     """The SC-Tune algorithm over the shared cycle, adapters and trainer. `vlm` must wrap the
     adapters' module (see `from_base`)."""
 
+    # With one minibatch, log pi_theta_old comes from the first PPO epoch's forward (exact; see
+    # `describer_step`). False: a separate no-grad pass, as with several minibatches (for checks).
+    old_logprobs_from_first_epoch: bool = True
+
     def __init__(
         self, adapters: NamedAdapters, vlm: HFVLM, cfg: SCTuneConfig, train: list[BoxItem], supervised: list[BoxItem] | None = None
     ) -> None:
@@ -218,7 +222,9 @@ class SCTune:
         return [self.train[rng.randrange(len(self.train))] for _ in range(self.cfg.batch_size)]
 
     # ---- describer phase (Eq. 1-3) ----------------------------------------------------------
-    def rollout(self, items: list[BoxItem]) -> Rollout:
+    def rollout(self, items: list[BoxItem], old_logprobs: bool = True) -> Rollout:
+        """Sample, re-locate and score a batch. `old_logprobs=False` leaves `logp_old` zero for the
+        caller to fill from the first PPO epoch's forward pass (see `describer_step`)."""
         cfg = self.cfg
         k = cfg.group_size if cfg.baseline == "group" else 1
         images = [it.load_image() for it in items]
@@ -247,7 +253,10 @@ class SCTune:
         r_images = [img for img in images for _ in range(k)]
         prompts = [self.vlm.profile.reg_prompt(b, img.size) for img, b in zip(r_images, cycle.boxes)]
         ids = [list(c.token_ids) for c in cycle.descriptions]
-        logp_old, mask = pad_rows(self.describer.logprobs(r_images, prompts, ids))
+        if old_logprobs:
+            logp_old, mask = pad_rows(self.describer.logprobs(r_images, prompts, ids))
+        else:
+            logp_old, mask = pad_rows([torch.zeros(len(row)) for row in ids])
         if cfg.kl_coef > 0:
             logp_ref, _ = pad_rows(self.reference.logprobs(r_images, prompts, ids))
         else:  # beta = 0: pi_ref never enters Eq. 2, its forward pass is skipped
@@ -256,24 +265,39 @@ class SCTune:
         return Rollout(r_images, prompts, ids, reward, baseline, logp_old, logp_ref, mask, consistent, cycle.parse_failures, seconds)
 
     def describer_step(self, items: list[BoxItem]) -> dict:
-        cfg, ro = self.cfg, self.rollout(items)
-        rewards = token_rewards(ro.logp_old, ro.logp_ref, ro.mask, ro.reward, cfg.kl_coef)  # Eq. 2
-        advantages = value_free_advantages(rewards, ro.mask, ro.baseline)  # Eq. 3
+        cfg = self.cfg
+        # With one minibatch, the first epoch's forward of every row runs before the epoch's only
+        # optimizer step: detached, it IS log pi_theta_old, so the separate no-grad pass is skipped
+        # (TRL does the same for one iteration). Rows stay on their process, so data parallel holds.
+        old_from_first_epoch = self.old_logprobs_from_first_epoch and cfg.minibatches == 1
+        ro = self.rollout(items, old_logprobs=not old_from_first_epoch)
+        advantages = torch.zeros_like(ro.mask)
+
+        def score(rows: list[int]) -> None:  # Eq. 2-3 are per row: score rows once their pi_old is known
+            rewards = token_rewards(ro.logp_old[rows], ro.logp_ref[rows], ro.mask[rows], ro.reward[rows], cfg.kl_coef)  # Eq. 2
+            advantages[rows] = value_free_advantages(rewards, ro.mask[rows], ro.baseline[rows])  # Eq. 3
+
+        if not old_from_first_epoch:
+            score(list(range(len(ro.token_ids))))
         stats = {"approx_kl": 0.0, "clipfrac": 0.0, "loss": 0.0, "grad_norm": 0.0}
         updates = 0
-        for _ in range(cfg.ppo_epochs):  # PPO epochs over minibatches (Eq. 1)
+        for epoch in range(cfg.ppo_epochs):  # PPO epochs over minibatches (Eq. 1)
             order = torch.randperm(len(ro.token_ids))  # seeded per step by the trainer
             for mb in order.chunk(cfg.minibatches):
                 rows = mb.tolist()
                 n_tokens = ro.mask[rows].sum().clamp(min=1)
+                fill_old = old_from_first_epoch and epoch == 0
 
-                def loss_of(chunk: list[int], n_tokens: torch.Tensor = n_tokens) -> torch.Tensor:
+                def loss_of(chunk: list[int], n_tokens: torch.Tensor = n_tokens, fill_old: bool = fill_old) -> torch.Tensor:
                     logp_new, _ = pad_rows(
                         self.describer.logprobs(
                             [ro.images[i] for i in chunk], [ro.prompts[i] for i in chunk], [ro.token_ids[i] for i in chunk], grad=True
                         )
                     )
                     width = logp_new.shape[1]
+                    if fill_old:  # no update yet in this step: these are pi_theta_old's log-probs
+                        ro.logp_old[chunk, :width] = logp_new.detach()
+                        score(chunk)
                     loss, chunk_stats = clipped_policy_loss(
                         logp_new, ro.logp_old[chunk, :width], advantages[chunk, :width], ro.mask[chunk, :width], cfg.clip_eps, n_tokens
                     )
