@@ -198,6 +198,14 @@ def test_pretraining_shapes_are_checked_before_training(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_pretraining_takes_set_overrides_like_the_recipes(tmp_path, capsys):
+    """`--set` reaches the pretraining recipe (checked before training) and a wrong field is refused."""
+    args = ["pretrain-tiny", "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w")]
+    assert_refused(run_cli([*args, "--set", "hidden_size=32", "--set", "num_heads=3"], capsys), "num_heads 3 must divide hidden_size 32")
+    assert_refused(run_cli([*args, "--set", "no_such_field=1"], capsys), "no_such_field")
+    assert not (tmp_path / "w").exists()
+
+
 def test_rc_data_reads_or_refuses_every_file_it_is_given(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")

@@ -215,13 +215,14 @@ def pretrain_tiny(
     config: Path | None = typer.Option(None, "--config", help="YAML file overriding PretrainConfig fields."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Override the number of optimizer steps."),
     seed: int | None = typer.Option(None, "--seed", help="Override the seed."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set init_from=DIR --set threads=2 (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint of another recipe that refloop wrote in --out."),
 ) -> None:
-    """Train refloop-tiny from scratch on in-domain shapes scenes (deterministic, resumable)."""
+    """Train refloop-tiny (from scratch, or continued from `init_from`) on shapes scenes (deterministic, resumable)."""
     from refloop.config import load_recipe
     from refloop.methods.pretrain import PretrainConfig, run_pretrain_tiny
 
-    overrides = [f"{k}={v}" for k, v in {"steps": steps, "seed": seed}.items() if v is not None]
+    overrides = [*overrides, *(f"{k}={v}" for k, v in {"steps": steps, "seed": seed}.items() if v is not None)]
     cfg = load_recipe(PretrainConfig, config, overrides)
     summary = run_pretrain_tiny(cfg, out, work_dir, [config], overwrite, progress=True, on_eval=_print_quick_eval)
     console.print(f"refloop-tiny written to {out} ({summary['elapsed_s'] / 60:.1f} min of training)", markup=False)
