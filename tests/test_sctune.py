@@ -71,25 +71,36 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path):
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
 def test_old_logprobs_from_the_first_epoch_equal_a_separate_pass(tmp_path, kl_coef):
     """One minibatch: the first PPO epoch's forward, detached, is log pi_theta_old, so the no-grad
-    pass is skipped; the update (over micro-batches, with or without the KL term) must not change."""
+    pass is skipped; the update (over micro-batches, with or without the KL term) must not change.
+    A first step (separate pass in both arms) moves the describer away from the reference, so
+    log pi_old differs from log pi_ref, and the rows reach the micro-batches out of order."""
     results = []
     for separate in (True, False):
-        tuner = _tuner(tmp_path / str(separate), phases=1, ppo_epochs=2, micro_batch_size=3, kl_coef=kl_coef)
-        tuner.old_logprobs_from_first_epoch = not separate
-        calls = []
-        scorer = tuner.describer.logprobs
-        tuner.describer.logprobs = lambda *a, grad=False, **k: calls.append(grad) or scorer(*a, grad=grad, **k)
+        tuner = _tuner(tmp_path / str(separate), phases=1, batch_size=8, ppo_epochs=2, micro_batch_size=3, kl_coef=kl_coef)
         rollout = tuner.rollout  # a random locator finds nothing: give the captions distinct rewards
         tuner.rollout = lambda *a, **k: (ro := rollout(*a, **k))._replace(reward=torch.linspace(0, 1, len(ro.token_ids)))
+        tuner.old_logprobs_from_first_epoch = False
         torch.manual_seed(0)
-        stats = tuner.describer_step(tuner.batch(0))
+        tuner.describer_step(tuner.batch(0))
+        tuner.old_logprobs_from_first_epoch = not separate
+        calls, updates = [], []
+        scorer, update = tuner.describer.logprobs, tuner.trainer.update
+        tuner.describer.logprobs = lambda *a, grad=False, **k: calls.append(grad) or scorer(*a, grad=grad, **k)
+        tuner.trainer.update = lambda name, loss_of, rows, **k: updates.append(list(rows)) or update(name, loss_of, rows, **k)
+        torch.manual_seed(1)
+        stats = tuner.describer_step(tuner.batch(1))
         results.append((stats, calls, [p.detach().clone() for p in tuner.adapters.parameters("describer")]))
+    first_epoch = updates[0]
+    assert any(first_epoch[i : i + 3] != sorted(first_epoch[i : i + 3]) for i in range(0, len(first_epoch), 3)), first_epoch
     (s_sep, calls_sep, p_sep), (s_one, calls_one, p_one) = results
     assert calls_sep.count(False) == 1 and calls_one.count(False) == 0  # the no-grad pass is gone
     assert calls_one.count(True) == calls_sep.count(True)
-    for key in ("loss", "approx_kl", "clipfrac", "grad_norm", "reward", "advantage", *(["kl_to_reference"] if kl_coef else [])):
+    keys = ("loss", "approx_kl", "clipfrac", "grad_norm", "reward", "advantage", *(["kl_to_reference"] if kl_coef else []))
+    for key in keys:
         assert s_one[key] == pytest.approx(s_sep[key], rel=1e-4, abs=1e-6), key
     assert s_one["grad_norm"] > 0
+    if kl_coef:
+        assert abs(s_one["kl_to_reference"]) > 1e-6  # pi_old is not pi_ref: a fill from the reference would show
     for a, b in zip(p_one, p_sep, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 

@@ -204,6 +204,12 @@ def test_pretraining_takes_set_overrides_like_the_recipes(tmp_path, capsys):
     assert_refused(run_cli([*args, "--set", "hidden_size=32", "--set", "num_heads=3"], capsys), "num_heads 3 must divide hidden_size 32")
     assert_refused(run_cli([*args, "--set", "no_such_field=1"], capsys), "no_such_field")
     assert not (tmp_path / "w").exists()
+    # the checkpoint a stage continues from is an input: it may not be the output it would overwrite
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    refused = run_cli([*args, "--set", f"init_from={tmp_path / 'm'}", "--overwrite"], capsys)
+    assert_refused(refused, "is one of the input files")
+    assert (tmp_path / "m" / "config.json").read_text() == "{}"
 
 
 def test_rc_data_reads_or_refuses_every_file_it_is_given(tmp_path, capsys):

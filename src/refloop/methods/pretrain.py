@@ -486,6 +486,7 @@ def run_pretrain_tiny(
     from refloop.runs import check_output
 
     task = "pretrain-tiny"
+    inputs = [*inputs, *([cfg.init_from] if cfg.init_from else [])]  # the checkpoint it continues is read too
     check_output(out, inputs=inputs, fingerprint=recipe_fingerprint(task, cfg), overwrite=overwrite, apart_from={"--work-dir": work_dir})
     check_output(work_dir, inputs=inputs, option="--work-dir")
 
