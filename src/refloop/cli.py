@@ -215,7 +215,9 @@ def pretrain_tiny(
     config: Path | None = typer.Option(None, "--config", help="YAML file overriding PretrainConfig fields."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Override the number of optimizer steps."),
     seed: int | None = typer.Option(None, "--seed", help="Override the seed."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set init_from=DIR --set threads=2 (repeatable)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a recipe field, e.g. --set init_from=DIR --set threads=2 (repeatable)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint of another recipe that refloop wrote in --out."),
 ) -> None:
     """Train refloop-tiny (from scratch, or continued from `init_from`) on shapes scenes (deterministic, resumable)."""
