@@ -10,9 +10,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator:
+def progress_bar(description: str, total: int | None, enabled: bool = True) -> Iterator:
     """Yields `advance(n=1, total=None)`; a job that learns its total only once it starts (SFT:
-    steps from the examples) passes it with its first advance."""
+    steps from the examples) passes it with its first advance. `enabled=False` yields None (no bar:
+    a job that reports progress only when asked, or a process other than the main one)."""
+    if not enabled:
+        yield None
+        return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=False, disable=bool(os.environ.get("REFLOOP_NO_PROGRESS"))) as bar:
         task = bar.add_task(description, total=total)

@@ -13,7 +13,6 @@ import json
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -194,7 +193,7 @@ def run_consistency(
     if not samples:
         raise RefloopError(f"{data}: no boxes to evaluate")
     vlm = spec.load_vlm(cfg.batch_size, generation=True)
-    with progress_bar(f"consistency {data}", len(samples)) if progress else nullcontext() as advance:
+    with progress_bar(f"consistency {data}", len(samples), enabled=progress) as advance:
         metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error)
     if not state.is_main_process:  # the main process merged the shards and reports
         return None

@@ -14,7 +14,6 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -371,10 +370,10 @@ def run_object_eval(
     vlm = spec.load_vlm(batch_size, generation=True)
     common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error}
     if task == "caption":
-        with progress_bar(f"caption {data}", len(found.records)) if progress else nullcontext() as advance:
+        with progress_bar(f"caption {data}", len(found.records), enabled=progress) as advance:
             metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
     else:
-        with progress_bar(f"pope {strategy} {data}", len(questions)) if progress else nullcontext() as advance:
+        with progress_bar(f"pope {strategy} {data}", len(questions), enabled=progress) as advance:
             metrics = evaluate_pope(vlm, found, out, progress=advance, questions=questions, rule=rule, **pope, **common)
     if not state.is_main_process:
         return None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 from refloop.cycle import REC_ACCURACY, Consistency, locate_boxes
@@ -205,7 +204,7 @@ def run_referring_eval(
         raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task}` reads {where})")
     vlm = spec.load_vlm(batch_size, generation=True)
     run = evaluate_rec if task == "rec" else evaluate_reg
-    with progress_bar(f"{task} {data}", total) if progress and state.is_main_process else nullcontext() as advance:
+    with progress_bar(f"{task} {data}", total, enabled=progress and state.is_main_process) as advance:
         metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, progress=advance, overwrite=overwrite, on_error=on_error)
     if not state.is_main_process:
         return None

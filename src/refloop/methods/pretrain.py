@@ -478,7 +478,6 @@ def run_pretrain_tiny(
     found after training). `inputs`: files the recipe was read from; `progress`: show a progress
     bar; `on_eval`: called with each step's record that holds the quick evaluation."""
     import shutil
-    from contextlib import nullcontext
 
     from refloop.methods.recipe import RecipeRun, recipe_fingerprint, run_recipe
     from refloop.progress import progress_bar
@@ -491,7 +490,7 @@ def run_pretrain_tiny(
     check_output(work_dir, inputs=inputs, option="--work-dir")
 
     def body(run: RecipeRun) -> dict:
-        with progress_bar("pretrain refloop-tiny", cfg.steps) if progress and run.main_process else nullcontext() as advance:
+        with progress_bar("pretrain refloop-tiny", cfg.steps, enabled=progress and run.main_process) as advance:
 
             def on_record(record: dict) -> None:
                 if advance is not None:

@@ -197,7 +197,6 @@ def run_captions(
     domain, exported once by the main process), with `isvp` SVP's inference-time variant through
     `grounding`. The main process returns the images skipped as unreadable; the others None.
     `progress`: show a progress bar."""
-    from contextlib import nullcontext
 
     from refloop.methods.svp import caption_images
     from refloop.progress import progress_bar
@@ -211,7 +210,7 @@ def run_captions(
     ground = grounding.build(vlm, spec.device, spec.dtype) if isvp else None
     records = {"name": data, "image_root": str(found.image_root), "records": records_digest(found.records)}
     fingerprint = {"data": records, "isvp": isvp, "grounder": grounding.model_dump(), "phrases": phrases}
-    with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records)) if progress else nullcontext() as advance:
+    with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records), enabled=progress) as advance:
         skipped = caption_images(
             vlm, found.records, out, ground, phrases, found.vocabulary, batch_size, fingerprint, advance, overwrite, on_error
         )
