@@ -57,7 +57,12 @@ def main() -> None:
                     "unparseable": round(100 * m["parse_failure_rate"], 2),
                 }
                 print(name, style, table[name][style], flush=True)
-    result = {"benchmark": "svp_rec_by_style", "pairs_per_style": args.pairs, "adapters": {k: v for k, v in models.items() if v}, "rec": table}
+    result = {
+        "benchmark": "svp_rec_by_style",
+        "pairs_per_style": args.pairs,
+        "adapters": {k: v for k, v in models.items() if v},
+        "rec": table,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

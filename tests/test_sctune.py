@@ -77,16 +77,25 @@ def test_old_logprobs_from_the_first_epoch_equal_a_separate_pass(tmp_path, kl_co
     results = []
     for separate in (True, False):
         tuner = _tuner(tmp_path / str(separate), phases=1, batch_size=8, ppo_epochs=2, micro_batch_size=3, kl_coef=kl_coef)
-        rollout = tuner.rollout  # a random locator finds nothing: give the captions distinct rewards
-        tuner.rollout = lambda *a, **k: (ro := rollout(*a, **k))._replace(reward=torch.linspace(0, 1, len(ro.token_ids)))
+        # a random locator finds nothing: give the captions distinct rewards
+        tuner.rollout = lambda *a, rollout=tuner.rollout, **k: (ro := rollout(*a, **k))._replace(
+            reward=torch.linspace(0, 1, len(ro.token_ids))
+        )
         tuner.old_logprobs_from_first_epoch = False
         torch.manual_seed(0)
         tuner.describer_step(tuner.batch(0))
         tuner.old_logprobs_from_first_epoch = not separate
         calls, updates = [], []
-        scorer, update = tuner.describer.logprobs, tuner.trainer.update
-        tuner.describer.logprobs = lambda *a, grad=False, **k: calls.append(grad) or scorer(*a, grad=grad, **k)
-        tuner.trainer.update = lambda name, loss_of, rows, **k: updates.append(list(rows)) or update(name, loss_of, rows, **k)
+
+        def scored(*a, grad=False, scorer=tuner.describer.logprobs, calls=calls, **k):
+            calls.append(grad)
+            return scorer(*a, grad=grad, **k)
+
+        def updated(name, loss_of, rows, update=tuner.trainer.update, updates=updates, **k):
+            updates.append(list(rows))
+            return update(name, loss_of, rows, **k)
+
+        tuner.describer.logprobs, tuner.trainer.update = scored, updated
         torch.manual_seed(1)
         stats = tuner.describer_step(tuner.batch(1))
         results.append((stats, calls, [p.detach().clone() for p in tuner.adapters.parameters("describer")]))
