@@ -13,7 +13,9 @@ The analogue, fixed before any recipe was tuned:
    to score uniqueness, never by the model or the SFT data).
 2. The same model is instruction-tuned (LoRA on both towers, visual grounding + grounding caption in
    the family's own prompts) on (a) the kept pairs and (b) every pair unfiltered, same steps and seed.
-3. REC acc@0.5 of base, (a) and (b) on held-out `in-domain`, `crowded` and `wild` referring data.
+   A third arm, refloop's variant beyond Pink: (c) the pairs kept when each box gets K descriptions
+   (greedy + K-1 sampled, the most consistent passing one kept; `refloop bootstrap --samples K`).
+3. REC acc@0.5 of base, (a), (b) and (c) on held-out `in-domain`, `crowded` and `wild` referring data.
 Every effect is reported as mean, range and per-seed values over the seeds (SFT seed = adapter
 init and data order; training scenes). Also: keep rate and grammar-unique share of kept vs
 rejected expressions for Pink (K=1) and, on the first seed, with K samples and the distractor
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import time
 from collections import defaultdict
@@ -153,18 +156,37 @@ def _by_box(record: ImageRecord) -> list:
     return [objects[j] for j in overlap.argmax(1)]
 
 
-def tune(vlm, records: list[ImageRecord], work: Path, steps: int, cfg: SFTConfig) -> tuple[object, dict]:
-    """LoRA SFT for exactly `steps` steps on the grounding tasks of `records`, native prompts."""
+def tune(
+    vlm, records: list[ImageRecord], work: Path, steps: int, cfg: SFTConfig, history: list | None = None, history_ratio: float = 0.0
+) -> tuple[object, dict]:
+    """LoRA SFT for exactly `steps` steps on the grounding tasks of `records`, native prompts.
+
+    `history_ratio` > 0 mixes in the training history as Pink's stage 2 does (its bootstrapped
+    Objects365 pairs are sampled at a reduced rate among the datasets the model already trained
+    on): that share of the examples is drawn from `history` (the same pool and seed for every arm)."""
     shutil.rmtree(work, ignore_errors=True)  # a benchmark starts from scratch
     data = work / "rc.jsonl"
     counts = build_rc_data(records, data, GROUNDING_TASKS, vlm.profile, seed=0, max_per_image=None, native=True)
     examples = load_rc_data(data)
+    if history_ratio > 0:
+        count = min(len(history), round(history_ratio / (1 - history_ratio) * len(examples)))
+        examples = examples + random.Random(cfg.seed).sample(history, count)
+        counts = counts | {"history": count}
     cfg = cfg.model_copy(update={"epochs": steps * cfg.batch_size / len(examples)})
     tuner = SFT(vlm, cfg, examples)
     started = time.perf_counter()
     tuner.run(work / "train")
     assert tuner.total_steps == steps, (tuner.total_steps, steps)
     return tuner, {"examples": counts, "steps": steps, "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def history_examples(profile, images: int, work: Path) -> list:
+    """The training history: the grounding tasks on in-domain training scenes with the grammar's
+    expressions (the data the base model was pretrained on; Visual Genome's role in Pink)."""
+    records = load_detections("in-domain", num_images=images).records
+    counts = build_rc_data(records, work / "history.jsonl", GROUNDING_TASKS, profile, seed=0, max_per_image=None, native=True)
+    assert sum(counts.values()) > 0, counts
+    return load_rc_data(work / "history.jsonl")
 
 
 def rec_table(vlm, out: Path, eval_records: dict[str, list[ImageRecord]], limit: int) -> dict[str, float]:
@@ -191,6 +213,9 @@ def throughput(args, records: list[ImageRecord], out: Path) -> dict:
 
 
 BASE, UNFILTERED, FILTERED = "base", "+ pairs, unfiltered", "+ pairs, filtered (Pink)"
+# refloop's variant beyond Pink: greedy + K-1 sampled descriptions per box, the most consistent
+# passing one kept (`refloop bootstrap --samples K`), same filter, same SFT.
+FILTERED_K = "+ pairs, filtered, K samples (refloop)"
 
 
 def main() -> None:
@@ -204,6 +229,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4, help="SFT learning rate of both arms")
     parser.add_argument("--eval-images", type=int, default=300, help="held-out scenes per domain")
     parser.add_argument("--rec-limit", type=int, default=600, help="REC (expression, box) pairs per domain")
+    parser.add_argument(
+        "--history-ratio", type=float, default=0.0, help="share of each arm's SFT examples from the training history (Pink stage 2)"
+    )
+    parser.add_argument("--history-images", type=int, default=1000, help="in-domain training scenes of the history pool")
+    parser.add_argument("--k-arm", type=int, default=1, help="0: skip the K-sample bootstrapping and its arm")
     parser.add_argument("--throughput-images", type=int, default=24, help="0: skip the throughput rows")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-pink"))
     parser.add_argument("--result", default=str(RESULTS / "pink_shapes.json"))
@@ -230,8 +260,9 @@ def main() -> None:
     sft = SFTConfig(batch_size=32, lr=args.lr, lora=lora, checkpoint_every=10_000, generation_batch_size=64)
     base_rec = rec_table(vlm, out / "rec-base", eval_records, args.rec_limit)
     t = lap("rec_base", t)
+    history = history_examples(vlm.profile, args.history_images, out) if args.history_ratio > 0 else None
 
-    per_seed, variants, bootstrap_stats, attributes, records = {}, {}, {}, {}, []
+    per_seed, variants, bootstrap_stats, sampled_stats, attributes, records = {}, {}, {}, {}, {}, []
     for seed in seeds:
         # Training scenes of seed s: the world's scene seed TRAIN_SEED + 100 s (never EVAL_SEED).
         records = load_detections(args.train_domain, num_images=args.train_images, scene_seed=TRAIN_SEED + 100 * seed).records
@@ -242,7 +273,8 @@ def main() -> None:
         pink_rows = candidate_rows(run / "bootstrap-pink")
         bootstrap_stats[seed] = {k: pink[k] for k in TABLE5_KEYS}
         attributes[seed] = attribute_errors(pink_rows, records)
-        if seed == seeds[0]:
+        arm_data = {UNFILTERED: (pink_rows, False, "all"), FILTERED: (pink_rows, True, "kept")}
+        if args.k_arm:
             sampled = bootstrap(
                 vlm,
                 records,
@@ -252,8 +284,11 @@ def main() -> None:
                 overwrite=True,
                 write_report=False,
             )
-            t = lap("bootstrap_k_samples", t)
+            t = lap(f"seed{seed} bootstrap_k_samples", t)
             sampled_rows = candidate_rows(run / "bootstrap-k")
+            sampled_stats[seed] = {k: sampled[k] for k in TABLE5_KEYS}
+            arm_data[FILTERED_K] = (sampled_rows, True, "kept-k")
+        if seed == seeds[0] and args.k_arm:
             variants = {
                 "pink (K=1)": redecide(pink_rows, False, 0.5),
                 "K=1 + distractor check": redecide(pink_rows, True, 0.5),
@@ -264,16 +299,18 @@ def main() -> None:
             assert abs(variants[f"K={args.samples}"]["keep_rate"] - sampled["keep_rate"]) < 1e-9
         # Table 1: SFT on filtered vs unfiltered pairs, same steps and seed; REC on held-out data.
         rec, arms = {BASE: base_rec}, {}
-        for name, kept_only in ((UNFILTERED, False), (FILTERED, True)):
+        for name, (rows, kept_only, tag) in arm_data.items():
             tuned, info = tune(
                 load_vlm(args.model, batch_size=64),
-                pair_records(pink_rows, records, kept_only),
-                run / ("sft-kept" if kept_only else "sft-all"),
+                pair_records(rows, records, kept_only),
+                run / f"sft-{tag}",
                 args.steps,
                 sft.model_copy(update={"seed": seed}),
+                history,
+                args.history_ratio,
             )
             t = lap(f"seed{seed} sft {name}", t)
-            rec[name] = rec_table(tuned.policy, run / ("rec-kept" if kept_only else "rec-all"), eval_records, args.rec_limit)
+            rec[name] = rec_table(tuned.policy, run / f"rec-{tag}", eval_records, args.rec_limit)
             t = lap(f"seed{seed} rec {name}", t)
             arms[name] = info
         per_seed[seed] = {"rec_accuracy": rec, "sft_arms": arms}
@@ -291,6 +328,12 @@ def main() -> None:
         "filtered_minus_unfiltered_crowded": effect(lambda r: r[FILTERED]["crowded"] - r[UNFILTERED]["crowded"]),
         "filtered_minus_base_crowded": effect(lambda r: r[FILTERED]["crowded"] - r[BASE]["crowded"]),
     }
+    if args.k_arm:  # refloop's K-sample variant, reported beside Pink's rows (the targets below read Pink's)
+        targets |= {
+            "filtered_k_minus_unfiltered_zero_shot": effect(lambda r: r[FILTERED_K][zs] - r[UNFILTERED][zs]),
+            "filtered_k_minus_base_zero_shot": effect(lambda r: r[FILTERED_K][zs] - r[BASE][zs]),
+            "in_domain_change_filtered_k": effect(lambda r: r[FILTERED_K]["in-domain"] - r[BASE]["in-domain"]),
+        }
     targets["met"] = (
         targets["filtered_minus_unfiltered_zero_shot"]["mean"] >= 3
         and targets["filtered_minus_unfiltered_zero_shot"]["min"] > 0
@@ -299,7 +342,8 @@ def main() -> None:
         and abs(targets["in_domain_change_filtered"]["mean"]) <= 1
     )
     mean_rec = {
-        arm: {d: spread([per_seed[s]["rec_accuracy"][arm][d] for s in seeds]) for d in DOMAINS} for arm in (BASE, UNFILTERED, FILTERED)
+        arm: {d: spread([per_seed[s]["rec_accuracy"][arm][d] for s in seeds]) for d in DOMAINS}
+        for arm in (BASE, UNFILTERED, FILTERED) + ((FILTERED_K,) if args.k_arm else ())
     }
     speed = None
     if args.throughput_images:
@@ -313,9 +357,11 @@ def main() -> None:
         "train_images": args.train_images,
         "seeds": seeds,
         "bootstrap": bootstrap_stats,
+        "bootstrap_k_samples": {"samples": args.samples, "per_seed": sampled_stats} if args.k_arm else None,
         "variants": variants,
         "wrong_attribute_share": attributes,
         "sft": {"config": sft.model_dump(mode="json"), "steps": args.steps},
+        "training_history": {"ratio": args.history_ratio, "in_domain_scenes": args.history_images} if args.history_ratio else None,
         "rec_accuracy": mean_rec,
         "per_seed": per_seed,
         "rec_pairs_per_domain": args.rec_limit,

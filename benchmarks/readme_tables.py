@@ -59,6 +59,13 @@ def pink() -> str:
         f"| filtered - base | {cell(t['filtered_minus_base_zero_shot'], signed=True)} | >= +5 |",
         f"| in-domain, filtered - base | {cell(t['in_domain_change_filtered'], signed=True)} | within 1 |",
     ]
+    if "filtered_k_minus_unfiltered_zero_shot" in t:  # refloop's K-sample variant, beside Pink's rows
+        k = r["bootstrap_k_samples"]["samples"]
+        lines += [
+            f"| filtered with K = {k} samples - unfiltered | {cell(t['filtered_k_minus_unfiltered_zero_shot'], signed=True)} | (variant) |",
+            f"| filtered with K = {k} samples - base | {cell(t['filtered_k_minus_base_zero_shot'], signed=True)} | (variant) |",
+            f"| in-domain, filtered with K = {k} samples - base | {cell(t['in_domain_change_filtered_k'], signed=True)} | (variant) |",
+        ]
     return "\n".join(lines)
 
 

@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--phrases", default="both", choices=["caption", "categories", "both"], help="what the oracle grounds")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank (SVP: 64 for models up to 7B)")
+    parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (SVP: 16 for models up to 7B)")
     parser.add_argument("--eval-images", type=int, default=200)
     parser.add_argument("--rec-limit", type=int, default=400)
     parser.add_argument("--rows", default=";".join(PAPER_ROWS), help=f"semicolon-separated subset of the rows: {'; '.join(ROWS)}")
@@ -132,7 +134,8 @@ def main() -> None:
     seeds = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
     found = load_object_data("wild", num_images=args.eval_images)
     rec_records = load_data("wild", num_images=args.eval_images)[0]
-    training = SVPTraining(lr=args.lr, epochs=args.epochs, lora=LoraSettings(r=64, alpha=16, dropout=0.0), checkpoint_every=10_000)
+    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0)
+    training = SVPTraining(lr=args.lr, epochs=args.epochs, lora=lora, checkpoint_every=10_000)
     rows = args.rows.split(";")
     table: dict[str, dict[int, dict]] = {}
     runs: dict[str, dict] = {}

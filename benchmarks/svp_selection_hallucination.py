@@ -1,0 +1,98 @@
+"""What SVP's selection trains on, read from the samples an `svp_shapes.py` run wrote: for the
+prior captions z_p, every guided caption z ~ q(z|c,g) and the top 10% selected by the score, the
+object mentions per caption, the share of mentioned objects the scene does not hold (CHAIR_i's
+numerator over its denominator, per caption set), and how many of those name a false positive the
+grounder put in the caption's context.
+
+    python benchmarks/svp_selection_hallucination.py --run runs/bench-svp [--seeds 0,1,2] [--rows "ROW;ROW"]
+
+Writes benchmarks/results/svp_selection_hallucination.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from seeds import parse_seeds
+from svp_shapes import tag_of
+
+from refloop.data.sources import load_detections
+from refloop.grounding.oracle import scene_objects
+from refloop.world import COLOURS, SHAPES, TRAIN_SEED
+
+RESULTS = Path(__file__).parent / "results"
+OBJECT = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(SHAPES) + r")s?\b")
+
+
+def objects_named(text: str) -> set[tuple[str, str]]:
+    return set(OBJECT.findall(text))
+
+
+def caption_sets(samples: Path, truth: dict) -> dict:
+    counts: Counter = Counter()
+    for line in samples.read_text().splitlines():
+        row = json.loads(line)
+        present = truth[row["image_id"]]
+        for caption in row["prior"]:
+            named = objects_named(caption)
+            counts.update({"prior/captions": 1, "prior/mentions": len(named), "prior/hallucinated": len(named - present)})
+        for j, (caption, context, degenerate) in enumerate(zip(row["guided"], row["contexts"], row["degenerate"])):
+            if degenerate:
+                continue
+            named, false_positives = objects_named(caption), objects_named(context) - present
+            for part in ("guided", "selected") if j in row["selected"] else ("guided",):
+                counts.update(
+                    {
+                        f"{part}/captions": 1,
+                        f"{part}/mentions": len(named),
+                        f"{part}/hallucinated": len(named - present),
+                        f"{part}/hallucinated_named_by_a_context_false_positive": len((named - present) & false_positives),
+                        f"{part}/context_false_positives": len(false_positives),
+                    }
+                )
+    out = {}
+    for part in ("prior", "guided", "selected"):
+        n, mentions, hallucinated = counts[f"{part}/captions"], counts[f"{part}/mentions"], counts[f"{part}/hallucinated"]
+        out[part] = {
+            "captions": n,
+            "objects_per_caption": round(mentions / n, 2),
+            "hallucinated_share": round(100 * hallucinated / mentions, 1),
+        }
+        if part != "prior":
+            out[part] |= {
+                "context_false_positives_per_caption": round(counts[f"{part}/context_false_positives"] / n, 2),
+                "hallucinated_named_by_a_context_false_positive": round(
+                    100 * counts[f"{part}/hallucinated_named_by_a_context_false_positive"] / max(1, hallucinated), 1
+                ),
+            }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="the --out directory of a benchmarks/svp_shapes.py run")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rows", default="grounding + S(q,p);grounding, no scoring", help="semicolon-separated rows of the run")
+    parser.add_argument("--images", type=int, default=200, help="the run's seed images (its --images)")
+    parser.add_argument("--result", default=str(RESULTS / "svp_selection_hallucination.json"))
+    args = parser.parse_args()
+    records = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
+    truth = {r.image_id: {(o.colour, o.shape) for o in scene_objects(r)} for r in records}
+    rows = {
+        row: {
+            seed: caption_sets(Path(args.run) / tag_of(seed, row) / "iteration-1" / "samples.jsonl", truth)
+            for seed in parse_seeds(args.seeds)
+        }
+        for row in args.rows.split(";")
+    }
+    summary = {"benchmark": "svp_selection_hallucination", "run": args.run, "seed_images": args.images, "rows": rows}
+    Path(args.result).write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
