@@ -233,7 +233,7 @@ def main() -> None:
         "--history-ratio", type=float, default=0.0, help="share of each arm's SFT examples from the training history (Pink stage 2)"
     )
     parser.add_argument("--history-images", type=int, default=1000, help="in-domain training scenes of the history pool")
-    parser.add_argument("--k-arm", type=int, default=1, help="0: skip the K-sample bootstrapping and its arm")
+    parser.add_argument("--k-arm", type=int, default=0, help="1: also bootstrap with K samples and tune an arm on its kept pairs")
     parser.add_argument("--throughput-images", type=int, default=24, help="0: skip the throughput rows")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-pink"))
     parser.add_argument("--result", default=str(RESULTS / "pink_shapes.json"))
@@ -274,7 +274,7 @@ def main() -> None:
         bootstrap_stats[seed] = {k: pink[k] for k in TABLE5_KEYS}
         attributes[seed] = attribute_errors(pink_rows, records)
         arm_data = {UNFILTERED: (pink_rows, False, "all"), FILTERED: (pink_rows, True, "kept")}
-        if args.k_arm:
+        if seed == seeds[0] or args.k_arm:  # K samples: keep rates on the first seed; the K arm's pairs on every seed
             sampled = bootstrap(
                 vlm,
                 records,
@@ -287,8 +287,9 @@ def main() -> None:
             t = lap(f"seed{seed} bootstrap_k_samples", t)
             sampled_rows = candidate_rows(run / "bootstrap-k")
             sampled_stats[seed] = {k: sampled[k] for k in TABLE5_KEYS}
+        if args.k_arm:
             arm_data[FILTERED_K] = (sampled_rows, True, "kept-k")
-        if seed == seeds[0] and args.k_arm:
+        if seed == seeds[0]:
             variants = {
                 "pink (K=1)": redecide(pink_rows, False, 0.5),
                 "K=1 + distractor check": redecide(pink_rows, True, 0.5),
