@@ -36,7 +36,7 @@ from refloop.methods.svp import SVP, SVPConfig, SVPTraining
 from refloop.methods.svp_recipe import SVPRecipe, visual_queries
 from refloop.models import load_vlm
 from refloop.training.adapters import LoraSettings
-from refloop.world import TRAIN_SEED
+from refloop.world import EVAL_SEED, TRAIN_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--phrases", default="both", choices=["caption", "categories", "both"], help="what the oracle grounds")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of prior and guided captions")
+    parser.add_argument("--length-normalize", action="store_true", help="scores divided by the caption's length")
+    parser.add_argument("--validation-seed", type=int, default=None, help="evaluate on this seed's wild scenes (a validation split)")
     parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank (SVP: 64 for models up to 7B)")
     parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (SVP: 16 for models up to 7B)")
     parser.add_argument("--eval-images", type=int, default=200)
@@ -132,8 +135,13 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     seeds = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
-    found = load_object_data("wild", num_images=args.eval_images)
-    rec_records = load_data("wild", num_images=args.eval_images)[0]
+    # The evaluation split (seed EVAL_SEED), or with --validation-seed other held-out scenes on which
+    # the recipe's free settings are chosen, never on the evaluation split.
+    if args.validation_seed in (TRAIN_SEED, EVAL_SEED):
+        raise SystemExit(f"--validation-seed {args.validation_seed}: the training or evaluation scenes' seed")
+    split = EVAL_SEED if args.validation_seed is None else args.validation_seed
+    found = load_object_data("wild", num_images=args.eval_images, seed=split)
+    rec_records = load_data("wild", num_images=args.eval_images, seed=split)[0]
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0)
     training = SVPTraining(lr=args.lr, epochs=args.epochs, lora=lora, checkpoint_every=10_000)
     rows = args.rows.split(";")
@@ -156,6 +164,8 @@ def main() -> None:
                     samples=args.samples,
                     top_fraction=args.top_fraction,
                     max_new_tokens=40,
+                    temperature=args.temperature,
+                    length_normalize=args.length_normalize,
                     phrases=args.phrases,
                     sft=training.model_copy(update={"seed": seed}),
                     seed=seed,
@@ -223,7 +233,15 @@ def main() -> None:
             "seed": "the run seed",
         },
         "sft": training.model_dump(mode="json"),
-        "eval": {"domain": "wild", "images": args.eval_images, "rec_pairs": args.rec_limit, "pope": "random, 2 yes + 2 no per image"},
+        "temperature": args.temperature,
+        "length_normalize": args.length_normalize,
+        "eval": {
+            "domain": "wild",
+            "scene_seed": split,
+            "images": args.eval_images,
+            "rec_pairs": args.rec_limit,
+            "pope": "random, 2 yes + 2 no per image",
+        },
         "seeds": seeds_run,
         "collected_from_an_interrupted_run": args.collect,
         "table": mean_table,

@@ -319,3 +319,16 @@ def test_eval_pope_command_on_shapes_world_resumes_and_refuses_another_run(tmp_p
     assert len((out / "pope_samples.jsonl").read_text().splitlines()) == len(rows)
     code, _, err = run_cli([*args[:6], "--strategy", "random", "--out", str(out)], capsys)
     assert code == 2 and "holds outputs of another run" in err
+
+
+def test_object_data_of_a_domain_takes_another_split_by_seed(tmp_path):
+    """A shapes-world domain's caption/POPE data is its evaluation split; `seed` picks other
+    held-out scenes (a validation split) with the same ground truth layout; a file refuses it."""
+    default = load_object_data("wild", num_images=3)
+    assert load_object_data("wild", num_images=3, seed=EVAL_SEED).objects == default.objects
+    other = load_object_data("wild", num_images=3, seed=7)
+    assert len(other.records) == 3 and all(other.references) and all(other.objects)
+    assert [r.load_image().tobytes() for r in other.records] != [r.load_image().tobytes() for r in default.records]
+    instances, _ = _coco_files(tmp_path)
+    with pytest.raises(RefloopError, match="seed picks a split"):
+        load_object_data(str(instances), seed=7)

@@ -73,10 +73,12 @@ def load_object_data(
     captions: str | Path | None = None,
     on_error: OnError = "fail",
     num_images: int = 500,
+    seed: int | None = None,
 ) -> ObjectData:
     """Images and ground truth for caption and POPE evaluation.
 
-    A shapes-world domain: its evaluation split (`num_images` scenes, seed EVAL_SEED) is exported
+    A shapes-world domain: its evaluation split (`num_images` scenes, seed EVAL_SEED, or `seed`
+    for another split of held-out scenes, e.g. a validation one) is exported
     and read back through the COCO loader (every image, every box); each image's objects are its
     annotations' colour attribute + shape category, its reference caption the grammar's, from the
     export's captions file. A COCO-style .json or referring .jsonl: its first `num_images`
@@ -89,7 +91,7 @@ def load_object_data(
     if data in DOMAINS:
         if captions is not None:
             raise RefloopError("--captions is for dataset files: a shapes-world domain's references are its grammar captions")
-        split = world_split_dir(data, num_images)
+        split = world_split_dir(data, num_images) if seed is None else world_split_dir(data, num_images, seed)
         records, report = load_data(str(split / COCO_FILE), on_error=on_error)
         by_image = read_coco_captions(split / CAPTIONS_FILE)
         objects = []
@@ -98,6 +100,8 @@ def load_object_data(
                 raise RefloopError(f"{split / COCO_FILE}: image {rec.image_id} lacks the colours or caption of its scene; delete {split}")
             objects.append(frozenset(f"{o.attributes['colour']} {o.category}" for o in rec.objects))
         return ObjectData(records, objects, [by_image[rec.image_id] for rec in records], shapes_table(), {}, report)
+    if seed is not None:
+        raise RefloopError("seed picks a split of a shapes-world domain; a dataset file is its own split")
     records, report = load_data(data, images, on_error=on_error)
     records = records[:num_images]
     table = coco_table()
