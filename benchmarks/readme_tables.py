@@ -1,6 +1,6 @@
 """The README's evidence tables, written from the benchmark JSONs (never typed by hand).
 
-    python benchmarks/readme_tables.py [sctune|sctune_lsup|pink|svp ...]
+    python benchmarks/readme_tables.py [sctune|sctune_lsup|pink|svp|svp_temperature1 ...]
 
 Each cell is the mean over seeds with its range [min, max]; a change whose range crosses zero is
 marked with '~' (not a claimed effect).
@@ -69,8 +69,8 @@ def pink() -> str:
     return "\n".join(lines)
 
 
-def svp() -> str:
-    r = json.loads((RESULTS / "svp_shapes.json").read_text())
+def svp(name: str = "svp_shapes.json") -> str:
+    r = json.loads((RESULTS / name).read_text())
     metrics = [("object_recall", "object recall"), ("chair_i", "CHAIR_i"), ("cider", "CIDEr"), ("pope_f1", "POPE F1"), ("rec_acc", "REC")]
     lines = [f"| row ({len(r['seeds'])} seeds) | " + " | ".join(m for _, m in metrics) + " |", "| --- |" + " --- |" * len(metrics)]
     for name, row in r["table"].items():
@@ -84,13 +84,21 @@ def svp() -> str:
         ("REC: S(q,p) - base", "rec_change_vs_base", ">= -2"),
         ("REC: S(q,p) + CVQ - base", "rec_change_vs_base_with_cvq", "(CVQ)"),
         ("POPE F1: S(q,p) - base", "pope_f1_change_vs_base", ">= -1"),
+        ("recall: Delta(q,p) - no feedback", "delta_recall_gain_over_no_feedback", "(Eq. 6)"),
+        ("CHAIR_i: Delta(q,p) - no feedback", "delta_chair_i_change_vs_no_feedback", "(Eq. 6)"),
+        ("REC: Delta(q,p) - base", "delta_rec_change_vs_base", "(Eq. 6)"),
+        ("POPE F1: Delta(q,p) - base", "delta_pope_f1_change_vs_base", "(Eq. 6)"),
     ]
     lines += ["", "| effect (points) | mean [range] | target |", "| --- | --- | --- |"]
     lines += [f"| {label} | {cell(t[key], signed=True)} | {target} |" for label, key, target in rows if key in t]
     return "\n".join(lines)
 
 
-TABLES = {"sctune": sctune, "sctune_lsup": sctune_lsup, "pink": pink, "svp": svp}
+def svp_temperature1() -> str:
+    return svp("svp_shapes_temperature1.json")
+
+
+TABLES = {"sctune": sctune, "sctune_lsup": sctune_lsup, "pink": pink, "svp": svp, "svp_temperature1": svp_temperature1}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(TABLES):
