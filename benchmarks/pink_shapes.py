@@ -239,6 +239,8 @@ def main() -> None:
     parser.add_argument("--result", default=str(RESULTS / "pink_shapes.json"))
     args = parser.parse_args()
     seeds = parse_seeds(args.seeds)
+    if not 0 <= args.history_ratio < 1:
+        raise SystemExit(f"--history-ratio {args.history_ratio}: a share in [0, 1)")
     os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
     torch.set_num_threads(int(os.environ.get("REFLOOP_THREADS", "2")))
     out = Path(args.out)

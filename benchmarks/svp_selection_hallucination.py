@@ -57,6 +57,8 @@ def caption_sets(samples: Path, truth: dict) -> dict:
     out = {}
     for part in ("prior", "guided", "selected"):
         n, mentions, hallucinated = counts[f"{part}/captions"], counts[f"{part}/mentions"], counts[f"{part}/hallucinated"]
+        if not n or not mentions:
+            raise SystemExit(f"{samples}: no {part} caption names an object")
         out[part] = {
             "captions": n,
             "objects_per_caption": round(mentions / n, 2),

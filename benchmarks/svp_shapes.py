@@ -137,16 +137,36 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
     torch.set_num_threads(int(os.environ.get("REFLOOP_THREADS", "2")))
-    out = Path(args.out)
-    if not args.collect:
-        shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
-    seeds = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
     # The evaluation split (seed EVAL_SEED), or with --validation-seed other held-out scenes on which
     # the recipe's free settings are chosen, never on the evaluation split.
-    if args.validation_seed in (TRAIN_SEED, EVAL_SEED):
-        raise SystemExit(f"--validation-seed {args.validation_seed}: the training or evaluation scenes' seed")
+    if args.validation_seed is not None and (args.validation_seed in (TRAIN_SEED, EVAL_SEED) or args.validation_seed < 0):
+        raise SystemExit(f"--validation-seed {args.validation_seed}: the training or evaluation scenes' seed, or < 0")
     split = EVAL_SEED if args.validation_seed is None else args.validation_seed
+    out = Path(args.out)
+    # What a run's rows depend on besides the row: recorded in --out, checked by --collect.
+    settings_of_run = {
+        "split_seed": split,
+        "temperature": args.temperature,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "lora": [args.lora_r, args.lora_alpha],
+        "length_normalize": args.length_normalize,
+        "images": args.images,
+        "samples": args.samples,
+        "top_fraction": args.top_fraction,
+        "phrases": args.phrases,
+        "model": args.model,
+    }
+    if args.collect:
+        recorded = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else None
+        if recorded is not None and recorded != settings_of_run:
+            raise SystemExit(f"--collect: {out} holds a run with other settings: {recorded}")
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        (out / "settings.json").write_text(json.dumps(settings_of_run, indent=1) + "\n")
+    started = time.perf_counter()
+    seeds = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
     found = load_object_data("wild", num_images=args.eval_images, seed=split)
     rec_records = load_data("wild", num_images=args.eval_images, seed=split)[0]
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0)
@@ -261,8 +281,9 @@ def main() -> None:
         "per_seed": table,
         "iterations": runs,
         "targets": targets,
-        "total_minutes": round((time.perf_counter() - started) / 60, 2),
-        "torch_threads": torch.get_num_threads(),
+        # a --collect run trained nothing: its rows' minutes and threads are in the runs' own logs
+        "total_minutes": None if args.collect else round((time.perf_counter() - started) / 60, 2),
+        "torch_threads": None if args.collect else torch.get_num_threads(),
     }
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps(summary, indent=2) + "\n")
