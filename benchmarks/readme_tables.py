@@ -1,6 +1,6 @@
 """The README's evidence tables, written from the benchmark JSONs (never typed by hand).
 
-    python benchmarks/readme_tables.py [sctune|sctune_lsup|pink|svp|svp_temperature1 ...]
+    python benchmarks/readme_tables.py [sctune|sctune_lsup|pink|svp|svp_first_pick|svp_temperature1 ...]
 
 Each cell is the mean over seeds with its range [min, max]; a change whose range crosses zero is
 marked with '~' (not a claimed effect).
@@ -98,7 +98,18 @@ def svp_temperature1() -> str:
     return svp("svp_shapes_temperature1.json")
 
 
-TABLES = {"sctune": sctune, "sctune_lsup": sctune_lsup, "pink": pink, "svp": svp, "svp_temperature1": svp_temperature1}
+def svp_first_pick() -> str:
+    return svp("svp_shapes_first_pick.json")
+
+
+TABLES = {
+    "sctune": sctune,
+    "sctune_lsup": sctune_lsup,
+    "pink": pink,
+    "svp": svp,
+    "svp_first_pick": svp_first_pick,
+    "svp_temperature1": svp_temperature1,
+}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(TABLES):
