@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -21,15 +20,17 @@ from seeds import parse_seeds
 from svp_shapes import tag_of
 
 from refloop.data.sources import load_detections
+from refloop.evaluation.object_metrics import object_mentions
+from refloop.evaluation.synonyms import shapes_table
 from refloop.grounding.oracle import scene_objects
-from refloop.world import COLOURS, SHAPES, TRAIN_SEED
+from refloop.world import TRAIN_SEED
 
 RESULTS = Path(__file__).parent / "results"
-OBJECT = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(SHAPES) + r")s?\b")
+TABLE = shapes_table()  # the object reader CHAIR_i and recall use on the shapes world
 
 
-def objects_named(text: str) -> set[tuple[str, str]]:
-    return set(OBJECT.findall(text))
+def objects_named(text: str) -> set[str]:
+    return object_mentions(text, TABLE)
 
 
 def caption_sets(samples: Path, truth: dict) -> dict:
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--result", default=str(RESULTS / "svp_selection_hallucination.json"))
     args = parser.parse_args()
     records = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
-    truth = {r.image_id: {(o.colour, o.shape) for o in scene_objects(r)} for r in records}
+    truth = {r.image_id: {f"{o.colour} {o.shape}" for o in scene_objects(r)} for r in records}
     rows = {
         row: {
             seed: caption_sets(Path(args.run) / tag_of(seed, row) / "iteration-1" / "samples.jsonl", truth)
