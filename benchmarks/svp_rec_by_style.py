@@ -50,8 +50,7 @@ def main() -> None:
                 vlm = vlm.with_module(PeftModel.from_pretrained(vlm.model, adapter).merge_and_unload())
             for style, records in data.items():
                 out = Path(tmp) / name.replace("/", "_") / style
-                evaluate_rec(vlm, records, out, limit=args.pairs, overwrite=True)
-                m = json.loads((out / "rec_metrics.json").read_text())
+                m = evaluate_rec(vlm, records, out, limit=args.pairs, overwrite=True)
                 table.setdefault(name, {})[style] = {
                     "rec_accuracy": round(100 * m["rec_accuracy"], 2),
                     "unparseable": round(100 * m["parse_failure_rate"], 2),
