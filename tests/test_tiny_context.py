@@ -248,3 +248,35 @@ def test_packaged_model_loads_by_name_and_captions_with_a_context():
     grounding = SceneOracle().ground([image], [["red circle", "blue square"]], [scene_record(scene, image)])[0]
     prompt = vlm.profile.grounded_caption_prompt(grounding_context(grounding, image.size, codec=vlm.profile.codec))
     assert vlm.generate([image], [prompt])[0][0].text
+
+
+def test_colour_cast_misleads_colours_and_keeps_the_layout():
+    import numpy as np
+
+    from refloop.world.augment import colour_cast
+
+    scene = sample_scene(get_style(IN_DOMAIN), 0, 5)
+    image = render(scene)
+    casts = [colour_cast(image, np.random.default_rng(i)) for i in range(12)]
+    assert casts[0].tobytes() == colour_cast(image, np.random.default_rng(0)).tobytes()
+    grey = [np.asarray(c) for c in casts if np.ptp(np.asarray(c).astype(int), axis=2).max() == 0]
+    assert 0 < len(grey) < len(casts)  # monochrome one time in four, a colour cast otherwise
+    for cast in casts:
+        assert cast.size == image.size and cast.tobytes() != image.tobytes()
+        # brightness survives (the shapes stay readable): the grey levels move little
+        diff = np.abs(np.asarray(cast.convert("L")).astype(int) - np.asarray(image.convert("L")).astype(int))
+        assert np.median(diff) < 10
+    # a cast changes the object pixels' hue: the first object's centre no longer has its colour
+    obj = scene.objects[0]
+    cx, cy = int((obj.box.x1 + obj.box.x2) / 2), int((obj.box.y1 + obj.box.y2) / 2)
+    coloured = [c for c in casts if np.ptp(np.asarray(c).astype(int), axis=2).max() > 0]
+    assert all(c.getpixel((cx, cy)) != image.getpixel((cx, cy)) for c in coloured)
+
+
+def test_context_colour_cast_is_drawn_only_when_asked():
+    cfg = PretrainConfig(batch_scenes=4, context_styles={IN_DOMAIN: 1.0}, context_colour_cast_prob=1.0)
+    assert cfg.separate_context_images
+    scene, image = context_scene(0, 0, cfg, random.Random(0), None)
+    assert image.tobytes() != render(scene).tobytes()
+    assert "context_colour_cast_prob" not in PretrainConfig().trainer_config()
+    assert PretrainConfig(context_colour_cast_prob=0.5).trainer_config()["context_colour_cast_prob"] == 0.5

@@ -53,7 +53,7 @@ from refloop.world import (
     render,
     sample_scene,
 )
-from refloop.world.augment import degrade_image
+from refloop.world.augment import colour_cast, degrade_image
 
 TASKS = ("rec", "reg", "caption", "exist", "context_caption")
 # context_caption: per query, the scene oracle's miss and false-positive rates and box jitter are
@@ -109,6 +109,13 @@ class PretrainConfig(BaseModel):
         "other tasks' in-domain scenes; None: the query's own in-domain scene (the v1 behaviour)",
     )
     context_degrade_prob: float = Field(0.0, ge=0, le=1, description="probability that a context_caption image is degraded (degrade_image)")
+    context_colour_cast_prob: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability that a context_caption image's colours mislead (colour_cast: a strong cast or monochrome), "
+        "after any degradation; the caption's colours then come from the grounding's labels",
+    )
 
     @field_validator("context_styles")
     @classmethod
@@ -132,7 +139,7 @@ class PretrainConfig(BaseModel):
 
     @property
     def separate_context_images(self) -> bool:
-        return self.context_styles is not None or self.context_degrade_prob > 0
+        return self.context_styles is not None or self.context_degrade_prob > 0 or self.context_colour_cast_prob > 0
 
     @field_validator("task_mix")
     @classmethod
@@ -146,8 +153,8 @@ class PretrainConfig(BaseModel):
 
     def trainer_config(self) -> dict:
         """The config a run directory is checked against on resume. Unset later fields
-        (`init_from`, `context_styles`, `context_degrade_prob`) are left out, so runs of recipes
-        written before they existed still resume."""
+        (`init_from`, `context_styles`, `context_degrade_prob`, `context_colour_cast_prob`) are left
+        out, so runs of recipes written before they existed still resume."""
         exclude = set()
         if self.init_from is None:
             exclude.add("init_from")
@@ -155,6 +162,8 @@ class PretrainConfig(BaseModel):
             exclude.add("context_styles")
         if self.context_degrade_prob == 0:
             exclude.add("context_degrade_prob")
+        if self.context_colour_cast_prob == 0:
+            exclude.add("context_colour_cast_prob")
         return self.model_dump(mode="json", exclude=exclude)
 
 
@@ -247,7 +256,9 @@ def noisy_grounding(scene, rng: random.Random) -> Grounding:
 def context_scene(step: int, i: int, cfg: PretrainConfig, rng: random.Random, max_objects: int | None):
     """The scene and image a context_caption query about batch scene `i` is asked on when the
     recipe sets `context_styles` / `context_degrade_prob`: a scene of a style drawn from
-    `context_styles` (default in-domain), degraded with probability `context_degrade_prob`."""
+    `context_styles` (default in-domain), degraded with probability `context_degrade_prob`, then
+    given misleading colours with probability `context_colour_cast_prob` (no draw when it is 0, so
+    recipes without it see the same images as before)."""
     styles = cfg.context_styles or {IN_DOMAIN: 1.0}
     names, weights = zip(*styles.items())
     name = rng.choices(names, weights)[0]
@@ -256,6 +267,8 @@ def context_scene(step: int, i: int, cfg: PretrainConfig, rng: random.Random, ma
     image = render(scene)
     if rng.random() < cfg.context_degrade_prob:
         image = degrade_image(scene, image, np.random.default_rng(rng.getrandbits(64)))
+    if cfg.context_colour_cast_prob > 0 and rng.random() < cfg.context_colour_cast_prob:
+        image = colour_cast(image, np.random.default_rng(rng.getrandbits(64)))
     return scene, image
 
 

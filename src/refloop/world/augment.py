@@ -84,3 +84,16 @@ def degrade_image(scene, image: Image.Image, rng: np.random.Generator) -> Image.
             x, y = (int(v) for v in rng.integers(0, [image.width - side, image.height - side]))
             draw.rectangle([x, y, x + side, y + side], fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
     return image
+
+
+def colour_cast(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """`image` with colours that mislead: a strong colour cast (the hue turned by 60-300 degrees,
+    as under coloured light or a wrong white balance) or, one time in four, no colour at all
+    (a monochrome photo). Shapes, positions and brightness stay readable; the colour words of a
+    caption then have to come from somewhere other than the pixels (a grounding's labels)."""
+    if rng.random() < 0.25:
+        return image.convert("L").convert("RGB")
+    hsv = np.asarray(image.convert("HSV")).copy()
+    turn = int(round(rng.uniform(60, 300) / 360 * 256))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + turn) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
