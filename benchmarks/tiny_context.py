@@ -92,9 +92,11 @@ def main() -> None:
             for g, img in zip(groundings, images)
         ]
         guided = [vlm.profile.read_caption(group[0].text) for group in vlm.generate(images, prompts, options)]
-        result[f"context_{source}"] = caption_scores(guided, scenes, gt) | grounding_use(guided, groundings) | {
-            "detections_per_image": round(sum(len(g) for g in groundings) / len(groundings), 2)
-        }
+        result[f"context_{source}"] = (
+            caption_scores(guided, scenes, gt)
+            | grounding_use(guided, groundings)
+            | {"detections_per_image": round(sum(len(g) for g in groundings) / len(groundings), 2)}
+        )
     print(json.dumps(result))
 
 
