@@ -280,3 +280,24 @@ def test_context_colour_cast_is_drawn_only_when_asked():
     assert image.tobytes() != render(scene).tobytes()
     assert "context_colour_cast_prob" not in PretrainConfig().trainer_config()
     assert PretrainConfig(context_colour_cast_prob=0.5).trainer_config()["context_colour_cast_prob"] == 0.5
+
+
+def test_context_miss_rate_sets_how_often_the_grounding_misses_an_object():
+    def found(miss_rate):
+        rng = random.Random(3)
+        hits = total = 0
+        for i in range(60):
+            scene = sample_scene(get_style(IN_DOMAIN), 9, i)
+            g = noisy_grounding(scene, rng, miss_rate)
+            present = [f"{o.colour} {o.shape}" for o in scene.objects]
+            hits += sum(label in present for label in g.labels)
+            total += len(present)
+        return hits / total
+
+    assert found((0.0, 0.0)) == 1.0
+    assert found((1.0, 1.0)) == 0.0
+    assert 0.75 < found((0.0, 0.4)) < 0.85  # the default: a fifth missed on average
+    assert "context_miss_rate" not in PretrainConfig().trainer_config()
+    assert PretrainConfig(context_miss_rate=(0.0, 0.1)).trainer_config()["context_miss_rate"] == [0.0, 0.1]
+    with pytest.raises(ValueError, match="low <= high"):
+        PretrainConfig(context_miss_rate=(0.3, 0.1))

@@ -117,6 +117,20 @@ class PretrainConfig(BaseModel):
         "after any degradation; the caption's colours then come from the grounding's labels",
     )
 
+    context_miss_rate: tuple[float, float] = Field(
+        CONTEXT_MISS_RATE,
+        description="range of the per-query miss rate of context_caption's noisy grounding (drawn uniformly): how often "
+        "an object of the caption is absent from the grounding",
+    )
+
+    @field_validator("context_miss_rate")
+    @classmethod
+    def _rate_range(cls, rates: tuple[float, float]) -> tuple[float, float]:
+        low, high = rates
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"context_miss_rate {list(rates)}: need 0 <= low <= high <= 1")
+        return rates
+
     @field_validator("context_styles")
     @classmethod
     def _known_styles(cls, styles: dict[str, float] | None) -> dict[str, float] | None:
@@ -153,8 +167,8 @@ class PretrainConfig(BaseModel):
 
     def trainer_config(self) -> dict:
         """The config a run directory is checked against on resume. Unset later fields
-        (`init_from`, `context_styles`, `context_degrade_prob`, `context_colour_cast_prob`) are left
-        out, so runs of recipes written before they existed still resume."""
+        (`init_from`, `context_styles`, `context_degrade_prob`, `context_colour_cast_prob`,
+        `context_miss_rate`) are left out, so runs of recipes written before they existed still resume."""
         exclude = set()
         if self.init_from is None:
             exclude.add("init_from")
@@ -164,6 +178,8 @@ class PretrainConfig(BaseModel):
             exclude.add("context_degrade_prob")
         if self.context_colour_cast_prob == 0:
             exclude.add("context_colour_cast_prob")
+        if tuple(self.context_miss_rate) == CONTEXT_MISS_RATE:
+            exclude.add("context_miss_rate")
         return self.model_dump(mode="json", exclude=exclude)
 
 
@@ -220,15 +236,15 @@ def load_init_weights(model: RefloopTinyForConditionalGeneration, processor: Ref
     return directory
 
 
-def noisy_grounding(scene, rng: random.Random) -> Grounding:
+def noisy_grounding(scene, rng: random.Random, miss_rate: tuple[float, float] = CONTEXT_MISS_RATE) -> Grounding:
     """The scene's objects as a noisy detector reports them, drawn like the scene oracle asked for
     each colour-shape pair present: per query, a miss rate, a false-positive rate and a jitter are
-    drawn from the CONTEXT_* ranges; each object is missed at the miss rate, else labelled
+    drawn from the CONTEXT_* ranges (the miss rate from `miss_rate`); each object is missed at the miss rate, else labelled
     'colour shape' with corners moved by up to the jitter of its width/height; per pair present,
     a false positive is added at the false-positive rate, labelled with a pair absent from the
     scene, on a random box of an object's size. Scores follow the oracle's ranges and a
     `Grounding` lists detections best first, so the order does not reveal the caption's."""
-    miss_rate = rng.uniform(*CONTEXT_MISS_RATE)
+    miss_rate = rng.uniform(*miss_rate)
     false_positive_rate = rng.uniform(*CONTEXT_FALSE_POSITIVE_RATE)
     jitter = rng.uniform(*CONTEXT_JITTER)
     present = {(o.colour, o.shape) for o in scene.objects}
@@ -273,7 +289,13 @@ def context_scene(step: int, i: int, cfg: PretrainConfig, rng: random.Random, ma
 
 
 def _query(
-    scene, rng: random.Random, np_rng: np.random.Generator, task: str, profile: TinyProfile, canonical_prob: float
+    scene,
+    rng: random.Random,
+    np_rng: np.random.Generator,
+    task: str,
+    profile: TinyProfile,
+    canonical_prob: float,
+    miss_rate: tuple[float, float] = CONTEXT_MISS_RATE,
 ) -> tuple[str, str] | None:
     size = (scene.width, scene.height)
     if task in ("rec", "reg"):
@@ -289,7 +311,7 @@ def _query(
     if task == "caption":
         return profile.caption_prompt(), caption(scene)
     if task == "context_caption":
-        context = grounding_context(noisy_grounding(scene, rng), size, codec=profile.codec)
+        context = grounding_context(noisy_grounding(scene, rng, miss_rate), size, codec=profile.codec)
         return profile.grounded_caption_prompt(context), caption(scene)
     question, answer = existence_question(scene, np_rng)
     return profile.prompt(question), answer
@@ -319,9 +341,9 @@ def make_batch(step: int, cfg: PretrainConfig, processor: RefloopTinyProcessor, 
                     ctx_scene, ctx_image = context_scene(step, i, cfg, ctx_rng, max_objects)
                     images.append(ctx_image)
                     ctx = (ctx_scene, len(images) - 1)
-                q, index = _query(ctx[0], rng, np_rng, task, profile, cfg.canonical_rec_prob), ctx[1]
+                q, index = _query(ctx[0], rng, np_rng, task, profile, cfg.canonical_rec_prob, cfg.context_miss_rate), ctx[1]
             else:
-                q, index = _query(scene, rng, np_rng, task, profile, cfg.canonical_rec_prob), own
+                q, index = _query(scene, rng, np_rng, task, profile, cfg.canonical_rec_prob, cfg.context_miss_rate), own
             if q is None:
                 q, index = _query(scene, rng, np_rng, "caption", profile, cfg.canonical_rec_prob), own
             prompts.append(q[0])
