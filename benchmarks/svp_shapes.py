@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--phrases", default="both", choices=["caption", "categories", "both"], help="what the oracle grounds")
     parser.add_argument("--lr", type=float, default=1e-4, help="SFT learning rate (not given by SVP; chosen on the validation split)")
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--iterations", type=int, default=1, help="I: outer iterations, each sampling from the updated model")
     parser.add_argument(
         "--temperature", type=float, default=0.5, help="sampling temperature of prior and guided captions (chosen on validation)"
     )
@@ -153,6 +154,7 @@ def main() -> None:
         "temperature": args.temperature,
         "lr": args.lr,
         "epochs": args.epochs,
+        "iterations": args.iterations,
         "lora": [args.lora_r, args.lora_alpha],
         "length_normalize": args.length_normalize,
         "images": args.images,
@@ -163,6 +165,8 @@ def main() -> None:
     }
     if args.collect:
         recorded = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else None
+        if recorded is not None:
+            recorded.setdefault("iterations", 1)  # runs recorded before --iterations existed ran one
         if recorded is not None and recorded != settings_of_run:
             raise SystemExit(f"--collect: {out} holds a run with other settings: {recorded}")
     else:
@@ -200,6 +204,7 @@ def main() -> None:
                     phrases=args.phrases,
                     sft=training.model_copy(update={"seed": seed}),
                     seed=seed,
+                    iterations=args.iterations,
                     **settings,
                 )
                 queries = visual_queries(SVPRecipe(cvq_data=cvq_data, cvq_images=args.images), vlm.profile) if cfg.cvq_ratio else []
@@ -270,6 +275,7 @@ def main() -> None:
             "seed": "the run seed",
         },
         "sft": training.model_dump(mode="json"),
+        "outer_iterations": args.iterations,
         "temperature": args.temperature,
         "length_normalize": args.length_normalize,
         "eval": {

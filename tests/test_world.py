@@ -124,3 +124,12 @@ def test_processes_exporting_one_split_at_once_never_expose_half_written_files(t
         listings = pool.map(_export_and_read, [str(tmp_path)] * 3)
     assert listings[0] == listings[1] == listings[2] == ["captions.json", "export.json", "images", "instances.json", "refs.jsonl"]
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_render_can_take_one_factor_of_a_style_away():
+    scene = sample_scene(get_style("wild"), 7, 3)
+    assert render(scene, "texture", True).tobytes() == render(scene).tobytes()  # the style's own factors
+    plain, bare = render(scene, background="plain"), render(scene, outline=False)
+    assert plain.tobytes() != render(scene).tobytes() and bare.tobytes() != render(scene).tobytes()
+    # a plain background is the in-domain one: the corner pixel is light grey, as in-domain scenes
+    assert min(plain.getpixel((0, 0))) >= 225

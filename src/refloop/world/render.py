@@ -52,11 +52,13 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, outline: bool) -> 
     draw_shape(draw, obj, obj.rgb, (30, 30, 30) if outline else None, 2 if outline else 0)
 
 
-def render(scene: Scene) -> Image.Image:
+def render(scene: Scene, background: str | None = None, outline: bool | None = None) -> Image.Image:
+    """The scene's image in its domain's style; `background` ('plain', 'texture', 'clutter') and
+    `outline` override the style's, to look at one factor of a style at a time."""
     style = get_style(scene.domain)
     rng = scene_rng(scene.domain + "/render", scene.seed, scene.index)
-    img = _background(scene, style.background, rng)
+    img = _background(scene, style.background if background is None else background, rng)
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
-        _draw_object(draw, obj, style.outline)
+        _draw_object(draw, obj, style.outline if outline is None else outline)
     return img
