@@ -1,6 +1,6 @@
 """The README's evidence tables, written from the benchmark JSONs (never typed by hand).
 
-    python benchmarks/readme_tables.py [sctune|sctune_lsup|pink|svp|svp_first_pick|svp_temperature1 ...]
+    python benchmarks/readme_tables.py [sctune|sctune_lsup|pink|svp|svp_first_pick|svp_temperature1|svp_iterations|wild_factors ...]
 
 Each cell is the mean over seeds with its range [min, max]; a change whose range crosses zero is
 marked with '~' (not a claimed effect).
@@ -102,6 +102,39 @@ def svp_first_pick() -> str:
     return svp("svp_shapes_first_pick.json")
 
 
+def svp_iterations() -> str:
+    """The validation points of SVP's outer iterations (one seed: no ranges)."""
+    r = json.loads((RESULTS / "svp_shapes_validation_iterations.json").read_text())
+    lines = [
+        "| I | recall: S(q,p) - no feedback | S(q,p) > grounding only > no feedback | CHAIR_i: S(q,p) - no feedback "
+        "| REC: S(q,p) - base | POPE F1: S(q,p) - base |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for i, point in r["points"].items():
+        t, rows = point["targets"], point["rows"]
+        order = " > ".join(
+            f"{rows[n]['object_recall']:.1f}" for n in ("grounding + S(q,p)", "grounding, no scoring", "self-captioning, no grounding")
+        )
+        lines.append(
+            f"| {i} | {t['recall_gain_over_no_feedback']:+.1f} | {order}{'' if t['ordering'] else ' (not met)'} "
+            f"| {t['chair_i_change_vs_no_feedback']:+.1f} | {t['rec_change_vs_base']:+.1f} | {t['pope_f1_change_vs_base']:+.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def wild_factors() -> str:
+    r = json.loads((RESULTS / "wild_factors.json").read_text())
+    lines = [
+        f"| `wild` scenes (seed {r['scene_seed']}) | CHAIR_i, no context | CHAIR_i, with grounding | caption objects the grounding names |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, v in r["variants"].items():
+        label = "as rendered" if name == "wild" else name
+        plain, guided = v["no_context"], v["context"]
+        lines.append(f"| {label} | {plain['chair_i']:.1f} | {guided['chair_i']:.1f} | {guided['in_grounding']:.1f}% |")
+    return "\n".join(lines)
+
+
 TABLES = {
     "sctune": sctune,
     "sctune_lsup": sctune_lsup,
@@ -109,6 +142,8 @@ TABLES = {
     "svp": svp,
     "svp_first_pick": svp_first_pick,
     "svp_temperature1": svp_temperature1,
+    "svp_iterations": svp_iterations,
+    "wild_factors": wild_factors,
 }
 
 if __name__ == "__main__":

@@ -301,3 +301,23 @@ def test_context_miss_rate_sets_how_often_the_grounding_misses_an_object():
     assert PretrainConfig(context_miss_rate=(0.0, 0.1)).trainer_config()["context_miss_rate"] == [0.0, 0.1]
     with pytest.raises(ValueError, match="low <= high"):
         PretrainConfig(context_miss_rate=(0.3, 0.1))
+
+
+def test_context_outline_texture_redraws_the_scene_with_edges_and_is_drawn_only_when_asked():
+    import numpy as np
+
+    from refloop.world.augment import outline_texture
+
+    scene = sample_scene(get_style(IN_DOMAIN), 0, 2)
+    image = outline_texture(scene, np.random.default_rng(1))
+    assert image.tobytes() == outline_texture(scene, np.random.default_rng(1)).tobytes()
+    assert image.size == (scene.width, scene.height)
+    obj = scene.objects[0]
+    cx, cy = int((obj.box.x1 + obj.box.x2) / 2), int((obj.box.y1 + obj.box.y2) / 2)
+    assert image.getpixel((cx, cy)) == obj.rgb  # objects keep their own colours
+    assert min(render(scene).getpixel((0, 0))) >= 225 and image.getpixel((0, 0)) != render(scene).getpixel((0, 0))
+    cfg = PretrainConfig(batch_scenes=4, context_styles={IN_DOMAIN: 1.0}, context_outline_texture_prob=1.0)
+    assert cfg.separate_context_images
+    ctx_scene, ctx_image = context_scene(0, 0, cfg, random.Random(0), None)
+    assert ctx_image.tobytes() != render(ctx_scene).tobytes()
+    assert "context_outline_texture_prob" not in PretrainConfig().trainer_config()

@@ -53,7 +53,7 @@ from refloop.world import (
     render,
     sample_scene,
 )
-from refloop.world.augment import colour_cast, degrade_image
+from refloop.world.augment import colour_cast, degrade_image, outline_texture
 
 TASKS = ("rec", "reg", "caption", "exist", "context_caption")
 # context_caption: per query, the scene oracle's miss and false-positive rates and box jitter are
@@ -117,6 +117,13 @@ class PretrainConfig(BaseModel):
         "after any degradation; the caption's colours then come from the grounding's labels",
     )
 
+    context_outline_texture_prob: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability that a context_caption image is redrawn over a smooth colour field with dark object "
+        "edges (outline_texture, close to the wild style's look) instead of the context_degrade_prob path",
+    )
     context_miss_rate: tuple[float, float] = Field(
         CONTEXT_MISS_RATE,
         description="range of the per-query miss rate of context_caption's noisy grounding (drawn uniformly): how often "
@@ -153,7 +160,12 @@ class PretrainConfig(BaseModel):
 
     @property
     def separate_context_images(self) -> bool:
-        return self.context_styles is not None or self.context_degrade_prob > 0 or self.context_colour_cast_prob > 0
+        return (
+            self.context_styles is not None
+            or self.context_degrade_prob > 0
+            or self.context_colour_cast_prob > 0
+            or self.context_outline_texture_prob > 0
+        )
 
     @field_validator("task_mix")
     @classmethod
@@ -168,7 +180,7 @@ class PretrainConfig(BaseModel):
     def trainer_config(self) -> dict:
         """The config a run directory is checked against on resume. Unset later fields
         (`init_from`, `context_styles`, `context_degrade_prob`, `context_colour_cast_prob`,
-        `context_miss_rate`) are left out, so runs of recipes written before they existed still resume."""
+        `context_outline_texture_prob`, `context_miss_rate`) are left out, so runs of recipes written before they existed still resume."""
         exclude = set()
         if self.init_from is None:
             exclude.add("init_from")
@@ -178,6 +190,8 @@ class PretrainConfig(BaseModel):
             exclude.add("context_degrade_prob")
         if self.context_colour_cast_prob == 0:
             exclude.add("context_colour_cast_prob")
+        if self.context_outline_texture_prob == 0:
+            exclude.add("context_outline_texture_prob")
         if tuple(self.context_miss_rate) == CONTEXT_MISS_RATE:
             exclude.add("context_miss_rate")
         return self.model_dump(mode="json", exclude=exclude)
@@ -272,16 +286,19 @@ def noisy_grounding(scene, rng: random.Random, miss_rate: tuple[float, float] = 
 def context_scene(step: int, i: int, cfg: PretrainConfig, rng: random.Random, max_objects: int | None):
     """The scene and image a context_caption query about batch scene `i` is asked on when the
     recipe sets `context_styles` / `context_degrade_prob`: a scene of a style drawn from
-    `context_styles` (default in-domain), degraded with probability `context_degrade_prob`, then
-    given misleading colours with probability `context_colour_cast_prob` (no draw when it is 0, so
-    recipes without it see the same images as before)."""
+    `context_styles` (default in-domain), redrawn by `outline_texture` with probability
+    `context_outline_texture_prob` or else degraded with probability `context_degrade_prob`, then
+    given misleading colours with probability `context_colour_cast_prob` (the two later options
+    draw nothing from the stream when they are 0, so recipes without them see the same images)."""
     styles = cfg.context_styles or {IN_DOMAIN: 1.0}
     names, weights = zip(*styles.items())
     name = rng.choices(names, weights)[0]
     index = step * cfg.batch_scenes + i + cfg.seed * 10_000_000 + CONTEXT_SCENE_OFFSET
     scene = sample_scene(get_style(name), TRAIN_SEED, index, max_objects=max_objects)
     image = render(scene)
-    if rng.random() < cfg.context_degrade_prob:
+    if cfg.context_outline_texture_prob > 0 and rng.random() < cfg.context_outline_texture_prob:
+        image = outline_texture(scene, np.random.default_rng(rng.getrandbits(64)))
+    elif rng.random() < cfg.context_degrade_prob:
         image = degrade_image(scene, image, np.random.default_rng(rng.getrandbits(64)))
     if cfg.context_colour_cast_prob > 0 and rng.random() < cfg.context_colour_cast_prob:
         image = colour_cast(image, np.random.default_rng(rng.getrandbits(64)))
