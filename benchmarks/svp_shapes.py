@@ -146,6 +146,8 @@ def main() -> None:
     # the recipe's free settings are chosen, never on the evaluation split.
     if args.validation_seed is not None and (args.validation_seed in (TRAIN_SEED, EVAL_SEED) or args.validation_seed < 0):
         raise SystemExit(f"--validation-seed {args.validation_seed}: the training or evaluation scenes' seed, or < 0")
+    if args.iterations < 1:
+        raise SystemExit(f"--iterations {args.iterations}: need at least 1")
     split = EVAL_SEED if args.validation_seed is None else args.validation_seed
     out = Path(args.out)
     # What a run's rows depend on besides the row: recorded in --out, checked by --collect.
@@ -154,7 +156,7 @@ def main() -> None:
         "temperature": args.temperature,
         "lr": args.lr,
         "epochs": args.epochs,
-        "iterations": args.iterations,
+        "outer_iterations": args.iterations,
         "lora": [args.lora_r, args.lora_alpha],
         "length_normalize": args.length_normalize,
         "images": args.images,
@@ -166,7 +168,7 @@ def main() -> None:
     if args.collect:
         recorded = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else None
         if recorded is not None:
-            recorded.setdefault("iterations", 1)  # runs recorded before --iterations existed ran one
+            recorded.setdefault("outer_iterations", 1)  # runs recorded before --iterations existed ran one
         if recorded is not None and recorded != settings_of_run:
             raise SystemExit(f"--collect: {out} holds a run with other settings: {recorded}")
     else:

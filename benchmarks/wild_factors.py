@@ -1,6 +1,7 @@
 """Which part of the `wild` style makes captions hallucinate, and does a grounding in the prompt
 help there? Held-out `wild` scenes rendered with one factor of the style taken away at a time
-(textured background -> plain, outlines off, shade jitter off, all three), captioned without
+(textured background -> plain, outlines off, shade jitter off, all three; the same scenes in every
+row, only their drawing differs), captioned without
 context (p(z | c)) and with the scene oracle's grounding of every colour-shape pair
 (q(z | c, g)); columns as benchmarks/tiny_context.py (object recall, CHAIR_i, the share of a
 guided caption's objects its grounding names).
@@ -19,12 +20,13 @@ import os
 from pathlib import Path
 
 import torch
-from tiny_context import caption_scores, grounding_use
+from tiny_context import CATEGORIES, caption_scores, ground_truth, guided_captions, guided_scores
 
-from refloop.grounding import SceneOracle, grounding_context, scene_record
+from refloop.grounding import SceneOracle, scene_record
 from refloop.models import load_vlm
 from refloop.models.base import GenerateOptions
-from refloop.world import COLOURS, SHAPES, get_style, render, sample_scene
+from refloop.world import get_style, render, sample_scene
+from refloop.world.scene import BASE_RGB
 
 RESULTS = Path(__file__).parent / "results"
 # name: (shade jitter kept, background, outline)
@@ -44,27 +46,25 @@ def main() -> None:
     parser.add_argument("--scene-seed", type=int, default=7, help="world seed of the scenes (7: the SVP validation split)")
     parser.add_argument("--result", default=str(RESULTS / "wild_factors.json"))
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("REFLOOP_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("REFLOOP_THREADS", "1")))
     vlm = load_vlm(args.model, device="cpu", batch_size=50)
     oracle = SceneOracle(0.1, 0.1, 0.05, 0)
-    categories = [f"{c} {s}" for c in COLOURS for s in SHAPES]
     options = GenerateOptions(max_new_tokens=40)
-    wild = get_style("wild")
+    scenes = [sample_scene(get_style("wild"), args.scene_seed, i) for i in range(args.images)]
+    # the same scenes with each object in its colour's base shade (sampling without jitter would
+    # draw other scenes: the jitter takes random draws)
+    unjittered = [dataclasses.replace(s, objects=tuple(dataclasses.replace(o, rgb=BASE_RGB[o.colour]) for o in s.objects)) for s in scenes]
     result = {"model": args.model, "scene_seed": args.scene_seed, "images": args.images, "grounder": oracle.name, "variants": {}}
     for name, (jitter, background, outline) in VARIANTS.items():
-        style = wild if jitter else dataclasses.replace(wild, shade_jitter=0)
-        scenes = [sample_scene(style, args.scene_seed, i) for i in range(args.images)]
-        images = [render(s, background, outline) for s in scenes]
-        gt = [frozenset(f"{o.colour} {o.shape}" for o in s.objects) for s in scenes]
-        groundings = oracle.ground(images, [categories] * len(images), [scene_record(s, im) for s, im in zip(scenes, images)])
-        prompts = [
-            vlm.profile.grounded_caption_prompt(grounding_context(g, im.size, codec=vlm.profile.codec)) for g, im in zip(groundings, images)
-        ]
+        drawn = scenes if jitter else unjittered
+        images = [render(s, background, outline) for s in drawn]
+        records = [scene_record(s, im) for s, im in zip(drawn, images, strict=True)]
+        groundings = oracle.ground(images, [CATEGORIES] * len(images), records)
         prior = vlm.caption(images, options)
-        guided = [vlm.profile.read_caption(group[0].text) for group in vlm.generate(images, prompts, options)]
+        guided = guided_captions(vlm, images, groundings, options)
         result["variants"][name] = {
-            "no_context": caption_scores(prior, scenes, gt),
-            "context": caption_scores(guided, scenes, gt) | grounding_use(guided, groundings),
+            "no_context": caption_scores(prior, drawn, ground_truth(drawn)),
+            "context": guided_scores(guided, drawn, groundings),
         }
         print(name, json.dumps(result["variants"][name]), flush=True)
     Path(args.result).write_text(json.dumps(result, indent=1) + "\n")
