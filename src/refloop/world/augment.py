@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from refloop.world.render import draw_shape
+from refloop.world.render import colour_field, draw_shape
 
 
 def busy_background(w: int, h: int, rng: np.random.Generator) -> Image.Image:
@@ -103,10 +103,7 @@ def outline_texture(scene, rng: np.random.Generator) -> Image.Image:
     """`scene` redrawn as many photos look: over a smooth random colour field with pixel noise, its
     objects in their own colours with a dark edge. (This is close to how the `wild` domain is drawn,
     on other scenes; a recipe that uses it makes `wild` a less unseen style.)"""
-    k = int(rng.integers(3, 8))
-    field = Image.fromarray(rng.integers(60, 200, size=(k, k, 3)).astype(np.uint8)).resize((scene.width, scene.height), Image.BILINEAR)
-    arr = np.asarray(field).astype(np.int16) + rng.integers(-20, 21, size=(scene.height, scene.width, 3), dtype=np.int16)
-    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    img = colour_field(scene.width, scene.height, rng, cells=int(rng.integers(3, 8)), levels=(60, 200), noise=20)
     draw = ImageDraw.Draw(img)
     grey = int(rng.integers(0, 70))
     for obj in scene.objects:

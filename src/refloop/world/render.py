@@ -9,6 +9,18 @@ from refloop.world.domains import get_style
 from refloop.world.scene import Scene, ShapeObject, scene_rng
 
 
+def colour_field(
+    w: int, h: int, rng: np.random.Generator, cells: int = 5, levels: tuple[int, int] = (70, 190), noise: int = 18
+) -> Image.Image:
+    """A smooth random colour field with pixel noise: `cells` x `cells` colours (channel values in
+    [levels[0], levels[1])) blended over the image, plus noise of up to +-`noise` per pixel (the
+    `wild` style's textured background with the defaults)."""
+    coarse = rng.integers(*levels, size=(cells, cells, 3)).astype(np.uint8)
+    img = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
+    arr = np.asarray(img).astype(np.int16) + rng.integers(-noise, noise + 1, size=(h, w, 3), dtype=np.int16)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
 def _background(scene: Scene, kind: str, rng: np.random.Generator) -> Image.Image:
     w, h = scene.width, scene.height
     if kind == "plain":
@@ -16,10 +28,7 @@ def _background(scene: Scene, kind: str, rng: np.random.Generator) -> Image.Imag
         base += rng.integers(-4, 5, size=(h, w, 1), dtype=np.int16)
         return Image.fromarray(base.clip(0, 255).astype(np.uint8))
     if kind == "texture":
-        coarse = rng.integers(70, 190, size=(5, 5, 3)).astype(np.uint8)
-        img = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
-        arr = np.asarray(img).astype(np.int16) + rng.integers(-18, 19, size=(h, w, 3), dtype=np.int16)
-        return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+        return colour_field(w, h, rng)
     if kind == "clutter":
         base = np.full((h, w, 3), 222, dtype=np.int16) + rng.integers(-8, 9, size=(h, w, 1), dtype=np.int16)
         img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
