@@ -169,8 +169,8 @@ def main() -> None:
         recorded = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else None
         if recorded is not None:
             recorded.setdefault("outer_iterations", 1)  # runs recorded before --iterations existed ran one
-        if recorded is not None and recorded != settings_of_run:
-            raise SystemExit(f"--collect: {out} holds a run with other settings: {recorded}")
+            if recorded != settings_of_run:
+                raise SystemExit(f"--collect: {out} holds a run with other settings: {recorded}")
     else:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)

@@ -50,7 +50,7 @@ from refloop.evaluation.synonyms import SynonymTable, coco_table, plural, shapes
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
 from refloop.runs import model_fingerprint, shared_run_directory
-from refloop.world import DOMAINS
+from refloop.world import DOMAINS, EVAL_SEED
 
 # ---- data: images, their ground-truth objects and reference captions ----------------------------
 
@@ -91,7 +91,7 @@ def load_object_data(
     if data in DOMAINS:
         if captions is not None:
             raise RefloopError("--captions is for dataset files: a shapes-world domain's references are its grammar captions")
-        split = world_split_dir(data, num_images) if seed is None else world_split_dir(data, num_images, seed)
+        split = world_split_dir(data, num_images, EVAL_SEED if seed is None else seed)
         records, report = load_data(str(split / COCO_FILE), on_error=on_error)
         by_image = read_coco_captions(split / CAPTIONS_FILE)
         objects = []
