@@ -199,12 +199,12 @@ def test_context_scenes_come_from_the_chosen_styles_and_degrade():
     cfg = PretrainConfig(batch_scenes=8, context_styles={"crowded": 1.0}, context_degrade_prob=1.0)
     rng = random.Random(0)
     for i in range(8):
-        scene, image = context_scene(0, i, cfg, rng, None)
+        scene, image, _ = context_scene(0, i, cfg, rng, None)
         assert scene.domain == "crowded"
         assert image.size == (scene.width, scene.height)
         assert image.tobytes() != render(scene).tobytes()
     cfg = PretrainConfig(context_degrade_prob=0.0, context_styles={IN_DOMAIN: 1.0})
-    scene, image = context_scene(0, 0, cfg, random.Random(0), None)
+    scene, image, _ = context_scene(0, 0, cfg, random.Random(0), None)
     assert scene.domain == IN_DOMAIN and image.tobytes() == render(scene).tobytes()
     scene = sample_scene(get_style(IN_DOMAIN), 0, 5)
     import numpy as np
@@ -304,10 +304,10 @@ def test_colour_cast_misleads_colours_and_keeps_the_layout():
 def test_context_colour_cast_is_drawn_only_when_asked():
     cfg = PretrainConfig(batch_scenes=4, context_styles={IN_DOMAIN: 1.0}, context_colour_cast_prob=1.0)
     assert cfg.separate_context_images
-    scene, image = context_scene(0, 0, cfg, random.Random(0), None)
+    scene, image, _ = context_scene(0, 0, cfg, random.Random(0), None)
     assert image.tobytes() != render(scene).tobytes()
     off = cfg.model_copy(update={"context_colour_cast_prob": 0.0})
-    scene, image = context_scene(0, 0, off, random.Random(0), None)
+    scene, image, _ = context_scene(0, 0, off, random.Random(0), None)
     assert image.tobytes() == render(scene).tobytes()
     assert "context_colour_cast_prob" not in PretrainConfig().trainer_config()
     assert PretrainConfig(context_colour_cast_prob=0.5).trainer_config()["context_colour_cast_prob"] == 0.5
@@ -356,7 +356,7 @@ def test_context_outline_texture_redraws_the_scene_with_edges_and_is_drawn_only_
     assert min(render(scene).getpixel((0, 0))) >= 225 and image.getpixel((0, 0)) != render(scene).getpixel((0, 0))
     cfg = PretrainConfig(batch_scenes=4, context_styles={IN_DOMAIN: 1.0}, context_outline_texture_prob=1.0)
     assert cfg.separate_context_images
-    ctx_scene, ctx_image = context_scene(0, 0, cfg, random.Random(0), None)
+    ctx_scene, ctx_image, _ = context_scene(0, 0, cfg, random.Random(0), None)
     assert ctx_image.tobytes() != render(ctx_scene).tobytes()
     assert "context_outline_texture_prob" not in PretrainConfig().trainer_config()
 
@@ -372,3 +372,40 @@ def test_outputs_written_before_the_late_options_still_match():
     assert recorded["context_degrade_prob"] == 0.75
     changed = cfg.model_copy(update={"context_miss_rate": (0.0, 0.1)})
     assert recipe_fingerprint("pretrain-tiny", changed, changed.options_at_default())["recipe"]["context_miss_rate"] == [0.0, 0.1]
+
+
+def test_frozen_vision_trains_the_decoder_but_not_the_encoder_on_outline_texture_images(processor):
+    """context_outline_texture_frozen_vision: the outline_texture images' rows change no vision
+    weight, still train the decoder, and the forward itself is unchanged."""
+    cfg = PretrainConfig(
+        batch_scenes=2,
+        queries_per_scene=2,
+        task_mix={"context_caption": 1.0},
+        context_outline_texture_prob=1.0,
+        context_outline_texture_frozen_vision=True,
+    )
+    batch = make_batch(0, cfg, processor, TinyProfile())
+    # own scenes (never queried here) stay trainable; every context image is an outline_texture one
+    assert batch["frozen_images"].tolist() == [False, True, False, True]
+    trainable = cfg.model_copy(update={"context_outline_texture_frozen_vision": False})
+    assert "frozen_images" not in make_batch(0, trainable, processor, TinyProfile())
+    model, _ = build_model(cfg)
+    args = (batch["pixel_values"], batch["image_index"], batch["input_ids"], batch["attention_mask"])
+
+    def grads(frozen):
+        model.zero_grad(set_to_none=True)
+        logits = model.forward_shared_images(*args, frozen)
+        logits.float().pow(2).mean().backward()
+        vision = [p.grad for n, p in model.named_parameters() if n.startswith("vision.")]
+        decoder = [p.grad for n, p in model.named_parameters() if n.startswith("layers.")]
+        return logits.detach(), vision, decoder
+
+    plain, vision, decoder = grads(None)
+    assert sum(float(g.abs().sum()) for g in vision if g is not None) > 0
+    frozen, vision, decoder = grads(batch["frozen_images"])
+    torch.testing.assert_close(frozen, plain)
+    assert all(g is None or not g.any() for g in vision)
+    assert all(g is not None for g in decoder) and sum(float(g.abs().sum()) for g in decoder) > 0
+    with pytest.raises(ValueError, match="context_outline_texture_prob > 0"):
+        PretrainConfig(context_outline_texture_frozen_vision=True)
+    assert "context_outline_texture_frozen_vision" not in PretrainConfig().trainer_config()

@@ -124,6 +124,13 @@ class PretrainConfig(BaseModel):
         "edges (outline_texture) instead of the context_degrade_prob path; this is close to how the held-out wild style "
         "looks, so wild is then a less unseen style for every benchmark",
     )
+    context_outline_texture_frozen_vision: bool = Field(
+        False,
+        description="the outline_texture images' encodings carry no gradient into the vision encoder: they train the "
+        "decoder only (as instruction tuning of real VLMs leaves the encoder frozen), so the model learns to follow "
+        "the grounding on images its encoder reads badly without the encoder learning their look; needs "
+        "context_outline_texture_prob > 0",
+    )
     context_miss_rate: tuple[float, float] = Field(
         CONTEXT_MISS_RATE,
         description="range of the per-query miss rate of context_caption's noisy grounding (drawn uniformly): how often "
@@ -158,6 +165,15 @@ class PretrainConfig(BaseModel):
             raise ValueError(f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size} (each head takes an equal share)")
         return self
 
+    @model_validator(mode="after")
+    def _frozen_vision_needs_outline_texture(self) -> PretrainConfig:
+        if self.context_outline_texture_frozen_vision and self.context_outline_texture_prob == 0:
+            raise ValueError(
+                "context_outline_texture_frozen_vision freezes the vision encoder on outline_texture images; "
+                "set context_outline_texture_prob > 0"
+            )
+        return self
+
     @property
     def separate_context_images(self) -> bool:
         return (
@@ -179,7 +195,8 @@ class PretrainConfig(BaseModel):
 
     def options_at_default(self) -> frozenset[str]:
         """The grounded-caption options added after the recipe wrapper recorded runs
-        (`context_colour_cast_prob`, `context_outline_texture_prob`, `context_miss_rate`) that are at
+        (`context_colour_cast_prob`, `context_outline_texture_prob`, `context_outline_texture_frozen_vision`,
+        `context_miss_rate`) that are at
         their defaults: left out of what identifies a run, so outputs and run directories written
         before they existed still match and resume."""
         at_default = set()
@@ -187,6 +204,8 @@ class PretrainConfig(BaseModel):
             at_default.add("context_colour_cast_prob")
         if self.context_outline_texture_prob == 0:
             at_default.add("context_outline_texture_prob")
+        if not self.context_outline_texture_frozen_vision:
+            at_default.add("context_outline_texture_frozen_vision")
         if tuple(self.context_miss_rate) == CONTEXT_MISS_RATE:
             at_default.add("context_miss_rate")
         return frozenset(at_default)
@@ -297,20 +316,22 @@ def context_scene(step: int, i: int, cfg: PretrainConfig, rng: random.Random, ma
     `context_styles` (default in-domain), redrawn by `outline_texture` with probability
     `context_outline_texture_prob` or else degraded with probability `context_degrade_prob`, then
     given misleading colours with probability `context_colour_cast_prob` (the two later options
-    draw nothing from the stream when they are 0, so recipes without them see the same images)."""
+    draw nothing from the stream when they are 0, so recipes without them see the same images).
+    The third value says whether the image was drawn by `outline_texture`."""
     styles = cfg.context_styles or {IN_DOMAIN: 1.0}
     names, weights = zip(*styles.items())
     name = rng.choices(names, weights)[0]
     index = step * cfg.batch_scenes + i + cfg.seed * 10_000_000 + CONTEXT_SCENE_OFFSET
     scene = sample_scene(get_style(name), TRAIN_SEED, index, max_objects=max_objects)
     image = render(scene)
-    if cfg.context_outline_texture_prob > 0 and rng.random() < cfg.context_outline_texture_prob:
+    textured = cfg.context_outline_texture_prob > 0 and rng.random() < cfg.context_outline_texture_prob
+    if textured:
         image = outline_texture(scene, np.random.default_rng(rng.getrandbits(64)))
     elif rng.random() < cfg.context_degrade_prob:
         image = degrade_image(scene, image, np.random.default_rng(rng.getrandbits(64)))
     if cfg.context_colour_cast_prob > 0 and rng.random() < cfg.context_colour_cast_prob:
         image = colour_cast(image, np.random.default_rng(rng.getrandbits(64)))
-    return scene, image
+    return scene, image, textured
 
 
 def _query(
@@ -350,6 +371,7 @@ def make_batch(step: int, cfg: PretrainConfig, processor: RefloopTinyProcessor, 
     max_objects = 3 if step < cfg.curriculum_steps else None
     tasks, weights = zip(*cfg.task_mix.items())
     images, prompts, answers, image_index = [], [], [], []
+    frozen = []  # indices of images whose encodings train the decoder only
     # context_caption queries on images of their own (context_styles / context_degrade_prob): one
     # extra image per batch scene that has such a query, drawn from a stream of its own.
     separate = cfg.separate_context_images
@@ -363,8 +385,10 @@ def make_batch(step: int, cfg: PretrainConfig, processor: RefloopTinyProcessor, 
             task = rng.choices(tasks, weights)[0]
             if separate and task == "context_caption":
                 if ctx is None:
-                    ctx_scene, ctx_image = context_scene(step, i, cfg, ctx_rng, max_objects)
+                    ctx_scene, ctx_image, textured = context_scene(step, i, cfg, ctx_rng, max_objects)
                     images.append(ctx_image)
+                    if textured and cfg.context_outline_texture_frozen_vision:
+                        frozen.append(len(images) - 1)
                     ctx = (ctx_scene, len(images) - 1)
                 q, index = _query(ctx[0], rng, np_rng, task, profile, cfg.canonical_rec_prob, cfg.context_miss_rate), ctx[1]
             else:
@@ -374,7 +398,11 @@ def make_batch(step: int, cfg: PretrainConfig, processor: RefloopTinyProcessor, 
             prompts.append(q[0])
             answers.append(q[1])
             image_index.append(index)
-    return encode_pairs(processor, images, prompts, answers, image_index)
+    batch = encode_pairs(processor, images, prompts, answers, image_index)
+    if cfg.context_outline_texture_frozen_vision:
+        batch["frozen_images"] = torch.zeros(len(images), dtype=torch.bool)
+        batch["frozen_images"][frozen] = True
+    return batch
 
 
 def encode_pairs(
@@ -504,7 +532,9 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, export_dir: Path | None = None
 
         def loss_of(rows: list[int]) -> torch.Tensor:
             # Whole batch per update: image tokens are shared by the queries about each scene.
-            logits = model.forward_shared_images(batch["pixel_values"], batch["image_index"], batch["input_ids"], batch["attention_mask"])
+            logits = model.forward_shared_images(
+                batch["pixel_values"], batch["image_index"], batch["input_ids"], batch["attention_mask"], batch.get("frozen_images")
+            )
             return smoothed_loss(logits, labels, coord_start, NUM_COORD_BINS, cfg.coord_sigma)
 
         loss, grad_norm = trainer.update("model", loss_of, list(range(labels.shape[0])), tokens=int((labels != -100).sum()))

@@ -38,6 +38,11 @@ def _coord_channels(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, xs, ys], dim=1)
 
 
+def _detach_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`x` with the rows (first dimension) marked in `rows` cut from the autograd graph."""
+    return torch.where(rows.view(-1, *([1] * (x.dim() - 1))), x.detach(), x)
+
+
 class CoordConvStage(nn.Module):
     """Stride-2 conv then a residual 3x3 conv; both see the coordinate channels."""
 
@@ -260,12 +265,15 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         image_index: torch.LongTensor,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
+        frozen_images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of text that follows the image tokens, image-token states computed once per image.
 
         Equals `forward` on '<image> x grid^2 + input_ids' (right-padded text); tested.
+        `frozen_images` ([num_images] bool): those images' encodings are detached, so their rows
+        train the decoder but send no gradient into the vision encoder.
         """
-        _, txt, txt_grid = self._shared_image_layers(pixel_values, image_index, input_ids, attention_mask)
+        _, txt, txt_grid = self._shared_image_layers(pixel_values, image_index, input_ids, attention_mask, frozen_images=frozen_images)
         return self._logits(txt, txt_grid)
 
     def _shared_image_layers(
@@ -275,6 +283,7 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
         keep=None,
+        frozen_images: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The decoder over right-padded text rows that follow the image tokens, the image tokens'
         states computed once per distinct image: (image states, text states, each row's grid)
@@ -282,6 +291,8 @@ class RefloopTinyForConditionalGeneration(RefloopTinyPreTrainedModel, Generation
         values of the rows ([image tokens, text])."""
         n_img = self.config.num_cells
         grid, maps = self.encode_images(pixel_values)
+        if frozen_images is not None and bool(frozen_images.any()):
+            grid, maps = _detach_rows(grid, frozen_images), [_detach_rows(m, frozen_images) for m in maps]
         img = grid + self.embed_positions(torch.arange(n_img, device=grid.device))
         pos = n_img + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         txt_grid = grid[image_index]
