@@ -83,7 +83,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200, help="the run's seed images (its --images)")
     parser.add_argument("--result", default=str(RESULTS / "svp_selection_hallucination.json"))
     args = parser.parse_args()
-    records = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
+    settings = Path(args.run) / "settings.json"  # the run's seed-image style (runs before --domain: wild)
+    domain = json.loads(settings.read_text()).get("domain", "wild") if settings.is_file() else "wild"
+    records = load_detections(domain, num_images=args.images, scene_seed=TRAIN_SEED).records
     truth = {r.image_id: {f"{o.colour} {o.shape}" for o in scene_objects(r)} for r in records}
     rows = {
         row: {
@@ -92,7 +94,7 @@ def main() -> None:
         }
         for row in args.rows.split(";")
     }
-    summary = {"benchmark": "svp_selection_hallucination", "run": args.run, "seed_images": args.images, "rows": rows}
+    summary = {"benchmark": "svp_selection_hallucination", "run": args.run, "domain": domain, "seed_images": args.images, "rows": rows}
     Path(args.result).write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 

@@ -43,7 +43,7 @@ from refloop.methods.svp import SVP, SVPConfig, SVPTraining
 from refloop.methods.svp_recipe import SVPRecipe, visual_queries
 from refloop.models import load_vlm
 from refloop.training.adapters import LoraSettings
-from refloop.world import EVAL_SEED, TRAIN_SEED
+from refloop.world import DOMAINS, EVAL_SEED, TRAIN_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -128,7 +128,13 @@ def main() -> None:
     parser.add_argument(
         "--length-normalize", action=argparse.BooleanOptionalAction, default=True, help="scores / caption length (chosen on validation)"
     )
-    parser.add_argument("--validation-seed", type=int, default=None, help="evaluate on this seed's wild scenes (a validation split)")
+    parser.add_argument("--validation-seed", type=int, default=None, help="evaluate on this seed's scenes (a validation split)")
+    parser.add_argument(
+        "--domain",
+        default="wild",
+        choices=DOMAINS,
+        help="style of the seed and evaluation scenes; the analogue is wild, another style is a diagnostic only",
+    )
     parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank (SVP: 64 for models up to 7B)")
     parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (SVP: 16 for models up to 7B)")
     parser.add_argument("--eval-images", type=int, default=200)
@@ -153,6 +159,7 @@ def main() -> None:
     # What a run's rows depend on besides the row: recorded in --out, checked by --collect.
     settings_of_run = {
         "split_seed": split,
+        "domain": args.domain,
         "temperature": args.temperature,
         "lr": args.lr,
         "epochs": args.epochs,
@@ -169,6 +176,7 @@ def main() -> None:
         recorded = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else None
         if recorded is not None:
             recorded.setdefault("outer_iterations", 1)  # runs recorded before --iterations existed ran one
+            recorded.setdefault("domain", "wild")  # and before --domain, on wild
             if recorded != settings_of_run:
                 raise SystemExit(f"--collect: {out} holds a run with other settings: {recorded}")
     else:
@@ -176,9 +184,9 @@ def main() -> None:
         out.mkdir(parents=True)
         (out / "settings.json").write_text(json.dumps(settings_of_run, indent=1) + "\n")
     started = time.perf_counter()
-    seeds = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
-    found = load_object_data("wild", num_images=args.eval_images, seed=split)
-    rec_records = load_data("wild", num_images=args.eval_images, seed=split)[0]
+    seeds = load_detections(args.domain, num_images=args.images, scene_seed=TRAIN_SEED).records
+    found = load_object_data(args.domain, num_images=args.eval_images, seed=split)
+    rec_records = load_data(args.domain, num_images=args.eval_images, seed=split)[0]
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0)
     training = SVPTraining(lr=args.lr, epochs=args.epochs, lora=lora, checkpoint_every=10_000)
     rows = args.rows.split(";")
@@ -281,7 +289,7 @@ def main() -> None:
         "temperature": args.temperature,
         "length_normalize": args.length_normalize,
         "eval": {
-            "domain": "wild",
+            "domain": args.domain,
             "scene_seed": split,
             "images": args.eval_images,
             "rec_pairs": args.rec_limit,
