@@ -121,6 +121,12 @@ def main() -> None:
     parser.add_argument("--phrases", default="both", choices=["caption", "categories", "both"], help="what the oracle grounds")
     parser.add_argument("--lr", type=float, default=1e-4, help="SFT learning rate (not given by SVP; chosen on the validation split)")
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument(
+        "--lr-schedule",
+        default="cosine",
+        choices=["cosine", "constant"],
+        help="SFT schedule (SVP Table 11: cosine, 3%% warm-up); the tables measured before it used constant",
+    )
     parser.add_argument("--iterations", type=int, default=1, help="I: outer iterations, each sampling from the updated model")
     parser.add_argument(
         "--temperature", type=float, default=0.5, help="sampling temperature of prior and guided captions (chosen on validation)"
@@ -162,6 +168,7 @@ def main() -> None:
         "domain": args.domain,
         "temperature": args.temperature,
         "lr": args.lr,
+        "lr_schedule": args.lr_schedule,
         "epochs": args.epochs,
         "outer_iterations": args.iterations,
         "lora": [args.lora_r, args.lora_alpha],
@@ -177,6 +184,7 @@ def main() -> None:
         if recorded is not None:
             recorded.setdefault("outer_iterations", 1)  # runs recorded before --iterations existed ran one
             recorded.setdefault("domain", "wild")  # and before --domain, on wild
+            recorded.setdefault("lr_schedule", "constant")  # and before --lr-schedule, at a constant rate
             if recorded != settings_of_run:
                 raise SystemExit(f"--collect: {out} holds a run with other settings: {recorded}")
     else:
@@ -188,7 +196,8 @@ def main() -> None:
     found = load_object_data(args.domain, num_images=args.eval_images, seed=split)
     rec_records = load_data(args.domain, num_images=args.eval_images, seed=split)[0]
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0)
-    training = SVPTraining(lr=args.lr, epochs=args.epochs, lora=lora, checkpoint_every=10_000)
+    warmup = {"lr_schedule": "constant", "warmup_ratio": 0.0} if args.lr_schedule == "constant" else {}
+    training = SVPTraining(lr=args.lr, epochs=args.epochs, lora=lora, checkpoint_every=10_000, **warmup)
     rows = args.rows.split(";")
     table: dict[str, dict[int, dict]] = {}
     runs: dict[str, dict] = {}

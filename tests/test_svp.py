@@ -124,6 +124,7 @@ def test_config_defaults_are_the_paper_settings():
         16,
         1.0,
     )
+    assert (cfg.sft.lr_schedule, cfg.sft.warmup_ratio) == ("cosine", 0.03)  # Table 11
 
 
 # ---- the job ----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The shared trainer, SFT loss and named adapters: what every method inherits."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -82,6 +83,23 @@ def test_micro_batches_give_the_same_sft_update(tmp_path):
     assert len(moved) >= len(whole) // 2, "the update must move the adapter (a no-op update would pass the comparison)"
     for key in whole:
         torch.testing.assert_close(whole[key], micro[key], rtol=1e-4, atol=1e-6)
+
+
+def test_sft_sets_each_steps_learning_rate_from_its_schedule(tmp_path):
+    """Constant by default; with lr_schedule cosine the rate warms up linearly, then decays to 0
+    over the run (SVP Table 11), and the shared trainer logs the rate each step trained at."""
+    from refloop.training.schedules import warmup_cosine
+
+    assert warmup_cosine(0, 1.0, 4, 20) == 0.25 and warmup_cosine(3, 1.0, 4, 20) == 1.0
+    assert warmup_cosine(4, 1.0, 4, 20) == 1.0 and warmup_cosine(12, 1.0, 4, 20) == pytest.approx(0.5)
+    assert warmup_cosine(20, 1.0, 4, 20) == pytest.approx(0.0) and warmup_cosine(30, 1.0, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
+    _, constant = _sft_weights(tmp_path, "constant", epochs=4)  # 6 steps of 4 examples over 6
+    assert [r["lr"] for r in constant] == [5e-3] * 6
+    _, cosine = _sft_weights(tmp_path, "cosine", epochs=4, lr_schedule="cosine", warmup_ratio=0.2)  # 2 warm-up steps
+    expected = [5e-3 / 2, 5e-3] + [5e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(3)]
+    assert [r["lr"] for r in cosine][:5] == pytest.approx(expected) and 0 < cosine[5]["lr"] < cosine[4]["lr"]
+    sft = SFT(_vlm(), SFTConfig(**(SMALL_SFT | {"epochs": 4, "warmup_ratio": 0.5})), _examples())
+    assert [sft.lr_at(s) for s in range(6)] == pytest.approx([5e-3 / 3, 5e-3 * 2 / 3] + [5e-3] * 4)
 
 
 class Killed(Exception):

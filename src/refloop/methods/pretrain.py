@@ -12,7 +12,6 @@ checkpointed atomically, resumable to the same weights.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from refloop.models.profiles import TinyProfile
 from refloop.models.tiny.configuration import RefloopTinyConfig
 from refloop.models.tiny.modeling import RefloopTinyForConditionalGeneration
 from refloop.models.tiny.processing import NUM_COORD_BINS, RefloopTinyProcessor, build_tokenizer
+from refloop.training.schedules import warmup_cosine
 from refloop.training.trackers import Tracking
 from refloop.training.trainer import Trainer, step_seed
 from refloop.world import (
@@ -458,10 +458,7 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warm-up, cosine decay laid out over `cosine_steps`, and a linear cooldown to the
     minimum over the last `cooldown_steps` of the `steps` actually run (warmup-stable-decay style:
     the run can end before the cosine does and still finish annealed)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.cosine_steps - cfg.warmup_steps)
-    lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    lr = warmup_cosine(step, cfg.lr, cfg.warmup_steps, cfg.cosine_steps, cfg.min_lr_ratio)
     cooldown_start = max(cfg.steps - cfg.cooldown_steps, cfg.warmup_steps)
     if step >= cooldown_start:
         lr += (cfg.lr * cfg.min_lr_ratio - lr) * (step - cooldown_start) / max(1, cfg.steps - cooldown_start)

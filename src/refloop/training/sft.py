@@ -5,9 +5,11 @@ pure function of (seed, step) and resumes exactly."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +20,7 @@ from refloop.models.hf import HFVLM
 from refloop.seeding import step_seed
 from refloop.training.adapters import REFERENCE, LoraSettings, NamedAdapters
 from refloop.training.losses import answer_nll
+from refloop.training.schedules import warmup_cosine
 from refloop.training.trainer import Trainer
 
 
@@ -26,7 +29,11 @@ class SFTConfig(BaseModel):
 
     epochs: float = Field(1.0, gt=0, description="passes over the examples (SVP: one epoch)")
     batch_size: BatchSize = Field(16, description="examples per optimizer step")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (the peak, with a schedule)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant: lr throughout (after any warm-up); cosine: decays to 0 over the run (SVP Table 11)"
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the steps over which the rate rises linearly to lr")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
     micro_batch_size: BatchSize | None = Field(None, description="examples per forward+backward (gradients accumulate)")
@@ -72,6 +79,7 @@ class SFT:
         self.vlm = vlm.with_module(self.adapters.module, batch_size=cfg.generation_batch_size)
         self.policy = self.adapters.view(self.vlm, cfg.adapter)
         self.total_steps = max(1, round(cfg.epochs * len(examples) / cfg.batch_size))
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
         self.trainer = Trainer(
             self.adapters,
             config=cfg.model_dump(mode="json") | {"examples": len(examples)},
@@ -86,7 +94,15 @@ class SFT:
             cfg.adapter, self.adapters.parameters(cfg.adapter), lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=cfg.weight_decay)
         )
 
+    def lr_at(self, step: int) -> float:
+        """The step's learning rate: a pure function of the step, so resumed runs match."""
+        if self.cfg.lr_schedule == "cosine":
+            return warmup_cosine(step, self.cfg.lr, self.warmup_steps, self.total_steps)
+        return self.cfg.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.cfg.lr
+
     def step(self, step: int) -> dict:
+        for group in self.trainer.optimizer(self.cfg.adapter).param_groups:
+            group["lr"] = self.lr_at(step)
         batch = self.trainer.shard([self.examples[i] for i in epoch_order(len(self.examples), self.cfg.batch_size, step, self.cfg.seed)])
         images = [ex.load_image() for ex in batch]
         prompts = [ex.prompt for ex in batch]
