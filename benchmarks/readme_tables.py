@@ -1,6 +1,6 @@
 """The README's evidence tables, written from the benchmark JSONs (never typed by hand).
 
-    python benchmarks/readme_tables.py [sctune|sctune_lsup|pink|svp|svp_first_pick|svp_temperature1|svp_iterations|wild_factors ...]
+    python benchmarks/readme_tables.py [TABLE ...]   (default: every table; names in TABLES below)
 
 Each cell is the mean over seeds with its range [min, max]; a change whose range crosses zero is
 marked with '~' (not a claimed effect).
@@ -102,6 +102,32 @@ def svp_first_pick() -> str:
     return svp("svp_shapes_first_pick.json")
 
 
+def svp_constant_lr() -> str:
+    return svp("svp_shapes_constant_lr.json")
+
+
+def svp_cosine_lrs() -> str:
+    """The validation points of the peak learning rate under SVP's cosine schedule (one seed)."""
+    r = json.loads((RESULTS / "svp_shapes_validation_cosine.json").read_text())
+    lines = [
+        "| peak lr | recall: S(q,p) - no feedback | S(q,p) > grounding only > no feedback | CHAIR_i: S(q,p) - no feedback "
+        "| REC: S(q,p) - base | POPE F1: S(q,p) - base | targets met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for lr, point in r["points"].items():
+        t, rows = point["targets"], point["rows"]
+        order = " > ".join(
+            f"{rows[n]['object_recall']:.1f}" for n in ("grounding + S(q,p)", "grounding, no scoring", "self-captioning, no grounding")
+        )
+        pick = " (pick)" if lr == r["pick"] else ""
+        lines.append(
+            f"| {lr}{pick} | {t['recall_gain_over_no_feedback']:+.1f} | {order}{'' if t['ordering'] else ' (not met)'} "
+            f"| {t['chair_i_change_vs_no_feedback']:+.1f} | {t['rec_change_vs_base']:+.1f} | {t['pope_f1_change_vs_base']:+.1f} "
+            f"| {t['targets_met']} of 5 |"
+        )
+    return "\n".join(lines)
+
+
 def svp_iterations() -> str:
     """The validation points of SVP's outer iterations (one seed: no ranges)."""
     r = json.loads((RESULTS / "svp_shapes_validation_iterations.json").read_text())
@@ -140,6 +166,8 @@ TABLES = {
     "sctune_lsup": sctune_lsup,
     "pink": pink,
     "svp": svp,
+    "svp_cosine_lrs": svp_cosine_lrs,
+    "svp_constant_lr": svp_constant_lr,
     "svp_first_pick": svp_first_pick,
     "svp_temperature1": svp_temperature1,
     "svp_iterations": svp_iterations,
