@@ -19,10 +19,10 @@ the caption's length) were chosen on a validation split (`--validation-seed 7`: 
 evaluation runs: temperature 0.5 and length-normalised scores (with lr 1e-4 at a constant rate);
 once the SFT followed SVP's cosine schedule (Table 11), the peak lr was chosen again on the same
 split: 2e-4 (benchmarks/results/svp_shapes_validation_cosine.json). The earlier tables, at a
-constant rate: `--lr-schedule constant --lr 1e-4` gives svp_shapes_constant_lr.json,
-`--lr-schedule constant --lr 1.5e-4 --no-length-normalize` svp_shapes_first_pick.json,
-`--lr-schedule constant --temperature 1.0 --lr 2e-4 --no-length-normalize`
-svp_shapes_temperature1.json.
+constant rate (each with `--result benchmarks/results/FILE`, else it overwrites svp_shapes.json):
+`--lr-schedule constant --lr 1e-4` gives svp_shapes_constant_lr.json, `--lr-schedule constant
+--lr 1.5e-4 --no-length-normalize` svp_shapes_first_pick.json, `--lr-schedule constant
+--temperature 1.0 --lr 2e-4 --no-length-normalize --rows ...` svp_shapes_temperature1.json.
 
 Writes benchmarks/results/svp_shapes.json.
 """

@@ -18,6 +18,7 @@ from refloop.methods.svp import (
     EMPTY,
     REPEATED,
     SVPConfig,
+    SVPTraining,
     degenerate_reason,
     log_ratio_score,
     mix_visual_queries,
@@ -27,6 +28,7 @@ from refloop.methods.svp import (
     weighted_difference_score,
 )
 from refloop.methods.svp_recipe import SVPRecipe, run_svp
+from refloop.training.sft import SFTConfig
 
 LOG = math.log
 
@@ -124,7 +126,14 @@ def test_config_defaults_are_the_paper_settings():
         16,
         1.0,
     )
-    assert (cfg.sft.lr_schedule, cfg.sft.warmup_ratio) == ("cosine", 0.03)  # Table 11
+    assert (cfg.sft.lr, cfg.sft.lr_schedule, cfg.sft.warmup_ratio) == (2e-4, "cosine", 0.03)  # Table 11
+    # The schedule is part of an SVP run's identity; a plain SFT at a constant rate is identified
+    # as before the schedule existed (older outputs still match), and every dump reloads as itself.
+    assert {"lr_schedule", "warmup_ratio"} <= set(cfg.sft.model_dump())
+    assert not {"lr_schedule", "warmup_ratio"} & set(SFTConfig().model_dump(mode="json"))
+    assert SFTConfig(lr_schedule="cosine").model_dump()["lr_schedule"] == "cosine"
+    constant = SVPTraining(lr_schedule="constant", warmup_ratio=0.0)
+    assert SVPTraining(**constant.model_dump()) == constant and SFTConfig(**SFTConfig().model_dump()) == SFTConfig()
 
 
 # ---- the job ----------------------------------------------------------------------------------------

@@ -126,8 +126,8 @@ class PretrainConfig(BaseModel):
     )
     context_outline_texture_frozen_vision: bool = Field(
         False,
-        description="the outline_texture images' encodings carry no gradient into the vision encoder: they train the "
-        "decoder only (as instruction tuning of real VLMs leaves the encoder frozen), so the model learns to follow "
+        description="the outline_texture images' encodings carry no gradient into the vision encoder: those images "
+        "train the decoder only (the encoder still trains on every other image), so the model may learn to follow "
         "the grounding on images its encoder reads badly without the encoder learning their look; needs "
         "context_outline_texture_prob > 0",
     )

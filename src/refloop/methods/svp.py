@@ -151,10 +151,11 @@ def select_random(count: int, fraction: float, eligible: Sequence[bool], rng: ra
 # ---- configuration -------------------------------------------------------------------------------
 class SVPTraining(SFTConfig):
     """The outer loop's SFT with SVP's defaults (Sec. 4, Table 11): LoRA r 64, alpha 16, one epoch,
-    batch 20, cosine schedule with 3% warm-up."""
+    batch 20, peak lr 2e-4, cosine schedule with 3% warm-up."""
 
     epochs: float = Field(1.0, gt=0, description="passes over each iteration's selected samples (SVP: one)")
     batch_size: BatchSize = Field(20, description="examples per optimizer step (SVP: 20)")
+    lr: float = Field(2e-4, gt=0, description="peak AdamW learning rate (SVP Table 11, LLaVA-1.5/1.6: 2e-4)")
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="SVP Table 11: cosine")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the steps warming up (SVP Table 11: 0.03)")
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=64, alpha=16), description="adapter settings (SVP: r 64, alpha 16)")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from refloop.data.records import InstructionExample
 from refloop.limits import BatchSize, SafeName, Seed
@@ -49,6 +49,21 @@ class SFTConfig(BaseModel):
         if value == REFERENCE:
             raise ValueError(f"{REFERENCE!r} is reserved for the frozen reference adapter")
         return value
+
+    @model_serializer(mode="wrap")
+    def _schedule_only_when_set(self, dump):
+        """The schedule fields came after runs were recorded: left out of the dump (and so of what
+        identifies a run) when they are this class's default and that default is the behaviour
+        before them, a constant rate without warm-up, so earlier outputs and checkpoints still match."""
+        data = dump(self)
+        for name, before in _SCHEDULE_BEFORE.items():
+            if getattr(self, name) == type(self).model_fields[name].default == before:
+                data.pop(name, None)
+        return data
+
+
+# What the SFT did before its schedule fields existed.
+_SCHEDULE_BEFORE = {"lr_schedule": "constant", "warmup_ratio": 0.0}
 
 
 def epoch_order(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -40,7 +40,7 @@ def _coord_channels(x: torch.Tensor) -> torch.Tensor:
 
 def _detach_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`x` with the rows (first dimension) marked in `rows` cut from the autograd graph."""
-    return torch.where(rows.view(-1, *([1] * (x.dim() - 1))), x.detach(), x)
+    return torch.where(rows.to(x.device).view(-1, *([1] * (x.dim() - 1))), x.detach(), x)
 
 
 class CoordConvStage(nn.Module):
