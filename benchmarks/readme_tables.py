@@ -106,46 +106,37 @@ def svp_constant_lr() -> str:
     return svp("svp_shapes_constant_lr.json")
 
 
-def svp_cosine_lrs() -> str:
-    """The validation points of the peak learning rate under SVP's cosine schedule (one seed)."""
-    r = json.loads((RESULTS / "svp_shapes_validation_cosine.json").read_text())
-    lines = [
-        "| peak lr | recall: S(q,p) - no feedback | S(q,p) > grounding only > no feedback | CHAIR_i: S(q,p) - no feedback "
-        "| REC: S(q,p) - base | POPE F1: S(q,p) - base | targets met |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for lr, point in r["points"].items():
+def validation_points(name: str, label: str, pick: str | None = None, met: bool = False) -> str:
+    """One-seed validation points of an SVP setting (no ranges): each point's S(q,p) targets, with
+    the rule's pick marked and, with `met`, how many of the five targets it meets."""
+    r = json.loads((RESULTS / name).read_text())
+    header = (
+        f"| {label} | recall: S(q,p) - no feedback | S(q,p) > grounding only > no feedback | CHAIR_i: S(q,p) - no feedback "
+        "| REC: S(q,p) - base | POPE F1: S(q,p) - base |" + (" targets met |" if met else "")
+    )
+    lines = [header, "| --- |" + " --- |" * (5 + met)]
+    for key, point in r["points"].items():
         t, rows = point["targets"], point["rows"]
         order = " > ".join(
             f"{rows[n]['object_recall']:.1f}" for n in ("grounding + S(q,p)", "grounding, no scoring", "self-captioning, no grounding")
         )
-        pick = " (pick)" if lr == r["pick"] else ""
         lines.append(
-            f"| {lr}{pick} | {t['recall_gain_over_no_feedback']:+.1f} | {order}{'' if t['ordering'] else ' (not met)'} "
-            f"| {t['chair_i_change_vs_no_feedback']:+.1f} | {t['rec_change_vs_base']:+.1f} | {t['pope_f1_change_vs_base']:+.1f} "
-            f"| {t['targets_met']} of 5 |"
+            f"| {key}{' (pick)' if key == pick else ''} | {t['recall_gain_over_no_feedback']:+.1f} "
+            f"| {order}{'' if t['ordering'] else ' (not met)'} | {t['chair_i_change_vs_no_feedback']:+.1f} "
+            f"| {t['rec_change_vs_base']:+.1f} | {t['pope_f1_change_vs_base']:+.1f} |" + (f" {t['targets_met']} of 5 |" if met else "")
         )
     return "\n".join(lines)
+
+
+def svp_cosine_lrs() -> str:
+    """The peak learning rate under SVP's cosine schedule, on the validation split."""
+    pick = json.loads((RESULTS / "svp_shapes_validation_cosine.json").read_text())["pick"]
+    return validation_points("svp_shapes_validation_cosine.json", "peak lr", pick=pick, met=True)
 
 
 def svp_iterations() -> str:
-    """The validation points of SVP's outer iterations (one seed: no ranges)."""
-    r = json.loads((RESULTS / "svp_shapes_validation_iterations.json").read_text())
-    lines = [
-        "| I | recall: S(q,p) - no feedback | S(q,p) > grounding only > no feedback | CHAIR_i: S(q,p) - no feedback "
-        "| REC: S(q,p) - base | POPE F1: S(q,p) - base |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for i, point in r["points"].items():
-        t, rows = point["targets"], point["rows"]
-        order = " > ".join(
-            f"{rows[n]['object_recall']:.1f}" for n in ("grounding + S(q,p)", "grounding, no scoring", "self-captioning, no grounding")
-        )
-        lines.append(
-            f"| {i} | {t['recall_gain_over_no_feedback']:+.1f} | {order}{'' if t['ordering'] else ' (not met)'} "
-            f"| {t['chair_i_change_vs_no_feedback']:+.1f} | {t['rec_change_vs_base']:+.1f} | {t['pope_f1_change_vs_base']:+.1f} |"
-        )
-    return "\n".join(lines)
+    """SVP's outer iterations I, on the validation split."""
+    return validation_points("svp_shapes_validation_iterations.json", "I")
 
 
 def wild_factors() -> str:
