@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from refloop.methods.sctune import SCTune, SCTuneConfig, schedule
 from refloop.models.hf import HFVLM
+from refloop.models.profiles import TinyProfile
 from refloop.training.adapters import LoraSettings, NamedAdapters
 
 SMALL = dict(
@@ -250,3 +251,25 @@ def test_two_processes_stay_in_sync(tmp_path):
     assert any(k.startswith("describer/") and "lora_B" in k and a[k].abs().sum() > 0 for k in a), "no update happened"
     rows = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4
+
+
+def test_eval_sets_with_one_file_name_get_folders_of_their_own(tmp_path):
+    """RefCOCO, RefCOCO+ and RefCOCOg exports are all refs.jsonl: each eval set writes its own
+    folder (a domain keeps its name), so the second is not refused as another run of the first."""
+    from refloop.config import DataSpec
+    from refloop.methods.sctune_recipe import SCTuneRecipe, eval_folders, evaluate
+
+    specs = [DataSpec.of(v) for v in ("a/refs.jsonl", "b/refs.jsonl", "wild")]
+    assert eval_folders(specs) == ["a-refs", "b-refs", "wild"]
+    assert eval_folders([DataSpec.of("p/x/refs.jsonl"), DataSpec.of("q/x/refs.jsonl")]) == ["x-refs-0", "x-refs-1"]
+    files = []
+    for domain in ("in-domain", "crowded"):
+        out = tmp_path / domain
+        assert run_cli(["export-world", "--domain", domain, "--seed", "7", "--num-images", "3", "--out", str(out)])[0] == 0
+        files.append(str(out / "refs.jsonl"))
+    model_dir = save_tiny_random(tmp_path / "base")
+    recipe = SCTuneRecipe(model=str(model_dir), train_data="in-domain", eval_data=files, eval_boxes=2, device="cpu", dtype="fp32")
+    vlm = HFVLM(*tiny_random_model(), TinyProfile(), batch_size=4)
+    results = evaluate(vlm, recipe, tmp_path / "eval", "base")
+    assert set(results) == set(files)
+    assert sorted(p.name for p in (tmp_path / "eval" / "base").iterdir()) == ["crowded-refs", "in-domain-refs"]

@@ -56,15 +56,24 @@ class SCTuneRecipe(ModelSpec, TrackingSpec):
         return spec.images or self.images
 
 
+def eval_folders(specs: list[DataSpec]) -> list[str]:
+    """One folder name per eval set: the file's stem (a domain's name), prefixed by its parent
+    folder's name when stems repeat (RefCOCO, RefCOCO+ and RefCOCOg exports are all refs.jsonl),
+    numbered when even those repeat; two sets never share a folder."""
+    stems = [Path(spec.data).stem for spec in specs]
+    names = [f"{Path(spec.data).parent.name}-{stem}" if stems.count(stem) > 1 else stem for spec, stem in zip(specs, stems, strict=True)]
+    return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
 def evaluate(vlm: VLM, recipe: SCTuneRecipe, out: Path, label: str) -> dict[str, float]:
     """Pr@0.5 of `vlm` on every eval set; keyed by the data as the recipe names it."""
     results = {}
-    for spec in recipe.eval_data:
+    for spec, folder in zip(recipe.eval_data, eval_folders(recipe.eval_data), strict=True):
         with PartialState().main_process_first():  # a shapes-world domain is exported once, by the main process
             records, _ = load_data(spec.data, recipe.root(spec), num_images=recipe.eval_boxes)
         samples = sample_boxes(records, recipe.eval_boxes)
         cfg = ConsistencyConfig(num_boxes=recipe.eval_boxes)
-        metrics = evaluate_consistency(vlm, samples, out / label / Path(spec.data).stem, cfg, data_name=spec.data)
+        metrics = evaluate_consistency(vlm, samples, out / label / folder, cfg, data_name=spec.data)
         results[spec.data] = metrics["consistency_rate"]
     return results
 
