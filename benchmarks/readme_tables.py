@@ -106,10 +106,11 @@ def svp_constant_lr() -> str:
     return svp("svp_shapes_constant_lr.json")
 
 
-def validation_points(name: str, label: str, pick: str | None = None, met: bool = False) -> str:
+def validation_points(name: str, label: str, met: bool = False) -> str:
     """One-seed validation points of an SVP setting (no ranges): each point's S(q,p) targets, with
-    the rule's pick marked and, with `met`, how many of the five targets it meets."""
+    the rule's pick (the file's `pick`, when it names one) marked and, with `met`, how many of the five targets it meets."""
     r = json.loads((RESULTS / name).read_text())
+    pick = r.get("pick")
     header = (
         f"| {label} | recall: S(q,p) - no feedback | S(q,p) > grounding only > no feedback | CHAIR_i: S(q,p) - no feedback "
         "| REC: S(q,p) - base | POPE F1: S(q,p) - base |" + (" targets met |" if met else "")
@@ -130,8 +131,7 @@ def validation_points(name: str, label: str, pick: str | None = None, met: bool 
 
 def svp_cosine_lrs() -> str:
     """The peak learning rate under SVP's cosine schedule, on the validation split."""
-    pick = json.loads((RESULTS / "svp_shapes_validation_cosine.json").read_text())["pick"]
-    return validation_points("svp_shapes_validation_cosine.json", "peak lr", pick=pick, met=True)
+    return validation_points("svp_shapes_validation_cosine.json", "peak lr", met=True)
 
 
 def svp_iterations() -> str:
