@@ -41,6 +41,10 @@ def sctune_lsup() -> str:
     return sctune("sctune_shapes_lsup.json", "SC-Tune + L_sup")
 
 
+def sctune_lsup_lr6() -> str:
+    return sctune("sctune_shapes_lsup_locator_lr.json", "SC-Tune + L_sup, locator_lr 6e-4")
+
+
 def pink() -> str:
     r = json.loads((RESULTS / "pink_shapes.json").read_text())
     domains = list(r["rec_accuracy"]["base"])
@@ -155,6 +159,7 @@ def wild_factors() -> str:
 TABLES = {
     "sctune": sctune,
     "sctune_lsup": sctune_lsup,
+    "sctune_lsup_lr6": sctune_lsup_lr6,
     "pink": pink,
     "svp": svp,
     "svp_cosine_lrs": svp_cosine_lrs,

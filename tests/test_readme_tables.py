@@ -1,0 +1,44 @@
+"""README's result tables are generated from the committed benchmark JSONs: each table under a
+`<!-- NAME: python benchmarks/readme_tables.py NAME -->` marker must equal what the script prints
+now, so a re-measured JSON cannot leave a stale table behind."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"^( *)<!-- (\w+): python benchmarks/readme_tables\.py \2 -->$", re.MULTILINE)
+
+
+def _tables_module():
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _readme_tables() -> dict[str, str]:
+    """Marker name -> the README text that follows it, unindented as far as the marker is (a
+    generated block may hold several tables; one inside a list item is indented)."""
+    text = (ROOT / "README.md").read_text()
+    found = {}
+    for m in MARKER.finditer(text):
+        indent = m.group(1)
+        lines = text[m.end() + 1 :].splitlines()
+        found[m.group(2)] = "\n".join(line.removeprefix(indent) for line in lines)
+    return found
+
+
+def test_every_generated_table_is_in_the_readme():
+    assert set(_readme_tables()) == set(_tables_module().TABLES)
+
+
+@pytest.mark.parametrize("name", sorted(_readme_tables()))
+def test_readme_table_matches_its_results_json(name):
+    generated = _tables_module().TABLES[name]()
+    following = _readme_tables()[name]
+    assert following.startswith(generated + "\n"), f"README's {name} table differs from its JSON: python benchmarks/readme_tables.py {name}"
