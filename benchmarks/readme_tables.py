@@ -122,9 +122,12 @@ def validation_points(name: str, label: str, met: bool = False) -> str:
     lines = [header, "| --- |" + " --- |" * (5 + met)]
     for key, point in r["points"].items():
         t, rows = point["targets"], point["rows"]
-        order = " > ".join(
-            f"{rows[n]['object_recall']:.1f}" for n in ("grounding + S(q,p)", "grounding, no scoring", "self-captioning, no grounding")
-        )
+        # A point may score another row than S(q,p) (e.g. its CVQ row) and read grounding only from a
+        # sibling run: it then records the three recalls of its ordering itself.
+        recalls = point.get("ordering_recalls") or [
+            rows[n]["object_recall"] for n in ("grounding + S(q,p)", "grounding, no scoring", "self-captioning, no grounding")
+        ]
+        order = " > ".join(f"{v:.1f}" for v in recalls)
         lines.append(
             f"| {key}{' (pick)' if key == pick else ''} | {t['recall_gain_over_no_feedback']:+.1f} "
             f"| {order}{'' if t['ordering'] else ' (not met)'} | {t['chair_i_change_vs_no_feedback']:+.1f} "
@@ -136,6 +139,11 @@ def validation_points(name: str, label: str, met: bool = False) -> str:
 def svp_cosine_lrs() -> str:
     """The peak learning rate under SVP's cosine schedule, on the validation split."""
     return validation_points("svp_shapes_validation_cosine.json", "peak lr", met=True)
+
+
+def svp_seed_images() -> str:
+    """SVP's C = 1000 seed images (the paper's) instead of 200, on the validation split."""
+    return validation_points("svp_shapes_validation_seed_images.json", "C = 1000 seed images", met=True)
 
 
 def svp_iterations() -> str:
@@ -167,6 +175,7 @@ TABLES = {
     "svp_first_pick": svp_first_pick,
     "svp_temperature1": svp_temperature1,
     "svp_iterations": svp_iterations,
+    "svp_seed_images": svp_seed_images,
     "wild_factors": wild_factors,
 }
 
