@@ -112,7 +112,9 @@ def svp_constant_lr() -> str:
 
 def validation_points(name: str, label: str, met: bool = False) -> str:
     """One-seed validation points of an SVP setting (no ranges): each point's S(q,p) targets, with
-    the rule's pick (the file's `pick`, when it names one) marked and, with `met`, how many of the five targets it meets."""
+    the rule's pick (the file's `pick`, when it names one) marked and, with `met`, how many of the five targets it meets.
+    A point whose targets are read on another row (its `row`, e.g. the CVQ row) and whose run has no
+    grounding-only row gives its ordering's three recalls in `ordering_recalls`."""
     r = json.loads((RESULTS / name).read_text())
     pick = r.get("pick")
     header = (
@@ -122,11 +124,11 @@ def validation_points(name: str, label: str, met: bool = False) -> str:
     lines = [header, "| --- |" + " --- |" * (5 + met)]
     for key, point in r["points"].items():
         t, rows = point["targets"], point["rows"]
-        # A point may score another row than S(q,p) (e.g. its CVQ row) and read grounding only from a
-        # sibling run: it then records the three recalls of its ordering itself.
-        recalls = point.get("ordering_recalls") or [
-            rows[n]["object_recall"] for n in ("grounding + S(q,p)", "grounding, no scoring", "self-captioning, no grounding")
-        ]
+        names = (point.get("row", "grounding + S(q,p)"), "grounding, no scoring", "self-captioning, no grounding")
+        if all(n in rows for n in names):
+            recalls = [rows[n]["object_recall"] for n in names]
+        else:  # a point scored on another row (its CVQ row) reads grounding only from a sibling run
+            recalls = point["ordering_recalls"]
         order = " > ".join(f"{v:.1f}" for v in recalls)
         lines.append(
             f"| {key}{' (pick)' if key == pick else ''} | {t['recall_gain_over_no_feedback']:+.1f} "

@@ -21,24 +21,35 @@ def _tables_module():
     return module
 
 
-def _readme_tables() -> dict[str, str]:
-    """Marker name -> the README text that follows it, unindented as far as the marker is (a
-    generated block may hold several tables; one inside a list item is indented)."""
+def _markers() -> list[tuple[str, str]]:
+    """(marker name, the README text that follows it, unindented as far as the marker is): a
+    generated block may hold several tables, and one inside a list item is indented."""
     text = (ROOT / "README.md").read_text()
-    found = {}
+    found = []
     for m in MARKER.finditer(text):
         indent = m.group(1)
         lines = text[m.end() + 1 :].splitlines()
-        found[m.group(2)] = "\n".join(line.removeprefix(indent) for line in lines)
+        found.append((m.group(2), "\n".join(line.removeprefix(indent) for line in lines)))
     return found
 
 
-def test_every_generated_table_is_in_the_readme():
-    assert set(_readme_tables()) == set(_tables_module().TABLES)
+def _readme_tables() -> dict[str, str]:
+    return dict(_markers())
+
+
+def test_every_generated_table_is_in_the_readme_once():
+    names = [name for name, _ in _markers()]
+    text = (ROOT / "README.md").read_text()
+    loose = re.findall(r"<!--[^>]*readme_tables", text)
+    assert len(names) == len(loose), "a readme_tables marker is malformed (its two names differ, or it has trailing text)"
+    assert len(names) == len(set(names)), "a table appears under two markers"
+    assert set(names) == set(_tables_module().TABLES)
 
 
 @pytest.mark.parametrize("name", sorted(_readme_tables()))
 def test_readme_table_matches_its_results_json(name):
     generated = _tables_module().TABLES[name]()
     following = _readme_tables()[name]
-    assert following.startswith(generated + "\n"), f"README's {name} table differs from its JSON: python benchmarks/readme_tables.py {name}"
+    stale = f"README's {name} table differs from its JSON: python benchmarks/readme_tables.py {name}"
+    assert following.startswith(generated + "\n"), stale
+    assert not following[len(generated) + 1 :].startswith("|"), stale + " (the README has an extra row)"
