@@ -3,6 +3,7 @@
 unfiltered 73.8, base 54.1) and Table 5 (what was kept).
 
     python benchmarks/pink_shapes.py [--seeds 0,1,2] [--train-domain wild] [--model M]
+        [--epochs E] [--validation-seed 7]
 
 The analogue, fixed before any recipe was tuned:
 - zero-shot split (RefCOCO val's role): REC on the grammar's expressions of held-out `wild` scenes
@@ -49,7 +50,7 @@ from refloop.methods.pink import KEPT, SKIPPED, BootstrapConfig, bootstrap, choo
 from refloop.models import load_vlm
 from refloop.training.adapters import LoraSettings
 from refloop.training.sft import SFT, SFTConfig
-from refloop.world import COLOURS, DOMAINS, SHAPES, SIZES, TRAIN_SEED
+from refloop.world import COLOURS, DOMAINS, EVAL_SEED, SHAPES, SIZES, TRAIN_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -157,9 +158,18 @@ def _by_box(record: ImageRecord) -> list:
 
 
 def tune(
-    vlm, records: list[ImageRecord], work: Path, steps: int, cfg: SFTConfig, history: list | None = None, history_ratio: float = 0.0
+    vlm,
+    records: list[ImageRecord],
+    work: Path,
+    steps: int | None,
+    cfg: SFTConfig,
+    history: list | None = None,
+    history_ratio: float = 0.0,
+    epochs: float | None = None,
 ) -> tuple[object, dict]:
-    """LoRA SFT for exactly `steps` steps on the grounding tasks of `records`, native prompts.
+    """LoRA SFT for exactly `steps` steps on the grounding tasks of `records`, native prompts; or,
+    with `epochs`, that many passes over the arm's own examples (Pink trains its stage-2 mixture for
+    6 epochs, so an arm with more pairs takes more steps).
 
     `history_ratio` > 0 mixes in the training history as Pink's stage 2 does (its bootstrapped
     Objects365 pairs are sampled at a reduced rate among the datasets the model already trained
@@ -172,6 +182,8 @@ def tune(
         count = min(len(history), round(history_ratio / (1 - history_ratio) * len(examples)))
         examples = examples + random.Random(cfg.seed).sample(history, count)
         counts = counts | {"history": count}
+    if epochs is not None:
+        steps = max(1, round(epochs * len(examples) / cfg.batch_size))
     cfg = cfg.model_copy(update={"epochs": steps * cfg.batch_size / len(examples)})
     tuner = SFT(vlm, cfg, examples)
     started = time.perf_counter()
@@ -226,8 +238,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="seeds: SFT seed (adapter init, data order) and training scenes")
     parser.add_argument("--samples", type=int, default=4, help="K of the 'K samples' rows (first seed only)")
     parser.add_argument("--steps", type=int, default=300, help="SFT steps of both arms")
+    parser.add_argument(
+        "--epochs", type=float, default=None, help="instead of --steps: each arm trains this many epochs of its own examples (Pink: 6)"
+    )
     parser.add_argument("--lr", type=float, default=5e-4, help="SFT learning rate of both arms")
     parser.add_argument("--eval-images", type=int, default=300, help="held-out scenes per domain")
+    parser.add_argument("--validation-seed", type=int, default=None, help="evaluate on this seed's scenes (a validation split)")
     parser.add_argument("--rec-limit", type=int, default=600, help="REC (expression, box) pairs per domain")
     parser.add_argument(
         "--history-ratio", type=float, default=0.0, help="share of each arm's SFT examples from the training history (Pink stage 2)"
@@ -241,6 +257,11 @@ def main() -> None:
     seeds = parse_seeds(args.seeds)
     if not 0 <= args.history_ratio < 1:
         raise SystemExit(f"--history-ratio {args.history_ratio}: a share in [0, 1)")
+    if args.epochs is not None and args.epochs <= 0:
+        raise SystemExit(f"--epochs {args.epochs}: must be > 0")
+    training_seeds = {TRAIN_SEED + 100 * s for s in seeds}
+    if args.validation_seed is not None and (args.validation_seed in {EVAL_SEED} | training_seeds or args.validation_seed < 0):
+        raise SystemExit(f"--validation-seed {args.validation_seed}: the evaluation scenes' seed, a training scenes' seed, or < 0")
     os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
     torch.set_num_threads(int(os.environ.get("REFLOOP_THREADS", "2")))
     out = Path(args.out)
@@ -254,8 +275,10 @@ def main() -> None:
         return time.perf_counter()
 
     t = time.perf_counter()
-    # The evaluation split is fixed (held-out scenes of the evaluation seed), whatever the seed.
-    eval_records = {d: load_data(d, num_images=args.eval_images)[0] for d in DOMAINS}
+    # The evaluation split is fixed (held-out scenes of the evaluation seed), whatever the seed; with
+    # --validation-seed, held-out scenes of that seed instead (settings are chosen there).
+    split = EVAL_SEED if args.validation_seed is None else args.validation_seed
+    eval_records = {d: load_data(d, num_images=args.eval_images, seed=split)[0] for d in DOMAINS}
     vlm = load_vlm(args.model, batch_size=64)
     # Pink adapts the vision tower too (Sec. 3.1): LoRA on both towers.
     lora = LoraSettings(r=16, alpha=32, dropout=0.0, vision_tower=True)
@@ -311,6 +334,7 @@ def main() -> None:
                 sft.model_copy(update={"seed": seed}),
                 history,
                 args.history_ratio,
+                args.epochs,
             )
             t = lap(f"seed{seed} sft {name}", t)
             rec[name] = rec_table(tuned.policy, run / f"rec-{tag}", eval_records, args.rec_limit)
@@ -363,7 +387,8 @@ def main() -> None:
         "bootstrap_k_samples": {"samples": args.samples, "per_seed": sampled_stats} if args.k_arm else None,
         "variants": variants,
         "wrong_attribute_share": attributes,
-        "sft": {"config": sft.model_dump(mode="json"), "steps": args.steps},
+        "sft": {"config": sft.model_dump(mode="json"), "steps": None if args.epochs else args.steps, "epochs_per_arm": args.epochs},
+        "eval_scene_seed": split,
         "training_history": {"ratio": args.history_ratio, "in_domain_scenes": args.history_images} if args.history_ratio else None,
         "rec_accuracy": mean_rec,
         "per_seed": per_seed,
