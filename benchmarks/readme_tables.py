@@ -110,6 +110,10 @@ def svp_constant_lr() -> str:
     return svp("svp_shapes_constant_lr.json")
 
 
+def svp_seed_images_eval() -> str:
+    return svp("svp_shapes_seed_images_c1000.json")
+
+
 def validation_points(name: str, label: str, met: bool = False) -> str:
     """One-seed validation points of an SVP setting (no ranges): each point's S(q,p) targets, with
     the rule's pick (the file's `pick`, when it names one) marked and, with `met`, how many of the five targets it meets.
@@ -178,6 +182,7 @@ TABLES = {
     "svp_temperature1": svp_temperature1,
     "svp_iterations": svp_iterations,
     "svp_seed_images": svp_seed_images,
+    "svp_seed_images_eval": svp_seed_images_eval,
     "wild_factors": wild_factors,
 }
 
