@@ -7,13 +7,15 @@ unfiltered 73.8, base 54.1) and Table 5 (what was kept).
 
 The analogue, fixed before any recipe was tuned:
 - zero-shot split (RefCOCO val's role): REC on the grammar's expressions of held-out `wild` scenes
-  (evaluation seed), a style the base model never saw in any task; it never trained REC there.
+  (evaluation seed; with --validation-seed, another seed's: settings are chosen there), a style the
+  base model never saw in any task; it never trained REC there.
 - bootstrap source (Objects365's role: detections without expressions): the text-free boxes of
   `wild` training scenes (scene seed TRAIN_SEED + 100 s for seed s, never the evaluation seed).
 1. The model bootstraps referring pairs from those boxes (the grammar's expressions are read only
    to score uniqueness, never by the model or the SFT data).
 2. The same model is instruction-tuned (LoRA on both towers, visual grounding + grounding caption in
-   the family's own prompts) on (a) the kept pairs and (b) every pair unfiltered, same steps and seed.
+   the family's own prompts) on (a) the kept pairs and (b) every pair unfiltered, same steps and seed
+   (with --epochs, the same number of passes over each arm's own examples, as Pink's 6-epoch stage 2).
    A third arm, refloop's variant beyond Pink: (c) the pairs kept when each box gets K descriptions
    (greedy + K-1 sampled, the most consistent passing one kept; `refloop bootstrap --samples K`).
 3. REC acc@0.5 of base, (a), (b) and (c) on held-out `in-domain`, `crowded` and `wild` referring data.
@@ -22,7 +24,7 @@ init and data order; training scenes). Also: keep rate and grammar-unique share 
 rejected expressions for Pink (K=1) and, on the first seed, with K samples and the distractor
 check; bootstrapping boxes/s batched vs one box at a time.
 
-Writes benchmarks/results/pink_shapes.json.
+Writes benchmarks/results/pink_shapes.json (--result; required with --validation-seed).
 """
 
 from __future__ import annotations
@@ -189,7 +191,12 @@ def tune(
     started = time.perf_counter()
     tuner.run(work / "train")
     assert tuner.total_steps == steps, (tuner.total_steps, steps)
-    return tuner, {"examples": counts, "steps": steps, "train_seconds": round(time.perf_counter() - started, 1)}
+    return tuner, {
+        "examples": counts,
+        "steps": steps,
+        "epochs": round(cfg.epochs, 2),
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def history_examples(profile, images: int, work: Path) -> list:
@@ -237,7 +244,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=400, help="training scenes bootstrapped per seed")
     parser.add_argument("--seeds", default="0,1,2", help="seeds: SFT seed (adapter init, data order) and training scenes")
     parser.add_argument("--samples", type=int, default=4, help="K of the 'K samples' rows (first seed only)")
-    parser.add_argument("--steps", type=int, default=300, help="SFT steps of both arms")
+    parser.add_argument("--steps", type=int, default=None, help="SFT steps of both arms (default 300)")
     parser.add_argument(
         "--epochs", type=float, default=None, help="instead of --steps: each arm trains this many epochs of its own examples (Pink: 6)"
     )
@@ -252,16 +259,23 @@ def main() -> None:
     parser.add_argument("--k-arm", type=int, default=0, help="1: also bootstrap with K samples and tune an arm on its kept pairs")
     parser.add_argument("--throughput-images", type=int, default=24, help="0: skip the throughput rows")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-pink"))
-    parser.add_argument("--result", default=str(RESULTS / "pink_shapes.json"))
+    parser.add_argument("--result", default=None, help="default: benchmarks/results/pink_shapes.json (required with --validation-seed)")
     args = parser.parse_args()
     seeds = parse_seeds(args.seeds)
     if not 0 <= args.history_ratio < 1:
         raise SystemExit(f"--history-ratio {args.history_ratio}: a share in [0, 1)")
-    if args.epochs is not None and args.epochs <= 0:
-        raise SystemExit(f"--epochs {args.epochs}: must be > 0")
-    training_seeds = {TRAIN_SEED + 100 * s for s in seeds}
-    if args.validation_seed is not None and (args.validation_seed in {EVAL_SEED} | training_seeds or args.validation_seed < 0):
-        raise SystemExit(f"--validation-seed {args.validation_seed}: the evaluation scenes' seed, a training scenes' seed, or < 0")
+    if args.epochs is not None and (args.epochs <= 0 or args.steps is not None):
+        raise SystemExit(f"--epochs {args.epochs}: must be > 0, and not given with --steps")
+    if args.epochs is None and args.steps is None:
+        args.steps = 300
+    # Seed TRAIN_SEED's scenes trained the base model (and fill the history pool); TRAIN_SEED + 100 s
+    # are the bootstrap scenes of seed s; EVAL_SEED's are the evaluation split.
+    taken = {EVAL_SEED, TRAIN_SEED} | {TRAIN_SEED + 100 * s for s in seeds}
+    if args.validation_seed is not None and (args.validation_seed in taken or args.validation_seed < 0):
+        raise SystemExit(f"--validation-seed {args.validation_seed}: the evaluation, pretraining or a bootstrap scenes' seed, or < 0")
+    if args.validation_seed is not None and args.result is None:
+        raise SystemExit("--validation-seed: give --result too (a validation run must not replace the evaluation results)")
+    args.result = args.result or str(RESULTS / "pink_shapes.json")
     os.environ.setdefault("REFLOOP_NO_PROGRESS", "1")
     torch.set_num_threads(int(os.environ.get("REFLOOP_THREADS", "2")))
     out = Path(args.out)
@@ -323,7 +337,7 @@ def main() -> None:
             }
             assert abs(variants["pink (K=1)"]["keep_rate"] - pink["keep_rate"]) < 1e-9
             assert abs(variants[f"K={args.samples}"]["keep_rate"] - sampled["keep_rate"]) < 1e-9
-        # Table 1: SFT on filtered vs unfiltered pairs, same steps and seed; REC on held-out data.
+        # Table 1: SFT on filtered vs unfiltered pairs, same steps (or epochs) and seed; REC on held-out data.
         rec, arms = {BASE: base_rec}, {}
         for name, (rows, kept_only, tag) in arm_data.items():
             tuned, info = tune(
@@ -387,7 +401,8 @@ def main() -> None:
         "bootstrap_k_samples": {"samples": args.samples, "per_seed": sampled_stats} if args.k_arm else None,
         "variants": variants,
         "wrong_attribute_share": attributes,
-        "sft": {"config": sft.model_dump(mode="json"), "steps": None if args.epochs else args.steps, "epochs_per_arm": args.epochs},
+        # the config's `epochs` is set per arm from its steps (each arm's in per_seed.sft_arms)
+        "sft": {"config": sft.model_dump(mode="json", exclude={"epochs"}), "steps": args.steps, "epochs_per_arm": args.epochs},
         "eval_scene_seed": split,
         "training_history": {"ratio": args.history_ratio, "in_domain_scenes": args.history_images} if args.history_ratio else None,
         "rec_accuracy": mean_rec,

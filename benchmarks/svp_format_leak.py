@@ -1,6 +1,8 @@
 """Where an SVP adapter's REC loss comes from, per shapes-world style: REC accuracy, the share of
 box answers that do not parse, and the accuracy of those that do, for the base model and the base
-with an SVP adapter merged (an `adapters/svp` folder of a `svp_shapes.py` run).
+with an SVP adapter merged (an `adapters/svp` folder of a `svp_shapes.py` run). The adapter is
+merged onto the base, so it must be a first iteration's (I = 1: later iterations' adapters were
+trained on the previous iteration's merged model).
 
     python benchmarks/svp_format_leak.py --adapter RUN/seed0/ROW/iteration-1/adapters/svp --result FILE
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -44,7 +47,8 @@ def main() -> None:
     for arm in ("base", "svp adapter merged"):
         vlm = load_vlm(args.model, batch_size=64)
         if arm != "base":
-            vlm.model = PeftModel.from_pretrained(vlm.model, adapter).merge_and_unload()
+            merged = PeftModel.from_pretrained(vlm.model, adapter).merge_and_unload()
+            vlm = vlm.with_module(merged, lineage=[*vlm.lineage, {"merged_adapter": str(adapter)}])
         for domain, recs in records.items():
             m = evaluate_rec(vlm, recs, Path(args.out) / arm.replace(" ", "-") / domain, limit=args.rec_limit, overwrite=True)
             parsed = 1 - m["parse_failure_rate"]
@@ -54,7 +58,13 @@ def main() -> None:
                 "accuracy_of_parsed_answers": round(100 * m["rec_accuracy"] / parsed, 1) if parsed else None,
             }
             print(arm, domain, result[arm][domain], flush=True)
-    summary = {"benchmark": "svp_format_leak", "adapter": str(adapter), "rec_pairs_per_style": args.rec_limit, "styles": result}
+    summary = {
+        "benchmark": "svp_format_leak",
+        "command": "python benchmarks/svp_format_leak.py " + " ".join(sys.argv[1:]),
+        "adapter": str(adapter),
+        "rec_pairs_per_style": args.rec_limit,
+        "styles": result,
+    }
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps(summary, indent=1) + "\n")
 
