@@ -40,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from seeds import parse_seeds, spread
+from seeds import parse_seeds, scene_split, spread
 
 from refloop.boxes import iou_matrix
 from refloop.data.rc import build_rc_data, load_rc_data
@@ -270,9 +270,7 @@ def main() -> None:
         args.steps = 300
     # Seed TRAIN_SEED's scenes trained the base model (and fill the history pool); TRAIN_SEED + 100 s
     # are the bootstrap scenes of seed s; EVAL_SEED's are the evaluation split.
-    taken = {EVAL_SEED, TRAIN_SEED} | {TRAIN_SEED + 100 * s for s in seeds}
-    if args.validation_seed is not None and (args.validation_seed in taken or args.validation_seed < 0):
-        raise SystemExit(f"--validation-seed {args.validation_seed}: the evaluation, pretraining or a bootstrap scenes' seed, or < 0")
+    split = scene_split(args.validation_seed, EVAL_SEED, {TRAIN_SEED} | {TRAIN_SEED + 100 * s for s in seeds})
     if args.validation_seed is not None and args.result is None:
         raise SystemExit("--validation-seed: give --result too (a validation run must not replace the evaluation results)")
     args.result = args.result or str(RESULTS / "pink_shapes.json")
@@ -291,7 +289,6 @@ def main() -> None:
     t = time.perf_counter()
     # The evaluation split is fixed (held-out scenes of the evaluation seed), whatever the seed; with
     # --validation-seed, held-out scenes of that seed instead (settings are chosen there).
-    split = EVAL_SEED if args.validation_seed is None else args.validation_seed
     eval_records = {d: load_data(d, num_images=args.eval_images, seed=split)[0] for d in DOMAINS}
     vlm = load_vlm(args.model, batch_size=64)
     # Pink adapts the vision tower too (Sec. 3.1): LoRA on both towers.

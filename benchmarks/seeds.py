@@ -14,6 +14,17 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def scene_split(validation_seed: int | None, eval_seed: int, taken: set[int]) -> int:
+    """The scene seed a benchmark evaluates on: the evaluation split's, or with --validation-seed
+    held-out scenes of that seed, where free settings are chosen; refused when negative or the
+    seed of scenes the run trains or evaluates on (`taken`, which must include `eval_seed`)."""
+    if validation_seed is None:
+        return eval_seed
+    if validation_seed < 0 or validation_seed in taken | {eval_seed}:
+        raise SystemExit(f"--validation-seed {validation_seed}: a seed of the evaluation, pretraining or training scenes, or < 0")
+    return validation_seed
+
+
 def spread(values: Sequence[float], digits: int = 1) -> dict:
     """Mean, min, max and the per-seed values; `excludes_zero` when the whole range is on one side."""
     values = [float(v) for v in values]

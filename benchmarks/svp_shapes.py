@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from seeds import parse_seeds, spread
+from seeds import parse_seeds, scene_split, spread
 
 from refloop.data.sources import load_data, load_detections
 from refloop.evaluation.hallucination import evaluate_captions, evaluate_pope, load_object_data
@@ -160,11 +160,9 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("REFLOOP_THREADS", "2")))
     # The evaluation split (seed EVAL_SEED), or with --validation-seed other held-out scenes on which
     # the recipe's free settings are chosen, never on the evaluation split.
-    if args.validation_seed is not None and (args.validation_seed in (TRAIN_SEED, EVAL_SEED) or args.validation_seed < 0):
-        raise SystemExit(f"--validation-seed {args.validation_seed}: the training or evaluation scenes' seed, or < 0")
+    split = scene_split(args.validation_seed, EVAL_SEED, {TRAIN_SEED})
     if args.iterations < 1:
         raise SystemExit(f"--iterations {args.iterations}: need at least 1")
-    split = EVAL_SEED if args.validation_seed is None else args.validation_seed
     out = Path(args.out)
     # What a run's rows depend on besides the row: recorded in --out, checked by --collect.
     settings_of_run = {
