@@ -13,12 +13,13 @@ import shutil
 from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 from refloop.boxes import Box
 from refloop.data.jsonl import iter_records
-from refloop.data.records import ImageRecord
+from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.errors import RefloopError
 
 KEPT, REJECTED, SKIPPED = "kept", "rejected", "skipped"
@@ -190,6 +191,24 @@ def write_bootstrapped(records: Sequence[ImageRecord], out_dir: Path, grammar: b
         os.replace(parts / name, out_dir / name)
     shutil.rmtree(parts)
     return stats, examples
+
+
+def kept_records(out_dir: Path, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """The images of `records` with a kept pair, each holding only its kept boxes, with the kept
+    description as the object's one expression (the box bootstrapped, never the located one).
+    Read from `out_dir`'s records.jsonl, so a finished run's pairs come back as typed records."""
+    kept: dict[int, list[ObjectAnnotation]] = {}
+    for record in iter_records(out_dir / RECORDS):
+        objects = [
+            ObjectAnnotation(
+                Box(*box["box"]), box["category"], ann_id=box["ann_id"], expressions=(box["candidates"][box["chosen"]]["expression"],)
+            )
+            for box in record["boxes"]
+            if box["decision"] == KEPT
+        ]
+        if objects:
+            kept[record["index"]] = objects
+    return [replace(records[i], objects=tuple(objects)) for i, objects in sorted(kept.items())]
 
 
 def write_stats(out_dir: Path, result: dict) -> None:

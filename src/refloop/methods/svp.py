@@ -444,7 +444,7 @@ class SVP:
         tick = (lambda n: progress(f"iteration {iteration + 1}: inner loop (images)", n, len(records))) if progress else None
         rows = self.sample(iteration, records, work, tick, on_error)
         ungrounded = sum(not any(c.strip() for c in r["contexts"]) for r in rows)
-        if self.grounder is not None and rows and ungrounded == len(rows) and PartialState().is_main_process:
+        if self.grounder is not None and self.cfg.grounding and rows and ungrounded == len(rows) and PartialState().is_main_process:
             log.warning(
                 f"iteration {iteration + 1}: the grounder found nothing in any of the {len(rows)} images, so the guided captions "
                 "saw no grounding and SVP reduces to self-captioning (check the grounder, its threshold and svp.phrases)"

@@ -4,24 +4,29 @@ the final merged checkpoint), results.json and a per-iteration report."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 from accelerate import PartialState
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from refloop.data.records import ImageRecord, InstructionExample
+from refloop.data.records import ImageRecord, InstructionExample, ObjectAnnotation
 from refloop.data.sources import load_detections
 from refloop.data.vocabulary import Vocabulary
 from refloop.errors import RefloopError
 from refloop.grounding import Grounder
 from refloop.limits import Seed
+from refloop.methods.pink import SHAPES_MIN_AREA_PX, BootstrapConfig
 from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.methods.svp import SVP, SVPConfig
 from refloop.models.spec import ModelSpec
 from refloop.training.trackers import TrackingSpec
+
+log = logging.getLogger(__name__)
 
 
 class GrounderSpec(BaseModel):
@@ -94,7 +99,27 @@ class SVPRecipe(ModelSpec, TrackingSpec):
         None, description="SVP (CVQ): referring data whose REC / REG pairs and yes/no questions are mixed in (svp.cvq_ratio per caption)"
     )
     cvq_images: int = Field(200, ge=1, description="images of cvq_data used")
+    cvq_source: Literal["history", "seed-images"] = Field(
+        "history",
+        description="SVP (CVQ)'s visual queries: cvq_data (the training history, as the paper), or the seed images' own "
+        "self-consistent pairs on the grounder's boxes (label-free; beyond the papers, see seed_image_queries)",
+    )
+    cvq_bootstrap: BootstrapConfig = Field(
+        default_factory=BootstrapConfig, description="cvq_source seed-images: Pink's filter settings for the seed images' pairs"
+    )
     svp: SVPConfig = Field(default_factory=SVPConfig, description="the method's settings")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shapes_area(cls, data):
+        """Pink's area filter scaled to shapes-world scenes when the seed images are one (as `refloop bootstrap`)."""
+        from refloop.world import DOMAINS
+
+        if isinstance(data, dict) and data.get("train_data", "wild") in DOMAINS:
+            settings = data.get("cvq_bootstrap") or {}
+            if isinstance(settings, dict) and "min_area_px" not in settings:
+                data = data | {"cvq_bootstrap": settings | {"min_area_px": SHAPES_MIN_AREA_PX}}
+        return data
 
 
 def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
@@ -121,6 +146,58 @@ def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
     return out
 
 
+def seed_image_queries(
+    vlm,
+    grounder: Grounder,
+    records: Sequence[ImageRecord],
+    work: Path,
+    cfg: BootstrapConfig,
+    vocabulary: Vocabulary | None = None,
+    on_error: str = "fail",
+) -> tuple[list[InstructionExample], dict]:
+    """SVP (CVQ)'s visual queries made from the seed images themselves, without labels: the
+    grounder's boxes for the dataset's categories (the detector SVP already runs), each described
+    and located again by `vlm` and kept when IoU >= lambda (Pink Sec. 3.3, `methods.pink`); the
+    kept pairs become REC and REG queries in the model's native prompts and, with a closed
+    `vocabulary`, balanced yes/no existence questions whose labels are the grounder's detections.
+
+    Beyond both papers: SVP's CVQ draws visual queries from the model's training history, which
+    for a real LVLM covers the seed images' kind (COCO); where the history does not, these queries
+    keep the model answering other tasks on the seed images' own style. Returns the examples and
+    the counts (boxes grounded, pairs kept, questions). Resumes from `work`."""
+    from refloop.data.bootstrapped import kept_records
+    from refloop.data.rc import build_rc_data, load_rc_data
+    from refloop.data.shards import readable
+    from refloop.evaluation.hallucination import build_pope_questions, shapes_table
+    from refloop.methods.pink import bootstrap
+    from refloop.methods.svp import phrases_for
+
+    grounded, detected, skipped = [], [], []
+    for start in range(0, len(records), cfg.batch_size):
+        batch, images = readable(records[start : start + cfg.batch_size], lambda r: r.load_image(), on_error, skipped)
+        phrases = [phrases_for("", r, "categories", vocabulary) for r in batch]
+        for record, found in zip(batch, grounder.ground(images, phrases, records=batch)):
+            objects = tuple(ObjectAnnotation(b, label, ann_id=k) for k, (b, label) in enumerate(zip(found.boxes, found.labels)))
+            grounded.append(replace(record, objects=objects))
+            detected.append(frozenset(found.labels))
+    stats = bootstrap(vlm, grounded, work / "bootstrap", cfg, grammar=False, on_error=on_error, write_report=False)
+    kept = kept_records(work / "bootstrap", grounded)
+    path = work / "queries.jsonl"
+    tasks = ["visual-grounding", "grounding-caption"]
+    counts = build_rc_data(kept, path, tasks, vlm.profile, seed=0, max_per_image=2, native=True) if kept else {}
+    out = load_rc_data(path) if kept else []
+    if vocabulary is not None and vocabulary.categories:
+        table, universe = shapes_table(), vocabulary.categories
+        questions = build_pope_questions(grounded, detected, "random", per_image=1, seed=0, categories=universe, table=table)
+        out += [InstructionExample(q["image"], vlm.profile.prompt(q["question"]), q["label"], example_id=q["id"]) for q in questions]
+        counts = counts | {"yes-no": len(questions)}
+    boxes = sum(len(r.objects) for r in grounded)
+    summary = {"images": len(grounded), "boxes_grounded": boxes, "pairs_kept": sum(len(r.objects) for r in kept), "queries": counts}
+    if stats is not None:
+        summary["keep_rate"] = stats.get("keep_rate")
+    return out, summary
+
+
 def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], Vocabulary | None]:
     found = load_detections(recipe.train_data, recipe.images, num_images=recipe.num_images)
     if not found.records:
@@ -142,6 +219,8 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
         return {k: v for k, v in results.items() if k != "iterations"} | {"final_iteration": final}
 
     def prepare() -> None:
+        if recipe.svp.cvq_ratio > 0 and recipe.cvq_source == "seed-images" and not recipe.svp.grounding:
+            raise RefloopError("cvq_source seed-images takes its boxes from the grounder: it needs svp.grounding true")
         if recipe.svp.grounding:
             from refloop.world import DOMAINS
 
@@ -159,7 +238,12 @@ def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
     if recipe.svp.grounding and recipe.svp.phrases != "categories" and vocabulary is None and recipe.grounder.kind == "oracle":
         raise RefloopError("the scene oracle grounds shapes-world images only: use a shapes-world train_data or another grounder.kind")
     grounder = recipe.grounder.build(vlm, recipe.device, recipe.dtype) if recipe.svp.grounding else None
-    queries = visual_queries(recipe, vlm.profile) if recipe.svp.cvq_ratio > 0 else []
+    queries: list[InstructionExample] = []
+    if recipe.svp.cvq_ratio > 0 and recipe.cvq_source == "seed-images":
+        queries, counts = seed_image_queries(vlm, grounder, records, out / "cvq", recipe.cvq_bootstrap, vocabulary)
+        log.info(f"SVP (CVQ) from the seed images: {counts}")
+    elif recipe.svp.cvq_ratio > 0:
+        queries = visual_queries(recipe, vlm.profile)
     started = time.perf_counter()
     method = SVP(vlm, grounder, recipe.svp, vocabulary=vocabulary, tracking=run.tracking)
     iterations = method.run(records, out, queries, progress)
