@@ -254,3 +254,92 @@ def test_shapes_world_categories_are_its_colour_shape_pairs():
     assert len(pairs) == len(COLOURS) * len(SHAPES) and "red circle" in pairs
     both = phrases_for("two red circles and a blue square", record, "both", shapes_vocabulary())
     assert both[:2] == ["red circle", "blue square"] and len(both) == len(pairs)
+
+
+class _SelfConsistentDouble:
+    """refloop-tiny's prompts; describes box k of the scripted prompts as "thing k" and locates
+    "thing k" at `found[k]` (None: the description does not parse)."""
+
+    name = "double"
+
+    def __init__(self, prompts: dict[str, str], found: dict[str, object]) -> None:
+        from refloop.codecs.profiles import get_profile
+
+        self.profile = get_profile("refloop-tiny")
+        self.prompts, self.found = prompts, found
+
+    def generate(self, images, prompts, options=None):
+        from refloop.models.base import Completion
+
+        return [[Completion(self.prompts[p], ())] for p in prompts]
+
+    def locate(self, images, expressions, options=None):
+        from refloop.models.base import Located
+
+        return [Located(self.found.get(e), e) for e in expressions]
+
+
+def test_seed_image_queries_turn_the_grounders_boxes_into_self_consistent_queries(tmp_path):
+    """SVP (CVQ) from the seed images: every box the grounder finds is described and located again;
+    only the pairs found again (IoU >= 0.5) become REC / REG queries, with the grounder's box as the
+    answer; the yes/no questions take their labels from the detections."""
+    from refloop.boxes import Box, iou_matrix
+    from refloop.data.sources import load_detections
+    from refloop.grounding import SceneOracle, shapes_vocabulary
+    from refloop.grounding.oracle import scene_objects
+    from refloop.methods.pink import BootstrapConfig
+    from refloop.methods.svp_recipe import seed_image_queries
+
+    records = load_detections("wild", num_images=3, scene_seed=11).records
+    oracle = SceneOracle()  # exact boxes, labelled with their colour-shape pair
+    profile = _SelfConsistentDouble({}, {}).profile
+    prompts, found, expected = {}, {}, {}
+    for i, record in enumerate(records):
+        for k, o in enumerate(record.objects):
+            name = f"thing {i} {k}"
+            prompts[profile.reg_prompt(o.box, record.size)] = name
+            if k % 2 == 0:  # found again: even boxes exactly, odd ones are lost (rejected)
+                found[name] = o.box
+                expected[(str(record.path), profile.rec_prompt(name))] = o.box
+    found["thing 0 0"] = Box(0, 0, 1, 1)  # found elsewhere (IoU 0): rejected as well
+    expected.pop((str(records[0].path), profile.rec_prompt("thing 0 0")))
+    cfg = BootstrapConfig.shapes(min_area_px=0)
+    double = _SelfConsistentDouble(prompts, found)
+    queries, counts = seed_image_queries(double, oracle, records, tmp_path / "cvq", cfg, shapes_vocabulary())
+    rec = [q for q in queries if "/visual-grounding/" in q.example_id]
+    reg = [q for q in queries if "/grounding-caption/" in q.example_id]
+    yes_no = [q for q in queries if q.answer in ("yes", "no")]
+    assert counts["boxes_grounded"] == sum(len(r.objects) for r in records)
+    assert counts["pairs_kept"] == len(expected) > 0
+    assert 0 < len(rec) <= 2 * len(records)  # at most 2 per image and task, as the history's CVQ
+    for q in rec:  # the grounder's box is the answer
+        assert iou_matrix([profile.read_box(q.answer, records[0].size)], [expected[(q.image_path, q.prompt)]])[0, 0] > 0.9
+    assert {q.answer for q in reg} <= {e for e in prompts.values() if e in found and e != "thing 0 0"}
+    truth = {str(r.path): {f"{o.colour} {o.shape}" for o in scene_objects(r)} for r in records}
+    for q in yes_no:
+        obj = q.prompt.split("is there a ")[1].split(" ?")[0]
+        assert (obj in truth[q.image_path]) == (q.answer == "yes")
+    assert sum(q.answer == "yes" for q in yes_no) == sum(q.answer == "no" for q in yes_no) == len(records)
+
+
+def test_seed_image_queries_need_the_grounder_and_scale_pinks_area_filter_to_shapes_scenes(tmp_path):
+    from refloop.errors import RefloopError
+    from refloop.methods.pink import SHAPES_MIN_AREA_PX
+
+    assert SVPRecipe(cvq_source="seed-images").cvq_bootstrap.min_area_px == SHAPES_MIN_AREA_PX  # wild seed images
+    assert SVPRecipe(train_data="coco.json").cvq_bootstrap.min_area_px == 2000.0  # Pink's A.2 elsewhere
+    recipe = SVPRecipe(cvq_source="seed-images", svp={"grounding": False, "cvq_ratio": 1.0})
+    with pytest.raises(RefloopError, match="needs svp.grounding"):
+        run_svp(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_svp_with_queries_from_the_seed_images_trains_on_them(tmp_path, model_dir):
+    run = tmp_path / "run"
+    seeded = recipe(model_dir, iterations=1, cvq_ratio=1.0).model_copy(update={"cvq_source": "seed-images"})
+    results = run_svp(seeded, run)
+    counts = results["seed_image_queries"]
+    assert counts["images"] == 4 and counts["boxes_grounded"] > 0 and counts["queries"]["yes-no"] > 0
+    assert (run / "cvq" / "bootstrap" / "records.jsonl").is_file()
+    first = results["iterations"][0]
+    assert first["visual_queries"] == min(first["selected"], sum(counts["queries"].values())) > 0

@@ -239,6 +239,7 @@ def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
         raise RefloopError("the scene oracle grounds shapes-world images only: use a shapes-world train_data or another grounder.kind")
     grounder = recipe.grounder.build(vlm, recipe.device, recipe.dtype) if recipe.svp.grounding else None
     queries: list[InstructionExample] = []
+    counts = None
     if recipe.svp.cvq_ratio > 0 and recipe.cvq_source == "seed-images":
         queries, counts = seed_image_queries(vlm, grounder, records, out / "cvq", recipe.cvq_bootstrap, vocabulary)
         log.info(f"SVP (CVQ) from the seed images: {counts}")
@@ -253,6 +254,7 @@ def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
         "grounder": recipe.grounder.kind if recipe.svp.grounding else None,
         "score": recipe.svp.score,
         "iterations": iterations,
+        "seed_image_queries": counts,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     if run.main_process:
