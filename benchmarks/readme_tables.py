@@ -95,6 +95,15 @@ def svp(name: str = "svp_shapes.json") -> str:
     ]
     lines += ["", "| effect (points) | mean [range] | target |", "| --- | --- | --- |"]
     lines += [f"| {label} | {cell(t[key], signed=True)} | {target} |" for label, key, target in rows if key in t]
+    if "seed_cvq" in t:  # beyond the papers: the five targets read on the seed-image CVQ row
+        c, row = t["seed_cvq"], "S(q,p) + seed-image CVQ"
+        lines += [
+            f"| recall: {row} - no feedback | {cell(c['recall_gain_over_no_feedback'], signed=True)} | >= +5 |",
+            f"| recall: {row} - grounding only | {cell(c['recall_gain_over_grounding_only'], signed=True)} | > 0 |",
+            f"| CHAIR_i: {row} - no feedback | {cell(c['chair_i_change_vs_no_feedback'], signed=True)} | <= 0 |",
+            f"| REC: {row} - base | {cell(c['rec_change_vs_base'], signed=True)} | >= -2 |",
+            f"| POPE F1: {row} - base | {cell(c['pope_f1_change_vs_base'], signed=True)} | >= -1 |",
+        ]
     return "\n".join(lines)
 
 
@@ -112,6 +121,10 @@ def svp_constant_lr() -> str:
 
 def svp_seed_images_eval() -> str:
     return svp("svp_shapes_seed_images_c1000.json")
+
+
+def svp_seed_cvq_eval() -> str:
+    return svp("svp_shapes_seed_cvq_c1000.json")
 
 
 def validation_points(name: str, label: str, met: bool = False) -> str:
@@ -183,6 +196,7 @@ TABLES = {
     "svp_iterations": svp_iterations,
     "svp_seed_images": svp_seed_images,
     "svp_seed_images_eval": svp_seed_images_eval,
+    "svp_seed_cvq_eval": svp_seed_cvq_eval,
     "wild_factors": wild_factors,
 }
 
