@@ -16,6 +16,7 @@ from refloop.methods.sctune import SCTune, SCTuneConfig  # noqa: E402
 from refloop.models import load_vlm  # noqa: E402
 from refloop.models.hf import HFVLM  # noqa: E402
 from refloop.models.profiles import TinyProfile  # noqa: E402
+from refloop.parallel import end_process_group  # noqa: E402
 from refloop.training.adapters import LoraSettings  # noqa: E402
 
 out, tune, which = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -55,3 +56,4 @@ tensors = {f"{role}/{k}": v.contiguous() for role in ("describer", "locator") fo
 if state.is_main_process:
     save_file(tensors, str(out / "adapters.safetensors"))
 print("world", state.num_processes, "sharded", tuner.adapters.sharded)
+end_process_group()  # before the interpreter ends: gloo threads left to exit can abort it

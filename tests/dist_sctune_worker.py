@@ -13,6 +13,7 @@ from helpers import scene_box_items, tiny_random_model  # noqa: E402
 from refloop.methods.sctune import SCTune, SCTuneConfig  # noqa: E402
 from refloop.models.hf import HFVLM  # noqa: E402
 from refloop.models.profiles import TinyProfile  # noqa: E402
+from refloop.parallel import end_process_group  # noqa: E402
 from refloop.training.adapters import LoraSettings  # noqa: E402
 
 out = Path(sys.argv[1])
@@ -37,3 +38,4 @@ tuner.run(out / "train")
 tensors = {f"{role}/{k}": v.contiguous() for role in ("describer", "locator") for k, v in tuner.adapters.adapter_state(role).items()}
 save_file(tensors, str(out / f"rank{state.process_index}.safetensors"))
 print("world", state.num_processes)
+end_process_group()  # before the interpreter ends: gloo threads left to exit can abort it

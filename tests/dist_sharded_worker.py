@@ -48,9 +48,11 @@ if __name__ == "__main__":
     import shutil
 
     from refloop.cli import app
+    from refloop.parallel import end_process_group
 
     shutil.which = without_java(shutil.which)
 
     root, model, recipe, refs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     for args, _, _ in jobs(model, root / "two", recipe, refs).values():
         app(args=args, standalone_mode=False, prog_name="refloop")
+    end_process_group()

@@ -85,3 +85,17 @@ def test_two_processes_write_what_one_process_writes(runs, job):
     if job == "svp":  # the SFT averages gradients over the same global batch: the same weights up to summation order
         a, b = (load_file(d / "merged" / "model.safetensors") for d in (one, two))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_end_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    """The CLI ends the process group after a successful command: left to the interpreter's exit,
+    gloo's threads can abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    from refloop.parallel import end_process_group
+
+    end_process_group()  # nothing set up: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()

@@ -715,6 +715,15 @@ class _Warnings(logging.Handler):
         err_console.print(f"[bold yellow]warning:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
+def _end_process_group() -> None:
+    """After a successful command under `accelerate launch`: the process group ends before the
+    interpreter does (`refloop.parallel.end_process_group`); torch is imported only if it was."""
+    if "torch.distributed" in sys.modules:
+        from refloop.parallel import end_process_group
+
+        end_process_group()
+
+
 def main() -> None:
     _quiet_libraries()
     logger = logging.getLogger("refloop")
@@ -722,12 +731,18 @@ def main() -> None:
         logger.addHandler(_Warnings(logging.WARNING))
     try:
         app()
+    except SystemExit as exc:  # click ends a command with SystemExit(0)
+        if not exc.code:
+            _end_process_group()
+        raise
     except RefloopError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")
         sys.exit(130)
+    else:
+        _end_process_group()
 
 
 if __name__ == "__main__":

@@ -26,3 +26,12 @@ def max_over_processes(value: int) -> int:
     t = torch.tensor([value], dtype=torch.long, device=PartialState().device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if one was set up, once a run has finished. Left to the
+    interpreter's exit, gloo's worker threads can outlive it and abort the process (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#190489). Call it after success
+    only: after an error, other processes may still wait in a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
