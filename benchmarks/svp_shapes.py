@@ -43,9 +43,8 @@ from refloop.data.sources import load_data, load_detections
 from refloop.evaluation.hallucination import evaluate_captions, evaluate_pope, load_object_data
 from refloop.evaluation.referring import evaluate_rec
 from refloop.grounding import SceneOracle, shapes_vocabulary
-from refloop.methods.pink import BootstrapConfig
 from refloop.methods.svp import SVP, SVPConfig, SVPTraining
-from refloop.methods.svp_recipe import SVPRecipe, seed_image_queries, visual_queries
+from refloop.methods.svp_recipe import SVPRecipe, cvq_examples
 from refloop.models import load_vlm
 from refloop.training.adapters import LoraSettings
 from refloop.world import DOMAINS, EVAL_SEED, TRAIN_SEED
@@ -237,11 +236,14 @@ def main() -> None:
                     iterations=args.iterations,
                     **settings,
                 )
-                if cvq_data == "seed-images":
-                    pink = BootstrapConfig.shapes()
-                    queries, cvq_counts[tag] = seed_image_queries(vlm, oracle, seeds, out / tag / "cvq", pink, shapes_vocabulary())
-                else:
-                    queries = visual_queries(SVPRecipe(cvq_data=cvq_data, cvq_images=args.images), vlm.profile) if cfg.cvq_ratio else []
+                # SVP (CVQ)'s queries as the recipe builds them: the history (cvq_data) or the seed images
+                source = "seed-images" if cvq_data == "seed-images" else "history"
+                history = None if source == "seed-images" else cvq_data
+                fields = {"train_data": args.domain, "cvq_source": source, "cvq_data": history, "cvq_images": args.images, "svp": cfg}
+                recipe = SVPRecipe.model_validate(fields)
+                queries, counts = cvq_examples(recipe, vlm, oracle, seeds, shapes_vocabulary(), out / tag / "cvq")
+                if counts is not None:
+                    cvq_counts[tag] = counts
                 method = SVP(vlm, oracle, cfg, vocabulary=shapes_vocabulary())
                 runs[tag] = method.run(seeds, out / tag, queries)
                 vlm = method.vlm

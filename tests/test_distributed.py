@@ -96,6 +96,11 @@ def test_end_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_pat
 
     end_process_group()  # nothing set up: nothing to do
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    assert dist.is_initialized()
-    end_process_group()
-    assert not dist.is_initialized()
+    try:
+        assert dist.is_initialized()
+        end_process_group()
+        assert not dist.is_initialized()
+        end_process_group()  # twice: still nothing to do
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -285,6 +285,7 @@ def test_seed_image_queries_turn_the_grounders_boxes_into_self_consistent_querie
     answer; the yes/no questions take their labels from the detections."""
     from refloop.boxes import Box, iou_matrix
     from refloop.data.sources import load_detections
+    from refloop.evaluation.hallucination import shapes_table
     from refloop.grounding import SceneOracle, shapes_vocabulary
     from refloop.grounding.oracle import scene_objects
     from refloop.methods.pink import BootstrapConfig
@@ -305,7 +306,7 @@ def test_seed_image_queries_turn_the_grounders_boxes_into_self_consistent_querie
     expected.pop((str(records[0].path), profile.rec_prompt("thing 0 0")))
     cfg = BootstrapConfig.shapes(min_area_px=0)
     double = _SelfConsistentDouble(prompts, found)
-    queries, counts = seed_image_queries(double, oracle, records, tmp_path / "cvq", cfg, shapes_vocabulary())
+    queries, counts = seed_image_queries(double, oracle, records, tmp_path / "cvq", cfg, shapes_vocabulary(), shapes_table())
     rec = [q for q in queries if "/visual-grounding/" in q.example_id]
     reg = [q for q in queries if "/grounding-caption/" in q.example_id]
     yes_no = [q for q in queries if q.answer in ("yes", "no")]
@@ -343,3 +344,33 @@ def test_svp_with_queries_from_the_seed_images_trains_on_them(tmp_path, model_di
     assert (run / "cvq" / "bootstrap" / "records.jsonl").is_file()
     first = results["iterations"][0]
     assert first["visual_queries"] == min(first["selected"], sum(counts["queries"].values())) > 0
+
+
+def test_seed_image_queries_without_a_vocabulary_ask_the_grounder_for_every_category_of_the_dataset(tmp_path):
+    """Label-free: each image is grounded for the dataset's whole label set, never told its own."""
+    from PIL import Image
+
+    from refloop.boxes import Box
+    from refloop.data.records import ImageRecord, ObjectAnnotation
+    from refloop.grounding.base import Grounding
+    from refloop.methods.pink import BootstrapConfig
+    from refloop.methods.svp_recipe import seed_image_queries
+
+    records = []
+    for i, category in enumerate(["cup", "dog"]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (64, 64)).save(path)
+        records.append(ImageRecord(i, path, 64, 64, (ObjectAnnotation(Box(0, 0, 30, 30), category),), file_name=path.name))
+
+    class Asked:
+        name = "asked"
+        phrases: list = []
+
+        def ground(self, images, phrases, records=None):
+            self.phrases += [list(p) for p in phrases]
+            return [Grounding() for _ in images]
+
+    grounder = Asked()
+    queries, counts = seed_image_queries(_SelfConsistentDouble({}, {}), grounder, records, tmp_path / "cvq", BootstrapConfig())
+    assert grounder.phrases == [["cup", "dog"], ["cup", "dog"]]
+    assert queries == [] and counts["boxes_grounded"] == 0 and counts["pairs_kept"] == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from refloop.data.records import ImageRecord, InstructionExample, ObjectAnnotati
 from refloop.data.sources import load_detections
 from refloop.data.vocabulary import Vocabulary
 from refloop.errors import RefloopError
+from refloop.evaluation.synonyms import SynonymTable
 from refloop.grounding import Grounder
 from refloop.limits import Seed
 from refloop.methods.pink import SHAPES_MIN_AREA_PX, BootstrapConfig
@@ -122,28 +124,52 @@ class SVPRecipe(ModelSpec, TrackingSpec):
         return data
 
 
-def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
-    """SVP (CVQ): the model's own task prompts on `cvq_data`: REC and REG in its native prompts and
-    balanced yes/no existence questions (shapes world: the grammar's wording)."""
-    if recipe.cvq_data is None:
-        return []
+QUERY_TASKS = ("visual-grounding", "grounding-caption")  # REC and REG, in the model's native prompts
+
+
+def query_examples(
+    records: Sequence[ImageRecord],
+    profile,
+    image_root: Path | None = None,
+    yes_no: tuple[Sequence[frozenset[str]], Sequence[str] | None, SynonymTable] | None = None,
+) -> list[InstructionExample]:
+    """SVP (CVQ)'s visual queries on `records`: REC and REG of the objects' expressions in the
+    model's native prompts (at most 2 per image and task) and, with `yes_no` (each image's objects,
+    the universe absent objects are drawn from or None for theirs, the question wording), one
+    balanced yes/no existence pair per image. Built in a temporary folder of this process, so
+    every process of `accelerate launch` builds the same list without sharing a file."""
     import tempfile
 
     from refloop.data.rc import build_rc_data, load_rc_data
-    from refloop.evaluation.hallucination import build_pope_questions, shapes_table
+    from refloop.evaluation.pope import build_pope_questions
+
+    out: list[InstructionExample] = []
+    if any(o.expressions for r in records for o in r.objects):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "queries.jsonl"
+            build_rc_data(records, path, list(QUERY_TASKS), profile, seed=0, max_per_image=2, native=True)
+            out = load_rc_data(path, image_root=image_root)
+    if yes_no is not None:
+        objects, universe, table = yes_no
+        questions = build_pope_questions(records, objects, "random", per_image=1, seed=0, categories=universe, table=table)
+        out += [InstructionExample(q["image"], profile.prompt(q["question"]), q["label"], example_id=q["id"]) for q in questions]
+    return out
+
+
+def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
+    """SVP (CVQ): the model's own task prompts on `cvq_data` (the training history): REC and REG
+    and, in the shapes world, yes/no existence questions in the grammar's wording."""
+    if recipe.cvq_data is None:
+        return []
+    from refloop.evaluation.hallucination import shapes_table
     from refloop.grounding.oracle import scene_objects
 
     found = load_detections(recipe.cvq_data, recipe.images, num_images=recipe.cvq_images)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "cvq.jsonl"
-        build_rc_data(found.records, path, ["visual-grounding", "grounding-caption"], profile, seed=0, max_per_image=2, native=True)
-        out = load_rc_data(path, image_root=found.image_root)
+    yes_no = None
     if found.vocabulary is not None:  # the shapes world: its POPE questions too
         objects = [frozenset(f"{o.colour} {o.shape}" for o in scene_objects(r)) for r in found.records]
-        by_id = {r.image_id: r for r in found.records}
-        for q in build_pope_questions(found.records, objects, "random", per_image=1, seed=0, table=shapes_table()):
-            out.append(InstructionExample(str(by_id[q["image_id"]].path), profile.prompt(q["question"]), q["label"], example_id=q["id"]))
-    return out
+        yes_no = (objects, None, shapes_table())
+    return query_examples(found.records, profile, found.image_root, yes_no)
 
 
 def seed_image_queries(
@@ -153,49 +179,79 @@ def seed_image_queries(
     work: Path,
     cfg: BootstrapConfig,
     vocabulary: Vocabulary | None = None,
+    questions: SynonymTable | None = None,
     on_error: str = "fail",
 ) -> tuple[list[InstructionExample], dict]:
     """SVP (CVQ)'s visual queries made from the seed images themselves, without labels: the
-    grounder's boxes for the dataset's categories (the detector SVP already runs), each described
-    and located again by `vlm` and kept when IoU >= lambda (Pink Sec. 3.3, `methods.pink`); the
-    kept pairs become REC and REG queries in the model's native prompts and, with a closed
-    `vocabulary`, balanced yes/no existence questions whose labels are the grounder's detections.
+    grounder's boxes for the dataset's categories (the detector SVP already runs: a closed
+    `vocabulary`'s categories, else every category named in `records`), each described and located
+    again by `vlm` and kept when IoU >= lambda (Pink Sec. 3.3, `methods.pink`); the kept pairs
+    become REC and REG queries in the model's native prompts and, with a `questions` wording,
+    balanced yes/no existence questions whose labels are the grounder's detections (so its false
+    detections give wrong "yes" labels, its misses wrong "no" ones).
 
-    Beyond both papers: SVP's CVQ draws visual queries from the model's training history, which
-    for a real LVLM covers the seed images' kind (COCO); where the history does not, these queries
-    keep the model answering other tasks on the seed images' own style. Returns the examples and
-    the counts (boxes grounded, pairs kept, questions). Resumes from `work`."""
+    Beyond both papers: SVP's CVQ draws visual queries from the model's training history, whose
+    images for a real LVLM are the seed images' kind (COCO); where the history does not cover the
+    seed images' kind, these queries keep the model answering other tasks on it. Returns the
+    examples and the counts (boxes grounded, pairs kept, queries). Resumes the bootstrapping in
+    `work`; under `accelerate launch` every process grounds every image (cheap next to the
+    describe-then-locate pass, which is sharded)."""
     from refloop.data.bootstrapped import kept_records
-    from refloop.data.rc import build_rc_data, load_rc_data
     from refloop.data.shards import readable
-    from refloop.evaluation.hallucination import build_pope_questions, shapes_table
+    from refloop.grounding.phrases import category_phrases
     from refloop.methods.pink import bootstrap
     from refloop.methods.svp import phrases_for
 
+    if vocabulary is not None and vocabulary.categories:
+        universe = list(vocabulary.categories)
+        phrases = lambda r: phrases_for("", r, "categories", vocabulary)  # noqa: E731
+    else:  # a detector run over the dataset's label set, never told which labels an image has
+        universe = sorted({o.category for r in records for o in r.objects if o.category})
+        every = category_phrases(universe)
+        phrases = lambda r: every  # noqa: E731
     grounded, detected, skipped = [], [], []
     for start in range(0, len(records), cfg.batch_size):
         batch, images = readable(records[start : start + cfg.batch_size], lambda r: r.load_image(), on_error, skipped)
-        phrases = [phrases_for("", r, "categories", vocabulary) for r in batch]
-        for record, found in zip(batch, grounder.ground(images, phrases, records=batch)):
+        for record, found in zip(batch, grounder.ground(images, [phrases(r) for r in batch], records=batch)):
             objects = tuple(ObjectAnnotation(b, label, ann_id=k) for k, (b, label) in enumerate(zip(found.boxes, found.labels)))
             grounded.append(replace(record, objects=objects))
             detected.append(frozenset(found.labels))
     stats = bootstrap(vlm, grounded, work / "bootstrap", cfg, grammar=False, on_error=on_error, write_report=False)
     kept = kept_records(work / "bootstrap", grounded)
-    path = work / "queries.jsonl"
-    tasks = ["visual-grounding", "grounding-caption"]
-    counts = build_rc_data(kept, path, tasks, vlm.profile, seed=0, max_per_image=2, native=True) if kept else {}
-    out = load_rc_data(path) if kept else []
-    if vocabulary is not None and vocabulary.categories:
-        table, universe = shapes_table(), vocabulary.categories
-        questions = build_pope_questions(grounded, detected, "random", per_image=1, seed=0, categories=universe, table=table)
-        out += [InstructionExample(q["image"], vlm.profile.prompt(q["question"]), q["label"], example_id=q["id"]) for q in questions]
-        counts = counts | {"yes-no": len(questions)}
-    boxes = sum(len(r.objects) for r in grounded)
-    summary = {"images": len(grounded), "boxes_grounded": boxes, "pairs_kept": sum(len(r.objects) for r in kept), "queries": counts}
-    if stats is not None:
+    yes_no = (detected, universe, questions) if questions is not None and universe else None
+    out = query_examples(kept, vlm.profile, yes_no=None)
+    asked = query_examples(grounded, vlm.profile, yes_no=yes_no) if yes_no else []
+    tasks = Counter(e.example_id.split("/")[1] for e in out)
+    summary = {
+        "images": len(grounded),
+        "unreadable_images": len(skipped),
+        "boxes_grounded": sum(len(r.objects) for r in grounded),
+        "pairs_kept": sum(len(r.objects) for r in kept),
+        "queries": dict(tasks) | ({"yes-no": len(asked)} if yes_no else {}),
+    }
+    if stats is not None:  # the main process: Pink's keep rate (kept / boxes past A.2's filters)
         summary["keep_rate"] = stats.get("keep_rate")
-    return out, summary
+    if not out and not asked:
+        log.warning(f"SVP (CVQ) from the seed images: no pair was kept and no question asked ({summary}); SVP trains on captions alone")
+    return out + asked, summary
+
+
+def cvq_examples(recipe: SVPRecipe, vlm, grounder: Grounder | None, records, vocabulary, work: Path) -> tuple[list, dict | None]:
+    """SVP (CVQ)'s visual queries as the recipe asks (none at cvq_ratio 0): from the training
+    history (`visual_queries`) or from the seed images (`seed_image_queries`, with their counts)."""
+    if recipe.svp.cvq_ratio <= 0:
+        return [], None
+    if recipe.cvq_source == "history":
+        return visual_queries(recipe, vlm.profile), None
+    from refloop.evaluation.hallucination import shapes_table
+    from refloop.world import DOMAINS
+
+    if grounder is None:
+        raise RefloopError("cvq_source seed-images takes its boxes from the grounder: it needs svp.grounding true")
+    table = shapes_table() if recipe.train_data in DOMAINS else None  # the shapes world's question wording
+    queries, counts = seed_image_queries(vlm, grounder, records, work, recipe.cvq_bootstrap, vocabulary, table)
+    log.info(f"SVP (CVQ) from the seed images: {counts}")
+    return queries, counts
 
 
 def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], Vocabulary | None]:
@@ -227,7 +283,9 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
             recipe.grounder.check_data(recipe.train_data in DOMAINS, recipe.svp.phrases)
         recipe.load_profile()
 
-    return run_recipe("svp", recipe, out, body, overwrite, card_metrics=card, prepare=prepare)
+    # runs from before cvq_source existed took their queries from the history: still the same run
+    unchanged = frozenset({"cvq_source", "cvq_bootstrap"}) if recipe.cvq_source == "history" else frozenset()
+    return run_recipe("svp", recipe, out, body, overwrite, unchanged=unchanged, card_metrics=card, prepare=prepare)
 
 
 def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
@@ -238,13 +296,7 @@ def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
     if recipe.svp.grounding and recipe.svp.phrases != "categories" and vocabulary is None and recipe.grounder.kind == "oracle":
         raise RefloopError("the scene oracle grounds shapes-world images only: use a shapes-world train_data or another grounder.kind")
     grounder = recipe.grounder.build(vlm, recipe.device, recipe.dtype) if recipe.svp.grounding else None
-    queries: list[InstructionExample] = []
-    counts = None
-    if recipe.svp.cvq_ratio > 0 and recipe.cvq_source == "seed-images":
-        queries, counts = seed_image_queries(vlm, grounder, records, out / "cvq", recipe.cvq_bootstrap, vocabulary)
-        log.info(f"SVP (CVQ) from the seed images: {counts}")
-    elif recipe.svp.cvq_ratio > 0:
-        queries = visual_queries(recipe, vlm.profile)
+    queries, counts = cvq_examples(recipe, vlm, grounder, records, vocabulary, out / "cvq")
     started = time.perf_counter()
     method = SVP(vlm, grounder, recipe.svp, vocabulary=vocabulary, tracking=run.tracking)
     iterations = method.run(records, out, queries, progress)
