@@ -342,6 +342,7 @@ def test_svp_with_queries_from_the_seed_images_trains_on_them(tmp_path, model_di
     counts = results["seed_image_queries"]
     assert counts["images"] == 4 and counts["boxes_grounded"] > 0 and counts["queries"]["yes-no"] > 0
     assert (run / "cvq" / "bootstrap" / "records.jsonl").is_file()
+    assert f"{counts['boxes_grounded']} boxes grounded on 4 images" in (run / "report.html").read_text()
     first = results["iterations"][0]
     assert first["visual_queries"] == min(first["selected"], sum(counts["queries"].values())) > 0
 

@@ -38,6 +38,20 @@ def _sample_rows(row: dict) -> str:
     return "".join(out)
 
 
+def _seed_queries(counts: dict | None) -> str:
+    """SVP (CVQ) from the seed images (`cvq_source: seed-images`): what the grounder found, what
+    Pink's filter kept, the queries they made."""
+    if not counts:
+        return ""
+    rate = counts.get("keep_rate")
+    kept = f"{counts['pairs_kept']} kept" + (f" (keep rate {rate:.2f})" if rate is not None else "")
+    queries = ", ".join(f"{n} {task}" for task, n in counts["queries"].items()) or "none"
+    return (
+        f"<p>SVP (CVQ) from the seed images: {counts['boxes_grounded']} boxes grounded on {counts['images']} images, "
+        f"{html.escape(kept)} as self-consistent pairs; queries: {html.escape(queries)} (files in <code>cvq/bootstrap/</code>).</p>"
+    )
+
+
 def write_svp_report(out: Path, results: dict, records: Sequence[ImageRecord]) -> Path:
     by_id = {r.image_id: r for r in records}
     sections = []
@@ -56,6 +70,6 @@ def write_svp_report(out: Path, results: dict, records: Sequence[ImageRecord]) -
 <p>Seed images <code>{html.escape(str(results["train_data"]))}</code> ({results["images"]}), grounder
 <code>{html.escape(str(results["grounder"]))}</code>, score <code>{html.escape(results["score"])}</code>. Rows: the selected samples
 first, then the best-scored others; all samples in <code>iteration-N/samples.jsonl</code>.</p>
-{"".join(sections)}"""
+{_seed_queries(results.get("seed_image_queries"))}{"".join(sections)}"""
     style = "td,th{padding:2px 10px;text-align:left;vertical-align:top}\ncode{font-size:80%}"
     return write_page(out / "report.html", "refloop svp", body, max_width=1300, style=style)
