@@ -6,7 +6,8 @@ labels taken from the detections are wrong against the scene's objects.
     python benchmarks/svp_cvq_label_noise.py --run DIR_0 --run DIR_1 ... --result FILE
 
 DIR_s: the row's work folder of seed s (`OUT/seedS/grounding_+_S(qp)_+_CVQ_from_seed-image_pairs`);
-the oracle's seed is the run's seed, read from the folder name.
+the oracle's seed is the run's seed (the folder `seedS`), the seed images' style and number are
+read from the run's `OUT/settings.json`.
 """
 
 from __future__ import annotations
@@ -29,21 +30,21 @@ from refloop.world import TRAIN_SEED
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, help="the seed-image CVQ row's work folder of one seed")
-    parser.add_argument("--images", type=int, default=1000, help="C: the runs' seed images")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
-    records = load_detections("wild", num_images=args.images, scene_seed=TRAIN_SEED).records
-    by_id = {r.image_id: r for r in records}
     vocabulary = shapes_vocabulary()
     out = {}
     for run in map(Path, args.run):
-        seed = int(re.search(r"seed(\d+)", str(run)).group(1))
+        settings = json.loads((run.parent.parent / "settings.json").read_text())
+        records = load_detections(settings["domain"], num_images=settings["images"], scene_seed=TRAIN_SEED).records
+        by_id = {r.image_id: r for r in records}
+        seed = int(re.fullmatch(r"seed(\d+)", run.parent.name).group(1))
         boxes = Counter()
         for line in (run / "cvq" / "bootstrap" / "records.jsonl").read_text().splitlines():
             row = json.loads(line)
             truth = [o.box for o in by_id[row["image_id"]].objects]
             for box in row["boxes"]:
-                false = float(iou_matrix([Box(*box["box"])], truth).max()) < 0.5
+                false = not truth or float(iou_matrix([Box(*box["box"])], truth).max()) < 0.5
                 boxes[f"{'false' if false else 'true'} detection, {box['decision']}"] += 1
         oracle = SceneOracle(miss_rate=0.1, false_positive_rate=0.1, jitter=0.05, seed=seed)  # the benchmark's
         detected = []

@@ -333,6 +333,8 @@ def test_seed_image_queries_need_the_grounder_and_scale_pinks_area_filter_to_sha
     with pytest.raises(RefloopError, match="needs svp.grounding"):
         run_svp(recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    with pytest.raises(RefloopError, match="name their source"):  # queries asked for, none named
+        run_svp(SVPRecipe(svp={"cvq_ratio": 1.0}), tmp_path / "run2")
 
 
 def test_svp_with_queries_from_the_seed_images_trains_on_them(tmp_path, model_dir):

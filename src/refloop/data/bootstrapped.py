@@ -193,22 +193,27 @@ def write_bootstrapped(records: Sequence[ImageRecord], out_dir: Path, grammar: b
     return stats, examples
 
 
-def kept_records(out_dir: Path, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+def kept_records(out_dir: Path, records: Sequence[ImageRecord], every_box: bool = False) -> list[ImageRecord]:
     """The images of `records` with a kept pair, each holding only its kept boxes, with the kept
     description as the object's one expression (the box bootstrapped, never the located one).
-    Read from `out_dir`'s records.jsonl, so a finished run's pairs come back as typed records."""
-    kept: dict[int, list[ObjectAnnotation]] = {}
+    Read from `out_dir`'s records.jsonl, so a finished run's pairs come back as typed records.
+    `every_box`: every image instead, with all its boxes as bootstrapped (kept ones with their
+    expression), in the records' order."""
+    found: dict[int, list[ObjectAnnotation]] = {}
     for record in iter_records(out_dir / RECORDS):
         objects = [
             ObjectAnnotation(
-                Box(*box["box"]), box["category"], ann_id=box["ann_id"], expressions=(box["candidates"][box["chosen"]]["expression"],)
+                Box(*box["box"]),
+                box["category"],
+                ann_id=box["ann_id"],
+                expressions=(box["candidates"][box["chosen"]]["expression"],) if box["decision"] == KEPT else (),
             )
             for box in record["boxes"]
-            if box["decision"] == KEPT
+            if every_box or box["decision"] == KEPT
         ]
-        if objects:
-            kept[record["index"]] = objects
-    return [replace(records[i], objects=tuple(objects)) for i, objects in sorted(kept.items())]
+        if objects or every_box:
+            found[record["index"]] = objects
+    return [replace(records[i], objects=tuple(objects)) for i, objects in sorted(found.items())]
 
 
 def write_stats(out_dir: Path, result: dict) -> None:

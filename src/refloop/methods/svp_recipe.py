@@ -165,6 +165,8 @@ def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
     from refloop.grounding.oracle import scene_objects
 
     found = load_detections(recipe.cvq_data, recipe.images, num_images=recipe.cvq_images)
+    if not any(o.expressions for r in found.records for o in r.objects):
+        raise RefloopError(f"cvq_data {recipe.cvq_data!r}: no referring expressions, so no REC / REG queries (use referring data)")
     yes_no = None
     if found.vocabulary is not None:  # the shapes world: its POPE questions too
         objects = [frozenset(f"{o.colour} {o.shape}" for o in scene_objects(r)) for r in found.records]
@@ -209,19 +211,20 @@ def seed_image_queries(
         universe = sorted({o.category for r in records for o in r.objects if o.category})
         every = category_phrases(universe)
         phrases = lambda r: every  # noqa: E731
-    grounded, detected, skipped = [], [], []
+    grounded, skipped = [], []
     for start in range(0, len(records), cfg.batch_size):
         batch, images = readable(records[start : start + cfg.batch_size], lambda r: r.load_image(), on_error, skipped)
         for record, found in zip(batch, grounder.ground(images, [phrases(r) for r in batch], records=batch)):
             objects = tuple(ObjectAnnotation(b, label, ann_id=k) for k, (b, label) in enumerate(zip(found.boxes, found.labels)))
             grounded.append(replace(record, objects=objects))
-            detected.append(frozenset(found.labels))
     stats = bootstrap(vlm, grounded, work / "bootstrap", cfg, grammar=False, on_error=on_error, write_report=False)
     kept = kept_records(work / "bootstrap", grounded)
+    # the yes/no labels from the merged run's boxes, so every process asks the same questions
+    detected = [frozenset(o.category for o in r.objects) for r in kept_records(work / "bootstrap", grounded, every_box=True)]
     yes_no = (detected, universe, questions) if questions is not None and universe else None
     out = query_examples(kept, vlm.profile, yes_no=None)
     asked = query_examples(grounded, vlm.profile, yes_no=yes_no) if yes_no else []
-    tasks = Counter(e.example_id.split("/")[1] for e in out)
+    tasks = Counter(e.example_id.rsplit("/", 2)[1] for e in out)
     summary = {
         "images": len(grounded),
         "unreadable_images": len(skipped),
@@ -231,7 +234,7 @@ def seed_image_queries(
     }
     if stats is not None:  # the main process: Pink's keep rate (kept / boxes past A.2's filters)
         summary["keep_rate"] = stats.get("keep_rate")
-    if not out and not asked:
+    if not out and not asked and PartialState().is_main_process:
         log.warning(f"SVP (CVQ) from the seed images: no pair was kept and no question asked ({summary}); SVP trains on captions alone")
     return out + asked, summary
 
@@ -250,7 +253,8 @@ def cvq_examples(recipe: SVPRecipe, vlm, grounder: Grounder | None, records, voc
         raise RefloopError("cvq_source seed-images takes its boxes from the grounder: it needs svp.grounding true")
     table = shapes_table() if recipe.train_data in DOMAINS else None  # the shapes world's question wording
     queries, counts = seed_image_queries(vlm, grounder, records, work, recipe.cvq_bootstrap, vocabulary, table)
-    log.info(f"SVP (CVQ) from the seed images: {counts}")
+    if PartialState().is_main_process:
+        log.info(f"SVP (CVQ) from the seed images: {counts}")
     return queries, counts
 
 
@@ -277,6 +281,11 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
     def prepare() -> None:
         if recipe.svp.cvq_ratio > 0 and recipe.cvq_source == "seed-images" and not recipe.svp.grounding:
             raise RefloopError("cvq_source seed-images takes its boxes from the grounder: it needs svp.grounding true")
+        if recipe.svp.cvq_ratio > 0 and recipe.cvq_source == "history" and recipe.cvq_data is None:
+            raise RefloopError(
+                "svp.cvq_ratio > 0 mixes in visual queries: name their source, cvq_data (the training history's referring data) "
+                "or cvq_source: seed-images"
+            )
         if recipe.svp.grounding:
             from refloop.world import DOMAINS
 
