@@ -74,6 +74,8 @@ ROWS |= {
     # them as Pink's filter keeps them, yes/no questions labelled by the oracle's detections).
     SEED_CVQ: {"score": "log_ratio", "cvq_ratio": 1.0, "cvq_data": "seed-images"},
     SEED_CVQ_X2: {"score": "log_ratio", "cvq_ratio": 2.0, "cvq_data": "seed-images"},  # two queries a caption
+    # A diagnostic: grounding without scoring with the same seed-image queries (the score under matched queries)
+    "grounding, no scoring + CVQ from seed-image pairs": {"score": "none", "cvq_ratio": 1.0, "cvq_data": "seed-images"},
 }
 
 
