@@ -1,8 +1,9 @@
 """What SVP's selection trains on, read from the samples an `svp_shapes.py` run wrote: for the
 prior captions z_p, every guided caption z ~ q(z|c,g) and the top 10% selected by the score, the
 object mentions per caption, the share of mentioned objects the scene does not hold (CHAIR_i's
-numerator over its denominator, per caption set), and how many of those name a false positive the
-grounder put in the caption's context.
+numerator over its denominator, per caption set), the share of the scenes' objects named (object
+recall, per caption set), how many hallucinations name a false positive the grounder put in the
+caption's context, and within each image how the score goes with the guided captions' recall.
 
     python benchmarks/svp_selection_hallucination.py --run runs/bench-svp [--seeds 0,1,2] [--rows "ROW;ROW"]
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -35,12 +37,26 @@ def objects_named(text: str) -> set[str]:
 
 def caption_sets(samples: Path, truth: dict) -> dict:
     counts: Counter = Counter()
+    correlations = []  # per image: Pearson's r of the score and the caption's object recall over its guided captions
     for line in samples.read_text().splitlines():
         row = json.loads(line)
         present = truth[row["image_id"]]
         for caption in row["prior"]:
             named = objects_named(caption)
-            counts.update({"prior/captions": 1, "prior/mentions": len(named), "prior/hallucinated": len(named - present)})
+            counts.update(
+                {
+                    "prior/captions": 1,
+                    "prior/mentions": len(named),
+                    "prior/hallucinated": len(named - present),
+                    "prior/recalled": len(named & present),
+                    "prior/present": len(present),
+                }
+            )
+        usable = [j for j, d in enumerate(row["degenerate"]) if not d]
+        scores = [row["scores"][j] for j in usable]
+        recalls = [len(objects_named(row["guided"][j]) & present) / max(1, len(present)) for j in usable]
+        if len(set(scores)) > 1 and len(set(recalls)) > 1:
+            correlations.append(statistics.correlation(scores, recalls))
         for j, (caption, context, degenerate) in enumerate(zip(row["guided"], row["contexts"], row["degenerate"])):
             if degenerate:
                 continue
@@ -51,6 +67,8 @@ def caption_sets(samples: Path, truth: dict) -> dict:
                         f"{part}/captions": 1,
                         f"{part}/mentions": len(named),
                         f"{part}/hallucinated": len(named - present),
+                        f"{part}/recalled": len(named & present),
+                        f"{part}/present": len(present),
                         f"{part}/hallucinated_named_by_a_context_false_positive": len((named - present) & false_positives),
                         f"{part}/context_false_positives": len(false_positives),
                     }
@@ -64,6 +82,7 @@ def caption_sets(samples: Path, truth: dict) -> dict:
             "captions": n,
             "objects_per_caption": round(mentions / n, 2),
             "hallucinated_share": round(100 * hallucinated / mentions, 1),
+            "object_recall": round(100 * counts[f"{part}/recalled"] / max(1, counts[f"{part}/present"]), 1),  # of the scenes' objects
         }
         if part != "prior":
             out[part] |= {
@@ -72,6 +91,10 @@ def caption_sets(samples: Path, truth: dict) -> dict:
                     100 * counts[f"{part}/hallucinated_named_by_a_context_false_positive"] / max(1, hallucinated), 1
                 ),
             }
+    out["score_recall_correlation"] = {  # None: every image's scores tie (the unscored row)
+        "mean_within_image": round(statistics.mean(correlations), 3) if correlations else None,
+        "images": len(correlations),
+    }
     return out
 
 
