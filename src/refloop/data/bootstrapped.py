@@ -193,15 +193,14 @@ def write_bootstrapped(records: Sequence[ImageRecord], out_dir: Path, grammar: b
     return stats, examples
 
 
-def kept_records(out_dir: Path, records: Sequence[ImageRecord], every_box: bool = False) -> list[ImageRecord]:
-    """The images of `records` with a kept pair, each holding only its kept boxes, with the kept
-    description as the object's one expression (the box bootstrapped, never the located one).
-    Read from `out_dir`'s records.jsonl, so a finished run's pairs come back as typed records.
-    `every_box`: every image instead, with all its boxes as bootstrapped (kept ones with their
-    expression), in the records' order."""
-    found: dict[int, list[ObjectAnnotation]] = {}
+def bootstrapped_records(out_dir: Path, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """`records` as `out_dir`'s records.jsonl bootstrapped them, in their order: every box of each
+    image, a kept one with its kept description as the object's one expression (the box
+    bootstrapped, never the located one), the others with none. So a finished run's pairs come
+    back as typed records."""
+    found: dict[int, tuple[ObjectAnnotation, ...]] = {}
     for record in iter_records(out_dir / RECORDS):
-        objects = [
+        found[record["index"]] = tuple(
             ObjectAnnotation(
                 Box(*box["box"]),
                 box["category"],
@@ -209,11 +208,8 @@ def kept_records(out_dir: Path, records: Sequence[ImageRecord], every_box: bool 
                 expressions=(box["candidates"][box["chosen"]]["expression"],) if box["decision"] == KEPT else (),
             )
             for box in record["boxes"]
-            if every_box or box["decision"] == KEPT
-        ]
-        if objects or every_box:
-            found[record["index"]] = objects
-    return [replace(records[i], objects=tuple(objects)) for i, objects in sorted(found.items())]
+        )
+    return [replace(records[i], objects=objects) for i, objects in sorted(found.items())]
 
 
 def write_stats(out_dir: Path, result: dict) -> None:

@@ -19,6 +19,18 @@ from refloop.models.spec import ModelSpec
 from refloop.runs import checkpoint_digest
 
 
+def shapes_area(data, data_key: str, config_key: str, default_data: str | None = None):
+    """A recipe's raw fields with Pink's area filter scaled to shapes-world scenes (112 px) when
+    `data_key` names a shapes-world domain and `config_key`'s settings leave min_area_px unset."""
+    from refloop.world import DOMAINS
+
+    if isinstance(data, dict) and data.get(data_key, default_data) in DOMAINS:
+        settings = data.get(config_key) or {}
+        if isinstance(settings, dict) and "min_area_px" not in settings:
+            data = data | {config_key: settings | {"min_area_px": SHAPES_MIN_AREA_PX}}
+    return data
+
+
 class BootstrapRecipe(ModelSpec):
     """The model fields come from `ModelSpec`; `bootstrap` holds Pink's settings (its
     `min_area_px` defaults to SHAPES_MIN_AREA_PX on shapes-world domains' 112 px scenes)."""
@@ -34,13 +46,7 @@ class BootstrapRecipe(ModelSpec):
     @model_validator(mode="before")
     @classmethod
     def _shapes_area(cls, data):
-        from refloop.world import DOMAINS
-
-        if isinstance(data, dict) and data.get("data") in DOMAINS:
-            settings = data.get("bootstrap") or {}
-            if isinstance(settings, dict) and "min_area_px" not in settings:
-                data = data | {"bootstrap": settings | {"min_area_px": SHAPES_MIN_AREA_PX}}
-        return data
+        return shapes_area(data, "data", "bootstrap")
 
 
 def run_bootstrap(

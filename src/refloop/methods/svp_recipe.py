@@ -22,7 +22,8 @@ from refloop.errors import RefloopError
 from refloop.evaluation.synonyms import SynonymTable
 from refloop.grounding import Grounder
 from refloop.limits import Seed
-from refloop.methods.pink import SHAPES_MIN_AREA_PX, BootstrapConfig
+from refloop.methods.bootstrap_recipe import shapes_area
+from refloop.methods.pink import BootstrapConfig
 from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
 from refloop.methods.svp import SVP, SVPConfig
 from refloop.models.spec import ModelSpec
@@ -115,13 +116,7 @@ class SVPRecipe(ModelSpec, TrackingSpec):
     @classmethod
     def _shapes_area(cls, data):
         """Pink's area filter scaled to shapes-world scenes when the seed images are one (as `refloop bootstrap`)."""
-        from refloop.world import DOMAINS
-
-        if isinstance(data, dict) and data.get("train_data", "wild") in DOMAINS:
-            settings = data.get("cvq_bootstrap") or {}
-            if isinstance(settings, dict) and "min_area_px" not in settings:
-                data = data | {"cvq_bootstrap": settings | {"min_area_px": SHAPES_MIN_AREA_PX}}
-        return data
+        return shapes_area(data, "train_data", "cvq_bootstrap", default_data="wild")
 
 
 QUERY_TASKS = ("visual-grounding", "grounding-caption")  # REC and REG, in the model's native prompts
@@ -198,7 +193,7 @@ def seed_image_queries(
     examples and the counts (boxes grounded, pairs kept, queries). Resumes the bootstrapping in
     `work`; under `accelerate launch` every process grounds every image (cheap next to the
     describe-then-locate pass, which is sharded)."""
-    from refloop.data.bootstrapped import kept_records
+    from refloop.data.bootstrapped import bootstrapped_records
     from refloop.data.shards import readable
     from refloop.grounding.phrases import category_phrases
     from refloop.methods.pink import bootstrap
@@ -218,9 +213,10 @@ def seed_image_queries(
             objects = tuple(ObjectAnnotation(b, label, ann_id=k) for k, (b, label) in enumerate(zip(found.boxes, found.labels)))
             grounded.append(replace(record, objects=objects))
     stats = bootstrap(vlm, grounded, work / "bootstrap", cfg, grammar=False, on_error=on_error, write_report=False)
-    kept = kept_records(work / "bootstrap", grounded)
-    # the yes/no labels from the merged run's boxes, so every process asks the same questions
-    detected = [frozenset(o.category for o in r.objects) for r in kept_records(work / "bootstrap", grounded, every_box=True)]
+    # every box of the merged run (so every process asks the same questions); the kept ones carry their expression
+    bootstrapped = bootstrapped_records(work / "bootstrap", grounded)
+    detected = [frozenset(o.category for o in r.objects) for r in bootstrapped]
+    kept = [replace(r, objects=pairs) for r in bootstrapped if (pairs := tuple(o for o in r.objects if o.expressions))]
     yes_no = (detected, universe, questions) if questions is not None and universe else None
     out = query_examples(kept, vlm.profile, yes_no=None)
     asked = query_examples(grounded, vlm.profile, yes_no=yes_no) if yes_no else []
@@ -239,9 +235,24 @@ def seed_image_queries(
     return out + asked, summary
 
 
+def check_cvq(recipe: SVPRecipe) -> None:
+    """SVP (CVQ)'s settings before any work: queries asked for need a source, and the seed images'
+    queries take their boxes from the grounder."""
+    if recipe.svp.cvq_ratio <= 0:
+        return
+    if recipe.cvq_source == "seed-images" and not recipe.svp.grounding:
+        raise RefloopError("cvq_source seed-images takes its boxes from the grounder: it needs svp.grounding true")
+    if recipe.cvq_source == "history" and recipe.cvq_data is None:
+        raise RefloopError(
+            "svp.cvq_ratio > 0 mixes in visual queries: name their source, cvq_data (the training history's referring data) "
+            "or cvq_source: seed-images"
+        )
+
+
 def cvq_examples(recipe: SVPRecipe, vlm, grounder: Grounder | None, records, vocabulary, work: Path) -> tuple[list, dict | None]:
     """SVP (CVQ)'s visual queries as the recipe asks (none at cvq_ratio 0): from the training
     history (`visual_queries`) or from the seed images (`seed_image_queries`, with their counts)."""
+    check_cvq(recipe)
     if recipe.svp.cvq_ratio <= 0:
         return [], None
     if recipe.cvq_source == "history":
@@ -249,8 +260,6 @@ def cvq_examples(recipe: SVPRecipe, vlm, grounder: Grounder | None, records, voc
     from refloop.evaluation.hallucination import shapes_table
     from refloop.world import DOMAINS
 
-    if grounder is None:
-        raise RefloopError("cvq_source seed-images takes its boxes from the grounder: it needs svp.grounding true")
     table = shapes_table() if recipe.train_data in DOMAINS else None  # the shapes world's question wording
     queries, counts = seed_image_queries(vlm, grounder, records, work, recipe.cvq_bootstrap, vocabulary, table)
     if PartialState().is_main_process:
@@ -279,13 +288,7 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
         return {k: v for k, v in results.items() if k != "iterations"} | {"final_iteration": final}
 
     def prepare() -> None:
-        if recipe.svp.cvq_ratio > 0 and recipe.cvq_source == "seed-images" and not recipe.svp.grounding:
-            raise RefloopError("cvq_source seed-images takes its boxes from the grounder: it needs svp.grounding true")
-        if recipe.svp.cvq_ratio > 0 and recipe.cvq_source == "history" and recipe.cvq_data is None:
-            raise RefloopError(
-                "svp.cvq_ratio > 0 mixes in visual queries: name their source, cvq_data (the training history's referring data) "
-                "or cvq_source: seed-images"
-            )
+        check_cvq(recipe)
         if recipe.svp.grounding:
             from refloop.world import DOMAINS
 
