@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -147,6 +148,13 @@ def main() -> None:
     parser.add_argument(
         "--length-normalize", action=argparse.BooleanOptionalAction, default=True, help="scores / caption length (chosen on validation)"
     )
+    parser.add_argument(
+        "--length-power",
+        type=float,
+        default=None,
+        metavar="A",
+        help="scores / caption length ** A, A in [0, 1] (1: --length-normalize, 0: --no-length-normalize)",
+    )
     parser.add_argument("--validation-seed", type=int, default=None, help="evaluate on this seed's scenes (a validation split)")
     parser.add_argument(
         "--domain",
@@ -172,6 +180,12 @@ def main() -> None:
     split = scene_split(args.validation_seed, EVAL_SEED, {TRAIN_SEED})
     if args.iterations < 1:
         raise SystemExit(f"--iterations {args.iterations}: need at least 1")
+    if args.length_power is not None:
+        if not 0 <= args.length_power <= 1:
+            raise SystemExit(f"--length-power {args.length_power}: need a number in [0, 1]")
+        if "--no-length-normalize" in sys.argv:
+            raise SystemExit("--length-power replaces --no-length-normalize: give one of them")
+        args.length_normalize = args.length_power
     out = Path(args.out)
     # What a run's rows depend on besides the row: recorded in --out, checked by --collect.
     settings_of_run = {

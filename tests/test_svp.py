@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from helpers import run_cli, save_tiny_random
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from refloop.codecs import get_codec
@@ -50,6 +51,18 @@ def test_log_ratio_score_is_the_sum_of_per_position_kl_of_q_from_p():
     assert one.item() == pytest.approx(0.5 * LOG(2) + 0.5 * LOG(2 / 3), rel=1e-6)
     mean = log_ratio_score(q[None], p[None], torch.tensor([[True, True]]), length_normalize=True)
     assert mean.item() == pytest.approx(expected / 2, rel=1e-6)
+    # a number a divides by length ** a: 1 is the mean, 0 the sum, 0.5 the square root between
+    mask = torch.tensor([[True, True]])
+    assert log_ratio_score(q[None], p[None], mask, length_normalize=1.0).item() == pytest.approx(mean.item(), rel=1e-6)
+    assert log_ratio_score(q[None], p[None], mask, length_normalize=0.0).item() == pytest.approx(expected, rel=1e-6)
+    assert log_ratio_score(q[None], p[None], mask, length_normalize=0.5).item() == pytest.approx(expected / 2**0.5, rel=1e-6)
+
+
+def test_length_normalize_takes_a_flag_or_an_exponent_in_0_1():
+    assert SVPConfig(length_normalize=True).length_normalize is True
+    assert SVPConfig(length_normalize=0.5).length_normalize == 0.5
+    with pytest.raises(ValidationError):
+        SVPConfig(length_normalize=1.5)
 
 
 def test_weighted_difference_score_is_the_entropy_drop():

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from accelerate import PartialState
@@ -60,10 +60,16 @@ EMPTY, REPEATED, COORDINATES, UNREADABLE = "empty", "repeated_ngrams", "coordina
 
 
 # ---- scores (Eq. 5, 6) ---------------------------------------------------------------------------
-def _per_sequence(per_token: torch.Tensor, mask: torch.Tensor, length_normalize: bool) -> torch.Tensor:
+LengthNormalize = bool | Annotated[float, Field(ge=0, le=1)]
+
+
+def _per_sequence(per_token: torch.Tensor, mask: torch.Tensor, length_normalize: LengthNormalize) -> torch.Tensor:
+    """Sum over the real positions, divided by length ** a: a = 1 (True) is the per-token mean, a = 0
+    (False) the sum Eq. 5-6 print; 0 < a < 1 sits between (a length penalty, as in beam search)."""
     mask = mask.to(per_token.dtype)
     total = (per_token * mask).sum(-1)
-    return total / mask.sum(-1).clamp_min(1) if length_normalize else total
+    power = float(length_normalize)
+    return total / mask.sum(-1).clamp_min(1) ** power if power else total
 
 
 def _plogp(logp: torch.Tensor) -> torch.Tensor:
@@ -71,17 +77,20 @@ def _plogp(logp: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp.exp() * logp).sum(-1)
 
 
-def log_ratio_score(q_logprobs: torch.Tensor, p_logprobs: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
+def log_ratio_score(
+    q_logprobs: torch.Tensor, p_logprobs: torch.Tensor, mask: torch.Tensor, length_normalize: LengthNormalize = False
+) -> torch.Tensor:
     """Eq. 5 with w_{v,t} = q_{v,t}: per sequence, sum over t of sum over v of q (log q - log p),
     i.e. the sum of KL(q_t || p_t) along the guided sample. Inputs [B, T, V] log-probabilities and
-    a [B, T] mask of real positions; returns [B]. `length_normalize` divides by the length."""
+    a [B, T] mask of real positions; returns [B]. `length_normalize` divides by the length (True) or
+    by length ** a (a number a in [0, 1])."""
     q, p = q_logprobs.float(), p_logprobs.float()
     diff = torch.where(torch.isneginf(q), torch.zeros_like(q), q.exp() * (q - p))
     return _per_sequence(diff.sum(-1), mask, length_normalize)
 
 
 def weighted_difference_score(
-    q_logprobs: torch.Tensor, p_logprobs: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False
+    q_logprobs: torch.Tensor, p_logprobs: torch.Tensor, mask: torch.Tensor, length_normalize: LengthNormalize = False
 ) -> torch.Tensor:
     """Eq. 6 with w^q = q and w^p = p: per sequence, sum over t of (sum_v q log q - sum_v p log p),
     i.e. how much the grounding lowers the entropy at each position. Shapes as `log_ratio_score`."""
@@ -175,7 +184,10 @@ class SVPConfig(BaseModel):
     phrases: Literal["caption", "categories", "both"] = Field(
         "caption", description="what the grounder looks for: the prior caption's noun phrases, the dataset's categories, or both"
     )
-    length_normalize: bool = Field(False, description="divide scores by the sample length (Eq. 5-6 as printed: off)")
+    length_normalize: LengthNormalize = Field(
+        False,
+        description="divide scores by the sample length (true), by length ** a (a number a in [0, 1]), or not (Eq. 5-6 as printed: false)",
+    )
     iterations: int = Field(1, ge=1, description="I: outer iterations, each sampling from the updated model")
     cvq_ratio: float = Field(0.0, ge=0, description="SVP (CVQ): visual-query pairs per selected caption (paper: 1.0)")
     temperature: float = Field(1.0, gt=0)
