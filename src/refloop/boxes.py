@@ -149,7 +149,7 @@ def paired_iou(a: Sequence[Box | None], b: Sequence[Box | None]) -> np.ndarray:
     if len(a) != len(b):
         raise ValueError(f"paired_iou needs equal lengths, got {len(a)} and {len(b)}")
     out = np.zeros(len(a))
-    keep = [i for i, (x, y) in enumerate(zip(a, b)) if x is not None and y is not None]
+    keep = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x is not None and y is not None]
     if keep:
         aa = _as_array([a[i] for i in keep])  # type: ignore[misc]
         bb = _as_array([b[i] for i in keep])  # type: ignore[misc]

@@ -84,7 +84,7 @@ def locate_boxes(
         located = locator.locate(images, expressions, locate_options)
         return located, paired_iou([loc.box for loc in located], boxes)
     first: dict[tuple[int, str], int] = {}
-    rows = [first.setdefault((id(img), e), len(first)) for img, e in zip(images, expressions)]
+    rows = [first.setdefault((id(img), e), len(first)) for img, e in zip(images, expressions, strict=True)]
     queries = list(first)
     by_image = {id(img): img for img in images}
     answers = locator.locate([by_image[i] for i, _ in queries], [e for _, e in queries], locate_options)
@@ -107,7 +107,7 @@ def describe_then_locate(
         raise ValueError(f"{len(images)} images for {len(boxes)} boxes")
     profile = describer.profile
     k = describe_options.num_return_sequences
-    prompts = [profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
+    prompts = [profile.reg_prompt(b, img.size) for img, b in zip(images, boxes, strict=True)]
     descriptions = [c for group in describer.generate(images, prompts, describe_options) for c in group]
     expressions = [profile.read_expression(c.text) for c in descriptions]
     row_images = [img for img in images for _ in range(k)]

@@ -231,7 +231,7 @@ def _read_coco(
             continue
         index[image_id] = len(image_ids)
         image_ids.append(image_id)
-        for column, value in zip(columns, (file_name, file_path, width, height)):
+        for column, value in zip(columns, (file_name, file_path, width, height), strict=True):
             column.append(value)
     reused = ids.reused()
     if reused:  # on_error="skip": which entry the boxes of a reused id belong to is unknown, so none keeps it
@@ -335,7 +335,7 @@ def _read_coco(
     row_list = rows.tolist()
     ann_ids: list | np.ndarray = list(map(id_col.__getitem__, row_list))
     if any(map(is_, ann_ids, repeat(_MISSING))):
-        ann_ids = [i if a is _MISSING else a for a, i in zip(ann_ids, row_list)]
+        ann_ids = [i if a is _MISSING else a for a, i in zip(ann_ids, row_list, strict=True)]
     if set(map(type, ann_ids)) <= {int}:
         try:
             ann_ids = np.array(ann_ids, dtype=np.int64)  # 8 bytes an id instead of a Python int

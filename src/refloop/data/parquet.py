@@ -256,7 +256,7 @@ def _objects(value: Any, size, names: list[str] | None, path: Path, rec: str, ou
         if not isinstance(boxes, list) or not isinstance(categories, list) or len(categories) != len(boxes):
             raise DataError(path, rec, f"field 'objects' must hold lists 'bbox' and 'category' of one length, got {shown(value)}")
         ids = ids if isinstance(ids, list) and len(ids) == len(boxes) else [None] * len(boxes)
-        entries = list(zip(boxes, categories, ids))
+        entries = list(zip(boxes, categories, ids, strict=True))
     elif isinstance(value, list) and all(isinstance(o, dict) for o in value):
         entries = [(o.get("bbox"), o.get("category"), o.get("id")) for o in value]
     else:

@@ -124,9 +124,9 @@ def _evaluate(
         if with_expr:
             expressions = [chunk[i].target.expressions[0] for i in with_expr]
             _, ious = locate_boxes(vlm, [images[i] for i in with_expr], expressions, [targets[i] for i in with_expr])
-            rec_iou = {i: float(v) for i, v in zip(with_expr, ious)}
+            rec_iou = {i: float(v) for i, v in zip(with_expr, ious, strict=True)}
         rows = []
-        for i, (s, cap, loc, iou) in enumerate(zip(chunk, cycle.expressions, cycle.located, cycle.iou)):
+        for i, (s, cap, loc, iou) in enumerate(zip(chunk, cycle.expressions, cycle.located, cycle.iou, strict=True)):
             rows.append(
                 {
                     "id": s.sample_id,

@@ -145,7 +145,9 @@ def _fingerprint(task: str, vlm: VLM, found: ObjectData, **options) -> dict:
     """The model, the data and a digest of the ground truth (objects, references: another captions
     file or table is another run)."""
     sources = sorted({str(r.source) for r in found.records})
-    truth = json.dumps([[str(r.image_id), sorted(o), refs] for r, o, refs in zip(found.records, found.objects, found.references)])
+    truth = json.dumps(
+        [[str(r.image_id), sorted(o), refs] for r, o, refs in zip(found.records, found.objects, found.references, strict=True)]
+    )
     digest = hashlib.sha256(truth.encode()).hexdigest()[:16]
     return {"task": task, "model": model_fingerprint(vlm), "data": sources, "table": found.table.name, "ground_truth": digest} | options
 
@@ -204,7 +206,7 @@ def _caption_tables(found: ObjectData) -> dict[str, ObjectReader]:
 def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_tokens, progress, java, on_error, protocol, state) -> dict:
     """Captions sharded under `accelerate launch` (see `ShardedRun`); the main process scores and
     rewrites the merged rows."""
-    items = [(str(rec.image_id), rec, gt, refs) for rec, gt, refs in zip(found.records, found.objects, found.references)]
+    items = [(str(rec.image_id), rec, gt, refs) for rec, gt, refs in zip(found.records, found.objects, found.references, strict=True)]
     options = GenerateOptions(max_new_tokens=max_new_tokens)
     path = out / "caption_samples.jsonl"
     run = ShardedRun(path, items, lambda it: it[0], batch_size, state=state)
@@ -212,7 +214,7 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
         texts = vlm.caption(batch.images, options)
         run.write(
             {"id": key, "image": str(rec.path), "caption": text, "references": refs, "annotated_objects": sorted(gt)}
-            for (key, rec, gt, refs), text in zip(batch.items, texts)
+            for (key, rec, gt, refs), text in zip(batch.items, texts, strict=True)
         )
     skipped = run.finish()
     captions = {r["id"]: r["caption"] for r in run.rows()}
@@ -319,7 +321,8 @@ def _evaluate_pope(
     for batch in run.batches(lambda q: load(record_of[q["image_id"]]), on_error, progress):
         answers = vlm.answer(batch.images, [q["question"] for q in batch.items])
         run.write(
-            q | {"answer": a, "parsed": parse_yes_no(a), "reference_reading": reference_reading(a)} for q, a in zip(batch.items, answers)
+            q | {"answer": a, "parsed": parse_yes_no(a), "reference_reading": reference_reading(a)}
+            for q, a in zip(batch.items, answers, strict=True)
         )
     skipped = run.finish()
     rows = run.rows()

@@ -107,7 +107,7 @@ def caption_rows(
         raise ValueError(f"{len(captions)} captions for {len(references)} reference lists")
     table = table if table is not None else default_table(protocol)
     refs = references if references is not None else [()] * len(captions)
-    return [caption_objects(c, g, table, protocol, r) for c, g, r in zip(captions, ground_truth, refs)]
+    return [caption_objects(c, g, table, protocol, r) for c, g, r in zip(captions, ground_truth, refs, strict=True)]
 
 
 def chair_from_rows(rows: Sequence[dict]) -> dict:

@@ -84,7 +84,7 @@ def build_pope_questions(
             together[a, b] += 1
             together[b, a] += 1
     questions = []
-    for rec, gt in zip(records, gt_objects):
+    for rec, gt in zip(records, gt_objects, strict=True):
         present = sorted(gt)
         absent = [c for c in universe if c not in gt]
         n = min(per_image, len(present), len(absent))
@@ -135,7 +135,7 @@ def pope_metrics(answers: Sequence[str | None], labels: Sequence[str], rule: str
     read_answer("", rule)  # refuses an unknown rule before any work
     rows = [
         {"answer": answer, "parsed": parse_yes_no(answer), "prediction": read_answer(answer, rule), "label": label}
-        for answer, label in zip(answers, labels)
+        for answer, label in zip(answers, labels, strict=True)
     ]
     tp = sum(r["prediction"] == "yes" and r["label"] == "yes" for r in rows)
     fp = sum(r["prediction"] == "yes" and r["label"] == "no" for r in rows)

@@ -86,7 +86,7 @@ def _evaluate_rec(vlm, records, out, batch_size, limit, rule, progress, on_error
                 "answer": loc.text,
                 "iou": float(iou),
             }
-            for (pid, rec, i, expr), loc, iou in zip(chunk, located, ious)
+            for (pid, rec, i, expr), loc, iou in zip(chunk, located, ious, strict=True)
         )
     skipped = run.finish()
     rows = run.rows()
@@ -142,7 +142,7 @@ def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error
         captions = vlm.describe(images, [obj.box for _, _, obj in chunk])
         run.write(
             {"id": oid, "image": str(rec.path), "box": obj.box.as_list(), "prediction": cap, "references": list(obj.expressions)}
-            for (oid, rec, obj), cap in zip(chunk, captions)
+            for (oid, rec, obj), cap in zip(chunk, captions, strict=True)
         )
     skipped = run.finish()
     rows = run.rows()

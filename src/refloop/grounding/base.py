@@ -63,7 +63,7 @@ class Grounding:
         if not len(boxes) == len(labels) == len(scores):
             return cls(dropped=dropped + max(len(boxes), len(labels), len(scores)))
         kept: list[tuple[Box, str, float]] = []
-        for raw_box, raw_label, raw_score in zip(boxes, labels, scores):
+        for raw_box, raw_label, raw_score in zip(boxes, labels, scores, strict=True):
             box = _read_box(raw_box, image_size)
             label = " ".join(raw_label.split()) if isinstance(raw_label, str) else ""
             score = _read_score(raw_score)

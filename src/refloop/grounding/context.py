@@ -31,7 +31,9 @@ def grounding_context(grounding: Grounding, image_size: ImageSize, codec: Codec 
 
     `image_size` is the (width, height) the boxes are in; `codec` None writes normalised xyxy."""
     codec = codec or NormalisedXYXY()
-    return "\n".join(f"{_clean_label(label)} {codec.encode(box, image_size)}" for box, label in zip(grounding.boxes, grounding.labels))
+    return "\n".join(
+        f"{_clean_label(label)} {codec.encode(box, image_size)}" for box, label in zip(grounding.boxes, grounding.labels, strict=True)
+    )
 
 
 def parse_grounding_context(text: str, image_size: ImageSize, codec: Codec | None = None) -> Grounding:
@@ -48,5 +50,5 @@ def parse_grounding_context(text: str, image_size: ImageSize, codec: Codec | Non
         labels.append(" ".join(line[: start.start()].split()) if start else "")
         boxes.append(codec.parse_first(line, image_size))
     unparsed = sum(b is None for b in boxes)
-    pairs = [(b, lab) for b, lab in zip(boxes, labels) if b is not None]
+    pairs = [(b, lab) for b, lab in zip(boxes, labels, strict=True) if b is not None]
     return Grounding.from_detections([b for b, _ in pairs], [lab for _, lab in pairs], [1.0] * len(pairs), image_size, dropped=unparsed)

@@ -89,7 +89,7 @@ class _HFDetector:
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
             raw = self._detect([images[i].convert("RGB") for i in batch], [asked[i] for i in batch])
-            for i, (boxes, labels, scores, dropped) in zip(batch, raw):
+            for i, (boxes, labels, scores, dropped) in zip(batch, raw, strict=True):
                 found = Grounding.from_detections(boxes, labels, scores, images[i].size, dropped=dropped)
                 out[i] = found.suppress(self.nms_iou, self.max_detections)
         return out
@@ -169,7 +169,7 @@ class HFGroundingDINO(_HFDetector):
         )
         probs = outputs.logits.sigmoid().float().cpu()
         raw = []
-        for row, (result, asked) in enumerate(zip(results, phrases)):
+        for row, (result, asked) in enumerate(zip(results, phrases, strict=True)):
             # The queries post-processing kept, in order (its own rule: best token score > threshold).
             kept = (probs[row].max(dim=-1).values > self.threshold).nonzero().flatten().tolist()
             spans = self._spans(inputs["input_ids"][row].tolist())[: len(asked)]

@@ -141,7 +141,7 @@ class SceneOracle:
             raise ValueError("the scene oracle reads the answer from the image records: pass records=")
         check_inputs(images, phrases, records)
         out = []
-        for image, asked, record in zip(images, phrases, records):
+        for image, asked, record in zip(images, phrases, records, strict=True):
             if image.size != record.size:
                 w, h = image.size
                 raise ValueError(f"image {record.image_id!r} is {w}x{h} but its record says {record.width}x{record.height}")

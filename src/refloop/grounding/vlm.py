@@ -39,7 +39,7 @@ class VLMGrounder:
         answers = located[::per]  # the first of each phrase's answers
         out = []
         for i, image in enumerate(images):
-            mine = [(p, a.box) for (j, p), a in zip(flat, answers) if j == i]
+            mine = [(p, a.box) for (j, p), a in zip(flat, answers, strict=True) if j == i]
             found = [(p, box) for p, box in mine if box is not None]
             out.append(
                 Grounding.from_detections(
@@ -61,8 +61,9 @@ def parse_phrase_grounding(text: str, image_size: ImageSize, codec: Codec) -> tu
     of each, and the number of incomplete groups (a run of location tokens not a multiple of four)."""
     corners, labels, incomplete = [], [], 0
     pieces = _LOCS.split(_CONTROL.sub("", text))
-    # split() with a capturing group alternates text, location run, text, location run, ...
-    for label_text, locs in zip(pieces[0::2], pieces[1::2]):
+    # split() with a capturing group alternates text, location run, text, location run, ..., text:
+    # one more text piece than runs, and the trailing text (after the last run) has no box.
+    for label_text, locs in zip(pieces[0::2], pieces[1::2], strict=False):
         label = " ".join(label_text.split()).strip(" .,;:")
         found = list(codec.corners(locs, image_size))
         incomplete += locs.count("<loc_") % 4 != 0
@@ -103,7 +104,7 @@ class Florence2Grounder:
         if not todo:
             return out
         answers = self.vlm.generate([images[i] for i in todo], [self.prompt(asked[i]) for i in todo], self.options)
-        for i, group in zip(todo, answers):
+        for i, group in zip(todo, answers, strict=True):
             corners, labels, incomplete = parse_phrase_grounding(group[0].text, images[i].size, self.vlm.profile.codec)
             by_text = {" ".join(p.lower().split()): p for p in asked[i]}
             labels = [by_text.get(label.lower(), label) for label in labels]

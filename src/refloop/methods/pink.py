@@ -138,7 +138,7 @@ def bootstrap_batch(
     `grammar`: mark candidates found among the target's reference expressions."""
     entries = [_image_entry(index, record, cfg) for index, record in batch]
     # Pixels only of images with a box left by the filters, under the failure policy.
-    wanted = [(e, r) for e, (_, r) in zip(entries, batch) if any(b["reason"] is None for b in e["boxes"])]
+    wanted = [(e, r) for e, (_, r) in zip(entries, batch, strict=True) if any(b["reason"] is None for b in e["boxes"])]
     loaded, images = readable(wanted, lambda item: item[1].load_image(), on_error, [])
     decoded = {e["index"] for e, _ in loaded}
     for entry, _ in wanted:
@@ -146,7 +146,9 @@ def bootstrap_batch(
             entry["skip"] = UNREADABLE
             for box in entry["boxes"]:
                 box["decision"], box["reason"] = SKIPPED, box["reason"] or UNREADABLE
-    targets = [(box, record, k, image) for (entry, record), image in zip(loaded, images) for k, box in enumerate(entry["boxes"])]
+    targets = [
+        (box, record, k, image) for (entry, record), image in zip(loaded, images, strict=True) for k, box in enumerate(entry["boxes"])
+    ]
     targets = [t for t in targets if t[0]["reason"] is None]
     if not targets:
         return entries

@@ -319,7 +319,7 @@ def context_scene(step: int, i: int, cfg: PretrainConfig, rng: random.Random, ma
     draw nothing from the stream when they are 0, so recipes without them see the same images).
     The third value says whether the image was drawn by `outline_texture`."""
     styles = cfg.context_styles or {IN_DOMAIN: 1.0}
-    names, weights = zip(*styles.items())
+    names, weights = zip(*styles.items(), strict=True)
     name = rng.choices(names, weights)[0]
     index = step * cfg.batch_scenes + i + cfg.seed * 10_000_000 + CONTEXT_SCENE_OFFSET
     scene = sample_scene(get_style(name), TRAIN_SEED, index, max_objects=max_objects)
@@ -369,7 +369,7 @@ def make_batch(step: int, cfg: PretrainConfig, processor: RefloopTinyProcessor, 
     np_rng = np.random.default_rng([cfg.seed, step])
     style = get_style(IN_DOMAIN)
     max_objects = 3 if step < cfg.curriculum_steps else None
-    tasks, weights = zip(*cfg.task_mix.items())
+    tasks, weights = zip(*cfg.task_mix.items(), strict=True)
     images, prompts, answers, image_index = [], [], [], []
     frozen = []  # indices of images whose encodings train the decoder only
     # context_caption queries on images of their own (context_styles / context_degrade_prob): one
@@ -418,11 +418,11 @@ def encode_pairs(
             raise ValueError(f"refloop-tiny prompts start with <image>: {p!r}")
     p_ids = tok([p[len("<image>") :] for p in prompts], add_special_tokens=False)["input_ids"]
     a_ids = tok([a + " <eos>" for a in answers], add_special_tokens=False)["input_ids"]
-    length = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))
+    length = max(len(p) + len(a) for p, a in zip(p_ids, a_ids, strict=True))
     input_ids = torch.full((len(prompts), length), tok.pad_token_id, dtype=torch.long)
     labels = torch.full_like(input_ids, -100)
     attention = torch.zeros_like(input_ids)
-    for r, (p, a) in enumerate(zip(p_ids, a_ids)):
+    for r, (p, a) in enumerate(zip(p_ids, a_ids, strict=True)):
         seq = p + a
         input_ids[r, : len(seq)] = torch.tensor(seq)
         labels[r, len(p) : len(seq)] = torch.tensor(a)
@@ -487,7 +487,7 @@ def quick_eval(model, processor, profile: TinyProfile, num_scenes: int, batch: i
     n = len(items)
     return {
         "rec_acc": int(SC_TUNE_CONSISTENCY(rec_iou).sum()) / n,
-        "reg_exact": sum(c == expr for c, (_, _, expr) in zip(cycle.expressions, items)) / n,
+        "reg_exact": sum(c == expr for c, (_, _, expr) in zip(cycle.expressions, items, strict=True)) / n,
         "self_consistency": int(cycle.consistent.sum()) / n,
     }
 

@@ -251,7 +251,7 @@ class SCTune:
         seconds = time.perf_counter() - t0
         # Old and reference log-probs from the same masked forward pass as the new ones.
         r_images = [img for img in images for _ in range(k)]
-        prompts = [self.vlm.profile.reg_prompt(b, img.size) for img, b in zip(r_images, cycle.boxes)]
+        prompts = [self.vlm.profile.reg_prompt(b, img.size) for img, b in zip(r_images, cycle.boxes, strict=True)]
         ids = [list(c.token_ids) for c in cycle.descriptions]
         if old_logprobs:
             logp_old, mask = pad_rows(self.describer.logprobs(r_images, prompts, ids))
@@ -335,7 +335,7 @@ class SCTune:
                     pair = self.supervised[rng.randrange(len(self.supervised))]
                     images[i], boxes[i], captions[i] = pair.load_image(), pair.box, pair.expression
         prompts = [profile.rec_prompt(c) for c in captions]
-        targets = [self.vlm.answer_ids(profile.rec_answer(b, img.size, c)) for img, b, c in zip(images, boxes, captions)]
+        targets = [self.vlm.answer_ids(profile.rec_answer(b, img.size, c)) for img, b, c in zip(images, boxes, captions, strict=True)]
         n_tokens = sum(len(t) for t in targets)
 
         def loss_of(chunk: list[int]) -> torch.Tensor:  # Eq. 4, mean over the step's answer tokens

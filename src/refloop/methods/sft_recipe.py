@@ -89,9 +89,9 @@ def extend_vocabulary(vlm, words: list[str]) -> list[int]:
     vocab = state["model"]["vocab"]
     start = max(len(tokenizer), max(vocab.values()) + 1)
     ids = list(range(start, start + len(words)))
-    vocab.update(zip(words, ids))
+    vocab.update(zip(words, ids, strict=True))
     tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
-    if any(tokenizer.convert_tokens_to_ids(w) != i for w, i in zip(words, ids)):
+    if any(tokenizer.convert_tokens_to_ids(w) != i for w, i in zip(words, ids, strict=True)):
         raise RefloopError("could not extend the tokenizer's vocabulary (new words do not map to new ids)")
     model = vlm.model
     old = model.get_input_embeddings().weight.shape[0]

@@ -266,17 +266,17 @@ def inner_loop(
     dropped = [0] * len(flat_images)
     if cfg.grounding and grounder is not None:
         # (2) grounding of each prior sample, written as text; (3) one guided sample per grounding
-        phrases = [phrases_for(text, rec, cfg.phrases, vocabulary) for text, rec in zip(prior, flat_records)]
+        phrases = [phrases_for(text, rec, cfg.phrases, vocabulary) for text, rec in zip(prior, flat_records, strict=True)]
         groundings = grounder.ground(flat_images, phrases, flat_records)
         dropped = [g.dropped for g in groundings]
-        contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, flat_images)]
+        contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, flat_images, strict=True)]
         prompts = [profile.grounded_caption_prompt(c) for c in contexts]
         guided_completions = [group[0] for group in vlm.generate(flat_images, prompts, sampled)]
     else:  # no feedback: the prior samples are the candidates
         contexts, prompts = [""] * len(flat_images), [base_prompt] * len(flat_images)
         guided_completions = [c for group in prior_groups for c in group]
     guided = [profile.read_caption(c.text) for c in guided_completions]
-    degenerate = [degenerate_reason(t, profile.codec, img.size) for t, img in zip(guided, flat_images)]
+    degenerate = [degenerate_reason(t, profile.codec, img.size) for t, img in zip(guided, flat_images, strict=True)]
     # (4) scores from full-vocabulary distributions under q (with grounding) and p (without)
     scores = [0.0] * len(guided)
     if cfg.grounding and cfg.score != "none":
@@ -289,7 +289,7 @@ def inner_loop(
             imgs = [flat_images[i] for i in idx]
             q, mask = padded(vlm.logprobs(imgs, [prompts[i] for i in idx], ids, full_vocab=True))
             p, _ = padded(vlm.logprobs(imgs, [base_prompt] * len(idx), ids, full_vocab=True))
-            for i, s in zip(idx, score_fn(q, p, mask, cfg.length_normalize).tolist()):
+            for i, s in zip(idx, score_fn(q, p, mask, cfg.length_normalize).tolist(), strict=True):
                 scores[i] = s
     # (5) per image: drop degenerate samples, keep the top fraction (or a random one)
     out = []
@@ -330,9 +330,9 @@ def isvp(
     profile = vlm.profile
     greedy = GenerateOptions(max_new_tokens=max_new_tokens)
     prior = [profile.read_caption(g[0].text) for g in vlm.generate(list(images), [profile.caption_prompt()] * len(images), greedy)]
-    asked = [phrases_for(text, rec, phrases, vocabulary) for text, rec in zip(prior, records)]
+    asked = [phrases_for(text, rec, phrases, vocabulary) for text, rec in zip(prior, records, strict=True)]
     groundings = grounder.ground(list(images), asked, list(records))
-    contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, images)]
+    contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, images, strict=True)]
     prompts = [profile.grounded_caption_prompt(c) for c in contexts]
     guided = [profile.read_caption(g[0].text) for g in vlm.generate(list(images), prompts, greedy)]
     return [
@@ -345,7 +345,7 @@ def isvp(
             "caption": z,
             "dropped_detections": g.dropped,
         }
-        for r, p, a, c, z, g in zip(records, prior, asked, contexts, guided, groundings)
+        for r, p, a, c, z, g in zip(records, prior, asked, contexts, guided, groundings, strict=True)
     ]
 
 
@@ -373,7 +373,7 @@ def caption_images(
                 run.write(isvp(vlm, grounder, batch.items, batch.images, phrases, vocabulary))
             else:
                 texts = vlm.caption(batch.images)
-                run.write({"image_id": r.image_id, "image": str(r.path), "caption": t} for r, t in zip(batch.items, texts))
+                run.write({"image_id": r.image_id, "image": str(r.path), "caption": t} for r, t in zip(batch.items, texts, strict=True))
         return run.finish()
 
 
@@ -490,7 +490,7 @@ class SVP:
             "dropped_detections": sum(r["dropped_detections"] for r in rows),
             "images_without_grounding": ungrounded,
             "mean_score_selected": _mean([r["scores"][j] for r in rows for j in r["selected"]]),
-            "mean_score_all": _mean([s for r in rows for s, d in zip(r["scores"], r["degenerate"]) if d is None]),
+            "mean_score_all": _mean([s for r in rows for s, d in zip(r["scores"], r["degenerate"], strict=True) if d is None]),
             "sft_steps": tuner.total_steps,
             "sample_seconds": round(sample_seconds, 1),
             "train_seconds": summary.get("train_seconds"),

@@ -209,8 +209,10 @@ def seed_image_queries(
     grounded, skipped = [], []
     for start in range(0, len(records), cfg.batch_size):
         batch, images = readable(records[start : start + cfg.batch_size], lambda r: r.load_image(), on_error, skipped)
-        for record, found in zip(batch, grounder.ground(images, [phrases(r) for r in batch], records=batch)):
-            objects = tuple(ObjectAnnotation(b, label, ann_id=k) for k, (b, label) in enumerate(zip(found.boxes, found.labels)))
+        for record, found in zip(batch, grounder.ground(images, [phrases(r) for r in batch], records=batch), strict=True):
+            objects = tuple(
+                ObjectAnnotation(b, label, ann_id=k) for k, (b, label) in enumerate(zip(found.boxes, found.labels, strict=True))
+            )
             grounded.append(replace(record, objects=objects))
     stats = bootstrap(vlm, grounded, work / "bootstrap", cfg, grammar=False, on_error=on_error, write_report=False)
     # every box of the merged run (so every process asks the same questions); the kept ones carry their expression

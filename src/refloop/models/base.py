@@ -114,7 +114,7 @@ class ProfileTasks:
 
     def describe(self, images: Sequence[Image.Image], boxes: Sequence[Box], options: GenerateOptions = GREEDY) -> list[str]:
         """K = options.num_return_sequences expressions per box, box-major (sample j of box i at i * K + j)."""
-        prompts = [self.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes)]
+        prompts = [self.profile.reg_prompt(b, img.size) for img, b in zip(images, boxes, strict=True)]
         return [self.profile.read_expression(c.text) for group in self.generate(images, prompts, options) for c in group]
 
     def locate(self, images: Sequence[Image.Image], expressions: Sequence[str], options: GenerateOptions | None = None) -> list[Located]:
@@ -122,7 +122,7 @@ class ProfileTasks:
         prompts = [self.profile.rec_prompt(e) for e in expressions]
         options = options or GenerateOptions(max_new_tokens=self._locate_budget(expressions))
         groups = self.generate(images, prompts, options)
-        return [Located(self.profile.read_box(c.text, img.size), c.text) for img, group in zip(images, groups) for c in group]
+        return [Located(self.profile.read_box(c.text, img.size), c.text) for img, group in zip(images, groups, strict=True) for c in group]
 
     def _locate_budget(self, expressions: Sequence[str]) -> int:
         """Greedy REC token budget: the token length of this family's own REC answer for the longest

@@ -161,7 +161,7 @@ class PreallocatedLayer(DynamicLayer):
             return False
         return all(
             t.data_ptr() == buf.data_ptr() and t.shape[:2] == buf.shape[:2] and t.stride() == buf.stride()
-            for t, buf in zip((self.keys, self.values), self._buffers)
+            for t, buf in zip((self.keys, self.values), self._buffers, strict=True)
         )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

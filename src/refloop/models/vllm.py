@@ -333,7 +333,7 @@ class VLLMVLM(ProfileTasks):
         base = int(torch.randint(0, 2**30, ()).item()) if seeded else None
         for i in range(len(prompts)):
             params.append(self._params(options, None if base is None else base + i * k))
-        requests = [{"prompt": p, "multi_modal_data": {"image": img}} for img, p in zip(images, prompts)]
+        requests = [{"prompt": p, "multi_modal_data": {"image": img}} for img, p in zip(images, prompts, strict=True)]
         outputs = self.engine.llm.generate(requests, params, use_tqdm=False, lora_request=self.engine.request(self.adapter))
         eos = self.tokenizer.eos_token_id
         groups = []
@@ -343,7 +343,12 @@ class VLLMVLM(ProfileTasks):
                 ids = list(sample.token_ids)
                 if eos in ids:
                     ids = ids[: ids.index(eos) + 1]
-                logps = tuple(float(step[t].logprob) for step, t in zip(sample.logprobs or [], ids)) if sample.logprobs else None
+                # ids may stop at the first eos (kept above) before the per-step logprobs do
+                logps = (
+                    tuple(float(step[t].logprob) for step, t in zip(sample.logprobs[: len(ids)], ids, strict=True))
+                    if sample.logprobs
+                    else None
+                )
                 group.append(Completion(self.profile.decode(self.tokenizer, ids), tuple(ids), logps))
             if not options.do_sample and k > 1:
                 group = group * k  # greedy: K equal answers, as K greedy runs would give

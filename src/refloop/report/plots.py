@@ -94,7 +94,7 @@ def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], path
         xs = [x - 0.4 + width * (k + 0.5) for x in range(len(groups))]
         ax.bar(xs, values, width=width, label=label, color=colors[k % len(colors)])
         if k == 0:
-            for x, v in zip(xs, values):
+            for x, v in zip(xs, values, strict=True):
                 ax.text(x, v + 1, f"{v:.1f}", ha="center", fontsize=8)
     ax.set_xticks(list(range(len(groups))), list(groups), fontsize=8)
     ax.set_ylim(0, 105)

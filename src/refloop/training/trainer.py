@@ -205,7 +205,7 @@ class Trainer:
             return stats
         values = torch.tensor([float(stats[k]) for k in numeric], dtype=torch.float64, device=self.state.device)  # NCCL: on the GPU
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-        means = dict(zip(numeric, (values / self.world_size).tolist()))
+        means = dict(zip(numeric, (values / self.world_size).tolist(), strict=True))
         # Integers that agree on every process (the phase index) stay integers.
         return stats | {k: int(v) if isinstance(stats[k], int) and v == int(v) else v for k, v in means.items()}
 

@@ -61,7 +61,7 @@ def degrade_image(scene, image: Image.Image, rng: np.random.Generator) -> Image.
         edge_on = rng.random() < 0.4
         shade = int(rng.integers(10, 61))
         for obj in scene.objects:
-            rgb = tuple(int(np.clip(v + d, 0, 255)) for v, d in zip(obj.rgb, rng.integers(-shade, shade + 1, size=3)))
+            rgb = tuple(int(np.clip(v + d, 0, 255)) for v, d in zip(obj.rgb, rng.integers(-shade, shade + 1, size=3), strict=True))
             edge = tuple(int(v) for v in rng.integers(0, 256, size=3)) if edge_on else None
             draw_shape(draw, obj, rgb, edge, int(rng.integers(1, 3)) if edge_on else 0)
         image = img

@@ -115,7 +115,7 @@ def sample_scene(style: DomainStyle, seed: int, index: int, max_objects: int | N
             continue
         base = BASE_RGB[colour]
         jitter = rng.integers(-style.shade_jitter, style.shade_jitter + 1, size=3) if style.shade_jitter else (0, 0, 0)
-        rgb = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(base, jitter))
+        rgb = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(base, jitter, strict=True))
         objects.append(ShapeObject(shape, colour, size, box, rgb))  # type: ignore[arg-type]
         cells.add(cell)
     return Scene(domain=style.name, index=index, seed=seed, objects=tuple(objects))

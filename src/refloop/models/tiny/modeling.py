@@ -62,7 +62,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, config: RefloopTinyConfig) -> None:
         super().__init__()
         chans = [3, *config.vision_channels]
-        self.stages = nn.ModuleList(CoordConvStage(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.stages = nn.ModuleList(CoordConvStage(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True))
         self.proj = nn.Linear(chans[-1], config.hidden_size)
         self.grid_pos = nn.Parameter(torch.randn(config.num_cells, config.hidden_size) * config.initializer_range)
         # Region features come from the two finest-but-one stages (28x28 and 14x14 at 112 px).
