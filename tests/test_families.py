@@ -58,7 +58,7 @@ def test_profile_is_chosen_from_the_config(family):
 
 
 def test_inspect_reports_profile_prompts_and_lora_targets_without_weights(family):
-    from refloop.models.inspect import inspect_checkpoint
+    from refloop.models.inspection import inspect_checkpoint
 
     name, vlm = family
     report = inspect_checkpoint(vlm.name)

@@ -582,7 +582,7 @@ def inspect(
     """What refloop will do with a checkpoint, without loading its weights: the chosen prompt profile,
     prompts and answer for an example box, the box codec, and the LoRA targets (vision excluded)."""
     from refloop.models import default_model_path
-    from refloop.models.inspect import inspect_checkpoint
+    from refloop.models.inspection import inspect_checkpoint
 
     options = {"max_pixels": max_pixels} if max_pixels else None
     console.print_json(json.dumps(inspect_checkpoint(model or default_model_path(), profile, options, trust_remote_code)))

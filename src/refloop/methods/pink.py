@@ -28,8 +28,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.boxes import Box, iou_matrix
@@ -126,6 +128,16 @@ def _normal(text: str) -> str:
 
 
 # ---- one batch: A.2's filters, then Sec. 3.3's two stages ------------------------------------------
+class _Target(NamedTuple):
+    """A box left by A.2's filters: its entry in the output record, its image record, its index
+    among the record's objects and the decoded image."""
+
+    entry: dict
+    record: ImageRecord
+    index: int
+    image: Image.Image
+
+
 def bootstrap_batch(
     vlm: VLM,
     batch: Sequence[tuple[int, ImageRecord]],
@@ -147,12 +159,14 @@ def bootstrap_batch(
             for box in entry["boxes"]:
                 box["decision"], box["reason"] = SKIPPED, box["reason"] or UNREADABLE
     targets = [
-        (box, record, k, image) for (entry, record), image in zip(loaded, images, strict=True) for k, box in enumerate(entry["boxes"])
+        _Target(box, record, k, image)
+        for (entry, record), image in zip(loaded, images, strict=True)
+        for k, box in enumerate(entry["boxes"])
+        if box["reason"] is None
     ]
-    targets = [t for t in targets if t[0]["reason"] is None]
     if not targets:
         return entries
-    row_images, row_boxes = [t[3] for t in targets], [t[1].objects[t[2]].box for t in targets]
+    row_images, row_boxes = [t.image for t in targets], [t.record.objects[t.index].box for t in targets]
     keep = Consistency(cfg.iou_lambda, inclusive=True)  # IoU(B, B_hat) >= lambda, Sec. 3.3 / 4.1
     # Sec. 3.3, stage 1 "bounding box description bootstrapping": the model's grounding caption D_B
     # of each box B; stage 2 "self-consistent filtering": D_B located again (B_hat) and IoU(B, B_hat).
@@ -168,10 +182,12 @@ def bootstrap_batch(
             num_return_sequences=cfg.samples - 1,
         )
         cycles.append(describe_then_locate(vlm, vlm, row_images, row_boxes, sampled, consistency=keep))
-    for t, (box, record, k, _) in enumerate(targets):
+    for t, target in enumerate(targets):
         rows = [(cycle, row) for cycle in cycles for row in range(t * cycle.samples, (t + 1) * cycle.samples)]
-        candidates = [_candidate(sample, cycle, row, record.objects, k, cfg, grammar) for sample, (cycle, row) in enumerate(rows)]
-        _decide(box, candidates)  # Sec. 3.3: D_B "removed if the IoU between B and B_hat is below lambda"
+        candidates = [
+            _candidate(sample, cycle, row, target.record.objects, target.index, cfg, grammar) for sample, (cycle, row) in enumerate(rows)
+        ]
+        _decide(target.entry, candidates)  # Sec. 3.3: D_B "removed if the IoU between B and B_hat is below lambda"
     return entries
 
 
