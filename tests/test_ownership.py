@@ -195,6 +195,45 @@ def test_export_parquet_to_a_bad_place_is_one_error_line(tmp_path, capsys, where
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_filter_replaces_only_a_triplets_file_it_wrote_and_only_with_overwrite(tmp_path, capsys):
+    data = tmp_path / "instances.json"
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100}], "categories": [{"id": 1, "name": "square"}]}
+    coco["annotations"] = [{"id": k, "image_id": 1, "category_id": 1, "bbox": [40 * k, 10, 20, 20]} for k in (0, 1)]
+    data.write_text(json.dumps(coco))
+    users = tmp_path / "notes.json"
+    users.write_text('{"precious": 1}\n')
+    assert_refused(run(["filter", str(data), "--out", str(users)], capsys), "exists", "--overwrite")
+    assert_refused(run(["filter", str(data), "--out", str(users), "--overwrite"], capsys), "not a file this command writes")
+    assert users.read_text() == '{"precious": 1}\n'
+    out = tmp_path / "triplets.jsonl"
+    assert run(["filter", str(data), "--out", str(out)], capsys)[0] == 0
+    first = out.read_text()
+    assert_refused(run(["filter", str(data), "--out", str(out)], capsys), "exists", "--overwrite")
+    code, _, err = run(["filter", str(data), "--out", str(out), "--overwrite", "--max-overlap-iou", "0.9"], capsys)
+    assert code == 0, err
+    assert out.read_text() == first  # replaced by the same triplets (no box here overlaps)
+
+
+def test_export_parquet_replaces_only_a_parquet_file_it_wrote(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"a": 1}\n')
+    users = tmp_path / "users.parquet"
+    users.write_bytes(b"PAR1 not refloop's")
+    for extra in ([], ["--overwrite"]):
+        assert_refused(run(["export-parquet", str(data), str(users), *extra], capsys), str(users))
+    assert users.read_bytes() == b"PAR1 not refloop's"
+    out = tmp_path / "rows.parquet"
+    assert run(["export-parquet", str(data), str(out)], capsys)[0] == 0
+    assert_refused(run(["export-parquet", str(data), str(out)], capsys), "exists", "--overwrite")
+    data.write_text('{"a": 2}\n')
+    code, _, err = run(["export-parquet", str(data), str(out), "--overwrite"], capsys)
+    assert code == 0, err
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).to_pylist() == [{"a": 2}]
+
+
 def test_demo_and_pretrain_refuse_a_file_as_out_before_any_work(tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("x")

@@ -77,11 +77,11 @@ BackendOpt = typer.Option(
 )
 
 
-def _check_out(out: Path, *inputs: object, kind: str = "dir", option: str = "--out", overwrite: bool = False) -> None:
+def _check_out(out: Path, *inputs: object, kind: str = "dir", option: str = "--out", overwrite: bool = False, written_by_us=None) -> None:
     """The one rule for output paths (`refloop.runs.check_output`), before any data or weights load."""
     from refloop.runs import check_output
 
-    check_output(out, kind=kind, inputs=inputs, option=option, overwrite=overwrite)
+    check_output(out, kind=kind, inputs=inputs, option=option, overwrite=overwrite, written_by_us=written_by_us)
 
 
 def _recipe_inputs(recipe) -> dict:
@@ -385,11 +385,12 @@ def filter_detections(
         0.02, "--min-area-fraction", help="Drop a triplet holding a box smaller than this fraction of the image."
     ),
     on_error: OnErrorChoice = OnErrorOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is a triplets file refloop filter wrote."),
 ) -> None:
     """SC-Tune appendix 9: (image, category, boxes) triplets for training, from boxes alone."""
-    from refloop.data.filters import write_triplets
+    from refloop.data.filters import is_triplets_file, write_triplets
 
-    _check_out(out, detections, exclude, images, kind="file")
+    _check_out(out, detections, exclude, images, kind="file", overwrite=overwrite, written_by_us=is_triplets_file)
     counts, skipped = write_triplets(detections, out, images, exclude, max_overlap_iou, min_area_fraction, on_error.value)
     console.print_json(json.dumps(counts.as_dict() | {"skipped_records": skipped}))
     console.print(f"wrote {counts.triplets_kept} triplets ({counts.boxes_kept} boxes) to {out}", markup=False)
@@ -399,12 +400,14 @@ def filter_detections(
 def export_parquet(
     jsonl: Path = typer.Argument(..., help="A refloop JSONL output: samples.jsonl, pairs.jsonl, rc.jsonl, metrics.jsonl..."),
     parquet: Path = typer.Argument(..., help="The parquet file written (datasets.load_dataset('parquet', data_files=...) reads it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace PARQUET if refloop export-parquet wrote it."),
 ) -> None:
     """Write a JSONL output as one parquet file (needs pyarrow). The JSONL files load with
     datasets.load_dataset('json', data_files=...) as they are."""
     from refloop.data.parquet import export_parquet as write
+    from refloop.data.parquet import is_exported_parquet
 
-    _check_out(parquet, jsonl, kind="file", option="PARQUET")
+    _check_out(parquet, jsonl, kind="file", option="PARQUET", overwrite=overwrite, written_by_us=is_exported_parquet)
     console.print_json(json.dumps({"rows": write(jsonl, parquet), "parquet": str(parquet)}))
 
 

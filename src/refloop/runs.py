@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -95,13 +95,15 @@ def check_output(
     fingerprint: dict | None = None,
     overwrite: bool = False,
     apart_from: dict[str, Path] | None = None,
+    written_by_us: Callable[[Path], bool] | None = None,
 ) -> Path:
     """The one rule for output paths, checked before any work and creating nothing: `kind="dir"`
     is a directory that is new, empty or one of refloop's runs (`fingerprint`, when known, must
-    match unless `overwrite`); `kind="file"` is a file (never a directory). Either way its nearest
-    existing ancestor is a writable directory and it is neither equal to nor inside an input.
-    `apart_from` names the command's other outputs ({option: path}, existing or not): neither
-    holds the other."""
+    match unless `overwrite`); `kind="file"` is a file (never a directory) that is new, or with
+    `overwrite` one this command wrote (`written_by_us` recognises it: refloop replaces only files
+    it wrote). Either way its nearest existing ancestor is a writable directory and it is neither
+    equal to nor inside an input. `apart_from` names the command's other outputs ({option: path},
+    existing or not): neither holds the other."""
     path = Path(path)
     target = _absolute(path)
     for other_option, other in (apart_from or {}).items():
@@ -119,8 +121,16 @@ def check_output(
     if kind == "file":
         if path.is_dir():
             raise RefloopError(f"{option} {path} is a directory; name a file")
-        if path.exists() and not os.access(path, os.W_OK):
-            raise RefloopError(f"{option} {path} is not writable")
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise RefloopError(f"{option} {path} exists; name a new file, or pass --overwrite to replace an output this command wrote")
+            if written_by_us is None or not written_by_us(path):
+                raise RefloopError(
+                    f"{option} {path} exists and is not a file this command writes; refloop replaces only files it wrote: "
+                    "remove it yourself or name another file"
+                )
+            if not os.access(path, os.W_OK):
+                raise RefloopError(f"{option} {path} is not writable")
         _writable_parent(path, option)
         return path
     if path.exists() or path.is_symlink():

@@ -7,6 +7,7 @@ at IoU > 0.5; drop a triplet holding a box under 2% of the image area.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,21 @@ def held_out_ids(path: Path | None) -> set:
             raise DataError(path, f"line {number}", f"expected an object with a string or integer image_id, got {row!r:.80}")
         held_out.add(image_id)
     return held_out
+
+
+TRIPLET_FIELDS = frozenset({"image_id", "category", "boxes", "file_name", "width", "height"})
+
+
+def is_triplets_file(path: Path, lines: int = 5) -> bool:
+    """Whether `path` looks like a file `write_triplets` wrote (its first lines are triplets; an
+    empty file, a filter that kept nothing, counts): what `refloop filter --overwrite` may replace."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = [line for _, line in zip(range(lines), f, strict=False)]  # at most `lines` lines
+        rows = [json.loads(line) for line in head]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return all(isinstance(r, dict) and set(r) == TRIPLET_FIELDS for r in rows)
 
 
 def write_triplets(

@@ -274,6 +274,20 @@ def _objects(value: Any, size, names: list[str] | None, path: Path, rec: str, ou
     return out
 
 
+WRITTEN_BY = {b"written_by": b"refloop export-parquet"}  # the file's schema metadata
+
+
+def is_exported_parquet(path: Path) -> bool:
+    """Whether `path` is a parquet file `export_parquet` wrote (its schema metadata says so): what
+    `refloop export-parquet --overwrite` may replace."""
+    pa = _pyarrow()
+    try:
+        metadata = pa.parquet.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError):
+        return False
+    return metadata.get(b"written_by") == WRITTEN_BY[b"written_by"]
+
+
 def export_parquet(jsonl_path: str | Path, parquet_path: str | Path) -> int:
     """A refloop JSONL output (samples, pairs, RC data, metrics) as one parquet file that
     `datasets.load_dataset("parquet", ...)` reads; returns the number of rows. Column types are
@@ -292,7 +306,7 @@ def export_parquet(jsonl_path: str | Path, parquet_path: str | Path) -> int:
     tmp = out.with_name(out.name + ".tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        pa.parquet.write_table(table, tmp)
+        pa.parquet.write_table(table.replace_schema_metadata(WRITTEN_BY), tmp)
         tmp.replace(out)  # the old file stays whole until the new one is
     except (pa.ArrowException, OSError) as exc:
         with suppress(OSError):
