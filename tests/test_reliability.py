@@ -103,6 +103,10 @@ def test_error_text_is_not_read_as_markup(tmp_path, models, capsys):
         ("train_data: in-domain\n", ["sctune.kl_coef=.nan"], ["kl_coef"]),
         ("train_data: in-domain\n", ["sctune.lora.r=0"], ["lora.r"]),
         ("train_data: in-domain\n", ["sctune.top_p=1.5"], ["top_p"]),
+        # a typo in --set is blamed on --set (not the file) with the nearest field; one line, no pydantic dump
+        ("train_data: in-domain\n", ["sctune.phasez=2"], ["--set sctune.phasez: unknown field (did you mean phases?)"]),
+        ("train_data: in-domain\nsctune: {phasez: 2}\n", [], ["recipe.yaml: sctune.phasez: unknown field (did you mean phases?)"]),
+        ("sctune: {phases: 2}\n", [], ["train_data: required, not given"]),
         ("train_data: in-domain\n", ["train_data.x=1"], ["train_data", "not a mapping"]),
         ("train_data: [in-domain\n", [], ["not valid YAML"]),
         ("!!python/object/apply:os.system ['true']\n", [], ["not valid YAML"]),

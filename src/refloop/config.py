@@ -4,8 +4,9 @@ the tracker fields `refloop.training.trackers.TrackingSpec`."""
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -96,4 +97,41 @@ def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] = 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RefloopError(f"{source}: {exc}") from None
+        set_keys = [item.partition("=")[0] for item in overrides]
+        raise RefloopError(validation_message(model, exc, source, set_keys)) from None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> dict | None:
+    """The fields of the (nested) config model that holds the value at `loc[:-1]`, if one does."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        candidates = [field.annotation, *get_args(field.annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model.model_fields
+
+
+def validation_message(model: type[BaseModel], exc: ValidationError, source: str, set_keys: list[str] = ()) -> str:
+    """One line for every invalid field, blamed on the `--set` that gave it when one did, with the
+    nearest field name for an unknown key: `--set sft.epoch: unknown field (did you mean epochs?)`."""
+    problems = []
+    for error in exc.errors():
+        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        dotted = ".".join(str(p) for p in loc)
+        given = next((k for k in set_keys if dotted == k or dotted.startswith(k + ".")), None)
+        where = f"--set {dotted}" if given else f"{source}: {dotted or 'recipe'}"
+        if error["type"] == "extra_forbidden":
+            known = _fields_at(model, loc) or {}
+            near = get_close_matches(str(loc[-1]), list(known), n=1)
+            problems.append(f"{where}: unknown field" + (f" (did you mean {near[0]}?)" if near else ""))
+        elif error["type"] == "missing":
+            problems.append(f"{where}: required, not given")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            shown = "" if error["type"] == "value_error" or "input" not in error else f" (got {error['input']!r:.80})"
+            problems.append(f"{where}: {message}{shown}")
+    return f"invalid {model.__name__}: " + "; ".join(problems)
