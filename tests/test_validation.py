@@ -419,6 +419,11 @@ def test_bootstrap_with_no_pair_kept_does_not_point_at_an_empty_file(tiny, tmp_p
     code, out, err = run_cli([*args, "--lambda", "1.0"], capsys)  # a random model never re-locates a box exactly
     assert code == 0, err
     assert "read the pairs back" not in out and "no pair was kept" in err
+    # nothing left to describe after A.2's filters: the message names the filter, not rejected_by_reason
+    args[args.index("--out") + 1] = str(tmp_path / "c")
+    code, out, err = run_cli([*args, "--min-area-px", "1e9"], capsys)
+    assert code == 0, err
+    assert "no box was described" in err and "small_box" in err and "--min-area-px" in err and "rejected_by_reason" not in err
 
 
 def test_svp_warns_when_the_grounding_was_empty_for_every_image(tiny, tmp_path, capsys):

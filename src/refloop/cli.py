@@ -688,9 +688,16 @@ def _print_bootstrap(stats: dict, out: Path) -> None:
     console.print_json(json.dumps({k: v for k, v in stats.items() if k != "config"}))
     if stats["kept"]:
         console.print(f"read the pairs back with: --data {out / 'pairs.jsonl'} --images {stats['image_root']}", markup=False)
-    else:
+    elif stats["boxes_considered"]:
         err_console.print(
-            f"no pair was kept ({stats['boxes_considered']} boxes considered): pairs.jsonl is empty; see rejected_by_reason above",
+            f"no pair was kept ({stats['boxes_considered']} boxes described): pairs.jsonl is empty; see rejected_by_reason above",
+            markup=False,
+        )
+    else:  # A.2's filters left nothing to describe: name them and the options that set them
+        skipped = ", ".join(f"{n} {reason}" for reason, n in stats.get("boxes_skipped", {}).items()) or "none"
+        err_console.print(
+            f"no box was described (skipped: {skipped}): pairs.jsonl is empty; Pink's filters skip boxes under --min-area-px "
+            f"({stats['config']['min_area_px']:g} px) and images with more than --max-objects ({stats['config']['max_objects']}) objects",
             markup=False,
         )
 
