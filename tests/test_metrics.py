@@ -151,9 +151,26 @@ def test_caption_metrics_per_caption_and_the_fallback_named():
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer and METEOR need Java")
-def test_caption_metrics_with_java_score_each_caption():
+def test_caption_metrics_with_java_score_each_caption(capfd):
     preds, refs = {"a": "the red circle", "b": "a blue square"}, {"a": ["the red square"], "b": ["a blue square"]}
     m = caption_metrics(preds, refs)
+    assert "PTBTokenizer" not in capfd.readouterr().err  # the Java tokenizer's chatter is held back
     assert m["tokenizer"] == "ptb (java)"
     assert m["samples"]["b"]["METEOR"] > m["samples"]["a"]["METEOR"] > 0
     assert json.dumps(m)  # every number is a plain float
+
+
+def test_child_stderr_is_held_and_replayed_only_when_the_block_fails(capfd):
+    import subprocess
+    import sys
+
+    from refloop.evaluation.captions import child_stderr_held
+
+    speak = [sys.executable, "-c", "import sys; sys.stderr.write('child says hi')"]
+    with child_stderr_held():
+        subprocess.run(speak, check=True)
+    assert "child says hi" not in capfd.readouterr().err
+    with pytest.raises(RuntimeError), child_stderr_held():
+        subprocess.run(speak, check=True)
+        raise RuntimeError("the tokenizer failed")
+    assert "child says hi" in capfd.readouterr().err

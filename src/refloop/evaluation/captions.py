@@ -10,12 +10,39 @@ number.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _PUNCT = re.compile(r"[^\w\s]")
 PTB_TOKENIZER = "ptb (java)"
 FALLBACK_TOKENIZER = "fallback: lower-case, punctuation removed (not PTB)"
+
+
+@contextmanager
+def child_stderr_held() -> Iterator[None]:
+    """Child processes inherit file descriptor 2: while this holds, what they write there (the PTB
+    tokenizer's Java prints a "tokenized N tokens" line on every call) goes to a temporary file,
+    replayed on stderr only if the block fails, so a Java error is never lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            except BaseException:
+                os.dup2(saved, 2)
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace")[-4000:])
+                raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def simple_tokenize(text: str) -> str:
@@ -40,8 +67,9 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         tok = PTBTokenizer()
-        gts = tok.tokenize({k: [{"caption": r} for r in refs] for k, refs in references.items()})
-        res = tok.tokenize({k: [{"caption": p}] for k, p in predictions.items()})
+        with child_stderr_held():
+            gts = tok.tokenize({k: [{"caption": r} for r in refs] for k, refs in references.items()})
+            res = tok.tokenize({k: [{"caption": p}] for k, p in predictions.items()})
         res = {k: res[k] for k in gts}
     else:
         gts = {k: [simple_tokenize(r) for r in refs] for k, refs in references.items()}

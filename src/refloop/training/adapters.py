@@ -10,6 +10,7 @@ adapters.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +87,20 @@ def lora_targets(model: torch.nn.Module, lora: LoraSettings) -> str | list[str]:
             targets = "|".join([f"(?:{targets})", *(re.escape(n) for n in vision)])
     _check_targets(model, targets, lora)
     return targets
+
+
+@contextmanager
+def _embedding_notice_held() -> Iterator[None]:
+    """PEFT warns on every save of a model whose embeddings were resized (refloop-tiny's extended
+    vocabulary) that it saves them too: what refloop wants (PEFT's "auto"), not news to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
+        yield
+
+
+def _peft_state(peft, name: str) -> dict[str, torch.Tensor]:
+    with _embedding_notice_held():
+        return get_peft_model_state_dict(peft, adapter_name=name)
 
 
 class NamedAdapters:
@@ -197,11 +212,11 @@ class NamedAdapters:
     @torch.no_grad()
     def copy(self, source: str, target: str) -> None:
         """Parameter synchronisation (SC-Tune Sec. 3.2): target's adapter := source's."""
-        set_peft_model_state_dict(self.peft, get_peft_model_state_dict(self.peft, adapter_name=source), adapter_name=target)
+        set_peft_model_state_dict(self.peft, _peft_state(self.peft, source), adapter_name=target)
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s tensors, whole (gathered across processes when sharded: a collective)."""
-        return {k: distributed.full(v.detach()).clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
+        return {k: distributed.full(v.detach()).clone() for k, v in _peft_state(self.peft, name).items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter's tensors, keyed `name/tensor` (the trainer checkpoints this)."""
@@ -212,7 +227,7 @@ class NamedAdapters:
             prefix = f"{name}/"
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if self.sharded:  # whole tensors cut to this process's shards
-                current = get_peft_model_state_dict(self.peft, adapter_name=name)
+                current = _peft_state(self.peft, name)
                 state = {k: distributed.like(v, current[k]) if k in current else v for k, v in state.items()}
             set_peft_model_state_dict(self.peft, state, adapter_name=name)
 
@@ -237,7 +252,8 @@ class NamedAdapters:
         if self.sharded:
             raise RuntimeError("save a sharded run from its unsharded() copy")
         for name in self._params:
-            self.peft.save_pretrained(str(directory), selected_adapters=[name])
+            with _embedding_notice_held():
+                self.peft.save_pretrained(str(directory), selected_adapters=[name])
 
     def merged_copy(self, name: str) -> torch.nn.Module:
         """A plain model with `name`'s adapter merged in (for export as an HF checkpoint)."""
