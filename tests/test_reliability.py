@@ -199,3 +199,28 @@ def test_models_changed_in_memory_never_share_a_fingerprint():
     tuned = Merged()
     tuned.lineage = [{"svp_iteration": 1, "adapter": "abc"}]
     assert model_fingerprint(tuned) != model_fingerprint(Merged())
+
+
+@pytest.mark.parametrize("raised", [SystemExit(130), KeyboardInterrupt()])
+def test_ctrl_c_says_how_to_resume_and_exits_130(monkeypatch, capsys, raised):
+    """Typer turns Ctrl-C inside a command into SystemExit(130); one outside it is a KeyboardInterrupt."""
+    from refloop import cli
+
+    def interrupted():
+        raise raised
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_a_resumed_run_s_progress_bar_starts_at_its_step(monkeypatch, capsys):
+    from refloop.progress import progress_bar
+
+    monkeypatch.delenv("REFLOOP_NO_PROGRESS", raising=False)
+    with progress_bar("sc-tune", 80) as advance:
+        for step in range(61, 64):  # the trainer's absolute steps after a resume at step 60
+            advance(completed=step)
+    assert "63/80" in capsys.readouterr().out

@@ -258,7 +258,9 @@ def sctune(
     _check_out(out, config, _recipe_inputs(recipe), overwrite=overwrite)
     total = sum(phase.steps for phase in schedule(recipe.sctune))
     with progress_bar("sc-tune", total) as advance:
-        results = run_sctune(recipe, out, progress=lambda row: advance(1), evaluate_base=not skip_base_eval, overwrite=overwrite)
+        results = run_sctune(
+            recipe, out, progress=lambda row: advance(completed=row["step"]), evaluate_base=not skip_base_eval, overwrite=overwrite
+        )
     console.print_json(json.dumps(results))
 
 
@@ -507,7 +509,7 @@ def sft(
     recipe = load_recipe(SFTRecipe, config, _with_report_to(overrides, report_to))
     _check_out(out, config, _recipe_inputs(recipe), overwrite=overwrite)
     with progress_bar("sft", None) as advance:
-        results = run_sft(recipe, out, progress=lambda row: advance(1, total=row["total_steps"]), overwrite=overwrite)
+        results = run_sft(recipe, out, progress=lambda row: advance(total=row["total_steps"], completed=row["step"]), overwrite=overwrite)
     console.print_json(json.dumps(results))
 
 
@@ -734,6 +736,10 @@ def _end_process_group() -> None:
         end_process_group()
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+INTERRUPTED_MESSAGE = "interrupted; rerun the same command to resume (finished work is kept)"
+
+
 def main() -> None:
     _quiet_libraries()
     logger = logging.getLogger("refloop")
@@ -741,16 +747,18 @@ def main() -> None:
         logger.addHandler(_Warnings(logging.WARNING))
     try:
         app()
-    except SystemExit as exc:  # click ends a command with SystemExit(0)
+    except SystemExit as exc:  # click ends a command with SystemExit(0); typer turns Ctrl-C into SystemExit(130)
         if not exc.code:
             _end_process_group()
+        elif exc.code == INTERRUPTED:
+            err_console.print(INTERRUPTED_MESSAGE, highlight=False)
         raise
     except RefloopError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted; rerun the same command to resume")
-        sys.exit(130)
+        err_console.print(INTERRUPTED_MESSAGE, highlight=False)
+        sys.exit(INTERRUPTED)
     else:
         _end_process_group()
 
