@@ -100,6 +100,9 @@ def test_overwrite_replaces_only_the_files_of_the_earlier_run(tmp_path, models, 
     assert "notes.txt" not in manifest["files"] and {"notes.txt", "mine"} <= set(manifest["foreign"])
     assert run([*args, "--model", str(models[1])], capsys)[0] == 0  # the same run resumes beside the user's files
     assert (out / "notes.txt").read_text() == "mine"
+    # another command's run is named as such, not as a list of setting differences
+    other = ["eval", "rec", "--data", "in-domain", "--model", str(models[1]), "--out", str(out)]
+    assert_refused(run(other, capsys), "holds a `consistency` run, not a `rec` one", "--overwrite")
 
 
 def test_rc_data_rerun_with_other_options_needs_overwrite_and_keeps_the_users_files(tmp_path, capsys):

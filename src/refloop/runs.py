@@ -241,6 +241,12 @@ def _compare(out: Path, fingerprint: dict, overwrite: bool) -> bool:
     if old is None or old == fingerprint:
         return False
     if not overwrite:
+        tasks = (old.get("task"), fingerprint.get("task")) if isinstance(old, dict) else (None, None)
+        if all(tasks) and tasks[0] != tasks[1]:  # another command's run: its settings' differences say nothing useful
+            raise RefloopError(
+                f"{out} holds a `{tasks[0]}` run, not a `{tasks[1]}` one; choose another output directory, "
+                "or pass --overwrite to replace it"
+            )
         changes = "; ".join(_differences(old, fingerprint)[:6]) if isinstance(old, dict) else "unreadable run.json"
         raise RefloopError(
             f"{out} holds outputs of another run ({changes}); rerun with the same settings to resume, "
