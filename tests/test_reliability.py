@@ -224,3 +224,11 @@ def test_a_resumed_run_s_progress_bar_starts_at_its_step(monkeypatch, capsys):
         for step in range(61, 64):  # the trainer's absolute steps after a resume at step 60
             advance(completed=step)
     assert "63/80" in capsys.readouterr().out
+
+
+def test_an_adapter_folder_given_as_model_points_at_merged(tmp_path, capsys):
+    adapter = tmp_path / "adapters" / "sft"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    args = ["consistency", "--data", "in-domain", "--num-boxes", "2", "--model", str(adapter), "--out", str(tmp_path / "o")]
+    assert_refused(run(args, capsys), "holds a LoRA adapter, not a model", "merged/")

@@ -172,7 +172,8 @@ def consistency(
 
 def _report_skipped(report) -> None:
     if report.skipped:
-        err_console.print(f"skipped {report.skipped} bad records: {dict(report.reasons)}", markup=False)
+        reasons = ", ".join(f"{n} {reason}" for reason, n in report.reasons.items())
+        err_console.print(f"skipped {report.skipped} bad record{'s' * (report.skipped != 1)} ({reasons})", markup=False)
 
 
 @app.command()
@@ -194,7 +195,7 @@ def demo(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """The main job: self-consistency of refloop-tiny in and out of domain beside SC-Tune's Table 1, a short SC-Tune,
-    and Pink's self-consistent bootstrapping beside Pink's Table 5."""
+    Pink's self-consistent bootstrapping beside Pink's Table 5 and a short SVP on captions, in one report."""
     from refloop.demo import run_demo
     from refloop.world import DOMAINS
 
@@ -382,9 +383,11 @@ def filter_detections(
     exclude: Path | None = typer.Option(
         None, "--exclude", help="JSONL whose image_id fields name held-out images (e.g. a consistency samples.jsonl)."
     ),
-    max_overlap_iou: float = typer.Option(0.5, "--max-overlap-iou", help="Drop a triplet whose box overlaps another box above this IoU."),
+    max_overlap_iou: float = typer.Option(
+        0.5, "--max-overlap-iou", min=0.0, max=1.0, help="Drop a triplet whose box overlaps another box above this IoU."
+    ),
     min_area_fraction: float = typer.Option(
-        0.02, "--min-area-fraction", help="Drop a triplet holding a box smaller than this fraction of the image."
+        0.02, "--min-area-fraction", min=0.0, max=1.0, help="Drop a triplet holding a box smaller than this fraction of the image."
     ),
     on_error: OnErrorChoice = OnErrorOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is a triplets file refloop filter wrote."),

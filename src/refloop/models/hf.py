@@ -84,6 +84,8 @@ def load_parts(
 ) -> tuple:
     """A checkpoint's validated config, its processor and its prompt profile (no weights)."""
     if Path(path).exists() and not (Path(path) / "config.json").exists():
+        if (Path(path) / "adapter_config.json").exists():  # a run's adapters/NAME: the model is the run's merged/
+            raise RefloopError(f"{path} holds a LoRA adapter, not a model: pass the run's merged/ checkpoint as --model")
         raise RefloopError(f"{path} is not a model directory (no config.json)")
     if not Path(path).exists() and (not _HUB_ID.fullmatch(path) or Path(path).parent.is_dir() and str(Path(path).parent) != "."):
         # A hub id is `name` or `org/name` with no such local folder; anything else is a local path,

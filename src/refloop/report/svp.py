@@ -66,7 +66,7 @@ def write_svp_report(out: Path, results: dict, records: Sequence[ImageRecord]) -
             if row["image_id"] in by_id
         )
         sections.append(f"<h2>Iteration {summary['iteration']}</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre>{blocks}")
-    body = f"""<h1>SVP: captions with grounding feedback (paper 004, Algorithms 1-2)</h1>
+    body = f"""<h1>SVP: captions with grounding feedback (SVP, Algorithms 1-2)</h1>
 <p>Seed images <code>{html.escape(str(results["train_data"]))}</code> ({results["images"]}), grounder
 <code>{html.escape(str(results["grounder"]))}</code>, score <code>{html.escape(results["score"])}</code>. Rows: the selected samples
 first, then the best-scored others; all samples in <code>iteration-N/samples.jsonl</code>.</p>
