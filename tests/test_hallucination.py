@@ -332,3 +332,16 @@ def test_object_data_of_a_domain_takes_another_split_by_seed(tmp_path):
     instances, _ = _coco_files(tmp_path)
     with pytest.raises(RefloopError, match="seed picks a split"):
         load_object_data(str(instances), seed=7)
+
+
+def test_eval_caption_on_categories_chair_cannot_read_warns_once(tmp_path, capsys):
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 48, "height": 48} for i in range(2)]
+    for im in images:
+        Image.new("RGB", (48, 48), "white").save(tmp_path / im["file_name"])
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [4, 4, 20, 20]} for i in range(2)]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "blorb"}]}))
+    code, _, err = run_cli(["eval", "caption", "--data", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert err.count("warning: CHAIR and object recall are null") == 1

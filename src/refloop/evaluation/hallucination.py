@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
 from refloop.runs import model_fingerprint, shared_run_directory
 from refloop.world import DOMAINS, EVAL_SEED
+
+log = logging.getLogger(__name__)
 
 # ---- data: images, their ground-truth objects and reference captions ----------------------------
 
@@ -240,6 +243,11 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
     undefined = undefined_metrics(metrics, found.table.name)
     if undefined:
         metrics["undefined"] = undefined
+        if metrics.get("object_recall") is None and metrics.get("chair_i") is None:  # nothing CHAIR can read here
+            log.warning(
+                f"CHAIR and object recall are null: no annotation or caption names an object of the {found.table.name} "
+                "category table (it reads COCO's 80 objects and their synonyms; reasons under 'undefined')"
+            )
     scored = [it for it in done if it[3]]
     text_scores: dict = {}
     if scored:
