@@ -407,3 +407,11 @@ def test_refs_pickle_integer_too_long_to_print_is_refused(tmp_path):
         load_refcoco(*paths)
     records, report = load_refcoco(*paths, on_error="skip")
     assert report.skipped == 1 and len(records[0].objects) == 1
+
+
+def test_eval_rec_on_an_empty_refcoco_split_names_the_split(tmp_path, capsys):
+    from helpers import assert_refused, run_cli
+
+    instances, refs, images = refcoco_fixture(tmp_path)
+    args = ["eval", "rec", "--data", str(instances), "--refs", str(refs), "--images", str(images), "--out", str(tmp_path / "o")]
+    assert_refused(run_cli([*args, "--split", "testB"], capsys), "no referring expression in split 'testB'")

@@ -65,7 +65,9 @@ def _opened(path: str | Path, source: object, record: object, data: bytes | None
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(source, record, f"image file not found: {path}") from None
+        folder = Path(path).parent
+        hint = "" if folder.is_dir() else f" (its folder {folder} does not exist either: is --images the image root?)"
+        raise DataError(source, record, f"image file not found: {path}{hint}") from None
     except Image.DecompressionBombError as exc:
         raise DataError(source, record, f"image {path} is too large: {exc}") from None
     except Exception as exc:  # the decoder's failures on a bad file: OSError, SyntaxError, ValueError, struct.error, ...
