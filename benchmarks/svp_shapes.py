@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -145,10 +144,11 @@ def main() -> None:
     parser.add_argument(
         "--temperature", type=float, default=0.5, help="sampling temperature of prior and guided captions (chosen on validation)"
     )
-    parser.add_argument(
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
         "--length-normalize", action=argparse.BooleanOptionalAction, default=True, help="scores / caption length (chosen on validation)"
     )
-    parser.add_argument(
+    length.add_argument(
         "--length-power",
         type=float,
         default=None,
@@ -183,8 +183,6 @@ def main() -> None:
     if args.length_power is not None:
         if not 0 <= args.length_power <= 1:
             raise SystemExit(f"--length-power {args.length_power}: need a number in [0, 1]")
-        if "--no-length-normalize" in sys.argv:
-            raise SystemExit("--length-power replaces --no-length-normalize: give one of them")
         args.length_normalize = args.length_power
     out = Path(args.out)
     # What a run's rows depend on besides the row: recorded in --out, checked by --collect.

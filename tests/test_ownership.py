@@ -217,6 +217,30 @@ def test_filter_replaces_only_a_triplets_file_it_wrote_and_only_with_overwrite(t
     assert out.read_text() == first  # replaced by the same triplets (no box here overlaps)
 
 
+def test_outputs_replaced_whole_never_touch_a_neighbouring_tmp_file_or_follow_its_symlink(tmp_path):
+    from refloop.data.jsonl import write_records
+
+    (tmp_path / "notes.tmp").write_text("keep me")  # the name a fixed-suffix temporary file would take
+    target = tmp_path / "target.txt"
+    target.write_text("mine")
+    (tmp_path / "out.jsonl.tmp").symlink_to(target)
+    write_records(tmp_path / "notes", [{"a": 1}])
+    write_records(tmp_path / "out.jsonl", [{"a": 2}])
+    assert (tmp_path / "notes.tmp").read_text() == "keep me" and target.read_text() == "mine"
+    assert not (tmp_path / "out.jsonl").is_symlink() and (tmp_path / "out.jsonl").read_text() == '{"a": 2}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "notes.tmp", "out.jsonl", "out.jsonl.tmp", "target.txt"]
+
+
+def test_filter_overwrite_recognises_its_file_by_every_line(tmp_path):
+    from refloop.data.filters import is_triplets_file
+
+    row = {"image_id": 1, "category": "a", "boxes": [[0, 0, 1, 1]], "file_name": "x.png", "width": 2, "height": 2}
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    ours.write_text(json.dumps(row) + "\n")
+    theirs.write_text((json.dumps(row) + "\n") * 6 + '{"note": "mine"}\n')  # triplet-like at the top only
+    assert is_triplets_file(ours) and not is_triplets_file(theirs)
+
+
 def test_export_parquet_replaces_only_a_parquet_file_it_wrote(tmp_path, capsys):
     pytest.importorskip("pyarrow")
     data = tmp_path / "rows.jsonl"
@@ -347,7 +371,7 @@ def test_parquet_text_that_is_not_utf8_is_one_error_line_or_skipped(tmp_path, mo
     args = ["consistency", "--data", str(path), "--model", str(models[0]), "--no-report", "--out"]
     assert_refused(run([*args, str(tmp_path / "o")], capsys), str(path), "row 1", "'file_name'", "not UTF-8")
     code, _, err = run([*args, str(tmp_path / "o2"), "--on-error", "skip"], capsys)
-    assert code == 0 and "skipped 1 bad records" in err, err
+    assert code == 0 and "skipped 1 bad record (" in err, err
     assert len((tmp_path / "o2" / "samples.jsonl").read_text().splitlines()) == 2
 
 

@@ -107,6 +107,9 @@ def test_error_text_is_not_read_as_markup(tmp_path, models, capsys):
         ("train_data: in-domain\n", ["sctune.phasez=2"], ["--set sctune.phasez: unknown field (did you mean phases?)"]),
         ("train_data: in-domain\nsctune: {phasez: 2}\n", [], ["recipe.yaml: sctune.phasez: unknown field (did you mean phases?)"]),
         ("sctune: {phases: 2}\n", [], ["train_data: required, not given"]),
+        # a --set shorter than the error's path, and a path below the key given
+        ("train_data: in-domain\n", ["sctune.lorra.r=2"], ["--set sctune.lorra: unknown field (did you mean lora?)"]),
+        ("train_data: in-domain\n", ["eval_data=[{data: in-domain, imagez: x}]"], ["--set eval_data", "did you mean images?"]),
         ("train_data: in-domain\n", ["train_data.x=1"], ["train_data", "not a mapping"]),
         ("train_data: [in-domain\n", [], ["not valid YAML"]),
         ("!!python/object/apply:os.system ['true']\n", [], ["not valid YAML"]),
@@ -201,19 +204,22 @@ def test_models_changed_in_memory_never_share_a_fingerprint():
     assert model_fingerprint(tuned) != model_fingerprint(Merged())
 
 
-@pytest.mark.parametrize("raised", [SystemExit(130), KeyboardInterrupt()])
-def test_ctrl_c_says_how_to_resume_and_exits_130(monkeypatch, capsys, raised):
-    """Typer turns Ctrl-C inside a command into SystemExit(130); one outside it is a KeyboardInterrupt."""
+@pytest.mark.parametrize("raised, flagged", [(SystemExit(130), False), (KeyboardInterrupt(), False), (SystemExit(1), True)])
+def test_ctrl_c_says_how_to_resume_and_exits_130(monkeypatch, capsys, raised, flagged):
+    """Typer turns Ctrl-C inside a command into SystemExit(130), click (older typers) into an Abort
+    that exits 1 (refloop's SIGINT handler flagged it); one outside the command is a KeyboardInterrupt."""
     from refloop import cli
 
     def interrupted():
         raise raised
 
     monkeypatch.setattr(cli, "app", interrupted)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # leave pytest's process its own handler
+    monkeypatch.setattr(cli, "_interrupted", [True] if flagged else [])
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 130
-    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+    assert "interrupted; rerun the same command" in capsys.readouterr().err
 
 
 def test_a_resumed_run_s_progress_bar_starts_at_its_step(monkeypatch, capsys):
@@ -232,3 +238,15 @@ def test_an_adapter_folder_given_as_model_points_at_merged(tmp_path, capsys):
     (adapter / "adapter_config.json").write_text("{}")
     args = ["consistency", "--data", "in-domain", "--num-boxes", "2", "--model", str(adapter), "--out", str(tmp_path / "o")]
     assert_refused(run(args, capsys), "holds a LoRA adapter, not a model", "merged/")
+
+
+def test_a_union_field_s_failed_branches_are_one_line_named_as_the_recipe_spells_it():
+    from refloop.config import load_recipe
+    from refloop.errors import RefloopError
+    from refloop.methods.svp_recipe import SVPRecipe
+
+    with pytest.raises(RefloopError) as exc:
+        load_recipe(SVPRecipe, None, ["svp.length_normalize=2"])
+    message = str(exc.value)
+    assert message.count("--set svp.length_normalize:") == 1 and " or " in message
+    assert "constrained-float" not in message and "bool:" not in message

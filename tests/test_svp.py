@@ -61,6 +61,7 @@ def test_log_ratio_score_is_the_sum_of_per_position_kl_of_q_from_p():
 def test_length_normalize_takes_a_flag_or_an_exponent_in_0_1():
     assert SVPConfig(length_normalize=True).length_normalize is True
     assert SVPConfig(length_normalize=0.5).length_normalize == 0.5
+    assert [SVPConfig(length_normalize=v).length_normalize for v in (1, 0, 1.0, 0.0)] == [True, False, True, False]
     with pytest.raises(ValidationError):
         SVPConfig(length_normalize=1.5)
 

@@ -341,9 +341,9 @@ def test_progress_totals_are_known_for_every_bar(tiny, tmp_path, capsys, monkeyp
         bar = {"description": description, "total": total, "done": 0}
         bars.append(bar)
 
-        def advance(n=1, total=None):
+        def advance(n=1, total=None, completed=None):  # progress_bar's advance: relative, or absolute (a trainer's step)
             bar["total"] = total if total is not None else bar["total"]
-            bar["done"] += n
+            bar["done"] = completed if completed is not None else bar["done"] + n
 
         yield advance
 

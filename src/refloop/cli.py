@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -172,7 +173,7 @@ def consistency(
 
 def _report_skipped(report) -> None:
     if report.skipped:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in report.reasons.items())
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in report.reasons.items())
         err_console.print(f"skipped {report.skipped} bad record{'s' * (report.skipped != 1)} ({reasons})", markup=False)
 
 
@@ -740,7 +741,13 @@ def _end_process_group() -> None:
 
 
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-INTERRUPTED_MESSAGE = "interrupted; rerun the same command to resume (finished work is kept)"
+INTERRUPTED_MESSAGE = "interrupted; rerun the same command (a resumable run continues where it stopped)"
+_interrupted: list[bool] = []  # set by the SIGINT handler: whatever click / typer turn Ctrl-C into
+
+
+def _on_sigint(signum, frame) -> None:
+    _interrupted.append(True)
+    signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as Python's own handler does
 
 
 def main() -> None:
@@ -748,13 +755,16 @@ def main() -> None:
     logger = logging.getLogger("refloop")
     if not any(isinstance(h, _Warnings) for h in logger.handlers):
         logger.addHandler(_Warnings(logging.WARNING))
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
-    except SystemExit as exc:  # click ends a command with SystemExit(0); typer turns Ctrl-C into SystemExit(130)
+    except SystemExit as exc:  # click ends a command with SystemExit(0); Ctrl-C becomes SystemExit(130) or click's Abort (1)
+        if _interrupted or exc.code == INTERRUPTED:
+            err_console.print(INTERRUPTED_MESSAGE, highlight=False)
+            sys.exit(INTERRUPTED)
         if not exc.code:
             _end_process_group()
-        elif exc.code == INTERRUPTED:
-            err_console.print(INTERRUPTED_MESSAGE, highlight=False)
         raise
     except RefloopError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from difflib import get_close_matches
 from pathlib import Path
-from typing import TypeVar, get_args
+from types import UnionType
+from typing import TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -101,37 +102,61 @@ def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] = 
         raise RefloopError(validation_message(model, exc, source, set_keys)) from None
 
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> dict | None:
-    """The fields of the (nested) config model that holds the value at `loc[:-1]`, if one does."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        candidates = [field.annotation, *get_args(field.annotation)]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            return None
-        model = nested[0]
-    return model.model_fields
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """The config models an annotation holds: itself, a union's members, a list's or dict's items."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _is_union(annotation: object) -> bool:
+    return get_origin(annotation) in (Union, UnionType) and len([a for a in get_args(annotation) if a is not type(None)]) > 1
+
+
+def _field_path(model: type[BaseModel], loc: tuple) -> tuple[tuple, dict | None]:
+    """`loc` as the recipe spells it (the branch tag pydantic adds after a union field dropped;
+    list indices and dict keys kept) and the fields of the model that should hold its last part
+    (None when no model does)."""
+    path: list = []
+    fields: dict | None = model.model_fields  # where the next part is looked up
+    holder: dict | None = fields
+    branches: dict[str, type[BaseModel]] | None = None  # after a union field: its next part is a branch tag
+    for part in loc:
+        if branches is not None:
+            fields, branches = (branches[part].model_fields if part in branches else None), None
+            continue
+        holder = fields
+        path.append(part)
+        field = fields.get(part) if fields is not None and isinstance(part, str) else None
+        if field is None:  # a list index or dict key (the items' model, if one, stays), or an unknown key
+            fields = fields if isinstance(part, int) else None
+            continue
+        models = _models_in(field.annotation)
+        fields = models[0].model_fields if len(models) == 1 else None
+        if _is_union(field.annotation):
+            branches = {m.__name__: m for m in models}
+    return tuple(path), holder
 
 
 def validation_message(model: type[BaseModel], exc: ValidationError, source: str, set_keys: list[str] = ()) -> str:
     """One line for every invalid field, blamed on the `--set` that gave it when one did, with the
-    nearest field name for an unknown key: `--set sft.epoch: unknown field (did you mean epochs?)`."""
-    problems = []
+    nearest field name for an unknown key: `--set sft.epoch: unknown field (did you mean epochs?)`.
+    A union's failed branches are one line."""
+    problems: dict[str, list[str]] = {}
     for error in exc.errors():
-        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        loc, holder = _field_path(model, tuple(error["loc"]))
         dotted = ".".join(str(p) for p in loc)
-        given = next((k for k in set_keys if dotted == k or dotted.startswith(k + ".")), None)
-        where = f"--set {dotted}" if given else f"{source}: {dotted or 'recipe'}"
+        given = next((k for k in set_keys if dotted and (dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + "."))), None)
+        where = f"--set {dotted}" if given else f"{source}: {dotted}" if dotted else source
         if error["type"] == "extra_forbidden":
-            known = _fields_at(model, loc) or {}
-            near = get_close_matches(str(loc[-1]), list(known), n=1)
-            problems.append(f"{where}: unknown field" + (f" (did you mean {near[0]}?)" if near else ""))
+            near = get_close_matches(str(loc[-1]), list(holder or {}), n=1)
+            message = "unknown field" + (f" (did you mean {near[0]}?)" if near else "")
         elif error["type"] == "missing":
-            problems.append(f"{where}: required, not given")
+            message = "required, not given"
         else:
             message = error["msg"].removeprefix("Value error, ")
-            shown = "" if error["type"] == "value_error" or "input" not in error else f" (got {error['input']!r:.80})"
-            problems.append(f"{where}: {message}{shown}")
-    return f"invalid {model.__name__}: " + "; ".join(problems)
+            if error["type"] != "value_error" and "input" in error:
+                message += f" (got {error['input']!r:.80})"
+        if message not in problems.setdefault(where, []):
+            problems[where].append(message)
+    return f"invalid {model.__name__}: " + "; ".join(f"{where}: {' or '.join(messages)}" for where, messages in problems.items())

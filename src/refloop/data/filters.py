@@ -175,16 +175,19 @@ def held_out_ids(path: Path | None) -> set:
 TRIPLET_FIELDS = frozenset({"image_id", "category", "boxes", "file_name", "width", "height"})
 
 
-def is_triplets_file(path: Path, lines: int = 5) -> bool:
-    """Whether `path` looks like a file `write_triplets` wrote (its first lines are triplets; an
-    empty file, a filter that kept nothing, counts): what `refloop filter --overwrite` may replace."""
+def is_triplets_file(path: Path) -> bool:
+    """Whether `path` holds nothing but triplets, one a line, as `write_triplets` writes them (an
+    empty file, a filter that kept nothing, included): what `refloop filter --overwrite` may replace.
+    Reads the whole file, stopping at the first line that is not a triplet."""
     try:
         with open(path, encoding="utf-8") as f:
-            head = [line for _, line in zip(range(lines), f, strict=False)]  # at most `lines` lines
-        rows = [json.loads(line) for line in head]
+            for line in f:
+                row = json.loads(line)
+                if not isinstance(row, dict) or set(row) != TRIPLET_FIELDS:
+                    return False
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return all(isinstance(r, dict) and set(r) == TRIPLET_FIELDS for r in rows)
+    return True
 
 
 def write_triplets(

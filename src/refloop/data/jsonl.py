@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +52,34 @@ def read_records(path: Path) -> list[dict]:
     return list(iter_records(path))
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, restored at once
+
+
+@contextmanager
+def replaced_whole(path: Path) -> Iterator[Path]:
+    """Yields a new temporary file beside `path` (a fresh name: never an existing file, never a
+    symlink followed) to write; on success it is renamed over `path` (a kill leaves the old file or
+    the new one, never a mix), on failure removed."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would outlive the rename: the mode open() gives
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_records(path: Path, records: Iterable[dict]) -> None:
-    """Replace a JSONL file whole: written beside it, fsynced, then renamed over it (a kill leaves
-    the old file or the new one, never a mix)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
+    """Replace a JSONL file whole (`replaced_whole`), fsynced before the rename."""
+    with replaced_whole(path) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class JsonlWriter:

@@ -23,7 +23,6 @@ unreadable file is a DataError of the whole file.
 from __future__ import annotations
 
 import json
-from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 from refloop.boxes import OutsidePolicy
 from refloop.data.fields import LoadReport, OnError, Policy, id_field, image_size_field, optional_id, text_field, xywh_box
 from refloop.data.images import ImageHeaders, image_size
+from refloop.data.jsonl import replaced_whole
 from refloop.data.loaders import grouped_records
 from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ObjectAnnotation
@@ -303,14 +303,11 @@ def export_parquet(jsonl_path: str | Path, parquet_path: str | Path) -> int:
     except (pa.ArrowException, OverflowError) as exc:
         raise DataError(jsonl_path, None, f"rows of mixed types that parquet cannot hold in one column: {exc}") from None
     out = Path(parquet_path)
-    tmp = out.with_name(out.name + ".tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        pa.parquet.write_table(table.replace_schema_metadata(WRITTEN_BY), tmp)
-        tmp.replace(out)  # the old file stays whole until the new one is
+        with replaced_whole(out) as tmp:  # the old file stays whole until the new one is
+            pa.parquet.write_table(table.replace_schema_metadata(WRITTEN_BY), tmp)
     except (pa.ArrowException, OSError) as exc:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
         if isinstance(exc, pa.ArrowException):  # e.g. a struct with no fields ({}), which parquet cannot store
             raise DataError(jsonl_path, None, f"parquet cannot hold these rows: {exc}") from None
         raise RefloopError(f"cannot write {out}: {exc.strerror or exc}") from None

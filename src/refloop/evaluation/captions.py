@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,26 +24,38 @@ PTB_TOKENIZER = "ptb (java)"
 FALLBACK_TOKENIZER = "fallback: lower-case, punctuation removed (not PTB)"
 
 
+_HOLDING = threading.Lock()
+
+
 @contextmanager
 def child_stderr_held() -> Iterator[None]:
     """Child processes inherit file descriptor 2: while this holds, what they write there (the PTB
     tokenizer's Java prints a "tokenized N tokens" line on every call) goes to a temporary file,
-    replayed on stderr only if the block fails, so a Java error is never lost."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as held:
-            os.dup2(held.fileno(), 2)
-            try:
-                yield
-            except BaseException:
-                os.dup2(saved, 2)
-                held.seek(0)
-                sys.stderr.write(held.read().decode(errors="replace")[-4000:])
-                raise
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    replayed on stderr only if the block fails, so a Java error is never lost. The whole process's
+    descriptor 2 is redirected for the block (a second of tokenizing): one block at a time, and
+    where descriptor 2 cannot be duplicated (closed) nothing is held."""
+    with _HOLDING:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:
+            yield
+            return
+        try:
+            with tempfile.TemporaryFile() as held:
+                os.dup2(held.fileno(), 2)
+                try:
+                    yield
+                except BaseException:
+                    os.dup2(saved, 2)
+                    held.seek(0)
+                    if sys.stderr is not None:
+                        sys.stderr.write(held.read().decode(errors="replace")[-4000:])
+                    raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def simple_tokenize(text: str) -> str:

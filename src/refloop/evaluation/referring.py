@@ -200,7 +200,7 @@ def run_referring_eval(
         records, report = load_referring_data(data, images, refs, split, on_error)
     total = len(rec_pairs(records, limit) if task == "rec" else reg_objects(records, limit))
     if not total:
-        if refs is not None and split is not None:
+        if refs is not None and split is not None and not report.skipped:
             raise RefloopError(f"{refs}: no referring expression in split {split!r} (RefCOCO: val, testA, testB; RefCOCOg: val, test)")
         where = "a referring .jsonl, RefCOCO refs or a shapes-world domain"
         raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task}` reads {where})")

@@ -36,7 +36,7 @@ from typing import Annotated, Literal
 import torch
 from accelerate import PartialState
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from refloop.data.records import ImageRecord, InstructionExample
 from refloop.data.shards import ShardedRun
@@ -60,7 +60,12 @@ EMPTY, REPEATED, COORDINATES, UNREADABLE = "empty", "repeated_ngrams", "coordina
 
 
 # ---- scores (Eq. 5, 6) ---------------------------------------------------------------------------
-LengthNormalize = bool | Annotated[float, Field(ge=0, le=1)]
+def _as_flag(value: object) -> object:
+    """0 and 1 (and 0.0, 1.0) are the flags false and true: one value, one run fingerprint."""
+    return bool(value) if not isinstance(value, bool) and isinstance(value, int | float) and value in (0, 1) else value
+
+
+LengthNormalize = Annotated[bool | Annotated[float, Field(ge=0, le=1)], BeforeValidator(_as_flag)]
 
 
 def _per_sequence(per_token: torch.Tensor, mask: torch.Tensor, length_normalize: LengthNormalize) -> torch.Tensor:
