@@ -250,3 +250,18 @@ def test_a_union_field_s_failed_branches_are_one_line_named_as_the_recipe_spells
     message = str(exc.value)
     assert message.count("--set svp.length_normalize:") == 1 and " or " in message
     assert "constrained-float" not in message and "bool:" not in message
+
+
+def test_sctune_warns_when_a_small_model_keeps_the_paper_s_7b_learning_rates(caplog):
+    from types import SimpleNamespace
+
+    import torch
+
+    from refloop.methods.sctune import SCTuneConfig
+    from refloop.methods.sctune_recipe import _warn_paper_rates_on_a_small_model
+
+    small = SimpleNamespace(model=torch.nn.Linear(10, 10))
+    with caplog.at_level("WARNING", logger="refloop"):
+        _warn_paper_rates_on_a_small_model(SCTuneConfig(), small)
+        _warn_paper_rates_on_a_small_model(SCTuneConfig(describer_lr=3e-4, locator_lr=2e-4), small)
+    assert len(caplog.records) == 1 and "sctune.describer_lr and sctune.locator_lr" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,8 @@ from refloop.models.base import VLM
 from refloop.models.spec import ModelSpec
 from refloop.report.plots import sctune_curves
 from refloop.training.trackers import TrackingSpec
+
+log = logging.getLogger(__name__)
 
 
 class SCTuneRecipe(ModelSpec, TrackingSpec):
@@ -90,6 +93,24 @@ def run_sctune(
     return run_recipe("sctune", recipe, out, body, overwrite, unchanged=frozenset({"eval_data", "eval_boxes"}), card_metrics=dict)
 
 
+SMALL_MODEL_PARAMETERS = 100_000_000
+
+
+def _warn_paper_rates_on_a_small_model(cfg: SCTuneConfig, vlm: VLM) -> None:
+    """SCTuneConfig's learning rates are the paper's for 7B models; a recipe for a much smaller
+    model that leaves them unset trains for nothing (approx-KL ~0). Said once, at the start."""
+    unset = [name for name in ("describer_lr", "locator_lr") if name not in cfg.model_fields_set]
+    model = getattr(vlm, "model", None)
+    if not unset or model is None:
+        return
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters < SMALL_MODEL_PARAMETERS:
+        log.warning(
+            f"sctune.{' and sctune.'.join(unset)} left at the paper's rates for 7B models (5e-7 / 1e-6) on a model of "
+            f"{parameters / 1e6:.1f}M parameters, which barely moves at them; set them (configs/sctune-shapes.yaml: 3e-4 / 2e-4)"
+        )
+
+
 def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict], None] | None, evaluate_base: bool) -> dict:
     out = run.out
     with PartialState().main_process_first():  # a shapes-world domain is exported once, by the main process
@@ -100,6 +121,7 @@ def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict],
     if not train:
         raise RefloopError(f"no training boxes left after filtering {recipe.train_data.data}: {filter_counts}")
     vlm = recipe.load_vlm(batch_size=recipe.sctune.generation_batch_size)
+    _warn_paper_rates_on_a_small_model(recipe.sctune, vlm)
     results: dict = {"train_data": recipe.train_data.data, "train_boxes": len(train), "filter": filter_counts}
     # Every process evaluates: under `accelerate launch` each takes its share of the boxes.
     if evaluate_base and recipe.eval_data:
