@@ -184,6 +184,9 @@ def test_svp_runs_end_to_end_with_the_scene_oracle(tmp_path, model_dir, capsys):
     assert all(set(r["selected"]) <= {j for j, d in enumerate(r["degenerate"]) if d is None} for r in rows)
     assert (tmp_path / "run" / "iteration-2" / "adapters" / "svp" / "adapter_model.safetensors").exists()
     assert (tmp_path / "run" / "merged" / "config.json").exists() and (tmp_path / "run" / "report.html").exists()
+    page = (tmp_path / "run" / "report.html").read_text()
+    selected = sum(len(r["selected"]) for r in rows)
+    assert f"<tr><th>selected for training (Eq. 7)</th><td>{selected}</td></tr>" in page and '"iteration":' not in page
 
 
 def test_interrupted_svp_resumes_to_the_same_model(tmp_path, model_dir):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,6 +51,32 @@ def _seed_queries(counts: dict | None) -> str:
     )
 
 
+# An iteration's summary as a reader asks for it: label, key, format.
+SUMMARY = (
+    ("seed images", "images", "{}"),
+    ("guided samples", "samples", "{}"),
+    ("selected for training (Eq. 7)", "selected", "{}"),
+    ("visual queries mixed in (CVQ)", "visual_queries", "{}"),
+    ("images the grounder found nothing in", "images_without_grounding", "{}"),
+    ("detections dropped (not in the image)", "dropped_detections", "{}"),
+    ("mean score, selected / all", ("mean_score_selected", "mean_score_all"), "{:.3f} / {:.3f}"),
+    ("SFT steps", "sft_steps", "{}"),
+    ("sampling / training seconds", ("sample_seconds", "train_seconds"), "{:.1f} / {:.1f}"),
+)
+
+
+def _summary_table(summary: dict) -> str:
+    rows = []
+    for label, keys, fmt in SUMMARY:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        if all(isinstance(summary.get(k), int | float) for k in keys):
+            rows.append(f"<tr><th>{label}</th><td>{fmt.format(*(summary[k] for k in keys))}</td></tr>")
+    degenerate = summary.get("degenerate") or {}
+    dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in degenerate.items()) or "none"
+    rows.append(f"<tr><th>degenerate samples dropped</th><td>{html.escape(dropped)}</td></tr>")
+    return f"<table>{''.join(rows)}</table>"
+
+
 def write_svp_report(out: Path, results: dict, records: Sequence[ImageRecord]) -> Path:
     by_id = {r.image_id: r for r in records}
     sections = []
@@ -65,7 +90,7 @@ def write_svp_report(out: Path, results: dict, records: Sequence[ImageRecord]) -
             for row in rows
             if row["image_id"] in by_id
         )
-        sections.append(f"<h2>Iteration {summary['iteration']}</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre>{blocks}")
+        sections.append(f"<h2>Iteration {summary['iteration']}</h2>{_summary_table(summary)}{blocks}")
     body = f"""<h1>SVP: captions with grounding feedback (SVP, Algorithms 1-2)</h1>
 <p>Seed images <code>{html.escape(str(results["train_data"]))}</code> ({results["images"]}), grounder
 <code>{html.escape(str(results["grounder"]))}</code>, score <code>{html.escape(results["score"])}</code>. Rows: the selected samples
