@@ -19,6 +19,9 @@ def test_demo_runs_consistency_bootstrapping_and_svp_and_links_them_in_the_repor
     assert "bootstrap/report.html" in page and "Pink Table 5" in stdout
     svp = results["svp"]
     assert svp["domain"] == "wild" and svp["examples"] and {"object_recall", "chair_i"} <= set(svp["base"]) <= set(svp["svp"])
+    changed, total = svp["captions_changed"]
+    shown_changed = sum(e["base"]["caption"] != e["svp"]["caption"] for e in svp["examples"])
+    assert shown_changed == min(changed, len(svp["examples"])) and f"SVP changed {changed} of the {total}" in page
     assert "SVP Table 6" in stdout and "svp/report.html" in page
 
 

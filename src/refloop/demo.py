@@ -180,10 +180,12 @@ def _demo_svp(
     )
     before = evaluate_captions(load_vlm(model, device=device, dtype=dtype), found, out / "svp" / "eval-base", overwrite=overwrite)
     after = evaluate_captions(method.vlm, found, out / "svp" / "eval-svp", overwrite=overwrite)
-    pairs = []
     rows = {r["id"]: r for r in read_records(out / "svp" / "eval-base" / "caption_samples.jsonl")}
-    for r in read_records(out / "svp" / "eval-svp" / "caption_samples.jsonl")[:6]:
-        pairs.append({"image": r["image"], "base": rows[r["id"]]["caption"], "svp": r["caption"]})
+    tuned = read_records(out / "svp" / "eval-svp" / "caption_samples.jsonl")
+    changed = [r for r in tuned if r["caption"] != rows[r["id"]]["caption"]]
+    # The first captions SVP changed, in the evaluation's order (not chosen by their scores), then unchanged ones.
+    shown = (changed + [r for r in tuned if r["caption"] == rows[r["id"]]["caption"]])[:6]
+    pairs = [{"image": r["image"], "base": _caption_cell(rows[r["id"]]), "svp": _caption_cell(r)} for r in shown]
     keys = ("object_recall", "chair_i", "chair_s", "CIDEr")
     return {
         "model": "refloop-tiny" if model is None else str(model),
@@ -193,7 +195,13 @@ def _demo_svp(
         "base": {k: before.get(k) for k in keys},
         "svp": {k: after.get(k) for k in keys},
         "examples": pairs,
+        "captions_changed": [len(changed), len(tuned)],
     }
+
+
+def _caption_cell(row: dict) -> dict:
+    """A caption with what CHAIR reads in it: scene objects named, and named objects not in the scene."""
+    return {"caption": row["caption"], "recalled": len(row["recalled"]), "objects": len(row["gt_objects"]), "absent": row["hallucinated"]}
 
 
 def svp_table(result: dict) -> Table:
@@ -218,14 +226,23 @@ def _svp_html(result: dict | None) -> str:
         + "</tr>"
         for name, key in ((result.get("model", "refloop-tiny"), "base"), ("+ SVP", "svp"))
     )
+
+    def cell(c: dict) -> str:
+        absent = ", ".join(c["absent"]) or "none"
+        return (
+            f"<td>{html.escape(c['caption'])}<br><small>names {c['recalled']} of the scene's {c['objects']} objects; "
+            f"not in the scene: {html.escape(absent)}</small></td>"
+        )
+
     examples = "".join(
-        f"<tr><td><img src='{html.escape(e['image'])}' width=112></td>"
-        f"<td>{html.escape(e['base'])}</td><td>{html.escape(e['svp'])}</td></tr>"
-        for e in result["examples"]
+        f"<tr><td><img src='{html.escape(e['image'])}' width=112></td>{cell(e['base'])}{cell(e['svp'])}</tr>" for e in result["examples"]
     )
+    changed, total = result.get("captions_changed", (0, 0))
     return (
         f"<h2>SVP: captions with grounding feedback on {result['domain']} scenes</h2>"
         f"<table><tr><th>model</th><th>object recall %</th><th>CHAIR_i %</th><th>CIDEr</th></tr>{cells}</table>"
+        f"<p>SVP changed {changed} of the {total} held-out captions: the changed ones first, in the evaluation's order "
+        "(not chosen by their scores), then unchanged ones.</p>"
         f"<table><tr><th>image</th><th>base caption</th><th>after SVP</th></tr>{examples}</table>"
         "<p>Prior and guided samples, scores and selections: <a href='svp/report.html'>svp/</a> "
         "(<code>svp/iteration-1/samples.jsonl</code>).</p>"
