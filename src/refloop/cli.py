@@ -21,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",  # a docstring's single line breaks joined, `code` shown as code
 )
 console = Console()
 err_console = Console(stderr=True)
