@@ -292,3 +292,24 @@ def test_cli_export_parquet(tmp_path, capsys):
     assert pq.read_table(tmp_path / "rows.parquet").to_pylist() == [json.loads(line) for line in jsonl.read_text().splitlines()]
     code, _, err = run_cli(["export-parquet", str(tmp_path / "missing.jsonl"), str(tmp_path / "x.parquet")], capsys)
     assert code == 2 and "missing.jsonl" in err
+
+
+def test_bootstrap_report_draws_images_held_in_a_parquet_file(tmp_path, model_dir, capsys):
+    """The report reads the pixels as the run did: from the parquet's bytes, not from a file path
+    (`file.parquet/...` is no directory: it used to end in a traceback after the run)."""
+    parquet = write_lmms(tmp_path / "refcoco_val.parquet", lmms_rows())
+    args = ["bootstrap", "--data", str(parquet), "--model", str(model_dir), "--out", str(tmp_path / "b"), "--min-area-px", "1"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert (tmp_path / "b" / "report.html").exists() and (tmp_path / "b" / "kept.png").exists()
+    assert json.loads((tmp_path / "b" / "stats.json").read_text())["images_in_data_file"] is True
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_bootstrap_hints_a_read_back_only_when_the_images_are_files(tmp_path, capsys, embedded):
+    from refloop.cli import _print_bootstrap
+
+    stats = {"kept": 3, "boxes_considered": 4, "data": "d.parquet", "image_root": str(tmp_path), "images_in_data_file": embedded}
+    _print_bootstrap(stats, tmp_path / "b")
+    out, err = capsys.readouterr()
+    assert ("read the pairs back with" in out) is not embedded and ("holds its images inside the file" in err) is embedded

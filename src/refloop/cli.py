@@ -693,8 +693,17 @@ def _print_bootstrap(stats: dict, out: Path) -> None:
     if stats.get("skipped_records"):
         err_console.print(f"skipped {stats['skipped_records']} bad records", markup=False)
     console.print_json(json.dumps({k: v for k, v in stats.items() if k != "config"}))
-    if stats["kept"]:
-        console.print(f"read the pairs back with: --data {out / 'pairs.jsonl'} --images {stats['image_root']}", markup=False)
+    if stats["kept"] and stats.get("images_in_data_file"):
+        err_console.print(
+            f"the pairs name their images by file_name, but {stats['data']} holds its images inside the file: "
+            "pairs.jsonl reads back only with those images written out as files under one root (--images)",
+            markup=False,
+            soft_wrap=True,
+        )
+    elif stats["kept"]:
+        console.print(
+            f"read the pairs back with: --data {out / 'pairs.jsonl'} --images {stats['image_root']}", markup=False, soft_wrap=True
+        )
     elif stats["boxes_considered"]:
         err_console.print(
             f"no pair was kept ({stats['boxes_considered']} boxes described): pairs.jsonl is empty; see rejected_by_reason above",

@@ -110,13 +110,15 @@ class Examples:
         self.kept: list[dict] = []
         self.rejected: dict[str, list[dict]] = {}
 
-    def add(self, record: dict, image: Path) -> None:
+    def add(self, record: dict, image: ImageRecord) -> None:
+        """`image`: the record's ImageRecord, kept so the report reads its pixels as the run did
+        (a file, or the bytes a parquet dataset holds)."""
         for box in record["boxes"]:
             if box["decision"] == SKIPPED:
                 continue
             shelf = self.kept if box["decision"] == KEPT else self.rejected.setdefault(box["reason"], [])
             if len(shelf) < self.count:
-                shelf.append({"image": str(image), "box": box["box"]} | box["candidates"][box["chosen"]])
+                shelf.append({"image": image, "box": box["box"]} | box["candidates"][box["chosen"]])
 
     def rejected_mix(self) -> list[dict]:
         shelves = list(self.rejected.values())
@@ -174,7 +176,7 @@ def write_bootstrapped(records: Sequence[ImageRecord], out_dir: Path, grammar: b
     with open(parts / "candidates.jsonl", "w") as candidates, open(parts / "pairs.jsonl", "w") as pairs:
         for record in iter_records(out_dir / RECORDS):
             stats.add(record)
-            examples.add(record, records[record["index"]].path)
+            examples.add(record, records[record["index"]])
             candidates.writelines(json.dumps(line) + "\n" for box in record["boxes"] for line in _flat(record, box))
             if any(box["decision"] == KEPT for box in record["boxes"]):
                 _add_pairs(record, pairs, images, annotations, refs, categories)

@@ -307,6 +307,8 @@ def write_outputs(
     stats, examples = write_bootstrapped(records, out_dir, grammar)
     settings = {"samples": cfg.samples, "iou_lambda": cfg.iou_lambda, "distractor_check": cfg.distractor_check}
     result = stats.as_dict(settings) | meta | {"config": cfg.model_dump(mode="json")}
+    # pairs.jsonl names images by file_name: images held only inside the data (a parquet's bytes) have no file to name
+    result["images_in_data_file"] = any(r.data is not None for r in records)
     if write_report:
         from refloop.report.bootstrap import write_bootstrap_report
 

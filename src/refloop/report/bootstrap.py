@@ -46,8 +46,7 @@ def _fmt(value) -> str:
 def _panels(examples: list[dict]) -> list[Image.Image]:
     out = []
     for e in examples:
-        with Image.open(e["image"]) as img:
-            image = img.convert("RGB")
+        image = e["image"].load_image()
         located = Box(*e["located_box"]) if e.get("located_box") else None
         lines = [f"described: {e['expression'] or '(empty)'}", f"IoU {e['iou']:.2f}" + (f"  {e['reason']}" if e.get("reason") else "")]
         if e.get("distractor_iou") is not None:
