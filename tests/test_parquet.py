@@ -159,7 +159,7 @@ def test_columns_of_the_wrong_type_are_refused_naming_the_row(tmp_path, column, 
 
 
 @pytest.mark.parametrize(
-    "missing, problem", [("bbox", "missing column 'bbox'"), ("answer", "missing column 'answer'"), ("image", "'image'")]
+    "missing, problem", [("bbox", "missing column 'bbox'"), ("answer", "missing column 'answer'"), ("image", "read as the JSONL itself")]
 )
 def test_a_missing_column_is_refused_naming_the_file(tmp_path, capsys, missing, problem):
     rows = [{k: v for k, v in r.items() if k != missing} for r in lmms_rows()]

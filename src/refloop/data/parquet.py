@@ -6,7 +6,8 @@ Two published layouts are read (the image column is the `datasets` Image feature
 - referring, one row per referred object (lmms-eval's RefCOCO/+/g: `question_id`, `image`,
   `question`, `answer` [expressions], `segmentation`, `bbox` [x, y, w, h], `iscrowd`,
   `file_name`): rows of one image (same `file_name`, else the same image path) group into one
-  record; `answer` may also be named `sentences` (refloop's own referring JSONL);
+  record; `answer` may also be named `sentences` (as in refloop's referring JSONL, which names its
+  images by `file_name` alone and so reads as JSONL, not through parquet);
 - detection, one row per image (the `datasets` object-detection layout: `image`, `image_id`,
   `width`, `height`, `objects` {bbox: [[x, y, w, h]...], category: [...], id: [...]}); integer
   categories are named from the file's ClassLabel feature when it has one.
@@ -166,7 +167,12 @@ def load_parquet(
     report = LoadReport(source=str(path))
     policy = Policy(on_error, report)
     if "image" not in columns:
-        raise DataError(path, None, f"missing column 'image' (columns: {', '.join(columns)})")
+        hint = (
+            "; rows naming their images by file_name alone (refloop's referring JSONL through export-parquet) read as the JSONL itself"
+            if "file_name" in columns
+            else ""
+        )
+        raise DataError(path, None, f"missing column 'image' (columns: {', '.join(columns)}){hint}")
     if "objects" in columns:
         grouped = _detection_rows(handle, path, columns, image_root, policy, outside)
     elif "bbox" in columns:
