@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -79,7 +80,9 @@ BackendOpt = typer.Option(
 )
 
 
-def _check_out(out: Path, *inputs: object, kind: str = "dir", option: str = "--out", overwrite: bool = False, written_by_us=None) -> None:
+def _check_out(
+    out: Path, *inputs: object, kind: str = "dir", option: str = "--out", overwrite: bool = False, written_by_us: Callable | None = None
+) -> None:
     """The one rule for output paths (`refloop.runs.check_output`), before any data or weights load."""
     from refloop.runs import check_output
 

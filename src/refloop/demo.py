@@ -182,10 +182,10 @@ def _demo_svp(
     after = evaluate_captions(method.vlm, found, out / "svp" / "eval-svp", overwrite=overwrite)
     rows = {r["id"]: r for r in read_records(out / "svp" / "eval-base" / "caption_samples.jsonl")}
     tuned = read_records(out / "svp" / "eval-svp" / "caption_samples.jsonl")
-    changed = [r for r in tuned if r["caption"] != rows[r["id"]]["caption"]]
-    # The first captions SVP changed, in the evaluation's order (not chosen by their scores), then unchanged ones.
-    shown = (changed + [r for r in tuned if r["caption"] == rows[r["id"]]["caption"]])[:6]
-    pairs = [{"image": r["image"], "base": _caption_cell(rows[r["id"]]), "svp": _caption_cell(r)} for r in shown]
+    # The captions SVP changed first, in the evaluation's order (not chosen by their scores), then unchanged ones.
+    shown = sorted(tuned, key=lambda r: r["caption"] == rows[r["id"]]["caption"])
+    changed = sum(r["caption"] != rows[r["id"]]["caption"] for r in tuned)
+    pairs = [{"image": r["image"], "base": _caption_cell(rows[r["id"]]), "svp": _caption_cell(r)} for r in shown[:6]]
     keys = ("object_recall", "chair_i", "chair_s", "CIDEr")
     return {
         "model": "refloop-tiny" if model is None else str(model),
@@ -195,7 +195,7 @@ def _demo_svp(
         "base": {k: before.get(k) for k in keys},
         "svp": {k: after.get(k) for k in keys},
         "examples": pairs,
-        "captions_changed": [len(changed), len(tuned)],
+        "captions_changed": [changed, len(tuned)],
     }
 
 

@@ -22,13 +22,13 @@ def progress_bar(description: str, total: int | None, enabled: bool = True) -> I
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=False, disable=bool(os.environ.get("REFLOOP_NO_PROGRESS"))) as bar:
-        task, position = None, 0  # position: the last absolute position reported
+        task, position, first_total = None, 0, total  # position: the last absolute position reported
 
         def advance(n: int = 1, total: int | None = None, completed: int | None = None) -> None:
             nonlocal task, position
             if task is None:
                 position = completed - 1 if completed is not None else 0
-                task = bar.add_task(description, total=total if total is not None else initial_total, completed=position)
+                task = bar.add_task(description, total=total if total is not None else first_total, completed=position)
             elif total is not None:
                 bar.update(task, total=total)
             if completed is not None:
@@ -36,7 +36,6 @@ def progress_bar(description: str, total: int | None, enabled: bool = True) -> I
             position += n
             bar.advance(task, n)
 
-        initial_total = total
         yield advance
 
 

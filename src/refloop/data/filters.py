@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +172,7 @@ def held_out_ids(path: Path | None) -> set:
     return held_out
 
 
-TRIPLET_FIELDS = frozenset({"image_id", "category", "boxes", "file_name", "width", "height"})
+TRIPLET_FIELDS = frozenset(f.name for f in fields(Triplet))  # the keys of Triplet.to_json
 
 
 def is_triplets_file(path: Path) -> bool:

@@ -106,7 +106,8 @@ def _warn_paper_rates_on_a_small_model(cfg: SCTuneConfig, vlm: VLM) -> None:
     parameters = sum(p.numel() for p in model.parameters())
     if parameters < SMALL_MODEL_PARAMETERS:
         log.warning(
-            f"sctune.{' and sctune.'.join(unset)} left at the paper's rates for 7B models (5e-7 / 1e-6) on a model of "
+            f"sctune.{' and sctune.'.join(unset)} left at the paper's rates for 7B models "
+            f"({' / '.join(f'{SCTuneConfig.model_fields[n].default:g}' for n in unset)}) on a model of "
             f"{parameters / 1e6:.1f}M parameters, which barely moves at them; set them (configs/sctune-shapes.yaml: 3e-4 / 2e-4)"
         )
 
