@@ -231,6 +231,40 @@ def test_outputs_replaced_whole_never_touch_a_neighbouring_tmp_file_or_follow_it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "notes.tmp", "out.jsonl", "out.jsonl.tmp", "target.txt"]
 
 
+def _merge_one_shard(path: Path) -> None:
+    from refloop.data.shards import merge
+
+    shards = path.with_name(path.name + ".shards")
+    shards.mkdir()
+    (shards / "0.jsonl").write_text('{"id": "a"}\n')
+    merge(path, shards, {"a": 0}, "id")
+
+
+def _writers():
+    from refloop.data.bootstrapped import write_stats
+    from refloop.data.rc import _atomic_lines
+    from refloop.training.checkpoint import truncate_log, write_json_durably
+
+    return {
+        "rc.jsonl": lambda path: _atomic_lines(path, ['{"a": 1}\n']),
+        "stats.json": lambda path: write_stats(path.parent, {"a": 1}),
+        "state.json": lambda path: write_json_durably(path, {"a": 1}),
+        "log.jsonl": lambda path: (path.write_text('{"step": 1}\n{"step": 2}\n'), truncate_log(path, 1)),
+        "merged.jsonl": _merge_one_shard,
+    }
+
+
+@pytest.mark.parametrize("name", ["rc.jsonl", "stats.json", "state.json", "log.jsonl", "merged.jsonl"])
+def test_refloops_own_files_are_replaced_through_a_fresh_name_never_a_users_tmp_file(tmp_path, name):
+    """Inside a run directory too, a whole-file write goes through a fresh temporary name: a user's
+    `NAME.tmp` beside it (the fixed name these writers once used) is neither replaced nor removed."""
+    (tmp_path / f"{name}.tmp").write_text("keep me")
+    _writers()[name](tmp_path / name)
+    assert (tmp_path / f"{name}.tmp").read_text() == "keep me"
+    assert (tmp_path / name).read_text().strip()
+    assert {p.name for p in tmp_path.iterdir()} == {name, f"{name}.tmp"}
+
+
 def test_filter_overwrite_recognises_its_file_by_every_line(tmp_path):
     from refloop.data.filters import is_triplets_file
 

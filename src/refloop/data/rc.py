@@ -36,6 +36,7 @@ from refloop.boxes import Box, iou_matrix
 from refloop.codecs.formats import JsonBBoxCodec
 from refloop.codecs.profiles import PromptProfile, get_profile
 from refloop.data.formats import Relation, load_visual_genome, load_visual_genome_relationships
+from refloop.data.jsonl import replaced_whole
 from refloop.data.loaders import LoadReport, OnError, jsonl_lines, load_coco, load_referring
 from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ImageRecord, InstructionExample, ObjectAnnotation
@@ -292,15 +293,10 @@ def _check_annotations(tasks: Sequence[str], records: Sequence[ImageRecord], rel
 
 def _atomic_lines(path: Path, lines: Iterable[str]) -> None:
     """All lines or none: a build that stops half way leaves no file a trainer could take as whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replaced_whole(path) as tmp, open(tmp, "w") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _file_name(record: ImageRecord, folder: Path, root: Path | None) -> str:

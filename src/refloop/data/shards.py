@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 import numpy as np
 from PIL import Image
 
-from refloop.data.jsonl import JsonlWriter, complete_lines, iter_records, parse_line
+from refloop.data.jsonl import JsonlWriter, complete_lines, iter_records, parse_line, replaced_whole
 from refloop.errors import DataError
 
 T = TypeVar("T")
@@ -171,10 +171,9 @@ def merge(output: Path, shards: Path, index: dict[object, int], field: str) -> N
             source.append(s)
             offset.append(where)
     order = np.argsort(np.frombuffer(position, dtype=np.int64), kind="stable").tolist() if position else []
-    tmp = output.with_name(output.name + ".tmp")
     handles = [open(p, "rb") for p in sources]
     try:
-        with open(tmp, "wb") as out:
+        with replaced_whole(output) as tmp, open(tmp, "wb") as out:
             last = -1
             for k in order:
                 if position[k] == last:
@@ -187,5 +186,4 @@ def merge(output: Path, shards: Path, index: dict[object, int], field: str) -> N
     finally:
         for handle in handles:
             handle.close()
-    os.replace(tmp, output)
     shutil.rmtree(shards, ignore_errors=True)

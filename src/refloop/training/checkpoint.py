@@ -9,18 +9,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from refloop.data.jsonl import read_records
+from refloop.data.jsonl import read_records, replaced_whole, write_records
 
 STATE = "state.json"
 
 
 def write_json_durably(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
+    with replaced_whole(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(work: Path, state: dict, write_files: Callable[[Path], None]) -> None:
@@ -53,5 +51,4 @@ def latest_checkpoint(work: Path) -> tuple[Path, dict] | None:
 
 def truncate_log(path: Path, step: int) -> None:
     """Keep the log rows up to `step`, so a resumed run's log equals an uninterrupted run's."""
-    rows = [r for r in read_records(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_records(path, [r for r in read_records(path) if r["step"] <= step])
