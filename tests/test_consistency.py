@@ -108,3 +108,16 @@ def test_cli_end_to_end_on_a_few_boxes(tmp_path, capsys):
     assert len(rows) == 6 and {"image", "box", "caption", "predicted_box", "iou"} <= set(rows[0])
     for name in ("report.html", "best.png", "worst.png", "iou_hist.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_fewer_images_than_num_boxes_is_said_not_silent(tmp_path, capsys, caplog):
+    """One box per image: a file of 3 images gives 3 boxes for --num-boxes 6, and the run says so."""
+    code, _, err = run_cli(["export-world", "--domain", "in-domain", "--num-images", "3", "--out", str(tmp_path / "w")], capsys)
+    assert code == 0, err
+    ckpt = save_tiny_random(tmp_path / "model")
+    data = tmp_path / "w" / "instances.json"
+    cmd = ["consistency", "--data", str(data), "--model", str(ckpt), "--num-boxes", "6", "--out", str(tmp_path / "run")]
+    code, _, err = run_cli(cmd, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_boxes"] == 3
+    assert "3 boxes evaluated, not 6 (--num-boxes)" in " ".join((err + caplog.text).split())

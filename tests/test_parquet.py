@@ -217,9 +217,14 @@ def test_detection_rows_name_classlabel_categories_and_feed_load_detections(tmp_
         ("cup", Box(5, 5, 25, 35), 2),
         ("plate", Box(1, 1, 6, 6), 3),
     ]
-    rows[1]["objects"]["bbox"] = [[1, 1, 50, 50]]
-    rows[1]["width"] = 99
-    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+    without_ids = [{**r, "objects": {k: v for k, v in r["objects"].items() if k != "id"}} for r in rows]
+    del features["objects"]["id"]
+    datasets.Dataset.from_list(without_ids, features=features).to_parquet(str(path))
+    # no objects.id: each object is named by its position in its row, so ids are unique within an image
+    assert [o.ann_id for r in load_detections(str(path)).records for o in r.objects] == [0, 1, 0]
+    without_ids[1]["objects"]["bbox"] = [[1, 1, 50, 50]]
+    without_ids[1]["width"] = 99
+    datasets.Dataset.from_list(without_ids, features=features).to_parquet(str(path))
     with pytest.raises(DataError, match="record row 1: .*not 99x30"):
         load_parquet(path)
 

@@ -276,7 +276,10 @@ def _objects(value: Any, size, names: list[str] | None, path: Path, rec: str, ou
                 raise DataError(path, where, f"category {category} is not among the file's {len(names)} class names")
             category = names[category]
         category = text_field(category, path, where, "category")
-        out.append(ObjectAnnotation(box=box, category=category, ann_id=optional_id(ann_id, path, where, "id")))
+        ann_id = optional_id(ann_id, path, where, "id")
+        # without `objects.id`, an object's position in its row names it (unique within the image, as
+        # per-box outputs keyed image:object need; COCO's loader numbers id-less rows likewise)
+        out.append(ObjectAnnotation(box=box, category=category, ann_id=j if ann_id is None else ann_id))
     return out
 
 

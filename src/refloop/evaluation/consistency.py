@@ -10,6 +10,7 @@ the same run, by the REC rule (IoU >= the same threshold, `refloop.cycle.REC_ACC
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from refloop.limits import BatchSize, NewTokens, Seed
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
 from refloop.runs import files_digest, model_fingerprint, shared_run_directory
+
+log = logging.getLogger(__name__)
 
 
 class ConsistencyConfig(BaseModel):
@@ -192,6 +195,11 @@ def run_consistency(
     samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
     if not samples:
         raise RefloopError(f"{data}: no boxes to evaluate")
+    if len(samples) < cfg.num_boxes and state.is_main_process:
+        log.warning(
+            f"{data}: {len(samples)} boxes evaluated, not {cfg.num_boxes} (--num-boxes): one box per image "
+            f"(SC-Tune appendix 6), and {len(samples)} images have a box"
+        )
     vlm = spec.load_vlm(cfg.batch_size, generation=True)
     with progress_bar(f"consistency {data}", len(samples), enabled=progress) as advance:
         metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error)
