@@ -449,3 +449,18 @@ def test_sctune_evaluation_metrics_name_their_data(tiny, tmp_path, capsys):
     code, _, err = run_cli(["sctune", "--config", recipe_file(tmp_path, fields), "--out", str(tmp_path / "run")], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "eval" / "base" / "in-domain" / "metrics.json").read_text())["data"] == "in-domain"
+
+
+def test_config_takes_a_packaged_recipe_by_name_and_lists_the_names_when_neither(tmp_path):
+    from refloop.config import load_recipe, packaged_recipes
+    from refloop.methods.sctune_recipe import SCTuneRecipe
+
+    by_name = load_recipe(SCTuneRecipe, "sctune-shapes", ["sctune.phases=1"])
+    by_file = load_recipe(SCTuneRecipe, packaged_recipes()["sctune-shapes"], ["sctune.phases=1"])
+    assert by_name == by_file == load_recipe(SCTuneRecipe, "sctune-shapes.yaml", ["sctune.phases=1"])
+    (tmp_path / "sctune-shapes").write_text("train_data: crowded\ntrain_images: 7\n")  # a file of that name is the user's recipe
+    assert load_recipe(SCTuneRecipe, tmp_path / "sctune-shapes").train_images == 7
+    with pytest.raises(RefloopError, match="recipe not found: sctune-nope .*packaged recipe's name: .*sctune-shapes"):
+        load_recipe(SCTuneRecipe, "sctune-nope")
+    with pytest.raises(RefloopError, match="recipe not found: sub/sctune-shapes"):
+        load_recipe(SCTuneRecipe, "sub/sctune-shapes")  # a path is a path, never a packaged name

@@ -43,6 +43,13 @@ RefDataOpt = typer.Option(
 RefsOpt = typer.Option(None, "--refs", help="RefCOCO/+/g refs file (.json export or the original .p, read safely).")
 SplitOpt = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB).")
 ImagesOpt = typer.Option(None, "--images", help="Image root.")
+
+
+def _recipe_option(names: str, extra: str = ""):
+    """`--config`: a YAML file, or a recipe shipped in src/refloop/recipes/ by name."""
+    return typer.Option(None, "--config", help=f"YAML recipe file, or a packaged recipe by name ({names}){extra}.")
+
+
 OverwriteOpt = typer.Option(
     False, "--overwrite", help="Replace the outputs of a different earlier run in --out (refused by default; the same run resumes)."
 )
@@ -218,7 +225,7 @@ def demo(
 def pretrain_tiny(
     out: Path = typer.Option(Path("refloop-tiny"), "--out", help="Where the finished HF checkpoint directory is written."),
     work_dir: Path = typer.Option(Path("runs/pretrain-tiny"), "--work-dir", help="Checkpoints and curves; rerun to resume."),
-    config: Path | None = typer.Option(None, "--config", help="YAML file overriding PretrainConfig fields."),
+    config: Path | None = _recipe_option("pretrain-tiny, pretrain-tiny-grounded", ": PretrainConfig fields"),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Override the number of optimizer steps."),
     seed: int | None = typer.Option(None, "--seed", help="Override the seed."),
     overrides: list[str] = typer.Option(
@@ -245,7 +252,7 @@ def _print_quick_eval(record: dict) -> None:
 
 @app.command()
 def sctune(
-    config: Path | None = typer.Option(None, "--config", help="YAML recipe (see configs/sctune-*.yaml)."),
+    config: Path | None = _recipe_option("sctune-shapes, sctune-qwen2-vl-7b, ..."),
     out: Path = typer.Option(
         ..., "--out", help="Run directory: train/ (checkpoints, metrics.jsonl), adapters/, merged/, eval/, results.json."
     ),
@@ -500,7 +507,7 @@ def rc_data(
 
 @app.command()
 def sft(
-    config: Path | None = typer.Option(None, "--config", help="YAML recipe (see src/refloop/recipes/sft-*.yaml)."),
+    config: Path | None = _recipe_option("sft-shapes"),
     out: Path = typer.Option(
         ..., "--out", help="Run directory: train/ (checkpoints, metrics.jsonl), adapters/, merged/, results.json, curves.png."
     ),
@@ -523,7 +530,7 @@ def sft(
 
 @app.command()
 def svp(
-    config: Path | None = typer.Option(None, "--config", help="YAML recipe (see src/refloop/recipes/svp-*.yaml)."),
+    config: Path | None = _recipe_option("svp-shapes"),
     out: Path = typer.Option(
         ...,
         "--out",
@@ -603,7 +610,7 @@ def inspect(
 
 @app.command()
 def bootstrap(
-    config: Path | None = typer.Option(None, "--config", help="YAML recipe (configs/bootstrap-shapes.yaml); options below override it."),
+    config: Path | None = _recipe_option("bootstrap-shapes", "; options below override it"),
     out: Path = typer.Option(
         ..., "--out", help="Output directory: pairs.jsonl, refs.json + instances.json, candidates.jsonl, stats.json, report.html."
     ),

@@ -71,20 +71,38 @@ def check_size(data: object, source: str, limit: int = MAX_RECIPE_NODES) -> None
             stack.extend(node)
 
 
+def packaged_recipes() -> dict[str, Path]:
+    """The recipes installed with refloop (`src/refloop/recipes/*.yaml`), by name without `.yaml`."""
+    from importlib.resources import files
+
+    root = Path(str(files("refloop") / "recipes"))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file: `path` when it exists, else a packaged recipe of that name (`sctune-shapes` or
+    `sctune-shapes.yaml`; a pip-installed refloop has no `configs/` folder to point at)."""
+    given = Path(path)
+    if given.exists() or len(given.parts) != 1:
+        return given
+    return packaged_recipes().get(given.name.removesuffix(".yaml"), given)
+
+
 def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """A recipe of type `model` from a YAML file (or none: the defaults) plus `--set` overrides.
-    Missing files, YAML errors, unsafe tags, non-mapping files and invalid fields are RefloopErrors
-    naming the file."""
+    """A recipe of type `model` from a YAML file or a packaged recipe's name (or none: the defaults)
+    plus `--set` overrides. Missing files, YAML errors, unsafe tags, non-mapping files and invalid
+    fields are RefloopErrors naming the file."""
     source = str(path) if path is not None else "recipe"
     data: object = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = resolve_recipe(path).read_text()
             if len(text) > MAX_RECIPE_BYTES:
                 raise RefloopError(f"{path}: {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES}")
             data = yaml.safe_load(text) or {}
         except FileNotFoundError:
-            raise RefloopError(f"recipe not found: {path}") from None
+            names = ", ".join(packaged_recipes())
+            raise RefloopError(f"recipe not found: {path} (a YAML file, or a packaged recipe's name: {names})") from None
         except IsADirectoryError:
             raise RefloopError(f"recipe {path} is a directory, not a YAML file") from None
         except UnicodeDecodeError as exc:
