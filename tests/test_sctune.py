@@ -273,3 +273,18 @@ def test_eval_sets_with_one_file_name_get_folders_of_their_own(tmp_path):
     results = evaluate(vlm, recipe, tmp_path / "eval", "base")
     assert set(results) == set(files)
     assert sorted(p.name for p in (tmp_path / "eval" / "base").iterdir()) == ["crowded-refs", "in-domain-refs"]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_the_locator_step_logs_what_it_learned_from(tmp_path, ratio):
+    """Beside loss and grad norm: its partner's captions (words, distinct share) and L_sup's share."""
+    from dataclasses import replace
+
+    items = scene_box_items(4)
+    pairs = [replace(it, expression="the red circle") for it in items[:3]]
+    vlm = HFVLM.from_pretrained(save_tiny_random(tmp_path / "base"), device="cpu")
+    tuner = SCTune.from_base(vlm, SCTuneConfig(**(SMALL | {"supervised_ratio": ratio})), items, supervised=pairs)
+    row = tuner.locator_step(tuner.batch(1), step=1)
+    assert {"loss", "grad_norm", "caption_words", "distinct_captions", "supervised_share"} <= set(row)
+    assert row["supervised_share"] == ratio
+    assert 0 < row["distinct_captions"] <= 1 and row["caption_words"] >= 0

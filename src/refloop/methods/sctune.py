@@ -328,12 +328,15 @@ class SCTune:
         images = [it.load_image() for it in items]
         boxes = [it.box for it in items]
         captions = self.describer.describe(images, boxes, GenerateOptions(max_new_tokens=cfg.max_new_tokens))
+        described = [c.strip() for c in captions]  # the describer's pseudo captions, before L_sup replaces some
         rng = random.Random(step_seed(cfg.seed, step, "mix"))
+        supervised = 0
         if self.supervised and cfg.supervised_ratio > 0:  # L_sup: referring pairs mixed in
             for i in range(len(items)):
                 if rng.random() < cfg.supervised_ratio:
                     pair = self.supervised[rng.randrange(len(self.supervised))]
                     images[i], boxes[i], captions[i] = pair.load_image(), pair.box, pair.expression
+                    supervised += 1
         prompts = [profile.rec_prompt(c) for c in captions]
         targets = [self.vlm.answer_ids(profile.rec_answer(b, img.size, c)) for img, b, c in zip(images, boxes, captions, strict=True)]
         n_tokens = sum(len(t) for t in targets)
@@ -342,7 +345,15 @@ class SCTune:
             return answer_nll(self.locator, [images[i] for i in chunk], [prompts[i] for i in chunk], [targets[i] for i in chunk], n_tokens)
 
         loss, norm = self.trainer.update("locator", loss_of, list(range(len(targets))), tokens=n_tokens)
-        return {"loss": loss, "grad_norm": norm}
+        return {
+            "loss": loss,
+            "grad_norm": norm,
+            # what the locator learned from: its partner's captions (length in words, how many
+            # distinct: a describer collapsing to few captions shows here) and L_sup's share
+            "caption_words": sum(len(c.split()) for c in described) / len(described),
+            "distinct_captions": len(set(described)) / len(described),
+            "supervised_share": supervised / len(items),
+        }
 
     # ---- the alternating loop (Sec. 3.2) ------------------------------------------------------
     def phase_at(self, step: int) -> Phase:

@@ -36,7 +36,7 @@ def sctune_curves(metrics_path: Path, path: Path) -> Path:
     rows = read_records(metrics_path)
     d = [r for r in rows if r.get("role") == "describer"]
     loc = [r for r in rows if r.get("role") == "locator"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.4), dpi=110)
     for key, label in (("reward", "reward IoU (sampled)"), ("baseline_reward", "baseline IoU"), ("consistency", "Pr@0.5 of samples")):
         a.plot([r["step"] for r in d], [r[key] for r in d], ".", markersize=3, label=label)
     a.set_title("describer phases (PPO)")
@@ -45,6 +45,15 @@ def sctune_curves(metrics_path: Path, path: Path) -> Path:
     b.plot([r["step"] for r in loc], [r["loss"] for r in loc], ".", markersize=3, color="#d04a4a")
     b.set_title("locator phases (MLE loss)")
     b.set_xlabel("step")
+    seen = [r for r in loc if "caption_words" in r]  # runs from before these were logged have none
+    c.plot([r["step"] for r in seen], [r["caption_words"] for r in seen], ".", markersize=3, color="#4a7bd0")
+    c.set_ylabel("words per caption", color="#4a7bd0")
+    share = c.twinx()
+    share.plot([r["step"] for r in seen], [r["distinct_captions"] for r in seen], ".", markersize=3, color="#3a9a5a")
+    share.set_ylabel("distinct captions (share)", color="#3a9a5a")
+    share.set_ylim(0, 1.05)
+    c.set_title("the describer's captions the locator trains on")
+    c.set_xlabel("step")
     return _save(fig, path)
 
 
