@@ -127,3 +127,16 @@ def test_generation_encodes_each_image_once_and_feeds_one_token_per_step():
         hook.remove()
     assert encoded == [3]
     assert len(fed) > 1 and fed[0] > 1 and set(fed[1:]) == {1}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_weights_describe_locate_and_score(tmp_path, dtype):
+    """What GPU users run: the region token's box lattice follows the weights' dtype (boxes come
+    from the processor in fp32; bf16 / fp16 weights crashed in grid_sample)."""
+    vlm = HFVLM.from_pretrained(save_tiny_random(tmp_path / "m"), device="cpu", dtype=dtype, batch_size=2)
+    scenes, images = scene_images(2)
+    boxes = [s.objects[0].box for s in scenes]
+    captions = vlm.describe(images, boxes)
+    assert len(captions) == 2 and len(vlm.locate(images, captions)) == 2
+    (logp,) = vlm.logprobs(images[:1], [vlm.profile.reg_prompt(boxes[0], images[0].size)], [vlm.answer_ids("a red circle")])
+    assert torch.isfinite(logp).all()

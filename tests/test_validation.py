@@ -464,3 +464,29 @@ def test_config_takes_a_packaged_recipe_by_name_and_lists_the_names_when_neither
         load_recipe(SCTuneRecipe, "sctune-nope")
     with pytest.raises(RefloopError, match="recipe not found: sub/sctune-shapes"):
         load_recipe(SCTuneRecipe, "sub/sctune-shapes")  # a path is a path, never a packaged name
+
+
+def test_sctune_supervised_data_without_expressions_is_refused_and_unused_data_is_said(tiny, tmp_path, capsys, caplog, no_weights):
+    """L_sup on a detection file (boxes, no expressions) would be off without a word: refused; data
+    given at ratio 0 is said unused."""
+    code, _, err = run_cli(["export-world", "--domain", "in-domain", "--num-images", "2", "--out", str(tmp_path / "w")], capsys)
+    assert code == 0, err
+    fields = {"model": str(tiny), "train_data": "in-domain", "train_images": 4, "min_area_fraction": 0.0, "device": "cpu"}
+    detections = str(tmp_path / "w" / "instances.json")
+    path = recipe_file(tmp_path, fields | {"supervised_data": detections, "sctune": {"supervised_ratio": 0.5}})
+    assert_refused(run_cli(["sctune", "--config", path, "--out", str(tmp_path / "run")], capsys), "no referring expressions", "L_sup")
+    from refloop.methods.sctune_recipe import SCTuneRecipe, _supervised_pairs
+
+    unused = SCTuneRecipe.model_validate(fields | {"supervised_data": str(tmp_path / "w" / "refs.jsonl")})
+    assert _supervised_pairs(unused) is None and "is unused: sctune.supervised_ratio is 0" in caplog.text
+
+
+def test_options_that_would_be_ignored_are_refused_before_weights_load(tmp_path, capsys, no_weights):
+    """Plain captioning grounds nothing and `eval rec` without --refs reads no split: options given
+    for them would be ignored (and the caption ones would still enter the run's fingerprint)."""
+    caption = ["caption", "--data", "wild", "--num-images", "2", "--out", str(tmp_path / "c")]
+    assert_refused(run_cli([*caption, "--miss-rate", "0.3", "--phrases", "both"], capsys), "--miss-rate, --phrases", "add --isvp")
+    assert_refused(run_cli([*caption, "--grounder", "vlm"], capsys), "--grounder applies to iSVP only")
+    rec = ["eval", "rec", "--data", "in-domain", "--split", "testA", "--out", str(tmp_path / "r")]
+    assert_refused(run_cli(rec, capsys), "--split", "without --refs")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()

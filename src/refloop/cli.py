@@ -370,6 +370,8 @@ def evaluate(
         done = run_object_eval(task.value, spec, data, out, **objects, **pope_options, **common, progress=True)
     else:
         _refuse_options(task, options)
+        if split is not None and refs is None:
+            raise RefloopError("--split names a split of the --refs file (RefCOCO's refs); without --refs it would be ignored")
         done = run_referring_eval(task.value, spec, data, out, refs=refs, split=split, limit=limit, **common, progress=True)
     if done is not None:  # the main process
         _report_skipped(done[1])
@@ -378,6 +380,12 @@ def evaluate(
 
 # The caption and POPE options the other of the two tasks does not read.
 _NOT_READ_BY = {EvalTask.caption: ("--strategy", "--per-image", "--seed", "--pope-rule"), EvalTask.pope: ("--captions", "--chair-protocol")}
+
+
+def _given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option `name` (its parameter name), rather than its default."""
+    source = ctx.get_parameter_source(name)  # typer's own click or click's: compared by name
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def _refuse_options(task: EvalTask, given: dict) -> None:
@@ -557,6 +565,7 @@ def svp(
 
 @app.command()
 def caption(
+    ctx: typer.Context,
     data: str = typer.Option(
         ..., "--data", help="Shapes-world domain, COCO/Objects365 .json, referring .jsonl or .parquet: the images captioned."
     ),
@@ -581,6 +590,10 @@ def caption(
     grounded and the model captions again with the grounding in its prompt."""
     from refloop.methods.svp_recipe import GrounderSpec, run_captions
 
+    if not isvp:  # plain captioning grounds nothing: these would be ignored, yet enter the run's fingerprint
+        isvp_only = ("grounder", "grounder_model", "miss_rate", "false_positive_rate", "phrases")
+        if given := [f"--{name.replace('_', '-')}" for name in isvp_only if _given_on_command_line(ctx, name)]:
+            raise RefloopError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to iSVP only: add --isvp")
     named = {"kind": "--grounder", "model": "--grounder-model"}
     rates = {"miss_rate": miss_rate, "false_positive_rate": false_positive_rate}
     grounding = _options(GrounderSpec, "grounder", named, kind=grounder, model=grounder_model, **rates)

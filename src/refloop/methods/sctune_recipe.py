@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from refloop.config import DataSpec
 from refloop.data.items import detection_items, referring_items
+from refloop.data.records import BoxItem
 from refloop.data.sources import load_data
 from refloop.errors import RefloopError
 from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
@@ -112,13 +113,30 @@ def _warn_paper_rates_on_a_small_model(cfg: SCTuneConfig, vlm: VLM) -> None:
         )
 
 
+def _supervised_pairs(recipe: SCTuneRecipe) -> list[BoxItem] | None:
+    """L_sup's referring pairs: refused when the data holds none (a detection file has boxes but
+    no expressions, and L_sup would be off without a word); data given at ratio 0 is said unused."""
+    if recipe.supervised_data is None:
+        return None
+    pairs = referring_items(recipe.supervised_data.data, recipe.root(recipe.supervised_data))  # read either way: a bad file is refused
+    if recipe.sctune.supervised_ratio <= 0:
+        log.warning(f"supervised_data {recipe.supervised_data.data} is unused: sctune.supervised_ratio is 0 (L_sup off)")
+        return None
+    if not pairs:
+        raise RefloopError(
+            f"supervised_data {recipe.supervised_data.data}: no referring expressions, so no L_sup pairs "
+            "(it needs referring data: a shapes-world domain, a referring .jsonl, RefCOCO)"
+        )
+    return pairs
+
+
 def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict], None] | None, evaluate_base: bool) -> dict:
     out = run.out
     with PartialState().main_process_first():  # a shapes-world domain is exported once, by the main process
         train, filter_counts = detection_items(
             recipe.train_data.data, recipe.root(recipe.train_data), recipe.train_images, recipe.max_overlap_iou, recipe.min_area_fraction
         )
-        supervised = referring_items(recipe.supervised_data.data, recipe.root(recipe.supervised_data)) if recipe.supervised_data else None
+        supervised = _supervised_pairs(recipe)
     if not train:
         raise RefloopError(f"no training boxes left after filtering {recipe.train_data.data}: {filter_counts}")
     vlm = recipe.load_vlm(batch_size=recipe.sctune.generation_batch_size)

@@ -90,7 +90,8 @@ class VisionEncoder(nn.Module):
             [xs[:, None, :].expand(-1, samples, -1), ys[:, :, None].expand(-1, -1, samples)], dim=-1
         )  # (N, S, S, 2) in [0, 1]
         grid = grid * 2 - 1
-        pooled = [F.grid_sample(m, grid, align_corners=False).mean(dim=(2, 3)) for m in maps]
+        # the lattice in the maps' dtype: boxes arrive in fp32 from the processor, maps in the model's (bf16 / fp16)
+        pooled = [F.grid_sample(m, grid.to(m.dtype), align_corners=False).mean(dim=(2, 3)) for m in maps]
         return self.region_proj(torch.cat(pooled, dim=-1))
 
 
