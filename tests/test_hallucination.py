@@ -263,6 +263,18 @@ def test_object_data_from_a_coco_file_maps_categories_and_reads_captions(tmp_pat
     m = evaluate_pope(ScriptedCaptioner([], answer="I can't tell."), found, tmp_path / "pope-unsure", per_image=3)
     # neither yes nor no: YES under the release's rule, no (and unparsed) under refloop's
     assert (m["yes_ratio"], m["by_rule"]["refloop"]["yes_ratio"], m["unparsed"]) == (1.0, 0.0, 6)
+    assert m["by_rule"]["reference"]["unparsed"] == m["by_rule"]["refloop"]["unparsed"] == 6  # as the README says: both rules
+
+
+def test_a_captions_file_of_other_images_is_refused_and_a_partial_one_said(tmp_path, caplog):
+    instances, captions = _coco_files(tmp_path)
+    shifted = tmp_path / "shifted.json"
+    shifted.write_text(json.dumps({"annotations": [{"image_id": 101, "caption": "a man"}, {"image_id": 102, "caption": "a lamp"}]}))
+    with pytest.raises(RefloopError, match=r"none of the 2 images has a caption there .*1, 2.*101, 102"):
+        load_object_data(str(instances), captions=shifted)
+    shifted.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a man"}, {"image_id": 102, "caption": "a lamp"}]}))
+    assert load_object_data(str(instances), captions=shifted).references == [["a man"], []]
+    assert "1 of 2 images have reference captions" in caplog.text
 
 
 # ---- the commands with refloop-tiny on a shapes-world domain ---------------------------------------

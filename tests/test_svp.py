@@ -364,6 +364,9 @@ def test_svp_with_queries_from_the_seed_images_trains_on_them(tmp_path, model_di
     assert f"{counts['boxes_grounded']} boxes grounded on 4 images" in (run / "report.html").read_text()
     first = results["iterations"][0]
     assert first["visual_queries"] == min(first["selected"], sum(counts["queries"].values())) > 0
+    # the oracle's detections reach the guided prompts (written there, none unusable), and the report says so
+    assert first["detections"] > 0 and first["dropped_detections"] == 0
+    assert "detections written into the guided prompts" in (run / "report.html").read_text()
 
 
 def test_seed_image_queries_without_a_vocabulary_ask_the_grounder_for_every_category_of_the_dataset(tmp_path):

@@ -117,7 +117,12 @@ def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] = 
         return model.model_validate(data)
     except ValidationError as exc:
         set_keys = [item.partition("=")[0] for item in overrides]
-        raise RefloopError(validation_message(model, exc, source, set_keys)) from None
+        message = validation_message(model, exc, source, set_keys)
+        if path is None:  # no recipe named: the defaults alone did not validate
+            kind = model.__name__.lower().removesuffix("recipe").removesuffix("config")  # SCTuneRecipe -> sctune-*.yaml
+            names = [name for name in packaged_recipes() if name.startswith(kind + "-")]
+            message += f" (no --config given: name a recipe{', e.g. ' + ', '.join(names) if names else ''}, or --set the fields)"
+        raise RefloopError(message) from None
 
 
 def _models_in(annotation: object) -> list[type[BaseModel]]:

@@ -121,6 +121,8 @@ def read_json(path: Path) -> Any:
         raise DataError(path, None, "not usable JSON: nested too deeply") from None
     except json.JSONDecodeError as exc:
         hint = " (it looks like UTF-16 or UTF-32 without a byte-order mark: save it as UTF-8)" if "\x00" in text[:4] else ""
+        if not hint and exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            hint = " (it looks like JSON Lines, one object a line: this reads one JSON document, a COCO-style file)"
         raise DataError(path, None, f"not valid JSON: {exc}{hint}") from None
     except ValueError as exc:  # an integer beyond Python's digit limit
         raise DataError(path, None, f"not usable JSON: {exc}") from None

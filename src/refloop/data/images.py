@@ -66,7 +66,8 @@ def _opened(path: str | Path, source: object, record: object, data: bytes | None
         raise
     except FileNotFoundError:
         folder = Path(path).parent
-        hint = "" if folder.is_dir() else f" (its folder {folder} does not exist either: is --images the image root?)"
+        root = "the image root (--images, or a recipe's images)"
+        hint = "" if folder.is_dir() else f" (its folder {folder} does not exist either: is {root} right?)"
         raise DataError(source, record, f"image file not found: {path}{hint}") from None
     except Image.DecompressionBombError as exc:
         raise DataError(source, record, f"image {path} is too large: {exc}") from None

@@ -29,7 +29,12 @@ def _items_from_triplets(rows: list[tuple[int, dict]], root: Path, source: str) 
     for number, row in rows:
         record = f"line {number}"
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("boxes"), list):
-            raise DataError(source, record, "a triplet is an object with a string file_name and a list of boxes")
+            raise DataError(
+                source,
+                record,
+                "a triplet is an object with a string file_name and a list of boxes (a .jsonl train_data is read as "
+                "`refloop filter`'s triplets; detections go in as COCO .json, referring pairs as L_sup's supervised_data)",
+            )
         if not all(isinstance(b, list) and len(b) == 4 and all(_finite(v) for v in b) for b in row["boxes"]):
             raise DataError(source, record, "every box is [x1, y1, x2, y2] in finite pixel numbers")
         path = resolve_image_path(root, row["file_name"], source, record)

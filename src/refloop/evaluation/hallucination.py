@@ -22,6 +22,7 @@ from PIL import Image
 
 from refloop.data.jsonl import write_records
 from refloop.data.loaders import LoadReport, OnError, read_text
+from refloop.data.paths import shown
 from refloop.data.records import ImageRecord
 from refloop.data.shards import ShardedRun
 from refloop.errors import DataError, RefloopError
@@ -121,6 +122,16 @@ def load_object_data(
         objects.append(frozenset(names))
     by_image = read_coco_captions(Path(captions)) if captions is not None else {}
     references = [by_image.get(rec.image_id, []) for rec in records]
+    if captions is not None and records:
+        matched = sum(map(bool, references))
+        if not matched:  # a captions file of other images: the text metrics would be skipped as if none was given
+            ours, theirs = [shown(r.image_id) for r in records[:3]], [shown(k) for k in list(by_image)[:3]]
+            raise RefloopError(
+                f"--captions {captions}: none of the {len(records)} images has a caption there (the data's image ids: "
+                f"{', '.join(ours)}...; the file's: {', '.join(theirs) or 'none'}); it must be the captions file of these images"
+            )
+        if matched < len(records):
+            log.warning(f"--captions {captions}: {matched} of {len(records)} images have reference captions; text metrics are over those")
     return ObjectData(records, objects, references, table, dict(unmapped), report)
 
 
@@ -340,7 +351,7 @@ def _evaluate_pope(
     by_rule = {}
     for name in RULES:
         each = pope_metrics(answers, labels, name)
-        by_rule[name] = {k: each[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "tp", "fp", "tn", "fn")}
+        by_rule[name] = {k: each[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed", "tp", "fp", "tn", "fn")}
     metrics = scores | {"by_rule": by_rule, "strategy": strategy, "per_image": per_image, "seed": seed}
     metrics["images"] = len({r["image_id"] for r in rows})
     metrics["table"] = found.table.name

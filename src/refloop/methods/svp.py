@@ -218,6 +218,7 @@ class ImageSamples:
     degenerate: list[str | None]
     selected: list[int]
     dropped_detections: int = 0
+    detections: int = 0  # written into the guided prompts (dropped_detections: the grounder's unusable ones)
 
     def as_dict(self) -> dict:
         return {
@@ -229,6 +230,7 @@ class ImageSamples:
             "degenerate": self.degenerate,
             "selected": self.selected,
             "dropped_detections": self.dropped_detections,
+            "detections": self.detections,
         }
 
 
@@ -268,12 +270,12 @@ def inner_loop(
     flat_images = [img for img in images for _ in range(k)]
     flat_records = [r for r in records for _ in range(k)]
     prior = [profile.read_caption(c.text) for group in prior_groups for c in group]
-    dropped = [0] * len(flat_images)
+    dropped, found = [0] * len(flat_images), [0] * len(flat_images)
     if cfg.grounding and grounder is not None:
         # (2) grounding of each prior sample, written as text; (3) one guided sample per grounding
         phrases = [phrases_for(text, rec, cfg.phrases, vocabulary) for text, rec in zip(prior, flat_records, strict=True)]
         groundings = grounder.ground(flat_images, phrases, flat_records)
-        dropped = [g.dropped for g in groundings]
+        dropped, found = [g.dropped for g in groundings], [len(g.boxes) for g in groundings]
         contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, flat_images, strict=True)]
         prompts = [profile.grounded_caption_prompt(c) for c in contexts]
         guided_completions = [group[0] for group in vlm.generate(flat_images, prompts, sampled)]
@@ -315,6 +317,7 @@ def inner_loop(
                 degenerate[part],
                 selected,
                 sum(dropped[part]),
+                sum(found[part]),
             )
         )
     return out
@@ -485,6 +488,12 @@ class SVP:
         lineage = [*self.vlm.lineage, {"svp_iteration": iteration + 1, "adapter": tensors_digest(adapters.state_dict())}]
         self.vlm = self.vlm.with_module(merged, lineage=lineage)
         degenerate = Counter(d for r in rows for d in r["degenerate"] if d)
+        dropped, used = sum(r["dropped_detections"] for r in rows), sum(r.get("detections", 0) for r in rows)
+        if dropped > used and PartialState().is_main_process:  # e.g. a VLM grounder whose answers to bare phrases do not parse
+            log.warning(
+                f"SVP iteration {iteration + 1}: the grounder's detections were mostly unusable ({dropped} dropped: unparsed "
+                f"answers, malformed or outside the image; {used} used): the guided prompts carry little grounding"
+            )
         return {
             "iteration": iteration + 1,
             "images": len(rows),
@@ -492,7 +501,8 @@ class SVP:
             "selected": len(captions),
             "visual_queries": len(examples) - len(captions),
             "degenerate": dict(sorted(degenerate.items())),
-            "dropped_detections": sum(r["dropped_detections"] for r in rows),
+            "dropped_detections": dropped,
+            "detections": used,
             "images_without_grounding": ungrounded,
             "mean_score_selected": _mean([r["scores"][j] for r in rows for j in r["selected"]]),
             "mean_score_all": _mean([s for r in rows for s, d in zip(r["scores"], r["degenerate"], strict=True) if d is None]),

@@ -68,6 +68,7 @@ class GrounderSpec(BaseModel):
 
     def build(self, vlm, device: str, dtype: str) -> Grounder:
         from refloop.grounding import Florence2Grounder, HFGroundingDINO, HFOwlV2, SceneOracle, VLMGrounder
+        from refloop.models.hf import check_local_or_hub
 
         if self.kind == "oracle":
             return SceneOracle(self.miss_rate, self.false_positive_rate, self.jitter, self.seed)
@@ -75,7 +76,11 @@ class GrounderSpec(BaseModel):
             other = vlm if self.model is None else _load(self.model, device, dtype)
             return VLMGrounder(other)
         if self.model is None:
-            raise RefloopError(f"grounder kind {self.kind!r} needs grounder.model (a checkpoint directory or hub id)")
+            raise RefloopError(
+                f"grounder kind {self.kind!r} needs its checkpoint: --grounder-model on the command line, grounder.model "
+                "in a recipe (a checkpoint directory or hub id)"
+            )
+        check_local_or_hub(self.model, "grounder model")
         options = {k: v for k, v in (("threshold", self.threshold), ("text_threshold", self.text_threshold)) if v is not None}
         if self.kind == "grounding-dino":
             return HFGroundingDINO.from_pretrained(self.model, device=device, dtype=dtype, **options)

@@ -79,6 +79,14 @@ def validate_config(config) -> None:
         )
 
 
+def check_local_or_hub(path: str, what: str = "model directory") -> None:
+    """A checkpoint named by a path must exist: a hub id is `name` or `org/name` with no such local
+    folder; anything else is a local path, and asking the hub for it would only time out (or
+    answer with its repo-id rules)."""
+    if not Path(path).exists() and (not _HUB_ID.fullmatch(path) or Path(path).parent.is_dir() and str(Path(path).parent) != "."):
+        raise RefloopError(f"{what} {path} does not exist (and it is not a hub id such as org/name)")
+
+
 def load_parts(
     path: str, profile: PromptProfile | str | None = None, processor_options: dict | None = None, trust_remote_code: bool = False
 ) -> tuple:
@@ -87,10 +95,7 @@ def load_parts(
         if (Path(path) / "adapter_config.json").exists():  # a run's adapters/NAME: the model is the run's merged/
             raise RefloopError(f"{path} holds a LoRA adapter, not a model: pass the run's merged/ checkpoint as --model")
         raise RefloopError(f"{path} is not a model directory (no config.json)")
-    if not Path(path).exists() and (not _HUB_ID.fullmatch(path) or Path(path).parent.is_dir() and str(Path(path).parent) != "."):
-        # A hub id is `name` or `org/name` with no such local folder; anything else is a local path,
-        # and asking the hub for it would only time out.
-        raise RefloopError(f"model directory {path} does not exist (and it is not a hub id such as org/name)")
+    check_local_or_hub(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
