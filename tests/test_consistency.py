@@ -121,3 +121,15 @@ def test_fewer_images_than_num_boxes_is_said_not_silent(tmp_path, capsys, caplog
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_boxes"] == 3
     assert "3 boxes evaluated, not 6 (--num-boxes)" in " ".join((err + caplog.text).split())
+
+
+def test_a_rerun_asking_fewer_boxes_says_the_samples_file_holds_more(tmp_path, capsys, caplog):
+    code, _, err = run_cli(["export-world", "--domain", "in-domain", "--num-images", "6", "--out", str(tmp_path / "w")], capsys)
+    assert code == 0, err
+    ckpt, data = save_tiny_random(tmp_path / "model"), str(tmp_path / "w" / "instances.json")
+    cmd = ["consistency", "--data", data, "--model", str(ckpt), "--batch-size", "4", "--out", str(tmp_path / "run")]
+    assert run_cli([*cmd, "--num-boxes", "6"], capsys)[0] == 0
+    assert run_cli([*cmd, "--num-boxes", "3"], capsys)[0] == 0  # the same run, fewer boxes: resumes, nothing recomputed
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["num_boxes"], metrics["samples_file_rows"]) == (3, 6)
+    assert "holds 6 rows (an earlier run here evaluated more); metrics read the 3 asked for" in caplog.text

@@ -45,6 +45,9 @@ SplitOpt = typer.Option(None, "--split", help="RefCOCO split to keep (train, val
 ImagesOpt = typer.Option(None, "--images", help="Image root.")
 
 
+log = logging.getLogger(__name__)
+
+
 def _recipe_option(names: str, extra: str = ""):
     """`--config`: a YAML file, or a recipe shipped in src/refloop/recipes/ by name."""
     return typer.Option(None, "--config", help=f"YAML recipe file, or a packaged recipe by name ({names}){extra}.")
@@ -368,6 +371,9 @@ def evaluate(
         objects = {"captions": captions, "num_images": num_images or 500, "protocol": protocol, "rule": rule}
         pope_options = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
         done = run_object_eval(task.value, spec, data, out, **objects, **pope_options, **common, progress=True)
+        evaluated = done[0].get("images", done[0].get("num")) if done is not None else None
+        if num_images is not None and isinstance(evaluated, int) and evaluated < num_images:
+            log.warning(f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): no more had what the task reads")
     else:
         _refuse_options(task, options)
         if split is not None and refs is None:
@@ -419,6 +425,8 @@ def filter_detections(
     counts, skipped = write_triplets(detections, out, images, exclude, max_overlap_iou, min_area_fraction, on_error.value)
     console.print_json(json.dumps(counts.as_dict() | {"skipped_records": skipped}))
     console.print(f"wrote {counts.triplets_kept} triplets ({counts.boxes_kept} boxes) to {out}", markup=False)
+    if counts.triplets_kept == 0:  # an empty training file is no result: say so, with the counts of each rule above
+        log.warning(f"{out} holds no triplet: every image or box was removed by the rules counted above (or by --exclude)")
 
 
 @app.command("export-parquet")

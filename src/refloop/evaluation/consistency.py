@@ -166,6 +166,11 @@ def _evaluate(
     if state.num_processes > 1:
         metrics["processes"] = state.num_processes
     if state.is_main_process:
+        with open(samples_path) as f:
+            held = sum(1 for line in f if line.strip())
+        if held > len(rows) + skipped_count:  # resumed with fewer boxes: the earlier rows stay, the metrics read these
+            metrics["samples_file_rows"] = held
+            log.warning(f"{samples_path} holds {held} rows (an earlier run here evaluated more); metrics read the {len(rows)} asked for")
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -103,10 +103,11 @@ def load_parts(
     validate_config(config)
     processor = load_processor(path, config, trust_remote_code=trust_remote_code, **(processor_options or {}))
     check_processor_options(processor, processor_options or {}, path)
+    name = profile if isinstance(profile, str) else None
     if isinstance(profile, str):
         profile = get_profile(profile, processor)
     profile = profile or profile_for_config(config, processor)
-    check_profile_fits(profile, processor, path)
+    check_profile_fits(profile, processor, path, name)
     return config, processor, profile
 
 
@@ -126,7 +127,7 @@ def check_processor_options(processor, options: dict, path: str) -> None:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def check_profile_fits(profile: PromptProfile, processor, path: str) -> None:
+def check_profile_fits(profile: PromptProfile, processor, path: str, name: str | None = None) -> None:
     """The profile's box text must survive this checkpoint's tokenizer: a REC answer, tokenized,
     decoded and read back, names the same box. A profile of another family fails here, before
     any weights load, instead of every answer being silently unparseable."""
@@ -137,7 +138,7 @@ def check_profile_fits(profile: PromptProfile, processor, path: str) -> None:
     found = profile.read_box(profile.decode(tokenizer, ids), size)
     if found is None or box.iou(found) < 0.5:
         raise RefloopError(
-            f"prompt profile {type(profile).__name__} does not fit {path}: its box text {answer!r} does not survive the "
+            f"prompt profile {name or type(profile).__name__} does not fit {path}: its box text {answer!r} does not survive the "
             "checkpoint's tokenizer; choose the profile of this model's family (--profile)"
         )
 

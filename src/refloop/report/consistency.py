@@ -47,7 +47,8 @@ def example_panels(rows: list[dict], count: int, images: Mapping[str, Callable[[
         except OSError:
             continue
         predicted = Box(*r["predicted_box"]) if r.get("predicted_box") else None
-        lines = [f"described: {r['caption'] or '(empty)'}", f"IoU {r['iou']:.2f}"]
+        located = f"IoU {r['iou']:.2f}" if r.get("predicted_box") is not None else "IoU 0 (the located answer did not parse)"
+        lines = [f"described: {r['caption'] or '(empty)'}", located]
         if r.get("reference_expression"):
             lines.append(f"reference: {r['reference_expression']}")
         panels.append(panel(image, Box(*r["box"]), predicted, lines))
