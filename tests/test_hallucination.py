@@ -277,6 +277,26 @@ def test_a_captions_file_of_other_images_is_refused_and_a_partial_one_said(tmp_p
     assert "1 of 2 images have reference captions" in caplog.text
 
 
+def test_the_datasets_own_categories_read_captions_and_ask_pope(tmp_path):
+    """--categories dataset: the file's category names and plurals, no synonyms (Objects365-style
+    labels CHAIR's COCO table does not know); the default stays COCO's table."""
+    from refloop.evaluation.hallucination import default_protocol, pope_questions
+
+    instances, captions = _coco_files(tmp_path)
+    found = load_object_data(str(instances), captions=captions, categories="dataset")
+    assert found.table.name == "dataset" and found.table.objects == ("dog", "lamp", "person")
+    assert found.objects == [frozenset({"person", "dog"}), frozenset({"person", "lamp"})] and found.unmapped_categories == {}
+    assert default_protocol(found) == "refloop"
+    m = evaluate_captions(ScriptedCaptioner(["two dogs and a lamp", "a person"]), found, tmp_path / "cap", java=False)
+    assert (m["chair_i"], m["object_recall"], m["table"]) == (pytest.approx(1 / 3), pytest.approx(2 / 4), "dataset")
+    questions = pope_questions(found, per_image=1)
+    assert {q["question"] for q in questions} >= {"Is there a lamp in the image?"} and len(questions) == 4
+    with pytest.raises(RefloopError, match="categories 'o365'"):
+        load_object_data(str(instances), categories="o365")
+    with pytest.raises(RefloopError, match="--categories is for dataset files"):
+        load_object_data("wild", categories="dataset", num_images=2)
+
+
 # ---- the commands with refloop-tiny on a shapes-world domain ---------------------------------------
 
 

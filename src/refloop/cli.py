@@ -280,6 +280,11 @@ def sctune(
     console.print_json(json.dumps(results))
 
 
+class Categories(str, Enum):
+    coco = "coco"
+    dataset = "dataset"
+
+
 class EvalTask(str, Enum):
     rec = "rec"
     reg = "reg"
@@ -346,6 +351,13 @@ def evaluate(
         help="caption: CHAIR and recall at the top of the metrics as the original chair.py counts them (default for dataset files) "
         "or as refloop does (default for shapes-world domains); both are reported.",
     ),
+    categories: Categories | None = typer.Option(
+        None,
+        "--categories",
+        help="caption, pope (dataset files): the objects read in captions and asked about, COCO's 80 with their synonyms "
+        "(coco, default; what CHAIR and POPE publish) or the file's own category names and plurals (dataset; Objects365, "
+        "OpenImages, your labels; comparable only among such runs).",
+    ),
     pope_rule: PopeRule | None = typer.Option(
         None,
         "--pope-rule",
@@ -362,13 +374,14 @@ def evaluate(
     _check_out(out, data, refs, images, captions, model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
     options = {"--num-images": num_images, "--captions": captions, "--strategy": strategy, "--per-image": per_image}
-    options |= {"--seed": seed, "--chair-protocol": chair_protocol, "--pope-rule": pope_rule}
+    options |= {"--seed": seed, "--chair-protocol": chair_protocol, "--pope-rule": pope_rule, "--categories": categories}
     common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite}
     if task in (EvalTask.caption, EvalTask.pope):
         _refuse_options(task, {"--refs": refs, "--split": split, "--limit": limit})
         _refuse_options(task, {k: options[k] for k in _NOT_READ_BY[task]})
         protocol, rule = chair_protocol.value if chair_protocol else None, (pope_rule or PopeRule.reference).value
         objects = {"captions": captions, "num_images": num_images or 500, "protocol": protocol, "rule": rule}
+        objects["categories"] = (categories or Categories.coco).value
         pope_options = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
         done = run_object_eval(task.value, spec, data, out, **objects, **pope_options, **common, progress=True)
         evaluated = done[0].get("images", done[0].get("num")) if done is not None else None

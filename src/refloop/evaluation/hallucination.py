@@ -48,7 +48,7 @@ from refloop.evaluation.pope import (  # noqa: F401
     pope_metrics,
     reference_reading,
 )
-from refloop.evaluation.synonyms import SynonymTable, coco_table, plural, shapes_table, words  # noqa: F401
+from refloop.evaluation.synonyms import SynonymTable, coco_table, dataset_table, plural, shapes_table, words  # noqa: F401
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
 from refloop.runs import model_fingerprint, shared_run_directory
@@ -78,6 +78,7 @@ def load_object_data(
     on_error: OnError = "fail",
     num_images: int = 500,
     seed: int | None = None,
+    categories: str = "coco",
 ) -> ObjectData:
     """Images and ground truth for caption and POPE evaluation.
 
@@ -86,13 +87,18 @@ def load_object_data(
     and read back through the COCO loader (every image, every box); each image's objects are its
     annotations' colour attribute + shape category, its reference caption the grammar's, from the
     export's captions file. A COCO-style .json or referring .jsonl: its first `num_images`
-    images, objects = categories named in COCO's table, reference captions from `captions` (a
-    COCO captions JSON) when given.
+    images, objects = categories named in COCO's table (`categories="dataset"`: in a table of the
+    file's own category names, `dataset_table`), reference captions from `captions` (a COCO
+    captions JSON) when given.
     """
     from refloop.data.sources import load_data, world_split_dir
     from refloop.world.export import CAPTIONS_FILE, COCO_FILE
 
+    if categories not in ("coco", "dataset"):
+        raise RefloopError(f"categories {categories!r}: choose coco (COCO's 80, as CHAIR and POPE) or dataset (the file's own)")
     if data in DOMAINS:
+        if categories != "coco":
+            raise RefloopError("--categories is for dataset files: a shapes-world domain is read with its colour-shape objects")
         if captions is not None:
             raise RefloopError("--captions is for dataset files: a shapes-world domain's references are its grammar captions")
         split = world_split_dir(data, num_images, EVAL_SEED if seed is None else seed)
@@ -108,7 +114,7 @@ def load_object_data(
         raise RefloopError("seed picks a split of a shapes-world domain; a dataset file is its own split")
     records, report = load_data(data, images, on_error=on_error)
     records = records[:num_images]
-    table = coco_table()
+    table = coco_table() if categories == "coco" else dataset_table(o.category for r in records for o in r.objects)
     unmapped: Counter = Counter()
     objects = []
     for rec in records:
@@ -183,7 +189,7 @@ def default_protocol(found: ObjectData) -> str:
     """CHAIR's protocol when none is asked: the original release's for dataset files (what
     published tables compare to), refloop's for a shapes-world domain (no published table; its
     README numbers were measured so)."""
-    return "refloop" if found.table.name == "shapes" else "original"
+    return "original" if found.table.name == "coco" else "refloop"
 
 
 def evaluate_captions(
@@ -214,7 +220,7 @@ def evaluate_captions(
 
 def _caption_tables(found: ObjectData) -> dict[str, ObjectReader]:
     """The reader of each protocol: a shapes-world domain has one table; COCO is read by each protocol's own."""
-    return {p: found.table if found.table.name == "shapes" else default_table(p) for p in PROTOCOLS}
+    return {p: default_table(p) if found.table.name == "coco" else found.table for p in PROTOCOLS}
 
 
 def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_tokens, progress, java, on_error, protocol, state) -> dict:
@@ -257,7 +263,8 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
         if metrics.get("object_recall") is None and metrics.get("chair_i") is None:  # nothing CHAIR can read here
             log.warning(
                 f"CHAIR and object recall are null: no annotation or caption names an object of the {found.table.name} "
-                "category table (it reads COCO's 80 objects and their synonyms; reasons under 'undefined')"
+                "category table (coco reads COCO's 80 objects and their synonyms, --categories dataset the data's own category "
+                "names; reasons under 'undefined')"
             )
     scored = [it for it in done if it[3]]
     text_scores: dict = {}
@@ -299,7 +306,7 @@ def pope_questions(found: ObjectData, strategy: str = "random", per_image: int =
         why += f"; categories not in that table: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
     raise RefloopError(
         f"no POPE questions: {why}. POPE asks about objects the table names (COCO's 80 categories, or a shapes-world domain's "
-        "colour-shape objects): use annotations with those category names"
+        "colour-shape objects): use annotations with those category names, or --categories dataset to ask about the data's own"
     )
 
 
@@ -375,6 +382,7 @@ def run_object_eval(
     seed: int = 0,
     protocol: str | None = None,
     rule: str = "reference",
+    categories: str = "coco",
     batch_size: int = 64,
     on_error: OnError = "fail",
     overwrite: bool = False,
@@ -388,7 +396,7 @@ def run_object_eval(
 
     state = spec.process_state()
     with state.main_process_first():
-        found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images)
+        found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images, categories=categories)
     if not found.records:
         raise RefloopError(f"{data}: no images to evaluate")
     pope = {"strategy": strategy, "per_image": per_image, "seed": seed}

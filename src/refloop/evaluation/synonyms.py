@@ -8,9 +8,10 @@ not a bear). The original CHAIR release reads words its own way: `refloop.evalua
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from refloop.errors import RefloopError
 from refloop.world import COLOURS, SHAPES
 
 _IRREGULAR_PLURALS = {
@@ -246,6 +247,16 @@ _COCO_BLOCKED = (
 )  # fmt: skip
 # "baby" and "adult" name a person, but not before an animal: "a baby elephant" is an elephant.
 _COCO_ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe")
+
+
+def dataset_table(categories: Iterable[str]) -> SynonymTable:
+    """A dataset's own categories (Objects365, OpenImages, your labels), each named by its category
+    name and its plural, no synonyms; POPE's question. Beyond CHAIR and POPE, which read COCO's 80:
+    no published number is read this way, so scores are comparable only among runs on this table."""
+    names = sorted({" ".join(words(c)) for c in categories} - {""})
+    if not names:
+        raise RefloopError("the data names no category to read captions and questions with")
+    return SynonymTable.build("dataset", {name: () for name in names}, question="Is there {a} {object} in the image?")
 
 
 def coco_table() -> SynonymTable:
