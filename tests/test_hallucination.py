@@ -377,3 +377,14 @@ def test_eval_caption_on_categories_chair_cannot_read_warns_once(tmp_path, capsy
     code, _, err = run_cli(["eval", "caption", "--data", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
     assert code == 0, err
     assert err.count("warning: CHAIR and object recall are null") == 1
+
+
+def test_num_images_beyond_the_data_is_said(tmp_path, capsys, caplog):
+    from helpers import run_cli, save_tiny_random
+
+    assert run_cli(["export-world", "--domain", "wild", "--num-images", "3", "--out", str(tmp_path / "w")], capsys)[0] == 0
+    data, model = str(tmp_path / "w" / "instances.json"), str(save_tiny_random(tmp_path / "m"))
+    args = ["eval", "caption", "--data", data, "--model", model, "--categories", "dataset", "--out", str(tmp_path / "c")]
+    code, _, err = run_cli([*args, "--num-images", "10"], capsys)
+    assert code == 0, err
+    assert "3 images evaluated, not 10 (--num-images)" in caplog.text

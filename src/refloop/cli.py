@@ -380,17 +380,12 @@ def evaluate(
         _refuse_options(task, {"--refs": refs, "--split": split, "--limit": limit})
         _refuse_options(task, {k: options[k] for k in _NOT_READ_BY[task]})
         protocol, rule = chair_protocol.value if chair_protocol else None, (pope_rule or PopeRule.reference).value
-        objects = {"captions": captions, "num_images": num_images or 500, "protocol": protocol, "rule": rule}
+        objects = {"captions": captions, "num_images": num_images, "protocol": protocol, "rule": rule}
         objects["categories"] = (categories or Categories.coco).value
         pope_options = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
         done = run_object_eval(task.value, spec, data, out, **objects, **pope_options, **common, progress=True)
-        evaluated = done[0].get("images", done[0].get("num")) if done is not None else None
-        if num_images is not None and isinstance(evaluated, int) and evaluated < num_images:
-            log.warning(f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): no more had what the task reads")
     else:
         _refuse_options(task, options)
-        if split is not None and refs is None:
-            raise RefloopError("--split names a split of the --refs file (RefCOCO's refs); without --refs it would be ignored")
         done = run_referring_eval(task.value, spec, data, out, refs=refs, split=split, limit=limit, **common, progress=True)
     if done is not None:  # the main process
         _report_skipped(done[1])

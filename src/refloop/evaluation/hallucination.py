@@ -376,7 +376,7 @@ def run_object_eval(
     out: Path,
     images: str | Path | None = None,
     captions: str | Path | None = None,
-    num_images: int = 500,
+    num_images: int | None = None,
     strategy: str = "random",
     per_image: int = 3,
     seed: int = 0,
@@ -396,7 +396,7 @@ def run_object_eval(
 
     state = spec.process_state()
     with state.main_process_first():
-        found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images, categories=categories)
+        found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images or 500, categories=categories)
     if not found.records:
         raise RefloopError(f"{data}: no images to evaluate")
     pope = {"strategy": strategy, "per_image": per_image, "seed": seed}
@@ -413,4 +413,7 @@ def run_object_eval(
         return None
     if found.report.skipped:
         metrics["skipped_records"] = found.report.skipped
+    evaluated = metrics.get("images", metrics.get("num"))
+    if num_images is not None and isinstance(evaluated, int) and evaluated < num_images:  # asked for, not the default
+        log.warning(f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): no more had what the task reads")
     return metrics, found.report

@@ -195,6 +195,8 @@ def run_referring_eval(
     report; the others None. `progress`: show a progress bar (on the main process)."""
     from refloop.progress import progress_bar
 
+    if split is not None and refs is None:
+        raise RefloopError("--split names a split of the --refs file (RefCOCO's refs); without --refs it would be ignored")
     state = spec.process_state()
     with state.main_process_first():
         records, report = load_referring_data(data, images, refs, split, on_error)
