@@ -120,7 +120,7 @@ def test_fewer_images_than_num_boxes_is_said_not_silent(tmp_path, capsys, caplog
     code, _, err = run_cli(cmd, capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_boxes"] == 3
-    assert "3 boxes evaluated, not 6 (--num-boxes)" in " ".join((err + caplog.text).split())
+    assert "3 boxes evaluated, not 6 (num_boxes)" in " ".join((err + caplog.text).split())
 
 
 def test_a_rerun_asking_fewer_boxes_says_the_samples_file_holds_more(tmp_path, capsys, caplog):

@@ -295,6 +295,18 @@ def test_the_datasets_own_categories_read_captions_and_ask_pope(tmp_path):
         load_object_data(str(instances), categories="o365")
     with pytest.raises(RefloopError, match="--categories is for dataset files"):
         load_object_data("wild", categories="dataset", num_images=2)
+    with pytest.raises(RefloopError, match="--categories is for dataset files"):  # given explicitly: refused, not ignored
+        load_object_data("wild", categories="coco", num_images=2)
+    # the table is the file's whole label set, not only the first num_images images' ("lamp" is in image 2 only)
+    assert load_object_data(str(instances), categories="dataset", num_images=1).table.objects == ("dog", "lamp", "person")
+
+
+def test_a_dataset_table_reads_a_name_beside_its_plural_as_two_objects():
+    from refloop.evaluation.synonyms import dataset_table
+
+    table = dataset_table(["glass", "glasses", "Bus", "person"])
+    assert table.objects == ("bus", "glass", "glasses", "person")
+    assert [obj for _, obj in table.matches("two buses, a glass and my glasses")] == ["bus", "glass", "glasses"]
 
 
 # ---- the commands with refloop-tiny on a shapes-world domain ---------------------------------------

@@ -263,6 +263,8 @@ def test_refloops_own_files_are_replaced_through_a_fresh_name_never_a_users_tmp_
     assert (tmp_path / f"{name}.tmp").read_text() == "keep me"
     assert (tmp_path / name).read_text().strip()
     assert {p.name for p in tmp_path.iterdir()} == {name, f"{name}.tmp"}
+    if name == "log.jsonl":  # truncated to the rows up to the step, replaced whole
+        assert (tmp_path / name).read_text() == '{"step": 1}\n'
 
 
 def test_filter_overwrite_recognises_its_file_by_every_line(tmp_path):

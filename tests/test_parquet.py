@@ -222,6 +222,12 @@ def test_detection_rows_name_classlabel_categories_and_feed_load_detections(tmp_
     datasets.Dataset.from_list(without_ids, features=features).to_parquet(str(path))
     # no objects.id: each object is named by its position in its row, so ids are unique within an image
     assert [o.ann_id for r in load_detections(str(path)).records for o in r.objects] == [0, 1, 0]
+    mixed = [{**rows[0], "objects": {**rows[0]["objects"], "id": [5, None]}}]  # position 1 could collide with a given id
+    datasets.Dataset.from_list(
+        mixed, features=datasets.Features({**features, "objects": {**features["objects"], "id": datasets.List(datasets.Value("int64"))}})
+    ).to_parquet(str(tmp_path / "mixed.parquet"))
+    with pytest.raises(DataError, match="some objects have an id and some do not"):
+        load_parquet(tmp_path / "mixed.parquet")
     without_ids[1]["objects"]["bbox"] = [[1, 1, 50, 50]]
     without_ids[1]["width"] = 99
     datasets.Dataset.from_list(without_ids, features=features).to_parquet(str(path))

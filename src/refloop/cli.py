@@ -228,7 +228,7 @@ def demo(
 def pretrain_tiny(
     out: Path = typer.Option(Path("refloop-tiny"), "--out", help="Where the finished HF checkpoint directory is written."),
     work_dir: Path = typer.Option(Path("runs/pretrain-tiny"), "--work-dir", help="Checkpoints and curves; rerun to resume."),
-    config: Path | None = _recipe_option("pretrain-tiny, pretrain-tiny-grounded", ": PretrainConfig fields"),
+    config: str | None = _recipe_option("pretrain-tiny, pretrain-tiny-grounded", ": PretrainConfig fields"),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Override the number of optimizer steps."),
     seed: int | None = typer.Option(None, "--seed", help="Override the seed."),
     overrides: list[str] = typer.Option(
@@ -255,7 +255,7 @@ def _print_quick_eval(record: dict) -> None:
 
 @app.command()
 def sctune(
-    config: Path | None = _recipe_option("sctune-shapes, sctune-qwen2-vl-7b, ..."),
+    config: str | None = _recipe_option("sctune-shapes, sctune-qwen2-vl-7b, ..."),
     out: Path = typer.Option(
         ..., "--out", help="Run directory: train/ (checkpoints, metrics.jsonl), adapters/, merged/, eval/, results.json."
     ),
@@ -348,8 +348,8 @@ def evaluate(
     chair_protocol: ChairProtocol | None = typer.Option(
         None,
         "--chair-protocol",
-        help="caption: CHAIR and recall at the top of the metrics as the original chair.py counts them (default for dataset files) "
-        "or as refloop does (default for shapes-world domains); both are reported.",
+        help="caption: CHAIR and recall at the top of the metrics as the original chair.py counts them (default for dataset files "
+        "read with COCO's table) or as refloop does (default for shapes-world domains and --categories dataset); both are reported.",
     ),
     categories: Categories | None = typer.Option(
         None,
@@ -381,7 +381,7 @@ def evaluate(
         _refuse_options(task, {k: options[k] for k in _NOT_READ_BY[task]})
         protocol, rule = chair_protocol.value if chair_protocol else None, (pope_rule or PopeRule.reference).value
         objects = {"captions": captions, "num_images": num_images, "protocol": protocol, "rule": rule}
-        objects["categories"] = (categories or Categories.coco).value
+        objects["categories"] = categories.value if categories else None  # given for a domain: refused, not ignored
         pope_options = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
         done = run_object_eval(task.value, spec, data, out, **objects, **pope_options, **common, progress=True)
     else:
@@ -531,7 +531,7 @@ def rc_data(
 
 @app.command()
 def sft(
-    config: Path | None = _recipe_option("sft-shapes"),
+    config: str | None = _recipe_option("sft-shapes"),
     out: Path = typer.Option(
         ..., "--out", help="Run directory: train/ (checkpoints, metrics.jsonl), adapters/, merged/, results.json, curves.png."
     ),
@@ -554,7 +554,7 @@ def sft(
 
 @app.command()
 def svp(
-    config: Path | None = _recipe_option("svp-shapes"),
+    config: str | None = _recipe_option("svp-shapes"),
     out: Path = typer.Option(
         ...,
         "--out",
@@ -639,7 +639,7 @@ def inspect(
 
 @app.command()
 def bootstrap(
-    config: Path | None = _recipe_option("bootstrap-shapes", "; options below override it"),
+    config: str | None = _recipe_option("bootstrap-shapes", "; options below override it"),
     out: Path = typer.Option(
         ..., "--out", help="Output directory: pairs.jsonl, refs.json + instances.json, candidates.jsonl, stats.json, report.html."
     ),

@@ -4,6 +4,7 @@ the tracker fields `refloop.training.trackers.TrackingSpec`."""
 
 from __future__ import annotations
 
+import os
 from difflib import get_close_matches
 from pathlib import Path
 from types import UnionType
@@ -83,9 +84,10 @@ def resolve_recipe(path: str | Path) -> Path:
     """A recipe file: `path` when it exists, else a packaged recipe of that name (`sctune-shapes` or
     `sctune-shapes.yaml`; a pip-installed refloop has no `configs/` folder to point at)."""
     given = Path(path)
-    if given.exists() or len(given.parts) != 1:
+    text = str(path)  # as typed: pathlib would drop a leading "./"
+    if given.exists() or "/" in text or os.sep in text or text.startswith("."):
         return given
-    return packaged_recipes().get(given.name.removesuffix(".yaml"), given)
+    return packaged_recipes().get(text.removesuffix(".yaml"), given)
 
 
 def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:

@@ -267,6 +267,9 @@ def _objects(value: Any, size, names: list[str] | None, path: Path, rec: str, ou
         entries = [(o.get("bbox"), o.get("category"), o.get("id")) for o in value]
     else:
         raise DataError(path, rec, f"field 'objects' must be {{bbox: [...], category: [...]}}, got {shown(value)}")
+    given = [ann_id is not None for _, _, ann_id in entries]
+    if any(given) and not all(given):  # numbering the others by position could collide with a given id
+        raise DataError(path, rec, "field 'objects': some objects have an id and some do not; give every object one, or none")
     out = []
     for j, (bbox, category, ann_id) in enumerate(entries):
         where = f"{rec}, object {j}"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field
 
 from refloop.cycle import REC_ACCURACY, SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
@@ -93,6 +94,11 @@ def evaluate_consistency(
 ) -> dict:
     """Run the loop, append per-sample JSONL (resumable by sample id), write metrics.json. The
     directory is locked while written and refuses samples of another model, data or decoding."""
+    if 0 < len(samples) < cfg.num_boxes and PartialState().is_main_process:
+        log.warning(
+            f"{data_name}: {len(samples)} boxes evaluated, not {cfg.num_boxes} (num_boxes): one box per image "
+            f"(SC-Tune appendix 6), and {len(samples)} images have a box"
+        )
     fingerprint = {
         "task": "consistency",
         "model": model_fingerprint(vlm),
@@ -168,7 +174,7 @@ def _evaluate(
     if state.is_main_process:
         with open(samples_path) as f:
             held = sum(1 for line in f if line.strip())
-        if held > len(rows) + skipped_count:  # resumed with fewer boxes: the earlier rows stay, the metrics read these
+        if held > len(rows):  # rows of boxes this run did not ask (an earlier, larger run): they stay, the metrics read these
             metrics["samples_file_rows"] = held
             log.warning(f"{samples_path} holds {held} rows (an earlier run here evaluated more); metrics read the {len(rows)} asked for")
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -200,11 +206,6 @@ def run_consistency(
     samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
     if not samples:
         raise RefloopError(f"{data}: no boxes to evaluate")
-    if len(samples) < cfg.num_boxes and state.is_main_process:
-        log.warning(
-            f"{data}: {len(samples)} boxes evaluated, not {cfg.num_boxes} (--num-boxes): one box per image "
-            f"(SC-Tune appendix 6), and {len(samples)} images have a box"
-        )
     vlm = spec.load_vlm(cfg.batch_size, generation=True)
     with progress_bar(f"consistency {data}", len(samples), enabled=progress) as advance:
         metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error)

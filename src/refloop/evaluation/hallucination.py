@@ -78,7 +78,7 @@ def load_object_data(
     on_error: OnError = "fail",
     num_images: int = 500,
     seed: int | None = None,
-    categories: str = "coco",
+    categories: str | None = None,
 ) -> ObjectData:
     """Images and ground truth for caption and POPE evaluation.
 
@@ -94,10 +94,10 @@ def load_object_data(
     from refloop.data.sources import load_data, world_split_dir
     from refloop.world.export import CAPTIONS_FILE, COCO_FILE
 
-    if categories not in ("coco", "dataset"):
+    if categories not in (None, "coco", "dataset"):
         raise RefloopError(f"categories {categories!r}: choose coco (COCO's 80, as CHAIR and POPE) or dataset (the file's own)")
     if data in DOMAINS:
-        if categories != "coco":
+        if categories is not None:
             raise RefloopError("--categories is for dataset files: a shapes-world domain is read with its colour-shape objects")
         if captions is not None:
             raise RefloopError("--captions is for dataset files: a shapes-world domain's references are its grammar captions")
@@ -113,8 +113,10 @@ def load_object_data(
     if seed is not None:
         raise RefloopError("seed picks a split of a shapes-world domain; a dataset file is its own split")
     records, report = load_data(data, images, on_error=on_error)
+    # the file's categories, from every image loaded (not only the first num_images): CHAIR reads a
+    # caption's object as hallucinated, and POPE draws absent ones, from the whole label set
+    table = coco_table() if categories in (None, "coco") else dataset_table(o.category for r in records for o in r.objects)
     records = records[:num_images]
-    table = coco_table() if categories == "coco" else dataset_table(o.category for r in records for o in r.objects)
     unmapped: Counter = Counter()
     objects = []
     for rec in records:
@@ -186,9 +188,10 @@ class _LastImage:
 
 
 def default_protocol(found: ObjectData) -> str:
-    """CHAIR's protocol when none is asked: the original release's for dataset files (what
-    published tables compare to), refloop's for a shapes-world domain (no published table; its
-    README numbers were measured so)."""
+    """CHAIR's protocol when none is asked: the original release's for dataset files read with
+    COCO's table (what published tables compare to), refloop's for a shapes-world domain and a
+    file read with its own categories (no published table; the shapes README numbers were
+    measured so)."""
     return "original" if found.table.name == "coco" else "refloop"
 
 
@@ -382,7 +385,7 @@ def run_object_eval(
     seed: int = 0,
     protocol: str | None = None,
     rule: str = "reference",
-    categories: str = "coco",
+    categories: str | None = None,
     batch_size: int = 64,
     on_error: OnError = "fail",
     overwrite: bool = False,

@@ -256,7 +256,12 @@ def dataset_table(categories: Iterable[str]) -> SynonymTable:
     names = sorted({" ".join(words(c)) for c in categories} - {""})
     if not names:
         raise RefloopError("the data names no category to read captions and questions with")
-    return SynonymTable.build("dataset", {name: () for name in names}, question="Is there {a} {object} in the image?")
+    # a name whose plural is another category ("glass" beside "glasses") is read as written, no plural
+    exact = {name: (name,) for name in names if plural(name) in names}
+    try:
+        return SynonymTable.build("dataset", {name: () for name in names}, question="Is there {a} {object} in the image?", exact=exact)
+    except ValueError as exc:  # two names whose forms collide otherwise
+        raise RefloopError(f"the data's categories cannot be read apart in text: {exc}") from None
 
 
 def coco_table() -> SynonymTable:

@@ -109,7 +109,7 @@ def _warn_paper_rates_on_a_small_model(cfg: SCTuneConfig, vlm: VLM) -> None:
         log.warning(
             f"sctune.{' and sctune.'.join(unset)} left at the paper's rates for 7B models "
             f"({' / '.join(f'{SCTuneConfig.model_fields[n].default:g}' for n in unset)}) on a model of "
-            f"{parameters / 1e6:.1f}M parameters, which barely moves at them; set them (configs/sctune-shapes.yaml: 3e-4 / 2e-4)"
+            f"{parameters / 1e6:.1f}M parameters, which barely moves at them; set them (the packaged sctune-shapes recipe: 3e-4 / 2e-4)"
         )
 
 
@@ -120,7 +120,8 @@ def _supervised_pairs(recipe: SCTuneRecipe) -> list[BoxItem] | None:
         return None
     pairs = referring_items(recipe.supervised_data.data, recipe.root(recipe.supervised_data))  # read either way: a bad file is refused
     if recipe.sctune.supervised_ratio <= 0:
-        log.warning(f"supervised_data {recipe.supervised_data.data} is unused: sctune.supervised_ratio is 0 (L_sup off)")
+        if PartialState().is_main_process:
+            log.warning(f"supervised_data {recipe.supervised_data.data} is unused: sctune.supervised_ratio is 0 (L_sup off)")
         return None
     if not pairs:
         raise RefloopError(

@@ -351,6 +351,7 @@ def isvp(
             "phrases": a,
             "context": c,
             "caption": z,
+            "detections": len(g.boxes),
             "dropped_detections": g.dropped,
         }
         for r, p, a, c, z, g in zip(records, prior, asked, contexts, guided, groundings, strict=True)
@@ -488,8 +489,10 @@ class SVP:
         lineage = [*self.vlm.lineage, {"svp_iteration": iteration + 1, "adapter": tensors_digest(adapters.state_dict())}]
         self.vlm = self.vlm.with_module(merged, lineage=lineage)
         degenerate = Counter(d for r in rows for d in r["degenerate"] if d)
-        dropped, used = sum(r["dropped_detections"] for r in rows), sum(r.get("detections", 0) for r in rows)
-        if dropped > used and PartialState().is_main_process:  # e.g. a VLM grounder whose answers to bare phrases do not parse
+        dropped = sum(r["dropped_detections"] for r in rows)
+        # rows sampled before the count existed (a resumed run) have none: unknown, not 0
+        used = sum(r["detections"] for r in rows) if all("detections" in r for r in rows) else None
+        if used is not None and dropped > used and PartialState().is_main_process:  # e.g. a VLM grounder's unparsed answers
             log.warning(
                 f"SVP iteration {iteration + 1}: the grounder's detections were mostly unusable ({dropped} dropped: unparsed "
                 f"answers, malformed or outside the image; {used} used): the guided prompts carry little grounding"
