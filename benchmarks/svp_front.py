@@ -108,7 +108,7 @@ def draw(points: list[dict], path: Path) -> None:
             y1 if y1 is not None else hi_y,
             color="tab:green",
             alpha=0.12,
-            label="targets of this panel met",
+            label="the means meet this panel's targets",
         )
         ax.set_xlim(lo_x, hi_x)
         ax.set_ylim(lo_y, hi_y)
