@@ -25,11 +25,10 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-
-import torch
 
 from refloop.errors import RefloopError
 
@@ -60,6 +59,28 @@ def _writable_parent(path: Path, option: str) -> None:
         raise RefloopError(f"{option} {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RefloopError(f"{option} {path}: {parent} is not writable")
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, restored at once
+
+
+@contextmanager
+def replaced_whole(path: Path) -> Iterator[Path]:
+    """Yields a new temporary file beside `path` (a fresh name: never an existing file, never a
+    symlink followed) to write; on success it is renamed over `path` (a kill leaves the old file or
+    the new one, never a mix), on failure removed."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would outlive the rename: the mode open() gives
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def input_paths(*values: object) -> list[Path]:
@@ -422,6 +443,8 @@ def files_digest(*values: object) -> dict[str, str]:
 
 def tensors_digest(tensors: dict) -> str:
     """A digest of named tensors' values (adapters: megabytes, cheap next to a run)."""
+    import torch  # here, not at the top: the base layer (run directories, whole-file writes) stays torch-free
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()

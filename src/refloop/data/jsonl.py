@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from refloop.errors import DataError
+from refloop.runs import replaced_whole  # noqa: F401  (importable from here, as before)
 
 
 def complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -50,28 +49,6 @@ def iter_records(path: Path) -> Iterator[dict]:
 def read_records(path: Path) -> list[dict]:
     """Complete records of a JSONL file (see `iter_records`)."""
     return list(iter_records(path))
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once, restored at once
-
-
-@contextmanager
-def replaced_whole(path: Path) -> Iterator[Path]:
-    """Yields a new temporary file beside `path` (a fresh name: never an existing file, never a
-    symlink followed) to write; on success it is renamed over `path` (a kill leaves the old file or
-    the new one, never a mix), on failure removed."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would outlive the rename: the mode open() gives
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def write_records(path: Path, records: Iterable[dict]) -> None:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from refloop.errors import RefloopError
+from refloop.runs import replaced_whole
 from refloop.world.domains import get_style
 from refloop.world.grammar import caption, referring_expressions
 from refloop.world.relations import scene_relations
@@ -27,26 +28,19 @@ VG_RELATIONSHIPS_FILE = "relationships.json"
 VG_DONE_FILE = "export_visual_genome.json"
 
 
-# Every file of an export is written under a name of its own process and renamed into place:
-# processes that export one split at once (each rank of `accelerate launch` on a fresh cache)
-# write the same bytes, and a reader never meets a half-written image or annotation file.
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
+# Every file of an export is written under a fresh name of its own and renamed into place
+# (`replaced_whole`): processes that export one split at once (each rank of `accelerate launch` on
+# a fresh cache) write the same bytes, and a reader never meets a half-written image or annotation file.
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
+    with replaced_whole(path) as tmp, open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_png(image, path: Path) -> None:
-    tmp = _tmp_name(path)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replaced_whole(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 MAX_SCENES = 200_000  # about 4 GB of PNGs; more is almost surely a typo in --num-boxes
