@@ -12,7 +12,7 @@ from helpers import assert_refused, save_tiny_random
 from helpers import run_cli as run
 
 from refloop.errors import RefloopError
-from refloop.runs import FINGERPRINT, MANIFEST, check_output, run_directory
+from refloop.runs import FINGERPRINT, MANIFEST, check_output, run_directory, write_text_whole
 
 RECIPES = Path(str(files("refloop") / "recipes"))
 
@@ -242,11 +242,10 @@ def _merge_one_shard(path: Path) -> None:
 
 def _writers():
     from refloop.data.bootstrapped import write_stats
-    from refloop.data.rc import _atomic_lines
     from refloop.training.checkpoint import truncate_log, write_json_durably
 
     return {
-        "rc.jsonl": lambda path: _atomic_lines(path, ['{"a": 1}\n']),
+        "rc.jsonl": lambda path: write_text_whole(path, ['{"a": 1}\n']),  # rc-data's writer
         "stats.json": lambda path: write_stats(path.parent, {"a": 1}),
         "state.json": lambda path: write_json_durably(path, {"a": 1}),
         "log.jsonl": lambda path: (path.write_text('{"step": 1}\n{"step": 2}\n'), truncate_log(path, 1)),

@@ -83,6 +83,15 @@ def replaced_whole(path: Path) -> Iterator[Path]:
         raise
 
 
+def write_text_whole(path: Path, text: str | Iterable[str]) -> None:
+    """Replace a text file whole (`replaced_whole`): the text, or its pieces in order, fsynced
+    before the rename."""
+    with replaced_whole(path) as tmp, open(tmp, "w") as f:
+        f.writelines([text] if isinstance(text, str) else text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def input_paths(*values: object) -> list[Path]:
     """The values (strings, paths, or nested lists/dicts of them, e.g. a recipe's dump) that name
     an existing file or directory: the inputs an output may not replace or live in."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from refloop.boxes import Box
-from refloop.data.jsonl import iter_records, replaced_whole
+from refloop.data.jsonl import iter_records, write_text_whole
 from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.errors import RefloopError
 
@@ -216,8 +216,7 @@ def bootstrapped_records(out_dir: Path, records: Sequence[ImageRecord]) -> list[
 
 def write_stats(out_dir: Path, result: dict) -> None:
     """stats.json, whole or not at all."""
-    with replaced_whole(out_dir / STATS) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_whole(out_dir / STATS, json.dumps(result, indent=2) + "\n")
 
 
 def _add_pairs(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from refloop.errors import DataError
-from refloop.runs import replaced_whole  # noqa: F401  (importable from here, as before)
+from refloop.runs import replaced_whole, write_text_whole  # noqa: F401  (replaced_whole importable from here, as before)
 
 
 def complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -52,11 +52,8 @@ def read_records(path: Path) -> list[dict]:
 
 
 def write_records(path: Path, records: Iterable[dict]) -> None:
-    """Replace a JSONL file whole (`replaced_whole`), fsynced before the rename."""
-    with replaced_whole(path) as tmp, open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
+    """Replace a JSONL file whole (`write_text_whole`)."""
+    write_text_whole(path, (json.dumps(r) + "\n" for r in records))
 
 
 class JsonlWriter:

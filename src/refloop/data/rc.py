@@ -23,7 +23,6 @@ detection: feed detection files there, and attach bootstrapped expressions to th
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +35,7 @@ from refloop.boxes import Box, iou_matrix
 from refloop.codecs.formats import JsonBBoxCodec
 from refloop.codecs.profiles import PromptProfile, get_profile
 from refloop.data.formats import Relation, load_visual_genome, load_visual_genome_relationships
-from refloop.data.jsonl import replaced_whole
+from refloop.data.jsonl import write_text_whole
 from refloop.data.loaders import LoadReport, OnError, jsonl_lines, load_coco, load_referring
 from refloop.data.paths import ImageRoot, shown
 from refloop.data.records import ImageRecord, InstructionExample, ObjectAnnotation
@@ -291,14 +290,6 @@ def _check_annotations(tasks: Sequence[str], records: Sequence[ImageRecord], rel
             raise RefloopError(f"task {task!r} needs {_SOURCES[need]}, and the data has no {need!r}")
 
 
-def _atomic_lines(path: Path, lines: Iterable[str]) -> None:
-    """All lines or none: a build that stops half way leaves no file a trainer could take as whole."""
-    with replaced_whole(path) as tmp, open(tmp, "w") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _file_name(record: ImageRecord, folder: Path, root: Path | None) -> str:
     """A record's image as the file names `load_rc_data` reads: as its annotations wrote it (relative
     to their image root, recorded beside the file), else (a record built in memory) relative to the
@@ -382,7 +373,7 @@ def build_rc_data(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     root = _records_root(records)
-    _atomic_lines(out, lines())
+    write_text_whole(out, lines())  # all lines or none: a build stopped half way leaves no file a trainer takes as whole
     sidecar = out.with_name(out.name + ROOT_SUFFIX)  # where load_rc_data (and sft) reads the images
     if root is not None:
         sidecar.write_text(json.dumps({IMAGE_ROOT_KEY: str(root)}) + "\n")

@@ -9,16 +9,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from refloop.data.jsonl import read_records, replaced_whole, write_records
+from refloop.data.jsonl import read_records, write_records, write_text_whole
 
 STATE = "state.json"
 
 
 def write_json_durably(path: Path, data: dict) -> None:
-    with replaced_whole(path) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
+    write_text_whole(path, json.dumps(data, indent=2))
 
 
 def save_checkpoint(work: Path, state: dict, write_files: Callable[[Path], None]) -> None:

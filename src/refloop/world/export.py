@@ -7,11 +7,10 @@ metric needs to know of a scene is in these files: nothing downstream regenerate
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from refloop.errors import RefloopError
-from refloop.runs import replaced_whole
+from refloop.runs import replaced_whole, write_text_whole
 from refloop.world.domains import get_style
 from refloop.world.grammar import caption, referring_expressions
 from refloop.world.relations import scene_relations
@@ -31,13 +30,6 @@ VG_DONE_FILE = "export_visual_genome.json"
 # Every file of an export is written under a fresh name of its own and renamed into place
 # (`replaced_whole`): processes that export one split at once (each rank of `accelerate launch` on
 # a fresh cache) write the same bytes, and a reader never meets a half-written image or annotation file.
-def _atomic_text(path: Path, text: str) -> None:
-    with replaced_whole(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _atomic_png(image, path: Path) -> None:
     with replaced_whole(path) as tmp:
         image.save(tmp, format="PNG")
@@ -100,10 +92,10 @@ def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -
         "annotations": annotations,
         "categories": categories,
     }
-    _atomic_text(out / COCO_FILE, json.dumps(coco))
-    _atomic_text(out / CAPTIONS_FILE, json.dumps({"info": coco["info"], "images": images, "annotations": captions}))
-    _atomic_text(out / REFS_FILE, "".join(json.dumps(r) + "\n" for r in refs))
-    _atomic_text(done, json.dumps(manifest))
+    write_text_whole(out / COCO_FILE, json.dumps(coco))
+    write_text_whole(out / CAPTIONS_FILE, json.dumps({"info": coco["info"], "images": images, "annotations": captions}))
+    write_text_whole(out / REFS_FILE, "".join(json.dumps(r) + "\n" for r in refs))
+    write_text_whole(done, json.dumps(manifest))
     return out
 
 
@@ -150,8 +142,8 @@ def export_visual_genome(domain: str, out_dir: str | Path, num_images: int, seed
         ]
         relationship_id += len(triplets)
         relationships.append({"image_id": index, "relationships": triplets})
-    _atomic_text(out / VG_IMAGES_FILE, json.dumps(image_data))
-    _atomic_text(out / VG_OBJECTS_FILE, json.dumps(objects))
-    _atomic_text(out / VG_RELATIONSHIPS_FILE, json.dumps(relationships))
-    _atomic_text(done, json.dumps(manifest))
+    write_text_whole(out / VG_IMAGES_FILE, json.dumps(image_data))
+    write_text_whole(out / VG_OBJECTS_FILE, json.dumps(objects))
+    write_text_whole(out / VG_RELATIONSHIPS_FILE, json.dumps(relationships))
+    write_text_whole(done, json.dumps(manifest))
     return out
