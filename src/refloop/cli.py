@@ -285,13 +285,6 @@ class Categories(str, Enum):
     dataset = "dataset"
 
 
-class EvalTask(str, Enum):
-    rec = "rec"
-    reg = "reg"
-    caption = "caption"
-    pope = "pope"
-
-
 class PopeStrategy(str, Enum):
     random = "random"
     popular = "popular"
@@ -308,24 +301,47 @@ class PopeRule(str, Enum):
     refloop = "refloop"
 
 
-@app.command("eval")
-def evaluate(
-    task: EvalTask = typer.Argument(
-        ...,
-        help="rec: REC accuracy, a predicted box is correct when IoU with the referred box >= 0.5 (every expression counts). "
-        "reg: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, ROUGE-L). "
-        "caption: one greedy caption per image: object recall, CHAIR_i, CHAIR_s and, against reference captions, the same text "
-        "metrics. pope: balanced yes/no questions about present and absent objects (accuracy, precision, recall, F1, yes-ratio).",
-    ),
+eval_app = typer.Typer(
+    help="Object-level benchmarks of the papers: REC accuracy and REG text metrics (`rec`, `reg`, as Pink and SC-Tune report "
+    "them); caption hallucination and recall (`caption`) and POPE (`pope`), as SVP reports them.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(eval_app, name="eval")
+
+
+def _eval_out(task: str):
+    return typer.Option(..., "--out", help=f"Output directory: {task}_samples.jsonl (resumable), {task}_metrics.json.")
+
+
+ObjectDataOpt = typer.Option(
+    ..., "--data", help="Shapes-world domain, a COCO-style instances .json (COCO, Objects365, ...) or a .parquet dataset."
+)
+NumImagesOpt = typer.Option(
+    None, "--num-images", min=1, help="Images (a shapes-world domain: scenes exported; a file: its first N; default 500)."
+)
+CategoriesOpt = typer.Option(
+    None,
+    "--categories",
+    help="Dataset files: the objects read in captions and asked about, COCO's 80 with their synonyms (coco, default; what "
+    "CHAIR and POPE publish) or the file's own category names and plurals (dataset; Objects365, OpenImages, your labels; "
+    "comparable only among such runs). Shapes-world domains have their own table.",
+)
+
+
+def _limit_option(items: str):
+    return typer.Option(None, "--limit", min=1, help=f"Evaluate only the first N {items}.")
+
+
+@eval_app.command("rec")
+def eval_rec(
     data: str = RefDataOpt,
-    out: Path = typer.Option(..., "--out", help="Output directory: TASK_samples.jsonl (resumable), TASK_metrics.json."),
+    out: Path = _eval_out("rec"),
     refs: Path | None = RefsOpt,
     split: str | None = SplitOpt,
     images: Path | None = ImagesOpt,
     model: str | None = ModelOpt,
-    limit: int | None = typer.Option(
-        None, "--limit", min=1, help="Evaluate only the first N items (rec: (object, expression) pairs; reg: referred objects)."
-    ),
+    limit: int | None = _limit_option("(object, expression) pairs"),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -334,79 +350,133 @@ def evaluate(
     trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
     overwrite: bool = OverwriteOpt,
-    num_images: int | None = typer.Option(
-        None, "--num-images", min=1, help="caption, pope: images (shapes-world domain: scenes exported; file: its first N; default 500)."
-    ),
+) -> None:
+    """REC accuracy: the model locates each referring expression; a predicted box is correct when its IoU with the
+    referred box is >= 0.5 (every expression counts, as RefCOCO tables do)."""
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
+    _eval_referring("rec", spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite)
+
+
+@eval_app.command("reg")
+def eval_reg(
+    data: str = RefDataOpt,
+    out: Path = _eval_out("reg"),
+    refs: Path | None = RefsOpt,
+    split: str | None = SplitOpt,
+    images: Path | None = ImagesOpt,
+    model: str | None = ModelOpt,
+    limit: int | None = _limit_option("referred objects"),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    on_error: OnErrorChoice = OnErrorOpt,
+    profile: str | None = ProfileOpt,
+    trust_remote_code: bool = RemoteOpt,
+    backend: BackendChoice = BackendOpt,
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU,
+    ROUGE-L, as pycocoevalcap scores them)."""
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
+    _eval_referring("reg", spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite)
+
+
+@eval_app.command("caption")
+def eval_caption(
+    data: str = ObjectDataOpt,
+    out: Path = _eval_out("caption"),
+    images: Path | None = ImagesOpt,
+    num_images: int | None = NumImagesOpt,
     captions: Path | None = typer.Option(
-        None, "--captions", help="caption: COCO captions JSON holding the reference captions of a --data file (domains: the grammar's)."
+        None, "--captions", help="COCO captions JSON holding the reference captions of a --data file (domains: the grammar's)."
     ),
-    strategy: PopeStrategy | None = typer.Option(
-        None, "--strategy", help="pope: absent objects drawn at random, the most frequent, or those co-occurring most (default random)."
-    ),
-    per_image: int | None = typer.Option(None, "--per-image", min=1, help="pope: yes questions per image, as many no ones (default 3)."),
-    seed: int | None = typer.Option(None, "--seed", help="pope: seed of the objects asked about (default 0)."),
     chair_protocol: ChairProtocol | None = typer.Option(
         None,
         "--chair-protocol",
-        help="caption: CHAIR and recall at the top of the metrics as the original chair.py counts them (default for dataset files "
+        help="CHAIR and recall at the top of the metrics as the original chair.py counts them (default for dataset files "
         "read with COCO's table) or as refloop does (default for shapes-world domains and --categories dataset); both are reported.",
     ),
-    categories: Categories | None = typer.Option(
-        None,
-        "--categories",
-        help="caption, pope (dataset files): the objects read in captions and asked about, COCO's 80 with their synonyms "
-        "(coco, default; what CHAIR and POPE publish) or the file's own category names and plurals (dataset; Objects365, "
-        "OpenImages, your labels; comparable only among such runs).",
-    ),
-    pope_rule: PopeRule | None = typer.Option(
-        None,
-        "--pope-rule",
-        help="pope: answers read as the POPE release's evaluate.py does (reference, default) or by their first yes/no word "
-        "(refloop); both are reported.",
-    ),
+    categories: Categories | None = CategoriesOpt,
+    model: str | None = ModelOpt,
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    on_error: OnErrorChoice = OnErrorOpt,
+    profile: str | None = ProfileOpt,
+    trust_remote_code: bool = RemoteOpt,
+    backend: BackendChoice = BackendOpt,
+    overwrite: bool = OverwriteOpt,
 ) -> None:
-    """Object-level benchmarks of the papers: REC accuracy (`eval rec`) and REG caption metrics (`eval reg`); caption
-    hallucination and recall (`eval caption`) and POPE (`eval pope`), as SVP reports them."""
-    from refloop.evaluation.hallucination import run_object_eval
+    """Caption hallucination: one greedy caption per image; object recall, CHAIR_i, CHAIR_s and, against reference
+    captions, the REG text metrics."""
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
+    chosen = {"captions": captions, "protocol": chair_protocol.value if chair_protocol else None}
+    _eval_objects("caption", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite)
+
+
+@eval_app.command("pope")
+def eval_pope(
+    data: str = ObjectDataOpt,
+    out: Path = _eval_out("pope"),
+    images: Path | None = ImagesOpt,
+    num_images: int | None = NumImagesOpt,
+    strategy: PopeStrategy = typer.Option(
+        PopeStrategy.random, "--strategy", help="Absent objects drawn at random, the most frequent, or those co-occurring most."
+    ),
+    per_image: int = typer.Option(3, "--per-image", min=1, help="Yes questions per image, as many no ones."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the absent objects asked about."),
+    pope_rule: PopeRule = typer.Option(
+        PopeRule.reference,
+        "--pope-rule",
+        help="Answers read as the POPE release's evaluate.py does (reference) or by their first yes/no word (refloop); both are reported.",
+    ),
+    categories: Categories | None = CategoriesOpt,
+    model: str | None = ModelOpt,
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    on_error: OnErrorChoice = OnErrorOpt,
+    profile: str | None = ProfileOpt,
+    trust_remote_code: bool = RemoteOpt,
+    backend: BackendChoice = BackendOpt,
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """POPE: balanced yes/no questions about present and absent objects (accuracy, precision, recall, F1, yes-ratio)."""
+    _check_seeds(seed=seed)
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
+    chosen = {"strategy": strategy.value, "per_image": per_image, "seed": seed, "rule": pope_rule.value}
+    _eval_objects("pope", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite)
+
+
+def _eval_referring(task, spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite) -> None:
     from refloop.evaluation.referring import run_referring_eval
 
-    _check_seeds(seed=seed)
-    _check_out(out, data, refs, images, captions, model, overwrite=overwrite)
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
-    options = {"--num-images": num_images, "--captions": captions, "--strategy": strategy, "--per-image": per_image}
-    options |= {"--seed": seed, "--chair-protocol": chair_protocol, "--pope-rule": pope_rule, "--categories": categories}
+    _check_out(out, data, refs, images, spec.model, overwrite=overwrite)
     common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite}
-    if task in (EvalTask.caption, EvalTask.pope):
-        _refuse_options(task, {"--refs": refs, "--split": split, "--limit": limit})
-        _refuse_options(task, {k: options[k] for k in _NOT_READ_BY[task]})
-        protocol, rule = chair_protocol.value if chair_protocol else None, (pope_rule or PopeRule.reference).value
-        objects = {"captions": captions, "num_images": num_images, "protocol": protocol, "rule": rule}
-        objects["categories"] = categories.value if categories else None  # given for a domain: refused, not ignored
-        pope_options = {"strategy": (strategy or PopeStrategy.random).value, "per_image": per_image or 3, "seed": seed or 0}
-        done = run_object_eval(task.value, spec, data, out, **objects, **pope_options, **common, progress=True)
-    else:
-        _refuse_options(task, options)
-        done = run_referring_eval(task.value, spec, data, out, refs=refs, split=split, limit=limit, **common, progress=True)
+    done = run_referring_eval(task, spec, data, out, refs=refs, split=split, limit=limit, **common, progress=True)
+    _print_eval(done)
+
+
+def _eval_objects(task, spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite) -> None:
+    from refloop.evaluation.hallucination import run_object_eval
+
+    _check_out(out, data, images, chosen.get("captions"), spec.model, overwrite=overwrite)
+    common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite}
+    objects = {"num_images": num_images, "categories": categories.value if categories else None} | chosen
+    done = run_object_eval(task, spec, data, out, **objects, **common, progress=True)
+    _print_eval(done)
+
+
+def _print_eval(done) -> None:
     if done is not None:  # the main process
         _report_skipped(done[1])
         console.print_json(json.dumps(done[0]))
-
-
-# The caption and POPE options the other of the two tasks does not read.
-_NOT_READ_BY = {EvalTask.caption: ("--strategy", "--per-image", "--seed", "--pope-rule"), EvalTask.pope: ("--captions", "--chair-protocol")}
 
 
 def _given_on_command_line(ctx: typer.Context, name: str) -> bool:
     """Whether the user gave option `name` (its parameter name), rather than its default."""
     source = ctx.get_parameter_source(name)  # typer's own click or click's: compared by name
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-
-
-def _refuse_options(task: EvalTask, given: dict) -> None:
-    """Options another eval task reads would be silently ignored: refuse them."""
-    named = [name for name, value in given.items() if value is not None]
-    if named:
-        raise RefloopError(f"{', '.join(named)} {'does' if len(named) == 1 else 'do'} not apply to `eval {task.value}`")
 
 
 @app.command("filter")

@@ -20,6 +20,7 @@ from refloop.progress import progress_bar
 from refloop.report.consistency import write_consistency_report
 from refloop.report.page import write_page
 from refloop.report.plots import grouped_bars
+from refloop.runs import write_text_whole
 from refloop.world import DOMAINS, STYLES
 
 # The shapes-world domain standing in for each of the paper's test splits.
@@ -344,7 +345,7 @@ def _run_demo(
         "svp": svp_result,
         "seconds": time.perf_counter() - started,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_whole(out / "results.json", json.dumps(summary, indent=2) + "\n")
     chart = grouped_bars(
         [f"{d}\n({PAPER_COLUMN[d]} role)" for d in DOMAINS],
         {

@@ -601,5 +601,5 @@ def write_rc_dataset(
         skipped = {str(r.source): r.skipped for r in found.reports if r.skipped}
         summary = {"samples": counts, "total": sum(counts.values()), "skipped_records": skipped}
         summary[IMAGE_ROOT_KEY] = str(rc_image_root(out / "rc.jsonl"))  # where sft reads the images
-        (out / "counts.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_whole(out / "counts.json", json.dumps(summary, indent=2) + "\n")
     return summary

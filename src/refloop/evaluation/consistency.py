@@ -28,7 +28,7 @@ from refloop.errors import RefloopError
 from refloop.limits import BatchSize, NewTokens, Seed
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
-from refloop.runs import files_digest, model_fingerprint, shared_run_directory
+from refloop.runs import files_digest, model_fingerprint, shared_run_directory, write_text_whole
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _evaluate(
         if held > len(rows):  # rows of boxes this run did not ask (an earlier, larger run): they stay, the metrics read these
             metrics["samples_file_rows"] = held
             log.warning(f"{samples_path} holds {held} rows (an earlier run here evaluated more); metrics read the {len(rows)} asked for")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_whole(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -213,6 +213,6 @@ def run_consistency(
         return None
     if load_report.skipped:
         metrics["skipped_records"] = load_report.skipped
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_whole(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     path = write_consistency_report(out, metrics, images={str(s.record.path): s.record.load_image for s in samples}) if report else None
     return metrics, load_report, path

@@ -51,7 +51,7 @@ from refloop.evaluation.pope import (  # noqa: F401
 from refloop.evaluation.synonyms import SynonymTable, coco_table, dataset_table, plural, shapes_table, words  # noqa: F401
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
-from refloop.runs import model_fingerprint, shared_run_directory
+from refloop.runs import model_fingerprint, shared_run_directory, write_text_whole
 from refloop.world import DOMAINS, EVAL_SEED
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
         metrics["skipped_images"] = skipped
     if state.is_main_process:
         write_records(path, rows)
-        (out / "caption_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_whole(out / "caption_metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -368,7 +368,7 @@ def _evaluate_pope(
     if skipped:
         metrics["skipped_questions"] = skipped
     if state.is_main_process:
-        (out / "pope_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_whole(out / "pope_metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

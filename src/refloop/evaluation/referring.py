@@ -22,7 +22,7 @@ from refloop.errors import RefloopError
 from refloop.evaluation.captions import caption_metrics
 from refloop.models.base import VLM
 from refloop.models.spec import ModelSpec
-from refloop.runs import model_fingerprint, records_digest, shared_run_directory
+from refloop.runs import model_fingerprint, records_digest, shared_run_directory, write_text_whole
 
 
 def rec_pairs(records: list[ImageRecord], limit: int | None = None) -> list[tuple[str, ImageRecord, int, str]]:
@@ -101,7 +101,7 @@ def _evaluate_rec(vlm, records, out, batch_size, limit, rule, progress, on_error
     if skipped:
         metrics["skipped_images"] = skipped
     if state.is_main_process:
-        (out / "rec_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_whole(out / "rec_metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -158,7 +158,7 @@ def _evaluate_reg(vlm, records, out, batch_size, limit, progress, java, on_error
     if skipped:
         metrics["skipped_images"] = skipped
     if state.is_main_process:
-        (out / "reg_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_whole(out / "reg_metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from refloop.models.processors import save_processor
 from refloop.models.spec import ModelSpec
-from refloop.runs import files_digest, shared_run_directory
+from refloop.runs import files_digest, shared_run_directory, write_text_whole
 from refloop.training.distributed import check_engine
 from refloop.training.model_card import write_model_cards
 from refloop.training.trackers import TRACKING_FIELDS, Tracking
@@ -92,12 +92,12 @@ def run_recipe(
     # one has checked the directory; a run that fails before writing more than recipe.json leaves no fingerprint
     with shared_run_directory(out, fingerprint, overwrite, setup_files=("recipe.json",), cpu=cpu):
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+        write_text_whole(out / "recipe.json", recipe.model_dump_json(indent=2))
         tracking = recipe.tracking() if hasattr(recipe, "tracking") else Tracking()
         results = body(RecipeRun(out, main_process, tracking, prepared))
         if main_process and results is not None:
             if results_file:
-                (out / results_file).write_text(json.dumps(results, indent=2) + "\n")
+                write_text_whole(out / results_file, json.dumps(results, indent=2) + "\n")
             if card_metrics is not None:
                 base = (spec.model if spec is not None else None) or "refloop-tiny"
                 write_model_cards(out, base, task, recipe.model_dump(mode="json"), card_metrics(results))

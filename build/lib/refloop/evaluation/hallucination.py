@@ -1,0 +1,422 @@
+"""Caption hallucination and POPE runs (SVP Sec. 4, Tables 1-3, Figs. 4 and 11): the images and
+their ground truth (`load_object_data`), and the resumable runs behind `refloop eval caption` and
+`refloop eval pope`. The metrics themselves live in `object_metrics` (CHAIR, recall), `pope`
+(questions and scores), `synonyms` and `chair_words` (how objects are read in text); their public
+names stay importable from here.
+
+Every run writes per-sample rows beside its totals as JSONL, so each number can be recomputed
+from the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from refloop.data.jsonl import write_records
+from refloop.data.loaders import LoadReport, OnError, read_text
+from refloop.data.paths import shown
+from refloop.data.records import ImageRecord
+from refloop.data.shards import ShardedRun
+from refloop.errors import DataError, RefloopError
+from refloop.evaluation.captions import caption_metrics
+from refloop.evaluation.object_metrics import (  # noqa: F401  (public names, importable from here)
+    PROTOCOLS,
+    ObjectReader,
+    caption_objects,
+    caption_rows,
+    chair,
+    chair_from_rows,
+    default_table,
+    object_mentions,
+    object_recall,
+    recall_from_rows,
+    undefined_metrics,
+)
+from refloop.evaluation.pope import (  # noqa: F401
+    RULES,
+    STRATEGIES,
+    build_pope_questions,
+    parse_yes_no,
+    pope_metrics,
+    reference_reading,
+)
+from refloop.evaluation.synonyms import SynonymTable, coco_table, dataset_table, plural, shapes_table, words  # noqa: F401
+from refloop.models.base import VLM, GenerateOptions
+from refloop.models.spec import ModelSpec
+from refloop.runs import model_fingerprint, shared_run_directory, write_text_whole
+from refloop.world import DOMAINS, EVAL_SEED
+
+log = logging.getLogger(__name__)
+
+# ---- data: images, their ground-truth objects and reference captions ----------------------------
+
+
+@dataclass(frozen=True)
+class ObjectData:
+    """Images with their ground-truth objects (names of `table`) and reference captions, aligned."""
+
+    records: list[ImageRecord]
+    objects: list[frozenset[str]]
+    references: list[list[str]]
+    table: SynonymTable
+    unmapped_categories: dict[str, int]  # annotation categories the table has no name for: boxes per category
+    report: LoadReport
+
+
+def load_object_data(
+    data: str,
+    images: str | Path | None = None,
+    captions: str | Path | None = None,
+    on_error: OnError = "fail",
+    num_images: int = 500,
+    seed: int | None = None,
+    categories: str | None = None,
+) -> ObjectData:
+    """Images and ground truth for caption and POPE evaluation.
+
+    A shapes-world domain: its evaluation split (`num_images` scenes, seed EVAL_SEED, or `seed`
+    for another split of held-out scenes, e.g. a validation one) is exported
+    and read back through the COCO loader (every image, every box); each image's objects are its
+    annotations' colour attribute + shape category, its reference caption the grammar's, from the
+    export's captions file. A COCO-style .json or referring .jsonl: its first `num_images`
+    images, objects = categories named in COCO's table (`categories="dataset"`: in a table of the
+    file's own category names, `dataset_table`), reference captions from `captions` (a COCO
+    captions JSON) when given.
+    """
+    from refloop.data.sources import load_data, world_split_dir
+    from refloop.world.export import CAPTIONS_FILE, COCO_FILE
+
+    if categories not in (None, "coco", "dataset"):
+        raise RefloopError(f"categories {categories!r}: choose coco (COCO's 80, as CHAIR and POPE) or dataset (the file's own)")
+    if data in DOMAINS:
+        if categories is not None:
+            raise RefloopError("--categories is for dataset files: a shapes-world domain is read with its colour-shape objects")
+        if captions is not None:
+            raise RefloopError("--captions is for dataset files: a shapes-world domain's references are its grammar captions")
+        split = world_split_dir(data, num_images, EVAL_SEED if seed is None else seed)
+        records, report = load_data(str(split / COCO_FILE), on_error=on_error)
+        by_image = read_coco_captions(split / CAPTIONS_FILE)
+        objects = []
+        for rec in records:
+            if any("colour" not in o.attributes for o in rec.objects) or rec.image_id not in by_image:
+                raise RefloopError(f"{split / COCO_FILE}: image {rec.image_id} lacks the colours or caption of its scene; delete {split}")
+            objects.append(frozenset(f"{o.attributes['colour']} {o.category}" for o in rec.objects))
+        return ObjectData(records, objects, [by_image[rec.image_id] for rec in records], shapes_table(), {}, report)
+    if seed is not None:
+        raise RefloopError("seed picks a split of a shapes-world domain; a dataset file is its own split")
+    records, report = load_data(data, images, on_error=on_error)
+    # the file's categories, from every image loaded (not only the first num_images): CHAIR reads a
+    # caption's object as hallucinated, and POPE draws absent ones, from the whole label set
+    table = coco_table() if categories in (None, "coco") else dataset_table(o.category for r in records for o in r.objects)
+    records = records[:num_images]
+    unmapped: Counter = Counter()
+    objects = []
+    for rec in records:
+        names = set()
+        for obj in rec.objects:
+            name = table.canonical(obj.category)
+            if name is None:
+                unmapped[obj.category] += 1
+            else:
+                names.add(name)
+        objects.append(frozenset(names))
+    by_image = read_coco_captions(Path(captions)) if captions is not None else {}
+    references = [by_image.get(rec.image_id, []) for rec in records]
+    if captions is not None and records:
+        matched = sum(map(bool, references))
+        if not matched:  # a captions file of other images: the text metrics would be skipped as if none was given
+            ours, theirs = [shown(r.image_id) for r in records[:3]], [shown(k) for k in list(by_image)[:3]]
+            raise RefloopError(
+                f"--captions {captions}: none of the {len(records)} images has a caption there (the data's image ids: "
+                f"{', '.join(ours)}...; the file's: {', '.join(theirs) or 'none'}); it must be the captions file of these images"
+            )
+        if matched < len(records):
+            log.warning(f"--captions {captions}: {matched} of {len(records)} images have reference captions; text metrics are over those")
+    return ObjectData(records, objects, references, table, dict(unmapped), report)
+
+
+def read_coco_captions(path: Path) -> dict[object, list[str]]:
+    """image_id -> captions of a COCO captions file ({"annotations": [{"image_id", "caption"}, ...]})."""
+    try:
+        data = json.loads(read_text(path))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(path, None, f"not valid JSON: {exc}") from None
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+        raise DataError(path, None, "expected a COCO captions file: an object with an 'annotations' list")
+    out: dict[object, list[str]] = {}
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or isinstance(ann.get("image_id"), (bool, type(None))):
+            raise DataError(path, f"annotation {i}", "expected an object with an image_id and a string caption")
+        out.setdefault(ann["image_id"], []).append(ann["caption"])
+    return out
+
+
+# ---- evaluation runs ----------------------------------------------------------------------------
+
+
+def _fingerprint(task: str, vlm: VLM, found: ObjectData, **options) -> dict:
+    """The model, the data and a digest of the ground truth (objects, references: another captions
+    file or table is another run)."""
+    sources = sorted({str(r.source) for r in found.records})
+    truth = json.dumps(
+        [[str(r.image_id), sorted(o), refs] for r, o, refs in zip(found.records, found.objects, found.references, strict=True)]
+    )
+    digest = hashlib.sha256(truth.encode()).hexdigest()[:16]
+    return {"task": task, "model": model_fingerprint(vlm), "data": sources, "table": found.table.name, "ground_truth": digest} | options
+
+
+class _LastImage:
+    """Consecutive questions share an image: decode it once."""
+
+    def __init__(self) -> None:
+        self.key: object = None
+        self.image: Image.Image | None = None
+
+    def __call__(self, rec: ImageRecord) -> Image.Image:
+        if self.key != rec.path or self.image is None:
+            self.image, self.key = rec.load_image(), rec.path
+        return self.image
+
+
+def default_protocol(found: ObjectData) -> str:
+    """CHAIR's protocol when none is asked: the original release's for dataset files read with
+    COCO's table (what published tables compare to), refloop's for a shapes-world domain and a
+    file read with its own categories (no published table; the shapes README numbers were
+    measured so)."""
+    return "original" if found.table.name == "coco" else "refloop"
+
+
+def evaluate_captions(
+    vlm: VLM,
+    found: ObjectData,
+    out: Path,
+    batch_size: int = 64,
+    max_new_tokens: int = 64,
+    progress: Callable[[int], None] | None = None,
+    java: bool | None = None,
+    overwrite: bool = False,
+    on_error: str = "fail",
+    protocol: str | None = None,
+) -> dict:
+    """One greedy caption per image (`vlm.caption`): CHAIR_i, CHAIR_s and object recall under both
+    CHAIR protocols (`protocol`, default `default_protocol`, at the top level of the metrics and
+    of each row), and BLEU-1..4/METEOR/ROUGE-L/CIDEr against the reference captions of the images
+    that have them, corpus-level and per caption. Writes caption_samples.jsonl (resumable; the
+    scores of every row are rewritten once all captions exist) and caption_metrics.json; an image
+    that does not decode stops the run, or with on_error="skip" is skipped and counted."""
+    protocol = protocol or default_protocol(found)
+    if protocol not in PROTOCOLS:
+        raise RefloopError(f"unknown CHAIR protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    fingerprint = _fingerprint("caption", vlm, found, num_images=len(found.records), max_new_tokens=max_new_tokens)
+    with shared_run_directory(out, fingerprint, overwrite) as state:
+        return _evaluate_captions(vlm, found, Path(out), batch_size, max_new_tokens, progress, java, on_error, protocol, state)
+
+
+def _caption_tables(found: ObjectData) -> dict[str, ObjectReader]:
+    """The reader of each protocol: a shapes-world domain has one table; COCO is read by each protocol's own."""
+    return {p: default_table(p) if found.table.name == "coco" else found.table for p in PROTOCOLS}
+
+
+def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_tokens, progress, java, on_error, protocol, state) -> dict:
+    """Captions sharded under `accelerate launch` (see `ShardedRun`); the main process scores and
+    rewrites the merged rows."""
+    items = [(str(rec.image_id), rec, gt, refs) for rec, gt, refs in zip(found.records, found.objects, found.references, strict=True)]
+    options = GenerateOptions(max_new_tokens=max_new_tokens)
+    path = out / "caption_samples.jsonl"
+    run = ShardedRun(path, items, lambda it: it[0], batch_size, state=state)
+    for batch in run.batches(lambda it: it[1].load_image(), on_error, progress):
+        texts = vlm.caption(batch.images, options)
+        run.write(
+            {"id": key, "image": str(rec.path), "caption": text, "references": refs, "annotated_objects": sorted(gt)}
+            for (key, rec, gt, refs), text in zip(batch.items, texts, strict=True)
+        )
+    skipped = run.finish()
+    captions = {r["id"]: r["caption"] for r in run.rows()}
+    done = [it for it in items if it[0] in captions]
+    tables = _caption_tables(found)
+    per_protocol = {
+        p: caption_rows(
+            [captions[key] for key, *_ in done],
+            [gt for _, _, gt, _ in done],
+            tables[p],
+            p,
+            [refs for *_, refs in done] if p == "original" else None,
+        )
+        for p in PROTOCOLS
+    }
+    metrics: dict = {}
+    for p in (protocol, *(q for q in PROTOCOLS if q != protocol)):
+        scores = chair_from_rows(per_protocol[p]) | recall_from_rows(per_protocol[p])
+        if p == protocol:
+            metrics |= scores | {"chair_protocol": protocol}
+        metrics.setdefault("chair_by_protocol", {})[p] = scores
+    metrics |= {"num": len(done), "table": found.table.name}
+    undefined = undefined_metrics(metrics, found.table.name)
+    if undefined:
+        metrics["undefined"] = undefined
+        if metrics.get("object_recall") is None and metrics.get("chair_i") is None:  # nothing CHAIR can read here
+            log.warning(
+                f"CHAIR and object recall are null: no annotation or caption names an object of the {found.table.name} "
+                "category table (coco reads COCO's 80 objects and their synonyms, --categories dataset the data's own category "
+                "names; reasons under 'undefined')"
+            )
+    scored = [it for it in done if it[3]]
+    text_scores: dict = {}
+    if scored:
+        text = caption_metrics({key: captions[key] for key, *_ in scored}, {key: refs for key, *_, refs in scored}, java=java)
+        text_scores = text.pop("samples")
+        metrics |= {k: v for k, v in text.items() if k != "num"} | {"num_with_references": len(scored)}
+    else:
+        metrics["text_metrics"] = "skipped: no reference captions (pass --captions with a COCO captions file)"
+    rows = []
+    for i, (key, rec, gt, refs) in enumerate(done):
+        chosen = per_protocol[protocol][i]
+        rows.append(
+            {"id": key, "image": str(rec.path), "references": refs, "annotated_objects": sorted(gt), "chair_protocol": protocol}
+            | chosen
+            | {"protocols": {p: {k: v for k, v in per_protocol[p][i].items() if k != "caption"} for p in PROTOCOLS}}
+            | text_scores.get(key, {})
+        )
+    if found.unmapped_categories:
+        metrics["unmapped_categories"] = found.unmapped_categories
+    if skipped:
+        metrics["skipped_images"] = skipped
+    if state.is_main_process:
+        write_records(path, rows)
+        write_text_whole(out / "caption_metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def pope_questions(found: ObjectData, strategy: str = "random", per_image: int = 3, seed: int = 0) -> list[dict]:
+    """`build_pope_questions` on loaded data, negatives from all of the table's objects; no
+    question at all is a RefloopError saying which table the categories were read with and what to do."""
+    questions = build_pope_questions(found.records, found.objects, strategy, per_image, seed, found.table.objects, found.table)
+    if questions:
+        return questions
+    with_objects = sum(bool(o) for o in found.objects)
+    why = f"{with_objects} of {len(found.records)} images have an object named in the {found.table.name} category table"
+    if found.unmapped_categories:
+        names = sorted(found.unmapped_categories, key=lambda c: -found.unmapped_categories[c])
+        why += f"; categories not in that table: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    raise RefloopError(
+        f"no POPE questions: {why}. POPE asks about objects the table names (COCO's 80 categories, or a shapes-world domain's "
+        "colour-shape objects): use annotations with those category names, or --categories dataset to ask about the data's own"
+    )
+
+
+def evaluate_pope(
+    vlm: VLM,
+    found: ObjectData,
+    out: Path,
+    strategy: str = "random",
+    per_image: int = 3,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+    on_error: str = "fail",
+    rule: str = "reference",
+    questions: list[dict] | None = None,
+) -> dict:
+    """POPE: balanced yes/no questions from the ground truth (`pope_questions`, unless given),
+    asked through `vlm.answer` in the table's wording. The
+    metrics of `rule` (default: the POPE release's reading) are at the top level, both rules'
+    under "by_rule". Writes pope_samples.jsonl (resumable) and pope_metrics.json; undecodable
+    images as in `evaluate_captions`."""
+    if rule not in RULES:
+        raise RefloopError(f"unknown POPE rule {rule!r}; choose one of {', '.join(RULES)}")
+    questions = pope_questions(found, strategy, per_image, seed) if questions is None else questions
+    fingerprint = _fingerprint("pope", vlm, found, num_images=len(found.records), strategy=strategy, per_image=per_image, seed=seed)
+    with shared_run_directory(out, fingerprint, overwrite) as state:
+        return _evaluate_pope(vlm, found, questions, Path(out), strategy, per_image, seed, batch_size, progress, on_error, rule, state)
+
+
+def _evaluate_pope(
+    vlm, found: ObjectData, questions, out: Path, strategy, per_image, seed, batch_size, progress, on_error, rule, state
+) -> dict:
+    """Sharded under `accelerate launch` (see `ShardedRun`)."""
+    record_of = {rec.image_id: rec for rec in found.records}
+    load = _LastImage()
+    run = ShardedRun(out / "pope_samples.jsonl", questions, lambda q: q["id"], batch_size, state=state)
+    for batch in run.batches(lambda q: load(record_of[q["image_id"]]), on_error, progress):
+        answers = vlm.answer(batch.images, [q["question"] for q in batch.items])
+        run.write(
+            q | {"answer": a, "parsed": parse_yes_no(a), "reference_reading": reference_reading(a)}
+            for q, a in zip(batch.items, answers, strict=True)
+        )
+    skipped = run.finish()
+    rows = run.rows()
+    answers, labels = [r["answer"] for r in rows], [r["label"] for r in rows]
+    scores = pope_metrics(answers, labels, rule)
+    del scores["samples"]
+    by_rule = {}
+    for name in RULES:
+        each = pope_metrics(answers, labels, name)
+        by_rule[name] = {k: each[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed", "tp", "fp", "tn", "fn")}
+    metrics = scores | {"by_rule": by_rule, "strategy": strategy, "per_image": per_image, "seed": seed}
+    metrics["images"] = len({r["image_id"] for r in rows})
+    metrics["table"] = found.table.name
+    if skipped:
+        metrics["skipped_questions"] = skipped
+    if state.is_main_process:
+        write_text_whole(out / "pope_metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def run_object_eval(
+    task: str,
+    spec: ModelSpec,
+    data: str,
+    out: Path,
+    images: str | Path | None = None,
+    captions: str | Path | None = None,
+    num_images: int | None = None,
+    strategy: str = "random",
+    per_image: int = 3,
+    seed: int = 0,
+    protocol: str | None = None,
+    rule: str = "reference",
+    categories: str | None = None,
+    batch_size: int = 64,
+    on_error: OnError = "fail",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[dict, LoadReport] | None:
+    """`refloop eval caption` / `eval pope`: the images and their objects loaded (a shapes-world
+    domain exported once, by the main process), POPE's questions drawn before any weights load, the
+    run. The main process returns the metrics and the data's load report; the others None.
+    `progress`: show a progress bar."""
+    from refloop.progress import progress_bar
+
+    state = spec.process_state()
+    with state.main_process_first():
+        found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images or 500, categories=categories)
+    if not found.records:
+        raise RefloopError(f"{data}: no images to evaluate")
+    pope = {"strategy": strategy, "per_image": per_image, "seed": seed}
+    questions = pope_questions(found, **pope) if task == "pope" else None
+    vlm = spec.load_vlm(batch_size, generation=True)
+    common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error}
+    if task == "caption":
+        with progress_bar(f"caption {data}", len(found.records), enabled=progress) as advance:
+            metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
+    else:
+        with progress_bar(f"pope {strategy} {data}", len(questions), enabled=progress) as advance:
+            metrics = evaluate_pope(vlm, found, out, progress=advance, questions=questions, rule=rule, **pope, **common)
+    if not state.is_main_process:
+        return None
+    if found.report.skipped:
+        metrics["skipped_records"] = found.report.skipped
+    evaluated = metrics.get("images", metrics.get("num"))
+    if num_images is not None and isinstance(evaluated, int) and evaluated < num_images:  # asked for, not the default
+        log.warning(f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): no more had what the task reads")
+    return metrics, found.report

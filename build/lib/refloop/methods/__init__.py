@@ -1,0 +1,1 @@
+"""The papers' methods, each a thin loop over the shared core."""

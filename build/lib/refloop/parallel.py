@@ -1,0 +1,42 @@
+"""Process-group helpers every layer may need when `accelerate launch` runs several processes:
+whether a module's weights are sharded (FSDP2), whether generation must step in lockstep, and
+the largest of a number over processes. The sharding itself is `refloop.training.distributed`."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from accelerate import PartialState
+
+
+def sharded(module: torch.nn.Module) -> bool:
+    """Whether `module` (or the model inside a PEFT wrapper) is an FSDP2 module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(getattr(module, "base_model", None), "model", module)
+    return isinstance(module, FSDPModule) or isinstance(inner, FSDPModule)
+
+
+def synced_generation(module: torch.nn.Module) -> bool:
+    """Whether generate() must keep stepping until every process is done (sharded weights)."""
+    return sharded(module) and PartialState().num_processes > 1
+
+
+def max_over_processes(value: int) -> int:
+    """The largest `value` of all processes (every process must call it)."""
+    t = torch.tensor([value], dtype=torch.long, device=PartialState().device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if one was set up, once a run has finished. Left to the
+    interpreter's exit, gloo's worker threads can outlive it and abort the process (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#190489). Call it after success
+    only: after an error, other processes may still wait in a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as exc:  # the run's work is done and saved: a failed shutdown is only reported
+            logging.getLogger(__name__).warning(f"ending the process group failed: {exc!r}")

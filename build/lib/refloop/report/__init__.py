@@ -1,0 +1,1 @@
+"""Reports: HTML pages with plots and pictures of boxes."""

@@ -1,0 +1,1 @@
+"""Training mechanics shared by the methods: policy-gradient math, role adapters, checkpoints."""

@@ -1,0 +1,74 @@
+"""Model cards (README.md with Hugging Face metadata) for exported adapters and merged checkpoints,
+so an export pushed to the Hub says what it is: the base model, the method, the recipe that made
+it and the numbers it reached."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+METHODS = {
+    "sctune": "SC-Tune (self-consistency tuning): a describer trained by PPO on how well a locator finds its "
+    "descriptions again, and a locator trained on the describer's captions, alternating on one base model",
+    "sft": "LoRA instruction tuning on referential-comprehension data (Pink's recipe)",
+    "svp": "SVP: captions sampled with and without grounding feedback, the most informative kept by the "
+    "log-ratio score, then LoRA fine-tuning on them, iterated",
+}
+
+
+def model_card(base_model: str, method: str, recipe: dict, metrics: dict | None = None, adapter: str | None = None) -> str:
+    """README.md text: YAML metadata the Hub reads, how to load, the recipe, the metrics."""
+    local = Path(base_model).exists()
+    meta = {
+        "library_name": "peft" if adapter else "transformers",
+        "pipeline_tag": "image-text-to-text",
+        "tags": ["refloop", method, *(["lora"] if adapter else [])],
+    }
+    if not local:
+        meta["base_model"] = base_model  # a Hub id; a local directory is named in the text only
+    kind = f"LoRA adapter `{adapter}`" if adapter else "merged checkpoint (adapter folded into the base weights)"
+    if adapter:
+        load = (
+            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForImageTextToText\n\n"
+            f'base = AutoModelForImageTextToText.from_pretrained("{base_model}")\n'
+            'model = PeftModel.from_pretrained(base, "path/to/this/folder")\n```'
+        )
+    else:
+        load = (
+            "```python\nfrom refloop.models import load_vlm\n\n"
+            'vlm = load_vlm("path/to/this/folder")  # model, processor and prompt profile\n```\n\n'
+            "With transformers alone: `AutoModelForImageTextToText.from_pretrained` loads the model; "
+            "`AutoProcessor.from_pretrained` needs torchvision for the processors of Qwen-VL and InternVL "
+            "(refloop's loader builds them without their video half)."
+        )
+    parts = [
+        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---",
+        f"# {method} {kind} on {base_model}",
+        f"Made with refloop by {METHODS.get(method, method)}.",
+        f"- base model: `{base_model}`\n- method: `{method}`" + (f"\n- adapter: `{adapter}`" if adapter else ""),
+        "## Loading\n\n" + load,
+        "## Recipe\n\n```yaml\n" + yaml.safe_dump(recipe, sort_keys=False).rstrip() + "\n```",
+    ]
+    if metrics:
+        rows = "\n".join(f"| {key} | {json.dumps(value)} |" for key, value in metrics.items())
+        parts.append("## Results\n\n| metric | value |\n| --- | --- |\n" + rows)
+    else:
+        parts.append("## Results\n\nNo evaluation was recorded with this export.")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_model_cards(out: Path, base_model: str, method: str, recipe: dict, metrics: dict | None = None) -> list[Path]:
+    """README.md into every adapter folder under `out` (PEFT's NAME/adapter_config.json) and into
+    `out/merged`; returns the cards written."""
+    written = []
+    for config in sorted(Path(out).glob("**/adapter_config.json")):
+        path = config.parent / "README.md"
+        path.write_text(model_card(base_model, method, recipe, metrics, adapter=config.parent.name))
+        written.append(path)
+    merged = Path(out) / "merged"
+    if (merged / "config.json").exists():
+        (merged / "README.md").write_text(model_card(base_model, method, recipe, metrics))
+        written.append(merged / "README.md")
+    return written
