@@ -28,6 +28,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _flag(default: bool, *decls: str, help: str):
+    """A boolean flag, shown without a value placeholder (typer would print `<bool>` after it)."""
+    return typer.Option(default, *decls, metavar="", help=help)
+
+
 class OnErrorChoice(str, Enum):
     fail = "fail"
     skip = "skip"
@@ -53,7 +58,7 @@ def _recipe_option(names: str, extra: str = ""):
     return typer.Option(None, "--config", help=f"YAML recipe file, or a packaged recipe by name ({names}){extra}.")
 
 
-OverwriteOpt = typer.Option(
+OverwriteOpt = _flag(
     False, "--overwrite", help="Replace the outputs of a different earlier run in --out (refused by default; the same run resumes)."
 )
 OnErrorOpt = typer.Option(OnErrorChoice.fail, "--on-error", help="fail: stop at the first bad record; skip: skip and count.")
@@ -75,7 +80,7 @@ ProfileOpt = typer.Option(
     help="Prompt profile (refloop-tiny, qwen2-vl, qwen2.5-vl, qwen3-vl, florence-2, kosmos-2, paligemma, internvl); "
     "default: chosen from the checkpoint's model_type.",
 )
-RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow a checkpoint's own modelling code (only for checkpoints you trust).")
+RemoteOpt = _flag(False, "--trust-remote-code", help="Allow a checkpoint's own modelling code (only for checkpoints you trust).")
 
 
 class BackendChoice(str, Enum):
@@ -163,7 +168,7 @@ def consistency(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     on_error: OnErrorChoice = OnErrorOpt,
-    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html with plots and examples."),
+    report: bool = _flag(True, "--report/--no-report", help="Write report.html with plots and examples."),
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
@@ -200,11 +205,11 @@ def demo(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     sctune_domain: str = typer.Option("crowded", "--sctune-domain", help="OOD style whose boxes SC-Tune trains on."),
-    sctune: bool = typer.Option(True, "--sctune/--no-sctune", help="Also run a short SC-Tune and add the tuned row."),
+    sctune: bool = _flag(True, "--sctune/--no-sctune", help="Also run a short SC-Tune and add the tuned row."),
     bootstrap_domain: str = typer.Option("wild", "--bootstrap-domain", help="OOD style whose boxes Pink's bootstrapping describes."),
     bootstrap_images: int = typer.Option(100, "--bootstrap-images", min=1, help="Training scenes of that style bootstrapped."),
-    bootstrap: bool = typer.Option(True, "--bootstrap/--no-bootstrap", help="Also run Pink's self-consistent bootstrapping."),
-    svp: bool = typer.Option(True, "--svp/--no-svp", help="Also run a short SVP on captions of --svp-domain scenes."),
+    bootstrap: bool = _flag(True, "--bootstrap/--no-bootstrap", help="Also run Pink's self-consistent bootstrapping."),
+    svp: bool = _flag(True, "--svp/--no-svp", help="Also run a short SVP on captions of --svp-domain scenes."),
     svp_domain: str = typer.Option("wild", "--svp-domain", help="OOD style whose scenes SVP captions."),
     svp_images: int = typer.Option(64, "--svp-images", min=1, help="Seed images of SVP's inner loop."),
     overwrite: bool = OverwriteOpt,
@@ -234,7 +239,7 @@ def pretrain_tiny(
     overrides: list[str] = typer.Option(
         [], "--set", help="Override a recipe field, e.g. --set init_from=DIR --set threads=2 (repeatable)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint of another recipe that refloop wrote in --out."),
+    overwrite: bool = _flag(False, "--overwrite", help="Replace a checkpoint of another recipe that refloop wrote in --out."),
 ) -> None:
     """Train refloop-tiny (from scratch, or continued from `init_from`) on shapes scenes (deterministic, resumable)."""
     from refloop.config import load_recipe
@@ -260,7 +265,7 @@ def sctune(
         ..., "--out", help="Run directory: train/ (checkpoints, metrics.jsonl), adapters/, merged/, eval/, results.json."
     ),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set sctune.describer_lr=1e-4 (repeatable)."),
-    skip_base_eval: bool = typer.Option(False, "--skip-base-eval", help="Do not evaluate the base model before tuning."),
+    skip_base_eval: bool = _flag(False, "--skip-base-eval", help="Do not evaluate the base model before tuning."),
     overwrite: bool = OverwriteOpt,
     report_to: str | None = ReportToOpt,
 ) -> None:
@@ -494,7 +499,7 @@ def filter_detections(
         0.02, "--min-area-fraction", min=0.0, max=1.0, help="Drop a triplet holding a box smaller than this fraction of the image."
     ),
     on_error: OnErrorChoice = OnErrorOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is a triplets file refloop filter wrote."),
+    overwrite: bool = _flag(False, "--overwrite", help="Replace --out if it is a triplets file refloop filter wrote."),
 ) -> None:
     """SC-Tune appendix 9: (image, category, boxes) triplets for training, from boxes alone."""
     from refloop.data.filters import is_triplets_file, write_triplets
@@ -511,7 +516,7 @@ def filter_detections(
 def export_parquet(
     jsonl: Path = typer.Argument(..., help="A refloop JSONL output: samples.jsonl, pairs.jsonl, rc.jsonl, metrics.jsonl..."),
     parquet: Path = typer.Argument(..., help="The parquet file written (datasets.load_dataset('parquet', data_files=...) reads it)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace PARQUET if refloop export-parquet wrote it."),
+    overwrite: bool = _flag(False, "--overwrite", help="Replace PARQUET if refloop export-parquet wrote it."),
 ) -> None:
     """Write a JSONL output as one parquet file (needs pyarrow). The JSONL files load with
     datasets.load_dataset('json', data_files=...) as they are."""
@@ -577,7 +582,7 @@ def rc_data(
     seed: int = typer.Option(0, "--seed", help="Seed of template and target choice (same seed, same file)."),
     max_per_image: int = typer.Option(4, "--max-per-image", min=1, help="Samples per task per image."),
     num_images: int = typer.Option(1000, "--num-images", min=1, help="Scenes exported when --data is a shapes-world domain."),
-    native_prompts: bool = typer.Option(
+    native_prompts: bool = _flag(
         False, "--native-prompts", help="Grounding tasks ask with the family's own REC/REG instruction instead of the template banks."
     ),
     on_error: OnErrorChoice = OnErrorOpt,
@@ -659,7 +664,7 @@ def caption(
     images: Path | None = ImagesOpt,
     model: str | None = ModelOpt,
     num_images: int = typer.Option(100, "--num-images", min=1, help="Images captioned (shapes-world domain: scenes exported)."),
-    isvp: bool = typer.Option(False, "--isvp", help="iSVP: prior caption -> grounding -> caption guided by the grounding as text."),
+    isvp: bool = _flag(False, "--isvp", help="iSVP: prior caption -> grounding -> caption guided by the grounding as text."),
     grounder: str = typer.Option("oracle", "--grounder", help="oracle (shapes world), grounding-dino, owlv2, florence-2 or vlm."),
     grounder_model: str | None = typer.Option(None, "--grounder-model", help="Checkpoint of the grounder (not for oracle)."),
     miss_rate: float = typer.Option(0.1, "--miss-rate", min=0, max=1, help="Oracle: share of true objects missed."),
