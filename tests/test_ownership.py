@@ -217,6 +217,18 @@ def test_filter_replaces_only_a_triplets_file_it_wrote_and_only_with_overwrite(t
     assert out.read_text() == first  # replaced by the same triplets (no box here overlaps)
 
 
+def test_a_file_output_typed_as_a_directory_is_refused_not_written_as_a_file(tmp_path, capsys):
+    """`--out runs/` (a new name with a trailing slash) meant a directory: a Path drops the slash,
+    and a file named `runs` would be written."""
+    data = tmp_path / "instances.json"
+    data.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"a": 1}\n')
+    assert_refused(run(["filter", str(data), "--out", f"{tmp_path / 'runs'}/"], capsys), "not a directory", "triplets.jsonl")
+    assert_refused(run(["export-parquet", str(jsonl), f"{tmp_path / 'exports'}/"], capsys), "not a directory", "samples.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["instances.json", "rows.jsonl"]
+
+
 def test_outputs_replaced_whole_never_touch_a_neighbouring_tmp_file_or_follow_its_symlink(tmp_path):
     from refloop.data.jsonl import write_records
 

@@ -484,10 +484,17 @@ def _given_on_command_line(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
+def _file_out(value: str, option: str, example: str) -> Path:
+    """A file output as typed: a trailing separator means a directory (a Path would drop it and write a file there)."""
+    if value.endswith(("/", os.sep)):
+        raise RefloopError(f"{option} {value}: a file is written here, not a directory (name the file, e.g. {value}{example})")
+    return Path(value)
+
+
 @app.command("filter")
 def filter_detections(
     detections: Path = typer.Argument(..., help="COCO-style detection JSON (COCO, Objects365, a shapes-world export)."),
-    out: Path = typer.Option(..., "--out", help="Triplets JSONL: image_id, category, boxes (xyxy pixels), file_name."),
+    out: str = typer.Option(..., "--out", help="Triplets JSONL file: image_id, category, boxes (xyxy pixels), file_name."),
     images: Path | None = typer.Option(None, "--images", help="Image root (default: the detection file's directory)."),
     exclude: Path | None = typer.Option(
         None, "--exclude", help="JSONL whose image_id fields name held-out images (e.g. a consistency samples.jsonl)."
@@ -504,6 +511,7 @@ def filter_detections(
     """SC-Tune appendix 9: (image, category, boxes) triplets for training, from boxes alone."""
     from refloop.data.filters import is_triplets_file, write_triplets
 
+    out = _file_out(out, "--out", "triplets.jsonl")
     _check_out(out, detections, exclude, images, kind="file", overwrite=overwrite, written_by_us=is_triplets_file)
     counts, skipped = write_triplets(detections, out, images, exclude, max_overlap_iou, min_area_fraction, on_error.value)
     console.print_json(json.dumps(counts.as_dict() | {"skipped_records": skipped}))
@@ -515,7 +523,7 @@ def filter_detections(
 @app.command("export-parquet")
 def export_parquet(
     jsonl: Path = typer.Argument(..., help="A refloop JSONL output: samples.jsonl, pairs.jsonl, rc.jsonl, metrics.jsonl..."),
-    parquet: Path = typer.Argument(..., help="The parquet file written (datasets.load_dataset('parquet', data_files=...) reads it)."),
+    parquet: str = typer.Argument(..., help="The parquet file written (datasets.load_dataset('parquet', data_files=...) reads it)."),
     overwrite: bool = _flag(False, "--overwrite", help="Replace PARQUET if refloop export-parquet wrote it."),
 ) -> None:
     """Write a JSONL output as one parquet file (needs pyarrow). The JSONL files load with
@@ -523,6 +531,7 @@ def export_parquet(
     from refloop.data.parquet import export_parquet as write
     from refloop.data.parquet import is_exported_parquet
 
+    parquet = _file_out(parquet, "PARQUET", "samples.parquet")
     _check_out(parquet, jsonl, kind="file", option="PARQUET", overwrite=overwrite, written_by_us=is_exported_parquet)
     console.print_json(json.dumps({"rows": write(jsonl, parquet), "parquet": str(parquet)}))
 
