@@ -232,6 +232,19 @@ def test_caption_cli_with_isvp_writes_prior_grounding_and_guided_caption(tmp_pat
     assert code == 2 and ("another" in err.lower() or "overwrite" in err.lower())
 
 
+def test_plain_captions_resume_whatever_grounder_the_python_caller_passed(tmp_path, model_dir):
+    """Without iSVP nothing is grounded: the grounder settings stay out of the run's identity."""
+    from refloop.methods.svp_recipe import GrounderSpec, run_captions
+    from refloop.models.spec import ModelSpec
+
+    spec = ModelSpec(model=str(model_dir), device="cpu")
+    out = tmp_path / "c"
+    run_captions(spec, GrounderSpec(miss_rate=0.4), "wild", out, num_images=2)
+    first = (out / "captions.jsonl").read_text()
+    assert run_captions(spec, GrounderSpec(), "wild", out, num_images=2, phrases="both") == 0  # the same run: resumed
+    assert (out / "captions.jsonl").read_text() == first and len(first.splitlines()) == 2
+
+
 def test_sigkilled_svp_resumes_to_the_same_model(tmp_path, model_dir):
     """A real kill (torn writes included) in the first inner loop, then the same command again."""
     import os

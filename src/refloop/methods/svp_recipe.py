@@ -366,7 +366,9 @@ def run_captions(
     vlm = spec.load_vlm(batch_size, generation=True)
     ground = grounding.build(vlm, spec.device, spec.dtype) if isvp else None
     records = {"name": data, "image_root": str(found.image_root), "records": records_digest(found.records)}
-    fingerprint = {"data": records, "isvp": isvp, "grounder": grounding.model_dump(), "phrases": phrases}
+    fingerprint = {"data": records, "isvp": isvp}
+    if isvp:  # plain captioning reads neither: they must not block resuming it
+        fingerprint |= {"grounder": grounding.model_dump(), "phrases": phrases}
     with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records), enabled=progress) as advance:
         skipped = caption_images(
             vlm, found.records, out, ground, phrases, found.vocabulary, batch_size, fingerprint, advance, overwrite, on_error
