@@ -1,1 +1,0 @@
-"""The papers' methods, each a thin loop over the shared core."""

@@ -1,1 +1,0 @@
-"""Reports: HTML pages with plots and pictures of boxes."""

@@ -1,1 +1,0 @@
-"""Training mechanics shared by the methods: policy-gradient math, role adapters, checkpoints."""
