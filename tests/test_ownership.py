@@ -140,6 +140,66 @@ def test_a_killed_run_leaves_its_files_to_the_next_overwrite_but_not_the_users(t
         assert sorted(p.name for p in out.iterdir() if p.name not in (".refloop.lock", FINGERPRINT, MANIFEST)) == ["notes.txt"]
 
 
+def test_overwrite_keeps_what_the_user_put_inside_refloops_folders(tmp_path):
+    """A note in eval/, a best adapter copied into adapters/: refloop created the folders, not these."""
+    out = tmp_path / "run"
+    with run_directory(out, {"task": "t", "v": 1}):
+        (out / "eval").mkdir()
+        (out / "eval" / "metrics.json").write_text("{}")
+        (out / "adapters" / "describer").mkdir(parents=True)
+        (out / "adapters" / "describer" / "w.bin").write_text("w")
+        (out / "train").mkdir()
+        (out / "train" / "log.jsonl").write_text("x")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["files"] == ["adapters/describer/w.bin", "eval/metrics.json", "train/log.jsonl"]
+    assert manifest["dirs"] == ["adapters", "adapters/describer", "eval", "train"] and manifest["foreign"] == []
+    (out / "eval" / "NOTES.md").write_text("mine")
+    (out / "adapters" / "my_best").mkdir()
+    (out / "adapters" / "my_best" / "w.bin").write_text("mine")
+    outside = tmp_path / "precious.txt"
+    outside.write_text("mine")
+    with run_directory(out, {"task": "t", "v": 1}):  # the same run resumes: what the user added is recorded as theirs
+        (out / "train" / "link").symlink_to(outside)  # a symlink refloop wrote: removed itself, its target never
+    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+        left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name not in (".refloop.lock", FINGERPRINT, MANIFEST))
+        assert left == ["adapters", "adapters/my_best", "adapters/my_best/w.bin", "eval", "eval/NOTES.md"]
+        (out / "eval" / "metrics.json").write_text("{}")  # the new run writes into the folder it shares with the user
+    assert (out / "eval" / "NOTES.md").read_text() == "mine" and outside.read_text() == "mine"
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["files"] == ["eval/metrics.json"] and "eval/NOTES.md" in manifest["foreign"]
+    with run_directory(out, {"task": "t", "v": 3}, overwrite=True):
+        pass
+    assert (out / "eval" / "NOTES.md").read_text() == "mine" and not (out / "eval" / "metrics.json").exists()
+
+
+def test_a_manifest_never_leads_overwrite_out_of_the_run_or_through_a_symlink(tmp_path):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x").write_text("mine")
+    with run_directory(out, {"task": "t", "v": 1}):
+        (out / "d").symlink_to(elsewhere)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"] += ["../elsewhere/x", "d/x", "/" + str(elsewhere / "x").lstrip("/"), "a/../../elsewhere/x"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+        pass
+    assert (elsewhere / "x").read_text() == "mine" and not (out / "d").is_symlink()
+
+
+def test_a_manifest_of_the_older_format_still_owns_its_folders_whole(tmp_path):
+    """Runs written before nested manifests named top-level entries only: their folders stay
+    refloop's with everything in them, as that refloop treated them; the user's entries stay theirs."""
+    out = tmp_path / "run"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "state.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    (out / FINGERPRINT).write_text(json.dumps({"task": "t", "v": 1}))
+    (out / MANIFEST).write_text(json.dumps({"files": ["train"], "foreign": ["notes.txt"], "open": False}))
+    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+        assert sorted(p.name for p in out.iterdir() if p.name not in (".refloop.lock", FINGERPRINT, MANIFEST)) == ["notes.txt"]
+    assert json.loads((out / MANIFEST).read_text())["version"] == 2
+
+
 def test_a_run_without_a_manifest_resumes_but_is_never_overwritten(tmp_path):
     out = tmp_path / "old"
     out.mkdir()

@@ -9,9 +9,10 @@ bootstrapped data) opens its directory through `run_directory`:
   stored with the outputs; a rerun with another fingerprint refuses to reuse them (or, with
   `overwrite`, replaces them), so a resumed run is never reported under the wrong model's name;
 - ownership: a run starts only in an empty or new directory (or resumes or replaces one of
-  refloop's own runs), and a manifest (`.refloop-manifest.json`) records the entries at the top of
-  the directory that refloop created there. `overwrite` deletes exactly those: a file a user put
-  beside them (or a directory holding no refloop run at all) is never touched.
+  refloop's own runs), and a manifest (`.refloop-manifest.json`) records every file and folder
+  refloop created there, at any depth. `overwrite` deletes exactly those files, then the folders
+  left empty: a file a user put beside them or inside one of refloop's folders (or a directory
+  holding no refloop run at all) is never touched.
 
 `check_output` applies the same rules, and the shape rules of an output path (a directory where a
 directory is expected, never equal to or inside an input, a writable place), before any work, so
@@ -24,7 +25,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -35,6 +35,7 @@ from refloop.errors import RefloopError
 LOCK = ".refloop.lock"
 FINGERPRINT = "run.json"
 MANIFEST = ".refloop-manifest.json"
+MANIFEST_VERSION = 2  # 1 (no "version"): top-level names only, a folder owned with its contents
 _BOOKKEEPING = frozenset({LOCK, FINGERPRINT, MANIFEST, FINGERPRINT + ".tmp", MANIFEST + ".tmp"})
 EMPTY_OR_NEW = "choose an empty or new directory"
 
@@ -223,16 +224,78 @@ def _entries(out: Path) -> set[str]:
         raise RefloopError(f"cannot list {out}: {exc.strerror or exc}") from None
 
 
+def _tree(out: Path) -> tuple[set[str], set[str]]:
+    """Every path under `out`, relative and '/'-separated, refloop's bookkeeping at its top left out:
+    (files and symlinks, directories). Symlinks are listed, never followed."""
+    files: set[str] = set()
+    dirs: set[str] = set()
+
+    def fail(exc: OSError) -> None:
+        raise RefloopError(f"cannot list {exc.filename or out}: {exc.strerror or exc}")
+
+    for root, dirnames, filenames in os.walk(out, onerror=fail):
+        rel = Path(root).relative_to(out).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        for name in list(dirnames):
+            if os.path.islink(os.path.join(root, name)):
+                dirnames.remove(name)
+                files.add(prefix + name)
+            else:
+                dirs.add(prefix + name)
+        files.update(prefix + name for name in filenames if prefix or name not in _BOOKKEEPING)
+    return files, dirs
+
+
+def _inside(path: str, roots: set[str]) -> bool:
+    """Whether `path` is one of `roots` or lies inside one of them."""
+    parts = path.split("/")
+    return any("/".join(parts[:i]) in roots for i in range(1, len(parts) + 1))
+
+
 def _read_manifest(out: Path) -> dict | None:
+    """The manifest of `out`: {"files": refloop's files and symlinks, "dirs": the directories it
+    created, "foreign": paths it found and did not write (the user's), "open": a run holds or held
+    the directory without closing}, paths relative to `out`. A manifest of an older refloop named
+    top-level entries only; its folders are read as refloop's with everything in them, as that
+    refloop treated them."""
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {"damaged": True}
-    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(k, []), list) for k in ("files", "foreign")):
+    keys = ("files", "dirs", "foreign")
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(k, []), list) for k in keys):
         return {"damaged": True}
+    if not all(isinstance(v, str) for k in keys for v in manifest.get(k, [])):
+        return {"damaged": True}
+    if manifest.get("version") != MANIFEST_VERSION:
+        manifest = _upgraded(out, manifest)
     return manifest
+
+
+def _upgraded(out: Path, old: dict) -> dict:
+    files, dirs, foreign = set(), set(), set()
+    for key, into in (("files", files), ("foreign", foreign)):
+        for name in old.get(key, []):
+            child = out / name
+            if "/" in name or name in (".", "..", "") or not os.path.lexists(child):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                inner_files, inner_dirs = _tree(child)
+                (dirs if key == "files" else foreign).add(name)
+                into.update(f"{name}/{p}" for p in inner_files | (inner_dirs if key == "foreign" else set()))
+                if key == "files":
+                    dirs.update(f"{name}/{d}" for d in inner_dirs)
+            else:
+                into.add(name)
+    return {
+        "version": MANIFEST_VERSION,
+        "files": sorted(files),
+        "dirs": sorted(dirs),
+        "foreign": sorted(foreign),
+        "open": bool(old.get("open")),
+    }
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -291,18 +354,36 @@ def _compare(out: Path, fingerprint: dict, overwrite: bool) -> bool:
     return True
 
 
-def _remove(out: Path, names: Iterable[str]) -> None:
-    for name in sorted(set(names)):
-        if not name or name in _BOOKKEEPING or "/" in name or name in (".", ".."):
-            continue  # a manifest never names these; a damaged one is not followed outside `out`
-        child = out / name
+def _safe(out: Path, rel: str) -> Path | None:
+    """`out / rel` when `rel` is a plain relative path whose every parent is a real directory
+    inside `out` (a damaged manifest is never followed out of `out`, nor through a symlink)."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or parts[0] in _BOOKKEEPING:
+        return None
+    parent = out
+    for part in parts[:-1]:
+        parent = parent / part
+        if parent.is_symlink() or not parent.is_dir():
+            return None
+    return parent / parts[-1]
+
+
+def _remove(out: Path, manifest: dict) -> None:
+    """Delete the files refloop wrote (a symlink itself, never its target), then the folders it
+    created that are left empty: a folder holding something of the user's stays, with it."""
+    for rel in sorted(set(manifest["files"])):
+        child = _safe(out, rel)
+        if child is None or (child.is_dir() and not child.is_symlink()):
+            continue  # a folder where refloop wrote a file: someone else's since
         try:
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            elif child.exists() or child.is_symlink():
-                child.unlink()
+            child.unlink(missing_ok=True)
         except OSError as exc:
             raise RefloopError(f"cannot remove {child} of the earlier run: {exc.strerror or exc}") from None
+    for rel in sorted(set(manifest.get("dirs", [])), key=lambda d: -d.count("/")):  # the deepest first
+        child = _safe(out, rel)
+        if child is not None and child.is_dir() and not child.is_symlink():
+            with suppress(OSError):  # not empty: it holds the user's files
+                child.rmdir()
 
 
 _HELD: dict[str, int] = {}  # directories this process holds: a nested open of one is a no-op
@@ -338,7 +419,7 @@ def run_directory(out: Path, fingerprint: dict | None = None, overwrite: bool = 
         manifest = None
         if fingerprint is not None:
             fresh, manifest = _open_run(out, json.loads(json.dumps(fingerprint)), overwrite)
-        at_start = _entries(out)
+        at_start = set().union(*_tree(out)) if manifest is not None else set()
         _HELD[key] = _HELD.get(key, 0) + 1
         try:
             yield out
@@ -367,26 +448,40 @@ def _open_run(out: Path, fingerprint: dict, overwrite: bool) -> tuple[bool, dict
     manifest = _read_manifest(out)
     if manifest is not None and not manifest.get("damaged") and manifest.get("open"):
         # the last run was killed before recording what it wrote: what it left is refloop's
-        manifest["files"] = sorted(set(manifest["files"]) | (_entries(out) - set(manifest.get("foreign", []))))
+        _record(out, manifest, set())
     if replace:
-        _remove(out, manifest["files"])
-        manifest = {"files": [], "foreign": sorted(_entries(out))}
+        _remove(out, manifest)
+        files, dirs = _tree(out)
+        kept = dirs & set(manifest.get("dirs", []))  # refloop's folders that hold the user's files: still refloop's
+        manifest = {"files": [], "dirs": sorted(kept), "foreign": sorted((files | dirs) - kept)}
     elif old is None:
-        manifest = {"files": [], "foreign": []}  # `_owned`: the directory is empty
+        manifest = {"files": [], "dirs": [], "foreign": []}  # `_owned`: the directory is empty
     elif manifest is None or manifest.get("damaged"):
         return False, None  # which files are refloop's is unknown: resumable, never replaced
     elif not manifest.get("open"):  # added since the last run closed: the user's, never replaced
-        manifest["foreign"] = sorted(set(manifest.get("foreign", [])) | (_entries(out) - set(manifest["files"])))
-    manifest["open"] = True
+        files, dirs = _tree(out)
+        ours = set(manifest["files"]) | set(manifest.get("dirs", []))
+        manifest["foreign"] = sorted(set(manifest.get("foreign", [])) | ((files | dirs) - ours))
+    manifest |= {"version": MANIFEST_VERSION, "open": True}
     _write_json(out / FINGERPRINT, fingerprint)
     _write_json(out / MANIFEST, manifest)
     return old is None or replace, manifest
 
 
+def _record(out: Path, manifest: dict, before: set[str]) -> None:
+    """Add to `manifest` every path in `out` that is not in `before` and not the user's (a foreign
+    path or inside a foreign folder); forget recorded paths that are gone."""
+    files, dirs = _tree(out)
+    foreign = set(manifest.get("foreign", []))
+    for key, now in (("files", files), ("dirs", dirs)):
+        new = {p for p in now - before if not _inside(p, foreign)}
+        manifest[key] = sorted((set(manifest.get(key, [])) | new) & now)
+
+
 def _close_run(out: Path, manifest: dict, at_start: set[str]) -> None:
-    """Record what the run created: every entry that appeared while it held the directory."""
+    """Record what the run created: every path that appeared while it held the directory."""
     try:
-        manifest["files"] = sorted(set(manifest["files"]) | (_entries(out) - at_start))
+        _record(out, manifest, at_start)
         manifest["open"] = False
         _write_json(out / MANIFEST, manifest)
     except (OSError, RefloopError):
@@ -400,9 +495,24 @@ def claim_outputs(out: Path, *paths: Path) -> None:
     manifest = _read_manifest(out)
     if manifest is None or manifest.get("damaged") or not (out / FINGERPRINT).is_file():
         return
-    names = {Path(p).relative_to(out).parts[0] for p in paths if Path(p).is_relative_to(out) and Path(p) != out}
-    manifest["files"] = sorted(set(manifest["files"]) | names)
-    manifest["foreign"] = sorted(set(manifest.get("foreign", [])) - names)
+    files, dirs = set(), set()
+    for path in map(Path, paths):
+        if not path.is_relative_to(out) or path == out:
+            continue
+        rel = path.relative_to(out).as_posix()
+        parts = rel.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))  # the folders on the way
+        if path.is_dir() and not path.is_symlink():
+            inner_files, inner_dirs = _tree(path)
+            dirs |= {rel} | {f"{rel}/{d}" for d in inner_dirs}
+            files |= {f"{rel}/{f}" for f in inner_files}
+        else:
+            files.add(rel)
+    foreign = set(manifest.get("foreign", []))
+    dirs = {d for d in dirs if d not in foreign}  # a folder of the user's holding a report stays the user's
+    manifest["files"] = sorted(set(manifest["files"]) | files)
+    manifest["dirs"] = sorted(set(manifest.get("dirs", [])) | dirs)
+    manifest["foreign"] = sorted(foreign - files)
     try:
         _write_json(out / MANIFEST, manifest)
     except OSError as exc:
