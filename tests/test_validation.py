@@ -490,3 +490,12 @@ def test_options_that_would_be_ignored_are_refused_before_weights_load(tmp_path,
     rec = ["eval", "rec", "--data", "in-domain", "--split", "testA", "--out", str(tmp_path / "r")]
     assert_refused(run_cli(rec, capsys), "--split", "without --refs")
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+
+
+def test_version_and_short_help(capsys):
+    import refloop
+
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"refloop {refloop.__version__}" and refloop.__version__[0].isdigit()
+    code, out, _ = run_cli(["eval", "pope", "-h"], capsys)
+    assert code == 0 and "--strategy" in out and "--captions" not in out  # each eval task lists only its own options

@@ -23,6 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode="markdown",  # a docstring's single line breaks joined, `code` shown as code
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -31,6 +32,23 @@ err_console = Console(stderr=True)
 def _flag(default: bool, *decls: str, help: str):
     """A boolean flag, shown without a value placeholder (typer would print `<bool>` after it)."""
     return typer.Option(default, *decls, metavar="", help=help)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from refloop import __version__
+
+        console.print(f"refloop {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, metavar="", help="Print refloop's version and exit."
+    ),
+) -> None:
+    """refloop: make vision-language models self-consistent about the objects they talk about."""
 
 
 class OnErrorChoice(str, Enum):
