@@ -499,3 +499,13 @@ def test_version_and_short_help(capsys):
     assert code == 0 and out.strip() == f"refloop {refloop.__version__}" and refloop.__version__[0].isdigit()
     code, out, _ = run_cli(["eval", "pope", "-h"], capsys)
     assert code == 0 and "--strategy" in out and "--captions" not in out  # each eval task lists only its own options
+
+
+def test_threads_default_to_refloop_threads_and_a_bad_value_is_named(monkeypatch, capsys):
+    from refloop import cli
+
+    monkeypatch.setenv("REFLOOP_THREADS", "1")
+    assert cli._model_spec(None, "cpu", "fp32", None, False).threads == 1
+    assert cli._model_spec(None, "cpu", "fp32", None, False, threads=2).threads == 2  # --threads wins
+    monkeypatch.setenv("REFLOOP_THREADS", "two")
+    assert_refused(run_cli(["consistency", "--data", "in-domain", "--out", "o", "--num-boxes", "1"], capsys), "REFLOOP_THREADS")

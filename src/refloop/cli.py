@@ -111,6 +111,12 @@ BackendOpt = typer.Option(
     "--backend",
     help="What generates: hf (transformers) or vllm (continuous batching, prefix caching; README 'Generation backends').",
 )
+ThreadsOpt = typer.Option(
+    None,
+    "--threads",
+    min=1,
+    help="Torch CPU threads (default: $REFLOOP_THREADS, else torch's choice: every core; on a shared CPU fewer can be faster).",
+)
 
 
 def _check_out(
@@ -145,10 +151,19 @@ def _model_spec(
         from refloop.models.vllm import check_install
 
         check_install()
+    if threads is None and os.environ.get("REFLOOP_THREADS"):
+        threads = _env_threads()
     fields = {"model": model, "device": device, "dtype": dtype, "profile": profile, "trust_remote_code": trust_remote_code}
     spec = _options(ModelSpec, "model", **fields, threads=threads, generation_backend=backend.value)
     spec.check_device("--device ")
     return spec
+
+
+def _env_threads() -> int:
+    value = os.environ["REFLOOP_THREADS"]
+    if not value.strip().isdigit() or int(value) < 1:
+        raise RefloopError(f"REFLOOP_THREADS={value!r}: expected a whole number of threads >= 1")
+    return int(value)
 
 
 def _options(config: type, what: str, options: dict[str, str] | None = None, /, **fields):
@@ -190,6 +205,7 @@ def consistency(
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
+    threads: int | None = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Self-consistency Pr@0.5 (SC-Tune appendix 6): box -> caption -> box, IoU > 0.5. Resumable."""
@@ -197,7 +213,7 @@ def consistency(
 
     cfg = _options(ConsistencyConfig, "consistency", num_boxes=num_boxes, seed=seed, batch_size=batch_size)
     _check_out(out, data, images, model, overwrite=overwrite)
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
     done = run_consistency(spec, data, out, cfg, images, on_error.value, report, overwrite, progress=True)
     if done is None:  # not the main process
         return
@@ -372,11 +388,12 @@ def eval_rec(
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
+    threads: int | None = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """REC accuracy: the model locates each referring expression; a predicted box is correct when its IoU with the
     referred box is >= 0.5 (every expression counts, as RefCOCO tables do)."""
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
     _eval_referring("rec", spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite)
 
 
@@ -396,11 +413,12 @@ def eval_reg(
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
+    threads: int | None = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU,
     ROUGE-L, as pycocoevalcap scores them)."""
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
     _eval_referring("reg", spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite)
 
 
@@ -428,11 +446,12 @@ def eval_caption(
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
+    threads: int | None = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Caption hallucination: one greedy caption per image; object recall, CHAIR_i, CHAIR_s and, against reference
     captions, the REG text metrics."""
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
     chosen = {"captions": captions, "protocol": chair_protocol.value if chair_protocol else None}
     _eval_objects("caption", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite)
 
@@ -462,11 +481,12 @@ def eval_pope(
     profile: str | None = ProfileOpt,
     trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
+    threads: int | None = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """POPE: balanced yes/no questions about present and absent objects (accuracy, precision, recall, F1, yes-ratio)."""
     _check_seeds(seed=seed)
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend)
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
     chosen = {"strategy": strategy.value, "per_image": per_image, "seed": seed, "rule": pope_rule.value}
     _eval_objects("pope", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite)
 
@@ -703,6 +723,7 @@ def caption(
     overwrite: bool = OverwriteOpt,
     on_error: OnErrorChoice = OnErrorOpt,
     backend: BackendChoice = BackendOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Caption images greedily; with --isvp, SVP's inference-time variant (no tuning): the caption's objects are
     grounded and the model captions again with the grounding in its prompt."""
@@ -717,7 +738,7 @@ def caption(
     grounding = _options(GrounderSpec, "grounder", named, kind=grounder, model=grounder_model, **rates)
     grounding.check_caption(data, isvp, phrases)
     _check_out(out, data, images, model, grounder_model, overwrite=overwrite)
-    spec = _model_spec(model, device, dtype, None, False, backend)
+    spec = _model_spec(model, device, dtype, None, False, backend, threads)
     skipped = run_captions(spec, grounding, data, out, images, num_images, isvp, phrases, batch_size, on_error.value, overwrite, True)
     if skipped is not None:  # the main process
         console.print(f"captions: {out / 'captions.jsonl'}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
