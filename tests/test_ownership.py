@@ -536,3 +536,11 @@ def test_sctune_that_finds_no_training_boxes_leaves_nothing_to_block_the_correct
     args = ["sctune", "--config", str(RECIPES / "sctune-shapes.yaml"), "--set", f"train_data={empty}", "--out", str(out)]
     assert_refused(run(args, capsys), "empty.json")
     assert not out.exists()
+
+
+def test_no_output_goes_inside_refloops_own_package(tmp_path, capsys):
+    """The packaged model is an input of every command run without --model, named by none."""
+    packaged = Path(str(files("refloop") / "assets" / "refloop-tiny"))
+    assert_refused(run(["consistency", "--data", "in-domain", "--num-boxes", "1", "--out", str(packaged / "run")], capsys), "own package")
+    assert_refused(run(["filter", str(tmp_path / "x.json"), "--out", str(packaged.parent / "t.jsonl")], capsys), "own package")
+    assert not (packaged / "run").exists() and not (packaged.parent / "t.jsonl").exists()

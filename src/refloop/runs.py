@@ -141,6 +141,11 @@ def check_output(
         resolved = _absolute(other)
         if target.is_relative_to(resolved) or resolved.is_relative_to(target):
             raise RefloopError(f"{option} {path} and {other_option} {other} overlap; give them separate directories")
+    package = _absolute(Path(__file__).parent)
+    if target.is_relative_to(package):  # the default model is an input no command names
+        raise RefloopError(
+            f"{option} {path} is inside refloop's own package ({package}: its packaged model and recipes); write the output elsewhere"
+        )
     for source in input_paths(*inputs):
         resolved = _absolute(source)
         if target == resolved:
