@@ -302,6 +302,26 @@ def test_sigkilled_run_resumes_to_identical_records(straight, tmp_path, monkeypa
     assert len(ids) == len(set(ids))
 
 
+def test_sigterm_stops_like_ctrl_c_and_the_run_resumes_to_identical_records(straight, tmp_path, monkeypatch):
+    """`timeout`, `kill` and schedulers send SIGTERM: one line saying how to resume, exit 143, the
+    run's manifest closed (what it wrote is recorded), and the rerun resumes."""
+    model, reference, env = straight
+    out = tmp_path / "terminated"
+    proc = subprocess.Popen([sys.executable, "-m", "refloop.cli", *cli_args(model, out, 16, 2)], env=env, stderr=subprocess.PIPE, text=True)
+    shard = out / "records.shards" / "000.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not shard.exists() or shard.read_bytes().count(b"\n") < 2):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert not (out / "stats.json").exists(), "the run finished before it was stopped"
+    assert proc.returncode == 143 and "interrupted; rerun the same command" in err and "Traceback" not in err
+    assert json.loads((out / ".refloop-manifest.json").read_text())["open"] is False
+    monkeypatch.setenv("REFLOOP_CACHE", env["REFLOOP_CACHE"])
+    assert run_cli(cli_args(model, out, 16, 2))[0] == 0
+    assert_same_outputs(reference, out)
+
+
 # ---- the recipe: YAML, flags as overrides ---------------------------------------------------------
 def test_bootstrap_recipe_takes_yaml_with_the_flags_as_overrides(tmp_path, monkeypatch, capsys):
     from refloop.methods import bootstrap_recipe

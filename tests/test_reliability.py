@@ -215,7 +215,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(monkeypatch, capsys, raised, fl
 
     monkeypatch.setattr(cli, "app", interrupted)
     monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # leave pytest's process its own handler
-    monkeypatch.setattr(cli, "_interrupted", [True] if flagged else [])
+    monkeypatch.setattr(cli, "_interrupted", [cli.signal.SIGINT] if flagged else [])
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 130

@@ -914,12 +914,24 @@ def _end_process_group() -> None:
 
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 INTERRUPTED_MESSAGE = "interrupted; rerun the same command (a resumable run continues where it stopped)"
-_interrupted: list[bool] = []  # set by the SIGINT handler: whatever click / typer turn Ctrl-C into
+_interrupted: list[int] = []  # signals received: whatever click / typer turn Ctrl-C into
 
 
 def _on_sigint(signum, frame) -> None:
-    _interrupted.append(True)
+    _interrupted.append(signum)
     signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as Python's own handler does
+
+
+def _on_sigterm(signum, frame) -> None:
+    """`timeout`, `kill` and job schedulers stop a job with SIGTERM: unwound like Ctrl-C (open
+    files closed, the run's manifest recorded) instead of the process vanishing."""
+    _interrupted.append(signum)
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted() -> None:
+    err_console.print(INTERRUPTED_MESSAGE, highlight=False)
+    sys.exit(128 + _interrupted[0] if _interrupted else INTERRUPTED)
 
 
 def main() -> None:
@@ -929,12 +941,13 @@ def main() -> None:
         logger.addHandler(_Warnings(logging.WARNING))
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # an embedding program's own handler is kept
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except SystemExit as exc:  # click ends a command with SystemExit(0); Ctrl-C becomes SystemExit(130) or click's Abort (1)
         if _interrupted or exc.code == INTERRUPTED:
-            err_console.print(INTERRUPTED_MESSAGE, highlight=False)
-            sys.exit(INTERRUPTED)
+            _exit_interrupted()
         if not exc.code:
             _end_process_group()
         raise
@@ -942,8 +955,7 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print(INTERRUPTED_MESSAGE, highlight=False)
-        sys.exit(INTERRUPTED)
+        _exit_interrupted()
     else:
         _end_process_group()
 
