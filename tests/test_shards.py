@@ -2,6 +2,7 @@
 streaming merge of shards (torn lines, out-of-order shards, duplicates) into one process's file."""
 
 import json
+import logging
 from dataclasses import dataclass
 
 import pytest
@@ -63,7 +64,7 @@ def test_one_process_output_is_the_records_in_item_order(tmp_path):
     assert [r["id"] for r in run.rows()] == ITEMS
 
 
-def test_resumed_batches_keep_their_numbers_and_rerun_whole(tmp_path):
+def test_resumed_batches_keep_their_numbers_and_rerun_whole(tmp_path, caplog):
     """A kill after batch 0 and half of batch 1: the resumed run reruns batch 1 whole (same number,
     same items: the same seed) and appends only the missing records."""
     out = tmp_path / "samples.jsonl"
@@ -71,7 +72,9 @@ def test_resumed_batches_keep_their_numbers_and_rerun_whole(tmp_path):
     shard = tmp_path / "samples.shards" / "000.jsonl"
     with open(shard, "a") as f:
         f.write(json.dumps(record("item-3")) + "\n" + '{"id": "item-4", "val')  # item-4 torn by the kill
-    run = ShardedRun(out, ITEMS, lambda it: it, 3, state=Processes())
+    with caplog.at_level(logging.INFO, logger="refloop"):
+        run = ShardedRun(out, ITEMS, lambda it: it, 3, state=Processes())
+    assert [r.getMessage() for r in caplog.records] == [f"{out}: resuming after 4 of {len(ITEMS)} (an earlier run of the same command)"]
     batches = list(run.batches())
     assert [(b.number, b.items) for b in batches[:1]] == [(1, ["item-3", "item-4", "item-5"])]
     for batch in batches:

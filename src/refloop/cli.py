@@ -899,10 +899,12 @@ def _quiet_libraries() -> None:
 
 
 class _Warnings(logging.Handler):
-    """refloop's own warnings (logged by the library) as one `warning:` line each on stderr."""
+    """refloop's own warnings and notes (logged by the library) as one `warning:` / `note:` line
+    each on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        err_console.print(f"[bold yellow]warning:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+        label = "[bold yellow]warning:[/]" if record.levelno >= logging.WARNING else "[bold]note:[/]"
+        err_console.print(f"{label} {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
 def _end_process_group() -> None:
@@ -940,7 +942,8 @@ def main() -> None:
     _quiet_libraries()
     logger = logging.getLogger("refloop")
     if not any(isinstance(h, _Warnings) for h in logger.handlers):
-        logger.addHandler(_Warnings(logging.WARNING))
+        logger.addHandler(_Warnings(logging.INFO))
+        logger.setLevel(logging.INFO)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # an embedding program's own handler is kept

@@ -18,6 +18,7 @@ Open it inside `runs.shared_run_directory`: the run directory's lock is the only
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from array import array
@@ -33,6 +34,8 @@ from refloop.data.jsonl import JsonlWriter, complete_lines, iter_records, parse_
 from refloop.errors import DataError
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def readable(
@@ -100,6 +103,9 @@ class ShardedRun(Generic[T]):
         self.done = self.writer.done | {r[field] for p in others for r in iter_records(p) if field in r}
         self.writer.done = self.done  # records written here join the shared set
         self.skipped: list[DataError] = []
+        if state.is_main_process and (resumed := len(self.done & self.index.keys())):
+            finished = "all written already" if resumed == len(self.index) else f"resuming after {resumed} of {len(self.index)}"
+            log.info(f"{self.output}: {finished} (an earlier run of the same command)")
 
     def batches(
         self,
