@@ -144,6 +144,9 @@ def test_not_a_coco_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         load_coco(path)
+    path.write_text(" \n")
+    with pytest.raises(DataError, match="the file is empty"):
+        load_coco(path)
     path.write_text(json.dumps({"images": []}))
     with pytest.raises(DataError, match="not a COCO-style"):
         load_coco(path)

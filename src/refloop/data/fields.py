@@ -115,6 +115,8 @@ def _line_of(raw: bytes, offset: int) -> int:
 
 def read_json(path: Path) -> Any:
     text = read_text(path)
+    if not text.strip():
+        raise DataError(path, None, "the file is empty (expected one JSON document)")
     try:
         return json.loads(text)
     except RecursionError:

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from refloop.data.jsonl import write_records
-from refloop.data.loaders import LoadReport, OnError, read_text
+from refloop.data.loaders import LoadReport, OnError, read_json
 from refloop.data.paths import shown
 from refloop.data.records import ImageRecord
 from refloop.data.shards import ShardedRun
@@ -145,10 +145,7 @@ def load_object_data(
 
 def read_coco_captions(path: Path) -> dict[object, list[str]]:
     """image_id -> captions of a COCO captions file ({"annotations": [{"image_id", "caption"}, ...]})."""
-    try:
-        data = json.loads(read_text(path))
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise DataError(path, None, f"not valid JSON: {exc}") from None
+    data = read_json(path)
     annotations = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(annotations, list):
         raise DataError(path, None, "expected a COCO captions file: an object with an 'annotations' list")
