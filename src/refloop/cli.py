@@ -372,54 +372,46 @@ def _limit_option(items: str):
     return typer.Option(None, "--limit", min=1, help=f"Evaluate only the first N {items}.")
 
 
-@eval_app.command("rec")
-def eval_rec(
-    data: str = RefDataOpt,
-    out: Path = _eval_out("rec"),
-    refs: Path | None = RefsOpt,
-    split: str | None = SplitOpt,
-    images: Path | None = ImagesOpt,
-    model: str | None = ModelOpt,
-    limit: int | None = _limit_option("(object, expression) pairs"),
-    batch_size: int = BatchOpt,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    on_error: OnErrorChoice = OnErrorOpt,
-    profile: str | None = ProfileOpt,
-    trust_remote_code: bool = RemoteOpt,
-    backend: BackendChoice = BackendOpt,
-    threads: int | None = ThreadsOpt,
-    overwrite: bool = OverwriteOpt,
-) -> None:
-    """REC accuracy: the model locates each referring expression; a predicted box is correct when its IoU with the
-    referred box is >= 0.5 (every expression counts, as RefCOCO tables do)."""
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
-    _eval_referring("rec", spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite)
+def _referring_command(task: str, items: str, doc: str):
+    """`eval rec` and `eval reg`: the same options, over referring data."""
+
+    def command(
+        data: str = RefDataOpt,
+        out: Path = _eval_out(task),
+        refs: Path | None = RefsOpt,
+        split: str | None = SplitOpt,
+        images: Path | None = ImagesOpt,
+        model: str | None = ModelOpt,
+        limit: int | None = _limit_option(items),
+        batch_size: int = BatchOpt,
+        device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        on_error: OnErrorChoice = OnErrorOpt,
+        profile: str | None = ProfileOpt,
+        trust_remote_code: bool = RemoteOpt,
+        backend: BackendChoice = BackendOpt,
+        threads: int | None = ThreadsOpt,
+        overwrite: bool = OverwriteOpt,
+    ) -> None:
+        spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
+        _eval_referring(task, spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite)
+
+    command.__doc__ = doc
+    return eval_app.command(task)(command)
 
 
-@eval_app.command("reg")
-def eval_reg(
-    data: str = RefDataOpt,
-    out: Path = _eval_out("reg"),
-    refs: Path | None = RefsOpt,
-    split: str | None = SplitOpt,
-    images: Path | None = ImagesOpt,
-    model: str | None = ModelOpt,
-    limit: int | None = _limit_option("referred objects"),
-    batch_size: int = BatchOpt,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    on_error: OnErrorChoice = OnErrorOpt,
-    profile: str | None = ProfileOpt,
-    trust_remote_code: bool = RemoteOpt,
-    backend: BackendChoice = BackendOpt,
-    threads: int | None = ThreadsOpt,
-    overwrite: bool = OverwriteOpt,
-) -> None:
-    """REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU,
-    ROUGE-L, as pycocoevalcap scores them)."""
-    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
-    _eval_referring("reg", spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite)
+eval_rec = _referring_command(
+    "rec",
+    "(object, expression) pairs",
+    "REC accuracy: the model locates each referring expression; a predicted box is correct when its IoU with the "
+    "referred box is >= 0.5 (every expression counts, as RefCOCO tables do).",
+)
+eval_reg = _referring_command(
+    "reg",
+    "referred objects",
+    "REG: one greedy description per referred object, scored against all its expressions (METEOR, CIDEr, BLEU, "
+    "ROUGE-L, as pycocoevalcap scores them).",
+)
 
 
 @eval_app.command("caption")
