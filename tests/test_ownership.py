@@ -200,6 +200,76 @@ def test_a_manifest_of_the_older_format_still_owns_its_folders_whole(tmp_path):
     assert json.loads((out / MANIFEST).read_text())["version"] == 2
 
 
+def test_overwrite_with_a_users_file_inside_a_nested_run_opens_the_nested_run_again(tmp_path):
+    """The trainer's train/, the evaluations' eval/...: runs inside a run. The user's note in one
+    survives the outer --overwrite, and the nested run opens there again beside it."""
+    out = tmp_path / "run"
+    with run_directory(out, {"task": "t", "v": 1}):
+        with run_directory(out / "train", {"task": "training", "v": 1}):
+            (out / "train" / "state.json").write_text("{}")
+    (out / "train" / "notes.txt").write_text("mine")
+    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+        with run_directory(out / "train", {"task": "training", "v": 2}):
+            assert not (out / "train" / "state.json").exists()
+            (out / "train" / "state.json").write_text("{}")
+    assert (out / "train" / "notes.txt").read_text() == "mine"
+    with run_directory(out, {"task": "t", "v": 3}, overwrite=True):
+        pass
+    assert sorted(p.name for p in (out / "train").iterdir() if p.name not in (".refloop.lock", MANIFEST)) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("user_folder_stays", [True, False])
+def test_what_a_run_writes_into_a_folder_the_user_made_is_the_runs(tmp_path, user_folder_stays):
+    """eval/ made by the user before refloop writes its eval/samples.jsonl there: --overwrite must
+    still clear the rows (a rerun would resume them), and keep the user's note."""
+    out = tmp_path / "run"
+    with run_directory(out, {"task": "t", "v": 1}):
+        (out / "recipe.json").write_text("{}")
+    (out / "eval").mkdir()
+    (out / "eval" / "note.txt").write_text("mine")
+    if not user_folder_stays:
+        with run_directory(out, {"task": "t", "v": 1}):  # the user's folder recorded as theirs...
+            pass
+        (out / "eval" / "note.txt").unlink()  # ...then removed by them
+        (out / "eval").rmdir()
+    with run_directory(out, {"task": "t", "v": 1}):
+        (out / "eval").mkdir(exist_ok=True)
+        (out / "eval" / "samples.jsonl").write_text("rows of v1\n")
+    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+        assert not (out / "eval" / "samples.jsonl").exists()
+    assert (out / "eval" / "note.txt").read_text() == "mine" if user_folder_stays else not (out / "eval").exists()
+
+
+def test_a_version_1_run_keeps_what_the_user_added_to_its_folders_after_it_closed(tmp_path):
+    import os
+
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "samples.jsonl").write_text("x")
+    (out / FINGERPRINT).write_text(json.dumps({"task": "t", "v": 1}))
+    (out / MANIFEST).write_text(json.dumps({"files": ["eval"], "foreign": [], "open": False}))
+    closed = (out / MANIFEST).stat().st_mtime
+    os.utime(out / "eval" / "samples.jsonl", (closed - 10, closed - 10))
+    (out / "eval" / "my-note.txt").write_text("mine")
+    os.utime(out / "eval" / "my-note.txt", (closed + 10, closed + 10))
+    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+        pass
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["my-note.txt"]
+
+
+@pytest.mark.parametrize("manifest", [{"version": 3, "files": []}, {"version": 2, "files": ["a\u0000b"], "dirs": [], "foreign": []}])
+def test_a_manifest_refloop_cannot_read_safely_is_damaged_and_never_followed(tmp_path, manifest):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / FINGERPRINT).write_text(json.dumps({"task": "t"}))
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    (out / "samples.jsonl").write_text("x")
+    with pytest.raises(RefloopError, match="without a readable manifest"):
+        with run_directory(out, {"task": "u"}, overwrite=True):
+            pass
+    assert (out / "samples.jsonl").read_text() == "x"
+
+
 def test_a_run_without_a_manifest_resumes_but_is_never_overwritten(tmp_path):
     out = tmp_path / "old"
     out.mkdir()

@@ -251,12 +251,6 @@ def _tree(out: Path) -> tuple[set[str], set[str]]:
     return files, dirs
 
 
-def _inside(path: str, roots: set[str]) -> bool:
-    """Whether `path` is one of `roots` or lies inside one of them."""
-    parts = path.split("/")
-    return any("/".join(parts[:i]) in roots for i in range(1, len(parts) + 1))
-
-
 def _read_manifest(out: Path) -> dict | None:
     """The manifest of `out`: {"files": refloop's files and symlinks, "dirs": the directories it
     created, "foreign": paths it found and did not write (the user's), "open": a run holds or held
@@ -272,28 +266,38 @@ def _read_manifest(out: Path) -> dict | None:
     keys = ("files", "dirs", "foreign")
     if not isinstance(manifest, dict) or not all(isinstance(manifest.get(k, []), list) for k in keys):
         return {"damaged": True}
-    if not all(isinstance(v, str) for k in keys for v in manifest.get(k, [])):
+    if not all(isinstance(v, str) and "\x00" not in v for k in keys for v in manifest.get(k, [])):
         return {"damaged": True}
-    if manifest.get("version") != MANIFEST_VERSION:
+    version = manifest.get("version", 1)
+    if not isinstance(version, int) or version > MANIFEST_VERSION:  # a newer refloop's: not read by guesswork
+        return {"damaged": True}
+    if version < MANIFEST_VERSION:
         manifest = _upgraded(out, manifest)
     return manifest
 
 
 def _upgraded(out: Path, old: dict) -> dict:
+    """A version-1 manifest (top-level names) read at any depth. A closed run's folders were
+    refloop's with their contents; what changed in them after the manifest was last written is the
+    user's, as a version-2 manifest would have recorded it."""
     files, dirs, foreign = set(), set(), set()
+    written = (out / MANIFEST).stat().st_mtime
     for key, into in (("files", files), ("foreign", foreign)):
         for name in old.get(key, []):
             child = out / name
             if "/" in name or name in (".", "..", "") or not os.path.lexists(child):
                 continue
-            if child.is_dir() and not child.is_symlink():
-                inner_files, inner_dirs = _tree(child)
-                (dirs if key == "files" else foreign).add(name)
-                into.update(f"{name}/{p}" for p in inner_files | (inner_dirs if key == "foreign" else set()))
-                if key == "files":
-                    dirs.update(f"{name}/{d}" for d in inner_dirs)
-            else:
+            if not child.is_dir() or child.is_symlink():
                 into.add(name)
+                continue
+            inner_files, inner_dirs = _tree(child)
+            if key == "foreign":
+                foreign.update({name} | {f"{name}/{q}" for q in inner_files | inner_dirs})
+                continue
+            dirs.add(name)
+            for q in inner_files | inner_dirs:
+                later = not old.get("open") and os.lstat(child / q).st_mtime > written
+                (foreign if later else files if q in inner_files else dirs).add(f"{name}/{q}")
     return {
         "version": MANIFEST_VERSION,
         "files": sorted(files),
@@ -314,6 +318,9 @@ def _owned(out: Path, option: str = "output") -> None:
     if (out / FINGERPRINT).is_file():
         return
     entries = sorted(_entries(out))
+    manifest = _read_manifest(out) if entries else None
+    if manifest and not manifest.get("damaged") and set(entries) <= set(manifest.get("foreign", [])):
+        return  # a replaced run's folder that kept only the user's files (`_remove`)
     if entries:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
         raise RefloopError(
@@ -386,9 +393,14 @@ def _remove(out: Path, manifest: dict) -> None:
             raise RefloopError(f"cannot remove {child} of the earlier run: {exc.strerror or exc}") from None
     for rel in sorted(set(manifest.get("dirs", [])), key=lambda d: -d.count("/")):  # the deepest first
         child = _safe(out, rel)
-        if child is not None and child.is_dir() and not child.is_symlink():
-            with suppress(OSError):  # not empty: it holds the user's files
-                child.rmdir()
+        if child is None or not child.is_dir() or child.is_symlink():
+            continue
+        try:
+            child.rmdir()
+        except OSError:  # not empty: it holds the user's files
+            if f"{rel}/{FINGERPRINT}" in manifest["files"]:  # a run nested in this one (train/, eval/...): it may open here again
+                files, dirs = _tree(child)
+                _write_json(child / MANIFEST, {"version": MANIFEST_VERSION, "files": [], "dirs": [], "foreign": sorted(files | dirs)})
 
 
 _HELD: dict[str, int] = {}  # directories this process holds: a nested open of one is a no-op
@@ -458,15 +470,17 @@ def _open_run(out: Path, fingerprint: dict, overwrite: bool) -> tuple[bool, dict
         _remove(out, manifest)
         files, dirs = _tree(out)
         kept = dirs & set(manifest.get("dirs", []))  # refloop's folders that hold the user's files: still refloop's
-        manifest = {"files": [], "dirs": sorted(kept), "foreign": sorted((files | dirs) - kept)}
-    elif old is None:
-        manifest = {"files": [], "dirs": [], "foreign": []}  # `_owned`: the directory is empty
+        nested = {f for f in files if f.rsplit("/", 1)[-1] in _BOOKKEEPING}  # `_remove`'s manifests of nested runs
+        manifest = {"files": sorted(nested), "dirs": sorted(kept), "foreign": sorted((files | dirs) - kept - nested)}
+    elif old is None:  # `_owned`: the directory is empty, or holds only the user's files a replaced run kept
+        files, dirs = _tree(out)
+        manifest = {"files": [], "dirs": [], "foreign": sorted(files | dirs)}
     elif manifest is None or manifest.get("damaged"):
         return False, None  # which files are refloop's is unknown: resumable, never replaced
     elif not manifest.get("open"):  # added since the last run closed: the user's, never replaced
         files, dirs = _tree(out)
         ours = set(manifest["files"]) | set(manifest.get("dirs", []))
-        manifest["foreign"] = sorted(set(manifest.get("foreign", [])) | ((files | dirs) - ours))
+        manifest["foreign"] = sorted((files | dirs) - ours)  # a user's path that is gone is no one's
     manifest |= {"version": MANIFEST_VERSION, "open": True}
     _write_json(out / FINGERPRINT, fingerprint)
     _write_json(out / MANIFEST, manifest)
@@ -475,11 +489,12 @@ def _open_run(out: Path, fingerprint: dict, overwrite: bool) -> tuple[bool, dict
 
 def _record(out: Path, manifest: dict, before: set[str]) -> None:
     """Add to `manifest` every path in `out` that is not in `before` and not the user's (a foreign
-    path or inside a foreign folder); forget recorded paths that are gone."""
+    path); forget recorded and foreign paths that are gone."""
     files, dirs = _tree(out)
-    foreign = set(manifest.get("foreign", []))
+    foreign = set(manifest.get("foreign", [])) & (files | dirs)  # a user's path that is gone is no one's
+    manifest["foreign"] = sorted(foreign)
     for key, now in (("files", files), ("dirs", dirs)):
-        new = {p for p in now - before if not _inside(p, foreign)}
+        new = (now - before) - foreign  # written while the run held the directory, even inside a folder of the user's
         manifest[key] = sorted((set(manifest.get(key, [])) | new) & now)
 
 
