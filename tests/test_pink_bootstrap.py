@@ -303,8 +303,9 @@ def test_sigkilled_run_resumes_to_identical_records(straight, tmp_path, monkeypa
 
 
 def test_sigterm_stops_like_ctrl_c_and_the_run_resumes_to_identical_records(straight, tmp_path, monkeypatch):
-    """`timeout`, `kill` and schedulers send SIGTERM: one line saying how to resume, exit 143, the
-    run's manifest closed (what it wrote is recorded), and the rerun resumes."""
+    """`timeout`, `kill` and schedulers send SIGTERM: one line saying how to resume, the process ends
+    as SIGTERM ends it (status 143 in a shell), the run's manifest closed (what it wrote is
+    recorded), and the rerun resumes."""
     model, reference, env = straight
     out = tmp_path / "terminated"
     proc = subprocess.Popen([sys.executable, "-m", "refloop.cli", *cli_args(model, out, 16, 2)], env=env, stderr=subprocess.PIPE, text=True)
@@ -315,7 +316,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes_to_identical_records(stra
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert not (out / "stats.json").exists(), "the run finished before it was stopped"
-    assert proc.returncode == 143 and "interrupted; rerun the same command" in err and "Traceback" not in err
+    assert proc.returncode == -signal.SIGTERM and "interrupted; rerun the same command" in err and "Traceback" not in err
     assert json.loads((out / ".refloop-manifest.json").read_text())["open"] is False
     monkeypatch.setenv("REFLOOP_CACHE", env["REFLOOP_CACHE"])
     assert run_cli(cli_args(model, out, 16, 2))[0] == 0

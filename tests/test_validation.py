@@ -5,6 +5,7 @@ user meets on the way (reports, progress totals, undefined metrics, warnings) is
 In-process CLI runs throughout; weights loading is made to fail loudly where a check must come first."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -507,5 +508,7 @@ def test_threads_default_to_refloop_threads_and_a_bad_value_is_named(monkeypatch
     monkeypatch.setenv("REFLOOP_THREADS", "1")
     assert cli._model_spec(None, "cpu", "fp32", None, False).threads == 1
     assert cli._model_spec(None, "cpu", "fp32", None, False, threads=2).threads == 2  # --threads wins
+    monkeypatch.setenv("REFLOOP_THREADS", "100000")  # set for a bigger machine: this one's cores
+    assert cli._model_spec(None, "cpu", "fp32", None, False).threads == os.cpu_count()
     monkeypatch.setenv("REFLOOP_THREADS", "two")
     assert_refused(run_cli(["consistency", "--data", "in-domain", "--out", "o", "--num-boxes", "1"], capsys), "REFLOOP_THREADS")

@@ -160,10 +160,15 @@ def _model_spec(
 
 
 def _env_threads() -> int:
+    """REFLOOP_THREADS, often set for another machine: more threads than this one's cores are its cores."""
+    from refloop.limits import cpu_cores
+
     value = os.environ["REFLOOP_THREADS"]
     if not value.strip().isdigit() or int(value) < 1:
         raise RefloopError(f"REFLOOP_THREADS={value!r}: expected a whole number of threads >= 1")
-    return int(value)
+    if int(value) > cpu_cores():
+        log.info(f"REFLOOP_THREADS={value}: this machine has {cpu_cores()} CPU cores; using {cpu_cores()} threads")
+    return min(int(value), cpu_cores())
 
 
 def _options(config: type, what: str, options: dict[str, str] | None = None, /, **fields):
@@ -926,8 +931,12 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _exit_interrupted() -> None:
-    err_console.print(INTERRUPTED_MESSAGE, highlight=False)
-    sys.exit(128 + _interrupted[0] if _interrupted else INTERRUPTED)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate / torchrun every process is stopped: one says so
+        err_console.print(INTERRUPTED_MESSAGE, highlight=False)
+    if _interrupted and _interrupted[0] == signal.SIGTERM:  # unwound: now end as SIGTERM ends a process
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the status schedulers and shells read: 143, "Terminated")
+        os.kill(os.getpid(), signal.SIGTERM)
+    sys.exit(INTERRUPTED)
 
 
 def main() -> None:
