@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from refloop.boxes import Box
-from refloop.data.sources import load_data
+from refloop.data.sources import load_data, load_detections
 from refloop.evaluation.referring import evaluate_rec
 from refloop.models import load_vlm
 
@@ -33,14 +33,14 @@ STYLES = ("in-domain", "crowded", "wild")
 SIZE_WORDS, SPATIAL_WORDS = {"small", "large"}, {"left", "right", "top", "bottom"}
 
 
-def attributes(canonical: str) -> frozenset[str]:
-    """An object's size, colour and shape: the words of its canonical expression (it names all
-    three) other than the article and a spatial word."""
-    return frozenset(canonical.split()) - {"the"} - SPATIAL_WORDS
+def attributes(obj) -> frozenset[str]:
+    """An object's size, colour and shape, from the scene's COCO export (every object, also those
+    no expression can single out)."""
+    return frozenset({obj.attributes["size"], obj.attributes["colour"], obj.category})
 
 
-def anatomy(records, rows) -> dict:
-    objects = {str(r.image_id): r.objects for r in records}
+def anatomy(scenes, rows) -> dict:
+    objects = {str(r.image_id): r.objects for r in scenes}
     by_kind: dict[str, list[int]] = {}
     errors: Counter = Counter()
     for row in rows:
@@ -63,7 +63,7 @@ def anatomy(records, rows) -> dict:
         if predicted.iou(hit.box) < 0.5:
             errors["box on no object"] += 1
             continue
-        named = (attributes(target.expressions[0]) - attributes(hit.expressions[0])) & words  # named words it lacks
+        named = (attributes(target) - attributes(hit)) & words  # words the expression names that the object hit lacks
         if not named:
             errors["another object matching every word named but the spatial one"] += 1
         elif named <= SIZE_WORDS:
@@ -92,7 +92,8 @@ def main() -> None:
             records = load_data(style, num_images=args.images, seed=args.seed)[0]
             evaluate_rec(vlm, records, Path(tmp) / style, overwrite=True)
             rows = [json.loads(line) for line in (Path(tmp) / style / "rec_samples.jsonl").read_text().splitlines()]
-            result["styles"][style] = anatomy(records, rows)
+            scenes = load_detections(style, num_images=args.images, scene_seed=args.seed).records
+            result["styles"][style] = anatomy(scenes, rows)
             print(style, json.dumps(result["styles"][style]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
