@@ -614,3 +614,20 @@ def test_no_output_goes_inside_refloops_own_package(tmp_path, capsys):
     assert_refused(run(["consistency", "--data", "in-domain", "--num-boxes", "1", "--out", str(packaged / "run")], capsys), "own package")
     assert_refused(run(["filter", str(tmp_path / "x.json"), "--out", str(packaged.parent / "t.jsonl")], capsys), "own package")
     assert not (packaged / "run").exists() and not (packaged.parent / "t.jsonl").exists()
+
+
+def test_claiming_a_report_waits_for_no_one_and_never_races_a_run_holding_the_directory(tmp_path):
+    import fcntl
+
+    from refloop.runs import LOCK, claim_outputs
+
+    out = tmp_path / "run"
+    with run_directory(out, {"task": "t"}):
+        (out / "samples.jsonl").write_text("x")
+    (out / "report.html").write_text("r")
+    with open(out / LOCK, "a+") as held:  # another process's run holds the directory
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RefloopError, match="being written by another refloop run"):
+            claim_outputs(out, out / "report.html")
+    claim_outputs(out, out / "report.html")
+    assert "report.html" in json.loads((out / MANIFEST).read_text())["files"]

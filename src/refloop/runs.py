@@ -512,6 +512,13 @@ def claim_outputs(out: Path, *paths: Path) -> None:
     """Record in `out`'s manifest files written into a run directory after its run closed (a
     report drawn from finished samples), so that --overwrite replaces them too."""
     out = Path(out)
+    if not (out / FINGERPRINT).is_file():
+        return
+    with run_directory(out):  # its lock: a run opened meanwhile is not raced
+        _claim(out, paths)
+
+
+def _claim(out: Path, paths: tuple[Path, ...]) -> None:
     manifest = _read_manifest(out)
     if manifest is None or manifest.get("damaged") or not (out / FINGERPRINT).is_file():
         return
