@@ -140,8 +140,10 @@ def test_a_killed_run_leaves_its_files_to_the_next_overwrite_but_not_the_users(t
         assert sorted(p.name for p in out.iterdir() if p.name not in (".refloop.lock", FINGERPRINT, MANIFEST)) == ["notes.txt"]
 
 
-def test_overwrite_keeps_what_the_user_put_inside_refloops_folders(tmp_path):
-    """A note in eval/, a best adapter copied into adapters/: refloop created the folders, not these."""
+def test_overwrite_refuses_when_the_user_put_files_inside_refloops_folders(tmp_path):
+    """A note in eval/, a best adapter copied into adapters/: refloop created the folders, not these.
+    --overwrite names them and deletes nothing (it would also have to leave the folders' stale
+    outputs beside them); once they are moved out, it replaces the run."""
     out = tmp_path / "run"
     with run_directory(out, {"task": "t", "v": 1}):
         (out / "eval").mkdir()
@@ -156,20 +158,23 @@ def test_overwrite_keeps_what_the_user_put_inside_refloops_folders(tmp_path):
     (out / "eval" / "NOTES.md").write_text("mine")
     (out / "adapters" / "my_best").mkdir()
     (out / "adapters" / "my_best" / "w.bin").write_text("mine")
+    (out / "notes.txt").write_text("mine")  # beside refloop's folders: kept, as always
     outside = tmp_path / "precious.txt"
     outside.write_text("mine")
     with run_directory(out, {"task": "t", "v": 1}):  # the same run resumes: what the user added is recorded as theirs
         (out / "train" / "link").symlink_to(outside)  # a symlink refloop wrote: removed itself, its target never
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(RefloopError, match=r"adapters/my_best, adapters/my_best/w.bin, eval/NOTES.md\); refloop never deletes"):
+        with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+            pass
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    (out / "eval" / "NOTES.md").rename(tmp_path / "NOTES.md")
+    (out / "adapters" / "my_best" / "w.bin").rename(tmp_path / "best.bin")
+    (out / "adapters" / "my_best").rmdir()
     with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
-        left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name not in (".refloop.lock", FINGERPRINT, MANIFEST))
-        assert left == ["adapters", "adapters/my_best", "adapters/my_best/w.bin", "eval", "eval/NOTES.md"]
-        (out / "eval" / "metrics.json").write_text("{}")  # the new run writes into the folder it shares with the user
-    assert (out / "eval" / "NOTES.md").read_text() == "mine" and outside.read_text() == "mine"
-    manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["files"] == ["eval/metrics.json"] and "eval/NOTES.md" in manifest["foreign"]
-    with run_directory(out, {"task": "t", "v": 3}, overwrite=True):
-        pass
-    assert (out / "eval" / "NOTES.md").read_text() == "mine" and not (out / "eval" / "metrics.json").exists()
+        left = sorted(p.name for p in out.iterdir() if p.name not in (".refloop.lock", FINGERPRINT, MANIFEST))
+        assert left == ["notes.txt"]
+    assert outside.read_text() == "mine"
 
 
 def test_a_manifest_never_leads_overwrite_out_of_the_run_or_through_a_symlink(tmp_path):
@@ -200,22 +205,34 @@ def test_a_manifest_of_the_older_format_still_owns_its_folders_whole(tmp_path):
     assert json.loads((out / MANIFEST).read_text())["version"] == 2
 
 
-def test_overwrite_with_a_users_file_inside_a_nested_run_opens_the_nested_run_again(tmp_path):
-    """The trainer's train/, the evaluations' eval/...: runs inside a run. The user's note in one
-    survives the outer --overwrite, and the nested run opens there again beside it."""
+def test_overwrite_refuses_a_users_file_inside_a_nested_run_and_breaks_nothing(tmp_path):
+    """The trainer's train/, the evaluations' eval/...: runs inside a run. A user's note in one
+    stops the outer --overwrite before anything is deleted; both runs stay as they were."""
     out = tmp_path / "run"
     with run_directory(out, {"task": "t", "v": 1}):
         with run_directory(out / "train", {"task": "training", "v": 1}):
             (out / "train" / "state.json").write_text("{}")
     (out / "train" / "notes.txt").write_text("mine")
-    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
-        with run_directory(out / "train", {"task": "training", "v": 2}):
-            assert not (out / "train" / "state.json").exists()
-            (out / "train" / "state.json").write_text("{}")
-    assert (out / "train" / "notes.txt").read_text() == "mine"
-    with run_directory(out, {"task": "t", "v": 3}, overwrite=True):
-        pass
-    assert sorted(p.name for p in (out / "train").iterdir() if p.name not in (".refloop.lock", MANIFEST)) == ["notes.txt"]
+    with pytest.raises(RefloopError, match="train/notes.txt"):
+        with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+            pass
+    with run_directory(out, {"task": "t", "v": 1}):  # the earlier run still resumes, its nested run too
+        with run_directory(out / "train", {"task": "training", "v": 1}):
+            assert (out / "train" / "state.json").exists() and (out / "train" / "notes.txt").read_text() == "mine"
+
+
+def test_a_users_bookkeeping_named_file_inside_their_folder_stays_theirs(tmp_path):
+    """A wandb run.json, or a refloop run copied in as a baseline, inside the user's folder."""
+    out = tmp_path / "run"
+    with run_directory(out, {"task": "t", "v": 1}):
+        (out / "samples.jsonl").write_text("x")
+    (out / "baseline").mkdir()
+    (out / "baseline" / FINGERPRINT).write_text("{}")
+    (out / "baseline" / MANIFEST).write_text("{}")
+    for v in (2, 3):
+        with run_directory(out, {"task": "t", "v": v}, overwrite=True):
+            (out / "samples.jsonl").write_text("x")
+    assert (out / "baseline" / FINGERPRINT).read_text() == "{}" and (out / "baseline" / MANIFEST).read_text() == "{}"
 
 
 @pytest.mark.parametrize("user_folder_stays", [True, False])
@@ -249,12 +266,14 @@ def test_a_version_1_run_keeps_what_the_user_added_to_its_folders_after_it_close
     (out / FINGERPRINT).write_text(json.dumps({"task": "t", "v": 1}))
     (out / MANIFEST).write_text(json.dumps({"files": ["eval"], "foreign": [], "open": False}))
     closed = (out / MANIFEST).stat().st_mtime
-    os.utime(out / "eval" / "samples.jsonl", (closed - 10, closed - 10))
-    (out / "eval" / "my-note.txt").write_text("mine")
-    os.utime(out / "eval" / "my-note.txt", (closed + 10, closed + 10))
-    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
-        pass
-    assert sorted(p.name for p in (out / "eval").iterdir()) == ["my-note.txt"]
+    os.utime(out / MANIFEST, (closed + 100, closed + 100))  # the run closed after its rows were written...
+    (out / "eval" / "my-note.txt").write_text("mine")  # ...this was written after that (its times are now)
+    os.utime(out / MANIFEST, (closed - 100, closed - 100))
+    os.utime(out / "eval" / "samples.jsonl", (closed - 200, closed - 200))
+    with pytest.raises(RefloopError, match="eval/my-note.txt"):
+        with run_directory(out, {"task": "t", "v": 2}, overwrite=True):
+            pass
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["my-note.txt", "samples.jsonl"]
 
 
 @pytest.mark.parametrize("manifest", [{"version": 3, "files": []}, {"version": 2, "files": ["a\u0000b"], "dirs": [], "foreign": []}])
@@ -616,18 +635,22 @@ def test_no_output_goes_inside_refloops_own_package(tmp_path, capsys):
     assert not (packaged / "run").exists() and not (packaged.parent / "t.jsonl").exists()
 
 
-def test_claiming_a_report_waits_for_no_one_and_never_races_a_run_holding_the_directory(tmp_path):
+def test_claiming_a_report_never_races_a_run_holding_the_directory_and_reaches_the_enclosing_run(tmp_path, caplog):
     import fcntl
 
     from refloop.runs import LOCK, claim_outputs
 
     out = tmp_path / "run"
     with run_directory(out, {"task": "t"}):
-        (out / "samples.jsonl").write_text("x")
-    (out / "report.html").write_text("r")
-    with open(out / LOCK, "a+") as held:  # another process's run holds the directory
+        with run_directory(out / "eval", {"task": "e"}):
+            (out / "eval" / "samples.jsonl").write_text("x")
+    (out / "eval" / "report.html").write_text("r")  # a report drawn after both runs closed
+    with open(out / "eval" / LOCK, "a+") as held:  # another process's run holds the nested directory
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(RefloopError, match="being written by another refloop run"):
-            claim_outputs(out, out / "report.html")
-    claim_outputs(out, out / "report.html")
-    assert "report.html" in json.loads((out / MANIFEST).read_text())["files"]
+        claim_outputs(out / "eval", out / "eval" / "report.html")  # written already: said, not fatal
+    assert "not recorded as refloop's" in caplog.text
+    claim_outputs(out / "eval", out / "eval" / "report.html")
+    assert "report.html" in json.loads((out / "eval" / MANIFEST).read_text())["files"]
+    assert "eval/report.html" in json.loads((out / MANIFEST).read_text())["files"]  # the enclosing run's too
+    with run_directory(out, {"task": "t", "v": 2}, overwrite=True):  # so its --overwrite clears it, refusing nothing
+        assert not (out / "eval").exists()

@@ -10,9 +10,9 @@ bootstrapped data) opens its directory through `run_directory`:
   `overwrite`, replaces them), so a resumed run is never reported under the wrong model's name;
 - ownership: a run starts only in an empty or new directory (or resumes or replaces one of
   refloop's own runs), and a manifest (`.refloop-manifest.json`) records every file and folder
-  refloop created there, at any depth. `overwrite` deletes exactly those files, then the folders
-  left empty: a file a user put beside them or inside one of refloop's folders (or a directory
-  holding no refloop run at all) is never touched.
+  refloop created there, at any depth. `overwrite` deletes exactly those: a file a user put beside
+  them (or a directory holding no refloop run at all) is never touched, and one put inside a folder
+  of refloop's stops `overwrite` before anything is deleted.
 
 `check_output` applies the same rules, and the shape rules of an output path (a directory where a
 directory is expected, never equal to or inside an input, a writable place), before any work, so
@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from refloop.errors import RefloopError
+
+log = logging.getLogger(__name__)
 
 LOCK = ".refloop.lock"
 FINGERPRINT = "run.json"
@@ -278,8 +281,10 @@ def _read_manifest(out: Path) -> dict | None:
 
 def _upgraded(out: Path, old: dict) -> dict:
     """A version-1 manifest (top-level names) read at any depth. A closed run's folders were
-    refloop's with their contents; what changed in them after the manifest was last written is the
-    user's, as a version-2 manifest would have recorded it."""
+    refloop's with their contents; what changed in them after the manifest was last written (its
+    modification or status-change time: a file moved in keeps the first, not the second) is the
+    user's, as a version-2 manifest would have recorded it. A copy that keeps both times reads as
+    refloop's."""
     files, dirs, foreign = set(), set(), set()
     written = (out / MANIFEST).stat().st_mtime
     for key, into in (("files", files), ("foreign", foreign)):
@@ -296,7 +301,8 @@ def _upgraded(out: Path, old: dict) -> dict:
                 continue
             dirs.add(name)
             for q in inner_files | inner_dirs:
-                later = not old.get("open") and os.lstat(child / q).st_mtime > written
+                stat = os.lstat(child / q)  # a move keeps the mtime but not the ctime
+                later = not old.get("open") and max(stat.st_mtime, stat.st_ctime) > written
                 (foreign if later else files if q in inner_files else dirs).add(f"{name}/{q}")
     return {
         "version": MANIFEST_VERSION,
@@ -318,9 +324,6 @@ def _owned(out: Path, option: str = "output") -> None:
     if (out / FINGERPRINT).is_file():
         return
     entries = sorted(_entries(out))
-    manifest = _read_manifest(out) if entries else None
-    if manifest and not manifest.get("damaged") and set(entries) <= set(manifest.get("foreign", [])):
-        return  # a replaced run's folder that kept only the user's files (`_remove`)
     if entries:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
         raise RefloopError(
@@ -382,7 +385,17 @@ def _safe(out: Path, rel: str) -> Path | None:
 
 def _remove(out: Path, manifest: dict) -> None:
     """Delete the files refloop wrote (a symlink itself, never its target), then the folders it
-    created that are left empty: a folder holding something of the user's stays, with it."""
+    created. A folder of refloop's holding something it did not write is refused first, before
+    anything is deleted: the user's file stays, and so would the folder's stale outputs beside it."""
+    files, dirs = _tree(out)
+    ours, folders = set(manifest["files"]) | set(manifest.get("dirs", [])), set(manifest.get("dirs", []))
+    theirs = sorted(p for p in (files | dirs) - ours if any("/".join(p.split("/")[:i]) in folders for i in range(1, p.count("/") + 1)))
+    if theirs:
+        shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise RefloopError(
+            f"--overwrite would replace the earlier run in {out}, but folders refloop created there hold files it did not write "
+            f"({shown}); refloop never deletes those: move them out, or {EMPTY_OR_NEW}"
+        )
     for rel in sorted(set(manifest["files"])):
         child = _safe(out, rel)
         if child is None or (child.is_dir() and not child.is_symlink()):
@@ -391,16 +404,11 @@ def _remove(out: Path, manifest: dict) -> None:
             child.unlink(missing_ok=True)
         except OSError as exc:
             raise RefloopError(f"cannot remove {child} of the earlier run: {exc.strerror or exc}") from None
-    for rel in sorted(set(manifest.get("dirs", [])), key=lambda d: -d.count("/")):  # the deepest first
+    for rel in sorted(folders, key=lambda d: -d.count("/")):  # the deepest first
         child = _safe(out, rel)
-        if child is None or not child.is_dir() or child.is_symlink():
-            continue
-        try:
-            child.rmdir()
-        except OSError:  # not empty: it holds the user's files
-            if f"{rel}/{FINGERPRINT}" in manifest["files"]:  # a run nested in this one (train/, eval/...): it may open here again
-                files, dirs = _tree(child)
-                _write_json(child / MANIFEST, {"version": MANIFEST_VERSION, "files": [], "dirs": [], "foreign": sorted(files | dirs)})
+        if child is not None and child.is_dir() and not child.is_symlink():
+            with suppress(OSError):  # a file appeared since the check: it stays, with its folder
+                child.rmdir()
 
 
 _HELD: dict[str, int] = {}  # directories this process holds: a nested open of one is a no-op
@@ -469,12 +477,9 @@ def _open_run(out: Path, fingerprint: dict, overwrite: bool) -> tuple[bool, dict
     if replace:
         _remove(out, manifest)
         files, dirs = _tree(out)
-        kept = dirs & set(manifest.get("dirs", []))  # refloop's folders that hold the user's files: still refloop's
-        nested = {f for f in files if f.rsplit("/", 1)[-1] in _BOOKKEEPING}  # `_remove`'s manifests of nested runs
-        manifest = {"files": sorted(nested), "dirs": sorted(kept), "foreign": sorted((files | dirs) - kept - nested)}
-    elif old is None:  # `_owned`: the directory is empty, or holds only the user's files a replaced run kept
-        files, dirs = _tree(out)
-        manifest = {"files": [], "dirs": [], "foreign": sorted(files | dirs)}
+        manifest = {"files": [], "dirs": [], "foreign": sorted(files | dirs)}  # what is left is the user's
+    elif old is None:
+        manifest = {"files": [], "dirs": [], "foreign": []}  # `_owned`: the directory is empty
     elif manifest is None or manifest.get("damaged"):
         return False, None  # which files are refloop's is unknown: resumable, never replaced
     elif not manifest.get("open"):  # added since the last run closed: the user's, never replaced
@@ -512,10 +517,13 @@ def claim_outputs(out: Path, *paths: Path) -> None:
     """Record in `out`'s manifest files written into a run directory after its run closed (a
     report drawn from finished samples), so that --overwrite replaces them too."""
     out = Path(out)
-    if not (out / FINGERPRINT).is_file():
-        return
-    with run_directory(out):  # its lock: a run opened meanwhile is not raced
-        _claim(out, paths)
+    runs = [d for d in (out, *out.parents) if (d / FINGERPRINT).is_file()]  # this run and the runs it is nested in
+    for run in runs:
+        try:
+            with run_directory(run):  # its lock: a run opened meanwhile is not raced
+                _claim(run, paths)
+        except RefloopError as exc:  # the outputs are written: a run holding the directory is no reason to fail
+            log.warning(f"{', '.join(str(p) for p in paths)} not recorded as refloop's in {run / MANIFEST}: {exc}")
 
 
 def _claim(out: Path, paths: tuple[Path, ...]) -> None:
