@@ -512,3 +512,19 @@ def test_threads_default_to_refloop_threads_and_a_bad_value_is_named(monkeypatch
     assert cli._model_spec(None, "cpu", "fp32", None, False).threads == os.cpu_count()
     monkeypatch.setenv("REFLOOP_THREADS", "two")
     assert_refused(run_cli(["consistency", "--data", "in-domain", "--out", "o", "--num-boxes", "1"], capsys), "REFLOOP_THREADS")
+
+
+def test_refloop_threads_reaches_every_command_through_torchs_own_setting():
+    """The demo and recipes take no --threads option: torch is imported after the CLI starts, so
+    REFLOOP_THREADS becomes OMP_NUM_THREADS unless that is set."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nsys.argv = ['refloop', '--version']\nfrom refloop import cli\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        "import os, torch\nprint(os.environ['OMP_NUM_THREADS'], torch.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"REFLOOP_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["1", "1"]

@@ -939,7 +939,17 @@ def _exit_interrupted() -> None:
     sys.exit(INTERRUPTED)
 
 
+def _threads_from_environment() -> None:
+    """REFLOOP_THREADS for every command, the demo and recipes included: torch reads OMP_NUM_THREADS
+    when it is imported (after this); an explicit OMP_NUM_THREADS, `--threads` or a recipe's
+    `threads` still wins. A bad value is named by the commands that take `--threads`."""
+    value = os.environ.get("REFLOOP_THREADS", "").strip()
+    if value.isdigit() and int(value) >= 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(min(int(value), os.cpu_count() or 1))
+
+
 def main() -> None:
+    _threads_from_environment()
     _quiet_libraries()
     logger = logging.getLogger("refloop")
     if not any(isinstance(h, _Warnings) for h in logger.handlers):
