@@ -403,6 +403,7 @@ def _merge_one_shard(path: Path) -> None:
 
 def _writers():
     from refloop.data.bootstrapped import write_stats
+    from refloop.runs import _write_json
     from refloop.training.checkpoint import truncate_log, write_json_durably
 
     return {
@@ -411,10 +412,12 @@ def _writers():
         "state.json": lambda path: write_json_durably(path, {"a": 1}),
         "log.jsonl": lambda path: (path.write_text('{"step": 1}\n{"step": 2}\n'), truncate_log(path, 1)),
         "merged.jsonl": _merge_one_shard,
+        FINGERPRINT: lambda path: _write_json(path, {"a": 1}),  # the run's bookkeeping
+        MANIFEST: lambda path: _write_json(path, {"a": 1}),
     }
 
 
-@pytest.mark.parametrize("name", ["rc.jsonl", "stats.json", "state.json", "log.jsonl", "merged.jsonl"])
+@pytest.mark.parametrize("name", ["rc.jsonl", "stats.json", "state.json", "log.jsonl", "merged.jsonl", FINGERPRINT, MANIFEST])
 def test_refloops_own_files_are_replaced_through_a_fresh_name_never_a_users_tmp_file(tmp_path, name):
     """Inside a run directory too, a whole-file write goes through a fresh temporary name: a user's
     `NAME.tmp` beside it (the fixed name these writers once used) is neither replaced nor removed."""

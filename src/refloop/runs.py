@@ -39,6 +39,7 @@ LOCK = ".refloop.lock"
 FINGERPRINT = "run.json"
 MANIFEST = ".refloop-manifest.json"
 MANIFEST_VERSION = 2  # 1 (no "version"): top-level names only, a folder owned with its contents
+# the .tmp names: what an older refloop left when killed while writing its bookkeeping
 _BOOKKEEPING = frozenset({LOCK, FINGERPRINT, MANIFEST, FINGERPRINT + ".tmp", MANIFEST + ".tmp"})
 EMPTY_OR_NEW = "choose an empty or new directory"
 
@@ -314,9 +315,7 @@ def _upgraded(out: Path, old: dict) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_whole(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _owned(out: Path, option: str = "output") -> None:
@@ -369,6 +368,12 @@ def _compare(out: Path, fingerprint: dict, overwrite: bool) -> bool:
     return True
 
 
+def _folders_above(rel: str) -> list[str]:
+    """The folders a relative path lies in: 'a/b/c' -> ['a', 'a/b']."""
+    parts = rel.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def _safe(out: Path, rel: str) -> Path | None:
     """`out / rel` when `rel` is a plain relative path whose every parent is a real directory
     inside `out` (a damaged manifest is never followed out of `out`, nor through a symlink)."""
@@ -389,7 +394,7 @@ def _remove(out: Path, manifest: dict) -> None:
     anything is deleted: the user's file stays, and so would the folder's stale outputs beside it."""
     files, dirs = _tree(out)
     ours, folders = set(manifest["files"]) | set(manifest.get("dirs", [])), set(manifest.get("dirs", []))
-    theirs = sorted(p for p in (files | dirs) - ours if any("/".join(p.split("/")[:i]) in folders for i in range(1, p.count("/") + 1)))
+    theirs = sorted(p for p in (files | dirs) - ours if folders.intersection(_folders_above(p)))
     if theirs:
         shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
         raise RefloopError(
@@ -535,8 +540,7 @@ def _claim(out: Path, paths: tuple[Path, ...]) -> None:
         if not path.is_relative_to(out) or path == out:
             continue
         rel = path.relative_to(out).as_posix()
-        parts = rel.split("/")
-        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))  # the folders on the way
+        dirs.update(_folders_above(rel))  # the folders on the way
         if path.is_dir() and not path.is_symlink():
             inner_files, inner_dirs = _tree(path)
             dirs |= {rel} | {f"{rel}/{d}" for d in inner_dirs}
