@@ -151,7 +151,7 @@ def _model_spec(
         from refloop.models.vllm import check_install
 
         check_install()
-    if threads is None and os.environ.get("REFLOOP_THREADS"):
+    if threads is None:
         threads = _env_threads()
     fields = {"model": model, "device": device, "dtype": dtype, "profile": profile, "trust_remote_code": trust_remote_code}
     spec = _options(ModelSpec, "model", **fields, threads=threads, generation_backend=backend.value)
@@ -159,14 +159,19 @@ def _model_spec(
     return spec
 
 
-def _env_threads() -> int:
-    """REFLOOP_THREADS, often set for another machine: more threads than this one's cores are its cores."""
+def _env_threads(strict: bool = True) -> int | None:
+    """REFLOOP_THREADS (None when unset), often set for another machine: more threads than this
+    one's cores are its cores. A value that is no thread count is named (`strict`) or passed over."""
     from refloop.limits import cpu_cores
 
-    value = os.environ["REFLOOP_THREADS"]
-    if not value.strip().isdigit() or int(value) < 1:
+    value = os.environ.get("REFLOOP_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        if not strict:
+            return None
         raise RefloopError(f"REFLOOP_THREADS={value!r}: expected a whole number of threads >= 1")
-    if int(value) > cpu_cores():
+    if int(value) > cpu_cores() and strict:
         log.info(f"REFLOOP_THREADS={value}: this machine has {cpu_cores()} CPU cores; using {cpu_cores()} threads")
     return min(int(value), cpu_cores())
 
@@ -943,9 +948,9 @@ def _threads_from_environment() -> None:
     """REFLOOP_THREADS for every command, the demo and recipes included: torch reads OMP_NUM_THREADS
     when it is imported (after this); an explicit OMP_NUM_THREADS, `--threads` or a recipe's
     `threads` still wins. A bad value is named by the commands that take `--threads`."""
-    value = os.environ.get("REFLOOP_THREADS", "").strip()
-    if value.isdigit() and int(value) >= 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(min(int(value), os.cpu_count() or 1))
+    threads = _env_threads(strict=False)
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def main() -> None:
