@@ -265,3 +265,37 @@ def test_sctune_warns_when_a_small_model_keeps_the_paper_s_7b_learning_rates(cap
         _warn_paper_rates_on_a_small_model(SCTuneConfig(), small)
         _warn_paper_rates_on_a_small_model(SCTuneConfig(describer_lr=3e-4, locator_lr=2e-4), small)
     assert len(caplog.records) == 1 and "sctune.describer_lr and sctune.locator_lr" in caplog.text
+
+
+def _offline_cli(tmp_path, *args):
+    """`refloop ARGS` in a child whose hub host cannot resolve (the reserved .invalid domain),
+    with a hub cache of its own and no proxy."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env |= {"HF_ENDPOINT": "https://refloop-test.invalid", "HF_HUB_CACHE": str(tmp_path / "hub"), "REFLOOP_NO_PROGRESS": "1"}
+    script = "import sys; from refloop.cli import main; sys.argv = ['refloop', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_hub_id_without_network_reads_the_cache_at_once(tmp_path, models):
+    """huggingface_hub retries an unresolvable host five times (~25 s) before using its cache or
+    failing; refloop switches it to offline mode when the host does not resolve."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--someorg--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(models[0], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    cached = _offline_cli(tmp_path, "inspect", "--model", "someorg/tiny")
+    assert cached.returncode == 0, cached.stderr
+    assert "does not resolve" in cached.stderr and "refloop-tiny" in cached.stdout
+    ran = _offline_cli(tmp_path, *consistency_args(tmp_path / "out", "someorg/tiny"))  # weights and processor from the cache
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "out" / "metrics.json").exists()
+    missing = _offline_cli(tmp_path, "inspect", "--model", "someorg/absent")
+    assert missing.returncode == 2
+    assert "does not resolve" in missing.stderr  # offline mode: no retries with back-off
+    assert "offline" in missing.stderr and "hf download someorg/absent" in missing.stderr

@@ -47,15 +47,16 @@ class _HFDetector:
         """Load a checkpoint; `options` are the constructor's (thresholds, NMS, batch size)."""
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        from refloop.models.hf import select_device, select_dtype
+        from refloop.models.hf import check_local_or_hub, offline_reason, select_device, select_dtype
 
         path = str(name_or_path)
+        check_local_or_hub(path, f"{cls.kind} checkpoint")
         dev = select_device(device)
         try:
             processor = AutoProcessor.from_pretrained(path)
             model = AutoModelForZeroShotObjectDetection.from_pretrained(path, dtype=select_dtype(dtype, dev))
         except (OSError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = offline_reason(path) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise RefloopError(f"cannot load a {cls.kind} from {path}: {reason}") from None
         if model.config.model_type not in cls.model_types:
             raise RefloopError(f"{path} is a {model.config.model_type!r} model, not one of {', '.join(cls.model_types)} ({cls.__name__})")

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from refloop.codecs.profiles import PromptProfile, get_profile, profile_for_conf
 from refloop.errors import RefloopError
 from refloop.models.base import GREEDY, Completion, GenerateOptions, ProfileTasks
 from refloop.models.processors import load_processor
+
+log = logging.getLogger(__name__)
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -82,9 +85,62 @@ def validate_config(config) -> None:
 def check_local_or_hub(path: str, what: str = "model directory") -> None:
     """A checkpoint named by a path must exist: a hub id is `name` or `org/name` with no such local
     folder; anything else is a local path, and asking the hub for it would only time out (or
-    answer with its repo-id rules)."""
-    if not Path(path).exists() and (not _HUB_ID.fullmatch(path) or Path(path).parent.is_dir() and str(Path(path).parent) != "."):
+    answer with its repo-id rules). A hub id on a machine that cannot resolve the hub's host reads
+    the hub cache only (`offline_if_unreachable`)."""
+    if Path(path).exists():
+        return
+    if not _HUB_ID.fullmatch(path) or Path(path).parent.is_dir() and str(Path(path).parent) != ".":
         raise RefloopError(f"{what} {path} does not exist (and it is not a hub id such as org/name)")
+    offline_if_unreachable()
+
+
+def offline_reason(path: str) -> str | None:
+    """What to do when a hub id is needed but the hub cannot be asked (None: not that case)."""
+    from huggingface_hub import constants
+
+    if Path(path).exists() or not constants.HF_HUB_OFFLINE:
+        return None
+    return (
+        f"offline, and the Hugging Face cache ({constants.HF_HUB_CACHE}) does not hold it: download it where there is "
+        f"network (`hf download {path} --local-dir DIR`) and pass DIR, or copy that machine's cache here"
+    )
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def offline_if_unreachable(timeout: float = 3.0) -> bool:
+    """Switch huggingface_hub to offline mode for this process when the hub's host does not
+    resolve, and say so. huggingface_hub retries a failed request five times with back-off (about
+    25 s) before it falls back to its cache or fails; a name that does not resolve will not resolve
+    on the fifth try either. Behind a proxy (which resolves names itself), with HF_HUB_OFFLINE set,
+    or when the lookup is merely slow, nothing changes. Returns whether offline mode is on."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return bool(constants.HF_HUB_OFFLINE)
+    host = urlparse(constants.ENDPOINT).hostname
+    failed: list[BaseException] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+        except socket.gaierror as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not failed:  # resolved, or still resolving: the hub client decides
+        return False
+    constants.HF_HUB_OFFLINE = True
+    log.info(f"{host} does not resolve (no network?): reading the Hugging Face cache only, as with HF_HUB_OFFLINE=1")
+    return True
 
 
 def load_parts(
@@ -99,7 +155,7 @@ def load_parts(
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise RefloopError(f"cannot load a model config from {path}: {exc}") from None
+        raise RefloopError(f"cannot load a model config from {path}: {offline_reason(path) or exc}") from None
     validate_config(config)
     processor = load_processor(path, config, trust_remote_code=trust_remote_code, **(processor_options or {}))
     check_processor_options(processor, processor_options or {}, path)

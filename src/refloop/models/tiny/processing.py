@@ -191,7 +191,14 @@ class RefloopTinyProcessor:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> RefloopTinyProcessor:
+        """A local folder, or a hub id (read through the hub's cache, like the model's files)."""
         path = Path(pretrained_model_name_or_path)
-        settings = json.loads((path / cls.config_name).read_text())
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        return cls(tokenizer, **settings)
+        if path.is_dir():
+            settings_file, tokenizer = path / cls.config_name, PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            from huggingface_hub import hf_hub_download
+
+            hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token") if kwargs.get(k) is not None}
+            settings_file = Path(hf_hub_download(str(pretrained_model_name_or_path), cls.config_name, **hub))
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(pretrained_model_name_or_path), **hub)
+        return cls(tokenizer, **json.loads(settings_file.read_text()))
