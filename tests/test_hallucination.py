@@ -266,6 +266,24 @@ def test_object_data_from_a_coco_file_maps_categories_and_reads_captions(tmp_pat
     assert m["by_rule"]["reference"]["unparsed"] == m["by_rule"]["refloop"]["unparsed"] == 6  # as the README says: both rules
 
 
+def test_crowd_annotations_are_objects_of_their_image_for_chair_and_pope(tmp_path):
+    """chair.py's ground truth takes every annotation's category, `iscrowd` ones included: a crowd
+    of people is no hallucination, and POPE never asks it with the answer no (a review's finding)."""
+    instances, _ = _coco_files(tmp_path)
+    data = json.loads(instances.read_text())
+    data["annotations"].append({"id": 5, "image_id": 2, "category_id": 2, "bbox": [0, 0, 20, 10], "iscrowd": 1})
+    instances.write_text(json.dumps(data))
+    found = load_object_data(str(instances))
+    assert found.objects == [frozenset({"person", "dog"}), frozenset({"person", "dog"})]
+    assert [len(r.objects) for r in found.records] == [2, 2]  # still no box of it
+    assert found.records[1].crowd_categories == ("dog",)
+    m = evaluate_captions(ScriptedCaptioner(["a man", "dogs and a woman"]), found, tmp_path / "cap", java=False)
+    assert m["chair_i"] == 0.0
+    m = evaluate_pope(ScriptedCaptioner([], answer="No."), found, tmp_path / "pope", per_image=3)
+    rows = [json.loads(line) for line in (tmp_path / "pope" / "pope_samples.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["label"] == "no" and "dog" in r["question"]]
+
+
 def test_a_captions_file_of_other_images_is_refused_and_a_partial_one_said(tmp_path, caplog):
     instances, captions = _coco_files(tmp_path)
     shifted = tmp_path / "shifted.json"

@@ -96,6 +96,7 @@ class DetectionTable:
     ann_ids: list | np.ndarray
     built: dict[int, Box] = field(default_factory=dict)  # boxes validate_box built (the clipped ones), kept as built
     attributes: list[dict] | None = None  # per box, when the file gives any box COCO `attributes`
+    crowd: dict[int, tuple[int, ...]] = field(default_factory=dict)  # image index -> categories of its crowd annotations
 
     @property
     def num_images(self) -> int:
@@ -137,6 +138,7 @@ class DetectionTable:
                     objects=objects,
                     source=self.source,
                     file_name=self.file_names[k],
+                    crowd_categories=tuple(names[c] for c in self.crowd.get(k, ())),
                 )
             )
         return out
@@ -285,6 +287,13 @@ def _read_coco(
         # an id that is absent, or not an integer of at most 64 bits: the record-by-record checks name it
         fast &= np.fromiter((v is _MISSING or v is None or is_id(v) for v in id_col), dtype=bool, count=n)
     slow = ~named | (~crowd & ~fast)
+    # Crowd annotations give no box, but their categories are in the image (the CHAIR release's ground truth
+    # counts them); one whose image or category is unknown is ignored, as before.
+    crowd_of: dict[int, tuple[int, ...]] = {}
+    for i in np.flatnonzero(crowd & (box_image >= 0) & (box_category >= 0)).tolist():
+        k, c = int(box_image[i]), int(box_category[i])
+        if c not in crowd_of.get(k, ()):
+            crowd_of[k] = (*crowd_of.get(k, ()), c)
     del image_col, crowd_col, category_col
 
     # Vectorised box checks. A box that is not plainly valid and inside its image (not numbers,
@@ -355,6 +364,7 @@ def _read_coco(
         ann_ids=ann_ids,
         built={int(position[i]): box for i, box in built.items()},
         attributes=None if attribute_col is None else [_attributes(attribute_col[i]) for i in row_list],
+        crowd=crowd_of,
     )
     report.kept = table.num_images
     return table, report
@@ -389,7 +399,8 @@ def load_coco(
     outside: OutsidePolicy = "clip",
     verify_images: bool = False,
 ) -> tuple[list[ImageRecord], LoadReport]:
-    """COCO / Objects365 detection JSON -> one ImageRecord per image (crowd boxes ignored).
+    """COCO / Objects365 detection JSON -> one ImageRecord per image (crowd boxes are no objects;
+    their categories are kept as the record's `crowd_categories`).
 
     Annotation-only by default: image files are never opened (nor need to exist), though their
     paths must stay under the image root. Commands that will read pixels pass

@@ -38,6 +38,9 @@ class ImageRecord:
     file_name: str = ""  # as written in the annotation file, relative to the image root
     image: Image.Image | None = field(default=None, compare=False, repr=False)
     data: bytes | None = field(default=None, compare=False, repr=False)  # the encoded image file in memory (parquet datasets)
+    # categories of the image's crowd annotations (COCO `iscrowd`): no box of `objects`, but present in the image,
+    # as the CHAIR release's ground truth counts them
+    crowd_categories: tuple[str, ...] = ()
 
     @property
     def size(self) -> tuple[int, int]:

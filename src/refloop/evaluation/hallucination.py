@@ -88,8 +88,8 @@ def load_object_data(
     annotations' colour attribute + shape category, its reference caption the grammar's, from the
     export's captions file. A COCO-style .json or referring .jsonl: its first `num_images`
     images, objects = categories named in COCO's table (`categories="dataset"`: in a table of the
-    file's own category names, `dataset_table`), reference captions from `captions` (a COCO
-    captions JSON) when given.
+    file's own category names, `dataset_table`; crowd annotations' categories included, as the
+    CHAIR release counts them), reference captions from `captions` (a COCO captions JSON) when given.
     """
     from refloop.data.sources import load_data, world_split_dir
     from refloop.world.export import CAPTIONS_FILE, COCO_FILE
@@ -115,16 +115,17 @@ def load_object_data(
     records, report = load_data(data, images, on_error=on_error)
     # the file's categories, from every image loaded (not only the first num_images): CHAIR reads a
     # caption's object as hallucinated, and POPE draws absent ones, from the whole label set
-    table = coco_table() if categories in (None, "coco") else dataset_table(o.category for r in records for o in r.objects)
+    table = coco_table() if categories in (None, "coco") else dataset_table(c for r in records for c in [*(o.category for o in r.objects), *r.crowd_categories])
     records = records[:num_images]
     unmapped: Counter = Counter()
     objects = []
     for rec in records:
         names = set()
-        for obj in rec.objects:
-            name = table.canonical(obj.category)
+        # a crowd annotation ("a crowd of people") names an object in the image as much as a box does
+        for category in [obj.category for obj in rec.objects] + list(rec.crowd_categories):
+            name = table.canonical(category)
             if name is None:
-                unmapped[obj.category] += 1
+                unmapped[category] += 1
             else:
                 names.add(name)
         objects.append(frozenset(names))
