@@ -113,6 +113,20 @@ def test_profiles_read_family_answers(name, text, expression, box):
         assert profile.read_expression(text) == expression
 
 
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_answers_keep_the_models_line_breaks_for_the_pope_reading(name):
+    """The POPE release reads the answer as the model wrote it (stripped) and splits it on single
+    spaces: "No\n\nThe image..." holds no word "No" there, so it is a yes. Answers keep their line
+    breaks (family tags removed), expressions and captions are collapsed as before."""
+    from refloop.evaluation.pope import reference_reading
+
+    profile = get_profile(name)
+    text = "No\n\nThe image shows a cat on a sofa."
+    assert profile.read_answer(f" {text} ") == text
+    assert reference_reading(profile.read_answer(text)) == "yes" and reference_reading(profile.read_answer("No, it is not.")) == "no"
+    assert profile.read_caption(text) == "No The image shows a cat on a sofa" + ("" if name == "kosmos-2" else ".")
+
+
 def test_unknown_family_lists_the_supported_ones():
     class Config:
         model_type = "llava"

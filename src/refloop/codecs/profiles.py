@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from refloop.boxes import Box
 from refloop.codecs import Codec, ImageSize, get_codec
@@ -26,6 +27,8 @@ class PromptProfile:
     # Generate only in batches of equal prompt length: the family's incremental decoding
     # mis-positions left-padded rows (Kosmos-2 counts pads into its position ids after the first step).
     unpadded_generation: bool = False
+    # What the family writes around generated text (markers, location tokens), removed when it is read.
+    tags: ClassVar[re.Pattern | None] = None
 
     @property
     def frame(self) -> dict[str, int]:
@@ -72,11 +75,17 @@ class PromptProfile:
         return tokenizer.decode([t for t in ids if t not in control], skip_special_tokens=False).strip()
 
     def read_expression(self, text: str) -> str:
-        """Strip what a family adds around a generated referring expression."""
-        return " ".join(text.split())
+        """Strip what a family adds around a generated referring expression; spacing collapsed."""
+        return _strip(text, self.tags)
 
     def read_caption(self, text: str) -> str:
         return self.read_expression(text)
+
+    def read_answer(self, text: str) -> str:
+        """An answer to a question with the family's tags removed, its line breaks and spacing kept:
+        the POPE release reads the answer as the model wrote it (stripped), split on single spaces,
+        so "No\n\nThe image shows..." is no "No" there."""
+        return (self.tags.sub(" ", text) if self.tags is not None else text).strip()
 
     def read_box(self, text: str, image_size: ImageSize) -> Box | None:
         """The first box of an answer, by the codec's rule for model-written boxes; None: unparseable."""
@@ -107,6 +116,8 @@ class TinyProfile(PromptProfile):
     box's features there); a REC answer is a pointer token for the grid cell of the box centre,
     then the box.
     """
+
+    tags = _CELL
 
     def __init__(self, grid_size: int = 7) -> None:
         super().__init__(name="refloop-tiny", codec=get_codec("minigpt-v2"))
@@ -143,12 +154,10 @@ class TinyProfile(PromptProfile):
     def decode(self, tokenizer, ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def read_expression(self, text: str) -> str:
-        return " ".join(_CELL.sub(" ", text).split())
 
 
-def _strip(text: str, *patterns: re.Pattern) -> str:
-    for pattern in patterns:
+def _strip(text: str, pattern: re.Pattern | None) -> str:
+    if pattern is not None:
         text = pattern.sub(" ", text)
     return " ".join(text.split())
 
@@ -178,6 +187,8 @@ class Qwen2VLProfile(ChatProfile):
     """Qwen2-VL: boxes '<|box_start|>(x1,y1),(x2,y2)<|box_end|>' on 0..1000; grounded phrases
     inside '<|object_ref_start|>...<|object_ref_end|>' (model card / Qwen2-VL report)."""
 
+    tags = _QWEN2_TAGS
+
     image = QWEN_IMAGE
     system = "You are a helpful assistant."
 
@@ -193,8 +204,6 @@ class Qwen2VLProfile(ChatProfile):
     def rec_answer(self, box: Box, image_size: ImageSize, expression: str = "") -> str:
         return f"<|object_ref_start|>{expression}<|object_ref_end|>{self.codec.encode(box, image_size)}"
 
-    def read_expression(self, text: str) -> str:
-        return _strip(text, _QWEN2_TAGS)
 
 
 _FENCE = re.compile(r"```(json)?|<\|im_end\|>")
@@ -204,6 +213,8 @@ class QwenJsonProfile(ChatProfile):
     """Qwen2.5-VL and Qwen3-VL: grounding answers are a JSON list of {"bbox_2d": [...], "label"}
     in a ```json fence. Qwen2.5-VL writes absolute pixels of the *resized* input (the codec
     recomputes the processor's smart_resize from its settings); Qwen3-VL writes 0..1000."""
+
+    tags = _FENCE
 
     image = QWEN_IMAGE
 
@@ -223,8 +234,6 @@ class QwenJsonProfile(ChatProfile):
         label = json.dumps(expression or "object")
         return f'```json\n[\n\t{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": {label}}}\n]\n```'
 
-    def read_expression(self, text: str) -> str:
-        return _strip(text, _FENCE)
 
 
 def qwen25_vl_profile(processor=None) -> QwenJsonProfile:
@@ -251,6 +260,8 @@ class InternVLProfile(ChatProfile):
     """InternVL (hf checkpoints): '<ref>phrase</ref><box>[[x1, y1, x2, y2]]</box>' on 0..1000,
     with the REC/REG prompts of InternVL's grounding evaluation."""
 
+    tags = _INTERNVL_TAGS
+
     image = "<IMG_CONTEXT>\n"
 
     def __init__(self) -> None:
@@ -265,8 +276,6 @@ class InternVLProfile(ChatProfile):
     def rec_answer(self, box: Box, image_size: ImageSize, expression: str = "") -> str:
         return f"<ref>{expression}</ref>{self.codec.encode(box, image_size)}"
 
-    def read_expression(self, text: str) -> str:
-        return _strip(text, _INTERNVL_TAGS)
 
 
 _LOC = re.compile(r"<loc_?\d+>|<seg\d+>")
@@ -276,6 +285,8 @@ class Florence2Profile(PromptProfile):
     """Florence-2 task tokens (the processor expands them into its prompts): REG is
     '<REGION_TO_DESCRIPTION>' + four '<loc_N>', REC '<CAPTION_TO_PHRASE_GROUNDING>' + phrase,
     answered 'phrase<loc_x1><loc_y1><loc_x2><loc_y2>'. Encoder-decoder."""
+
+    tags = _LOC
 
     def __init__(self) -> None:
         super().__init__(name="florence-2", codec=get_codec("florence-2"))
@@ -301,8 +312,6 @@ class Florence2Profile(PromptProfile):
     def rec_answer(self, box: Box, image_size: ImageSize, expression: str = "") -> str:
         return f"{expression}{self.codec.encode(box, image_size)}"
 
-    def read_expression(self, text: str) -> str:
-        return _strip(text, _LOC)
 
 
 _KOSMOS_TAGS = re.compile(r"<object>.*?(</object>|$)|</?phrase>|<grounding>|</delimiter_of_multi_objects/>")
@@ -313,6 +322,8 @@ class Kosmos2Profile(PromptProfile):
     '<object><patch_index_UL><patch_index_LR></object>' on a 32x32 grid. REC continues
     '<grounding><phrase> expr</phrase>' with the box; REG continues a phrase already tied to the
     box ('<phrase> It</phrase><object>...</object> is'), as the card's referring example does."""
+
+    tags = _KOSMOS_TAGS
 
     def __init__(self) -> None:
         super().__init__(name="kosmos-2", codec=get_codec("kosmos-2"), unpadded_generation=True)
@@ -330,7 +341,7 @@ class Kosmos2Profile(PromptProfile):
         return "<grounding>An image of"
 
     def read_expression(self, text: str) -> str:
-        return _strip(text, _KOSMOS_TAGS).rstrip(".").strip()
+        return super().read_expression(text).rstrip(".").strip()
 
 
 class PaliGemmaProfile(PromptProfile):
@@ -338,6 +349,8 @@ class PaliGemmaProfile(PromptProfile):
     (1024 bins, y first), 'caption en'. The model card defines no region-description task; refloop
     asks 'describe <loc...>' (fine-tune before expecting sense). Answer tokens are the 'suffix'
     (token_type_ids 1: causal attention), the prompt the bidirectional prefix."""
+
+    tags = _LOC
 
     def __init__(self) -> None:
         super().__init__(name="paligemma", codec=get_codec("paligemma"), completion_fill={"token_type_ids": 1})
@@ -356,9 +369,6 @@ class PaliGemmaProfile(PromptProfile):
 
     def rec_answer(self, box: Box, image_size: ImageSize, expression: str = "") -> str:
         return f"{self.codec.encode(box, image_size)} {expression}".rstrip()
-
-    def read_expression(self, text: str) -> str:
-        return _strip(text, _LOC)
 
 
 # Profile name -> factory(processor). Recipes and --profile use these names.

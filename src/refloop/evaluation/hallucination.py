@@ -115,7 +115,8 @@ def load_object_data(
     records, report = load_data(data, images, on_error=on_error)
     # the file's categories, from every image loaded (not only the first num_images): CHAIR reads a
     # caption's object as hallucinated, and POPE draws absent ones, from the whole label set
-    table = coco_table() if categories in (None, "coco") else dataset_table(c for r in records for c in [*(o.category for o in r.objects), *r.crowd_categories])
+    named = (c for r in records for c in [*(o.category for o in r.objects), *r.crowd_categories])
+    table = coco_table() if categories in (None, "coco") else dataset_table(named)
     records = records[:num_images]
     unmapped: Counter = Counter()
     objects = []

@@ -142,4 +142,4 @@ class ProfileTasks:
         """K = options.num_return_sequences answers per question, question-major. The question is the
         whole instruction inside the family's prompt, so its wording is the caller's."""
         prompts = [self.profile.prompt(q) for q in questions]
-        return [self.profile.read_caption(c.text) for group in self.generate(images, prompts, options) for c in group]
+        return [self.profile.read_answer(c.text) for group in self.generate(images, prompts, options) for c in group]
