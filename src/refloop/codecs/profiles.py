@@ -155,7 +155,6 @@ class TinyProfile(PromptProfile):
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-
 def _strip(text: str, pattern: re.Pattern | None) -> str:
     if pattern is not None:
         text = pattern.sub(" ", text)
@@ -205,7 +204,6 @@ class Qwen2VLProfile(ChatProfile):
         return f"<|object_ref_start|>{expression}<|object_ref_end|>{self.codec.encode(box, image_size)}"
 
 
-
 _FENCE = re.compile(r"```(json)?|<\|im_end\|>")
 
 
@@ -233,7 +231,6 @@ class QwenJsonProfile(ChatProfile):
         x1, y1, x2, y2 = self.codec.coordinates(box, image_size)
         label = json.dumps(expression or "object")
         return f'```json\n[\n\t{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": {label}}}\n]\n```'
-
 
 
 def qwen25_vl_profile(processor=None) -> QwenJsonProfile:
@@ -277,7 +274,6 @@ class InternVLProfile(ChatProfile):
         return f"<ref>{expression}</ref>{self.codec.encode(box, image_size)}"
 
 
-
 _LOC = re.compile(r"<loc_?\d+>|<seg\d+>")
 
 
@@ -311,7 +307,6 @@ class Florence2Profile(PromptProfile):
 
     def rec_answer(self, box: Box, image_size: ImageSize, expression: str = "") -> str:
         return f"{expression}{self.codec.encode(box, image_size)}"
-
 
 
 _KOSMOS_TAGS = re.compile(r"<object>.*?(</object>|$)|</?phrase>|<grounding>|</delimiter_of_multi_objects/>")

@@ -170,7 +170,7 @@ PAIRS: dict[str, str] = (
 # ---- words as NLTK's word_tokenize splits a lower-cased caption ------------------------------------
 
 # NLTK >= 3.5 also splits off curly and angle quotes and the figure, en and em dashes (U+2012-2015).
-_SEPARATE = re.compile("(\\.{2,}|--|[;@#$%&?!()\\[\\]{}<>\"`*\u00ab\u00bb\u2018\u2019\u201c\u201d\u201e\u2012-\u2015])")
+_SEPARATE = re.compile('(\\.{2,}|--|[;@#$%&?!()\\[\\]{}<>"`*\u00ab\u00bb\u2018\u2019\u201c\u201d\u201e\u2012-\u2015])')
 _COLON_COMMA = re.compile(r"([:,])([^\d]|$)")  # kept before a digit (1,000 and 10:30); takes the next character
 _OPENING_QUOTE = re.compile(r"(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)")
 _FINAL_PERIOD = re.compile(r"(?<=[^\s.])\.(?=[^\w.]|$)")  # a sentence ends after an ordinary word
