@@ -383,6 +383,37 @@ def test_eval_pope_command_on_shapes_world_resumes_and_refuses_another_run(tmp_p
     assert code == 2 and "holds outputs of another run" in err
 
 
+def test_eval_pope_asks_a_release_question_file_as_written(tmp_path, capsys):
+    """`--questions`: the POPE release's JSON Lines (question_id, image, text, label), the sets
+    published tables are scored on. Written from a --data run's own questions, it asks the same
+    questions and gets the same answers and metrics; the drawing options and a missing source are refused."""
+    drawn = tmp_path / "drawn"
+    code, _, err = run_cli(["eval", "pope", "--data", "in-domain", "--num-images", "4", "--out", str(drawn), "--device", "cpu"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (drawn / "pope_samples.jsonl").read_text().splitlines()]
+    images = Path(rows[0]["image"]).parent
+    release = [{"question_id": k, "image": Path(r["image"]).name, "text": r["question"], "label": r["label"]} for k, r in enumerate(rows)]
+    (tmp_path / "coco_pope_random.json").write_text("".join(json.dumps(q) + "\n" for q in release))
+    out = tmp_path / "asked"
+    args = ["eval", "pope", "--questions", str(tmp_path / "coco_pope_random.json"), "--images", str(images), "--out", str(out)]
+    code, _, err = run_cli([*args, "--device", "cpu"], capsys)
+    assert code == 0, err
+    asked = [json.loads(line) for line in (out / "pope_samples.jsonl").read_text().splitlines()]
+    assert [(a["question"], a["label"], a["answer"]) for a in asked] == [(r["question"], r["label"], r["answer"]) for r in rows]
+    metrics, expected = (json.loads((d / "pope_metrics.json").read_text()) for d in (out, drawn))
+    assert {k: metrics[k] for k in ("num", "accuracy", "f1", "yes_ratio", "by_rule")} == {
+        k: expected[k] for k in ("num", "accuracy", "f1", "yes_ratio", "by_rule")
+    }
+    assert metrics["questions"].endswith("coco_pope_random.json") and "strategy" not in metrics
+    code, _, err = run_cli([*args, "--strategy", "popular", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "--strategy" in err and "asked as written" in err
+    code, _, err = run_cli(["eval", "pope", "--out", str(tmp_path / "y")], capsys)
+    assert code == 2 and "--questions" in err
+    (tmp_path / "other.json").write_text("".join(json.dumps(q | {"label": "no"}) + "\n" for q in release))
+    code, _, err = run_cli([*args[:3], str(tmp_path / "other.json"), *args[4:], "--device", "cpu"], capsys)
+    assert code == 2 and "holds outputs of another run" in err  # other questions are another run
+
+
 def test_object_data_of_a_domain_takes_another_split_by_seed(tmp_path):
     """A shapes-world domain's caption/POPE data is its evaluation split; `seed` picks other
     held-out scenes (a validation split) with the same ground truth layout; a file refuses it."""

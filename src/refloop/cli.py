@@ -460,7 +460,19 @@ def eval_caption(
 
 @eval_app.command("pope")
 def eval_pope(
-    data: str = ObjectDataOpt,
+    ctx: typer.Context,
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="Shapes-world domain, a COCO-style instances .json (COCO, Objects365, ...) or a .parquet dataset; "
+        "questions are drawn from its annotations. Or give --questions.",
+    ),
+    questions: Path | None = typer.Option(
+        None,
+        "--questions",
+        help="A question file of the POPE release (e.g. output/coco/coco_pope_adversarial.json: JSON Lines of question_id, "
+        "image, text, label), the set published tables are scored on, asked as written; images under --images.",
+    ),
     out: Path = _eval_out("pope"),
     images: Path | None = ImagesOpt,
     num_images: int | None = NumImagesOpt,
@@ -488,9 +500,22 @@ def eval_pope(
 ) -> None:
     """POPE: balanced yes/no questions about present and absent objects (accuracy, precision, recall, F1, yes-ratio)."""
     _check_seeds(seed=seed)
+    _pope_source(ctx, data, questions)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
-    chosen = {"strategy": strategy.value, "per_image": per_image, "seed": seed, "rule": pope_rule.value}
+    chosen = {"strategy": strategy.value, "per_image": per_image, "seed": seed, "rule": pope_rule.value, "question_file": questions}
     _eval_objects("pope", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite)
+
+
+def _pope_source(ctx: typer.Context, data: str | None, questions: Path | None) -> None:
+    """Either --data (questions drawn from its annotations) or --questions (a file's, as written)."""
+    if (data is None) == (questions is None):
+        raise RefloopError(
+            "eval pope: give --data (questions drawn from its annotations) or --questions (a POPE question file), one of them"
+        )
+    drawing = [f"--{name.replace('_', '-')}" for name in ("strategy", "per_image", "seed", "num_images", "categories")]
+    given = [option for option in drawing if _given_on_command_line(ctx, option[2:].replace("-", "_"))]
+    if questions is not None and given:
+        raise RefloopError(f"{', '.join(given)} choose how questions are drawn from --data; a --questions file is asked as written")
 
 
 def _eval_referring(task, spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite) -> None:
@@ -505,7 +530,7 @@ def _eval_referring(task, spec, data, out, refs, split, images, limit, batch_siz
 def _eval_objects(task, spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite) -> None:
     from refloop.evaluation.hallucination import run_object_eval
 
-    _check_out(out, data, images, chosen.get("captions"), spec.model, overwrite=overwrite)
+    _check_out(out, data, images, chosen.get("captions"), chosen.get("question_file"), spec.model, overwrite=overwrite)
     common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite}
     objects = {"num_images": num_images, "categories": categories.value if categories else None} | chosen
     done = run_object_eval(task, spec, data, out, **objects, **common, progress=True)

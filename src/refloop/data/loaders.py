@@ -519,3 +519,46 @@ def load_referring(
     records = grouped_records(grouped, path)
     report.kept = len(records)
     return records, report
+
+
+def load_pope_questions(
+    path: str | Path, image_root: str | Path | None = None, on_error: OnError = "fail"
+) -> tuple[list[ImageRecord], list[dict], LoadReport]:
+    """A POPE question file as the POPE release ships them (`output/coco/coco_pope_{random,
+    popular,adversarial}.json`, the sets published tables are scored on): JSON Lines of
+    question_id, image (a file name under `image_root`), text, label (yes / no). Returns one record
+    per image (first-seen order, size read from its header) and the questions in file order as
+    {id, image_id, image, question, label}; a question's image id is its file name."""
+    path = Path(path)
+    root = ImageRoot(image_root if image_root is not None else path.parent)
+    headers = ImageHeaders()
+    report = LoadReport(source=str(path))
+    policy = Policy(on_error, report)
+    images: dict[str, dict] = {}
+    questions: list[dict] = []
+    seen: dict[Any, int] = {}
+    for number, entry in jsonl_lines(path):
+        rec = f"line {number}"
+        try:
+            if isinstance(entry, DataError):
+                raise entry
+            question_id = optional_id(require(entry, "question_id", path, rec), path, rec, "question_id")
+            if question_id in seen:
+                raise DataError(path, rec, f"question_id {shown(question_id)} is also the question on line {seen[question_id]}")
+            name = text_field(require(entry, "image", path, rec), path, rec, "image")
+            text = text_field(require(entry, "text", path, rec), path, rec, "text")
+            label = text_field(require(entry, "label", path, rec), path, rec, "label").strip().lower()
+            if not text.strip():
+                raise DataError(path, rec, "field 'text' is empty")
+            if label not in ("yes", "no"):
+                raise DataError(path, rec, f"field 'label' must be yes or no, not {shown(entry['label'])}")
+            if name not in images:
+                file_path = root.resolve(name, path, rec)
+                images[name] = {"path": file_path, "size": headers.size(file_path, path, rec), "objects": [], "file_name": name}
+            seen[question_id] = number
+            questions.append({"id": question_id, "image_id": name, "image": str(images[name]["path"]), "question": text, "label": label})
+        except DataError as err:
+            policy.handle(err)
+    records = grouped_records(images, path)
+    report.kept = len(questions)
+    return records, questions, report

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from refloop.data.jsonl import write_records
-from refloop.data.loaders import LoadReport, OnError, read_json
+from refloop.data.loaders import LoadReport, OnError, load_pope_questions, read_json
 from refloop.data.paths import shown
 from refloop.data.records import ImageRecord
 from refloop.data.shards import ShardedRun
@@ -143,6 +143,16 @@ def load_object_data(
         if matched < len(records):
             log.warning(f"--captions {captions}: {matched} of {len(records)} images have reference captions; text metrics are over those")
     return ObjectData(records, objects, references, table, dict(unmapped), report)
+
+
+def pope_file_data(path: str | Path, images: str | Path | None = None, on_error: OnError = "fail") -> tuple[ObjectData, list[dict]]:
+    """The images and questions of a POPE question file (`load_pope_questions`): the questions the
+    published POPE tables are scored on, asked as written. No ground truth beyond their labels."""
+    records, questions, report = load_pope_questions(path, images, on_error)
+    if not questions:
+        raise RefloopError(f"{path}: no POPE questions (JSON Lines of question_id, image, text, label, as the POPE release's files)")
+    empty = [frozenset()] * len(records)
+    return ObjectData(records, empty, [[] for _ in records], coco_table(), {}, report), questions
 
 
 def read_coco_captions(path: Path) -> dict[object, list[str]]:
@@ -325,23 +335,31 @@ def evaluate_pope(
     on_error: str = "fail",
     rule: str = "reference",
     questions: list[dict] | None = None,
+    generated: bool = False,
+    question_file: str | None = None,
 ) -> dict:
-    """POPE: balanced yes/no questions from the ground truth (`pope_questions`, unless given),
-    asked through `vlm.answer` in the table's wording. The
-    metrics of `rule` (default: the POPE release's reading) are at the top level, both rules'
-    under "by_rule". Writes pope_samples.jsonl (resumable) and pope_metrics.json; undecodable
-    images as in `evaluate_captions`."""
+    """POPE: balanced yes/no questions from the ground truth (`pope_questions`, unless given:
+    e.g. a question file of the POPE release, `pope_file_data`), asked through `vlm.answer` in the
+    table's wording (given questions: as written). The metrics of `rule` (default: the POPE
+    release's reading) are at the top level, both rules' under "by_rule". Writes
+    pope_samples.jsonl (resumable) and pope_metrics.json; undecodable images as in
+    `evaluate_captions`. Given questions enter the run's fingerprint (another set is another run)
+    unless `generated` says they are `pope_questions(found, strategy, per_image, seed)`;
+    `question_file` (where given ones were read) is recorded in the metrics."""
     if rule not in RULES:
         raise RefloopError(f"unknown POPE rule {rule!r}; choose one of {', '.join(RULES)}")
-    questions = pope_questions(found, strategy, per_image, seed) if questions is None else questions
-    fingerprint = _fingerprint("pope", vlm, found, num_images=len(found.records), strategy=strategy, per_image=per_image, seed=seed)
+    options = {"strategy": strategy, "per_image": per_image, "seed": seed}
+    if questions is None:
+        questions = pope_questions(found, strategy, per_image, seed)
+    elif not generated:
+        options = {"questions": hashlib.sha256(json.dumps(questions, sort_keys=True, default=str).encode()).hexdigest()[:16]}
+    fingerprint = _fingerprint("pope", vlm, found, num_images=len(found.records), **options)
     with shared_run_directory(out, fingerprint, overwrite) as state:
-        return _evaluate_pope(vlm, found, questions, Path(out), strategy, per_image, seed, batch_size, progress, on_error, rule, state)
+        drawn = {"strategy": strategy, "per_image": per_image, "seed": seed} if question_file is None else {"questions": question_file}
+        return _evaluate_pope(vlm, found, questions, Path(out), drawn, batch_size, progress, on_error, rule, state)
 
 
-def _evaluate_pope(
-    vlm, found: ObjectData, questions, out: Path, strategy, per_image, seed, batch_size, progress, on_error, rule, state
-) -> dict:
+def _evaluate_pope(vlm, found: ObjectData, questions, out: Path, drawn: dict, batch_size, progress, on_error, rule, state) -> dict:
     """Sharded under `accelerate launch` (see `ShardedRun`)."""
     record_of = {rec.image_id: rec for rec in found.records}
     load = _LastImage()
@@ -361,7 +379,7 @@ def _evaluate_pope(
     for name in RULES:
         each = pope_metrics(answers, labels, name)
         by_rule[name] = {k: each[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed", "tp", "fp", "tn", "fn")}
-    metrics = scores | {"by_rule": by_rule, "strategy": strategy, "per_image": per_image, "seed": seed}
+    metrics = scores | {"by_rule": by_rule} | drawn
     metrics["images"] = len({r["image_id"] for r in rows})
     metrics["table"] = found.table.name
     if skipped:
@@ -389,28 +407,37 @@ def run_object_eval(
     on_error: OnError = "fail",
     overwrite: bool = False,
     progress: bool = False,
+    question_file: str | Path | None = None,
 ) -> tuple[dict, LoadReport] | None:
     """`refloop eval caption` / `eval pope`: the images and their objects loaded (a shapes-world
-    domain exported once, by the main process), POPE's questions drawn before any weights load, the
+    domain exported once, by the main process), POPE's questions drawn before any weights load
+    (or read from `question_file`, a question file of the POPE release, instead of `data`), the
     run. The main process returns the metrics and the data's load report; the others None.
     `progress`: show a progress bar."""
     from refloop.progress import progress_bar
 
     state = spec.process_state()
+    questions = None
     with state.main_process_first():
-        found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images or 500, categories=categories)
+        if question_file is not None:
+            found, questions = pope_file_data(question_file, images, on_error)
+        else:
+            found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images or 500, categories=categories)
     if not found.records:
-        raise RefloopError(f"{data}: no images to evaluate")
+        raise RefloopError(f"{question_file or data}: no images to evaluate")
     pope = {"strategy": strategy, "per_image": per_image, "seed": seed}
-    questions = pope_questions(found, **pope) if task == "pope" else None
+    if task == "pope" and question_file is None:
+        questions = pope_questions(found, **pope)
     vlm = spec.load_vlm(batch_size, generation=True)
     common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error}
     if task == "caption":
         with progress_bar(f"caption {data}", len(found.records), enabled=progress) as advance:
             metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
     else:
-        with progress_bar(f"pope {strategy} {data}", len(questions), enabled=progress) as advance:
-            metrics = evaluate_pope(vlm, found, out, progress=advance, questions=questions, rule=rule, **pope, **common)
+        title = f"pope {Path(question_file).name}" if question_file is not None else f"pope {strategy} {data}"
+        with progress_bar(title, len(questions), enabled=progress) as advance:
+            given = {"questions": questions, "generated": question_file is None, "question_file": question_file and str(question_file)}
+            metrics = evaluate_pope(vlm, found, out, progress=advance, rule=rule, **given, **pope, **common)
     if not state.is_main_process:
         return None
     if found.report.skipped:
