@@ -23,6 +23,11 @@ def test_demo_runs_consistency_bootstrapping_and_svp_and_links_them_in_the_repor
     shown_changed = sum(e["base"]["caption"] != e["svp"]["caption"] for e in svp["examples"])
     assert shown_changed == min(changed, len(svp["examples"])) and f"SVP changed {changed} of the {total}" in page
     assert "SVP Table 6" in stdout and "svp/report.html" in page
+    # the page shows on another machine: every picture is beside it or drawn into it, none in refloop's cache
+    import re
+
+    sources = re.findall(r"<img src=['\"]([^'\"]+)", page)
+    assert sources and all(s.startswith("data:image/png;base64,") or (out / s).is_file() for s in sources)
 
 
 def test_demo_refuses_an_unknown_bootstrap_domain(tmp_path, capsys):

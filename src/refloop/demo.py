@@ -18,7 +18,7 @@ from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consisten
 from refloop.models import load_vlm
 from refloop.progress import progress_bar
 from refloop.report.consistency import write_consistency_report
-from refloop.report.page import write_page
+from refloop.report.page import image_data_uri, write_page
 from refloop.report.plots import grouped_bars
 from refloop.runs import write_text_whole
 from refloop.world import DOMAINS, STYLES
@@ -34,6 +34,13 @@ PAPER_TABLE1 = (  # (row, values): two rows share a name
 )
 # The demo's SC-Tune run: the packaged shapes recipe, shortened to fit the demo's time budget.
 DEMO_SCTUNE_OVERRIDES = ["sctune.phases=4", "sctune.describer_steps=30", "sctune.locator_steps=30"]
+
+
+def _inline(image_path: str) -> str:
+    """A scene drawn into the page (the scenes live in refloop's cache, which a copied report lacks)."""
+    from refloop.data.images import read_rgb
+
+    return image_data_uri(read_rgb(image_path, image_path, image_path))
 
 
 def table1(rows: dict[str, dict[str, float]]) -> Table:
@@ -236,7 +243,7 @@ def _svp_html(result: dict | None) -> str:
         )
 
     examples = "".join(
-        f"<tr><td><img src='{html.escape(e['image'])}' width=112></td>{cell(e['base'])}{cell(e['svp'])}</tr>" for e in result["examples"]
+        f"<tr><td><img src='{_inline(e['image'])}' width=112></td>{cell(e['base'])}{cell(e['svp'])}</tr>" for e in result["examples"]
     )
     changed, total = result.get("captions_changed", (0, 0))
     return (

@@ -94,5 +94,5 @@ Green: the annotated box; magenta: where the model located its own description.<
 <p>Every candidate: <code>candidates.jsonl</code>; kept pairs: <code>pairs.jsonl</code> (referring JSONL, file names
 relative to <code>{html.escape(str(stats.get("image_root", "")))}</code>), <code>refs.json</code> + <code>instances.json</code>;
 counts: <code>stats.json</code>.</p>"""
-    style = "td,th{padding:2px 12px;text-align:left}img{max-width:100%}"
+    style = "td,th{padding:2px 12px;text-align:left}"
     return write_page(out_dir / "report.html", "refloop bootstrap", body, style=style)

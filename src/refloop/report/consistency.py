@@ -75,6 +75,6 @@ Green: the target box; magenta: where the model re-located its own description.<
 <h2>Most consistent</h2><p><img src="{best.name}"></p>
 <h2>Least consistent</h2><p><img src="{worst.name}"></p>
 <p>Per-sample records: <code>samples.jsonl</code>; metrics: <code>metrics.json</code>.</p>"""
-    path = write_page(out_dir / "report.html", "refloop self-consistency", body, style="td{padding:2px 12px}img{max-width:100%}")
+    path = write_page(out_dir / "report.html", "refloop self-consistency", body, style="td{padding:2px 12px}")
     claim_outputs(out_dir, best, worst, hist, path)  # written after the run closed: still the run's
     return path

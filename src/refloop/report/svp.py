@@ -3,26 +3,20 @@ was selected for training, with a few images shown beside their captions."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 from refloop.data.jsonl import read_records
 from refloop.data.records import ImageRecord
-from refloop.report.page import write_page
+from refloop.report.page import image_data_uri, write_page
 
 EXAMPLES = 6  # images shown per iteration
 SHOWN = 4  # samples shown per image
 
 
 def _thumbnail(record: ImageRecord, side: int = 160) -> str:
-    image = record.load_image().copy()
-    image.thumbnail((side, side))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return image_data_uri(record.load_image(), side)
 
 
 def _sample_rows(row: dict) -> str:
