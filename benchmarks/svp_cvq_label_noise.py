@@ -23,7 +23,7 @@ from refloop.data.sources import load_detections
 from refloop.evaluation.pope import build_pope_questions
 from refloop.grounding import SceneOracle, shapes_vocabulary
 from refloop.grounding.oracle import scene_objects
-from refloop.methods.svp import phrases_for
+from refloop.methods.svp import label_set, phrases_for
 from refloop.world import TRAIN_SEED
 
 
@@ -50,7 +50,7 @@ def main() -> None:
         detected = []
         for start in range(0, len(records), 64):
             batch = records[start : start + 64]
-            asked = [phrases_for("", r, "categories", vocabulary) for r in batch]
+            asked = [phrases_for("", "categories", vocabulary, label_set(records, vocabulary)) for r in batch]
             found = oracle.ground([r.load_image() for r in batch], asked, records=batch)
             detected += [frozenset(g.labels) for g in found]
         labels = Counter()

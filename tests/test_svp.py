@@ -276,14 +276,46 @@ def test_sigkilled_svp_resumes_to_the_same_model(tmp_path, model_dir):
 def test_shapes_world_categories_are_its_colour_shape_pairs():
     from refloop.data.records import ImageRecord
     from refloop.data.vocabulary import shapes_vocabulary
-    from refloop.methods.svp import phrases_for
+    from refloop.methods.svp import label_set, phrases_for
     from refloop.world import COLOURS, SHAPES
 
-    record = ImageRecord("x", "x.png", 112, 112)
-    pairs = phrases_for("", record, "categories", shapes_vocabulary())
+    labels = label_set([ImageRecord("x", "x.png", 112, 112)], shapes_vocabulary())
+    pairs = phrases_for("", "categories", shapes_vocabulary(), labels)
     assert len(pairs) == len(COLOURS) * len(SHAPES) and "red circle" in pairs
-    both = phrases_for("two red circles and a blue square", record, "both", shapes_vocabulary())
+    both = phrases_for("two red circles and a blue square", "both", shapes_vocabulary(), labels)
     assert both[:2] == ["red circle", "blue square"] and len(both) == len(pairs)
+
+
+def test_a_dataset_s_categories_are_its_whole_label_set_never_one_image_s_labels(tmp_path):
+    """SVP's seed images are unlabelled: grounding "categories" runs the detector over the
+    dataset's label set. Asking each image for its own annotated categories told the grounder what
+    is in it (a first-contact review found image 1007, with no annotation, asked for no category)."""
+    from PIL import Image
+
+    from refloop.boxes import Box
+    from refloop.data.records import ImageRecord, ObjectAnnotation
+    from refloop.methods.svp import caption_images
+    from refloop.models import load_vlm
+
+    def record(image_id, *categories):
+        objects = tuple(ObjectAnnotation(Box(0, 0, 4, 4), c, ann_id=k) for k, c in enumerate(categories))
+        return ImageRecord(image_id, tmp_path / f"{image_id}.png", 16, 16, objects=objects, image=Image.new("RGB", (16, 16)))
+
+    records = [record(1, "dog"), record(2), record(3, "person", "traffic light")]
+    asked = []
+
+    class Recorder:
+        name = "recorder"
+
+        def ground(self, images, phrases, records=None):
+            from refloop.grounding import Grounding
+
+            asked.extend(phrases)
+            return [Grounding() for _ in images]
+
+    vlm = load_vlm(device="cpu")
+    caption_images(vlm, records, tmp_path / "cap", grounder=Recorder(), phrases="categories", batch_size=1)
+    assert asked == [["dog", "person", "traffic light"]] * 3
 
 
 class _SelfConsistentDouble:

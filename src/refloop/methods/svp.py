@@ -234,18 +234,24 @@ class ImageSamples:
         }
 
 
-def phrases_for(caption: str, record: ImageRecord, how: str, vocabulary: Vocabulary | None = None) -> list[str]:
-    """What the grounder is asked to find for one prior caption: the caption's noun phrases, the
-    dataset's categories (with a closed `vocabulary`, the phrases its detector knows: the shapes
-    world's colour-shape pairs), or both."""
+def label_set(records: Sequence[ImageRecord], vocabulary: Vocabulary | None = None) -> tuple[str, ...]:
+    """The phrases a detector of the data is asked for when it is run over its label set: a closed
+    vocabulary's (the shapes world's colour-shape pairs), else every category the records name.
+    Computed over the whole dataset, never per image: an image's own labels would tell the
+    grounder what is in it (SVP's seed images are unlabelled)."""
+    if vocabulary is not None and vocabulary.categories:
+        return tuple(vocabulary.categories)
+    return tuple(category_phrases(sorted({o.category for r in records for o in r.objects if o.category})))
+
+
+def phrases_for(caption: str, how: str, vocabulary: Vocabulary | None = None, labels: Sequence[str] = ()) -> list[str]:
+    """What the grounder is asked to find for one prior caption: the caption's noun phrases (read
+    with a closed `vocabulary` when there is one), the dataset's `labels` (`label_set`), or both."""
     out: list[str] = []
     if how in ("caption", "both"):
         out += phrases_from_caption(caption, vocabulary)
     if how in ("categories", "both"):
-        if vocabulary is not None and vocabulary.categories:
-            out += vocabulary.categories
-        else:
-            out += category_phrases(sorted({o.category for o in record.objects if o.category}))
+        out += labels
     return list(dict.fromkeys(out))
 
 
@@ -257,9 +263,11 @@ def inner_loop(
     cfg: SVPConfig,
     seed: int,
     vocabulary: Vocabulary | None = None,
+    labels: Sequence[str] = (),
 ) -> list[ImageSamples]:
     """Algorithm 1, lines 10-23, for a batch of images; sampling seeded by `seed`; phrases read
-    with the records' closed `vocabulary` when they have one."""
+    with the records' closed `vocabulary` when they have one, the dataset's `labels` asked for
+    with `phrases` categories / both."""
     profile, k = vlm.profile, cfg.samples
     sampled = GenerateOptions(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     base_prompt = profile.caption_prompt()
@@ -273,7 +281,7 @@ def inner_loop(
     dropped, found = [0] * len(flat_images), [0] * len(flat_images)
     if cfg.grounding and grounder is not None:
         # (2) grounding of each prior sample, written as text; (3) one guided sample per grounding
-        phrases = [phrases_for(text, rec, cfg.phrases, vocabulary) for text, rec in zip(prior, flat_records, strict=True)]
+        phrases = [phrases_for(text, cfg.phrases, vocabulary, labels) for text in prior]
         groundings = grounder.ground(flat_images, phrases, flat_records)
         dropped, found = [g.dropped for g in groundings], [len(g.boxes) for g in groundings]
         contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, flat_images, strict=True)]
@@ -332,13 +340,16 @@ def isvp(
     phrases: str = "caption",
     vocabulary: Vocabulary | None = None,
     max_new_tokens: int = 48,
+    labels: Sequence[str] | None = None,
 ) -> list[dict]:
     """iSVP: a greedy prior caption, its grounding written as text, then a greedy guided caption
-    from the same model (SVP Sec. 3 sampling with K = 1 and no outer loop)."""
+    from the same model (SVP Sec. 3 sampling with K = 1 and no outer loop). `labels`: the
+    dataset's label set (`label_set` of all its records; default: of `records`)."""
     profile = vlm.profile
     greedy = GenerateOptions(max_new_tokens=max_new_tokens)
     prior = [profile.read_caption(g[0].text) for g in vlm.generate(list(images), [profile.caption_prompt()] * len(images), greedy)]
-    asked = [phrases_for(text, rec, phrases, vocabulary) for text, rec in zip(prior, records, strict=True)]
+    labels = label_set(records, vocabulary) if labels is None else labels
+    asked = [phrases_for(text, phrases, vocabulary, labels) for text in prior]
     groundings = grounder.ground(list(images), asked, list(records))
     contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, images, strict=True)]
     prompts = [profile.grounded_caption_prompt(c) for c in contexts]
@@ -375,11 +386,12 @@ def caption_images(
     `grounder` iSVP's guided caption; resumable, sharded under `accelerate launch`. Returns the
     images skipped as undecodable."""
     fingerprint = {"task": "caption", "model": model_fingerprint(vlm)} | (fingerprint or {})
+    labels = label_set(records, vocabulary)  # the whole dataset's, whichever images a batch holds
     with shared_run_directory(out, fingerprint, overwrite):
         run = ShardedRun(Path(out) / "captions.jsonl", records, lambda r: r.image_id, batch_size, field="image_id")
         for batch in run.batches(lambda r: r.load_image(), on_error, progress):
             if grounder is not None:
-                run.write(isvp(vlm, grounder, batch.items, batch.images, phrases, vocabulary))
+                run.write(isvp(vlm, grounder, batch.items, batch.images, phrases, vocabulary, labels=labels))
             else:
                 texts = vlm.caption(batch.images)
                 run.write({"image_id": r.image_id, "image": str(r.path), "caption": t} for r, t in zip(batch.items, texts, strict=True))
@@ -443,9 +455,10 @@ class SVP:
         `accelerate launch` (see `ShardedRun`; the seed of batch b is the same wherever it runs);
         every process returns all rows, in record order."""
         run = ShardedRun(work / "samples.jsonl", records, lambda r: r.image_id, self.cfg.images_per_batch, field="image_id")
+        labels = label_set(records, self.vocabulary)  # every seed image's, whichever images a batch holds
         for batch in run.batches(lambda r: r.load_image(), on_error, progress):
             seed = step_seed(step_seed(self.cfg.seed, iteration, "svp-iteration"), batch.number, "torch")
-            rows = inner_loop(self.vlm, self.grounder, batch.items, batch.images, self.cfg, seed, self.vocabulary)
+            rows = inner_loop(self.vlm, self.grounder, batch.items, batch.images, self.cfg, seed, self.vocabulary, labels)
             run.write(row.as_dict() for row in rows)
         run.finish()
         return run.rows()

@@ -200,21 +200,19 @@ def seed_image_queries(
     describe-then-locate pass, which is sharded)."""
     from refloop.data.bootstrapped import bootstrapped_records
     from refloop.data.shards import readable
-    from refloop.grounding.phrases import category_phrases
     from refloop.methods.pink import bootstrap
-    from refloop.methods.svp import phrases_for
+    from refloop.methods.svp import label_set
 
+    # a detector run over the dataset's label set, never told which labels an image has
+    every = list(label_set(records, vocabulary))
     if vocabulary is not None and vocabulary.categories:
         universe = list(vocabulary.categories)
-        phrases = lambda r: phrases_for("", r, "categories", vocabulary)  # noqa: E731
-    else:  # a detector run over the dataset's label set, never told which labels an image has
+    else:
         universe = sorted({o.category for r in records for o in r.objects if o.category})
-        every = category_phrases(universe)
-        phrases = lambda r: every  # noqa: E731
     grounded, skipped = [], []
     for start in range(0, len(records), cfg.batch_size):
         batch, images = readable(records[start : start + cfg.batch_size], lambda r: r.load_image(), on_error, skipped)
-        for record, found in zip(batch, grounder.ground(images, [phrases(r) for r in batch], records=batch), strict=True):
+        for record, found in zip(batch, grounder.ground(images, [every] * len(batch), records=batch), strict=True):
             objects = tuple(
                 ObjectAnnotation(b, label, ann_id=k) for k, (b, label) in enumerate(zip(found.boxes, found.labels, strict=True))
             )
