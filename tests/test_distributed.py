@@ -34,6 +34,7 @@ SVP = {
         "max_new_tokens": 8,
         "images_per_batch": 2,
         "iterations": 1,
+        "phrases": "both",  # a random model's captions name no shape: the categories give every sample a grounding
         "sft": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 1, "generation_batch_size": 8},
     },
 }

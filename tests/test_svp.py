@@ -162,6 +162,7 @@ SMALL = {
     "max_new_tokens": 8,
     "images_per_batch": 2,
     "iterations": 2,
+    "phrases": "both",  # a random model's captions name no shape: the categories give every sample a grounding
     "sft": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 1, "generation_batch_size": 8},
 }
 
@@ -442,3 +443,30 @@ def test_seed_image_queries_without_a_vocabulary_ask_the_grounder_for_every_cate
     queries, counts = seed_image_queries(_SelfConsistentDouble({}, {}), grounder, records, tmp_path / "cvq", BootstrapConfig())
     assert grounder.phrases == [["cup", "dog"], ["cup", "dog"]]
     assert queries == [] and counts["boxes_grounded"] == 0 and counts["pairs_kept"] == 0
+
+
+def test_a_sample_whose_grounding_found_nothing_is_never_selected():
+    """Its guided prompt is p's, so its score is 0 by construction (up to float noise): an image with
+    no grounding tied all K samples at 0 and sent every one into training (a first-contact helper's
+    run: 12 of 20 training captions came from the 3 images with no feedback), or one picked by noise."""
+    from helpers import scene_images
+
+    from refloop.boxes import Box
+    from refloop.data.records import ImageRecord
+    from refloop.grounding import Grounding
+    from refloop.methods.svp import SVPConfig, inner_loop
+    from refloop.models import load_vlm
+
+    _, images = scene_images(2, "wild")
+    records = [ImageRecord(k, f"{k}.png", *img.size) for k, img in enumerate(images)]
+
+    class HalfBlind:
+        name = "half-blind"
+
+        def ground(self, images, phrases, records=None):
+            return [Grounding((Box(10, 10, 40, 40),), ("red circle",), (0.9,)) if r.image_id == 1 else Grounding() for r in records]
+
+    cfg = SVPConfig(samples=4, top_fraction=0.25, max_new_tokens=8, phrases="caption")
+    rows = inner_loop(load_vlm(device="cpu"), HalfBlind(), records, images, cfg, seed=0)
+    assert rows[0].selected == [] and all(not c for c in rows[0].contexts) and max(map(abs, rows[0].scores)) < 1e-5
+    assert len(rows[1].selected) >= 1 and all(rows[1].contexts)

@@ -306,12 +306,16 @@ def inner_loop(
             p, _ = padded(vlm.logprobs(imgs, [base_prompt] * len(idx), ids, full_vocab=True))
             for i, s in zip(idx, score_fn(q, p, mask, cfg.length_normalize).tolist(), strict=True):
                 scores[i] = s
-    # (5) per image: drop degenerate samples, keep the top fraction (or a random one)
+    # (5) per image: drop degenerate samples, keep the top fraction (or a random one). A sample whose
+    # grounding found nothing was asked exactly p's prompt: its score is 0 by construction, not a
+    # measurement, so it is not eligible (an image with no grounding at all would otherwise tie all
+    # K samples at 0 and send every one of them into training).
     out = []
     for n, record in enumerate(records):
         part = slice(n * k, (n + 1) * k)
         ok = [d is None for d in degenerate[part]]
         if cfg.grounding and cfg.score != "none":
+            ok = [fine and bool(c.strip()) for fine, c in zip(ok, contexts[part], strict=True)]
             selected = select_top(scores[part], cfg.top_fraction, ok)
         else:
             selected = select_random(k, cfg.top_fraction, ok, rng)
@@ -478,10 +482,11 @@ class SVP:
         tick = (lambda n: progress(f"iteration {iteration + 1}: inner loop (images)", n, len(records))) if progress else None
         rows = self.sample(iteration, records, work, tick, on_error)
         ungrounded = sum(not any(c.strip() for c in r["contexts"]) for r in rows)
-        if self.grounder is not None and self.cfg.grounding and rows and ungrounded == len(rows) and PartialState().is_main_process:
-            log.warning(
-                f"iteration {iteration + 1}: the grounder found nothing in any of the {len(rows)} images, so the guided captions "
-                "saw no grounding and SVP reduces to self-captioning (check the grounder, its threshold and svp.phrases)"
+        bare = sum(not c.strip() for r in rows for c in r["contexts"])  # samples whose grounding found nothing
+        if self.grounder is not None and self.cfg.grounding and rows and ungrounded == len(rows):
+            raise RefloopError(
+                f"iteration {iteration + 1}: the grounder found nothing in any of the {len(rows)} images, so no guided caption "
+                "saw a grounding and there is no feedback to select by (check the grounder, its threshold and svp.phrases)"
             )
         by_id = {r.image_id: r for r in records}
         captions = caption_examples(rows, by_id, self.vlm.profile)
@@ -520,6 +525,7 @@ class SVP:
             "dropped_detections": dropped,
             "detections": used,
             "images_without_grounding": ungrounded,
+            "samples_without_grounding": bare if self.cfg.grounding else None,
             "mean_score_selected": _mean([r["scores"][j] for r in rows for j in r["selected"]]),
             "mean_score_all": _mean([s for r in rows for s, d in zip(r["scores"], r["degenerate"], strict=True) if d is None]),
             "sft_steps": tuner.total_steps,
