@@ -17,7 +17,7 @@ from refloop.data.sources import load_data, load_detections
 from refloop.errors import DataError
 
 datasets = pytest.importorskip("datasets")
-pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
 
 from refloop.data.parquet import export_parquet, load_parquet  # noqa: E402
 
@@ -291,6 +291,18 @@ def test_rc_data_loads_with_datasets(tmp_path):
     rc = tmp_path / "rc.jsonl"
     build_rc_data(records, rc, None, "refloop-tiny", 0, 2, relations)
     _same_rows_through_parquet(rc, tmp_path)
+
+
+def test_fields_that_first_appear_in_later_rows_are_kept(tmp_path):
+    """SC-Tune's metrics.jsonl starts with describer rows; the locator rows add their own fields
+    (a first-contact helper found them gone from the parquet file, with exit 0)."""
+    jsonl = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.6}, {"step": 3, "loss": 0.7, "caption_words": 4.5}]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _same_rows_through_parquet(jsonl, tmp_path)
+    table = pq.read_table(tmp_path / "metrics.parquet")
+    assert table.column_names == ["step", "reward", "loss", "caption_words"]
+    assert table.to_pylist()[2] == {"step": 3, "reward": None, "loss": 0.7, "caption_words": 4.5}
 
 
 def test_cli_export_parquet(tmp_path, capsys):

@@ -302,8 +302,10 @@ def is_exported_parquet(path: Path) -> bool:
 
 def export_parquet(jsonl_path: str | Path, parquet_path: str | Path) -> int:
     """A refloop JSONL output (samples, pairs, RC data, metrics) as one parquet file that
-    `datasets.load_dataset("parquet", ...)` reads; returns the number of rows. Column types are
-    inferred over all rows (a field null in some rows is a nullable column)."""
+    `datasets.load_dataset("parquet", ...)` reads; returns the number of rows. Columns are every
+    field of any row, in the order they first appear (SC-Tune's metrics.jsonl: the locator rows'
+    fields come after the describer rows'), null where a row lacks one; types are inferred over
+    all rows (a field null in some rows is a nullable column)."""
     from refloop.data.loaders import iter_jsonl
 
     pa = _pyarrow()
@@ -311,7 +313,9 @@ def export_parquet(jsonl_path: str | Path, parquet_path: str | Path) -> int:
     if not rows or not all(isinstance(r, dict) for r in rows):
         raise DataError(jsonl_path, None, "expected one JSON object per line (and at least one line)")
     try:
-        table = pa.Table.from_pylist(rows)
+        # from_pylist would take its columns from the first row alone and drop the others' fields
+        columns = dict.fromkeys(key for row in rows for key in row)
+        table = pa.Table.from_pydict({key: [row.get(key) for row in rows] for key in columns})
     except (pa.ArrowException, OverflowError) as exc:
         raise DataError(jsonl_path, None, f"rows of mixed types that parquet cannot hold in one column: {exc}") from None
     out = Path(parquet_path)
