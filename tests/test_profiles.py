@@ -127,6 +127,23 @@ def test_answers_keep_the_models_line_breaks_for_the_pope_reading(name):
     assert profile.read_caption(text) == "No The image shows a cat on a sofa" + ("" if name == "kosmos-2" else ".")
 
 
+def test_a_profile_of_another_family_is_refused_before_any_weights_load(tmp_path, caplog):
+    """Florence-2's prompt on a Qwen2-VL checkpoint has no image placeholder: transformers failed
+    inside the first batch with a traceback (exit 1) and a run directory left behind (a
+    first-contact helper's finding). A profile the processor takes but that is not the family's
+    own is said."""
+    from refloop.models.hf import load_parts
+    from refloop.models.processors import save_processor
+
+    model, processor = families.qwen2_vl()
+    model.save_pretrained(tmp_path / "qwen")
+    save_processor(processor, tmp_path / "qwen")
+    with pytest.raises(RefloopError, match="processor refuses its prompt.*image_pad"):
+        load_parts(str(tmp_path / "qwen"), "florence-2")
+    assert "its family's profile: qwen2-vl" in caplog.text
+    assert load_parts(str(tmp_path / "qwen"))[2].name == "qwen2-vl"
+
+
 def test_unknown_family_lists_the_supported_ones():
     class Config:
         model_type = "llava"

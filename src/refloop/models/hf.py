@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 import refloop.models.tiny  # noqa: F401  (registers refloop-tiny with the Auto classes)
 from refloop import parallel
 from refloop.boxes import Box
-from refloop.codecs.profiles import PromptProfile, get_profile, profile_for_config
+from refloop.codecs.profiles import MODEL_TYPES, PromptProfile, get_profile, profile_for_config
 from refloop.errors import RefloopError
 from refloop.models.base import GREEDY, Completion, GenerateOptions, ProfileTasks
 from refloop.models.processors import load_processor
@@ -161,6 +161,9 @@ def load_parts(
     check_processor_options(processor, processor_options or {}, path)
     name = profile if isinstance(profile, str) else None
     if isinstance(profile, str):
+        own = MODEL_TYPES.get(getattr(config, "model_type", None))
+        if own is not None and own != profile:
+            log.warning(f"prompt profile {profile} for {path}, a {config.model_type} checkpoint (its family's profile: {own})")
         profile = get_profile(profile, processor)
     profile = profile or profile_for_config(config, processor)
     check_profile_fits(profile, processor, path, name)
@@ -197,6 +200,18 @@ def check_profile_fits(profile: PromptProfile, processor, path: str, name: str |
             f"prompt profile {name or type(profile).__name__} does not fit {path}: its box text {answer!r} does not survive the "
             "checkpoint's tokenizer; choose the profile of this model's family (--profile)"
         )
+    # The profile's prompt must be one the checkpoint's processor takes with an image (another
+    # family's prompt lacks this one's image placeholder: transformers fails inside the first batch).
+    if not callable(processor) or processor is tokenizer:
+        return
+    try:
+        processor(images=[Image.new("RGB", (56, 56))], text=[profile.prompt(profile.rec_instruction("the thing"))], return_tensors="pt")
+    except Exception as exc:  # noqa: BLE001 (any failure of the family's processor is a misfit here)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RefloopError(
+            f"prompt profile {name or type(profile).__name__} does not fit {path}: the checkpoint's processor refuses its prompt "
+            f"({reason}); choose the profile of this model's family (--profile)"
+        ) from None
 
 
 def placeholder_tokens(config, processor) -> set[int]:
