@@ -87,3 +87,19 @@ def test_sft_recipe_export_carries_model_cards(tmp_path):
     for folder in ("adapters/sft", "merged"):
         card = (tmp_path / "run" / folder / "README.md").read_text()
         assert str(model) in card and "`sft`" in card and f"final_loss | {results['final_loss']}" in card
+
+
+def test_a_refloop_tiny_export_loads_as_its_card_says_in_a_fresh_interpreter(tmp_path):
+    """refloop-tiny is no transformers architecture: its card says to import refloop.models first
+    (which registers it); the README and the card said "with transformers alone", which failed in a
+    fresh interpreter unless refloop.models.tiny had been imported (a first-contact helper's finding)."""
+    import subprocess
+    import sys
+
+    card = model_card("refloop-tiny", "sft", {}, None, "sft")
+    assert "import refloop.models" in card and "default_model_path()" in card and '"refloop-tiny"' not in card
+    assert "After `import refloop.models`" in model_card("refloop-tiny", "svp", {})
+    snippet = card.split("```python\n")[1].split("```")[0].replace('PeftModel.from_pretrained(base, "path/to/this/folder")', "base")
+    done = subprocess.run([sys.executable, "-c", snippet + "\nprint(type(model).__name__)"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "RefloopTinyForConditionalGeneration"

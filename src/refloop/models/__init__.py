@@ -9,6 +9,8 @@ from refloop.torchvision_ops import declare_missing_operators
 
 declare_missing_operators()  # before transformers imports torchvision (a CUDA build on a CPU torch: see the module)
 
+import refloop.models.tiny  # noqa: E402, F401  (registers refloop-tiny with transformers' Auto classes)
+
 # Checkpoints shipped inside the package, by the name `load_vlm` and --model accept: refloop-tiny,
 # the one base model every method and benchmark runs (REG, REC, captions, yes/no, and captions that
 # use a grounding written in the prompt; see its README.md).

@@ -29,17 +29,22 @@ def model_card(base_model: str, method: str, recipe: dict, metrics: dict | None 
     if not local:
         meta["base_model"] = base_model  # a Hub id; a local directory is named in the text only
     kind = f"LoRA adapter `{adapter}`" if adapter else "merged checkpoint (adapter folded into the base weights)"
+    tiny = base_model in ("refloop-tiny", "refloop-tiny-context")
+    # refloop-tiny is no transformers architecture: importing refloop.models registers it with the Auto classes
+    register = "import refloop.models  # registers refloop-tiny with transformers' Auto classes\n" if tiny else ""
     if adapter:
+        base = "refloop.models.default_model_path()" if tiny else f'"{base_model}"'
         load = (
-            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForImageTextToText\n\n"
-            f'base = AutoModelForImageTextToText.from_pretrained("{base_model}")\n'
+            f"```python\n{register}from peft import PeftModel\nfrom transformers import AutoModelForImageTextToText\n\n"
+            f"base = AutoModelForImageTextToText.from_pretrained({base})\n"
             'model = PeftModel.from_pretrained(base, "path/to/this/folder")\n```'
         )
     else:
+        alone = "After `import refloop.models`" if tiny else "With transformers alone"
         load = (
             "```python\nfrom refloop.models import load_vlm\n\n"
             'vlm = load_vlm("path/to/this/folder")  # model, processor and prompt profile\n```\n\n'
-            "With transformers alone: `AutoModelForImageTextToText.from_pretrained` loads the model; "
+            f"{alone}: `AutoModelForImageTextToText.from_pretrained` loads the model; "
             "`AutoProcessor.from_pretrained` needs torchvision for the processors of Qwen-VL and InternVL "
             "(refloop's loader builds them without their video half)."
         )
