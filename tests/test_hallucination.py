@@ -449,3 +449,8 @@ def test_num_images_beyond_the_data_is_said(tmp_path, capsys, caplog):
     code, _, err = run_cli([*args, "--num-images", "10"], capsys)
     assert code == 0, err
     assert "3 images evaluated, not 10 (--num-images)" in caplog.text
+    # fewer than the file holds: said too (`caption` cut a file to its default 100 silently)
+    code, _, err = run_cli([*args[:-1], str(tmp_path / "c2"), "--num-images", "2"], capsys)
+    assert code == 0 and "its first 2 of 3 images are evaluated" in caplog.text
+    code, _, err = run_cli(["caption", "--data", data, "--model", model, "--num-images", "2", "--out", str(tmp_path / "c3")], capsys)
+    assert code == 0 and "its first 2 of 3 images are used" in caplog.text

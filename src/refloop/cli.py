@@ -737,7 +737,12 @@ def caption(
     out: Path = typer.Option(..., "--out", help="Output directory: captions.jsonl (one line per image)."),
     images: Path | None = ImagesOpt,
     model: str | None = ModelOpt,
-    num_images: int = typer.Option(100, "--num-images", min=1, help="Images captioned (shapes-world domain: scenes exported)."),
+    num_images: int = typer.Option(
+        100,
+        "--num-images",
+        min=1,
+        help="Images captioned: a shapes-world domain's scenes exported, a file's first N (said when it has more).",
+    ),
     isvp: bool = _flag(False, "--isvp", help="iSVP: prior caption -> grounding -> caption guided by the grounding as text."),
     grounder: str = typer.Option("oracle", "--grounder", help="oracle (shapes world), grounding-dino, owlv2, florence-2 or vlm."),
     grounder_model: str | None = typer.Option(None, "--grounder-model", help="Checkpoint of the grounder (not for oracle)."),

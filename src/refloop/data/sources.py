@@ -3,6 +3,7 @@ referring JSONL, or a parquet dataset (referring or detection rows, `refloop.dat
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,6 +14,8 @@ from refloop.data.vocabulary import Vocabulary, shapes_vocabulary
 from refloop.errors import RefloopError
 from refloop.world import DOMAINS, EVAL_SEED, TRAIN_SEED
 from refloop.world.export import COCO_FILE, REFS_FILE, export_split
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -88,6 +91,8 @@ def load_detections(
         ]
         return Detections(records, report, root.resolve(), True, shapes_vocabulary())
     records, report = load_data(data, images, on_error=on_error)
-    records = records[:num_images] if num_images else records
+    if num_images and len(records) > num_images:
+        log.warning(f"{data}: its first {num_images} of {len(records)} images are used (num_images; --num-images on the command line)")
+        records = records[:num_images]
     root = Path(images if images is not None else Path(data).parent).resolve()
     return Detections(records, report, root, any(o.expressions for r in records for o in r.objects))

@@ -117,6 +117,8 @@ def load_object_data(
     # caption's object as hallucinated, and POPE draws absent ones, from the whole label set
     named = (c for r in records for c in [*(o.category for o in r.objects), *r.crowd_categories])
     table = coco_table() if categories in (None, "coco") else dataset_table(named)
+    if len(records) > num_images:
+        log.warning(f"{data}: its first {num_images} of {len(records)} images are evaluated (--num-images; default 500)")
     records = records[:num_images]
     unmapped: Counter = Counter()
     objects = []
