@@ -238,7 +238,7 @@ class ScriptedCaptioner:
         return [self.reply for _ in questions]
 
 
-def test_object_data_from_a_coco_file_maps_categories_and_reads_captions(tmp_path):
+def test_object_data_from_a_coco_file_maps_categories_and_reads_captions(tmp_path, caplog):
     instances, captions = _coco_files(tmp_path)
     found = load_object_data(str(instances), captions=captions)
     assert found.objects == [frozenset({"person", "dog"}), frozenset({"person"})]
@@ -263,6 +263,7 @@ def test_object_data_from_a_coco_file_maps_categories_and_reads_captions(tmp_pat
     m = evaluate_pope(ScriptedCaptioner([], answer="I can't tell."), found, tmp_path / "pope-unsure", per_image=3)
     # neither yes nor no: YES under the release's rule, no (and unparsed) under refloop's
     assert (m["yes_ratio"], m["by_rule"]["refloop"]["yes_ratio"], m["unparsed"]) == (1.0, 0.0, 6)
+    assert "6 of 6 answers say neither yes nor no" in caplog.text  # a headline F1 of 0.667 for no answer at all is said
     assert m["by_rule"]["reference"]["unparsed"] == m["by_rule"]["refloop"]["unparsed"] == 6  # as the README says: both rules
 
 
@@ -454,3 +455,15 @@ def test_num_images_beyond_the_data_is_said(tmp_path, capsys, caplog):
     assert code == 0 and "its first 2 of 3 images are evaluated" in caplog.text
     code, _, err = run_cli(["caption", "--data", data, "--model", model, "--num-images", "2", "--out", str(tmp_path / "c3")], capsys)
     assert code == 0 and "its first 2 of 3 images are used" in caplog.text
+
+
+def test_referring_data_as_caption_or_pope_ground_truth_is_said_to_be_incomplete(tmp_path, caplog):
+    """A referring file lists the objects its expressions refer to: an unlisted object in the image
+    would count as hallucinated (CHAIR) or be asked with the answer no (POPE; a first-contact
+    helper found 14 of 57 "no" questions about objects in the image)."""
+    Image.new("RGB", (20, 10)).save(tmp_path / "1.png")
+    line = {"image_id": 1, "file_name": "1.png", "bbox": [1, 1, 5, 5], "sentences": ["the dog"], "category": "dog"}
+    (tmp_path / "refs.jsonl").write_text(json.dumps(line) + "\n")
+    found = load_object_data(str(tmp_path / "refs.jsonl"))
+    assert found.objects == [frozenset({"dog"})]
+    assert "is referring data" in caplog.text and "detection file" in caplog.text

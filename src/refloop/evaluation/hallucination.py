@@ -113,6 +113,12 @@ def load_object_data(
     if seed is not None:
         raise RefloopError("seed picks a split of a shapes-world domain; a dataset file is its own split")
     records, report = load_data(data, images, on_error=on_error)
+    if Path(data).suffix in (".jsonl", ".parquet") and any(o.expressions for r in records for o in r.objects):
+        log.warning(
+            f"{data} is referring data: it lists the objects its expressions refer to, not every object in the image, so "
+            "CHAIR reads a caption's unlisted object as hallucinated and POPE may ask an unlisted one with the answer no; "
+            "give the images' detection file (COCO instances .json) for a complete ground truth"
+        )
     # the file's categories, from every image loaded (not only the first num_images): CHAIR reads a
     # caption's object as hallucinated, and POPE draws absent ones, from the whole label set
     named = (c for r in records for c in [*(o.category for o in r.objects), *r.crowd_categories])
@@ -386,6 +392,13 @@ def _evaluate_pope(vlm, found: ObjectData, questions, out: Path, drawn: dict, ba
     metrics["table"] = found.table.name
     if skipped:
         metrics["skipped_questions"] = skipped
+    unparsed = by_rule["refloop"]["unparsed"]
+    if rows and unparsed * 2 > len(rows) and state.is_main_process:
+        # the release's rule reads an answer without "no" as yes, so a model that answers nothing scores F1 0.667
+        log.warning(
+            f"POPE: {unparsed} of {len(rows)} answers say neither yes nor no (the reference rule reads them as yes: "
+            f"F1 {by_rule['reference']['f1']:.3f} there, {by_rule['refloop']['f1']:.3f} under refloop's); look at pope_samples.jsonl"
+        )
     if state.is_main_process:
         write_text_whole(out / "pope_metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
