@@ -299,3 +299,13 @@ def test_a_hub_id_without_network_reads_the_cache_at_once(tmp_path, models):
     assert missing.returncode == 2
     assert "does not resolve" in missing.stderr  # offline mode: no retries with back-off
     assert "offline" in missing.stderr and "hf download someorg/absent" in missing.stderr
+
+
+def test_nothing_left_after_skipping_says_what_was_skipped(tmp_path, capsys):
+    """Every record skipped under --on-error skip (here: missing images) ended with "no referring
+    expressions to evaluate (`eval rec` reads a referring .jsonl ...)" for a referring .jsonl."""
+    lines = [{"image_id": k, "file_name": f"gone{k}.png", "bbox": [1, 1, 5, 5], "sentences": ["a dog"]} for k in (1, 2)]
+    (tmp_path / "refs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for command in (["eval", "rec"], ["consistency"]):
+        args = [*command, "--data", str(tmp_path / "refs.jsonl"), "--on-error", "skip", "--out", str(tmp_path / command[-1])]
+        assert_refused(run(args, capsys), "2 records were skipped", "image file not found: 2")

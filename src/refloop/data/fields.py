@@ -36,6 +36,13 @@ class LoadReport:
         self.skipped += 1
         self.reasons[error.problem.split(":")[0]] += 1
 
+    def skipped_note(self) -> str:
+        """Why nothing may be left to work on: "; N records were skipped (reason: count, ...)", or ""."""
+        if not self.skipped:
+            return ""
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in self.reasons.most_common())
+        return f"; {self.skipped} records were skipped under --on-error skip ({reasons})"
+
 
 class Policy:
     def __init__(self, on_error: OnError, report: LoadReport) -> None:

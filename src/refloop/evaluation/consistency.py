@@ -205,7 +205,7 @@ def run_consistency(
         records, load_report = load_data(data, images, on_error=on_error, num_images=cfg.num_boxes)
     samples = sample_boxes(records, cfg.num_boxes, cfg.seed)
     if not samples:
-        raise RefloopError(f"{data}: no boxes to evaluate")
+        raise RefloopError(f"{data}: no boxes to evaluate{load_report.skipped_note()}")
     vlm = spec.load_vlm(cfg.batch_size, generation=True)
     with progress_bar(f"consistency {data}", len(samples), enabled=progress) as advance:
         metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error)

@@ -439,7 +439,7 @@ def run_object_eval(
         else:
             found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images or 500, categories=categories)
     if not found.records:
-        raise RefloopError(f"{question_file or data}: no images to evaluate")
+        raise RefloopError(f"{question_file or data}: no images to evaluate{found.report.skipped_note()}")
     pope = {"strategy": strategy, "per_image": per_image, "seed": seed}
     if task == "pope" and question_file is None:
         questions = pope_questions(found, **pope)

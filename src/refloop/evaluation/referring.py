@@ -205,7 +205,7 @@ def run_referring_eval(
         if refs is not None and split is not None and not report.skipped:
             raise RefloopError(f"{refs}: no referring expression in split {split!r} (RefCOCO: val, testA, testB; RefCOCOg: val, test)")
         where = "a referring .jsonl, RefCOCO refs or a shapes-world domain"
-        raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task}` reads {where})")
+        raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task}` reads {where}){report.skipped_note()}")
     vlm = spec.load_vlm(batch_size, generation=True)
     run = evaluate_rec if task == "rec" else evaluate_reg
     with progress_bar(f"{task} {data}", total, enabled=progress and state.is_main_process) as advance:
