@@ -120,7 +120,7 @@ def test_lora_rank_above_every_adapted_layer_width_is_refused_before_peft():
     from refloop.training.adapters import LoraSettings, NamedAdapters
 
     model, _ = tiny_random_model(hidden=32)
-    with pytest.raises(RefloopError, match=r"lora.r 512 exceeds .*at most 32"):
+    with pytest.raises(RefloopError, match=r"lora.r 512 exceeds .*at most 32.*--set sctune.lora.r=32"):  # the key --set takes
         NamedAdapters(model, LoraSettings(r=512, alpha=16), ["sft"])
     assert not any("lora" in n for n, _ in model.named_modules())
 

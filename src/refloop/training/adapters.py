@@ -60,6 +60,10 @@ def _matches(targets: str | list[str], name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+# Where a recipe keeps its LoRA settings, as `--set` spells them.
+_RECIPE_KEYS = "in a recipe: --set sctune.lora.{field}={value}, sft.lora.{field}=..., svp.sft.lora.{field}=..."
+
+
 def _check_targets(model: torch.nn.Module, targets: str | list[str], lora: LoraSettings) -> None:
     """Before PEFT touches the model: the targets must name at least one layer LoRA can adapt
     (else the message lists the candidates), and the rank must not exceed every such layer's
@@ -69,10 +73,16 @@ def _check_targets(model: torch.nn.Module, targets: str | list[str], lora: LoraS
     if not matched:
         candidates = list(dict.fromkeys(re.sub(r"\.\d+\.", ".N.", n) for n in layers))
         shown = ", ".join(candidates[:15]) + (f" (+{len(candidates) - 15} more)" if len(candidates) > 15 else "")
-        raise RefloopError(f"lora.target_modules {targets!r} matches no Linear, Conv2d or Embedding layer; candidates: {shown}")
+        raise RefloopError(
+            f"lora.target_modules {targets!r} matches no Linear, Conv2d or Embedding layer; candidates: {shown} "
+            f"({_RECIPE_KEYS.format(field='target_modules', value='...')})"
+        )
     widest = max(min(m.weight.shape[0], m.weight[0].numel()) for m in matched)
     if lora.r > widest:
-        raise RefloopError(f"lora.r {lora.r} exceeds the rank any adapted layer can take (at most {widest} here); choose r <= {widest}")
+        raise RefloopError(
+            f"lora.r {lora.r} exceeds the rank any adapted layer can take (at most {widest} here); choose r <= {widest} "
+            f"({_RECIPE_KEYS.format(field='r', value=widest)})"
+        )
 
 
 def lora_targets(model: torch.nn.Module, lora: LoraSettings) -> str | list[str]:
