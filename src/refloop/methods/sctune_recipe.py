@@ -69,15 +69,20 @@ def eval_folders(specs: list[DataSpec]) -> list[str]:
     return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
-def evaluate(vlm: VLM, recipe: SCTuneRecipe, out: Path, label: str) -> dict[str, float]:
-    """Pr@0.5 of `vlm` on every eval set; keyed by the data as the recipe names it."""
+def evaluate(vlm: VLM, recipe: SCTuneRecipe, out: Path, label: str, bars: bool = False) -> dict[str, float]:
+    """Pr@0.5 of `vlm` on every eval set; keyed by the data as the recipe names it. `bars`: a
+    progress bar per set (on the main process)."""
+    from refloop.progress import progress_bar
+
     results = {}
     for spec, folder in zip(recipe.eval_data, eval_folders(recipe.eval_data), strict=True):
         with PartialState().main_process_first():  # a shapes-world domain is exported once, by the main process
             records, _ = load_data(spec.data, recipe.root(spec), num_images=recipe.eval_boxes)
         samples = sample_boxes(records, recipe.eval_boxes)
         cfg = ConsistencyConfig(num_boxes=recipe.eval_boxes)
-        metrics = evaluate_consistency(vlm, samples, out / label / folder, cfg, data_name=spec.data)
+        shown = bars and PartialState().is_main_process
+        with progress_bar(f"{label} model: consistency {spec.data}", len(samples), enabled=shown) as advance:
+            metrics = evaluate_consistency(vlm, samples, out / label / folder, cfg, data_name=spec.data, progress=advance)
         results[spec.data] = metrics["consistency_rate"]
     return results
 
@@ -145,7 +150,7 @@ def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict],
     results: dict = {"train_data": recipe.train_data.data, "train_boxes": len(train), "filter": filter_counts}
     # Every process evaluates: under `accelerate launch` each takes its share of the boxes.
     if evaluate_base and recipe.eval_data:
-        results["base"] = evaluate(vlm, recipe, out / "eval", "base")
+        results["base"] = evaluate(vlm, recipe, out / "eval", "base", bars=progress is not None)
     tuner = SCTune.from_base(vlm, recipe.sctune, train, supervised, engine=recipe.vllm_engine(recipe.sctune.lora.r))
     tuner.trainer.track(run.tracking)
     started = time.perf_counter()
@@ -160,7 +165,7 @@ def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict],
     if run.main_process:
         export_checkpoint(out, vlm.processor, adapters, tuner.final_role)
     if recipe.eval_data:
-        results["tuned"] = evaluate(adapters.view(tuned, tuner.final_role), recipe, out / "eval", "tuned")
+        results["tuned"] = evaluate(adapters.view(tuned, tuner.final_role), recipe, out / "eval", "tuned", bars=progress is not None)
     if run.main_process:
         sctune_curves(out / "train" / "metrics.jsonl", out / "curves.png")
     return results
