@@ -438,7 +438,7 @@ def test_eval_caption_on_categories_chair_cannot_read_warns_once(tmp_path, capsy
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "blorb"}]}))
     code, _, err = run_cli(["eval", "caption", "--data", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
     assert code == 0, err
-    assert err.count("warning: CHAIR and object recall are null") == 1
+    assert err.count("warning: CHAIR_i and object recall are null") == 1
 
 
 def test_num_images_beyond_the_data_is_said(tmp_path, capsys, caplog):

@@ -630,7 +630,9 @@ def rc_data(
         "--data",
         help="Shapes-world domain, COCO/Objects365 .json, referring .jsonl, or with --objects a Visual Genome image_data.json.",
     ),
-    out: Path = typer.Option(..., "--out", help="Output directory: rc.jsonl (chat-format samples) and counts.json."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output directory: rc.jsonl (chat-format samples), rc.jsonl.root.json (its image root) and counts.json."
+    ),
     images: Path | None = ImagesOpt,
     objects: Path | None = typer.Option(None, "--objects", help="Visual Genome objects.json (then --data is image_data.json)."),
     relationships: Path | None = typer.Option(None, "--relationships", help="Visual Genome relationships.json (relation tasks)."),
@@ -837,7 +839,11 @@ def bootstrap(
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str | None = typer.Option(None, "--dtype", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16 or fp16."),
     threads: int | None = typer.Option(
-        None, "--threads", min=1, help="Torch CPU threads per process (default: torch's choice; on a busy CPU 1 can be much faster)."
+        None,
+        "--threads",
+        min=1,
+        help="Torch CPU threads per process (default: the recipe's, else $REFLOOP_THREADS, else every core; "
+        "on a busy CPU 1 can be much faster).",
     ),
     on_error: OnErrorChoice | None = typer.Option(None, "--on-error", help="fail: stop at the first bad record; skip: skip and count."),
     report: bool | None = typer.Option(None, "--report/--no-report", help="Write report.html with kept and rejected examples."),

@@ -282,7 +282,8 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
         metrics["undefined"] = undefined
         if metrics.get("object_recall") is None and metrics.get("chair_i") is None:  # nothing CHAIR can read here
             log.warning(
-                f"CHAIR and object recall are null: no annotation or caption names an object of the {found.table.name} "
+                f"CHAIR_i and object recall are null (CHAIR_s is 0: no caption holds a hallucinated mention, as chair.py "
+                f"counts it): no annotation or caption names an object of the {found.table.name} "
                 "category table (coco reads COCO's 80 objects and their synonyms, --categories dataset the data's own category "
                 "names; reasons under 'undefined')"
             )
