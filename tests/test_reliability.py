@@ -172,6 +172,7 @@ def test_undecodable_image_is_skipped_and_counted_in_eval(tmp_path, models, caps
     assert code == 0, err
     metrics = json.loads(out[out.index("{") :])
     assert metrics["num"] == 2 and metrics["skipped_images"] == 1
+    assert "1 items skipped under --on-error skip" in err and "1.png" in err  # the file is named, not only counted
 
 
 def test_models_changed_in_memory_never_share_a_fingerprint():

@@ -143,6 +143,9 @@ class ShardedRun(Generic[T]):
         """Every process, after its batches: the main process merges the shards into the output;
         returns the items skipped (undecodable) by all processes."""
         self.writer.close()
+        if self.skipped:  # each process names the images it could not decode (the count alone named none)
+            shown = "; ".join(str(err) for err in self.skipped[:3]) + (f"; +{len(self.skipped) - 3} more" if len(self.skipped) > 3 else "")
+            log.warning(f"{self.output.name}: {len(self.skipped)} items skipped under --on-error skip: {shown}")
         skipped = self.total(len(self.skipped))
         self.state.wait_for_everyone()
         if self.state.is_main_process:
