@@ -467,3 +467,11 @@ def test_referring_data_as_caption_or_pope_ground_truth_is_said_to_be_incomplete
     found = load_object_data(str(tmp_path / "refs.jsonl"))
     assert found.objects == [frozenset({"dog"})]
     assert "is referring data" in caplog.text and "detection file" in caplog.text
+
+
+def test_a_pope_file_whose_images_are_all_missing_says_what_was_skipped(tmp_path, capsys):
+    lines = [{"question_id": k, "image": f"gone{k}.jpg", "text": "Is there a dog in the image?", "label": "yes"} for k in (1, 2)]
+    (tmp_path / "coco_pope_random.json").write_text("".join(json.dumps(q) + "\n" for q in lines))
+    args = ["eval", "pope", "--questions", str(tmp_path / "coco_pope_random.json"), "--on-error", "skip", "--out", str(tmp_path / "o")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "no POPE question left to ask; 2 records were skipped" in err and "image file not found: 2" in err

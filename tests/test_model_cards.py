@@ -99,6 +99,10 @@ def test_a_refloop_tiny_export_loads_as_its_card_says_in_a_fresh_interpreter(tmp
     card = model_card("refloop-tiny", "sft", {}, None, "sft")
     assert "import refloop.models" in card and "default_model_path()" in card and '"refloop-tiny"' not in card
     assert "After `import refloop.models`" in model_card("refloop-tiny", "svp", {})
+    from refloop.models import default_model_path
+
+    local = model_card(str(default_model_path()), "sft", {}, None, "sft")  # a refloop-tiny folder, e.g. a run's merged/
+    assert "import refloop.models" in local and "After `import refloop.models`" in model_card(str(default_model_path()), "svp", {})
     snippet = card.split("```python\n")[1].split("```")[0].replace('PeftModel.from_pretrained(base, "path/to/this/folder")', "base")
     done = subprocess.run([sys.executable, "-c", snippet + "\nprint(type(model).__name__)"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

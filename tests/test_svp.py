@@ -470,3 +470,25 @@ def test_a_sample_whose_grounding_found_nothing_is_never_selected():
     rows = inner_loop(load_vlm(device="cpu"), HalfBlind(), records, images, cfg, seed=0)
     assert rows[0].selected == [] and all(not c for c in rows[0].contexts) and max(map(abs, rows[0].scores)) < 1e-5
     assert len(rows[1].selected) >= 1 and all(rows[1].contexts)
+
+
+def test_the_label_set_is_the_whole_file_s_even_when_fewer_images_are_used(tmp_path):
+    """`--num-images 1` on a file: the grounder is still asked for the file's label set, not for the
+    one image's own labels (a review of the label-set change found the set taken after the cut)."""
+    from PIL import Image
+
+    from refloop.data.sources import load_detections
+    from refloop.methods.svp import label_set
+
+    images = [{"id": k, "file_name": f"{k}.png", "width": 16, "height": 16} for k in (1, 2)]
+    for k in (1, 2):
+        Image.new("RGB", (16, 16)).save(tmp_path / f"{k}.png")
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4]},
+        {"id": 2, "image_id": 2, "category_id": 2, "bbox": [0, 0, 4, 4]},
+    ]
+    categories = [{"id": 1, "name": "dog"}, {"id": 2, "name": "traffic light"}]
+    (tmp_path / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    found = load_detections(str(tmp_path / "instances.json"), num_images=1)
+    assert len(found.records) == 1 and found.categories == ("dog", "traffic light")
+    assert label_set(found.records, found.vocabulary, found.categories) == ("dog", "traffic light")

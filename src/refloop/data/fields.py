@@ -41,7 +41,8 @@ class LoadReport:
         if not self.skipped:
             return ""
         reasons = ", ".join(f"{reason}: {count}" for reason, count in self.reasons.most_common())
-        return f"; {self.skipped} records were skipped under --on-error skip ({reasons})"
+        counted = "1 record was" if self.skipped == 1 else f"{self.skipped} records were"
+        return f"; {counted} skipped under --on-error skip ({reasons})"
 
 
 class Policy:

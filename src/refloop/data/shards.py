@@ -63,8 +63,14 @@ def batch_ranges(num_items: int, batch_size: int, rank: int = 0, world: int = 1)
     return [(s // batch_size, range(s, min(s + batch_size, num_items))) for s in starts]
 
 
-def share(num_items: int, batch_size: int, rank: int = 0, world: int = 1) -> int:
-    """Items in the batches of process `rank` (its progress bar's total)."""
+def share(num_items: int, batch_size: int, rank: int | None = None, world: int | None = None) -> int:
+    """Items in the batches of process `rank` of `world` (its progress bar's total); by default
+    this process's under the current launch (all of them in a single process)."""
+    if rank is None or world is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+        rank, world = state.process_index, state.num_processes
     return sum(len(indices) for _, indices in batch_ranges(num_items, batch_size, rank, world))
 
 

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from accelerate import PartialState
+
 from refloop.data.loaders import LoadReport, OnError, load_coco, load_referring
 from refloop.data.records import ImageRecord
 from refloop.data.vocabulary import Vocabulary, shapes_vocabulary
@@ -72,15 +74,24 @@ class Detections:
     image_root: Path
     expressions: bool
     vocabulary: Vocabulary | None = None
+    # every category the file names, over all its images (before a num_images cut): the label set a
+    # detector run over the dataset is asked for (a domain: its vocabulary's categories instead)
+    categories: tuple[str, ...] = ()
 
 
 def load_detections(
-    data: str, images: str | Path | None = None, on_error: OnError = "fail", num_images: int | None = None, scene_seed: int = TRAIN_SEED
+    data: str,
+    images: str | Path | None = None,
+    on_error: OnError = "fail",
+    num_images: int | None = None,
+    scene_seed: int = TRAIN_SEED,
+    limit: str = "num_images; --num-images on the command line",
 ) -> Detections:
     """Every box of a detection file (COCO / Objects365 .json, referring .jsonl) or of a
     shapes-world domain. A domain is read from its COCO export (all boxes, not only those the
     grammar can refer to), with the grammar's expressions of each object from its refs export;
-    its scenes are the training ones (seed TRAIN_SEED) unless `scene_seed` says otherwise."""
+    its scenes are the training ones (seed TRAIN_SEED) unless `scene_seed` says otherwise. A file
+    cut to its first `num_images` says so, naming the setting as `limit` spells it."""
     if data in DOMAINS:
         root = world_split_dir(data, num_images or 1000, scene_seed)
         records, report = load_coco(root / COCO_FILE, root, on_error=on_error, verify_images=True)
@@ -91,8 +102,10 @@ def load_detections(
         ]
         return Detections(records, report, root.resolve(), True, shapes_vocabulary())
     records, report = load_data(data, images, on_error=on_error)
+    categories = tuple(sorted({o.category for r in records for o in r.objects if o.category}))
     if num_images and len(records) > num_images:
-        log.warning(f"{data}: its first {num_images} of {len(records)} images are used (num_images; --num-images on the command line)")
+        if PartialState().is_main_process:
+            log.warning(f"{data}: its first {num_images} of {len(records)} images are used ({limit})")
         records = records[:num_images]
     root = Path(images if images is not None else Path(data).parent).resolve()
-    return Detections(records, report, root, any(o.expressions for r in records for o in r.objects))
+    return Detections(records, report, root, any(o.expressions for r in records for o in r.objects), categories=categories)

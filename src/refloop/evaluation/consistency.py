@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from refloop.cycle import REC_ACCURACY, SC_TUNE_CONSISTENCY, Consistency, describe_then_locate, locate_boxes
 from refloop.data.loaders import LoadReport
 from refloop.data.records import ImageRecord, ObjectAnnotation
-from refloop.data.shards import ShardedRun
+from refloop.data.shards import ShardedRun, share
 from refloop.errors import RefloopError
 from refloop.limits import BatchSize, NewTokens, Seed
 from refloop.models.base import VLM, GenerateOptions
@@ -207,7 +207,7 @@ def run_consistency(
     if not samples:
         raise RefloopError(f"{data}: no boxes to evaluate{load_report.skipped_note()}")
     vlm = spec.load_vlm(cfg.batch_size, generation=True)
-    with progress_bar(f"consistency {data}", len(samples), enabled=progress) as advance:
+    with progress_bar(f"consistency {data}", share(len(samples), cfg.batch_size), enabled=progress) as advance:
         metrics = evaluate_consistency(vlm, samples, out, cfg, data_name=data, progress=advance, overwrite=overwrite, on_error=on_error)
     if not state.is_main_process:  # the main process merged the shards and reports
         return None

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate import PartialState
 from PIL import Image
 
 from refloop.data.jsonl import write_records
 from refloop.data.loaders import LoadReport, OnError, load_pope_questions, read_json
 from refloop.data.paths import shown
 from refloop.data.records import ImageRecord
-from refloop.data.shards import ShardedRun
+from refloop.data.shards import ShardedRun, share
 from refloop.errors import DataError, RefloopError
 from refloop.evaluation.captions import caption_metrics
 from refloop.evaluation.object_metrics import (  # noqa: F401  (public names, importable from here)
@@ -113,7 +114,8 @@ def load_object_data(
     if seed is not None:
         raise RefloopError("seed picks a split of a shapes-world domain; a dataset file is its own split")
     records, report = load_data(data, images, on_error=on_error)
-    if Path(data).suffix in (".jsonl", ".parquet") and any(o.expressions for r in records for o in r.objects):
+    main = PartialState().is_main_process  # every process loads the data; one says what it found
+    if main and Path(data).suffix in (".jsonl", ".parquet") and any(o.expressions for r in records for o in r.objects):
         log.warning(
             f"{data} is referring data: it lists the objects its expressions refer to, not every object in the image, so "
             "CHAIR reads a caption's unlisted object as hallucinated and POPE may ask an unlisted one with the answer no; "
@@ -123,7 +125,7 @@ def load_object_data(
     # caption's object as hallucinated, and POPE draws absent ones, from the whole label set
     named = (c for r in records for c in [*(o.category for o in r.objects), *r.crowd_categories])
     table = coco_table() if categories in (None, "coco") else dataset_table(named)
-    if len(records) > num_images:
+    if main and len(records) > num_images:
         log.warning(f"{data}: its first {num_images} of {len(records)} images are evaluated (--num-images; default 500)")
     records = records[:num_images]
     unmapped: Counter = Counter()
@@ -157,6 +159,8 @@ def pope_file_data(path: str | Path, images: str | Path | None = None, on_error:
     """The images and questions of a POPE question file (`load_pope_questions`): the questions the
     published POPE tables are scored on, asked as written. No ground truth beyond their labels."""
     records, questions, report = load_pope_questions(path, images, on_error)
+    if not questions and report.skipped:
+        raise RefloopError(f"{path}: no POPE question left to ask{report.skipped_note()}")
     if not questions:
         raise RefloopError(f"{path}: no POPE questions (JSON Lines of question_id, image, text, label, as the POPE release's files)")
     empty = [frozenset()] * len(records)
@@ -447,11 +451,11 @@ def run_object_eval(
     vlm = spec.load_vlm(batch_size, generation=True)
     common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error}
     if task == "caption":
-        with progress_bar(f"caption {data}", len(found.records), enabled=progress) as advance:
+        with progress_bar(f"caption {data}", share(len(found.records), batch_size), enabled=progress) as advance:
             metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
     else:
         title = f"pope {Path(question_file).name}" if question_file is not None else f"pope {strategy} {data}"
-        with progress_bar(title, len(questions), enabled=progress) as advance:
+        with progress_bar(title, share(len(questions), batch_size), enabled=progress) as advance:
             given = {"questions": questions, "generated": question_file is None, "question_file": question_file and str(question_file)}
             metrics = evaluate_pope(vlm, found, out, progress=advance, rule=rule, **given, **pope, **common)
     if not state.is_main_process:

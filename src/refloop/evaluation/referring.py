@@ -17,7 +17,7 @@ from pathlib import Path
 from refloop.cycle import REC_ACCURACY, Consistency, locate_boxes
 from refloop.data.loaders import LoadReport
 from refloop.data.records import ImageRecord
-from refloop.data.shards import ShardedRun
+from refloop.data.shards import ShardedRun, share
 from refloop.errors import RefloopError
 from refloop.evaluation.captions import caption_metrics
 from refloop.models.base import VLM
@@ -208,7 +208,7 @@ def run_referring_eval(
         raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task}` reads {where}){report.skipped_note()}")
     vlm = spec.load_vlm(batch_size, generation=True)
     run = evaluate_rec if task == "rec" else evaluate_reg
-    with progress_bar(f"{task} {data}", total, enabled=progress and state.is_main_process) as advance:
+    with progress_bar(f"{task} {data}", share(total, batch_size), enabled=progress and state.is_main_process) as advance:
         metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, progress=advance, overwrite=overwrite, on_error=on_error)
     if not state.is_main_process:
         return None

@@ -72,6 +72,7 @@ def eval_folders(specs: list[DataSpec]) -> list[str]:
 def evaluate(vlm: VLM, recipe: SCTuneRecipe, out: Path, label: str, bars: bool = False) -> dict[str, float]:
     """Pr@0.5 of `vlm` on every eval set; keyed by the data as the recipe names it. `bars`: a
     progress bar per set (on the main process)."""
+    from refloop.data.shards import share
     from refloop.progress import progress_bar
 
     results = {}
@@ -80,8 +81,9 @@ def evaluate(vlm: VLM, recipe: SCTuneRecipe, out: Path, label: str, bars: bool =
             records, _ = load_data(spec.data, recipe.root(spec), num_images=recipe.eval_boxes)
         samples = sample_boxes(records, recipe.eval_boxes)
         cfg = ConsistencyConfig(num_boxes=recipe.eval_boxes)
-        shown = bars and PartialState().is_main_process
-        with progress_bar(f"{label} model: consistency {spec.data}", len(samples), enabled=shown) as advance:
+        state = PartialState()
+        mine = share(len(samples), cfg.batch_size)  # the main process's share of the sharded pass
+        with progress_bar(f"{label} model: consistency {spec.data}", mine, enabled=bars and state.is_main_process) as advance:
             metrics = evaluate_consistency(vlm, samples, out / label / folder, cfg, data_name=spec.data, progress=advance)
         results[spec.data] = metrics["consistency_rate"]
     return results

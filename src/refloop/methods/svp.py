@@ -234,14 +234,16 @@ class ImageSamples:
         }
 
 
-def label_set(records: Sequence[ImageRecord], vocabulary: Vocabulary | None = None) -> tuple[str, ...]:
+def label_set(records: Sequence[ImageRecord], vocabulary: Vocabulary | None = None, categories: Sequence[str] = ()) -> tuple[str, ...]:
     """The phrases a detector of the data is asked for when it is run over its label set: a closed
-    vocabulary's (the shapes world's colour-shape pairs), else every category the records name.
-    Computed over the whole dataset, never per image: an image's own labels would tell the
+    vocabulary's (the shapes world's colour-shape pairs), else the file's `categories`
+    (`Detections.categories`: all of its images', before any num_images cut), else every category
+    the records name. The whole dataset's, never per image: an image's own labels would tell the
     grounder what is in it (SVP's seed images are unlabelled)."""
     if vocabulary is not None and vocabulary.categories:
         return tuple(vocabulary.categories)
-    return tuple(category_phrases(sorted({o.category for r in records for o in r.objects if o.category})))
+    named = categories or sorted({o.category for r in records for o in r.objects if o.category})
+    return tuple(category_phrases(list(named)))
 
 
 def phrases_for(caption: str, how: str, vocabulary: Vocabulary | None = None, labels: Sequence[str] = ()) -> list[str]:
@@ -263,11 +265,12 @@ def inner_loop(
     cfg: SVPConfig,
     seed: int,
     vocabulary: Vocabulary | None = None,
-    labels: Sequence[str] = (),
+    labels: Sequence[str] | None = None,
 ) -> list[ImageSamples]:
     """Algorithm 1, lines 10-23, for a batch of images; sampling seeded by `seed`; phrases read
     with the records' closed `vocabulary` when they have one, the dataset's `labels` asked for
-    with `phrases` categories / both."""
+    with `phrases` categories / both (default: `label_set` of `records`)."""
+    labels = label_set(records, vocabulary) if labels is None else labels
     profile, k = vlm.profile, cfg.samples
     sampled = GenerateOptions(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     base_prompt = profile.caption_prompt()
@@ -385,12 +388,14 @@ def caption_images(
     progress: Callable[[int], None] | None = None,
     overwrite: bool = False,
     on_error: str = "fail",
+    labels: Sequence[str] | None = None,
 ) -> int:
     """`refloop caption`: one greedy caption per image into out/captions.jsonl, or with a
     `grounder` iSVP's guided caption; resumable, sharded under `accelerate launch`. Returns the
-    images skipped as undecodable."""
+    images skipped as undecodable. `labels`: the dataset's label set (default: `label_set` of
+    `records`)."""
     fingerprint = {"task": "caption", "model": model_fingerprint(vlm)} | (fingerprint or {})
-    labels = label_set(records, vocabulary)  # the whole dataset's, whichever images a batch holds
+    labels = label_set(records, vocabulary) if labels is None else labels  # the dataset's, whichever images a batch holds
     with shared_run_directory(out, fingerprint, overwrite):
         run = ShardedRun(Path(out) / "captions.jsonl", records, lambda r: r.image_id, batch_size, field="image_id")
         for batch in run.batches(lambda r: r.load_image(), on_error, progress):
@@ -441,10 +446,12 @@ class SVP:
         cfg: SVPConfig,
         vocabulary: Vocabulary | None = None,
         tracking: Tracking | None = None,
+        labels: Sequence[str] | None = None,
     ) -> None:
         """`vocabulary`: the seed records' closed vocabulary (`Detections.vocabulary`), if any;
-        `tracking`: where each iteration's SFT reports (one tracker run per iteration's train/)."""
-        self.vlm, self.grounder, self.cfg, self.vocabulary = vlm, grounder, cfg, vocabulary
+        `tracking`: where each iteration's SFT reports (one tracker run per iteration's train/);
+        `labels`: the dataset's label set (default: `label_set` of the seed records)."""
+        self.vlm, self.grounder, self.cfg, self.vocabulary, self.labels = vlm, grounder, cfg, vocabulary, labels
         self.tracking = tracking or Tracking()
 
     def sample(
@@ -459,7 +466,7 @@ class SVP:
         `accelerate launch` (see `ShardedRun`; the seed of batch b is the same wherever it runs);
         every process returns all rows, in record order."""
         run = ShardedRun(work / "samples.jsonl", records, lambda r: r.image_id, self.cfg.images_per_batch, field="image_id")
-        labels = label_set(records, self.vocabulary)  # every seed image's, whichever images a batch holds
+        labels = self.labels if self.labels is not None else label_set(records, self.vocabulary)  # whichever images a batch holds
         for batch in run.batches(lambda r: r.load_image(), on_error, progress):
             seed = step_seed(step_seed(self.cfg.seed, iteration, "svp-iteration"), batch.number, "torch")
             rows = inner_loop(self.vlm, self.grounder, batch.items, batch.images, self.cfg, seed, self.vocabulary, labels)

@@ -16,6 +16,7 @@ from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from refloop.data.records import ImageRecord, InstructionExample, ObjectAnnotation
+from refloop.data.shards import share
 from refloop.data.sources import load_detections
 from refloop.data.vocabulary import Vocabulary
 from refloop.errors import RefloopError
@@ -164,7 +165,7 @@ def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
     from refloop.evaluation.hallucination import shapes_table
     from refloop.grounding.oracle import scene_objects
 
-    found = load_detections(recipe.cvq_data, recipe.images, num_images=recipe.cvq_images)
+    found = load_detections(recipe.cvq_data, recipe.images, num_images=recipe.cvq_images, limit="cvq_images")
     if not any(o.expressions for r in found.records for o in r.objects):
         raise RefloopError(f"cvq_data {recipe.cvq_data!r}: no referring expressions, so no REC / REG queries (use referring data)")
     yes_no = None
@@ -183,10 +184,12 @@ def seed_image_queries(
     vocabulary: Vocabulary | None = None,
     questions: SynonymTable | None = None,
     on_error: str = "fail",
+    labels: Sequence[str] = (),
 ) -> tuple[list[InstructionExample], dict]:
     """SVP (CVQ)'s visual queries made from the seed images themselves, without labels: the
-    grounder's boxes for the dataset's categories (the detector SVP already runs: a closed
-    `vocabulary`'s categories, else every category named in `records`), each described and located
+    grounder's boxes for the dataset's categories (the detector SVP already runs: `labels`, the
+    dataset's label set; default: a closed `vocabulary`'s categories, else every category named in
+    `records`), each described and located
     again by `vlm` and kept when IoU >= lambda (Pink Sec. 3.3, `methods.pink`); the kept pairs
     become REC and REG queries in the model's native prompts and, with a `questions` wording,
     balanced yes/no existence questions whose labels are the grounder's detections (so its false
@@ -204,7 +207,7 @@ def seed_image_queries(
     from refloop.methods.svp import label_set
 
     # a detector run over the dataset's label set, never told which labels an image has
-    every = list(label_set(records, vocabulary))
+    every = list(labels or label_set(records, vocabulary))
     if vocabulary is not None and vocabulary.categories:
         universe = list(vocabulary.categories)
     else:
@@ -254,7 +257,9 @@ def check_cvq(recipe: SVPRecipe) -> None:
         )
 
 
-def cvq_examples(recipe: SVPRecipe, vlm, grounder: Grounder | None, records, vocabulary, work: Path) -> tuple[list, dict | None]:
+def cvq_examples(
+    recipe: SVPRecipe, vlm, grounder: Grounder | None, records, vocabulary, work: Path, labels: tuple[str, ...] = ()
+) -> tuple[list, dict | None]:
     """SVP (CVQ)'s visual queries as the recipe asks (none at cvq_ratio 0): from the training
     history (`visual_queries`) or from the seed images (`seed_image_queries`, with their counts)."""
     check_cvq(recipe)
@@ -266,17 +271,20 @@ def cvq_examples(recipe: SVPRecipe, vlm, grounder: Grounder | None, records, voc
     from refloop.world import DOMAINS
 
     table = shapes_table() if recipe.train_data in DOMAINS else None  # the shapes world's question wording
-    queries, counts = seed_image_queries(vlm, grounder, records, work, recipe.cvq_bootstrap, vocabulary, table)
+    queries, counts = seed_image_queries(vlm, grounder, records, work, recipe.cvq_bootstrap, vocabulary, table, labels=labels)
     if PartialState().is_main_process:
         log.info(f"SVP (CVQ) from the seed images: {counts}")
     return queries, counts
 
 
-def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], Vocabulary | None]:
-    found = load_detections(recipe.train_data, recipe.images, num_images=recipe.num_images)
+def load_seed_images(recipe: SVPRecipe) -> tuple[list[ImageRecord], Vocabulary | None, tuple[str, ...]]:
+    """The seed images, their closed vocabulary (if any) and the label set a detector is asked for."""
+    from refloop.methods.svp import label_set
+
+    found = load_detections(recipe.train_data, recipe.images, num_images=recipe.num_images, limit="num_images")
     if not found.records:
         raise RefloopError(f"train_data {recipe.train_data!r}: no images")
-    return found.records, found.vocabulary
+    return found.records, found.vocabulary, label_set(found.records, found.vocabulary, found.categories)
 
 
 def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
@@ -309,13 +317,13 @@ def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
     out = run.out
     vlm = recipe.load_vlm(batch_size=recipe.svp.sft.generation_batch_size)
     with PartialState().main_process_first():  # a shapes-world domain is exported once, by the main process
-        records, vocabulary = load_seed_images(recipe)
+        records, vocabulary, labels = load_seed_images(recipe)
     if recipe.svp.grounding and recipe.svp.phrases != "categories" and vocabulary is None and recipe.grounder.kind == "oracle":
         raise RefloopError("the scene oracle grounds shapes-world images only: use a shapes-world train_data or another grounder.kind")
     grounder = recipe.grounder.build(vlm, recipe.device, recipe.dtype) if recipe.svp.grounding else None
-    queries, counts = cvq_examples(recipe, vlm, grounder, records, vocabulary, out / "cvq")
+    queries, counts = cvq_examples(recipe, vlm, grounder, records, vocabulary, out / "cvq", labels)
     started = time.perf_counter()
-    method = SVP(vlm, grounder, recipe.svp, vocabulary=vocabulary, tracking=run.tracking)
+    method = SVP(vlm, grounder, recipe.svp, vocabulary=vocabulary, tracking=run.tracking, labels=labels)
     iterations = method.run(records, out, queries, progress)
     results = {
         "train_data": recipe.train_data,
@@ -353,22 +361,23 @@ def run_captions(
     `grounding`. The main process returns the images skipped as unreadable; the others None.
     `progress`: show a progress bar."""
 
-    from refloop.methods.svp import caption_images
+    from refloop.methods.svp import caption_images, label_set
     from refloop.progress import progress_bar
     from refloop.runs import records_digest
     from refloop.world import TRAIN_SEED
 
     state = spec.process_state()
     with state.main_process_first():
-        found = load_detections(data, images, on_error, num_images, TRAIN_SEED)
+        found = load_detections(data, images, on_error, num_images, TRAIN_SEED, limit="--num-images")
     vlm = spec.load_vlm(batch_size, generation=True)
     ground = grounding.build(vlm, spec.device, spec.dtype) if isvp else None
     records = {"name": data, "image_root": str(found.image_root), "records": records_digest(found.records)}
     fingerprint = {"data": records, "isvp": isvp}
     if isvp:  # plain captioning reads neither: they must not block resuming it
         fingerprint |= {"grounder": grounding.model_dump(), "phrases": phrases}
-    with progress_bar("caption" + (" (iSVP)" if isvp else ""), len(found.records), enabled=progress) as advance:
+    with progress_bar("caption" + (" (iSVP)" if isvp else ""), share(len(found.records), batch_size), enabled=progress) as advance:
+        labels = label_set(found.records, found.vocabulary, found.categories)
         skipped = caption_images(
-            vlm, found.records, out, ground, phrases, found.vocabulary, batch_size, fingerprint, advance, overwrite, on_error
+            vlm, found.records, out, ground, phrases, found.vocabulary, batch_size, fingerprint, advance, overwrite, on_error, labels
         )
     return skipped if state.is_main_process else None

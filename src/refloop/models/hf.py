@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from PIL import Image
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText
@@ -95,10 +96,13 @@ def check_local_or_hub(path: str, what: str = "model directory") -> None:
 
 
 def offline_reason(path: str) -> str | None:
-    """What to do when a hub id is needed but the hub cannot be asked (None: not that case)."""
-    from huggingface_hub import constants
+    """What to do when a hub id is needed, the hub cannot be asked and the cache lacks it (None:
+    not that case; a cached checkpoint that fails to load keeps its own error)."""
+    from huggingface_hub import constants, try_to_load_from_cache
 
     if Path(path).exists() or not constants.HF_HUB_OFFLINE:
+        return None
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
         return None
     return (
         f"offline, and the Hugging Face cache ({constants.HF_HUB_CACHE}) does not hold it: download it where there is "
@@ -139,7 +143,8 @@ def offline_if_unreachable(timeout: float = 3.0) -> bool:
     if not failed:  # resolved, or still resolving: the hub client decides
         return False
     constants.HF_HUB_OFFLINE = True
-    log.info(f"{host} does not resolve (no network?): reading the Hugging Face cache only, as with HF_HUB_OFFLINE=1")
+    if PartialState().is_main_process:
+        log.info(f"{host} does not resolve (no network?): reading the Hugging Face cache only, as with HF_HUB_OFFLINE=1")
     return True
 
 
@@ -162,9 +167,15 @@ def load_parts(
     name = profile if isinstance(profile, str) else None
     if isinstance(profile, str):
         own = MODEL_TYPES.get(getattr(config, "model_type", None))
-        if own is not None and own != profile:
+        if own is not None and own != profile and PartialState().is_main_process:
             log.warning(f"prompt profile {profile} for {path}, a {config.model_type} checkpoint (its family's profile: {own})")
-        profile = get_profile(profile, processor)
+        try:
+            profile = get_profile(profile, processor)
+        except (AttributeError, TypeError, KeyError) as exc:  # a profile reading settings another family's processor lacks
+            raise RefloopError(
+                f"prompt profile {profile} does not fit {path} (its processor has no {exc}); choose the profile of this model's "
+                f"family (--profile{f' {own}' if own else ''})"
+            ) from None
     profile = profile or profile_for_config(config, processor)
     check_profile_fits(profile, processor, path, name)
     return config, processor, profile
@@ -206,10 +217,12 @@ def check_profile_fits(profile: PromptProfile, processor, path: str, name: str |
         return
     try:
         processor(images=[Image.new("RGB", (56, 56))], text=[profile.prompt(profile.rec_instruction("the thing"))], return_tensors="pt")
-    except Exception as exc:  # noqa: BLE001 (any failure of the family's processor is a misfit here)
+    except Exception as exc:  # noqa: BLE001 (any failure of the family's processor stops here, named)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if name is None:  # the family's own profile: the processor itself is broken (a missing dependency, a bad file)
+            raise RefloopError(f"the processor of {path} cannot prepare an image and a prompt: {reason}") from None
         raise RefloopError(
-            f"prompt profile {name or type(profile).__name__} does not fit {path}: the checkpoint's processor refuses its prompt "
+            f"prompt profile {name} does not fit {path}: the checkpoint's processor refuses its prompt "
             f"({reason}); choose the profile of this model's family (--profile)"
         ) from None
 

@@ -18,6 +18,14 @@ METHODS = {
 }
 
 
+def _model_type(checkpoint: str) -> str | None:
+    """The model_type of a local checkpoint folder (None: not one, or unreadable)."""
+    try:
+        return json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def model_card(base_model: str, method: str, recipe: dict, metrics: dict | None = None, adapter: str | None = None) -> str:
     """README.md text: YAML metadata the Hub reads, how to load, the recipe, the metrics."""
     local = Path(base_model).exists()
@@ -29,11 +37,12 @@ def model_card(base_model: str, method: str, recipe: dict, metrics: dict | None 
     if not local:
         meta["base_model"] = base_model  # a Hub id; a local directory is named in the text only
     kind = f"LoRA adapter `{adapter}`" if adapter else "merged checkpoint (adapter folded into the base weights)"
-    tiny = base_model in ("refloop-tiny", "refloop-tiny-context")
+    packaged = base_model in ("refloop-tiny", "refloop-tiny-context")
+    tiny = packaged or _model_type(base_model) == "refloop-tiny"
     # refloop-tiny is no transformers architecture: importing refloop.models registers it with the Auto classes
     register = "import refloop.models  # registers refloop-tiny with transformers' Auto classes\n" if tiny else ""
     if adapter:
-        base = "refloop.models.default_model_path()" if tiny else f'"{base_model}"'
+        base = "refloop.models.default_model_path()" if packaged else f'"{base_model}"'
         load = (
             f"```python\n{register}from peft import PeftModel\nfrom transformers import AutoModelForImageTextToText\n\n"
             f"base = AutoModelForImageTextToText.from_pretrained({base})\n"
