@@ -310,7 +310,12 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
 
     # runs from before cvq_source existed took their queries from the history: still the same run
     unchanged = frozenset({"cvq_source", "cvq_bootstrap"}) if recipe.cvq_source == "history" else frozenset()
-    return run_recipe("svp", recipe, out, body, overwrite, unchanged=unchanged, card_metrics=card, prepare=prepare)
+    # On a dataset file (open vocabulary) the categories were once asked per image: such runs are another run's.
+    from refloop.world import DOMAINS
+
+    open_labels = recipe.svp.grounding and recipe.svp.phrases != "caption" and recipe.train_data not in DOMAINS
+    more = {"categories_asked": "the dataset's label set"} if open_labels else None
+    return run_recipe("svp", recipe, out, body, overwrite, unchanged=unchanged, card_metrics=card, prepare=prepare, fingerprint=more)
 
 
 def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
@@ -375,6 +380,8 @@ def run_captions(
     fingerprint = {"data": records, "isvp": isvp}
     if isvp:  # plain captioning reads neither: they must not block resuming it
         fingerprint |= {"grounder": grounding.model_dump(), "phrases": phrases}
+        if phrases != "caption" and found.vocabulary is None:  # asked per image before: those rows are another run's
+            fingerprint["categories_asked"] = "the dataset's label set"
     with progress_bar("caption" + (" (iSVP)" if isvp else ""), share(len(found.records), batch_size), enabled=progress) as advance:
         labels = label_set(found.records, found.vocabulary, found.categories)
         skipped = caption_images(
