@@ -310,3 +310,22 @@ def test_nothing_left_after_skipping_says_what_was_skipped(tmp_path, capsys):
     for command in (["eval", "rec"], ["consistency"]):
         args = [*command, "--data", str(tmp_path / "refs.jsonl"), "--on-error", "skip", "--out", str(tmp_path / command[-1])]
         assert_refused(run(args, capsys), "2 records were skipped", "image file not found: 2")
+
+
+def test_asking_whether_this_is_the_main_process_creates_no_process_state():
+    """A bare PartialState() made before a recipe sets up its CPU state became the singleton, and
+    under a CPU launch every rank then ran the whole job as the main process (a review's finding:
+    the offline note and the profile warning asked early)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from accelerate.state import PartialState\n"
+        "from refloop.parallel import is_main_process\n"
+        "print(is_main_process(), bool(PartialState._shared_state))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE")} | {"RANK": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]

@@ -5,9 +5,22 @@ the largest of a number over processes. The sharding itself is `refloop.training
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from accelerate import PartialState
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process, without creating accelerate's process state: a bare
+    PartialState() made before a recipe sets up its CPU state becomes the process-wide singleton
+    (on a machine without CUDA: one process, every rank the main one). Before any state exists,
+    the launcher's RANK says."""
+    from accelerate.state import PartialState as State
+
+    if State._shared_state:
+        return State().is_main_process
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def sharded(module: torch.nn.Module) -> bool:

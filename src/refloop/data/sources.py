@@ -8,12 +8,11 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from accelerate import PartialState
-
 from refloop.data.loaders import LoadReport, OnError, load_coco, load_referring
 from refloop.data.records import ImageRecord
 from refloop.data.vocabulary import Vocabulary, shapes_vocabulary
 from refloop.errors import RefloopError
+from refloop.parallel import is_main_process
 from refloop.world import DOMAINS, EVAL_SEED, TRAIN_SEED
 from refloop.world.export import COCO_FILE, REFS_FILE, export_split
 
@@ -104,7 +103,7 @@ def load_detections(
     records, report = load_data(data, images, on_error=on_error)
     categories = tuple(sorted({o.category for r in records for o in r.objects if o.category}))
     if num_images and len(records) > num_images:
-        if PartialState().is_main_process:
+        if is_main_process():
             log.warning(f"{data}: its first {num_images} of {len(records)} images are used ({limit})")
         records = records[:num_images]
     root = Path(images if images is not None else Path(data).parent).resolve()

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate import PartialState
 from PIL import Image
 
 from refloop.data.jsonl import write_records
@@ -52,6 +51,7 @@ from refloop.evaluation.pope import (  # noqa: F401
 from refloop.evaluation.synonyms import SynonymTable, coco_table, dataset_table, plural, shapes_table, words  # noqa: F401
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
+from refloop.parallel import is_main_process
 from refloop.runs import model_fingerprint, shared_run_directory, write_text_whole
 from refloop.world import DOMAINS, EVAL_SEED
 
@@ -114,7 +114,7 @@ def load_object_data(
     if seed is not None:
         raise RefloopError("seed picks a split of a shapes-world domain; a dataset file is its own split")
     records, report = load_data(data, images, on_error=on_error)
-    main = PartialState().is_main_process  # every process loads the data; one says what it found
+    main = is_main_process()  # every process loads the data; one says what it found
     if main and Path(data).suffix in (".jsonl", ".parquet") and any(o.expressions for r in records for o in r.objects):
         log.warning(
             f"{data} is referring data: it lists the objects its expressions refer to, not every object in the image, so "

@@ -39,7 +39,7 @@ from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from refloop.data.records import ImageRecord, InstructionExample
-from refloop.data.shards import ShardedRun
+from refloop.data.shards import ShardedRun, share
 from refloop.data.vocabulary import Vocabulary
 from refloop.errors import RefloopError
 from refloop.grounding import Grounder, grounding_context, phrases_from_caption
@@ -246,6 +246,18 @@ def label_set(records: Sequence[ImageRecord], vocabulary: Vocabulary | None = No
     return tuple(category_phrases(list(named)))
 
 
+def _given_labels(labels: Sequence[str] | None, vocabulary: Vocabulary | None, phrases: str) -> Sequence[str]:
+    """The label set a batch-level function asks for: the given one, or a closed vocabulary's; a
+    dataset's must be given (the batch's own records' labels would be an oracle hint)."""
+    if labels is not None:
+        return labels
+    if vocabulary is not None and vocabulary.categories:
+        return tuple(vocabulary.categories)
+    if phrases in ("categories", "both"):
+        raise ValueError("phrases asks for categories: pass labels=label_set(all of the dataset's records, ...)")
+    return ()
+
+
 def phrases_for(caption: str, how: str, vocabulary: Vocabulary | None = None, labels: Sequence[str] = ()) -> list[str]:
     """What the grounder is asked to find for one prior caption: the caption's noun phrases (read
     with a closed `vocabulary` when there is one), the dataset's `labels` (`label_set`), or both."""
@@ -269,8 +281,9 @@ def inner_loop(
 ) -> list[ImageSamples]:
     """Algorithm 1, lines 10-23, for a batch of images; sampling seeded by `seed`; phrases read
     with the records' closed `vocabulary` when they have one, the dataset's `labels` asked for
-    with `phrases` categories / both (default: `label_set` of `records`)."""
-    labels = label_set(records, vocabulary) if labels is None else labels
+    with `phrases` categories / both (default: a closed vocabulary's categories; without one,
+    pass them: the label set of these few records would be their own labels)."""
+    labels = _given_labels(labels, vocabulary, cfg.phrases)
     profile, k = vlm.profile, cfg.samples
     sampled = GenerateOptions(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     base_prompt = profile.caption_prompt()
@@ -351,11 +364,12 @@ def isvp(
 ) -> list[dict]:
     """iSVP: a greedy prior caption, its grounding written as text, then a greedy guided caption
     from the same model (SVP Sec. 3 sampling with K = 1 and no outer loop). `labels`: the
-    dataset's label set (`label_set` of all its records; default: of `records`)."""
+    dataset's label set (`label_set` of all its records; required for categories without a
+    closed vocabulary)."""
     profile = vlm.profile
     greedy = GenerateOptions(max_new_tokens=max_new_tokens)
     prior = [profile.read_caption(g[0].text) for g in vlm.generate(list(images), [profile.caption_prompt()] * len(images), greedy)]
-    labels = label_set(records, vocabulary) if labels is None else labels
+    labels = _given_labels(labels, vocabulary, phrases)
     asked = [phrases_for(text, phrases, vocabulary, labels) for text in prior]
     groundings = grounder.ground(list(images), asked, list(records))
     contexts = [grounding_context(g, img.size, codec=profile.codec) for g, img in zip(groundings, images, strict=True)]
@@ -486,7 +500,8 @@ class SVP:
         """One round: inner loop over `records`, SFT on the selection, merge. Returns its summary."""
         work.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        tick = (lambda n: progress(f"iteration {iteration + 1}: inner loop (images)", n, len(records))) if progress else None
+        mine = share(len(records), self.cfg.images_per_batch)  # this process's images of the sharded pass
+        tick = (lambda n: progress(f"iteration {iteration + 1}: inner loop (images)", n, mine)) if progress else None
         rows = self.sample(iteration, records, work, tick, on_error)
         ungrounded = sum(not any(c.strip() for c in r["contexts"]) for r in rows)
         bare = sum(not c.strip() for r in rows for c in r["contexts"])  # samples whose grounding found nothing

@@ -381,7 +381,7 @@ def run_captions(
     if isvp:  # plain captioning reads neither: they must not block resuming it
         fingerprint |= {"grounder": grounding.model_dump(), "phrases": phrases}
         if phrases != "caption" and found.vocabulary is None:  # asked per image before: those rows are another run's
-            fingerprint["categories_asked"] = "the dataset's label set"
+            fingerprint["categories_asked"] = list(label_set(found.records, None, found.categories))
     with progress_bar("caption" + (" (iSVP)" if isvp else ""), share(len(found.records), batch_size), enabled=progress) as advance:
         labels = label_set(found.records, found.vocabulary, found.categories)
         skipped = caption_images(

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from PIL import Image
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText
@@ -102,7 +101,11 @@ def offline_reason(path: str) -> str | None:
 
     if Path(path).exists() or not constants.HF_HUB_OFFLINE:
         return None
-    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+    try:
+        cached = try_to_load_from_cache(path, "config.json")
+    except ValueError:  # an id the hub's rules refuse (e.g. "org/a..b"): its own error says why
+        return None
+    if isinstance(cached, str):
         return None
     return (
         f"offline, and the Hugging Face cache ({constants.HF_HUB_CACHE}) does not hold it: download it where there is "
@@ -143,7 +146,7 @@ def offline_if_unreachable(timeout: float = 3.0) -> bool:
     if not failed:  # resolved, or still resolving: the hub client decides
         return False
     constants.HF_HUB_OFFLINE = True
-    if PartialState().is_main_process:
+    if parallel.is_main_process():
         log.info(f"{host} does not resolve (no network?): reading the Hugging Face cache only, as with HF_HUB_OFFLINE=1")
     return True
 
@@ -167,7 +170,7 @@ def load_parts(
     name = profile if isinstance(profile, str) else None
     if isinstance(profile, str):
         own = MODEL_TYPES.get(getattr(config, "model_type", None))
-        if own is not None and own != profile and PartialState().is_main_process:
+        if own is not None and own != profile and parallel.is_main_process():
             log.warning(f"prompt profile {profile} for {path}, a {config.model_type} checkpoint (its family's profile: {own})")
         try:
             profile = get_profile(profile, processor)
