@@ -33,7 +33,11 @@ def anatomy(run: Path) -> dict:
         base, tuned = read(base_dir), read(tuned_dir)
         ids = sorted(set(base) & set(tuned))
         moves = Counter(f"{outcome(base[i])} -> {outcome(tuned[i])}" for i in ids)
-        points = lambda n: round(100 * n / len(ids), 1)  # noqa: E731
+        total = len(ids)
+
+        def points(n: int, total: int = total) -> float:
+            return round(100 * n / total, 1)
+
         out[base_dir.name] = {
             "boxes": len(ids),
             "transitions": dict(sorted(moves.items())),
