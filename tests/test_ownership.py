@@ -492,6 +492,16 @@ def test_check_output_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_refused_directory_is_left_as_it_was_found(tmp_path):
+    """Through the Python API (no CLI pre-check) a folder of the user's was refused, but its lock
+    file stayed behind in it (a first-contact helper's finding)."""
+    (tmp_path / "mine.txt").write_text("my notes")
+    with pytest.raises(RefloopError, match="holds no refloop run"):
+        with run_directory(tmp_path, {"task": "x"}):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
 # ---- fingerprints carry the data ----------------------------------------------------------------
 def test_caption_rerun_with_other_images_is_refused_not_resumed(tmp_path, models, capsys):
     out = tmp_path / "cap"

@@ -433,6 +433,7 @@ def run_directory(out: Path, fingerprint: dict | None = None, overwrite: bool = 
     created = not Path(out).exists()
     out = prepare_output_dir(out)
     lock_path = out / LOCK
+    lock_existed = lock_path.exists()
     handle = open(lock_path, "a+")
     fresh = False
     try:
@@ -448,7 +449,12 @@ def run_directory(out: Path, fingerprint: dict | None = None, overwrite: bool = 
         handle.flush()
         manifest = None
         if fingerprint is not None:
-            fresh, manifest = _open_run(out, json.loads(json.dumps(fingerprint)), overwrite)
+            try:
+                fresh, manifest = _open_run(out, json.loads(json.dumps(fingerprint)), overwrite)
+            except RefloopError:
+                if not lock_existed:  # refused (e.g. a folder of the user's): leave it as it was found
+                    lock_path.unlink(missing_ok=True)
+                raise
         at_start = set().union(*_tree(out)) if manifest is not None else set()
         _HELD[key] = _HELD.get(key, 0) + 1
         try:
