@@ -313,7 +313,8 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
     # On a dataset file (open vocabulary) the categories were once asked per image: such runs are another run's.
     from refloop.world import DOMAINS
 
-    open_labels = recipe.svp.grounding and recipe.svp.phrases != "caption" and recipe.train_data not in DOMAINS
+    asks = (recipe.svp.grounding and recipe.svp.phrases != "caption") or recipe.cvq_source == "seed-images"
+    open_labels = asks and recipe.train_data not in DOMAINS
     more = {"categories_asked": "the dataset's label set"} if open_labels else None
     return run_recipe("svp", recipe, out, body, overwrite, unchanged=unchanged, card_metrics=card, prepare=prepare, fingerprint=more)
 
