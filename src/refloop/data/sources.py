@@ -78,6 +78,16 @@ class Detections:
     categories: tuple[str, ...] = ()
 
 
+def first_images(records: list[ImageRecord], num_images: int | None, data: str, how: str) -> list[ImageRecord]:
+    """A data file's first `num_images` records (all without a limit), said when the file holds more
+    (from the main process): "DATA: its first N of M images HOW"."""
+    if not num_images or len(records) <= num_images:
+        return records
+    if is_main_process():
+        log.warning(f"{data}: its first {num_images} of {len(records)} images {how}")
+    return records[:num_images]
+
+
 def load_detections(
     data: str,
     images: str | Path | None = None,
@@ -102,9 +112,6 @@ def load_detections(
         return Detections(records, report, root.resolve(), True, shapes_vocabulary())
     records, report = load_data(data, images, on_error=on_error)
     categories = tuple(sorted({o.category for r in records for o in r.objects if o.category}))
-    if num_images and len(records) > num_images:
-        if is_main_process():
-            log.warning(f"{data}: its first {num_images} of {len(records)} images are used ({limit})")
-        records = records[:num_images]
+    records = first_images(records, num_images, data, f"are used ({limit})")
     root = Path(images if images is not None else Path(data).parent).resolve()
     return Detections(records, report, root, any(o.expressions for r in records for o in r.objects), categories=categories)

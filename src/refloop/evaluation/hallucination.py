@@ -92,7 +92,7 @@ def load_object_data(
     file's own category names, `dataset_table`; crowd annotations' categories included, as the
     CHAIR release counts them), reference captions from `captions` (a COCO captions JSON) when given.
     """
-    from refloop.data.sources import load_data, world_split_dir
+    from refloop.data.sources import first_images, load_data, world_split_dir
     from refloop.world.export import CAPTIONS_FILE, COCO_FILE
 
     if categories not in (None, "coco", "dataset"):
@@ -114,8 +114,7 @@ def load_object_data(
     if seed is not None:
         raise RefloopError("seed picks a split of a shapes-world domain; a dataset file is its own split")
     records, report = load_data(data, images, on_error=on_error)
-    main = is_main_process()  # every process loads the data; one says what it found
-    if main and Path(data).suffix in (".jsonl", ".parquet") and any(o.expressions for r in records for o in r.objects):
+    if is_main_process() and Path(data).suffix in (".jsonl", ".parquet") and any(o.expressions for r in records for o in r.objects):
         log.warning(
             f"{data} is referring data: it lists the objects its expressions refer to, not every object in the image, so "
             "CHAIR reads a caption's unlisted object as hallucinated and POPE may ask an unlisted one with the answer no; "
@@ -125,9 +124,7 @@ def load_object_data(
     # caption's object as hallucinated, and POPE draws absent ones, from the whole label set
     named = (c for r in records for c in [*(o.category for o in r.objects), *r.crowd_categories])
     table = coco_table() if categories in (None, "coco") else dataset_table(named)
-    if main and len(records) > num_images:
-        log.warning(f"{data}: its first {num_images} of {len(records)} images are evaluated (--num-images; default 500)")
-    records = records[:num_images]
+    records = first_images(records, num_images, data, "are evaluated (--num-images; default 500)")
     unmapped: Counter = Counter()
     objects = []
     for rec in records:
