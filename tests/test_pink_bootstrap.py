@@ -175,6 +175,19 @@ def test_pairs_reload_as_referring_jsonl_and_refcoco_with_grammar_unique_shares(
     instances = json.loads((tmp_path / "out" / "instances.json").read_text())
     assert len(instances["images"]) == 2 and len(instances["annotations"]) == 3  # every box of an image with a pair
     assert [c["name"] for c in instances["categories"]] == ["cup", "plate"]
+    assert [a["id"] for a in instances["annotations"]] == [7, 8, 9]  # the source file's ids: they join it
+
+
+def test_refcoco_export_numbers_annotations_when_the_source_ids_are_not_unique_integers(tmp_path):
+    scenes = [[obj(Box(0, 0, 100, 100), "cup", 0), obj(Box(1, 100, 101, 200), "plate", 1)], [obj(Box(3, 0, 103, 100), "cup", 0)]]
+    answers = {"box 0": Box(0, 0, 100, 100), "box 3": Box(3, 0, 103, 100)}
+    bootstrap(
+        ScriptedVLM(answers), image_records(tmp_path, scenes), tmp_path / "out", BootstrapConfig(), image_root=tmp_path, write_report=False
+    )
+    instances = json.loads((tmp_path / "out" / "instances.json").read_text())
+    assert [(a["id"], a["source_ann_id"]) for a in instances["annotations"]] == [(1, 0), (2, 1), (3, 0)]
+    refs = json.loads((tmp_path / "out" / "refs.json").read_text())
+    assert [r["ann_id"] for r in refs] == [1, 3]
 
 
 def test_a_batch_cut_short_is_redone_without_doubling_records(tmp_path):

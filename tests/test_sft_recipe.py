@@ -89,7 +89,8 @@ def test_interrupted_run_resumes_to_identical_adapters(tmp_path, model_dir, rc_f
     with pytest.raises(Interrupt):
         run_sft(recipe(), tmp_path / "killed", progress=stop_at_two)
     assert not (tmp_path / "killed" / "results.json").exists()
-    run_sft(recipe(), tmp_path / "killed")
+    resumed = run_sft(recipe(), tmp_path / "killed")
+    assert straight["resumed_from_step"] == 0 and resumed["resumed_from_step"] > 0  # wall_seconds is this invocation's
     for rel in ("train/checkpoint/weights.safetensors", "adapters/sft/adapter_model.safetensors"):
         a, b = load_file(tmp_path / "straight" / rel), load_file(tmp_path / "killed" / rel)
         assert a.keys() == b.keys()

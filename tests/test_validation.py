@@ -501,6 +501,21 @@ def test_version_and_short_help(capsys):
     assert code == 0 and "--strategy" in out and "--captions" not in out  # each eval task lists only its own options
 
 
+def test_help_shows_no_value_placeholder_after_a_flag(capsys, monkeypatch):
+    """Typer prints `<bool>` after a flag (its own -h/--help included), as if it took a value."""
+    import typer
+
+    from refloop import cli
+
+    monkeypatch.setenv("COLUMNS", "200")
+    group = typer.main.get_group(cli.app)
+    commands = [[name] for name in group.commands if name != "eval"] + [["eval", name] for name in group.commands["eval"].commands]
+    assert len(commands) >= 16
+    for args in [[], ["eval"], *commands]:
+        code, out, _ = run_cli([*args, "--help"], capsys)
+        assert code == 0 and "--help" in out and "<bool>" not in out, args
+
+
 def test_threads_default_to_refloop_threads_and_a_bad_value_is_named(monkeypatch, capsys):
     from refloop import cli
 

@@ -17,7 +17,33 @@ from rich.markup import escape
 
 from refloop.errors import RefloopError
 
+
+class _Group(typer.core.TyperGroup):
+    """Typer's group, with the `-h/--help` option shown without a value placeholder.
+
+    Typer prints `<bool>` after every flag, --help included; refloop's own flags pass `metavar=""`
+    (`_flag`), and this does the same for the help option typer makes itself, on the group and on
+    every command the group hands out.
+    """
+
+    def get_help_option(self, ctx):
+        return _no_placeholder(super().get_help_option(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and not isinstance(command, _Group):
+            _no_placeholder(command.get_help_option(ctx))
+        return command
+
+
+def _no_placeholder(option):
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
 app = typer.Typer(
+    cls=_Group,
     help="refloop: make vision-language models self-consistent about the objects they talk about.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -351,6 +377,7 @@ class PopeRule(str, Enum):
 
 
 eval_app = typer.Typer(
+    cls=_Group,
     help="Object-level benchmarks of the papers: REC accuracy and REG text metrics (`rec`, `reg`, as Pink and SC-Tune report "
     "them); caption hallucination and recall (`caption`) and POPE (`pope`), as SVP reports them.",
     no_args_is_help=True,
@@ -828,6 +855,7 @@ def bootstrap(
     distractor_check: bool | None = typer.Option(
         None,
         "--distractor-check/--no-distractor-check",
+        metavar="",
         help="Reject a description whose re-located box fits another box of its category at least as well.",
     ),
     num_images: int | None = typer.Option(
@@ -846,10 +874,10 @@ def bootstrap(
         "on a busy CPU 1 can be much faster).",
     ),
     on_error: OnErrorChoice | None = typer.Option(None, "--on-error", help="fail: stop at the first bad record; skip: skip and count."),
-    report: bool | None = typer.Option(None, "--report/--no-report", help="Write report.html with kept and rejected examples."),
+    report: bool | None = typer.Option(None, "--report/--no-report", metavar="", help="Write report.html with kept and rejected examples."),
     profile: str | None = ProfileOpt,
     trust_remote_code: bool | None = typer.Option(
-        None, "--trust-remote-code/--no-trust-remote-code", help="Allow a checkpoint's own modelling code."
+        None, "--trust-remote-code/--no-trust-remote-code", metavar="", help="Allow a checkpoint's own modelling code."
     ),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set bootstrap.samples=4 (repeatable)."),
     backend: BackendChoice | None = typer.Option(None, "--backend", help="What generates: hf (transformers, default) or vllm."),

@@ -173,13 +173,14 @@ def write_bootstrapped(records: Sequence[ImageRecord], out_dir: Path, grammar: b
     stats, examples = BootstrapStats(grammar), Examples()
     images, annotations, refs = (_JsonArray(parts / f"{name}.part") for name in ("images", "annotations", "refs"))
     categories: dict[str, int] = {}
+    source_ids = _unique_integer_ids(records)
     with open(parts / "candidates.jsonl", "w") as candidates, open(parts / "pairs.jsonl", "w") as pairs:
         for record in iter_records(out_dir / RECORDS):
             stats.add(record)
             examples.add(record, records[record["index"]])
             candidates.writelines(json.dumps(line) + "\n" for box in record["boxes"] for line in _flat(record, box))
             if any(box["decision"] == KEPT for box in record["boxes"]):
-                _add_pairs(record, pairs, images, annotations, refs, categories)
+                _add_pairs(record, pairs, images, annotations, refs, categories, source_ids)
         for handle in (candidates, pairs):
             handle.flush()
             os.fsync(handle.fileno())
@@ -219,15 +220,30 @@ def write_stats(out_dir: Path, result: dict) -> None:
     write_text_whole(out_dir / STATS, json.dumps(result, indent=2) + "\n")
 
 
+def _unique_integer_ids(records: Sequence[ImageRecord]) -> bool:
+    """Whether every object of `records` has an integer annotation id of its own (a COCO file's):
+    the RefCOCO-style export then keeps them, so its annotations join the source file's by id."""
+    ids = [o.ann_id for r in records for o in r.objects]
+    return all(type(i) is int for i in ids) and len(set(ids)) == len(ids)
+
+
 def _add_pairs(
-    record: dict, pairs: IO[str], images: _JsonArray, annotations: _JsonArray, refs: _JsonArray, categories: dict[str, int]
+    record: dict,
+    pairs: IO[str],
+    images: _JsonArray,
+    annotations: _JsonArray,
+    refs: _JsonArray,
+    categories: dict[str, int],
+    source_ids: bool,
 ) -> None:
     """One image with kept pairs: its pairs.jsonl lines (the ground-truth box B stored, as Pink),
-    its COCO image entry, every one of its boxes as an annotation, a RefCOCO ref per kept pair."""
+    its COCO image entry, every one of its boxes as an annotation, a RefCOCO ref per kept pair.
+    Annotation ids are the source file's when `source_ids` (unique integers), else numbered from 1;
+    category ids are numbered by first appearance (records carry category names only)."""
     image = {k: record[k] for k in ("image_id", "file_name", "width", "height")}
     images.add({"id": record["image_id"], "file_name": record["file_name"], "width": record["width"], "height": record["height"]})
     for box in record["boxes"]:
-        ann_id = annotations.count + 1
+        ann_id = box["ann_id"] if source_ids else annotations.count + 1
         xywh = Box(*box["box"]).as_xywh()
         category_id = categories.setdefault(box["category"], len(categories) + 1)
         annotations.add(

@@ -158,7 +158,8 @@ def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict],
     started = time.perf_counter()
     summary = tuner.run(out / "train", progress=progress)
     results["train_seconds"] = summary["train_seconds"]
-    results["wall_seconds"] = time.perf_counter() - started
+    results["wall_seconds"] = time.perf_counter() - started  # this invocation's: see resumed_from_step
+    results["resumed_from_step"] = summary["resumed_from_step"]
     results["processes"] = tuner.trainer.world_size
     adapters, tuned = tuner.adapters, tuner.vlm
     if adapters.sharded:  # FSDP: export and evaluate from a gathered, unsharded copy

@@ -162,7 +162,8 @@ def _run_sft(recipe: SFTRecipe, run: RecipeRun, progress: Callable[[dict], None]
         "vision_lora": recipe.vision_lora,
         "trainable_parameters": sum(p.numel() for p in tuner.adapters.parameters(cfg.adapter)),
         "train_seconds": summary.get("train_seconds"),
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": time.perf_counter() - started,  # this invocation's: see resumed_from_step
+        "resumed_from_step": summary.get("resumed_from_step"),
         "processes": tuner.trainer.world_size,
     }
     adapters = tuner.adapters.unsharded()  # FSDP: gathered into a plain copy (every process); else itself

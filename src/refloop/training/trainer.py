@@ -145,7 +145,9 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, work_dir: Path, step_fn: Callable[[int], dict], progress: Callable[[dict], None] | None = None) -> dict:
-        """Run (or resume from `work_dir`) steps until `total_steps`; returns {steps, train_seconds}."""
+        """Run (or resume from `work_dir`) steps until `total_steps`; returns {steps, train_seconds,
+        resumed_from_step}: the training seconds of every step the run kept, over all of its
+        invocations, and the step this invocation started at (0 for a fresh run)."""
         if self.state.is_main_process:
             # one writer at a time, in a directory of its own; the checkpoint holds the config check
             with run_directory(work_dir, {"task": "training"}):
@@ -165,7 +167,7 @@ class Trainer:
         finally:
             if tracker is not None:
                 tracker.finish()  # a failed step too: the event files are closed and flushed
-        return {"steps": self.total_steps, "train_seconds": elapsed}
+        return {"steps": self.total_steps, "train_seconds": elapsed, "resumed_from_step": start}
 
     def _steps(self, work_dir: Path, step_fn, progress, log_path: Path, start: int, elapsed: float, tracker: RunTracker | None) -> float:
         """Steps `start`..`total_steps`; returns the run's training seconds."""
