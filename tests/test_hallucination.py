@@ -1,3 +1,4 @@
+import html
 import inspect
 import json
 from pathlib import Path
@@ -358,6 +359,9 @@ def test_eval_caption_command_on_shapes_world(tmp_path, capsys):
     scenes = [sample_scene(get_style("in-domain"), EVAL_SEED, i) for i in range(4)]
     assert [r["references"] for r in rows] == [[caption(s)] for s in scenes]
     assert metrics["CIDEr"] > 0 and metrics["object_recall"] > 0.5  # refloop-tiny captions its own domain well
+    page = (out / "report.html").read_text()
+    assert (out / "objects.png").exists() and page.count("data:image/png;base64,") >= 4  # each image shown once or twice
+    assert html.escape(rows[0]["caption"]) in page
     code, _, err = run_cli(["eval", "caption", "--data", "in-domain", "--out", str(out), "--strategy", "popular"], capsys)
     assert code == 2 and "No such option: --strategy" in err  # a POPE option: `eval caption` does not have it
 
@@ -365,8 +369,9 @@ def test_eval_caption_command_on_shapes_world(tmp_path, capsys):
 def test_eval_pope_command_on_shapes_world_resumes_and_refuses_another_run(tmp_path, capsys):
     out = tmp_path / "pope"
     args = ["eval", "pope", "--data", "in-domain", "--num-images", "4", "--strategy", "popular", "--out", str(out), "--device", "cpu"]
-    code, _, err = run_cli(args, capsys)
+    code, _, err = run_cli([*args, "--no-report"], capsys)
     assert code == 0, err
+    assert not (out / "report.html").exists() and not (out / "objects.png").exists()
     metrics = json.loads((out / "pope_metrics.json").read_text())
     rows = [json.loads(line) for line in (out / "pope_samples.jsonl").read_text().splitlines()]
     assert sum(r["label"] == "yes" for r in rows) == sum(r["label"] == "no" for r in rows) == metrics["num"] / 2
@@ -406,6 +411,7 @@ def test_eval_pope_asks_a_release_question_file_as_written(tmp_path, capsys):
         k: expected[k] for k in ("num", "accuracy", "f1", "yes_ratio", "by_rule")
     }
     assert metrics["questions"].endswith("coco_pope_random.json") and "strategy" not in metrics
+    assert (out / "report.html").exists() and not (out / "objects.png").exists()  # a release's questions name no object field
     code, _, err = run_cli([*args, "--strategy", "popular", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "--strategy" in err and "asked as written" in err
     code, _, err = run_cli(["eval", "pope", "--out", str(tmp_path / "y")], capsys)
@@ -475,3 +481,41 @@ def test_a_pope_file_whose_images_are_all_missing_says_what_was_skipped(tmp_path
     args = ["eval", "pope", "--questions", str(tmp_path / "coco_pope_random.json"), "--on-error", "skip", "--out", str(tmp_path / "o")]
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "no POPE question left to ask; 2 records were skipped" in err and "image file not found: 2" in err
+
+
+def test_reports_rank_the_wrong_objects_and_show_the_images_that_still_exist(tmp_path):
+    from refloop.report.hallucination import write_caption_report, write_pope_report
+
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{i}.png")
+
+    def caption_row(i, image, caption, hallucinated, recalled, missed):
+        recall = len(recalled) / max(len(recalled) + len(missed), 1)
+        return {"id": str(i), "image": image, "caption": caption, "hallucinated": hallucinated, "recalled": recalled, "missed": missed,
+                "recall": recall}  # fmt: skip
+
+    rows = [
+        caption_row(0, str(tmp_path / "0.png"), "a cat & a dog", ["dog"], ["cat"], []),
+        caption_row(1, str(tmp_path / "1.png"), "a cat", [], ["cat"], ["bed"]),
+        caption_row(2, str(tmp_path / "gone.png"), "a dog and a bird", ["dog", "bird"], [], ["cup"]),  # moved since the run
+    ]
+    (tmp_path / "caption_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_caption_report(tmp_path, {"chair_i": 0.6, "object_recall": 0.5, "chair_protocol": "original"}, "m", "d").read_text()
+    assert "a cat &amp; a dog" in page and "CHAIR_i (mentions naming an absent object)</td><td>60.0%" in page
+    assert page.count("data:image/png;base64,") == 2  # the gone image is left out, not an error
+    assert page.index("a cat &amp; a dog") < page.index("naming no absent object") < page.index("<b>a cat</b>")
+    assert (tmp_path / "objects.png").exists()
+
+    questions = [
+        {"image": str(tmp_path / "0.png"), "object": "dog", "question": "is there a dog?", "answer": "Yes", "label": "no"},
+        {"image": str(tmp_path / "1.png"), "object": "cat", "question": "is there a cat?", "answer": "", "label": "yes"},
+        {"image": str(tmp_path / "1.png"), "object": "bed", "question": "is there a bed?", "answer": "no", "label": "no"},
+    ]
+    for q in questions:
+        q["reference_reading"] = "no" if q["answer"].lower().startswith("no") else "yes"  # the release reads "" as yes
+        q["parsed"] = q["answer"].lower() or None
+    (tmp_path / "pope_samples.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    page = write_pope_report(tmp_path, {"rule": "refloop", "tp": 0, "fn": 1, "fp": 1, "tn": 1}, "m", "d").read_text()
+    assert "Absent objects answered yes (1)" in page and "Present objects not answered yes (1)" in page  # "" is no yes here
+    page = write_pope_report(tmp_path, {"rule": "reference"}, "m", "d").read_text()
+    assert "Absent objects answered yes (1)" in page and "Present objects not answered yes (0)" in page

@@ -82,6 +82,7 @@ class OnErrorChoice(str, Enum):
     skip = "skip"
 
 
+EvalReportOpt = _flag(True, "--report/--no-report", help="Write report.html: the objects most often wrong and examples with their images.")
 ModelOpt = typer.Option(None, "--model", help="Model directory or hub id (default: the embedded refloop-tiny).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16 or fp16.")
@@ -476,13 +477,14 @@ def eval_caption(
     trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
     threads: int | None = ThreadsOpt,
+    report: bool = EvalReportOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Caption hallucination: one greedy caption per image; object recall, CHAIR_i, CHAIR_s and, against reference
     captions, the REG text metrics."""
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
     chosen = {"captions": captions, "protocol": chair_protocol.value if chair_protocol else None}
-    _eval_objects("caption", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite)
+    _eval_objects("caption", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite, report)
 
 
 @eval_app.command("pope")
@@ -523,6 +525,7 @@ def eval_pope(
     trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
     threads: int | None = ThreadsOpt,
+    report: bool = EvalReportOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """POPE: balanced yes/no questions about present and absent objects (accuracy, precision, recall, F1, yes-ratio)."""
@@ -530,7 +533,7 @@ def eval_pope(
     _pope_source(ctx, data, questions)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
     chosen = {"strategy": strategy.value, "per_image": per_image, "seed": seed, "rule": pope_rule.value, "question_file": questions}
-    _eval_objects("pope", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite)
+    _eval_objects("pope", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite, report)
 
 
 def _pope_source(ctx: typer.Context, data: str | None, questions: Path | None) -> None:
@@ -554,11 +557,11 @@ def _eval_referring(task, spec, data, out, refs, split, images, limit, batch_siz
     _print_eval(done)
 
 
-def _eval_objects(task, spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite) -> None:
+def _eval_objects(task, spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite, report) -> None:
     from refloop.evaluation.hallucination import run_object_eval
 
     _check_out(out, data, images, chosen.get("captions"), chosen.get("question_file"), spec.model, overwrite=overwrite)
-    common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite}
+    common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite, "report": report}
     objects = {"num_images": num_images, "categories": categories.value if categories else None} | chosen
     done = run_object_eval(task, spec, data, out, **objects, **common, progress=True)
     _print_eval(done)

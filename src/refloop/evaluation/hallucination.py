@@ -425,13 +425,15 @@ def run_object_eval(
     overwrite: bool = False,
     progress: bool = False,
     question_file: str | Path | None = None,
+    report: bool = True,
 ) -> tuple[dict, LoadReport] | None:
     """`refloop eval caption` / `eval pope`: the images and their objects loaded (a shapes-world
     domain exported once, by the main process), POPE's questions drawn before any weights load
     (or read from `question_file`, a question file of the POPE release, instead of `data`), the
-    run. The main process returns the metrics and the data's load report; the others None.
-    `progress`: show a progress bar."""
+    run, and with `report` report.html. The main process returns the metrics and the data's load
+    report; the others None. `progress`: show a progress bar."""
     from refloop.progress import progress_bar
+    from refloop.report.hallucination import write_caption_report, write_pope_report
 
     state = spec.process_state()
     questions = None
@@ -462,4 +464,7 @@ def run_object_eval(
     evaluated = metrics.get("images", metrics.get("num"))
     if num_images is not None and isinstance(evaluated, int) and evaluated < num_images:  # asked for, not the default
         log.warning(f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): no more had what the task reads")
+    if report:
+        write = write_caption_report if task == "caption" else write_pope_report
+        write(Path(out), metrics, vlm.name, str(question_file or data), {str(r.path): r.load_image for r in found.records})
     return metrics, found.report

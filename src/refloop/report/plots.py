@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,4 +111,21 @@ def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], path
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def ranked_bars(panels: dict[str, Counter], path: Path, title: str, xlabel: str, top: int = 12) -> Path:
+    """One horizontal bar chart per entry of `panels`, side by side: its `top` most counted names,
+    the most counted at the top; a panel with nothing counted says so."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.3 * top + 1.4), dpi=110, squeeze=False)
+    for ax, (label, counts) in zip(axes[0], panels.items(), strict=True):
+        ranked = counts.most_common(top)[::-1]
+        ax.barh([name for name, _ in ranked], [n for _, n in ranked], color="#d04a4a" if ax is axes[0][0] else "#9b9b9b")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.tick_params(axis="y", labelsize=8)
+        if not ranked:
+            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
