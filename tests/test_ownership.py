@@ -77,6 +77,21 @@ def test_a_directory_holding_no_refloop_run_is_refused_by_every_command(tmp_path
     assert_untouched(user_dir)
 
 
+@pytest.mark.parametrize("task", ["rec", "reg", "caption", "pope"])
+def test_eval_reports_are_the_runs_own_files(tmp_path, models, capsys, task):
+    """report.html and its pictures are written after the run closed: still in its manifest (so
+    --overwrite replaces them); --no-report writes none."""
+    out = tmp_path / task
+    data = ["--data", str(referring_file(tmp_path))] if task in ("rec", "reg") else ["--data", "in-domain", "--num-images", "2"]
+    args = ["eval", task, *data, "--model", str(models[0]), "--out", str(out)]
+    assert run(args, capsys)[0] == 0
+    wrote = {p.name for p in out.iterdir()} - {".refloop.lock", FINGERPRINT, MANIFEST}
+    assert "report.html" in wrote and any(name.endswith(".png") for name in wrote)
+    assert set(json.loads((out / MANIFEST).read_text())["files"]) == wrote
+    assert run([*args[:-1], str(tmp_path / "bare"), "--no-report"], capsys)[0] == 0
+    assert not list((tmp_path / "bare").glob("*.html")) and not list((tmp_path / "bare").glob("*.png"))
+
+
 def test_rc_data_into_the_working_directory_deletes_nothing(tmp_path, user_dir, capsys, monkeypatch):
     monkeypatch.chdir(user_dir)
     assert_refused(run(["rc-data", "--data", str(referring_file(tmp_path)), "--out", "."], capsys), "holds no refloop run")

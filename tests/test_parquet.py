@@ -110,6 +110,8 @@ def test_eval_rec_on_parquet_equals_the_same_data_as_files(tmp_path, model_dir, 
         assert from_parquet[key] == pytest.approx(from_files[key]), key
     rows = [json.loads(line) for line in (tmp_path / "p" / "rec_samples.jsonl").read_text().splitlines()]
     assert {r["image"] for r in rows} == {str(parquet / name) for name, _, _ in REFS}
+    with Image.open(tmp_path / "p" / "rec_best.png") as drawn:  # the report draws the images held in the parquet file
+        assert drawn.width > 4 * 256
 
 
 def _variant(rows, row: int, **changes) -> list[dict]:

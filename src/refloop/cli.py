@@ -82,7 +82,7 @@ class OnErrorChoice(str, Enum):
     skip = "skip"
 
 
-EvalReportOpt = _flag(True, "--report/--no-report", help="Write report.html: the objects most often wrong and examples with their images.")
+EvalReportOpt = _flag(True, "--report/--no-report", help="Write report.html: what the answers get wrong, with examples on their images.")
 ModelOpt = typer.Option(None, "--model", help="Model directory or hub id (default: the embedded refloop-tiny).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on capable GPUs, else fp32), fp32, bf16 or fp16.")
@@ -429,10 +429,11 @@ def _referring_command(task: str, items: str, doc: str):
         trust_remote_code: bool = RemoteOpt,
         backend: BackendChoice = BackendOpt,
         threads: int | None = ThreadsOpt,
+        report: bool = EvalReportOpt,
         overwrite: bool = OverwriteOpt,
     ) -> None:
         spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
-        _eval_referring(task, spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite)
+        _eval_referring(task, spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite, report)
 
     command.__doc__ = doc
     return eval_app.command(task)(command)
@@ -548,11 +549,11 @@ def _pope_source(ctx: typer.Context, data: str | None, questions: Path | None) -
         raise RefloopError(f"{', '.join(given)} choose how questions are drawn from --data; a --questions file is asked as written")
 
 
-def _eval_referring(task, spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite) -> None:
+def _eval_referring(task, spec, data, out, refs, split, images, limit, batch_size, on_error, overwrite, report) -> None:
     from refloop.evaluation.referring import run_referring_eval
 
     _check_out(out, data, refs, images, spec.model, overwrite=overwrite)
-    common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite}
+    common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite, "report": report}
     done = run_referring_eval(task, spec, data, out, refs=refs, split=split, limit=limit, **common, progress=True)
     _print_eval(done)
 

@@ -189,29 +189,35 @@ def run_referring_eval(
     on_error: str = "fail",
     overwrite: bool = False,
     progress: bool = False,
+    report: bool = True,
 ) -> tuple[dict, LoadReport] | None:
     """`refloop eval rec` / `eval reg`: the referring data loaded (a shapes-world domain exported
-    once, by the main process), the run. The main process returns the metrics and the data's load
-    report; the others None. `progress`: show a progress bar (on the main process)."""
+    once, by the main process), the run, and with `report` report.html. The main process returns
+    the metrics and the data's load report; the others None. `progress`: show a progress bar (on
+    the main process)."""
     from refloop.progress import progress_bar
+    from refloop.report.referring import write_rec_report, write_reg_report
 
     if split is not None and refs is None:
         raise RefloopError("--split names a split of the --refs file (RefCOCO's refs); without --refs it would be ignored")
     state = spec.process_state()
     with state.main_process_first():
-        records, report = load_referring_data(data, images, refs, split, on_error)
+        records, loaded = load_referring_data(data, images, refs, split, on_error)
     total = len(rec_pairs(records, limit) if task == "rec" else reg_objects(records, limit))
     if not total:
-        if refs is not None and split is not None and not report.skipped:
+        if refs is not None and split is not None and not loaded.skipped:
             raise RefloopError(f"{refs}: no referring expression in split {split!r} (RefCOCO: val, testA, testB; RefCOCOg: val, test)")
         where = "a referring .jsonl, RefCOCO refs or a shapes-world domain"
-        raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task}` reads {where}){report.skipped_note()}")
+        raise RefloopError(f"{data}: no referring expressions to evaluate (`eval {task}` reads {where}){loaded.skipped_note()}")
     vlm = spec.load_vlm(batch_size, generation=True)
     run = evaluate_rec if task == "rec" else evaluate_reg
     with progress_bar(f"{task} {data}", share(total, batch_size), enabled=progress and state.is_main_process) as advance:
         metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, progress=advance, overwrite=overwrite, on_error=on_error)
     if not state.is_main_process:
         return None
-    if report.skipped:
-        metrics["skipped_records"] = report.skipped
-    return metrics, report
+    if loaded.skipped:
+        metrics["skipped_records"] = loaded.skipped
+    if report:
+        write = write_rec_report if task == "rec" else write_reg_report
+        write(Path(out), metrics, vlm.name, str(data), {str(r.path): r.load_image for r in records})
+    return metrics, loaded

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from refloop.boxes import Box
 from refloop.data.jsonl import read_records
-from refloop.report.draw import grid, panel, save_png
+from refloop.report.draw import grid, row_panels, save_png
 from refloop.report.page import write_page
 from refloop.report.plots import iou_histogram
 from refloop.runs import claim_outputs
@@ -31,38 +30,22 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
-def example_panels(rows: list[dict], count: int, images: Mapping[str, Callable[[], Image.Image]] | None = None) -> list[Image.Image]:
-    """Panels of the first `count` rows. `images` loads a row's image by its "image" field where
-    the pixels are not a file of that name (a parquet dataset's images are held in memory); a
-    file that is gone since the run is left out rather than ending the report."""
-    panels = []
-    for r in rows[:count]:
-        load = (images or {}).get(r["image"])
-        try:
-            if load is not None:
-                image = load()
-            else:
-                with Image.open(r["image"]) as img:
-                    image = img.convert("RGB")
-        except OSError:
-            continue
-        predicted = Box(*r["predicted_box"]) if r.get("predicted_box") else None
-        located = f"IoU {r['iou']:.2f}" if r.get("predicted_box") is not None else "IoU 0 (the located answer did not parse)"
-        lines = [f"described: {r['caption'] or '(empty)'}", located]
-        if r.get("reference_expression"):
-            lines.append(f"reference: {r['reference_expression']}")
-        panels.append(panel(image, Box(*r["box"]), predicted, lines))
-    return panels
+def _lines(r: dict) -> list[str]:
+    located = f"IoU {r['iou']:.2f}" if r.get("predicted_box") is not None else "IoU 0 (the located answer did not parse)"
+    lines = [f"described: {r['caption'] or '(empty)'}", located]
+    if r.get("reference_expression"):
+        lines.append(f"reference: {r['reference_expression']}")
+    return lines
 
 
 def write_consistency_report(
     out_dir: Path, metrics: dict, examples: int = 8, images: Mapping[str, Callable[[], Image.Image]] | None = None
 ) -> Path:
-    """report.html and its PNGs from samples.jsonl; `images` as in `example_panels`."""
+    """report.html and its PNGs from samples.jsonl; `images` as in `row_panels`."""
     rows = read_records(out_dir / "samples.jsonl")
     ranked = sorted(rows, key=lambda r: (r["iou"], r["id"]))
-    best = save_png(grid(example_panels(ranked[::-1], examples, images), title="most consistent"), out_dir / "best.png")
-    worst = save_png(grid(example_panels(ranked, examples, images), title="least consistent"), out_dir / "worst.png")
+    best = save_png(grid(row_panels(ranked[::-1], examples, _lines, images), title="most consistent"), out_dir / "best.png")
+    worst = save_png(grid(row_panels(ranked, examples, _lines, images), title="least consistent"), out_dir / "worst.png")
     hist = iou_histogram(rows, out_dir / "iou_hist.png", f"{metrics.get('data', '')}: Pr@0.5 = {metrics.get('consistency_rate', 0):.3f}")
     table = "".join(
         f"<tr><td>{html.escape(label)}</td><td>{_fmt(metrics.get(key))}</td></tr>" for key, label in METRIC_LABELS.items() if key in metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -72,3 +73,31 @@ def save_png(image: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def row_panels(
+    rows: list[dict],
+    count: int,
+    lines: Callable[[dict], list[str]],
+    images: Mapping[str, Callable[[], Image.Image]] | None = None,
+) -> list[Image.Image]:
+    """Panels of the first `count` rows whose image can be read: each row's "box" (green), its
+    "predicted_box" if any (magenta), `lines(row)` below. `images` loads a row's image by its
+    "image" field where the pixels are not a file of that name (a parquet dataset's images are held
+    in memory); a file that is gone since the run is left out rather than ending the report."""
+    panels = []
+    for r in rows:
+        if len(panels) == count:
+            break
+        load = (images or {}).get(r["image"])
+        try:
+            if load is not None:
+                image = load()
+            else:
+                with Image.open(r["image"]) as img:
+                    image = img.convert("RGB")
+        except OSError:
+            continue
+        predicted = Box(*r["predicted_box"]) if r.get("predicted_box") else None
+        panels.append(panel(image, Box(*r["box"]), predicted, lines(r)))
+    return panels

@@ -22,12 +22,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def iou_histogram(rows: list[dict], path: Path, title: str, threshold: float = 0.5) -> Path:
+def iou_histogram(
+    rows: list[dict], path: Path, title: str, threshold: float = 0.5, xlabel: str = "IoU(target, re-located box)", ylabel: str = "boxes"
+) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
     ax.hist([r["iou"] for r in rows], bins=20, range=(0, 1), color="#4a7bd0")
     ax.axvline(threshold, color="#d04a4a", linestyle="--", linewidth=1)
-    ax.set_xlabel("IoU(target, re-located box)")
-    ax.set_ylabel("boxes")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
