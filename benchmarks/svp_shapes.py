@@ -55,6 +55,7 @@ RESULTS = Path(__file__).parent / "results"
 # by table; we report ours in one table).
 SEED_CVQ = "grounding + S(q,p) + CVQ from seed-image pairs"
 SEED_CVQ_X2 = "grounding + S(q,p) + 2x CVQ from seed-image pairs"
+SEED_CVQ_REC_YES_NO = "grounding + S(q,p) + REC and yes/no CVQ from seed-image pairs"
 ROWS = {
     "base": None,
     "self-captioning, no grounding": {"grounding": False},
@@ -74,6 +75,8 @@ ROWS |= {
     # them as Pink's filter keeps them, yes/no questions labelled by the oracle's detections).
     SEED_CVQ: {"score": "log_ratio", "cvq_ratio": 1.0, "cvq_data": "seed-images"},
     SEED_CVQ_X2: {"score": "log_ratio", "cvq_ratio": 2.0, "cvq_data": "seed-images"},  # two queries a caption
+    # the same queries without REG (whose answers are text, like the captions): REC and yes/no only
+    SEED_CVQ_REC_YES_NO: {"score": "log_ratio", "cvq_ratio": 1.0, "cvq_data": "seed-images", "cvq_tasks": ("rec", "yes-no")},
     # A diagnostic: grounding without scoring with the same seed-image queries (the score under matched queries)
     "grounding, no scoring + CVQ from seed-image pairs": {"score": "none", "cvq_ratio": 1.0, "cvq_data": "seed-images"},
 }
@@ -238,6 +241,7 @@ def main() -> None:
             if settings is not None:
                 settings = dict(settings)
                 cvq_data = settings.pop("cvq_data", "in-domain")  # the training history's REC / REG / yes-no
+                cvq_tasks = settings.pop("cvq_tasks", ("rec", "reg", "yes-no"))
                 cfg = SVPConfig(
                     samples=args.samples,
                     top_fraction=args.top_fraction,
@@ -254,6 +258,7 @@ def main() -> None:
                 source = "seed-images" if cvq_data == "seed-images" else "history"
                 history = None if source == "seed-images" else cvq_data
                 fields = {"train_data": args.domain, "cvq_source": source, "cvq_data": history, "cvq_images": args.images, "svp": cfg}
+                fields["cvq_tasks"] = cvq_tasks
                 recipe = SVPRecipe.model_validate(fields)
                 queries, counts = cvq_examples(recipe, vlm, oracle, seeds, shapes_vocabulary(), out / tag / "cvq")
                 if counts is not None:
@@ -322,6 +327,8 @@ def main() -> None:
         targets["seed_cvq"] = five_targets(SEED_CVQ)
     if references and SEED_CVQ_X2 in table:
         targets["seed_cvq_x2"] = five_targets(SEED_CVQ_X2)
+    if references and SEED_CVQ_REC_YES_NO in table:
+        targets["seed_cvq_rec_yes_no"] = five_targets(SEED_CVQ_REC_YES_NO)
     summary = {
         "benchmark": "svp_shapes",
         "model": args.model or "refloop-tiny",

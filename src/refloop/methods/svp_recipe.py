@@ -97,6 +97,10 @@ def _load(model: str, device: str, dtype: str):
     return load_vlm(model, device=device, dtype=dtype)
 
 
+QUERY_TASKS = {"rec": "visual-grounding", "reg": "grounding-caption"}  # the RC tasks of REC and REG, in the model's native prompts
+CVQ_TASKS = ("rec", "reg", "yes-no")  # SVP (CVQ)'s query tasks
+
+
 class SVPRecipe(ModelSpec, TrackingSpec):
     """The model fields come from `ModelSpec`, the tracker fields from `TrackingSpec`."""
 
@@ -116,6 +120,11 @@ class SVPRecipe(ModelSpec, TrackingSpec):
     cvq_bootstrap: BootstrapConfig = Field(
         default_factory=BootstrapConfig, description="cvq_source seed-images: Pink's filter settings for the seed images' pairs"
     )
+    cvq_tasks: tuple[Literal["rec", "reg", "yes-no"], ...] = Field(
+        CVQ_TASKS,
+        min_length=1,
+        description="SVP (CVQ)'s query tasks (paper: every task of the history); yes-no in the shapes world or from the seed images",
+    )
     svp: SVPConfig = Field(default_factory=SVPConfig, description="the method's settings")
 
     @model_validator(mode="before")
@@ -125,32 +134,32 @@ class SVPRecipe(ModelSpec, TrackingSpec):
         return shapes_area(data, "train_data", "cvq_bootstrap", default_data="wild")
 
 
-QUERY_TASKS = ("visual-grounding", "grounding-caption")  # REC and REG, in the model's native prompts
-
-
 def query_examples(
     records: Sequence[ImageRecord],
     profile,
     image_root: Path | None = None,
     yes_no: tuple[Sequence[frozenset[str]], Sequence[str] | None, SynonymTable] | None = None,
+    tasks: Sequence[str] = CVQ_TASKS,
 ) -> list[InstructionExample]:
-    """SVP (CVQ)'s visual queries on `records`: REC and REG of the objects' expressions in the
-    model's native prompts (at most 2 per image and task) and, with `yes_no` (each image's objects,
-    the universe absent objects are drawn from or None for theirs, the question wording), one
-    balanced yes/no existence pair per image. Built in a temporary folder of this process, so
-    every process of `accelerate launch` builds the same list without sharing a file."""
+    """SVP (CVQ)'s visual queries on `records`: those of `tasks` ("rec", "reg", "yes-no"). REC and
+    REG of the objects' expressions in the model's native prompts (at most 2 per image and task)
+    and, with `yes_no` (each image's objects, the universe absent objects are drawn from or None
+    for theirs, the question wording), one balanced yes/no existence pair per image. Built in a
+    temporary folder of this process, so every process of `accelerate launch` builds the same list
+    without sharing a file."""
     import tempfile
 
     from refloop.data.rc import build_rc_data, load_rc_data
     from refloop.evaluation.pope import build_pope_questions
 
     out: list[InstructionExample] = []
-    if any(o.expressions for r in records for o in r.objects):
+    rc_tasks = [QUERY_TASKS[t] for t in tasks if t in QUERY_TASKS]
+    if rc_tasks and any(o.expressions for r in records for o in r.objects):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "queries.jsonl"
-            build_rc_data(records, path, list(QUERY_TASKS), profile, seed=0, max_per_image=2, native=True)
+            build_rc_data(records, path, rc_tasks, profile, seed=0, max_per_image=2, native=True)
             out = load_rc_data(path, image_root=image_root)
-    if yes_no is not None:
+    if yes_no is not None and "yes-no" in tasks:
         objects, universe, table = yes_no
         questions = build_pope_questions(records, objects, "random", per_image=1, seed=0, categories=universe, table=table)
         out += [InstructionExample(q["image"], profile.prompt(q["question"]), q["label"], example_id=q["id"]) for q in questions]
@@ -172,7 +181,7 @@ def visual_queries(recipe: SVPRecipe, profile) -> list[InstructionExample]:
     if found.vocabulary is not None:  # the shapes world: its POPE questions too
         objects = [frozenset(f"{o.colour} {o.shape}" for o in scene_objects(r)) for r in found.records]
         yes_no = (objects, None, shapes_table())
-    return query_examples(found.records, profile, found.image_root, yes_no)
+    return query_examples(found.records, profile, found.image_root, yes_no, recipe.cvq_tasks)
 
 
 def seed_image_queries(
@@ -185,6 +194,7 @@ def seed_image_queries(
     questions: SynonymTable | None = None,
     on_error: str = "fail",
     labels: Sequence[str] = (),
+    tasks: Sequence[str] = CVQ_TASKS,
 ) -> tuple[list[InstructionExample], dict]:
     """SVP (CVQ)'s visual queries made from the seed images themselves, without labels: the
     grounder's boxes for the dataset's categories (the detector SVP already runs: `labels`, the
@@ -197,7 +207,8 @@ def seed_image_queries(
 
     Beyond both papers: SVP's CVQ draws visual queries from the model's training history, whose
     images for a real LVLM are the seed images' kind (COCO); where the history does not cover the
-    seed images' kind, these queries keep the model answering other tasks on it. Returns the
+    seed images' kind, these queries keep the model answering other tasks on it. `tasks`: which
+    queries ("rec", "reg", "yes-no"; `query_examples`). Returns the
     examples and the counts (boxes grounded, pairs kept, queries). Resumes the bootstrapping in
     `work`; under `accelerate launch` every process grounds every image (cheap next to the
     describe-then-locate pass, which is sharded)."""
@@ -225,9 +236,9 @@ def seed_image_queries(
     bootstrapped = bootstrapped_records(work / "bootstrap", grounded)
     detected = [frozenset(o.category for o in r.objects) for r in bootstrapped]
     kept = [replace(r, objects=pairs) for r in bootstrapped if (pairs := tuple(o for o in r.objects if o.expressions))]
-    yes_no = (detected, universe, questions) if questions is not None and universe else None
-    out = query_examples(kept, vlm.profile, yes_no=None)
-    asked = query_examples(grounded, vlm.profile, yes_no=yes_no) if yes_no else []
+    yes_no = (detected, universe, questions) if questions is not None and universe and "yes-no" in tasks else None
+    out = query_examples(kept, vlm.profile, yes_no=None, tasks=tasks)
+    asked = query_examples(grounded, vlm.profile, yes_no=yes_no, tasks=("yes-no",)) if yes_no else []
     tasks = Counter(e.example_id.rsplit("/", 2)[1] for e in out)
     summary = {
         "images": len(grounded),
@@ -271,7 +282,9 @@ def cvq_examples(
     from refloop.world import DOMAINS
 
     table = shapes_table() if recipe.train_data in DOMAINS else None  # the shapes world's question wording
-    queries, counts = seed_image_queries(vlm, grounder, records, work, recipe.cvq_bootstrap, vocabulary, table, labels=labels)
+    queries, counts = seed_image_queries(
+        vlm, grounder, records, work, recipe.cvq_bootstrap, vocabulary, table, labels=labels, tasks=recipe.cvq_tasks
+    )
     if PartialState().is_main_process:
         log.info(f"SVP (CVQ) from the seed images: {counts}")
     return queries, counts
@@ -308,8 +321,10 @@ def run_svp(recipe: SVPRecipe, out: Path, progress: Callable[[str, int, int], No
             recipe.grounder.check_data(recipe.train_data in DOMAINS, recipe.svp.phrases)
         recipe.load_profile()
 
-    # runs from before cvq_source existed took their queries from the history: still the same run
+    # runs from before cvq_source existed took their queries from the history, and from before cvq_tasks every task: still the same run
     unchanged = frozenset({"cvq_source", "cvq_bootstrap"}) if recipe.cvq_source == "history" else frozenset()
+    if tuple(recipe.cvq_tasks) == CVQ_TASKS:
+        unchanged |= {"cvq_tasks"}
     # On a dataset file (open vocabulary) the categories were once asked per image: such runs are another run's.
     from refloop.world import DOMAINS
 
