@@ -384,6 +384,11 @@ def test_seed_image_queries_turn_the_grounders_boxes_into_self_consistent_querie
         obj = q.prompt.split("is there a ")[1].split(" ?")[0]
         assert (obj in truth[q.image_path]) == (q.answer == "yes")
     assert sum(q.answer == "yes" for q in yes_no) == sum(q.answer == "no" for q in yes_no) == len(records)
+    # cvq_tasks: only the tasks asked for, the same queries of each (the bootstrapping resumes from its records)
+    for tasks in (("rec", "yes-no"), ("reg",)):
+        chosen, _ = seed_image_queries(double, oracle, records, tmp_path / "cvq", cfg, shapes_vocabulary(), shapes_table(), tasks=tasks)
+        kinds = {"rec": rec, "reg": reg, "yes-no": yes_no}
+        assert [q.example_id for q in chosen] == [q.example_id for t in tasks for q in kinds[t]], tasks
 
 
 def test_seed_image_queries_need_the_grounder_and_scale_pinks_area_filter_to_shapes_scenes(tmp_path):
@@ -398,6 +403,8 @@ def test_seed_image_queries_need_the_grounder_and_scale_pinks_area_filter_to_sha
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
     with pytest.raises(RefloopError, match="name their source"):  # queries asked for, none named
         run_svp(SVPRecipe(svp={"cvq_ratio": 1.0}), tmp_path / "run2")
+    with pytest.raises(ValueError, match="cvq_tasks"):
+        SVPRecipe(cvq_tasks=["rec", "captions"])
 
 
 def test_svp_with_queries_from_the_seed_images_trains_on_them(tmp_path, model_dir):
