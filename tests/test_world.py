@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,32 @@ def test_render_can_take_one_factor_of_a_style_away():
     assert plain.tobytes() != render(scene).tobytes() and bare.tobytes() != render(scene).tobytes()
     # a plain background is the in-domain one: the corner pixel is light grey, as in-domain scenes
     assert min(plain.getpixel((0, 0))) >= 225
+
+
+def test_a_degraded_export_keeps_the_annotations_and_degrades_the_same_images_every_time(tmp_path):
+    """SC-Tune's `train_degrade_prob`: the training scenes drawn degraded (an augmentation), their
+    boxes unchanged; the same scenes degrade alike in every export, and a plain export is not reused."""
+    import numpy as np
+    from PIL import Image
+
+    from refloop.data.items import detection_items
+    from refloop.world.export import export_split
+
+    plain = export_split("crowded", tmp_path / "plain", 8, 0)
+    degraded = [export_split("crowded", tmp_path / name, 8, 0, degrade_prob=0.5) for name in ("a", "b")]
+    assert (plain / "instances.json").read_text() == (degraded[0] / "instances.json").read_text()
+
+    def pixels(root):
+        return [np.asarray(Image.open(p)) for p in sorted((root / "images").glob("*.png"))]
+
+    changed = [not np.array_equal(x, y) for x, y in zip(pixels(plain), pixels(degraded[0]), strict=True)]
+    assert 0 < sum(changed) < 8
+    assert all(np.array_equal(x, y) for x, y in zip(pixels(degraded[0]), pixels(degraded[1]), strict=True))
+    first_changed = changed.index(True)
+    before = pixels(plain)[first_changed]
+    export_split("crowded", tmp_path / "plain", 8, 0, degrade_prob=0.5)  # another export: the plain one is not reused
+    assert not np.array_equal(pixels(plain)[first_changed], before)
+    items, _ = detection_items("crowded", train_images=8, min_area_fraction=0.005, degrade_prob=0.5)
+    plain_items, _ = detection_items("crowded", train_images=8, min_area_fraction=0.005)
+    assert [(i.box, i.category) for i in items] == [(i.box, i.category) for i in plain_items]
+    assert {Path(i.image_path).parent.parent.name for i in items} == {"crowded-seed0-n8-degrade0.5"}

@@ -47,14 +47,23 @@ def _items_from_triplets(rows: list[tuple[int, dict]], root: Path, source: str) 
 
 
 def detection_items(
-    data: str, images: str | None = None, train_images: int = 2000, max_overlap_iou: float = 0.5, min_area_fraction: float = 0.02
+    data: str,
+    images: str | None = None,
+    train_images: int = 2000,
+    max_overlap_iou: float = 0.5,
+    min_area_fraction: float = 0.02,
+    degrade_prob: float = 0.0,
 ) -> tuple[list[BoxItem], dict]:
     """Training boxes from detection boxes alone, through SC-Tune's appendix-9 filter unless `data`
-    is already a triplets JSONL. A shapes-world domain is exported with the training seed."""
+    is already a triplets JSONL. A shapes-world domain is exported with the training seed, each
+    image degraded with probability `degrade_prob` (an augmentation; `export_split`)."""
     if data in DOMAINS:
-        directory = export_split(data, cache_dir() / "world" / f"{data}-seed{TRAIN_SEED}-n{train_images}", train_images, TRAIN_SEED)
+        name = f"{data}-seed{TRAIN_SEED}-n{train_images}" + (f"-degrade{degrade_prob:g}" if degrade_prob > 0 else "")
+        directory = export_split(data, cache_dir() / "world" / name, train_images, TRAIN_SEED, degrade_prob)
         data, root = str(directory / COCO_FILE), directory
     else:
+        if degrade_prob > 0:
+            raise RefloopError(f"train data {data!r}: only shapes-world scenes are drawn degraded (a file's images are used as they are)")
         root = Path(images) if images else Path(data).parent
     if data.endswith(".jsonl"):
         rows = list(iter_jsonl(Path(data)))

@@ -22,6 +22,7 @@ from refloop.models.base import VLM
 from refloop.models.spec import ModelSpec
 from refloop.report.plots import sctune_curves
 from refloop.training.trackers import TrackingSpec
+from refloop.world import DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class SCTuneRecipe(ModelSpec, TrackingSpec):
     train_data: DataSpec = Field(..., description="shapes-world domain, COCO-style .json (filtered on the fly) or triplets .jsonl")
     images: str | None = Field(None, description="image root of every data file that does not name its own")
     train_images: int = Field(2000, ge=1, le=1_000_000, description="scenes exported when train_data is a shapes-world domain")
+    train_degrade_prob: float = Field(
+        0.0, ge=0, le=1, description="a shapes-world train_data's images degraded with this probability (an augmentation beyond the paper)"
+    )
     max_overlap_iou: float = Field(0.5, ge=0, le=1, description="appendix-9 filter: overlap threshold")
     min_area_fraction: float = Field(0.02, ge=0, le=1, description="appendix-9 filter: smallest box as a fraction of the image")
     supervised_data: DataSpec | None = Field(None, description="referring data (domain or .jsonl) mixed into locator phases (L_sup)")
@@ -49,6 +53,12 @@ class SCTuneRecipe(ModelSpec, TrackingSpec):
     @classmethod
     def _many_specs(cls, value):
         return [DataSpec.of(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _degrade_a_domain(self) -> SCTuneRecipe:
+        if self.train_degrade_prob > 0 and self.train_data.data not in DOMAINS:
+            raise ValueError("train_degrade_prob redraws shapes-world scenes degraded: train_data must be a domain, not a data file")
+        return self
 
     @model_validator(mode="after")
     def _supervised_data_given(self) -> SCTuneRecipe:
@@ -98,7 +108,8 @@ def run_sctune(
     def body(run: RecipeRun) -> dict:
         return _run_sctune(recipe, run, progress, evaluate_base)
 
-    return run_recipe("sctune", recipe, out, body, overwrite, unchanged=frozenset({"eval_data", "eval_boxes"}), card_metrics=dict)
+    unchanged = {"eval_data", "eval_boxes"} | ({"train_degrade_prob"} if recipe.train_degrade_prob == 0 else set())  # runs before it
+    return run_recipe("sctune", recipe, out, body, overwrite, unchanged=frozenset(unchanged), card_metrics=dict)
 
 
 SMALL_MODEL_PARAMETERS = 100_000_000
@@ -142,7 +153,12 @@ def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict],
     out = run.out
     with PartialState().main_process_first():  # a shapes-world domain is exported once, by the main process
         train, filter_counts = detection_items(
-            recipe.train_data.data, recipe.root(recipe.train_data), recipe.train_images, recipe.max_overlap_iou, recipe.min_area_fraction
+            recipe.train_data.data,
+            recipe.root(recipe.train_data),
+            recipe.train_images,
+            recipe.max_overlap_iou,
+            recipe.min_area_fraction,
+            recipe.train_degrade_prob,
         )
         supervised = _supervised_pairs(recipe)
     if not train:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from refloop.errors import RefloopError
 from refloop.runs import replaced_whole, write_text_whole
+from refloop.world.augment import degrade_image
 from refloop.world.domains import get_style
 from refloop.world.grammar import caption, referring_expressions
 from refloop.world.relations import scene_relations
@@ -38,12 +41,17 @@ def _atomic_png(image, path: Path) -> None:
 MAX_SCENES = 200_000  # about 4 GB of PNGs; more is almost surely a typo in --num-boxes
 
 
-def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -> Path:
-    """Export scenes 0..num_images-1 of (domain, seed); reuses a finished identical export."""
+def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int, degrade_prob: float = 0.0) -> Path:
+    """Export scenes 0..num_images-1 of (domain, seed); reuses a finished identical export.
+    `degrade_prob`: the probability that a scene's image is drawn degraded (`degrade_image`: busy
+    background, shifted shades, jitter, low contrast, blur, noise, occluders; seeded by the scene),
+    a training augmentation: the annotations are the scene's either way."""
     if not 1 <= num_images <= MAX_SCENES:
         raise RefloopError(f"a shapes-world split holds 1 to {MAX_SCENES} scenes, not {num_images} (each is a PNG on disk)")
     out = Path(out_dir)
     manifest = {"domain": domain, "seed": seed, "num_images": num_images, "format": 2}  # 2: with captions.json
+    if degrade_prob > 0:
+        manifest["degrade_prob"] = degrade_prob
     done = out / DONE_FILE
     if done.exists() and json.loads(done.read_text()) == manifest:
         return out
@@ -55,7 +63,12 @@ def export_split(domain: str, out_dir: str | Path, num_images: int, seed: int) -
     for index in range(num_images):
         scene = sample_scene(style, seed, index)
         file_name = f"images/{scene.image_id}.png"
-        _atomic_png(render(scene), out / file_name)
+        image = render(scene)
+        if degrade_prob > 0:
+            rng = np.random.default_rng([seed, index, 97])  # the scene's own draw: any export of it degrades it alike
+            if rng.random() < degrade_prob:
+                image = degrade_image(scene, image, rng)
+        _atomic_png(image, out / file_name)
         images.append({"id": index, "file_name": file_name, "width": scene.width, "height": scene.height})
         captions.append({"id": index + 1, "image_id": index, "caption": caption(scene)})
         for obj in scene.objects:
