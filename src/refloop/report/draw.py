@@ -75,6 +75,20 @@ def save_png(image: Image.Image, path: Path) -> Path:
     return path
 
 
+def row_image(row: dict, images: Mapping[str, Callable[[], Image.Image]] | None = None) -> Image.Image | None:
+    """The image of a sample row (its "image" field): loaded by `images` where the pixels are not a
+    file of that name (a parquet dataset's are held in memory), else read from the file; None when
+    it cannot be read any more (moved or deleted since the run), so a report leaves it out."""
+    load = (images or {}).get(row["image"])
+    try:
+        if load is not None:
+            return load()
+        with Image.open(row["image"]) as img:
+            return img.convert("RGB")
+    except OSError:
+        return None
+
+
 def row_panels(
     rows: list[dict],
     count: int,
@@ -89,14 +103,8 @@ def row_panels(
     for r in rows:
         if len(panels) == count:
             break
-        load = (images or {}).get(r["image"])
-        try:
-            if load is not None:
-                image = load()
-            else:
-                with Image.open(r["image"]) as img:
-                    image = img.convert("RGB")
-        except OSError:
+        image = row_image(r, images)
+        if image is None:
             continue
         predicted = Box(*r["predicted_box"]) if r.get("predicted_box") else None
         panels.append(panel(image, Box(*r["box"]), predicted, lines(r)))

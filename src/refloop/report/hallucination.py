@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from refloop.data.jsonl import read_records
+from refloop.report.draw import row_image
 from refloop.report.page import image_data_uri, write_page
 from refloop.report.plots import ranked_bars
 from refloop.runs import claim_outputs
@@ -56,17 +57,9 @@ def _metrics_table(metrics: dict, rows: tuple) -> str:
 
 
 def _thumbnail(row: dict, images: ImageLoaders | None) -> str | None:
-    """The row's image as a data URI; None when it cannot be read any more (moved since the run)."""
-    load = (images or {}).get(row["image"])
-    try:
-        if load is not None:
-            image = load()
-        else:
-            with Image.open(row["image"]) as img:
-                image = img.convert("RGB")
-    except OSError:
-        return None
-    return image_data_uri(image, 256)
+    """The row's image as a data URI; None when it cannot be read any more (`row_image`)."""
+    image = row_image(row, images)
+    return None if image is None else image_data_uri(image, 256)
 
 
 def _cards(rows: list[dict], describe: Callable[[dict], str], images: ImageLoaders | None, count: int) -> str:
