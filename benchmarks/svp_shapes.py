@@ -106,7 +106,7 @@ def read_row(out: Path) -> dict:
 
 
 def tag_of(seed: int, name: str) -> str:
-    return f"seed{seed}/" + name.replace(" ", "_").replace(",", "")
+    return f"seed{seed}/" + name.replace(" ", "_").replace(",", "").replace("/", "-")
 
 
 def collect(out: Path, rows: list[str], seeds: list[int]) -> tuple[dict, list[int]]:

@@ -73,3 +73,30 @@ def test_a_torchvision_whose_operators_cannot_load_imports_after_the_declaration
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["plain import failed: True", "hooked import ok"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_an_sctune_recipe_asking_vllm_is_refused_before_the_base_evaluation(tmp_path, capsys):
+    """The base evaluation takes hours at GPU sizes: what would stop the engine is said first, and
+    the corrected rerun needs no --overwrite."""
+    args = ["sctune", "--config", "sctune-shapes", "--set", "generation_backend=vllm", "--out", str(tmp_path / "run")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "the vLLM backend needs the vllm package" in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_an_engine_backed_models_dtype_is_in_the_run_fingerprint(tmp_path):
+    """A vLLM run's fingerprint held no dtype, so a bf16 rerun resumed an fp32 run's rows (a
+    first-contact helper's finding): the engine's weights dtype is recorded as the HF model's is."""
+    import torch
+
+    from refloop.runs import model_fingerprint
+
+    class EngineBacked:
+        name, backend, profile = str(tmp_path), "vllm", None
+
+        def __init__(self, dtype):
+            self.weights_dtype = dtype
+
+    fp32, bf16 = (model_fingerprint(EngineBacked(d)) for d in (torch.float32, torch.bfloat16))
+    assert fp32["dtype"] == "torch.float32" and bf16["dtype"] == "torch.bfloat16" and fp32 != bf16

@@ -68,6 +68,23 @@ def test_resume_does_not_redo_finished_batches(tmp_path):
     assert [r["id"] for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines())] == [s.sample_id for s in samples]
 
 
+def test_the_python_api_without_a_data_name_never_takes_other_boxes_for_this_runs(tmp_path):
+    """evaluate_consistency without data_name (the README's snippet): the samples identify the run,
+    so the same images with every box moved are another run, refused, not resumed from the old rows."""
+    from dataclasses import replace
+
+    from refloop.errors import RefloopError
+
+    records = make_records(tmp_path, 3)
+    answers = {f"box {i}": Box(i, 0, i + 10, 10) for i in range(3)}
+    out = tmp_path / "out"
+    assert evaluate_consistency(ScriptedVLM(answers), sample_boxes(records, 3), out, ConsistencyConfig())["consistency_rate"] == 1.0
+    assert evaluate_consistency(ScriptedVLM(answers), sample_boxes(records, 3), out, ConsistencyConfig())["consistency_rate"] == 1.0
+    moved = [replace(r, objects=tuple(replace(o, box=Box(50, 50, 60, 60)) for o in r.objects)) for r in records]
+    with pytest.raises(RefloopError, match="holds outputs of another run"):
+        evaluate_consistency(ScriptedVLM(answers), sample_boxes(moved, 3), out, ConsistencyConfig())
+
+
 def test_one_box_per_image():
     recs = [
         ImageRecord(

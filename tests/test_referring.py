@@ -90,3 +90,21 @@ def test_eval_cli_runs_on_shapes_export_and_refcoco_fixture(tmp_path, source, ca
         assert code == 0, err[-2000:]
         metrics = json.loads((out / f"{task}_metrics.json").read_text())
         assert metrics["num"] == (2 if source == "refcoco" and task == "reg" else 3 if source == "refcoco" else 4)
+
+
+def test_records_skipped_under_on_error_skip_are_counted_in_the_metrics_file(tmp_path, capsys):
+    """`--on-error skip`: the metrics file people keep says its numbers are of a subset."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "img.png")
+    good = {"image_id": 1, "file_name": "img.png", "bbox": [1, 1, 19, 19], "sentences": ["the square"]}
+    bad = {"image_id": 2, "file_name": "img.png", "bbox": [1, 1, 19], "sentences": ["the other square"]}
+    data = tmp_path / "refs.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    model = save_tiny_random(tmp_path / "model")
+    for task in ("rec", "reg"):
+        out = tmp_path / task
+        args = ["eval", task, "--data", str(data), "--model", str(model), "--out", str(out), "--on-error", "skip", "--no-report"]
+        code, _, err = run_cli(args, capsys)
+        assert code == 0, err
+        assert json.loads((out / f"{task}_metrics.json").read_text())["skipped_records"] == 1

@@ -68,6 +68,22 @@ def test_cli_trains_and_exports_adapter_and_merged_checkpoint_that_loads(tmp_pat
 
     out = vlm.generate([Image.new("RGB", (112, 112))], ["<image> describe this image ."])
     assert isinstance(out[0][0].text, str)
+    # the adapter's card, run as written in a fresh interpreter, loads it (the base's embeddings resized
+    # to the extended vocabulary first: PeftModel raised IndexError without) and equals merged/
+    import subprocess
+    import sys
+
+    card = (adapter / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(adapter))
+    check = (
+        "\nmerged = model.merge_and_unload()\n"
+        f"reference = AutoModelForImageTextToText.from_pretrained({str(run / 'merged')!r})\n"
+        "ours, theirs = merged.state_dict(), reference.state_dict()\n"
+        "print(max(float((ours[k] - theirs[k]).abs().max()) for k in theirs))"
+    )
+    done = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-5
 
 
 def test_interrupted_run_resumes_to_identical_adapters(tmp_path, model_dir, rc_file):

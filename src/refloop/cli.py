@@ -754,6 +754,8 @@ def svp(
     from refloop.methods.svp_recipe import SVPRecipe, run_svp
     from refloop.progress import staged_progress
 
+    if config is None and not overrides:  # every field has a default: this would start a full run nobody named
+        raise RefloopError("svp runs a recipe: name one with --config (packaged: svp-shapes) or give its fields with --set")
     recipe = load_recipe(SVPRecipe, config, _with_report_to(overrides, report_to))
     _check_out(out, config, _recipe_inputs(recipe), overwrite=overwrite)
     with staged_progress() as advance:

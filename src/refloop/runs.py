@@ -642,6 +642,8 @@ def model_fingerprint(vlm) -> dict:
             out["dtype"] = str(next(model.parameters()).dtype)
         except (StopIteration, AttributeError, TypeError):
             pass
+    elif getattr(vlm, "weights_dtype", None) is not None:  # an engine holding the weights (vLLM): its dtype
+        out["dtype"] = str(vlm.weights_dtype)
     return out | checkpoint_digest(Path(out["name"]))
 
 

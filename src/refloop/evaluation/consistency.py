@@ -9,6 +9,7 @@ the same run, by the REC rule (IoU >= the same threshold, `refloop.cycle.REC_ACC
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -93,7 +94,10 @@ def evaluate_consistency(
     on_error: str = "fail",
 ) -> dict:
     """Run the loop, append per-sample JSONL (resumable by sample id), write metrics.json. The
-    directory is locked while written and refuses samples of another model, data or decoding."""
+    directory is locked while written and refuses samples of another model, data or decoding.
+    `data_name`: the data file or domain the samples come from (the CLI passes it): its content
+    identifies the run, so more or fewer boxes of the same data resume by id. Without it the
+    samples themselves do (every image and box), so other data is never taken for this run's."""
     if 0 < len(samples) < cfg.num_boxes and PartialState().is_main_process:
         log.warning(
             f"{data_name}: {len(samples)} boxes evaluated, not {cfg.num_boxes} (num_boxes): one box per image "
@@ -111,6 +115,9 @@ def evaluate_consistency(
         "max_new_tokens": cfg.max_new_tokens,
         "iou_threshold": cfg.iou_threshold,
     }
+    if not data_name:  # the Python API without a data name: the samples are the data
+        shown = json.dumps([[s.sample_id, str(s.record.path), s.target.box.as_list()] for s in samples])
+        fingerprint["samples"] = hashlib.sha256(shown.encode()).hexdigest()[:16]
     with shared_run_directory(out_dir, fingerprint, overwrite) as state:
         return _evaluate(vlm, samples, out_dir, cfg, data_name, progress, on_error, state)
 

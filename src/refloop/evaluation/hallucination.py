@@ -459,8 +459,9 @@ def run_object_eval(
             metrics = evaluate_pope(vlm, found, out, progress=advance, rule=rule, **given, **pope, **common)
     if not state.is_main_process:
         return None
-    if found.report.skipped:
+    if found.report.skipped:  # the metrics file people keep says its numbers are of a subset
         metrics["skipped_records"] = found.report.skipped
+        write_text_whole(Path(out) / f"{task}_metrics.json", json.dumps(metrics, indent=2) + "\n")
     evaluated = metrics.get("images", metrics.get("num"))
     if num_images is not None and isinstance(evaluated, int) and evaluated < num_images:  # asked for, not the default
         log.warning(f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): no more had what the task reads")

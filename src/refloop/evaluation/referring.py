@@ -215,8 +215,9 @@ def run_referring_eval(
         metrics = run(vlm, records, out, batch_size=batch_size, limit=limit, progress=advance, overwrite=overwrite, on_error=on_error)
     if not state.is_main_process:
         return None
-    if loaded.skipped:
+    if loaded.skipped:  # the metrics file people keep says its numbers are of a subset
         metrics["skipped_records"] = loaded.skipped
+        write_text_whole(Path(out) / f"{task}_metrics.json", json.dumps(metrics, indent=2) + "\n")
     if report:
         write = write_rec_report if task == "rec" else write_reg_report
         write(Path(out), metrics, vlm.name, str(data), {str(r.path): r.load_image for r in records})

@@ -187,7 +187,7 @@ class SCTune:
         from refloop.models.vllm import VLLMVLM
 
         if self.cfg.lora.vision_tower:
-            raise RefloopError("generation_backend vllm serves language-model LoRA adapters only: set lora.vision_tower to false")
+            raise RefloopError("generation_backend vllm serves language-model LoRA adapters only: --set sctune.lora.vision_tower=false")
         if self.adapters.sharded:
             raise RefloopError("generation_backend vllm runs in one process: launch without FSDP")
         served = VLLMVLM(

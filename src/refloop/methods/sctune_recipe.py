@@ -108,8 +108,12 @@ def run_sctune(
     def body(run: RecipeRun) -> dict:
         return _run_sctune(recipe, run, progress, evaluate_base)
 
+    def prepare():  # before the directory is claimed and anything loads (the base evaluation takes hours at GPU sizes)
+        recipe.check_generation_backend(vision_tower=recipe.sctune.lora.vision_tower)
+        return recipe.load_profile()
+
     unchanged = {"eval_data", "eval_boxes"} | ({"train_degrade_prob"} if recipe.train_degrade_prob == 0 else set())  # runs before it
-    return run_recipe("sctune", recipe, out, body, overwrite, unchanged=frozenset(unchanged), card_metrics=dict)
+    return run_recipe("sctune", recipe, out, body, overwrite, unchanged=frozenset(unchanged), card_metrics=dict, prepare=prepare)
 
 
 SMALL_MODEL_PARAMETERS = 100_000_000

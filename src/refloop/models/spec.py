@@ -56,6 +56,23 @@ class ModelSpec(BaseModel):
             threads=self.threads,
         )
 
+    def check_generation_backend(self, vision_tower: bool = False) -> None:
+        """With generation_backend vllm, what would stop the engine is refused before any data or
+        weights load: vLLM missing, a model it cannot serve here, adapters in the vision tower."""
+        if self.generation_backend != "vllm":
+            return
+        from transformers import AutoConfig
+
+        from refloop.models import resolve_model
+        from refloop.models.hf import select_device
+        from refloop.models.vllm import check_install, check_model
+
+        check_install()
+        if vision_tower:
+            raise RefloopError("generation_backend vllm serves language-model LoRA adapters only: --set sctune.lora.vision_tower=false")
+        config = AutoConfig.from_pretrained(str(resolve_model(self.model)), trust_remote_code=self.trust_remote_code)
+        check_model(config, select_device(self.device), way_out="use --set generation_backend=hf")
+
     def check_device(self, option: str = "--set device=") -> None:
         """A device this machine lacks is refused before any data or weights load; `option` is
         how the user sets the device (`--device ` on commands, `--set device=` on recipes)."""

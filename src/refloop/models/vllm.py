@@ -80,9 +80,12 @@ def _configure_environment(device: torch.device, threads: int | None) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores[:wanted])
 
 
-def check_head_dim(config, device: torch.device) -> None:
-    """Refuse, before the engine starts, a language model whose attention head size vLLM's CPU
-    backend cannot run (it would fail at the first generate)."""
+def check_model(config, device: torch.device, way_out: str = "use --backend hf") -> None:
+    """Refuse, before the engine starts, a model vLLM cannot serve here: refloop-tiny (no vLLM
+    architecture) and, on the CPU backend, a language model whose attention head size it cannot
+    run (it would fail at the first generate). `way_out`: how the user picks the HF backend."""
+    if getattr(config, "model_type", None) == "refloop-tiny":
+        raise RefloopError(f"refloop-tiny is not an architecture vLLM serves; {way_out}")
     if device.type != "cpu":
         return
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -90,7 +93,7 @@ def check_head_dim(config, device: torch.device) -> None:
     if head_dim not in CPU_HEAD_DIMS:
         raise RefloopError(
             f"vLLM's CPU backend cannot run attention heads of size {head_dim} (supported: "
-            f"{', '.join(map(str, CPU_HEAD_DIMS))}); use --backend hf for this model"
+            f"{', '.join(map(str, CPU_HEAD_DIMS))}); {way_out} for this model"
         )
 
 
@@ -130,7 +133,7 @@ class VLLMEngine:
         if dev.type == "mps":
             raise RefloopError("vLLM does not run on Apple GPUs (mps); use --backend hf")
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        check_head_dim(config, dev)
+        check_model(config, dev)
         _configure_environment(dev, threads)
         from vllm import LLM
 
@@ -263,6 +266,7 @@ class VLLMVLM(ProfileTasks):
 
         config = engine.llm.llm_engine.model_config.hf_config
         self.suppress_tokens = sorted(placeholder_tokens(config, processor) | set(suppress_tokens))
+        self.weights_dtype = engine.dtype  # in the run's fingerprint: another dtype is another run
         # -inf logit biases (SamplingParams' own constructor does not clip them, unlike its
         # from_optional): the tokens are never chosen, greedy or sampled, and the returned
         # log-probs (computed before any bias) are untouched. allowed_token_ids would do the same

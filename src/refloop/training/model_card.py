@@ -26,8 +26,12 @@ def _model_type(checkpoint: str) -> str | None:
         return None
 
 
-def model_card(base_model: str, method: str, recipe: dict, metrics: dict | None = None, adapter: str | None = None) -> str:
-    """README.md text: YAML metadata the Hub reads, how to load, the recipe, the metrics."""
+def model_card(
+    base_model: str, method: str, recipe: dict, metrics: dict | None = None, adapter: str | None = None, extended_vocabulary: bool = False
+) -> str:
+    """README.md text: YAML metadata the Hub reads, how to load, the recipe, the metrics.
+    `extended_vocabulary`: the adapter's folder holds the tokenizer with words added to the base's
+    (SFT's extend_vocabulary), so the base's embeddings are resized to it before the adapter loads."""
     local = Path(base_model).exists()
     meta = {
         "library_name": "peft" if adapter else "transformers",
@@ -43,9 +47,16 @@ def model_card(base_model: str, method: str, recipe: dict, metrics: dict | None 
     register = "import refloop.models  # registers refloop-tiny with transformers' Auto classes\n" if tiny else ""
     if adapter:
         base = "refloop.models.default_model_path()" if packaged else f'"{base_model}"'
+        resize = (
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")  # the base\'s vocabulary and the words this run added\n'
+            "base.resize_token_embeddings(len(tokenizer))\n"
+            if extended_vocabulary
+            else ""
+        )
+        classes = "AutoModelForImageTextToText, AutoTokenizer" if extended_vocabulary else "AutoModelForImageTextToText"
         load = (
-            f"```python\n{register}from peft import PeftModel\nfrom transformers import AutoModelForImageTextToText\n\n"
-            f"base = AutoModelForImageTextToText.from_pretrained({base})\n"
+            f"```python\n{register}from peft import PeftModel\nfrom transformers import {classes}\n\n"
+            f"base = AutoModelForImageTextToText.from_pretrained({base})\n{resize}"
             'model = PeftModel.from_pretrained(base, "path/to/this/folder")\n```'
         )
     else:
@@ -79,7 +90,8 @@ def write_model_cards(out: Path, base_model: str, method: str, recipe: dict, met
     written = []
     for config in sorted(Path(out).glob("**/adapter_config.json")):
         path = config.parent / "README.md"
-        path.write_text(model_card(base_model, method, recipe, metrics, adapter=config.parent.name))
+        extended = (config.parent / "tokenizer_config.json").exists()  # SFT saved its extended tokenizer beside the adapter
+        path.write_text(model_card(base_model, method, recipe, metrics, adapter=config.parent.name, extended_vocabulary=extended))
         written.append(path)
     merged = Path(out) / "merged"
     if (merged / "config.json").exists():
