@@ -542,3 +542,16 @@ def test_refloop_threads_reaches_every_command_through_torchs_own_setting():
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"REFLOOP_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[-2:] == ["1", "1"]
+
+
+def test_svp_without_a_recipe_is_refused_rather_than_starting_a_full_run(tmp_path, capsys):
+    """Every SVP field has a default, so `refloop svp --out X` started a 200-image run nobody named."""
+    assert_refused(run_cli(["svp", "--out", str(tmp_path / "run")], capsys), "--config", "svp-shapes", "--set")
+    assert not (tmp_path / "run").exists()
+
+
+def test_caption_takes_a_profile_and_remote_code_as_the_other_inference_commands(tmp_path, capsys):
+    args = ["caption", "--data", "in-domain", "--num-images", "2", "--out", str(tmp_path / "c"), "--profile", "refloop-tiny"]
+    code, _, err = run_cli([*args, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert len((tmp_path / "c" / "captions.jsonl").read_text().splitlines()) == 2

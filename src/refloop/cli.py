@@ -789,6 +789,8 @@ def caption(
     dtype: str = DtypeOpt,
     overwrite: bool = OverwriteOpt,
     on_error: OnErrorChoice = OnErrorOpt,
+    profile: str | None = ProfileOpt,
+    trust_remote_code: bool = RemoteOpt,
     backend: BackendChoice = BackendOpt,
     threads: int | None = ThreadsOpt,
 ) -> None:
@@ -805,7 +807,7 @@ def caption(
     grounding = _options(GrounderSpec, "grounder", named, kind=grounder, model=grounder_model, **rates)
     grounding.check_caption(data, isvp, phrases)
     _check_out(out, data, images, model, grounder_model, overwrite=overwrite)
-    spec = _model_spec(model, device, dtype, None, False, backend, threads)
+    spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
     skipped = run_captions(spec, grounding, data, out, images, num_images, isvp, phrases, batch_size, on_error.value, overwrite, True)
     if skipped is not None:  # the main process
         console.print(f"captions: {out / 'captions.jsonl'}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
@@ -960,6 +962,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry notices; a failure still ends in refloop's error line
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the vLLM engine's start-up notes and advisories
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -1009,6 +1012,12 @@ def _exit_interrupted() -> None:
     if os.environ.get("RANK", "0") == "0":  # under accelerate / torchrun every process is stopped: one says so
         err_console.print(INTERRUPTED_MESSAGE, highlight=False)
     if _interrupted and _interrupted[0] == signal.SIGTERM:  # unwound: now end as SIGTERM ends a process
+        import atexit
+
+        try:  # what the interpreter's exit would run (finalizers: a vLLM engine's adapter folder in /dev/shm)
+            atexit._run_exitfuncs()
+        except Exception:  # the run is stopped either way
+            pass
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the status schedulers and shells read: 143, "Terminated")
         os.kill(os.getpid(), signal.SIGTERM)
     sys.exit(INTERRUPTED)

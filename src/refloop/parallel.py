@@ -43,11 +43,26 @@ def max_over_processes(value: int) -> int:
     return int(t.item())
 
 
+_BEFORE_END: list = []  # weak references to callables run before the process group ends
+
+
+def before_process_group_ends(method) -> None:
+    """Run bound `method` (held weakly) before `end_process_group` destroys the process group: an
+    engine holding groups of its own (vLLM) shuts them down while they are still valid."""
+    import weakref
+
+    _BEFORE_END.append(weakref.WeakMethod(method))
+
+
 def end_process_group() -> None:
     """Destroy the default process group, if one was set up, once a run has finished. Left to the
     interpreter's exit, gloo's worker threads can outlive it and abort the process (SIGABRT,
     "terminate called without an active exception"; pytorch/pytorch#190489). Call it after success
     only: after an error, other processes may still wait in a collective."""
+    while _BEFORE_END:
+        method = _BEFORE_END.pop()()
+        if method is not None:
+            method()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         try:
             torch.distributed.destroy_process_group()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -170,6 +171,9 @@ class VLLMEngine:
         self._dirs: dict[str, Path] = {}
         self._root = Path(tempfile.mkdtemp(prefix="refloop-vllm-adapters-", dir=_RAM if _RAM.is_dir() else None))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._root, True)
+        from refloop.parallel import before_process_group_ends
+
+        before_process_group_ends(self.shutdown)  # vLLM's own finalizer, run after that, raised on the destroyed group
         self.vocab_size = config.get_text_config().vocab_size
 
     def push(self, name: str, write, identity: bool = False) -> object:
@@ -213,6 +217,15 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Remove the adapter files (also done when the engine is garbage-collected or at exit)."""
+        self._cleanup()
+
+    def shutdown(self) -> None:
+        """Stop the engine (its distributed state and memory) and remove the adapter files: once,
+        before refloop ends the process group (`refloop.parallel.end_process_group`)."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()  # detaches vLLM's finalizer: it runs once, here
+        except Exception as exc:  # the run's work is done and saved: a failed shutdown is only reported
+            logging.getLogger(__name__).warning(f"stopping the vLLM engine failed: {exc!r}")
         self._cleanup()
 
 
