@@ -340,6 +340,18 @@ def test_coco_image_id_reused_is_refused(tmp_path):
     assert table.image_ids == [2] and table.num_boxes == 1
 
 
+def test_coco_annotation_id_reused_is_refused_naming_the_first(tmp_path):
+    """Two annotations with one id (two files merged) were read silently; outputs keyed by the id
+    (samples, pairs) would then mix the two boxes. The later one is refused, or skipped and counted."""
+    data = coco_fixture(tmp_path)
+    data["annotations"][2]["id"] = 10  # image 2's box reuses image 1's first id
+    path = dump(tmp_path, data)
+    with pytest.raises(DataError, match=r"record annotations\[2\]: annotation id 10 is already the id of annotations\[0\]"):
+        load_coco(path)
+    records, report = load_coco(path, on_error="skip")
+    assert report.skipped == 1 and [len(r.objects) for r in records] == [2, 0]  # image 2 keeps its crowd annotation only
+
+
 def test_coco_category_id_reused_with_another_name_is_refused(tmp_path):
     data = coco_fixture(tmp_path)
     data["categories"].append({"id": 1, "name": "bowl"})

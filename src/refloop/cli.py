@@ -1052,7 +1052,10 @@ def main() -> None:
             _end_process_group()
         raise
     except RefloopError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        # under accelerate / torchrun a check every process makes fails in each: the other processes' lines say whose they are
+        rank = os.environ.get("RANK", "0")
+        where = "" if rank == "0" else f" (process {rank})"
+        err_console.print(f"[bold red]error{where}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         _exit_interrupted()
