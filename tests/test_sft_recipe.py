@@ -86,7 +86,7 @@ def test_cli_trains_and_exports_adapter_and_merged_checkpoint_that_loads(tmp_pat
     assert float(done.stdout.split()[-1]) < 1e-5
 
 
-def test_interrupted_run_resumes_to_identical_adapters(tmp_path, model_dir, rc_file):
+def test_interrupted_run_resumes_to_identical_adapters(tmp_path, model_dir, rc_file, caplog):
     def recipe():
         return SFTRecipe.model_validate(
             {"model": str(model_dir), "train_data": str(rc_file), "device": "cpu", "dtype": "fp32", "sft": SFT_SMALL | {"epochs": 2}}
@@ -105,8 +105,10 @@ def test_interrupted_run_resumes_to_identical_adapters(tmp_path, model_dir, rc_f
     with pytest.raises(Interrupt):
         run_sft(recipe(), tmp_path / "killed", progress=stop_at_two)
     assert not (tmp_path / "killed" / "results.json").exists()
-    resumed = run_sft(recipe(), tmp_path / "killed")
+    with caplog.at_level("INFO", logger="refloop"):
+        resumed = run_sft(recipe(), tmp_path / "killed")
     assert straight["resumed_from_step"] == 0 and resumed["resumed_from_step"] > 0  # wall_seconds is this invocation's
+    assert f"resuming at step {resumed['resumed_from_step']} of {straight['steps']}" in caplog.text  # said, as the sharded passes say it
     for rel in ("train/checkpoint/weights.safetensors", "adapters/sft/adapter_model.safetensors"):
         a, b = load_file(tmp_path / "straight" / rel), load_file(tmp_path / "killed" / rel)
         assert a.keys() == b.keys()

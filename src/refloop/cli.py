@@ -91,7 +91,7 @@ RefDataOpt = typer.Option(
     ..., "--data", help="Shapes-world domain, referring .jsonl, .parquet dataset, or with --refs a COCO instances .json."
 )
 RefsOpt = typer.Option(None, "--refs", help="RefCOCO/+/g refs file (.json export or the original .p, read safely).")
-SplitOpt = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB).")
+SplitOpt = typer.Option(None, "--split", help="RefCOCO split to keep (train, val, test, testA, testB; default: every split).")
 ImagesOpt = typer.Option(None, "--images", help="Image root.")
 
 
@@ -110,7 +110,8 @@ OnErrorOpt = typer.Option(OnErrorChoice.fail, "--on-error", help="fail: stop at 
 ReportToOpt = typer.Option(
     None,
     "--report-to",
-    help="Tracker of the training metrics and recipe: none, tensorboard (RUN/train/tensorboard), wandb or trackio "
+    help="Tracker of the training metrics and recipe: none, tensorboard (RUN/train/tensorboard; SVP: RUN/iteration-N/train/tensorboard), "
+    "wandb or trackio "
     "(the recipe's report_to; same as --set report_to=...).",
 )
 

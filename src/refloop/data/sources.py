@@ -55,9 +55,14 @@ def load_data(
         return load_parquet(path, images, on_error=on_error)
     if path.is_dir():
         raise RefloopError(f"--data {spec!r} is a directory: give its annotation file (a .json COCO or .jsonl referring file)")
+    csv = (
+        "; an OpenImages .csv is read by refloop.data.formats.load_openimages in Python (write its records out, e.g. as COCO)"
+        if path.suffix.lower() == ".csv"
+        else ""
+    )
     raise RefloopError(
         f"--data {spec!r} is neither a shapes-world domain ({', '.join(DOMAINS)}) nor a .json (COCO) / .jsonl (referring) "
-        "/ .parquet (Hugging Face dataset) file"
+        f"/ .parquet (Hugging Face dataset) file{csv}"
     )
 
 

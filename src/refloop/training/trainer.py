@@ -21,6 +21,7 @@ step. The trainer owns what every method needs the same way:
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
@@ -157,6 +158,9 @@ class Trainer:
     def _run(self, work_dir: Path, step_fn: Callable[[int], dict], progress: Callable[[dict], None] | None) -> dict:
         work_dir.mkdir(parents=True, exist_ok=True)
         start, elapsed = self._resume(work_dir)
+        if start and self.state.is_main_process:
+            done = "every step done already" if start >= self.total_steps else f"resuming at step {start} of {self.total_steps}"
+            logging.getLogger("refloop.training").info(f"{work_dir}: {done} (an earlier run of the same command)")
         log_path = work_dir / "metrics.jsonl"
         if self.state.is_main_process:
             truncate_log(log_path, start)
