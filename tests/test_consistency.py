@@ -150,3 +150,24 @@ def test_a_rerun_asking_fewer_boxes_says_the_samples_file_holds_more(tmp_path, c
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (metrics["num_boxes"], metrics["samples_file_rows"]) == (3, 6)
     assert "holds 6 rows (an earlier run here evaluated more); metrics read the 3 asked for" in caplog.text
+
+
+def test_a_rerun_naming_the_same_data_file_by_another_path_resumes(tmp_path, capsys, monkeypatch, caplog):
+    """A scheduler resubmitting with absolute paths, or from another directory, named the same file
+    differently: the run was refused as another one. The file's content identifies it; a file
+    changed in place is still another run."""
+    code, _, err = run_cli(["export-world", "--domain", "in-domain", "--num-images", "3", "--out", str(tmp_path / "w")], capsys)
+    assert code == 0, err
+    ckpt = save_tiny_random(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    args = ["consistency", "--num-boxes", "3", "--model", str(ckpt), "--out", str(tmp_path / "run"), "--device", "cpu", "--no-report"]
+    assert run_cli([*args, "--data", "w/instances.json"], capsys)[0] == 0
+    with caplog.at_level("INFO", logger="refloop"):
+        code, _, err = run_cli([*args, "--data", str(tmp_path / "w" / "instances.json")], capsys)
+    assert code == 0, err
+    assert "all written already" in caplog.text
+    data = json.loads((tmp_path / "w" / "instances.json").read_text())
+    data["annotations"][0]["bbox"][0] += 1
+    (tmp_path / "w" / "instances.json").write_text(json.dumps(data))
+    code, _, err = run_cli([*args, "--data", "w/instances.json"], capsys)
+    assert code == 2 and "holds outputs of another run" in err

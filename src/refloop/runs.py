@@ -212,6 +212,26 @@ def file_digest(path: Path, limit: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def _by_content(fingerprint: object) -> object:
+    """A fingerprint with each data file it digests (`data_files`) named by its content, not by the
+    path it was given as: the same file given by another path (absolute, from another working
+    directory, a copy) is the same run's data."""
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("data_files"), dict) or not fingerprint["data_files"]:
+        return fingerprint
+    digest_of = fingerprint["data_files"]
+
+    def named(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: named(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [named(v) for v in value]
+        if isinstance(value, str) and value in digest_of:
+            return f"<file {digest_of[value]}>"
+        return value
+
+    return named({k: v for k, v in fingerprint.items() if k != "data_files"}) | {"data_files": sorted(digest_of.values())}
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(old) | set(new))
     out = []
@@ -345,7 +365,7 @@ def _compare(out: Path, fingerprint: dict, overwrite: bool) -> bool:
     """Whether `out` holds a run of another fingerprint that `overwrite` may replace (refused
     without it, or when refloop cannot tell its files from others)."""
     old = _old_fingerprint(out)
-    if old is None or old == fingerprint:
+    if old is None or old == fingerprint or _by_content(old) == _by_content(fingerprint):
         return False
     if not overwrite:
         tasks = (old.get("task"), fingerprint.get("task")) if isinstance(old, dict) else (None, None)
