@@ -340,16 +340,20 @@ def test_coco_image_id_reused_is_refused(tmp_path):
     assert table.image_ids == [2] and table.num_boxes == 1
 
 
-def test_coco_annotation_id_reused_is_refused_naming_the_first(tmp_path):
-    """Two annotations with one id (two files merged) were read silently; outputs keyed by the id
-    (samples, pairs) would then mix the two boxes. The later one is refused, or skipped and counted."""
+def test_coco_annotation_id_reused_within_an_image_is_refused_naming_the_first(tmp_path):
+    """Two boxes of one image with one id were read silently, and outputs keyed by image and
+    annotation id (samples, pairs) took them for one: the later one is refused, or skipped and
+    counted. The same id on another image (files merged, ids restarting) and a crowd annotation's
+    id are no collision."""
     data = coco_fixture(tmp_path)
-    data["annotations"][2]["id"] = 10  # image 2's box reuses image 1's first id
+    data["annotations"][1]["id"] = 10  # image 1's second box reuses its first box's id
+    data["annotations"][2]["id"] = 10  # and image 2's box too: another image, no collision
+    data["annotations"][3]["id"] = 10  # the crowd annotation of image 2 shares its box's id: not a box
     path = dump(tmp_path, data)
-    with pytest.raises(DataError, match=r"record annotations\[2\]: annotation id 10 is already the id of annotations\[0\]"):
+    with pytest.raises(DataError, match=r"record annotations\[1\]: annotation id 10 is already the id of annotations\[0\], a box"):
         load_coco(path)
     records, report = load_coco(path, on_error="skip")
-    assert report.skipped == 1 and [len(r.objects) for r in records] == [2, 0]  # image 2 keeps its crowd annotation only
+    assert report.skipped == 1 and [[o.ann_id for o in r.objects] for r in records] == [[10], [10]]
 
 
 def test_coco_category_id_reused_with_another_name_is_refused(tmp_path):

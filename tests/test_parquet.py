@@ -87,6 +87,20 @@ def test_lmms_eval_refcoco_layout_loads_with_images_in_memory(tmp_path):
     assert str(first.path) == str(path / REFS[0][0])
 
 
+def test_rows_naming_no_file_name_or_image_id_are_each_an_image_and_it_is_said(tmp_path, caplog):
+    """Without file_name or image_id two boxes of one picture cannot be grouped: every row is an
+    image of its own (a record per row, not per picture), and the load says so instead of evaluating them silently."""
+    rows = [{k: v for k, v in r.items() if k != "file_name"} for r in lmms_rows()]
+    path = write_lmms(tmp_path / "no_names.parquet", rows)
+    with caplog.at_level("WARNING", logger="refloop"):
+        records, _ = load_data(str(path))
+    assert len(records) == len(rows) > len(REFS) and "each row is an image of its own" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refloop"):
+        load_data(str(write_lmms(tmp_path / "named.parquet", lmms_rows())))
+    assert "each row is an image of its own" not in caplog.text
+
+
 def test_eval_rec_on_parquet_equals_the_same_data_as_files(tmp_path, model_dir, capsys):
     """`refloop eval rec --data refcoco_val.parquet` gives the numbers of the same rows written as a
     referring JSONL with the images on disk."""
@@ -161,7 +175,7 @@ def test_columns_of_the_wrong_type_are_refused_naming_the_row(tmp_path, column, 
 
 
 @pytest.mark.parametrize(
-    "missing, problem", [("bbox", "missing column 'bbox'"), ("answer", "missing column 'answer'"), ("image", "read as the JSONL itself")]
+    "missing, problem", [("bbox", "missing column 'bbox'"), ("answer", "missing column 'answer'"), ("image", "the JSONL itself")]
 )
 def test_a_missing_column_is_refused_naming_the_file(tmp_path, capsys, missing, problem):
     rows = [{k: v for k, v in r.items() if k != missing} for r in lmms_rows()]

@@ -1015,10 +1015,7 @@ def _exit_interrupted() -> None:
     if _interrupted and _interrupted[0] == signal.SIGTERM:  # unwound: now end as SIGTERM ends a process
         import atexit
 
-        try:  # what the interpreter's exit would run (finalizers: a vLLM engine's adapter folder in /dev/shm)
-            atexit._run_exitfuncs()
-        except Exception:  # the run is stopped either way
-            pass
+        atexit._run_exitfuncs()  # what the interpreter's exit would run (finalizers: a vLLM engine's adapter folder in /dev/shm)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the status schedulers and shells read: 143, "Terminated")
         os.kill(os.getpid(), signal.SIGTERM)
     sys.exit(INTERRUPTED)

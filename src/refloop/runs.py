@@ -213,20 +213,24 @@ def file_digest(path: Path, limit: int = 1 << 20) -> str:
 
 
 def _by_content(fingerprint: object) -> object:
-    """A fingerprint with each data file it digests (`data_files`) named by its content, not by the
-    path it was given as: the same file given by another path (absolute, from another working
-    directory, a copy) is the same run's data."""
-    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("data_files"), dict) or not fingerprint["data_files"]:
+    """An evaluation fingerprint with its data file named by its content, not by the path it was
+    given as: the same file given by another path (absolute, from another working directory) is
+    the same run's data. Only where the fingerprint also holds where the images are, resolved
+    (`first_image`): an annotation file's images are found relative to it, so the same content in
+    another folder may be other images (recipes record no such path and compare paths as given)."""
+    if not isinstance(fingerprint, dict) or not fingerprint.get("first_image") or not isinstance(fingerprint.get("data_files"), dict):
         return fingerprint
     digest_of = fingerprint["data_files"]
+    if not digest_of:
+        return fingerprint
 
     def named(value: object) -> object:
         if isinstance(value, dict):
             return {k: named(v) for k, v in value.items()}
         if isinstance(value, list):
             return [named(v) for v in value]
-        if isinstance(value, str) and value in digest_of:
-            return f"<file {digest_of[value]}>"
+        if isinstance(value, str) and (value in digest_of or str(Path(value)) in digest_of):
+            return f"<file {digest_of.get(value) or digest_of[str(Path(value))]}>"
         return value
 
     return named({k: v for k, v in fingerprint.items() if k != "data_files"}) | {"data_files": sorted(digest_of.values())}

@@ -256,7 +256,8 @@ def _read_coco(
         if ann.get("iscrowd", 0):
             return None
         if i in duplicate_of:
-            raise DataError(path, rec, f"annotation id {shown(ann['id'])} is already the id of annotations[{duplicate_of[i]}]")
+            first = f"annotations[{duplicate_of[i]}]"
+            raise DataError(path, rec, f"annotation id {shown(ann['id'])} is already the id of {first}, a box of the same image")
         if id_field(image_id, path, rec, "image_id") not in index:
             raise DataError(path, rec, f"image_id {shown(image_id)} is not among the usable images")
         cat = id_field(require(ann, "category_id", path, rec), path, rec, "category_id")
@@ -288,15 +289,18 @@ def _read_coco(
     if not (set(map(type, id_col)) <= {int} and (not n or max(max(id_col), -min(id_col)).bit_length() <= 64)):
         # an id that is absent, or not an integer of at most 64 bits: the record-by-record checks name it
         fast &= np.fromiter((v is _MISSING or v is None or is_id(v) for v in id_col), dtype=bool, count=n)
-    # An annotation id used twice (two files merged, a hand edit): the later box is refused, naming the first.
+    # An annotation id used twice for boxes of one image (outputs are keyed by image and annotation id, so
+    # the two would be taken for one): the later box is refused, naming the first. Across images (files
+    # merged with ids restarting) an id may repeat.
     duplicate_of: dict[int, int] = {}
-    given = [v for v in id_col if type(v) in (int, str)]
-    if len(set(given)) < len(given):
-        first: dict = {}
-        for i, v in enumerate(id_col):
-            if type(v) in (int, str):
-                duplicate_of.update({i: first[v]} if v in first else {})
-                first.setdefault(v, i)
+    rows = enumerate(zip(image_col, crowd_col, id_col, strict=True))
+    keys = {i: (m, v) for i, (m, c, v) in rows if not c and {type(m), type(v)} <= {int, str}}
+    if len(set(keys.values())) < len(keys):
+        seen: dict = {}
+        for i, key in keys.items():
+            if key in seen:
+                duplicate_of[i] = seen[key]
+            seen.setdefault(key, i)
         fast[list(duplicate_of)] = False
     slow = ~named | (~crowd & ~fast)
     # Crowd annotations give no box, but their categories are in the image (the CHAIR release's ground truth

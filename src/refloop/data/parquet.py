@@ -24,6 +24,7 @@ unreadable file is a DataError of the whole file.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,8 @@ def load_parquet(
     policy = Policy(on_error, report)
     if "image" not in columns:
         hint = (
-            "; rows naming their images by file_name alone (refloop's referring JSONL through export-parquet) read as the JSONL itself"
+            "; its rows name their images by file_name alone (refloop's referring JSONL written by export-parquet?): "
+            "give --data the JSONL itself"
             if "file_name" in columns
             else ""
         )
@@ -177,6 +179,13 @@ def load_parquet(
         grouped = _detection_rows(handle, path, columns, image_root, policy, outside)
     elif "bbox" in columns:
         grouped = _referring_rows(handle, path, columns, image_root, policy, outside)
+        from refloop.parallel import is_main_process
+
+        if not {"file_name", "image_id"} & set(columns) and is_main_process():
+            logging.getLogger(__name__).warning(
+                f"{path}: the rows name no file_name or image_id, so each row is an image of its own "
+                "(boxes of one picture are not grouped; add either column to group them)"
+            )
     else:
         raise DataError(path, None, f"missing column 'bbox' (referring rows) or 'objects' (detection rows); columns: {', '.join(columns)}")
     records = [replace(r, data=grouped[r.image_id]["data"]) for r in grouped_records(grouped, path)]

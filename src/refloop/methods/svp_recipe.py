@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from accelerate import PartialState
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from refloop.data.records import ImageRecord, InstructionExample, ObjectAnnotation
 from refloop.data.shards import share
@@ -126,6 +126,13 @@ class SVPRecipe(ModelSpec, TrackingSpec):
         description="SVP (CVQ)'s query tasks (paper: every task of the history); yes-no in the shapes world or from the seed images",
     )
     svp: SVPConfig = Field(default_factory=SVPConfig, description="the method's settings")
+
+    @field_validator("cvq_tasks")
+    @classmethod
+    def _each_task_once(cls, tasks):
+        if len(set(tasks)) < len(tasks):
+            raise ValueError(f"names a task twice: {list(tasks)}")
+        return tasks
 
     @model_validator(mode="before")
     @classmethod

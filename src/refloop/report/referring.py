@@ -24,17 +24,27 @@ def _header(title: str, model: str, data: str, colours: str) -> str:
 
 
 def _rec_lines(r: dict) -> list[str]:
-    located = f"IoU {r['iou']:.2f}" if r.get("predicted_box") is not None else f"unparseable answer: {r.get('answer') or '(empty)'}"
+    answer = r.get("answer") or "(empty)"
+    answer = answer if len(answer) <= 80 else answer[:77] + "..."
+    located = f"IoU {r['iou']:.2f}" if r.get("predicted_box") is not None else f"unparseable answer: {answer}"
     return [f"expression: {r['expression']}", located]
+
+
+def _this_runs_rows(path: Path, metrics: dict) -> list[dict]:
+    """The rows the metrics were computed on: the first `num` (a file keeps the rows of an earlier,
+    longer --limit, in item order)."""
+    rows = read_records(path)
+    return rows[: metrics["num"]] if isinstance(metrics.get("num"), int) else rows
 
 
 def write_rec_report(out_dir: Path, metrics: dict, model: str = "", data: str = "", images: ImageLoaders | None = None) -> Path:
     """report.html of an `eval rec` run: right / wrong box / unparseable counts, the IoU histogram,
     the worst and the best answers drawn; `images` loads a row's image by its "image" field where
     the pixels are not a file (parquet datasets)."""
-    rows = read_records(out_dir / "rec_samples.jsonl")
+    rows = _this_runs_rows(out_dir / "rec_samples.jsonl", metrics)
     threshold = metrics.get("iou_threshold", 0.5)
-    right = sum(r["iou"] >= threshold for r in rows)
+    strict = str(metrics.get("iou_rule", "")).startswith("IoU > ")  # the metrics' rule (Python API: SC-Tune's > 0.5)
+    right = sum(r["iou"] > threshold if strict else r["iou"] >= threshold for r in rows)
     unparseable = sum(r.get("predicted_box") is None for r in rows)
     kinds = (
         (f"right (IoU &ge; {threshold:g})", right),
@@ -65,7 +75,7 @@ def _reg_lines(r: dict) -> list[str]:
 def write_reg_report(out_dir: Path, metrics: dict, model: str = "", data: str = "", images: ImageLoaders | None = None) -> Path:
     """report.html of an `eval reg` run: the text metrics, the descriptions that are none of their
     object's references and some that are one, drawn; `images` as in `write_rec_report`."""
-    rows = read_records(out_dir / "reg_samples.jsonl")
+    rows = _this_runs_rows(out_dir / "reg_samples.jsonl", metrics)
     exact, other = [], []
     for r in rows:  # equal up to whitespace
         same = " ".join(r["prediction"].split()) in {" ".join(ref.split()) for ref in r["references"]}

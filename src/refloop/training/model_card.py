@@ -27,11 +27,17 @@ def _model_type(checkpoint: str) -> str | None:
 
 
 def model_card(
-    base_model: str, method: str, recipe: dict, metrics: dict | None = None, adapter: str | None = None, extended_vocabulary: bool = False
+    base_model: str,
+    method: str,
+    recipe: dict,
+    metrics: dict | None = None,
+    adapter: str | None = None,
+    extended_vocabulary: int | None = None,
 ) -> str:
     """README.md text: YAML metadata the Hub reads, how to load, the recipe, the metrics.
-    `extended_vocabulary`: the adapter's folder holds the tokenizer with words added to the base's
-    (SFT's extend_vocabulary), so the base's embeddings are resized to it before the adapter loads."""
+    `extended_vocabulary`: the embedding rows the run trained with, when it added words to the
+    base's tokenizer (SFT's extend_vocabulary; the tokenizer is in the adapter's folder): the base's
+    embeddings are resized to them before the adapter loads."""
     local = Path(base_model).exists()
     meta = {
         "library_name": "peft" if adapter else "transformers",
@@ -48,14 +54,12 @@ def model_card(
     if adapter:
         base = "refloop.models.default_model_path()" if packaged else f'"{base_model}"'
         resize = (
-            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")  # the base\'s vocabulary and the words this run added\n'
-            "base.resize_token_embeddings(len(tokenizer))\n"
+            f"base.resize_token_embeddings({extended_vocabulary})  # the rows of the words this run added (tokenizer: this folder)\n"
             if extended_vocabulary
             else ""
         )
-        classes = "AutoModelForImageTextToText, AutoTokenizer" if extended_vocabulary else "AutoModelForImageTextToText"
         load = (
-            f"```python\n{register}from peft import PeftModel\nfrom transformers import {classes}\n\n"
+            f"```python\n{register}from peft import PeftModel\nfrom transformers import AutoModelForImageTextToText\n\n"
             f"base = AutoModelForImageTextToText.from_pretrained({base})\n{resize}"
             'model = PeftModel.from_pretrained(base, "path/to/this/folder")\n```'
         )
@@ -84,13 +88,24 @@ def model_card(
     return "\n\n".join(parts) + "\n"
 
 
+def _trained_vocabulary(out: Path) -> int | None:
+    """The embedding rows of the run's merged checkpoint (its config's vocab_size, or its text
+    config's): the size an extended-vocabulary adapter was trained at."""
+    try:
+        config = json.loads((Path(out) / "merged" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
 def write_model_cards(out: Path, base_model: str, method: str, recipe: dict, metrics: dict | None = None) -> list[Path]:
     """README.md into every adapter folder under `out` (PEFT's NAME/adapter_config.json) and into
     `out/merged`; returns the cards written."""
     written = []
     for config in sorted(Path(out).glob("**/adapter_config.json")):
         path = config.parent / "README.md"
-        extended = (config.parent / "tokenizer_config.json").exists()  # SFT saved its extended tokenizer beside the adapter
+        extended = _trained_vocabulary(out) if (config.parent / "tokenizer_config.json").exists() else None  # SFT's extended tokenizer
         path.write_text(model_card(base_model, method, recipe, metrics, adapter=config.parent.name, extended_vocabulary=extended))
         written.append(path)
     merged = Path(out) / "merged"
