@@ -100,3 +100,12 @@ def test_an_engine_backed_models_dtype_is_in_the_run_fingerprint(tmp_path):
 
     fp32, bf16 = (model_fingerprint(EngineBacked(d)) for d in (torch.float32, torch.bfloat16))
     assert fp32["dtype"] == "torch.float32" and bf16["dtype"] == "torch.bfloat16" and fp32 != bf16
+
+
+def test_a_refusal_names_the_default_backend_rather_than_none():
+    """HF runs leave the backend out of their fingerprint (so older runs match): a refusal between
+    the backends read "'vllm' -> None"."""
+    from refloop.runs import _differences
+
+    old, new = {"model": {"backend": "vllm", "name": "m"}}, {"model": {"name": "m", "dtype": "torch.float32"}}
+    assert _differences(old, new) == ["model.backend: 'vllm' -> 'hf'", "model.dtype: (not set) -> 'torch.float32'"]

@@ -236,6 +236,10 @@ def _by_content(fingerprint: object) -> object:
     return named({k: v for k, v in fingerprint.items() if k != "data_files"}) | {"data_files": sorted(digest_of.values())}
 
 
+# What a key absent from a fingerprint stands for (fields left out at their default, so older runs match).
+_ABSENT = {"backend": "'hf'", "generation_backend": "'hf'"}
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(old) | set(new))
     out = []
@@ -244,7 +248,9 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+            absent = _ABSENT.get(key, "(not set)")
+            shown_a, shown_b = (absent if key not in side else repr(side[key]) for side in (old, new))
+            out.append(f"{prefix}{key}: {shown_a} -> {shown_b}")
     return out
 
 

@@ -113,7 +113,11 @@ def run_sctune(
         return recipe.load_profile()
 
     unchanged = {"eval_data", "eval_boxes"} | ({"train_degrade_prob"} if recipe.train_degrade_prob == 0 else set())  # runs before it
-    return run_recipe("sctune", recipe, out, body, overwrite, unchanged=frozenset(unchanged), card_metrics=dict, prepare=prepare)
+
+    def card(results: dict) -> dict:  # the evaluations say what they measure
+        return {f"self-consistency Pr@0.5, {k} model" if k in ("base", "tuned") else k: v for k, v in results.items()}
+
+    return run_recipe("sctune", recipe, out, body, overwrite, unchanged=frozenset(unchanged), card_metrics=card, prepare=prepare)
 
 
 SMALL_MODEL_PARAMETERS = 100_000_000
