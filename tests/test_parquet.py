@@ -331,6 +331,9 @@ def test_cli_export_parquet(tmp_path, capsys):
     assert pq.read_table(tmp_path / "rows.parquet").to_pylist() == [json.loads(line) for line in jsonl.read_text().splitlines()]
     code, _, err = run_cli(["export-parquet", str(tmp_path / "missing.jsonl"), str(tmp_path / "x.parquet")], capsys)
     assert code == 2 and "missing.jsonl" in err
+    (tmp_path / "mixed.jsonl").write_text('{"id": 1, "a": 1}\n{"id": 2, "a": "x"}\n')
+    code, _, err = run_cli(["export-parquet", str(tmp_path / "mixed.jsonl"), str(tmp_path / "m.parquet")], capsys)
+    assert code == 2 and "field 'a' holds values of mixed types" in err  # the column is named
 
 
 def test_bootstrap_report_draws_images_held_in_a_parquet_file(tmp_path, model_dir, capsys):

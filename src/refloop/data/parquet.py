@@ -321,12 +321,15 @@ def export_parquet(jsonl_path: str | Path, parquet_path: str | Path) -> int:
     rows = [row for _, row in iter_jsonl(Path(jsonl_path))]
     if not rows or not all(isinstance(r, dict) for r in rows):
         raise DataError(jsonl_path, None, "expected one JSON object per line (and at least one line)")
-    try:
-        # from_pylist would take its columns from the first row alone and drop the others' fields
-        columns = dict.fromkeys(key for row in rows for key in row)
-        table = pa.Table.from_pydict({key: [row.get(key) for row in rows] for key in columns})
-    except (pa.ArrowException, OverflowError) as exc:
-        raise DataError(jsonl_path, None, f"rows of mixed types that parquet cannot hold in one column: {exc}") from None
+    # from_pylist would take its columns from the first row alone and drop the others' fields
+    columns = {}
+    for key in dict.fromkeys(key for row in rows for key in row):
+        try:
+            columns[key] = pa.array([row.get(key) for row in rows])
+        except (pa.ArrowException, OverflowError) as exc:
+            problem = f"field {key!r} holds values of mixed types that parquet cannot hold in one column: {exc}"
+            raise DataError(jsonl_path, None, problem) from None
+    table = pa.Table.from_pydict(columns)
     out = Path(parquet_path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
