@@ -80,7 +80,8 @@ def test_a_directory_holding_no_refloop_run_is_refused_by_every_command(tmp_path
 @pytest.mark.parametrize("task", ["rec", "reg", "caption", "pope"])
 def test_eval_reports_are_the_runs_own_files(tmp_path, models, capsys, task):
     """report.html and its pictures are written after the run closed: still in its manifest (so
-    --overwrite replaces them); --no-report writes none."""
+    --overwrite replaces them); a rerun with --no-report removes them (they would describe
+    other results: a resumed run may have more rows) and leaves a user's file alone."""
     out = tmp_path / task
     data = ["--data", str(referring_file(tmp_path))] if task in ("rec", "reg") else ["--data", "in-domain", "--num-images", "2"]
     args = ["eval", task, *data, "--model", str(models[0]), "--out", str(out)]
@@ -88,8 +89,10 @@ def test_eval_reports_are_the_runs_own_files(tmp_path, models, capsys, task):
     wrote = {p.name for p in out.iterdir()} - {".refloop.lock", FINGERPRINT, MANIFEST}
     assert "report.html" in wrote and any(name.endswith(".png") for name in wrote)
     assert set(json.loads((out / MANIFEST).read_text())["files"]) == wrote
-    assert run([*args[:-1], str(tmp_path / "bare"), "--no-report"], capsys)[0] == 0
-    assert not list((tmp_path / "bare").glob("*.html")) and not list((tmp_path / "bare").glob("*.png"))
+    (out / "mine.png").write_text("the user's")  # a user's picture beside refloop's
+    assert run([*args, "--no-report"], capsys)[0] == 0  # the same run again without a report: the earlier one goes
+    assert not (out / "report.html").exists() and [p.name for p in out.glob("*.png")] == ["mine.png"]
+    assert set(json.loads((out / MANIFEST).read_text())["files"]) == {n for n in wrote if n != "report.html" and not n.endswith(".png")}
 
 
 def test_rc_data_into_the_working_directory_deletes_nothing(tmp_path, user_dir, capsys, monkeypatch):

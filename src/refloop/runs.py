@@ -594,6 +594,29 @@ def _claim(out: Path, paths: tuple[Path, ...]) -> None:
         raise RefloopError(f"cannot record the outputs in {out / MANIFEST}: {exc.strerror or exc}") from None
 
 
+def release_outputs(out: Path, *paths: Path) -> None:
+    """Delete files an earlier run of `out` wrote after it closed (its report: `claim_outputs`) and
+    a rerun does not write again (`--no-report`), so none is left stale beside the new results.
+    Only files the manifests record as refloop's are deleted; a user's file of that name stays."""
+    out = Path(out)
+    runs = [d for d in (out, *out.parents) if (d / FINGERPRINT).is_file()]
+    for run in runs:
+        try:
+            with run_directory(run):
+                manifest = _read_manifest(run)
+                if manifest is None or manifest.get("damaged"):
+                    continue
+                rels = {Path(p).relative_to(run).as_posix() for p in paths if Path(p).is_relative_to(run)}
+                ours = rels & set(manifest["files"])
+                if run == out:
+                    for rel in ours:
+                        (run / rel).unlink(missing_ok=True)
+                manifest["files"] = sorted(set(manifest["files"]) - ours)
+                _write_json(run / MANIFEST, manifest)
+        except (RefloopError, OSError) as exc:  # the run's results are written: a stale report is only said
+            log.warning(f"{', '.join(str(p) for p in paths)}: an earlier report could not be removed from {run}: {exc}")
+
+
 def _discard(out: Path, created: bool, setup_files: Iterable[str]) -> None:
     for name in (FINGERPRINT, MANIFEST, *setup_files):
         (out / name).unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from refloop.errors import RefloopError
 from refloop.limits import BatchSize, NewTokens, Seed
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
-from refloop.runs import files_digest, model_fingerprint, shared_run_directory, write_text_whole
+from refloop.runs import files_digest, model_fingerprint, release_outputs, shared_run_directory, write_text_whole
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def run_consistency(
     `progress`: show a progress bar."""
     from refloop.data.sources import load_data
     from refloop.progress import progress_bar
-    from refloop.report.consistency import write_consistency_report
+    from refloop.report.consistency import REPORT_FILES, write_consistency_report
 
     state = spec.process_state()
     with state.main_process_first():
@@ -222,4 +222,6 @@ def run_consistency(
         metrics["skipped_records"] = load_report.skipped
         write_text_whole(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     path = write_consistency_report(out, metrics, images={str(s.record.path): s.record.load_image for s in samples}) if report else None
+    if not report:  # an earlier run's report would stand beside other results
+        release_outputs(Path(out), *(Path(out) / name for name in REPORT_FILES))
     return metrics, load_report, path

@@ -52,7 +52,7 @@ from refloop.evaluation.synonyms import SynonymTable, coco_table, dataset_table,
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
 from refloop.parallel import is_main_process
-from refloop.runs import model_fingerprint, shared_run_directory, write_text_whole
+from refloop.runs import model_fingerprint, release_outputs, shared_run_directory, write_text_whole
 from refloop.world import DOMAINS, EVAL_SEED
 
 log = logging.getLogger(__name__)
@@ -433,7 +433,7 @@ def run_object_eval(
     run, and with `report` report.html. The main process returns the metrics and the data's load
     report; the others None. `progress`: show a progress bar."""
     from refloop.progress import progress_bar
-    from refloop.report.hallucination import write_caption_report, write_pope_report
+    from refloop.report.hallucination import REPORT_FILES, write_caption_report, write_pope_report
 
     state = spec.process_state()
     questions = None
@@ -468,4 +468,6 @@ def run_object_eval(
     if report:
         write = write_caption_report if task == "caption" else write_pope_report
         write(Path(out), metrics, vlm.name, str(question_file or data), {str(r.path): r.load_image for r in found.records})
+    else:  # an earlier run's report would stand beside other results
+        release_outputs(Path(out), *(Path(out) / name for name in REPORT_FILES))
     return metrics, found.report

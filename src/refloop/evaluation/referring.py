@@ -22,7 +22,7 @@ from refloop.errors import RefloopError
 from refloop.evaluation.captions import caption_metrics
 from refloop.models.base import VLM
 from refloop.models.spec import ModelSpec
-from refloop.runs import model_fingerprint, records_digest, shared_run_directory, write_text_whole
+from refloop.runs import model_fingerprint, records_digest, release_outputs, shared_run_directory, write_text_whole
 
 
 def rec_pairs(records: list[ImageRecord], limit: int | None = None) -> list[tuple[str, ImageRecord, int, str]]:
@@ -196,7 +196,7 @@ def run_referring_eval(
     the metrics and the data's load report; the others None. `progress`: show a progress bar (on
     the main process)."""
     from refloop.progress import progress_bar
-    from refloop.report.referring import write_rec_report, write_reg_report
+    from refloop.report.referring import REPORT_FILES, write_rec_report, write_reg_report
 
     if split is not None and refs is None:
         raise RefloopError("--split names a split of the --refs file (RefCOCO's refs); without --refs it would be ignored")
@@ -221,4 +221,6 @@ def run_referring_eval(
     if report:
         write = write_rec_report if task == "rec" else write_reg_report
         write(Path(out), metrics, vlm.name, str(data), {str(r.path): r.load_image for r in records})
+    else:  # an earlier run's report would stand beside other results
+        release_outputs(Path(out), *(Path(out) / name for name in REPORT_FILES[task]))
     return metrics, loaded

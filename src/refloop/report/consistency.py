@@ -14,6 +14,7 @@ from refloop.report.page import write_page
 from refloop.report.plots import iou_histogram
 from refloop.runs import claim_outputs
 
+REPORT_FILES = ("report.html", "best.png", "worst.png", "iou_hist.png")
 METRIC_LABELS = {
     "consistency_rate": "self-consistency Pr@0.5",
     "rec_accuracy": "REC acc@0.5 (reference expressions)",

@@ -19,6 +19,7 @@ from refloop.report.plots import ranked_bars
 from refloop.runs import claim_outputs
 
 ImageLoaders = Mapping[str, Callable[[], Image.Image]]
+REPORT_FILES = ("report.html", "objects.png")  # what either report writes
 
 CAPTION_METRICS = (
     ("object recall", "object_recall", "{:.1%}"),
@@ -29,6 +30,7 @@ CAPTION_METRICS = (
     ("METEOR", "METEOR", "{:.3f}"),
     ("captions", "captions", "{}"),
     ("object mentions", "mentions", "{}"),
+    ("records skipped (--on-error skip)", "skipped_records", "{}"),
 )
 POPE_METRICS = (
     ("accuracy", "accuracy", "{:.1%}"),
@@ -39,6 +41,7 @@ POPE_METRICS = (
     ("answers neither yes nor no", "unparsed", "{}"),
     ("questions", "num", "{}"),
     ("images", "images", "{}"),
+    ("records skipped (--on-error skip)", "skipped_records", "{}"),
 )
 STYLE = (
     "td,th{padding:2px 10px;text-align:left;vertical-align:top}.cards{display:flex;flex-wrap:wrap;gap:12px}"
@@ -77,6 +80,16 @@ def _names(values, css: str) -> str:
     return f"<span class='{css}'>{html.escape(', '.join(values))}</span>" if values else "-"
 
 
+def _undefined(metrics: dict) -> str:
+    """Said on the page, not only on stderr: no caption or annotation named an object of the table."""
+    if metrics.get("chair_i") is not None:
+        return ""
+    return (
+        f"<p class='absent'>No annotation or caption names an object of the <code>{html.escape(str(metrics.get('table', '')))}</code> "
+        "table, so CHAIR and object recall are not defined here (a dataset's own labels: <code>--categories dataset</code>).</p>"
+    )
+
+
 def _caption_card(row: dict) -> str:
     return (
         f"<b>{html.escape(row['caption'] or '(empty caption)')}</b><br>"
@@ -108,7 +121,7 @@ def write_caption_report(
 <p>model <code>{html.escape(model)}</code>, data <code>{html.escape(data)}</code>,
 object table <code>{html.escape(str(metrics.get("table", "")))}</code>, CHAIR counted as <code>{html.escape(protocol)}</code>
 (both protocols in <code>caption_metrics.json</code>). One greedy caption per image.</p>
-{_metrics_table(metrics, CAPTION_METRICS)}
+{_metrics_table(metrics, CAPTION_METRICS)}{_undefined(metrics)}
 <p><img src="{chart.name}"></p>
 <h2>Captions naming the most absent objects</h2>
 <p><span class='absent'>absent</span>: named, not in the image's annotations; <span class='found'>present</span>: named and

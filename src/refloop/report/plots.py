@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from refloop.data.jsonl import read_records  # noqa: E402
 
@@ -126,8 +127,10 @@ def ranked_bars(panels: dict[str, Counter], path: Path, title: str, xlabel: str,
         ax.set_title(label, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.tick_params(axis="y", labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts
         if not ranked:
             ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
             ax.set_yticks([])
+            ax.set_xticks([])
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -17,6 +17,10 @@ from refloop.runs import claim_outputs
 
 ImageLoaders = Mapping[str, Callable[[], Image.Image]]
 STYLE = "td,th{padding:2px 12px;text-align:left}"
+REPORT_FILES = {
+    "rec": ("report.html", "rec_iou.png", "rec_worst.png", "rec_best.png"),
+    "reg": ("report.html", "reg_differ.png", "reg_equal.png"),
+}
 
 
 def _header(title: str, model: str, data: str, colours: str) -> str:
@@ -52,6 +56,8 @@ def write_rec_report(out_dir: Path, metrics: dict, model: str = "", data: str = 
         ("no box in the answer", unparseable),
     )
     counts = "".join(f"<tr><td>{label}</td><td>{n}</td><td>{n / max(len(rows), 1):.1%}</td></tr>" for label, n in kinds)
+    if metrics.get("skipped_records"):
+        counts += f"<tr><td>records skipped (--on-error skip)</td><td>{metrics['skipped_records']}</td><td></td></tr>"
     ranked = sorted(rows, key=lambda r: (r["iou"], str(r["id"])))
     title = f"{data}: REC acc@{threshold:g} = {metrics.get('rec_accuracy', 0):.3f}"
     hist = iou_histogram(rows, out_dir / "rec_iou.png", title, threshold, "IoU(referred box, located box)", "expressions")
@@ -83,6 +89,8 @@ def write_reg_report(out_dir: Path, metrics: dict, model: str = "", data: str = 
     scores = ("CIDEr", "METEOR", "BLEU-4", "ROUGE-L")
     table = "".join(f"<tr><td>{k}</td><td>{metrics[k]:.3f}</td></tr>" for k in scores if isinstance(metrics.get(k), int | float))
     table += f"<tr><td>descriptions equal to one of their references</td><td>{len(exact)} of {len(rows)}</td></tr>"
+    if metrics.get("skipped_records"):
+        table += f"<tr><td>records skipped (--on-error skip)</td><td>{metrics['skipped_records']}</td></tr>"
     differ = save_png(grid(row_panels(other, 8, _reg_lines, images), title="none of the references"), out_dir / "reg_differ.png")
     equal = save_png(grid(row_panels(exact, 8, _reg_lines, images), title="one of the references"), out_dir / "reg_equal.png")
     body = f"""{_header("REG: describe a boxed object", model, data, "Green: the described box.")}
