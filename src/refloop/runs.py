@@ -557,14 +557,19 @@ def _close_run(out: Path, manifest: dict, at_start: set[str]) -> None:
 def claim_outputs(out: Path, *paths: Path) -> None:
     """Record in `out`'s manifest files written into a run directory after its run closed (a
     report drawn from finished samples), so that --overwrite replaces them too."""
-    out = Path(out)
-    runs = [d for d in (out, *out.parents) if (d / FINGERPRINT).is_file()]  # this run and the runs it is nested in
-    for run in runs:
+    _in_each_run(Path(out), lambda run: _claim(run, paths), f"{', '.join(str(p) for p in paths)} not recorded as refloop's")
+
+
+def _in_each_run(out: Path, action, failed: str) -> None:
+    """`action(run)` for `out`'s run and each run it is nested in, under that run's lock (a run
+    opened meanwhile is not raced). The outputs are written already: a run holding a directory, or
+    a manifest that cannot be updated (a RefloopError), is said (`failed`, then why), not fatal."""
+    for run in [d for d in (out, *out.parents) if (d / FINGERPRINT).is_file()]:
         try:
-            with run_directory(run):  # its lock: a run opened meanwhile is not raced
-                _claim(run, paths)
-        except RefloopError as exc:  # the outputs are written: a run holding the directory is no reason to fail
-            log.warning(f"{', '.join(str(p) for p in paths)} not recorded as refloop's in {run / MANIFEST}: {exc}")
+            with run_directory(run):
+                action(run)
+        except RefloopError as exc:
+            log.warning(f"{failed} in {run / MANIFEST}: {exc}")
 
 
 def _claim(out: Path, paths: tuple[Path, ...]) -> None:
@@ -599,22 +604,22 @@ def release_outputs(out: Path, *paths: Path) -> None:
     a rerun does not write again (`--no-report`), so none is left stale beside the new results.
     Only files the manifests record as refloop's are deleted; a user's file of that name stays."""
     out = Path(out)
-    runs = [d for d in (out, *out.parents) if (d / FINGERPRINT).is_file()]
-    for run in runs:
+
+    def release(run: Path) -> None:
+        manifest = _read_manifest(run)
+        if manifest is None or manifest.get("damaged"):
+            return
+        ours = {Path(p).relative_to(run).as_posix() for p in paths if Path(p).is_relative_to(run)} & set(manifest["files"])
         try:
-            with run_directory(run):
-                manifest = _read_manifest(run)
-                if manifest is None or manifest.get("damaged"):
-                    continue
-                rels = {Path(p).relative_to(run).as_posix() for p in paths if Path(p).is_relative_to(run)}
-                ours = rels & set(manifest["files"])
-                if run == out:
-                    for rel in ours:
-                        (run / rel).unlink(missing_ok=True)
-                manifest["files"] = sorted(set(manifest["files"]) - ours)
-                _write_json(run / MANIFEST, manifest)
-        except (RefloopError, OSError) as exc:  # the run's results are written: a stale report is only said
-            log.warning(f"{', '.join(str(p) for p in paths)}: an earlier report could not be removed from {run}: {exc}")
+            if run == out:  # the files are in this run's folder; the runs around it only record them
+                for rel in ours:
+                    (run / rel).unlink(missing_ok=True)
+            manifest["files"] = sorted(set(manifest["files"]) - ours)
+            _write_json(run / MANIFEST, manifest)
+        except OSError as exc:
+            raise RefloopError(exc.strerror or str(exc)) from None
+
+    _in_each_run(out, release, f"{', '.join(str(p) for p in paths)}: an earlier report not removed")
 
 
 def _discard(out: Path, created: bool, setup_files: Iterable[str]) -> None:

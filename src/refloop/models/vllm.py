@@ -37,6 +37,7 @@ from PIL import Image
 from refloop.codecs.profiles import PromptProfile
 from refloop.errors import RefloopError
 from refloop.models.base import GREEDY, Completion, GenerateOptions, ProfileTasks
+from refloop.parallel import before_process_group_ends
 from refloop.torchvision_ops import declare_missing_operators
 
 INSTALL = (
@@ -174,8 +175,6 @@ class VLLMEngine:
         self._dirs: dict[str, Path] = {}
         self._root = Path(tempfile.mkdtemp(prefix="refloop-vllm-adapters-", dir=_RAM if _RAM.is_dir() else None))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._root, True)
-        from refloop.parallel import before_process_group_ends
-
         before_process_group_ends(self.shutdown)  # vLLM's own finalizer, run after that, raised on the destroyed group
         self.vocab_size = config.get_text_config().vocab_size
 

@@ -19,7 +19,7 @@ from refloop.report.plots import ranked_bars
 from refloop.runs import claim_outputs
 
 ImageLoaders = Mapping[str, Callable[[], Image.Image]]
-REPORT_FILES = ("report.html", "objects.png")  # what either report writes
+REPORT_FILES = ("report.html", "objects.png")  # what either report writes (a --no-report rerun removes them)
 
 CAPTION_METRICS = (
     ("object recall", "object_recall", "{:.1%}"),
@@ -105,12 +105,13 @@ def write_caption_report(
     """report.html of an `eval caption` run and its bar chart, from caption_samples.jsonl; `model`
     and `data` name what ran on what; `images` loads a row's image by its "image" field where the
     pixels are not a file (parquet datasets)."""
+    page, chart_png = (out_dir / name for name in REPORT_FILES)
     rows = read_records(out_dir / "caption_samples.jsonl")
     absent = Counter(name for r in rows for name in r["hallucinated"])
     missed = Counter(name for r in rows for name in r["missed"])
     chart = ranked_bars(
         {"named but absent": absent, "present but not named": missed},
-        out_dir / "objects.png",
+        chart_png,
         "objects most often named when absent, and left out when present",
         "captions",
     )
@@ -130,7 +131,7 @@ annotated; <span class='missed'>left out</span>: annotated, not named.</p>
 <h2>Captions naming no absent object, most complete first</h2>
 {_cards(clean, _caption_card, images, examples)}
 <p>Per-caption records: <code>caption_samples.jsonl</code>; metrics: <code>caption_metrics.json</code>.</p>"""
-    path = write_page(out_dir / "report.html", "refloop eval caption", body, style=STYLE)
+    path = write_page(page, "refloop eval caption", body, style=STYLE)
     claim_outputs(out_dir, chart, path)  # written after the run closed: still the run's
     return path
 
@@ -147,6 +148,7 @@ def write_pope_report(
 ) -> Path:
     """report.html of an `eval pope` run and its bar chart, from pope_samples.jsonl, read by the
     run's rule (`metrics["rule"]`); `images` as in `write_caption_report`."""
+    page, chart_png = (out_dir / name for name in REPORT_FILES)
     rows = read_records(out_dir / "pope_samples.jsonl")
     reading = "reference_reading" if metrics.get("rule", "reference") == "reference" else "parsed"
     false_yes = [r for r in rows if r["label"] == "no" and r[reading] == "yes"]
@@ -157,7 +159,7 @@ def write_pope_report(
         wrong = {"absent, answered yes": false_yes, "present, not answered yes": false_no}
         chart = ranked_bars(
             {label: Counter(r["object"] for r in questions) for label, questions in wrong.items()},
-            out_dir / "objects.png",
+            chart_png,
             "objects of the wrongly answered questions",
             "questions",
         )
@@ -178,6 +180,6 @@ answers read by the <code>{html.escape(str(metrics.get("rule", "")))}</code> rul
 <h2>Present objects not answered yes ({len(false_no)})</h2>
 {_cards(false_no, _pope_card, images, examples)}
 <p>Per-question records: <code>pope_samples.jsonl</code>; metrics: <code>pope_metrics.json</code>.</p>"""
-    path = write_page(out_dir / "report.html", "refloop eval pope", body, style=STYLE)
+    path = write_page(page, "refloop eval pope", body, style=STYLE)
     claim_outputs(out_dir, *(p for p in (chart, path) if p is not None))
     return path

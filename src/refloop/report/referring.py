@@ -45,6 +45,7 @@ def write_rec_report(out_dir: Path, metrics: dict, model: str = "", data: str = 
     """report.html of an `eval rec` run: right / wrong box / unparseable counts, the IoU histogram,
     the worst and the best answers drawn; `images` loads a row's image by its "image" field where
     the pixels are not a file (parquet datasets)."""
+    page, hist_png, worst_png, best_png = (out_dir / name for name in REPORT_FILES["rec"])
     rows = _this_runs_rows(out_dir / "rec_samples.jsonl", metrics)
     threshold = metrics.get("iou_threshold", 0.5)
     strict = str(metrics.get("iou_rule", "")).startswith("IoU > ")  # the metrics' rule (Python API: SC-Tune's > 0.5)
@@ -60,16 +61,16 @@ def write_rec_report(out_dir: Path, metrics: dict, model: str = "", data: str = 
         counts += f"<tr><td>records skipped (--on-error skip)</td><td>{metrics['skipped_records']}</td><td></td></tr>"
     ranked = sorted(rows, key=lambda r: (r["iou"], str(r["id"])))
     title = f"{data}: REC acc@{threshold:g} = {metrics.get('rec_accuracy', 0):.3f}"
-    hist = iou_histogram(rows, out_dir / "rec_iou.png", title, threshold, "IoU(referred box, located box)", "expressions")
-    worst = save_png(grid(row_panels(ranked, 8, _rec_lines, images), title="lowest IoU"), out_dir / "rec_worst.png")
-    best = save_png(grid(row_panels(ranked[::-1], 8, _rec_lines, images), title="highest IoU"), out_dir / "rec_best.png")
+    hist = iou_histogram(rows, hist_png, title, threshold, "IoU(referred box, located box)", "expressions")
+    worst = save_png(grid(row_panels(ranked, 8, _rec_lines, images), title="lowest IoU"), worst_png)
+    best = save_png(grid(row_panels(ranked[::-1], 8, _rec_lines, images), title="highest IoU"), best_png)
     body = f"""{_header("REC: locate a referring expression", model, data, "Green: the referred box; magenta: the model's.")}
 <table><tr><th>answers ({len(rows)})</th><th></th><th></th></tr>{counts}</table>
 <p><img src="{hist.name}"></p>
 <h2>Lowest IoU</h2><p><img src="{worst.name}"></p>
 <h2>Highest IoU</h2><p><img src="{best.name}"></p>
 <p>Per-expression records: <code>rec_samples.jsonl</code>; metrics: <code>rec_metrics.json</code>.</p>"""
-    path = write_page(out_dir / "report.html", "refloop eval rec", body, style=STYLE)
+    path = write_page(page, "refloop eval rec", body, style=STYLE)
     claim_outputs(out_dir, hist, worst, best, path)  # written after the run closed: still the run's
     return path
 
@@ -81,6 +82,7 @@ def _reg_lines(r: dict) -> list[str]:
 def write_reg_report(out_dir: Path, metrics: dict, model: str = "", data: str = "", images: ImageLoaders | None = None) -> Path:
     """report.html of an `eval reg` run: the text metrics, the descriptions that are none of their
     object's references and some that are one, drawn; `images` as in `write_rec_report`."""
+    page, differ_png, equal_png = (out_dir / name for name in REPORT_FILES["reg"])
     rows = _this_runs_rows(out_dir / "reg_samples.jsonl", metrics)
     exact, other = [], []
     for r in rows:  # equal up to whitespace
@@ -91,14 +93,14 @@ def write_reg_report(out_dir: Path, metrics: dict, model: str = "", data: str = 
     table += f"<tr><td>descriptions equal to one of their references</td><td>{len(exact)} of {len(rows)}</td></tr>"
     if metrics.get("skipped_records"):
         table += f"<tr><td>records skipped (--on-error skip)</td><td>{metrics['skipped_records']}</td></tr>"
-    differ = save_png(grid(row_panels(other, 8, _reg_lines, images), title="none of the references"), out_dir / "reg_differ.png")
-    equal = save_png(grid(row_panels(exact, 8, _reg_lines, images), title="one of the references"), out_dir / "reg_equal.png")
+    differ = save_png(grid(row_panels(other, 8, _reg_lines, images), title="none of the references"), differ_png)
+    equal = save_png(grid(row_panels(exact, 8, _reg_lines, images), title="one of the references"), equal_png)
     body = f"""{_header("REG: describe a boxed object", model, data, "Green: the described box.")}
 <table>{table}</table>
 <h2>Descriptions that are none of their object's references ({len(other)})</h2><p><img src="{differ.name}"></p>
 <h2>Descriptions that are one of them ({len(exact)})</h2><p><img src="{equal.name}"></p>
 <p>Per-object records: <code>reg_samples.jsonl</code>; metrics: <code>reg_metrics.json</code> (tokenizer
 <code>{html.escape(str(metrics.get("tokenizer", "")))}</code>).</p>"""
-    path = write_page(out_dir / "report.html", "refloop eval reg", body, style=STYLE)
+    path = write_page(page, "refloop eval reg", body, style=STYLE)
     claim_outputs(out_dir, differ, equal, path)
     return path
