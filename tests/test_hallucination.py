@@ -519,3 +519,22 @@ def test_reports_rank_the_wrong_objects_and_show_the_images_that_still_exist(tmp
     assert "Absent objects answered yes (1)" in page and "Present objects not answered yes (1)" in page  # "" is no yes here
     page = write_pope_report(tmp_path, {"rule": "reference"}, "m", "d").read_text()
     assert "Absent objects answered yes (1)" in page and "Present objects not answered yes (0)" in page
+
+
+def test_the_rec_report_counts_and_labels_by_the_rule_of_its_metrics(tmp_path):
+    """A Python-API REC run scored by SC-Tune's IoU > 0.5: the report's "right" row says that rule
+    and counts an IoU of exactly 0.5 as wrong, as the accuracy does."""
+    from refloop.report.referring import write_rec_report
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "0.png")
+    rows = [
+        {"id": str(i), "image": str(tmp_path / "0.png"), "expression": "the red one", "box": [0, 0, 10, 10],
+         "predicted_box": [0, 0, 10, 10], "answer": "", "iou": iou}
+        for i, iou in enumerate((0.5, 0.9))
+    ]  # fmt: skip
+    (tmp_path / "rec_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    strict = {"num": 2, "rec_accuracy": 0.5, "iou_threshold": 0.5, "iou_rule": "IoU > 0.5"}
+    page = write_rec_report(tmp_path, strict).read_text()
+    assert "right (IoU &gt; 0.5)</td><td>1</td>" in page
+    page = write_rec_report(tmp_path, strict | {"rec_accuracy": 1.0, "iou_rule": "IoU >= 0.5"}).read_text()
+    assert "right (IoU &ge; 0.5)</td><td>2</td>" in page

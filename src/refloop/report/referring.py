@@ -52,7 +52,7 @@ def write_rec_report(out_dir: Path, metrics: dict, model: str = "", data: str = 
     right = sum(r["iou"] > threshold if strict else r["iou"] >= threshold for r in rows)
     unparseable = sum(r.get("predicted_box") is None for r in rows)
     kinds = (
-        (f"right (IoU &ge; {threshold:g})", right),
+        (f"right (IoU {'&gt;' if strict else '&ge;'} {threshold:g})", right),
         ("a box, but not the referred object", len(rows) - right - unparseable),
         ("no box in the answer", unparseable),
     )
