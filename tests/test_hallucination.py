@@ -455,12 +455,31 @@ def test_num_images_beyond_the_data_is_said(tmp_path, capsys, caplog):
     args = ["eval", "caption", "--data", data, "--model", model, "--categories", "dataset", "--out", str(tmp_path / "c")]
     code, _, err = run_cli([*args, "--num-images", "10"], capsys)
     assert code == 0, err
-    assert "3 images evaluated, not 10 (--num-images)" in caplog.text
+    assert "3 images evaluated, not 10 (--num-images): the data holds 3 images" in caplog.text
     # fewer than the file holds: said too (`caption` cut a file to its default 100 silently)
     code, _, err = run_cli([*args[:-1], str(tmp_path / "c2"), "--num-images", "2"], capsys)
     assert code == 0 and "its first 2 of 3 images are evaluated" in caplog.text
     code, _, err = run_cli(["caption", "--data", data, "--model", model, "--num-images", "2", "--out", str(tmp_path / "c3")], capsys)
     assert code == 0 and "its first 2 of 3 images are used" in caplog.text
+
+
+def test_pope_says_which_images_it_had_nothing_to_ask(tmp_path, capsys, caplog):
+    """POPE asks only about images that name an object: fewer images than --num-images says so
+    (the warning said "no more had what the task reads")."""
+    from helpers import run_cli, save_tiny_random
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 48, "height": 48} for i in range(3)]
+    for im in images:
+        Image.new("RGB", (48, 48), "white").save(tmp_path / im["file_name"])
+    anns = [{"id": i, "image_id": i, "category_id": 1 + i, "bbox": [4, 4, 20, 20]} for i in range(2)]  # image 2: none
+    cats = [{"id": 1, "name": "blorb"}, {"id": 2, "name": "snark"}]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    model = str(save_tiny_random(tmp_path / "m"))
+    args = ["eval", "pope", "--data", str(path), "--model", model, "--categories", "dataset", "--num-images", "5"]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "p")], capsys)
+    assert code == 0, err
+    assert "2 images evaluated, not 5 (--num-images): the data holds 3 images; 1 of them name no object" in caplog.text
 
 
 def test_referring_data_as_caption_or_pope_ground_truth_is_said_to_be_incomplete(tmp_path, caplog):
@@ -538,3 +557,95 @@ def test_the_rec_report_counts_and_labels_by_the_rule_of_its_metrics(tmp_path):
     assert "right (IoU &gt; 0.5)</td><td>1</td>" in page
     page = write_rec_report(tmp_path, strict | {"rec_accuracy": 1.0, "iou_rule": "IoU >= 0.5"}).read_text()
     assert "right (IoU &ge; 0.5)</td><td>2</td>" in page
+
+
+def _coco_with_captions(tmp_path):
+    """Three white images: a dog on 0, a cat on 1, nothing annotated on 2."""
+    images = [{"id": i, "file_name": f"{i}.png", "width": 48, "height": 48} for i in range(3)]
+    for im in images:
+        Image.new("RGB", (48, 48), "white").save(tmp_path / im["file_name"])
+    anns = [
+        {"id": 1, "image_id": 0, "category_id": 18, "bbox": [4, 4, 20, 20]},
+        {"id": 2, "image_id": 1, "category_id": 17, "bbox": [4, 4, 20, 20]},
+    ]
+    cats = [{"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return path
+
+
+def test_eval_caption_scores_a_captions_file_as_chair_py_reads_it(tmp_path, capsys):
+    """--predictions scores given captions (a CHAIR fork's JSONL, chair.py's JSON array, other
+    keys), no model loads: every mention counted as chair.py counts it."""
+    data = _coco_with_captions(tmp_path)
+    lines = [{"image_id": 0, "caption": "A dog and a cat on a bench."}, {"image_id": 1, "caption": "A cat."}]
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "scored"
+    code, _, err = run_cli(
+        ["eval", "caption", "--data", str(data), "--predictions", str(tmp_path / "caps.jsonl"), "--out", str(out)], capsys
+    )
+    assert code == 0, err
+    metrics = json.loads((out / "caption_metrics.json").read_text())
+    # mentions: dog, cat, bench | cat; absent: cat and bench on image 0
+    assert metrics["num"] == 2 and metrics["chair_protocol"] == "original"
+    assert metrics["mentions"] == 4 and metrics["hallucinated_mentions"] == 2 and metrics["chair_s"] == 0.5
+    assert metrics["object_recall"] == 1.0 and metrics["captions_file"] == str(tmp_path / "caps.jsonl")
+    assert (out / "report.html").exists()
+    # the same captions as a JSON array under other keys: the same numbers
+    (tmp_path / "caps.json").write_text(json.dumps([{"id": x["image_id"], "text": x["caption"]} for x in lines]))
+    args = ["--predictions", str(tmp_path / "caps.json"), "--image-id-key", "id", "--caption-key", "text"]
+    code, _, err = run_cli(["eval", "caption", "--data", str(data), *args, "--out", str(tmp_path / "s2")], capsys)
+    assert code == 0, err
+    again = json.loads((tmp_path / "s2" / "caption_metrics.json").read_text())
+    assert {k: again[k] for k in ("chair_i", "chair_s", "object_recall")} == {
+        k: metrics[k] for k in ("chair_i", "chair_s", "object_recall")
+    }
+
+
+def test_eval_caption_predictions_refuses_captions_of_other_images(tmp_path, capsys):
+    data = _coco_with_captions(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (48, 48), "black").save(other / "0.png")  # the same file name, other pixels (another split's scene)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"image_id": 0, "image": str(other / "0.png"), "caption": "a dog"}) + "\n")
+    code, _, err = run_cli(["eval", "caption", "--data", str(data), "--predictions", str(caps), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "was captioned from" in err and "the data's image of that id is" in err, err
+    caps.write_text(json.dumps({"image_id": 7, "caption": "a dog"}) + "\n" + json.dumps({"image_id": 0, "caption": "a dog"}) + "\n")
+    code, _, err = run_cli(["eval", "caption", "--data", str(data), "--predictions", str(caps), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "1 of 2 captions cannot be scored" in err and "image 7 is not among the data's 3 images" in err
+    args = ["eval", "caption", "--data", str(data), "--predictions", str(caps), "--on-error", "skip", "--out", str(tmp_path / "o2")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o2" / "caption_metrics.json").read_text())["skipped_captions"] == 1
+    caps.write_text(json.dumps({"image_id": 0, "caption": "a dog"}) + "\n" + json.dumps({"image_id": 0, "caption": "a cat"}) + "\n")
+    code, _, err = run_cli(["eval", "caption", "--data", str(data), "--predictions", str(caps), "--out", str(tmp_path / "o3")], capsys)
+    assert code == 2 and "image 0 already has a caption (line 1)" in err
+
+
+def test_eval_caption_predictions_options_go_together(tmp_path, capsys):
+    data = _coco_with_captions(tmp_path)
+    code, _, err = run_cli(["eval", "caption", "--data", str(data), "--caption-key", "text", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--caption-key applies to --predictions only" in err
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"image_id": 0, "caption": "a dog"}) + "\n")
+    args = ["eval", "caption", "--data", str(data), "--predictions", str(caps), "--batch-size", "4", "--out", str(tmp_path / "o")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "--batch-size: --predictions scores the file's captions" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_refloop_caption_of_a_domain_scores_as_eval_caption_does(tmp_path, capsys):
+    """`refloop caption --data wild` captions the evaluation scenes `eval caption` scores (it
+    captioned the training scenes, whose ids are the same: scoring them silently read other
+    images' ground truth): its captions scored with --predictions give eval caption's own rows."""
+    common = ["--data", "wild", "--num-images", "3", "--out"]  # the embedded model: its captions end before either length cap
+    assert run_cli(["caption", *common, str(tmp_path / "cap")], capsys)[0] == 0
+    assert run_cli(["eval", "caption", *common, str(tmp_path / "gen")], capsys)[0] == 0
+    scored = ["eval", "caption", *common, str(tmp_path / "given"), "--predictions", str(tmp_path / "cap" / "captions.jsonl")]
+    code, _, err = run_cli(scored, capsys)
+    assert code == 0, err
+    rows = [(tmp_path / d / "caption_samples.jsonl").read_text() for d in ("gen", "given")]
+    assert rows[0] == rows[1]
+    generated, given = (json.loads((tmp_path / d / "caption_metrics.json").read_text()) for d in ("gen", "given"))
+    assert given.pop("captions_file") and given == generated

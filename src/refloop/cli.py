@@ -456,6 +456,7 @@ eval_reg = _referring_command(
 
 @eval_app.command("caption")
 def eval_caption(
+    ctx: typer.Context,
     data: str = ObjectDataOpt,
     out: Path = _eval_out("caption"),
     images: Path | None = ImagesOpt,
@@ -470,6 +471,14 @@ def eval_caption(
         "read with COCO's table) or as refloop does (default for shapes-world domains and --categories dataset); both are reported.",
     ),
     categories: Categories | None = CategoriesOpt,
+    predictions: Path | None = typer.Option(
+        None,
+        "--predictions",
+        help="Score these captions instead of generating them (no model loads): JSON Lines (refloop caption's captions.jsonl, "
+        "the CHAIR forks' --cap_file) or a JSON array (chair.py's), one caption per image id of --data.",
+    ),
+    image_id_key: str = typer.Option("image_id", "--image-id-key", help="--predictions: the field holding the image id."),
+    caption_key: str = typer.Option("caption", "--caption-key", help="--predictions: the field holding the caption (e.g. text, answer)."),
     model: str | None = ModelOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
@@ -482,11 +491,29 @@ def eval_caption(
     report: bool = EvalReportOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
-    """Caption hallucination: one greedy caption per image; object recall, CHAIR_i, CHAIR_s and, against reference
-    captions, the REG text metrics."""
+    """Caption hallucination: one greedy caption per image (or the captions of --predictions); object recall, CHAIR_i,
+    CHAIR_s and, against reference captions, the REG text metrics."""
+    _check_predictions(ctx, predictions, ("image_id_key", "caption_key"), _GENERATION_OPTIONS)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
     chosen = {"captions": captions, "protocol": chair_protocol.value if chair_protocol else None}
+    if predictions is not None:
+        chosen |= {"predictions": predictions, "prediction_keys": (image_id_key, caption_key)}
     _eval_objects("caption", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite, report)
+
+
+_GENERATION_OPTIONS = ("model", "batch_size", "device", "dtype", "profile", "trust_remote_code", "backend", "threads")
+
+
+def _check_predictions(ctx: typer.Context, predictions: Path | None, file_options, model_options) -> None:
+    """--predictions scores a file: the options of generating are refused beside it, its own without it."""
+    if predictions is None:
+        given = [name for name in file_options if _given_on_command_line(ctx, name)]
+        flag = "applies" if len(given) == 1 else "apply"
+        if given:
+            raise RefloopError(f"{', '.join('--' + g.replace('_', '-') for g in given)} {flag} to --predictions only")
+    elif given := [name for name in model_options if _given_on_command_line(ctx, name)]:
+        names = ", ".join("--" + g.replace("_", "-") for g in given)
+        raise RefloopError(f"{names}: --predictions scores the file's captions, no model generates (leave {names} out)")
 
 
 @eval_app.command("pope")
@@ -562,7 +589,9 @@ def _eval_referring(task, spec, data, out, refs, split, images, limit, batch_siz
 def _eval_objects(task, spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite, report) -> None:
     from refloop.evaluation.hallucination import run_object_eval
 
-    _check_out(out, data, images, chosen.get("captions"), chosen.get("question_file"), spec.model, overwrite=overwrite)
+    _check_out(
+        out, data, images, chosen.get("captions"), chosen.get("question_file"), chosen.get("predictions"), spec.model, overwrite=overwrite
+    )
     common = {"images": images, "batch_size": batch_size, "on_error": on_error.value, "overwrite": overwrite, "report": report}
     objects = {"num_images": num_images, "categories": categories.value if categories else None} | chosen
     done = run_object_eval(task, spec, data, out, **objects, **common, progress=True)
@@ -777,7 +806,8 @@ def caption(
         100,
         "--num-images",
         min=1,
-        help="Images captioned: a shapes-world domain's scenes exported, a file's first N (said when it has more).",
+        help="Images captioned: a shapes-world domain's first N evaluation scenes (those eval caption scores), a file's first N "
+        "(said when it has more).",
     ),
     isvp: bool = _flag(False, "--isvp", help="iSVP: prior caption -> grounding -> caption guided by the grounding as text."),
     grounder: str = typer.Option("oracle", "--grounder", help="oracle (shapes world), grounding-dino, owlv2, florence-2 or vlm."),

@@ -50,6 +50,7 @@ from refloop.data.fields import (  # noqa: F401  (LoadReport, OnError, open_text
     open_text,
     optional_id,
     read_json,
+    read_json_list,
     read_text,
     require,
     text_field,
@@ -535,6 +536,44 @@ def load_referring(
     records = grouped_records(grouped, path)
     report.kept = len(records)
     return records, report
+
+
+def load_caption_predictions(
+    path: str | Path, image_id_key: str = "image_id", caption_key: str = "caption", on_error: OnError = "fail"
+) -> tuple[list[dict], LoadReport]:
+    """Captions to score, one an image: JSON Lines (`refloop caption`'s captions.jsonl, the JSONL
+    the CHAIR forks of OPERA and others read) or a JSON array of objects (the original chair.py's
+    caption file), each with an image id and a caption under the given keys. Returns them in file
+    order as {image_id, caption, image} (`image`: the path the line names, if any, else None)."""
+    path = Path(path)
+    report = LoadReport(source=str(path))
+    policy = Policy(on_error, report)
+    if path.suffix.lower() == ".json":
+        entries = list(enumerate(read_json_list(path, "caption objects"), 1))
+        where = "entry"
+    else:
+        entries = list(jsonl_lines(path))
+        where = "line"
+    out: list[dict] = []
+    seen: dict[str, int] = {}
+    for number, entry in entries:
+        rec = f"{where} {number}"
+        try:
+            if isinstance(entry, DataError):
+                raise entry
+            image_id = id_field(require(entry, image_id_key, path, rec), path, rec, image_id_key)
+            if str(image_id) in seen:
+                raise DataError(
+                    path, rec, f"image {shown(image_id)} already has a caption ({where} {seen[str(image_id)]}): one caption an image"
+                )
+            caption = text_field(require(entry, caption_key, path, rec), path, rec, caption_key)
+            image = entry.get("image")
+            seen[str(image_id)] = number
+            out.append({"image_id": image_id, "caption": caption, "image": image if isinstance(image, str) else None})
+        except DataError as err:
+            policy.handle(err)
+    report.kept = len(out)
+    return out, report
 
 
 def load_pope_questions(

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from refloop.data.jsonl import write_records
-from refloop.data.loaders import LoadReport, OnError, load_pope_questions, read_json
+from refloop.data.loaders import LoadReport, OnError, load_caption_predictions, load_pope_questions, read_json
 from refloop.data.paths import shown
 from refloop.data.records import ImageRecord
 from refloop.data.shards import ShardedRun, share
@@ -164,6 +164,44 @@ def pope_file_data(path: str | Path, images: str | Path | None = None, on_error:
     return ObjectData(records, empty, [[] for _ in records], coco_table(), {}, report), questions
 
 
+def _score_given(found: ObjectData, data: str, source: Path, keys, out: Path, protocol, on_error, overwrite, report):
+    """`run_object_eval` for a captions file: read, scored, reported, in one process."""
+    from accelerate import PartialState
+
+    from refloop.report.hallucination import REPORT_FILES, write_caption_report
+
+    if PartialState().num_processes > 1:  # one pass over text: nothing to share
+        raise RefloopError("--predictions scores a captions file in one process: run it without accelerate launch")
+    predictions, read = load_caption_predictions(source, *keys, on_error=on_error)
+    if not predictions:
+        raise RefloopError(f"{source}: no caption to score{read.skipped_note()}")
+    metrics = score_caption_file(found, predictions, source, out, overwrite=overwrite, protocol=protocol, on_error=on_error)
+    if read.skipped:
+        metrics["skipped_caption_lines"] = read.skipped
+    if found.report.skipped:
+        metrics["skipped_records"] = found.report.skipped
+    if read.skipped or found.report.skipped:
+        write_text_whole(out / "caption_metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if report:
+        write_caption_report(out, metrics, f"captions of {source.name}", data, {str(r.path): r.load_image for r in found.records})
+    else:
+        release_outputs(out, *(out / name for name in REPORT_FILES))
+    return metrics, found.report
+
+
+def _fewer_why(found: ObjectData, task: str) -> str:
+    """Why an evaluation read fewer images than --num-images asked: the data's own count, the
+    images skipped under the failure policy, or (POPE) those without an object to ask about."""
+    why = [f"the data holds {len(found.records)} images"]
+    if found.report.skipped:
+        why.append(f"{found.report.skipped} records skipped (--on-error skip)")
+    if task == "pope" and any(found.objects):
+        without = sum(not o for o in found.objects)
+        if without:
+            why.append(f"{without} of them name no object of the {found.table.name} category table, so POPE asks them nothing")
+    return "; ".join(why)
+
+
 def read_coco_captions(path: Path) -> dict[object, list[str]]:
     """image_id -> captions of a COCO captions file ({"annotations": [{"image_id", "caption"}, ...]})."""
     data = read_json(path)
@@ -181,15 +219,15 @@ def read_coco_captions(path: Path) -> dict[object, list[str]]:
 # ---- evaluation runs ----------------------------------------------------------------------------
 
 
-def _fingerprint(task: str, vlm: VLM, found: ObjectData, **options) -> dict:
-    """The model, the data and a digest of the ground truth (objects, references: another captions
-    file or table is another run)."""
+def _fingerprint(task: str, model: dict, found: ObjectData, **options) -> dict:
+    """The model (`model_fingerprint`, or the captions file scored), the data and a digest of the
+    ground truth (objects, references: another captions file or table is another run)."""
     sources = sorted({str(r.source) for r in found.records})
     truth = json.dumps(
         [[str(r.image_id), sorted(o), refs] for r, o, refs in zip(found.records, found.objects, found.references, strict=True)]
     )
     digest = hashlib.sha256(truth.encode()).hexdigest()[:16]
-    return {"task": task, "model": model_fingerprint(vlm), "data": sources, "table": found.table.name, "ground_truth": digest} | options
+    return {"task": task, "model": model, "data": sources, "table": found.table.name, "ground_truth": digest} | options
 
 
 class _LastImage:
@@ -234,9 +272,74 @@ def evaluate_captions(
     protocol = protocol or default_protocol(found)
     if protocol not in PROTOCOLS:
         raise RefloopError(f"unknown CHAIR protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    fingerprint = _fingerprint("caption", vlm, found, num_images=len(found.records), max_new_tokens=max_new_tokens)
+    fingerprint = _fingerprint("caption", model_fingerprint(vlm), found, num_images=len(found.records), max_new_tokens=max_new_tokens)
     with shared_run_directory(out, fingerprint, overwrite) as state:
         return _evaluate_captions(vlm, found, Path(out), batch_size, max_new_tokens, progress, java, on_error, protocol, state)
+
+
+def score_caption_file(
+    found: ObjectData,
+    predictions: list[dict],
+    source: str | Path,
+    out: Path,
+    java: bool | None = None,
+    overwrite: bool = False,
+    protocol: str | None = None,
+    on_error: str = "fail",
+) -> dict:
+    """`evaluate_captions` on captions a file gives (`load_caption_predictions`: another model's
+    outputs, `refloop caption --isvp`'s, a chair.py caption file) instead of generating them: each
+    matched to the data's image of its id, as chair.py reads its caption file. A caption whose id
+    is not among the data's images, or whose line names another image file than the data's image
+    of that id, stops the run (`on_error="skip"`: skipped and counted). The data's images without
+    a caption are not scored."""
+    protocol = protocol or default_protocol(found)
+    if protocol not in PROTOCOLS:
+        raise RefloopError(f"unknown CHAIR protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    items = {
+        str(rec.image_id): (str(rec.image_id), rec, gt, refs)
+        for rec, gt, refs in zip(found.records, found.objects, found.references, strict=True)
+    }
+    captions, problems = {}, []
+    for p in predictions:
+        key = str(p["image_id"])
+        if key not in items:
+            problems.append(f"image {shown(p['image_id'])} is not among the data's {len(items)} images")
+        elif p["image"] is not None and not _same_image(Path(p["image"]), items[key][1].path):
+            problems.append(
+                f"image {shown(p['image_id'])} was captioned from {p['image']}, the data's image of that id is {items[key][1].path}"
+            )
+        else:
+            captions[key] = p["caption"]
+    if problems and (on_error != "skip" or not captions):
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise RefloopError(
+            f"{source}: {len(problems)} of {len(predictions)} captions cannot be scored against the data: {'; '.join(problems[:3])}{more}. "
+            "They must be captions of the data's images, keyed by its image ids (a shapes-world domain: its evaluation scenes, as "
+            "`refloop caption --data DOMAIN` writes them; a file's images beyond --num-images are not read)"
+        )
+    if problems:
+        log.warning(f"{source}: {len(problems)} captions skipped under --on-error skip: {'; '.join(problems[:3])}")
+    with open(source, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+    given = {"captions_file": str(source), "sha256": digest}
+    fingerprint = _fingerprint("caption", given, found, num_images=len(found.records), predictions=len(captions))
+    with shared_run_directory(out, fingerprint, overwrite) as state:
+        done = [it for key, it in items.items() if key in captions]
+        extra = {"captions_file": str(source)} | ({"skipped_captions": len(problems)} if problems else {})
+        return _score_captions(found, done, captions, Path(out), java, protocol, 0, state, extra)
+
+
+def _same_image(named: Path, ours: Path) -> bool:
+    """Whether a caption's image file is the data's image: the same path, or where both files
+    exist the same bytes (an export written twice); where the named file is gone, the same name."""
+    if named == ours or not named.exists() or not ours.exists():
+        return named.name == ours.name
+    if named.samefile(ours):
+        return True
+    if named.stat().st_size != ours.stat().st_size:
+        return False
+    return named.read_bytes() == ours.read_bytes()
 
 
 def _caption_tables(found: ObjectData) -> dict[str, ObjectReader]:
@@ -259,7 +362,14 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
         )
     skipped = run.finish()
     captions = {r["id"]: r["caption"] for r in run.rows()}
-    done = [it for it in items if it[0] in captions]
+    return _score_captions(found, [it for it in items if it[0] in captions], captions, out, java, protocol, skipped, state)
+
+
+def _score_captions(found: ObjectData, done: list, captions: dict, out: Path, java, protocol, skipped, state, extra=None) -> dict:
+    """CHAIR, recall and text metrics of `captions` (id -> caption) on the `done` items (id,
+    record, objects, references), `extra` added to the metrics; the main process writes
+    caption_samples.jsonl and caption_metrics.json."""
+    path = out / "caption_samples.jsonl"
     tables = _caption_tables(found)
     per_protocol = {
         p: caption_rows(
@@ -277,7 +387,7 @@ def _evaluate_captions(vlm, found: ObjectData, out: Path, batch_size, max_new_to
         if p == protocol:
             metrics |= scores | {"chair_protocol": protocol}
         metrics.setdefault("chair_by_protocol", {})[p] = scores
-    metrics |= {"num": len(done), "table": found.table.name}
+    metrics |= {"num": len(done), "table": found.table.name} | (extra or {})
     undefined = undefined_metrics(metrics, found.table.name)
     if undefined:
         metrics["undefined"] = undefined
@@ -363,7 +473,7 @@ def evaluate_pope(
         questions = pope_questions(found, strategy, per_image, seed)
     elif not generated:
         options = {"questions": hashlib.sha256(json.dumps(questions, sort_keys=True, default=str).encode()).hexdigest()[:16]}
-    fingerprint = _fingerprint("pope", vlm, found, num_images=len(found.records), **options)
+    fingerprint = _fingerprint("pope", model_fingerprint(vlm), found, num_images=len(found.records), **options)
     with shared_run_directory(out, fingerprint, overwrite) as state:
         drawn = {"strategy": strategy, "per_image": per_image, "seed": seed} if question_file is None else {"questions": question_file}
         return _evaluate_pope(vlm, found, questions, Path(out), drawn, batch_size, progress, on_error, rule, state)
@@ -426,12 +536,16 @@ def run_object_eval(
     progress: bool = False,
     question_file: str | Path | None = None,
     report: bool = True,
+    predictions: str | Path | None = None,
+    prediction_keys: tuple[str, str] = ("image_id", "caption"),
 ) -> tuple[dict, LoadReport] | None:
     """`refloop eval caption` / `eval pope`: the images and their objects loaded (a shapes-world
     domain exported once, by the main process), POPE's questions drawn before any weights load
     (or read from `question_file`, a question file of the POPE release, instead of `data`), the
-    run, and with `report` report.html. The main process returns the metrics and the data's load
-    report; the others None. `progress`: show a progress bar."""
+    run, and with `report` report.html. `eval caption --predictions`: the captions of that file
+    (`load_caption_predictions` with `prediction_keys`, image id and caption) are scored, no model
+    loads, and a data file's images are all read unless `num_images` is given. The main process
+    returns the metrics and the data's load report; the others None. `progress`: show a progress bar."""
     from refloop.progress import progress_bar
     from refloop.report.hallucination import REPORT_FILES, write_caption_report, write_pope_report
 
@@ -441,9 +555,13 @@ def run_object_eval(
         if question_file is not None:
             found, questions = pope_file_data(question_file, images, on_error)
         else:
-            found = load_object_data(data, images, captions, on_error=on_error, num_images=num_images or 500, categories=categories)
+            every = predictions is not None and data not in DOMAINS  # the caption file names the images scored
+            limit = num_images if every else num_images or 500
+            found = load_object_data(data, images, captions, on_error=on_error, num_images=limit, categories=categories)
     if not found.records:
         raise RefloopError(f"{question_file or data}: no images to evaluate{found.report.skipped_note()}")
+    if predictions is not None:
+        return _score_given(found, data, Path(predictions), prediction_keys, Path(out), protocol, on_error, overwrite, report)
     pope = {"strategy": strategy, "per_image": per_image, "seed": seed}
     if task == "pope" and question_file is None:
         questions = pope_questions(found, **pope)
@@ -464,7 +582,7 @@ def run_object_eval(
         write_text_whole(Path(out) / f"{task}_metrics.json", json.dumps(metrics, indent=2) + "\n")
     evaluated = metrics.get("images", metrics.get("num"))
     if num_images is not None and isinstance(evaluated, int) and evaluated < num_images:  # asked for, not the default
-        log.warning(f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): no more had what the task reads")
+        log.warning(f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): {_fewer_why(found, task)}")
     if report:
         write = write_caption_report if task == "caption" else write_pope_report
         write(Path(out), metrics, vlm.name, str(question_file or data), {str(r.path): r.load_image for r in found.records})

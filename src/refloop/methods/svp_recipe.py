@@ -384,19 +384,19 @@ def run_captions(
     overwrite: bool = False,
     progress: bool = False,
 ) -> int | None:
-    """`refloop caption`: greedy captions of `data`'s images (training scenes of a shapes-world
-    domain, exported once by the main process), with `isvp` SVP's inference-time variant through
+    """`refloop caption`: greedy captions of `data`'s images (a shapes-world domain's evaluation
+    scenes, the ones `eval caption` scores, exported once by the main process), with `isvp` SVP's inference-time variant through
     `grounding`. The main process returns the images skipped as unreadable; the others None.
     `progress`: show a progress bar."""
 
     from refloop.methods.svp import caption_images, label_set
     from refloop.progress import progress_bar
     from refloop.runs import records_digest
-    from refloop.world import TRAIN_SEED
+    from refloop.world import EVAL_SEED
 
     state = spec.process_state()
     with state.main_process_first():
-        found = load_detections(data, images, on_error, num_images, TRAIN_SEED, limit="--num-images")
+        found = load_detections(data, images, on_error, num_images, EVAL_SEED, limit="--num-images")
     vlm = spec.load_vlm(batch_size, generation=True)
     ground = grounding.build(vlm, spec.device, spec.dtype) if isvp else None
     records = {"name": data, "image_root": str(found.image_root), "records": records_digest(found.records)}

@@ -99,6 +99,12 @@ def _caption_card(row: dict) -> str:
     )
 
 
+def _captions_source(metrics: dict) -> str:
+    if given := metrics.get("captions_file"):
+        return f"The captions of <code>{html.escape(str(given))}</code>, one per image (no model ran)."
+    return "One greedy caption per image."
+
+
 def write_caption_report(
     out_dir: Path, metrics: dict, model: str = "", data: str = "", images: ImageLoaders | None = None, examples: int = 8
 ) -> Path:
@@ -121,7 +127,7 @@ def write_caption_report(
     body = f"""<h1>Caption hallucination: CHAIR and object recall</h1>
 <p>model <code>{html.escape(model)}</code>, data <code>{html.escape(data)}</code>,
 object table <code>{html.escape(str(metrics.get("table", "")))}</code>, CHAIR counted as <code>{html.escape(protocol)}</code>
-(both protocols in <code>caption_metrics.json</code>). One greedy caption per image.</p>
+(both protocols in <code>caption_metrics.json</code>). {_captions_source(metrics)}</p>
 {_metrics_table(metrics, CAPTION_METRICS)}{_undefined(metrics)}
 <p><img src="{chart.name}"></p>
 <h2>Captions naming the most absent objects</h2>
