@@ -23,6 +23,13 @@ def test_demo_runs_consistency_bootstrapping_and_svp_and_links_them_in_the_repor
     shown_changed = sum(e["base"]["caption"] != e["svp"]["caption"] for e in svp["examples"])
     assert shown_changed == min(changed, len(svp["examples"])) and f"SVP changed {changed} of the {total}" in page
     assert "SVP Table 6" in stdout and "svp/report.html" in page
+    # iSVP, the inference-time variant, scored on the same held-out scenes through eval caption's scoring of a captions file
+    assert set(svp["isvp"]) == set(svp["base"]) and "iSVP (no tuning, ours)" in stdout and "iSVP (no tuning" in page
+    isvp = json.loads((out / "svp" / "eval-isvp" / "caption_metrics.json").read_text())
+    assert (
+        isvp["captions_file"].endswith("captions.jsonl")
+        and isvp["num"] == json.loads((out / "svp" / "eval-base" / "caption_metrics.json").read_text())["num"]
+    )
     # the page shows on another machine: every picture is beside it or drawn into it, none in refloop's cache
     import re
 

@@ -157,11 +157,12 @@ def _demo_svp(
     """SVP at demo scale: the model captions `num_images` text-free training scenes of
     an OOD style with and without the scene oracle's grounding, keeps the best-scored guided
     captions (S(q,p), Eq. 5) and is tuned on them; object recall and CHAIR_i of greedy captions on
-    held-out scenes before and after."""
+    held-out scenes before and after, and of iSVP (the untuned model guided by the same grounder)."""
+    from refloop.data.loaders import load_caption_predictions
     from refloop.data.sources import load_detections
-    from refloop.evaluation.hallucination import evaluate_captions, load_object_data
+    from refloop.evaluation.hallucination import evaluate_captions, load_object_data, score_caption_file
     from refloop.grounding import SceneOracle
-    from refloop.methods.svp import SVP, SVPConfig, SVPTraining
+    from refloop.methods.svp import SVP, SVPConfig, SVPTraining, caption_images
     from refloop.models import load_vlm
     from refloop.world import TRAIN_SEED
 
@@ -176,7 +177,8 @@ def _demo_svp(
     # and SVP's cosine schedule, not for this one.
     sft = SVPTraining(lr=2e-4, lr_schedule="constant", warmup_ratio=0.0, checkpoint_every=10_000)
     cfg = SVPConfig(samples=8, top_fraction=0.25, max_new_tokens=40, phrases="both", sft=sft)
-    method = SVP(base, SceneOracle(miss_rate=0.1, false_positive_rate=0.1, jitter=0.05), cfg, vocabulary=seed_data.vocabulary)
+    grounder = SceneOracle(miss_rate=0.1, false_positive_rate=0.1, jitter=0.05)
+    method = SVP(base, grounder, cfg, vocabulary=seed_data.vocabulary)
     with progress_bar(f"{domain:>10}: SVP captions", num_images) as advance:
         summary = method.run(seeds, out / "svp", progress=lambda stage, n, total: advance(n) if "inner" in stage else None)
     from refloop.report.svp import write_svp_report
@@ -186,8 +188,15 @@ def _demo_svp(
         {"train_data": domain, "images": len(seeds), "grounder": "scene oracle", "score": cfg.score, "iterations": summary},
         seeds,
     )
-    before = evaluate_captions(load_vlm(model, device=device, dtype=dtype), found, out / "svp" / "eval-base", overwrite=overwrite)
+    untuned = load_vlm(model, device=device, dtype=dtype, batch_size=160)
+    before = evaluate_captions(untuned, found, out / "svp" / "eval-base", overwrite=overwrite)
     after = evaluate_captions(method.vlm, found, out / "svp" / "eval-svp", overwrite=overwrite)
+    # iSVP, SVP's inference-time variant: the untuned model captions the same held-out scenes again
+    # with the same grounder's feedback on its prior caption written into its prompt; no tuning
+    guided = out / "svp" / "isvp"
+    caption_images(untuned, found.records, guided, grounder, cfg.phrases, seed_data.vocabulary, batch_size=160, overwrite=overwrite)
+    predictions = load_caption_predictions(guided / "captions.jsonl")[0]
+    inference = score_caption_file(found, predictions, guided / "captions.jsonl", out / "svp" / "eval-isvp", overwrite=overwrite)
     rows = {r["id"]: r for r in read_records(out / "svp" / "eval-base" / "caption_samples.jsonl")}
     tuned = read_records(out / "svp" / "eval-svp" / "caption_samples.jsonl")
     # The captions SVP changed first, in the evaluation's order (not chosen by their scores), then unchanged ones.
@@ -202,6 +211,7 @@ def _demo_svp(
         "iterations": summary,
         "base": {k: before.get(k) for k in keys},
         "svp": {k: after.get(k) for k in keys},
+        "isvp": {k: inference.get(k) for k in keys},
         "examples": pairs,
         "captions_changed": [changed, len(tuned)],
     }
@@ -217,7 +227,12 @@ def svp_table(result: dict) -> Table:
     table.add_column("model")
     for column in ("object recall", "CHAIR_i", "CHAIR_s", "CIDEr"):
         table.add_column(column, justify="right")
-    for name, key in ((result.get("model", "refloop-tiny"), "base"), ("  + SVP (S(q,p), ours)", "svp")):
+    rows = (
+        (result.get("model", "refloop-tiny"), "base"),
+        ("  + SVP (S(q,p), ours)", "svp"),
+        ("  iSVP (no tuning, ours)", "isvp"),
+    )
+    for name, key in (row for row in rows if row[1] in result):
         v = result[key]
         table.add_row(
             name, *[f"{100 * v[k]:.1f}" if v.get(k) is not None else "-" for k in ("object_recall", "chair_i", "chair_s", "CIDEr")]
@@ -232,7 +247,8 @@ def _svp_html(result: dict | None) -> str:
         f"<tr><td>{name}</td>"
         + "".join(f"<td>{100 * (result[key].get(k) or 0):.1f}</td>" for k in ("object_recall", "chair_i", "CIDEr"))
         + "</tr>"
-        for name, key in ((result.get("model", "refloop-tiny"), "base"), ("+ SVP", "svp"))
+        for name, key in ((result.get("model", "refloop-tiny"), "base"), ("+ SVP", "svp"), ("iSVP (no tuning, grounded prompt)", "isvp"))
+        if key in result
     )
 
     def cell(c: dict) -> str:
