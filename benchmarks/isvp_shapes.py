@@ -41,10 +41,11 @@ METRICS = ("object_recall", "chair_i", "chair_s", "CIDEr")
 
 
 def run_seed(seed: int, args, spec: ModelSpec) -> dict:
-    out = Path(args.out) / f"seed{seed}"
     rows = {}
     for row, phrases in ROWS.items():
-        folder = out / row.replace(" ", "_").replace(",", "").replace("'", "").replace("+", "and")
+        # the base's greedy captions do not depend on the oracle's seed: captioned once, shared by the seeds
+        where = Path(args.out) / ("shared" if phrases is None else f"seed{seed}")
+        folder = where / row.replace(" ", "_").replace(",", "").replace("'", "").replace("+", "and")
         grounding = GrounderSpec(kind="oracle", miss_rate=0.1, false_positive_rate=0.1, jitter=0.05, seed=seed)
         started = time.perf_counter()
         isvp = phrases is not None
@@ -53,7 +54,7 @@ def run_seed(seed: int, args, spec: ModelSpec) -> dict:
         metrics, _ = run_object_eval(
             "caption", spec, args.domain, folder / "scored", num_images=args.images, predictions=folder / "captions" / "captions.jsonl"
         )
-        rows[row] = {m: round(100 * metrics[m], 1) for m in METRICS}  # CIDEr x 100, as the SVP tables print it
+        rows[row] = {m: None if metrics.get(m) is None else round(100 * metrics[m], 1) for m in METRICS}  # CIDEr x 100, as SVP prints it
         rows[row]["caption_seconds"] = round(seconds, 1)
         print(seed, row, rows[row], flush=True)
     return rows

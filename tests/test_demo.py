@@ -27,7 +27,7 @@ def test_demo_runs_consistency_bootstrapping_and_svp_and_links_them_in_the_repor
     assert set(svp["isvp"]) == set(svp["base"]) and "iSVP (no tuning, ours)" in stdout and "iSVP (no tuning" in page
     isvp = json.loads((out / "svp" / "eval-isvp" / "caption_metrics.json").read_text())
     assert (
-        isvp["captions_file"].endswith("captions.jsonl")
+        isvp["predictions_file"].endswith("captions.jsonl")
         and isvp["num"] == json.loads((out / "svp" / "eval-base" / "caption_metrics.json").read_text())["num"]
     )
     # the page shows on another machine: every picture is beside it or drawn into it, none in refloop's cache

@@ -589,7 +589,7 @@ def test_eval_caption_scores_a_captions_file_as_chair_py_reads_it(tmp_path, caps
     # mentions: dog, cat, bench | cat; absent: cat and bench on image 0
     assert metrics["num"] == 2 and metrics["chair_protocol"] == "original"
     assert metrics["mentions"] == 4 and metrics["hallucinated_mentions"] == 2 and metrics["chair_s"] == 0.5
-    assert metrics["object_recall"] == 1.0 and metrics["captions_file"] == str(tmp_path / "caps.jsonl")
+    assert metrics["object_recall"] == 1.0 and metrics["predictions_file"] == str(tmp_path / "caps.jsonl")
     assert (out / "report.html").exists()
     # the same captions as a JSON array under other keys: the same numbers
     (tmp_path / "caps.json").write_text(json.dumps([{"id": x["image_id"], "text": x["caption"]} for x in lines]))
@@ -603,13 +603,12 @@ def test_eval_caption_scores_a_captions_file_as_chair_py_reads_it(tmp_path, caps
 
 
 def test_eval_caption_predictions_refuses_captions_of_other_images(tmp_path, capsys):
+    """A shapes-world domain's splits share image ids: a caption of a training scene (its entry
+    names the file, gone or not) is refused against the evaluation scene of that id."""
     data = _coco_with_captions(tmp_path)
-    other = tmp_path / "other"
-    other.mkdir()
-    Image.new("RGB", (48, 48), "black").save(other / "0.png")  # the same file name, other pixels (another split's scene)
     caps = tmp_path / "caps.jsonl"
-    caps.write_text(json.dumps({"image_id": 0, "image": str(other / "0.png"), "caption": "a dog"}) + "\n")
-    code, _, err = run_cli(["eval", "caption", "--data", str(data), "--predictions", str(caps), "--out", str(tmp_path / "o")], capsys)
+    caps.write_text(json.dumps({"image_id": 0, "image": "/gone/wild-seed0-n3/images/wild-0-000000.png", "caption": "a dog"}) + "\n")
+    code, _, err = run_cli(["eval", "caption", "--data", "wild", "--predictions", str(caps), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "was captioned from" in err and "the data's image of that id is" in err, err
     caps.write_text(json.dumps({"image_id": 7, "caption": "a dog"}) + "\n" + json.dumps({"image_id": 0, "caption": "a dog"}) + "\n")
     code, _, err = run_cli(["eval", "caption", "--data", str(data), "--predictions", str(caps), "--out", str(tmp_path / "o")], capsys)
@@ -617,7 +616,7 @@ def test_eval_caption_predictions_refuses_captions_of_other_images(tmp_path, cap
     args = ["eval", "caption", "--data", str(data), "--predictions", str(caps), "--on-error", "skip", "--out", str(tmp_path / "o2")]
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "o2" / "caption_metrics.json").read_text())["skipped_captions"] == 1
+    assert json.loads((tmp_path / "o2" / "caption_metrics.json").read_text())["skipped_predictions"] == 1
     caps.write_text(json.dumps({"image_id": 0, "caption": "a dog"}) + "\n" + json.dumps({"image_id": 0, "caption": "a cat"}) + "\n")
     code, _, err = run_cli(["eval", "caption", "--data", str(data), "--predictions", str(caps), "--out", str(tmp_path / "o3")], capsys)
     assert code == 2 and "image 0 already has a caption (line 1)" in err
@@ -648,4 +647,32 @@ def test_refloop_caption_of_a_domain_scores_as_eval_caption_does(tmp_path, capsy
     rows = [(tmp_path / d / "caption_samples.jsonl").read_text() for d in ("gen", "given")]
     assert rows[0] == rows[1]
     generated, given = (json.loads((tmp_path / d / "caption_metrics.json").read_text()) for d in ("gen", "given"))
-    assert given.pop("captions_file") and given == generated
+    assert given.pop("predictions_file") and given == generated
+
+
+def test_eval_caption_predictions_needs_no_pixels_and_says_what_it_skipped(tmp_path, capsys, caplog):
+    """Scoring a captions file reads annotations only, as chair.py does (the images of the whole
+    annotation file need not be on disk); a null caption is no empty caption; under skip, every
+    caption of an image captioned twice goes and the file's skipped entries are said."""
+    data = _coco_with_captions(tmp_path)
+    (tmp_path / "2.png").unlink()
+    caps = tmp_path / "caps.jsonl"
+    lines = [{"image_id": 0, "caption": "a dog"}, {"image_id": 1, "caption": None}, {"image_id": 2, "caption": "a cat"}]
+    caps.write_text("".join(json.dumps(x) + "\n" for x in [*lines, {"image_id": 2, "caption": "a dog"}]))
+    args = ["eval", "caption", "--data", str(data), "--predictions", str(caps), "--out"]
+    code, _, err = run_cli([*args, str(tmp_path / "o")], capsys)
+    assert code == 2 and "line 2" in err and "field 'caption' is null" in err
+    code, _, err = run_cli([*args, str(tmp_path / "o2"), "--on-error", "skip"], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "o2" / "caption_metrics.json").read_text())
+    assert metrics["num"] == 1 and "skipped_records" not in metrics  # image 0 only: 1 is null, 2 has two captions
+    assert "3 records were skipped" in caplog.text
+
+
+def test_eval_caption_predictions_of_a_domain_export_the_scenes_the_file_names(tmp_path, capsys):
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"image_id": i, "caption": "a red circle"}) + "\n" for i in (0, 6)))
+    code, _, err = run_cli(["eval", "caption", "--data", "wild", "--predictions", str(caps), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "o" / "caption_metrics.json").read_text())
+    assert metrics["num"] == 2 and metrics["table"] == "shapes"  # 7 scenes exported, not the default 500

@@ -555,7 +555,8 @@ def load_caption_predictions(
         entries = list(jsonl_lines(path))
         where = "line"
     out: list[dict] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {}  # ids compared as text: 7 and "7" are one image
+    reused: set[str] = set()
     for number, entry in entries:
         rec = f"{where} {number}"
         try:
@@ -563,15 +564,21 @@ def load_caption_predictions(
                 raise entry
             image_id = id_field(require(entry, image_id_key, path, rec), path, rec, image_id_key)
             if str(image_id) in seen:
-                raise DataError(
-                    path, rec, f"image {shown(image_id)} already has a caption ({where} {seen[str(image_id)]}): one caption an image"
-                )
-            caption = text_field(require(entry, caption_key, path, rec), path, rec, caption_key)
+                reused.add(str(image_id))
+                first = seen[str(image_id)]
+                raise DataError(path, rec, f"image {shown(image_id)} already has a caption ({where} {first}): one caption an image")
+            if require(entry, caption_key, path, rec) is None:  # no caption is not an empty one (which hallucinates nothing)
+                raise DataError(path, rec, f"field {caption_key!r} is null")
+            caption = text_field(entry[caption_key], path, rec, caption_key)
             image = entry.get("image")
             seen[str(image_id)] = number
             out.append({"image_id": image_id, "caption": caption, "image": image if isinstance(image, str) else None})
         except DataError as err:
             policy.handle(err)
+    if reused:  # under skip: which of an image's captions the file means is unknown, so none of them is scored
+        for kept in [p for p in out if str(p["image_id"]) in reused]:
+            report.skip(DataError(path, f"{where} {seen[str(kept['image_id'])]}", f"image {shown(kept['image_id'])} has another caption"))
+        out = [p for p in out if str(p["image_id"]) not in reused]
     report.kept = len(out)
     return out, report
 

@@ -35,20 +35,22 @@ def load_data(
     on_error: OnError = "fail",
     num_images: int = 1000,
     seed: int = EVAL_SEED,
+    verify_images: bool = True,
 ) -> tuple[list[ImageRecord], LoadReport]:
     """Records from a domain name (exported to the cache, then read by the referring loader, so
     the real loader is what runs), a *.json COCO file, a *.jsonl referring file or a *.parquet dataset.
 
     Its callers (consistency, eval, SC-Tune's supervised and evaluation data, the demo) read
     pixels, so the images are checked here, one header read per file: a missing or mismatched
-    image is named before any model is loaded."""
+    image is named before any model is loaded. `verify_images=False` (scoring a captions file,
+    which needs annotations only) reads a .json / .jsonl file's annotations alone."""
     if spec in DOMAINS:
         return load_referring(world_split_dir(spec, num_images, seed) / REFS_FILE, on_error=on_error, verify_images=True)
     path = Path(spec)
     if path.suffix == ".json":
-        return load_coco(path, images, on_error=on_error, verify_images=True)
+        return load_coco(path, images, on_error=on_error, verify_images=verify_images)
     if path.suffix == ".jsonl":
-        return load_referring(path, images, on_error=on_error, verify_images=True)
+        return load_referring(path, images, on_error=on_error, verify_images=verify_images)
     if path.suffix == ".parquet":
         from refloop.data.parquet import load_parquet
 

@@ -80,8 +80,10 @@ def load_object_data(
     num_images: int = 500,
     seed: int | None = None,
     categories: str | None = None,
+    verify_images: bool = True,
 ) -> ObjectData:
-    """Images and ground truth for caption and POPE evaluation.
+    """Images and ground truth for caption and POPE evaluation (`verify_images`: each image file
+    checked against its annotation, as the commands that read pixels need; a dataset file only).
 
     A shapes-world domain: its evaluation split (`num_images` scenes, seed EVAL_SEED, or `seed`
     for another split of held-out scenes, e.g. a validation one) is exported
@@ -113,7 +115,7 @@ def load_object_data(
         return ObjectData(records, objects, [by_image[rec.image_id] for rec in records], shapes_table(), {}, report)
     if seed is not None:
         raise RefloopError("seed picks a split of a shapes-world domain; a dataset file is its own split")
-    records, report = load_data(data, images, on_error=on_error)
+    records, report = load_data(data, images, on_error=on_error, verify_images=verify_images)
     if is_main_process() and Path(data).suffix in (".jsonl", ".parquet") and any(o.expressions for r in records for o in r.objects):
         log.warning(
             f"{data} is referring data: it lists the objects its expressions refer to, not every object in the image, so "
@@ -164,42 +166,43 @@ def pope_file_data(path: str | Path, images: str | Path | None = None, on_error:
     return ObjectData(records, empty, [[] for _ in records], coco_table(), {}, report), questions
 
 
-def _score_given(found: ObjectData, data: str, source: Path, keys, out: Path, protocol, on_error, overwrite, report):
-    """`run_object_eval` for a captions file: read, scored, reported, in one process."""
-    from accelerate import PartialState
-
-    from refloop.report.hallucination import REPORT_FILES, write_caption_report
-
-    if PartialState().num_processes > 1:  # one pass over text: nothing to share
+def _read_predictions(
+    source: Path, keys: tuple[str, str], data: str, num_images: int | None, on_error, state
+) -> tuple[list[dict], int | None]:
+    """`eval caption --predictions`: the captions file read (one process: scoring text shares
+    nothing), its skipped entries said, and the scenes a shapes-world domain exports: those up to
+    the file's largest image id unless --num-images says."""
+    if state.num_processes > 1:
         raise RefloopError("--predictions scores a captions file in one process: run it without accelerate launch")
-    predictions, read = load_caption_predictions(source, *keys, on_error=on_error)
-    if not predictions:
-        raise RefloopError(f"{source}: no caption to score{read.skipped_note()}")
-    metrics = score_caption_file(found, predictions, source, out, overwrite=overwrite, protocol=protocol, on_error=on_error)
+    given, read = load_caption_predictions(source, *keys, on_error=on_error)
     if read.skipped:
-        metrics["skipped_caption_lines"] = read.skipped
-    if found.report.skipped:
-        metrics["skipped_records"] = found.report.skipped
-    if read.skipped or found.report.skipped:
-        write_text_whole(out / "caption_metrics.json", json.dumps(metrics, indent=2) + "\n")
-    if report:
-        write_caption_report(out, metrics, f"captions of {source.name}", data, {str(r.path): r.load_image for r in found.records})
-    else:
-        release_outputs(out, *(out / name for name in REPORT_FILES))
-    return metrics, found.report
+        log.warning(f"{source}: {read.skipped_note().removeprefix('; ')}")
+    if not given:
+        raise RefloopError(f"{source}: no caption to score{read.skipped_note()}")
+    ids = [p["image_id"] for p in given]
+    if data in DOMAINS and num_images is None and all(type(i) is int and i >= 0 for i in ids):
+        num_images = max(ids) + 1
+    return given, num_images
 
 
-def _fewer_why(found: ObjectData, task: str) -> str:
-    """Why an evaluation read fewer images than --num-images asked: the data's own count, the
-    images skipped under the failure policy, or (POPE) those without an object to ask about."""
-    why = [f"the data holds {len(found.records)} images"]
+def _fewer_why(found: ObjectData, task: str, metrics: dict, asked: int) -> str:
+    """Why an evaluation read fewer images than --num-images asked: the data's own count, records
+    or images skipped under the failure policy, (POPE) images without an object to ask about, or
+    (--predictions) the images the captions file names."""
+    why = []
+    if len(found.records) < asked:
+        why.append(f"the data holds {len(found.records)} images")
     if found.report.skipped:
         why.append(f"{found.report.skipped} records skipped (--on-error skip)")
+    if metrics.get("skipped_images"):
+        why.append(f"{metrics['skipped_images']} images did not decode (--on-error skip)")
+    if metrics.get("predictions_file"):
+        why.append(f"the captions file has captions of {metrics['num']} of them")
     if task == "pope" and any(found.objects):
         without = sum(not o for o in found.objects)
         if without:
             why.append(f"{without} of them name no object of the {found.table.name} category table, so POPE asks them nothing")
-    return "; ".join(why)
+    return "; ".join(why) or "see the metrics' skipped counts"
 
 
 def read_coco_captions(path: Path) -> dict[object, list[str]]:
@@ -269,9 +272,7 @@ def evaluate_captions(
     that have them, corpus-level and per caption. Writes caption_samples.jsonl (resumable; the
     scores of every row are rewritten once all captions exist) and caption_metrics.json; an image
     that does not decode stops the run, or with on_error="skip" is skipped and counted."""
-    protocol = protocol or default_protocol(found)
-    if protocol not in PROTOCOLS:
-        raise RefloopError(f"unknown CHAIR protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    protocol = _chosen_protocol(found, protocol)
     fingerprint = _fingerprint("caption", model_fingerprint(vlm), found, num_images=len(found.records), max_new_tokens=max_new_tokens)
     with shared_run_directory(out, fingerprint, overwrite) as state:
         return _evaluate_captions(vlm, found, Path(out), batch_size, max_new_tokens, progress, java, on_error, protocol, state)
@@ -286,29 +287,27 @@ def score_caption_file(
     overwrite: bool = False,
     protocol: str | None = None,
     on_error: str = "fail",
+    check_images: bool = True,
 ) -> dict:
     """`evaluate_captions` on captions a file gives (`load_caption_predictions`: another model's
     outputs, `refloop caption --isvp`'s, a chair.py caption file) instead of generating them: each
-    matched to the data's image of its id, as chair.py reads its caption file. A caption whose id
-    is not among the data's images, or whose line names another image file than the data's image
-    of that id, stops the run (`on_error="skip"`: skipped and counted). The data's images without
-    a caption are not scored."""
-    protocol = protocol or default_protocol(found)
-    if protocol not in PROTOCOLS:
-        raise RefloopError(f"unknown CHAIR protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    matched to the data's image of its id. Unlike chair.py, which scores an id it has no
+    annotations for against an empty ground truth, a caption whose id is not among the data's
+    images stops the run (`on_error="skip"`: skipped and counted), and with `check_images` (a
+    shapes-world domain, whose splits share ids) so does one whose entry names another image file
+    than the data's image of that id. The data's images without a caption are not scored."""
+    protocol = _chosen_protocol(found, protocol)
     items = {
         str(rec.image_id): (str(rec.image_id), rec, gt, refs)
         for rec, gt, refs in zip(found.records, found.objects, found.references, strict=True)
     }
     captions, problems = {}, []
     for p in predictions:
-        key = str(p["image_id"])
+        key, named = str(p["image_id"]), p.get("image")
         if key not in items:
             problems.append(f"image {shown(p['image_id'])} is not among the data's {len(items)} images")
-        elif p["image"] is not None and not _same_image(Path(p["image"]), items[key][1].path):
-            problems.append(
-                f"image {shown(p['image_id'])} was captioned from {p['image']}, the data's image of that id is {items[key][1].path}"
-            )
+        elif check_images and named is not None and not _same_image(Path(named), items[key][1].path):
+            problems.append(f"image {shown(p['image_id'])} was captioned from {named}, the data's image of that id is {items[key][1].path}")
         else:
             captions[key] = p["caption"]
     if problems and (on_error != "skip" or not captions):
@@ -322,17 +321,17 @@ def score_caption_file(
         log.warning(f"{source}: {len(problems)} captions skipped under --on-error skip: {'; '.join(problems[:3])}")
     with open(source, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()[:16]
-    given = {"captions_file": str(source), "sha256": digest}
-    fingerprint = _fingerprint("caption", given, found, num_images=len(found.records), predictions=len(captions))
+    fingerprint = _fingerprint("caption", {"captions_sha256": digest}, found, num_images=len(found.records), predictions=len(captions))
     with shared_run_directory(out, fingerprint, overwrite) as state:
         done = [it for key, it in items.items() if key in captions]
-        extra = {"captions_file": str(source)} | ({"skipped_captions": len(problems)} if problems else {})
+        extra = {"predictions_file": str(source)} | ({"skipped_predictions": len(problems)} if problems else {})
         return _score_captions(found, done, captions, Path(out), java, protocol, 0, state, extra)
 
 
 def _same_image(named: Path, ours: Path) -> bool:
     """Whether a caption's image file is the data's image: the same path, or where both files
-    exist the same bytes (an export written twice); where the named file is gone, the same name."""
+    exist the same bytes (an export written twice); where the named file is gone (captions written
+    on another machine), the same file name (a shapes-world export's names carry its scene seed)."""
     if named == ours or not named.exists() or not ours.exists():
         return named.name == ours.name
     if named.samefile(ours):
@@ -340,6 +339,13 @@ def _same_image(named: Path, ours: Path) -> bool:
     if named.stat().st_size != ours.stat().st_size:
         return False
     return named.read_bytes() == ours.read_bytes()
+
+
+def _chosen_protocol(found: ObjectData, protocol: str | None) -> str:
+    protocol = protocol or default_protocol(found)
+    if protocol not in PROTOCOLS:
+        raise RefloopError(f"unknown CHAIR protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return protocol
 
 
 def _caption_tables(found: ObjectData) -> dict[str, ObjectReader]:
@@ -550,31 +556,43 @@ def run_object_eval(
     from refloop.report.hallucination import REPORT_FILES, write_caption_report, write_pope_report
 
     state = spec.process_state()
-    questions = None
+    questions = given = None
+    if predictions is not None:  # the file is read first: its own problems stop the run before the data loads
+        given, num_images = _read_predictions(Path(predictions), prediction_keys, data, num_images, on_error, state)
     with state.main_process_first():
         if question_file is not None:
             found, questions = pope_file_data(question_file, images, on_error)
         else:
-            every = predictions is not None and data not in DOMAINS  # the caption file names the images scored
-            limit = num_images if every else num_images or 500
-            found = load_object_data(data, images, captions, on_error=on_error, num_images=limit, categories=categories)
+            # a captions file's images are not read, only their annotations (chair.py needs no pixels)
+            limit = num_images if predictions is not None and data not in DOMAINS else num_images or 500
+            found = load_object_data(
+                data, images, captions, on_error=on_error, num_images=limit, categories=categories, verify_images=predictions is None
+            )
     if not found.records:
         raise RefloopError(f"{question_file or data}: no images to evaluate{found.report.skipped_note()}")
-    if predictions is not None:
-        return _score_given(found, data, Path(predictions), prediction_keys, Path(out), protocol, on_error, overwrite, report)
+    if task == "caption" and captions is None and found.table.name == "coco" and (protocol or default_protocol(found)) == "original":
+        log.warning(
+            "chair.py adds the objects an image's reference captions name to its ground truth: without --captions (COCO's "
+            "captions_*.json) more mentions count as hallucinated than in the tables it publishes"
+        )
     pope = {"strategy": strategy, "per_image": per_image, "seed": seed}
     if task == "pope" and question_file is None:
         questions = pope_questions(found, **pope)
-    vlm = spec.load_vlm(batch_size, generation=True)
-    common = {"batch_size": batch_size, "overwrite": overwrite, "on_error": on_error}
-    if task == "caption":
-        with progress_bar(f"caption {data}", share(len(found.records), batch_size), enabled=progress) as advance:
-            metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
+    common = {"overwrite": overwrite, "on_error": on_error}
+    if given is not None:
+        metrics = score_caption_file(found, given, predictions, out, protocol=protocol, check_images=data in DOMAINS, **common)
+        name = f"captions of {Path(predictions).name}"
     else:
-        title = f"pope {Path(question_file).name}" if question_file is not None else f"pope {strategy} {data}"
-        with progress_bar(title, share(len(questions), batch_size), enabled=progress) as advance:
-            given = {"questions": questions, "generated": question_file is None, "question_file": question_file and str(question_file)}
-            metrics = evaluate_pope(vlm, found, out, progress=advance, rule=rule, **given, **pope, **common)
+        vlm = spec.load_vlm(batch_size, generation=True)
+        name, common = vlm.name, common | {"batch_size": batch_size}
+        if task == "caption":
+            with progress_bar(f"caption {data}", share(len(found.records), batch_size), enabled=progress) as advance:
+                metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
+        else:
+            title = f"pope {Path(question_file).name}" if question_file is not None else f"pope {strategy} {data}"
+            with progress_bar(title, share(len(questions), batch_size), enabled=progress) as advance:
+                asked = {"questions": questions, "generated": question_file is None, "question_file": question_file and str(question_file)}
+                metrics = evaluate_pope(vlm, found, out, progress=advance, rule=rule, **asked, **pope, **common)
     if not state.is_main_process:
         return None
     if found.report.skipped:  # the metrics file people keep says its numbers are of a subset
@@ -582,10 +600,12 @@ def run_object_eval(
         write_text_whole(Path(out) / f"{task}_metrics.json", json.dumps(metrics, indent=2) + "\n")
     evaluated = metrics.get("images", metrics.get("num"))
     if num_images is not None and isinstance(evaluated, int) and evaluated < num_images:  # asked for, not the default
-        log.warning(f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): {_fewer_why(found, task)}")
+        log.warning(
+            f"{data}: {evaluated} images evaluated, not {num_images} (--num-images): {_fewer_why(found, task, metrics, num_images)}"
+        )
     if report:
         write = write_caption_report if task == "caption" else write_pope_report
-        write(Path(out), metrics, vlm.name, str(question_file or data), {str(r.path): r.load_image for r in found.records})
+        write(Path(out), metrics, name, str(question_file or data), {str(r.path): r.load_image for r in found.records})
     else:  # an earlier run's report would stand beside other results
         release_outputs(Path(out), *(Path(out) / name for name in REPORT_FILES))
     return metrics, found.report

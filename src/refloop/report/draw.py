@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from refloop.boxes import Box
+from refloop.errors import DataError
 
 TARGET_COLOUR = (0, 200, 80)
 PREDICTED_COLOUR = (230, 30, 200)
@@ -85,7 +86,7 @@ def row_image(row: dict, images: Mapping[str, Callable[[], Image.Image]] | None 
             return load()
         with Image.open(row["image"]) as img:
             return img.convert("RGB")
-    except OSError:
+    except (OSError, DataError):  # DataError: a record's loader naming the file it cannot read
         return None
 
 

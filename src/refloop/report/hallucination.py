@@ -100,7 +100,7 @@ def _caption_card(row: dict) -> str:
 
 
 def _captions_source(metrics: dict) -> str:
-    if given := metrics.get("captions_file"):
+    if given := metrics.get("predictions_file"):
         return f"The captions of <code>{html.escape(str(given))}</code>, one per image (no model ran)."
     return "One greedy caption per image."
 
