@@ -252,6 +252,7 @@ def test_sctune_recipe_runs_end_to_end_on_a_real_family(builder, tmp_path):
     merged = HFVLM.from_pretrained(tmp_path / "run" / "merged", device="cpu")
     assert merged.profile.name == FAMILIES[builder]
     assert not any("lora" in n for n, _ in merged.model.named_parameters())
+    assert "(the `locator` adapter folded into the base weights)" in (tmp_path / "run" / "merged" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("builder", ["florence_2", "kosmos_2"])

@@ -87,6 +87,11 @@ def test_sft_recipe_export_carries_model_cards(tmp_path):
     for folder in ("adapters/sft", "merged"):
         card = (tmp_path / "run" / folder / "README.md").read_text()
         assert str(model) in card and "`sft`" in card and f"final_loss | {results['final_loss']}" in card
+    # the merged checkpoint's card says what was folded into it
+    assert (
+        "# sft merged checkpoint (the `sft` adapter folded into the base weights)"
+        in (tmp_path / "run" / "merged" / "README.md").read_text()
+    )
 
 
 def test_a_refloop_tiny_export_loads_as_its_card_says_in_a_fresh_interpreter(tmp_path):

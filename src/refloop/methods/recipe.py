@@ -37,6 +37,18 @@ class RecipeRun:
     main_process: bool
     tracking: Tracking
     prepared: Any = None  # what the recipe's `prepare` returned (checked before the run began)
+    folded: str | None = None  # what out/merged holds beyond the base, for its model card (`export`)
+
+    def export(self, processor, adapters=None, role: str | None = None, merged=None, folded: str | None = None) -> None:
+        """Main process: the PEFT adapters (out/adapters) and the merged checkpoint with its
+        processor (out/merged: the adapters' `role` folded into the base, or `merged` as given,
+        `folded` saying what it holds); the merged model card names it."""
+        if adapters is not None:
+            adapters.save_pretrained(self.out / "adapters")
+            merged = adapters.merged_copy(role) if merged is None else merged
+        merged.save_pretrained(self.out / "merged")
+        save_processor(processor, self.out / "merged")
+        self.folded = folded or (f"the `{role}` adapter" if role else None)
 
 
 def recipe_fingerprint(task: str, recipe: BaseModel, unchanged: frozenset[str] = frozenset(), more: dict | None = None) -> dict:
@@ -94,21 +106,12 @@ def run_recipe(
         out.mkdir(parents=True, exist_ok=True)
         write_text_whole(out / "recipe.json", recipe.model_dump_json(indent=2))
         tracking = recipe.tracking() if hasattr(recipe, "tracking") else Tracking()
-        results = body(RecipeRun(out, main_process, tracking, prepared))
+        run = RecipeRun(out, main_process, tracking, prepared)
+        results = body(run)
         if main_process and results is not None:
             if results_file:
                 write_text_whole(out / results_file, json.dumps(results, indent=2) + "\n")
             if card_metrics is not None:
                 base = (spec.model if spec is not None else None) or "refloop-tiny"
-                write_model_cards(out, base, task, recipe.model_dump(mode="json"), card_metrics(results))
+                write_model_cards(out, base, task, recipe.model_dump(mode="json"), card_metrics(results), folded=run.folded)
         return results
-
-
-def export_checkpoint(out: Path, processor, adapters=None, role: str | None = None, merged=None) -> None:
-    """Main process: the PEFT adapters (out/adapters) and the merged checkpoint with its processor
-    (out/merged; `merged`, or the adapters' `role` folded into the base)."""
-    if adapters is not None:
-        adapters.save_pretrained(out / "adapters")
-        merged = adapters.merged_copy(role) if merged is None else merged
-    merged.save_pretrained(out / "merged")
-    save_processor(processor, out / "merged")

@@ -16,7 +16,7 @@ from refloop.data.records import BoxItem
 from refloop.data.sources import load_data
 from refloop.errors import RefloopError
 from refloop.evaluation.consistency import ConsistencyConfig, evaluate_consistency, sample_boxes
-from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
+from refloop.methods.recipe import RecipeRun, run_recipe
 from refloop.methods.sctune import SCTune, SCTuneConfig
 from refloop.models.base import VLM
 from refloop.models.spec import ModelSpec
@@ -190,7 +190,7 @@ def _run_sctune(recipe: SCTuneRecipe, run: RecipeRun, progress: Callable[[dict],
         adapters = adapters.unsharded()
         tuned = vlm.with_module(adapters.module, batch_size=recipe.sctune.generation_batch_size)
     if run.main_process:
-        export_checkpoint(out, vlm.processor, adapters, tuner.final_role)
+        run.export(vlm.processor, adapters, tuner.final_role)
     if recipe.eval_data:
         results["tuned"] = evaluate(adapters.view(tuned, tuner.final_role), recipe, out / "eval", "tuned", bars=progress is not None)
     if run.main_process:

@@ -22,7 +22,7 @@ from pydantic import Field
 from refloop.data.rc import load_rc_data
 from refloop.data.records import InstructionExample
 from refloop.errors import RefloopError
-from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
+from refloop.methods.recipe import RecipeRun, run_recipe
 from refloop.models.profiles import PromptProfile
 from refloop.models.spec import ModelSpec
 from refloop.report.plots import sft_curves
@@ -169,7 +169,7 @@ def _run_sft(recipe: SFTRecipe, run: RecipeRun, progress: Callable[[dict], None]
     adapters = tuner.adapters.unsharded()  # FSDP: gathered into a plain copy (every process); else itself
     if not run.main_process:
         return results
-    export_checkpoint(out, vlm.processor, adapters, cfg.adapter)
+    run.export(vlm.processor, adapters, cfg.adapter)
     if missing:  # the adapter needs the extended tokenizer (its embeddings have the new rows)
         vlm.processor.tokenizer.save_pretrained(out / "adapters" / cfg.adapter)
     losses = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]

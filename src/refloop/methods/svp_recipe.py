@@ -25,7 +25,7 @@ from refloop.grounding import Grounder
 from refloop.limits import Seed
 from refloop.methods.bootstrap_recipe import shapes_area
 from refloop.methods.pink import BootstrapConfig
-from refloop.methods.recipe import RecipeRun, export_checkpoint, run_recipe
+from refloop.methods.recipe import RecipeRun, run_recipe
 from refloop.methods.svp import SVP, SVPConfig
 from refloop.models.spec import ModelSpec
 from refloop.training.trackers import TrackingSpec
@@ -365,7 +365,11 @@ def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
     if run.main_process:
         from refloop.report.svp import write_svp_report
 
-        export_checkpoint(out, method.vlm.processor, merged=method.vlm.model)
+        run.export(
+            method.vlm.processor,
+            merged=method.vlm.model,
+            folded=f"the `svp` adapter of each of the {len(iterations)} iterations, merged in turn",
+        )
         write_svp_report(out, results, records)
     return results
 

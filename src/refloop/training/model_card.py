@@ -33,11 +33,13 @@ def model_card(
     metrics: dict | None = None,
     adapter: str | None = None,
     extended_vocabulary: int | None = None,
+    folded: str | None = None,
 ) -> str:
     """README.md text: YAML metadata the Hub reads, how to load, the recipe, the metrics.
     `extended_vocabulary`: the embedding rows the run trained with, when it added words to the
     base's tokenizer (SFT's extend_vocabulary; the tokenizer is in the adapter's folder): the base's
-    embeddings are resized to them before the adapter loads."""
+    embeddings are resized to them before the adapter loads. `folded`: what a merged checkpoint
+    holds beyond the base (e.g. "the `locator` adapter")."""
     local = Path(base_model).exists()
     meta = {
         "library_name": "peft" if adapter else "transformers",
@@ -46,7 +48,7 @@ def model_card(
     }
     if not local:
         meta["base_model"] = base_model  # a Hub id; a local directory is named in the text only
-    kind = f"LoRA adapter `{adapter}`" if adapter else "merged checkpoint (adapter folded into the base weights)"
+    kind = f"LoRA adapter `{adapter}`" if adapter else f"merged checkpoint ({folded or 'the adapter'} folded into the base weights)"
     packaged = base_model in ("refloop-tiny", "refloop-tiny-context")
     tiny = packaged or _model_type(base_model) == "refloop-tiny"
     # refloop-tiny is no transformers architecture: importing refloop.models registers it with the Auto classes
@@ -99,9 +101,11 @@ def _trained_vocabulary(out: Path) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def write_model_cards(out: Path, base_model: str, method: str, recipe: dict, metrics: dict | None = None) -> list[Path]:
+def write_model_cards(
+    out: Path, base_model: str, method: str, recipe: dict, metrics: dict | None = None, folded: str | None = None
+) -> list[Path]:
     """README.md into every adapter folder under `out` (PEFT's NAME/adapter_config.json) and into
-    `out/merged`; returns the cards written."""
+    `out/merged` (`folded`: what it holds beyond the base); returns the cards written."""
     written = []
     for config in sorted(Path(out).glob("**/adapter_config.json")):
         path = config.parent / "README.md"
@@ -110,6 +114,6 @@ def write_model_cards(out: Path, base_model: str, method: str, recipe: dict, met
         written.append(path)
     merged = Path(out) / "merged"
     if (merged / "config.json").exists():
-        (merged / "README.md").write_text(model_card(base_model, method, recipe, metrics))
+        (merged / "README.md").write_text(model_card(base_model, method, recipe, metrics, folded=folded))
         written.append(merged / "README.md")
     return written
