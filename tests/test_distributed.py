@@ -105,3 +105,21 @@ def test_end_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_pat
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_data_error_under_launch_is_one_line_per_process(tmp_path):
+    """The main process stops on a missing image; the other one, waiting in a barrier, got gloo's
+    "Connection closed by peer" traceback: one line now."""
+    from PIL import Image
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 48, "height": 48} for i in range(2)]
+    Image.new("RGB", (48, 48)).save(tmp_path / "0.png")  # 1.png is missing
+    anns = [{"id": 1, "image_id": 0, "category_id": 1, "bbox": [4, 4, 20, 20]}]
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "dog"}]}))
+    env = os.environ | {"REFLOOP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    launch = [*LAUNCH[:-1], "29547", "-m", "refloop.cli", "eval", "rec", "--data", str(data), "--out", str(tmp_path / "o")]
+    done = subprocess.run(launch, env=env, capture_output=True, timeout=300, text=True)
+    assert done.returncode != 0
+    assert "error: " in done.stderr and "image file not found" in done.stderr
+    assert "[rank1]: Traceback" not in done.stderr

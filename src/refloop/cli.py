@@ -1087,8 +1087,24 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         _exit_interrupted()
+    except RuntimeError as exc:
+        # under accelerate / torchrun, a process waiting for one that stopped (its error printed above) gets the
+        # backend's "connection closed" from the collective it was in: one line, not a second traceback
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not _peer_gone(exc):
+            raise
+        err_console.print(
+            f"[bold red]error (process {rank}):[/] another process stopped (its error is above); this one stops too", soft_wrap=True
+        )
+        sys.exit(2)
     else:
         _end_process_group()
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """Whether a collective failed because another process is gone (gloo and NCCL say it so)."""
+    text = str(exc)
+    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "remote process exited", "Broken pipe"))
 
 
 if __name__ == "__main__":
