@@ -66,6 +66,9 @@ def test_resume_does_not_redo_finished_batches(tmp_path):
     assert calls == [2, 2, 1]  # batches 1 and 2 only
     assert m["num_boxes"] == 5 and m["consistency_rate"] == 1.0
     assert [r["id"] for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines())] == [s.sample_id for s in samples]
+    # a rerun with every box done evaluates none: the rate stays the run's that did (it was null)
+    again = evaluate_consistency(Counting(answers), samples, out, ConsistencyConfig(batch_size=2))
+    assert calls == [2, 2, 1] and again["boxes_per_second"] == m["boxes_per_second"] > 0
 
 
 def test_the_python_api_without_a_data_name_never_takes_other_boxes_for_this_runs(tmp_path):

@@ -168,7 +168,7 @@ def _evaluate(
     metrics = summarize(rows, consistency)
     metrics.update(
         {
-            "boxes_per_second": (evaluated / elapsed) if evaluated and elapsed > 0 else None,
+            "boxes_per_second": (evaluated / elapsed) if evaluated and elapsed > 0 else _earlier_rate(out_dir),
             "model": getattr(vlm, "name", "model"),
             "data": data_name,
             "iou_threshold": cfg.iou_threshold,
@@ -186,6 +186,14 @@ def _evaluate(
             log.warning(f"{samples_path} holds {held} rows (an earlier run here evaluated more); metrics read the {len(rows)} asked for")
         write_text_whole(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _earlier_rate(out_dir: Path) -> float | None:
+    """A rerun that found every box done evaluated none: the rate stays that of the run that did."""
+    try:
+        return json.loads((Path(out_dir) / "metrics.json").read_text()).get("boxes_per_second")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_consistency(
