@@ -676,3 +676,52 @@ def test_eval_caption_predictions_of_a_domain_export_the_scenes_the_file_names(t
     assert code == 0, err
     metrics = json.loads((tmp_path / "o" / "caption_metrics.json").read_text())
     assert metrics["num"] == 2 and metrics["table"] == "shapes"  # 7 scenes exported, not the default 500
+
+
+def test_eval_caption_predictions_first_contact_mistakes_are_named(tmp_path, capsys):
+    """A new user's captions files: keyed by file name, LLaVA's answer keys, JSON Lines saved as
+    .json, duplicates skipped (counted in the metrics), images elsewhere (the report still shows
+    the captions)."""
+    data = _coco_with_captions(tmp_path)
+    args = ["eval", "caption", "--data", str(data), "--predictions"]
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"image_id": "0.png", "caption": "a dog"}) + "\n")
+    code, _, err = run_cli([*args, str(caps), "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "'0.png' is the file name of image 0: captions are keyed by image id" in err
+    caps.write_text(json.dumps({"question_id": 0, "text": "a dog"}) + "\n")
+    code, _, err = run_cli([*args, str(caps), "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "missing field 'image_id' (its fields: 'question_id', 'text'; --image-id-key names the field to read)" in err
+    as_json = tmp_path / "caps.json"  # JSON Lines under a .json name
+    as_json.write_text(json.dumps({"image_id": 0, "caption": "a dog"}) + "\n" + json.dumps({"image_id": 1, "caption": "a cat"}) + "\n")
+    code, _, err = run_cli([*args, str(as_json), "--out", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    caps.write_text(
+        "".join(json.dumps({"image_id": i, "caption": c}) + "\n" for i, c in [(0, "a dog and a dog"), (0, "a cat"), (1, "a dog")])
+    )
+    for image in ("0.png", "1.png", "2.png"):
+        (tmp_path / image).unlink()
+    code, _, err = run_cli([*args, str(caps), "--on-error", "skip", "--out", str(tmp_path / "d")], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "d" / "caption_metrics.json").read_text())
+    assert metrics["num"] == 1 and metrics["skipped_predictions"] == 2  # both captions of image 0
+    assert "report.html shows the captions without their images" in err
+    page = (tmp_path / "d" / "report.html").read_text()
+    assert "(image not found:" in page and "a dog" in page and "captions of the file skipped" in page
+
+
+def test_the_caption_report_counts_captions_not_mentions(tmp_path):
+    from refloop.report.hallucination import write_caption_report
+
+    rows = [{"id": "0", "image": "x.png", "caption": "a dog. another dog.", "hallucinated": ["dog", "dog"], "missed": [], "recall": 1.0}]
+    rows += [{"id": "1", "image": "y.png", "caption": "a cat", "hallucinated": [], "missed": ["dog"], "recall": 0.0}]
+    (tmp_path / "caption_samples.jsonl").write_text("".join(json.dumps(r | {"recalled": [], "gt_objects": []}) + "\n" for r in rows))
+    import refloop.report.hallucination as report
+
+    counted = {}
+    original = report.ranked_bars
+    report.ranked_bars = lambda series, *a, **k: counted.update(series) or original(series, *a, **k)
+    try:
+        write_caption_report(tmp_path, {"chair_protocol": "original", "table": "coco"})
+    finally:
+        report.ranked_bars = original
+    assert counted["named but absent"] == {"dog": 1} and counted["present but not named"] == {"dog": 1}

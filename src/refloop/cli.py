@@ -396,7 +396,11 @@ ObjectDataOpt = typer.Option(
     ..., "--data", help="Shapes-world domain, a COCO-style instances .json (COCO, Objects365, ...) or a .parquet dataset."
 )
 NumImagesOpt = typer.Option(
-    None, "--num-images", min=1, help="Images (a shapes-world domain: scenes exported; a file: its first N; default 500)."
+    None,
+    "--num-images",
+    min=1,
+    help="Images (a shapes-world domain: scenes exported; a file: its first N; default 500; with --predictions: those the "
+    "captions file names).",
 )
 CategoriesOpt = typer.Option(
     None,

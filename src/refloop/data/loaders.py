@@ -538,6 +538,17 @@ def load_referring(
     return records, report
 
 
+def _caption_fields(entry: Any, id_key: tuple[str, str], caption_key: tuple[str, str], path: Path, rec: str) -> None:
+    """A captions file's entry holds the fields asked for; a missing one is named with the entry's
+    own fields and the option that names another (LLaVA's answers: question_id, text)."""
+    if not isinstance(entry, dict):
+        raise DataError(path, rec, f"expected an object with an image id and a caption, got {json_type(entry)}")
+    for key, option in (id_key, caption_key):
+        if key not in entry:
+            fields = ", ".join(map(repr, list(entry)[:8])) or "none"
+            raise DataError(path, rec, f"missing field {key!r} (its fields: {fields}; {option} names the field to read)")
+
+
 def load_caption_predictions(
     path: str | Path, image_id_key: str = "image_id", caption_key: str = "caption", on_error: OnError = "fail"
 ) -> tuple[list[dict], LoadReport]:
@@ -548,7 +559,9 @@ def load_caption_predictions(
     path = Path(path)
     report = LoadReport(source=str(path))
     policy = Policy(on_error, report)
-    if path.suffix.lower() == ".json":
+    if path.suffix.lower() == ".json" and not read_text(path).lstrip().startswith(
+        "{"
+    ):  # a JSON array (JSON Lines saved as .json: read as such)
         entries = list(enumerate(read_json_list(path, "caption objects"), 1))
         where = "entry"
     else:
@@ -562,12 +575,13 @@ def load_caption_predictions(
         try:
             if isinstance(entry, DataError):
                 raise entry
-            image_id = id_field(require(entry, image_id_key, path, rec), path, rec, image_id_key)
+            _caption_fields(entry, (image_id_key, "--image-id-key"), (caption_key, "--caption-key"), path, rec)
+            image_id = id_field(entry[image_id_key], path, rec, image_id_key)
             if str(image_id) in seen:
                 reused.add(str(image_id))
                 first = seen[str(image_id)]
                 raise DataError(path, rec, f"image {shown(image_id)} already has a caption ({where} {first}): one caption an image")
-            if require(entry, caption_key, path, rec) is None:  # no caption is not an empty one (which hallucinates nothing)
+            if entry[caption_key] is None:  # no caption is not an empty one (which hallucinates nothing)
                 raise DataError(path, rec, f"field {caption_key!r} is null")
             caption = text_field(entry[caption_key], path, rec, caption_key)
             image = entry.get("image")

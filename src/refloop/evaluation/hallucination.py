@@ -168,7 +168,7 @@ def pope_file_data(path: str | Path, images: str | Path | None = None, on_error:
 
 def _read_predictions(
     source: Path, keys: tuple[str, str], data: str, num_images: int | None, on_error, state
-) -> tuple[list[dict], int | None]:
+) -> tuple[list[dict], int | None, int]:
     """`eval caption --predictions`: the captions file read (one process: scoring text shares
     nothing), its skipped entries said, and the scenes a shapes-world domain exports: those up to
     the file's largest image id unless --num-images says."""
@@ -182,7 +182,7 @@ def _read_predictions(
     ids = [p["image_id"] for p in given]
     if data in DOMAINS and num_images is None and all(type(i) is int and i >= 0 for i in ids):
         num_images = max(ids) + 1
-    return given, num_images
+    return given, num_images, read.skipped
 
 
 def _fewer_why(found: ObjectData, task: str, metrics: dict, asked: int) -> str:
@@ -288,6 +288,7 @@ def score_caption_file(
     protocol: str | None = None,
     on_error: str = "fail",
     check_images: bool = True,
+    skipped_entries: int = 0,
 ) -> dict:
     """`evaluate_captions` on captions a file gives (`load_caption_predictions`: another model's
     outputs, `refloop caption --isvp`'s, a chair.py caption file) instead of generating them: each
@@ -295,16 +296,20 @@ def score_caption_file(
     annotations for against an empty ground truth, a caption whose id is not among the data's
     images stops the run (`on_error="skip"`: skipped and counted), and with `check_images` (a
     shapes-world domain, whose splits share ids) so does one whose entry names another image file
-    than the data's image of that id. The data's images without a caption are not scored."""
+    than the data's image of that id. The data's images without a caption are not scored.
+    `skipped_entries`: entries the file's reader skipped, counted with the unmatched ones."""
     protocol = _chosen_protocol(found, protocol)
     items = {
         str(rec.image_id): (str(rec.image_id), rec, gt, refs)
         for rec, gt, refs in zip(found.records, found.objects, found.references, strict=True)
     }
+    by_name = {rec.path.name: rec.image_id for rec in found.records}
     captions, problems = {}, []
     for p in predictions:
         key, named = str(p["image_id"]), p.get("image")
-        if key not in items:
+        if key not in items and key in by_name:  # keyed by file name
+            problems.append(f"{shown(p['image_id'])} is the file name of image {shown(by_name[key])}: captions are keyed by image id")
+        elif key not in items:
             problems.append(f"image {shown(p['image_id'])} is not among the data's {len(items)} images")
         elif check_images and named is not None and not _same_image(Path(named), items[key][1].path):
             problems.append(f"image {shown(p['image_id'])} was captioned from {named}, the data's image of that id is {items[key][1].path}")
@@ -324,7 +329,12 @@ def score_caption_file(
     fingerprint = _fingerprint("caption", {"captions_sha256": digest}, found, num_images=len(found.records), predictions=len(captions))
     with shared_run_directory(out, fingerprint, overwrite) as state:
         done = [it for key, it in items.items() if key in captions]
-        extra = {"predictions_file": str(source)} | ({"skipped_predictions": len(problems)} if problems else {})
+        skipped = len(problems) + skipped_entries
+        empty = sum(not captions[key].strip() for key, *_ in done)
+        extra = {"predictions_file": str(source)} | ({"skipped_predictions": skipped} if skipped else {})
+        extra |= {"empty_captions": empty} if empty else {}
+        if len(done) < len(items):
+            log.info(f"{source}: captions of {len(done)} of the data's {len(items)} images; the metrics are over those")
         return _score_captions(found, done, captions, Path(out), java, protocol, 0, state, extra)
 
 
@@ -558,7 +568,7 @@ def run_object_eval(
     state = spec.process_state()
     questions = given = None
     if predictions is not None:  # the file is read first: its own problems stop the run before the data loads
-        given, num_images = _read_predictions(Path(predictions), prediction_keys, data, num_images, on_error, state)
+        given, num_images, unread = _read_predictions(Path(predictions), prediction_keys, data, num_images, on_error, state)
     with state.main_process_first():
         if question_file is not None:
             found, questions = pope_file_data(question_file, images, on_error)
@@ -570,18 +580,16 @@ def run_object_eval(
             )
     if not found.records:
         raise RefloopError(f"{question_file or data}: no images to evaluate{found.report.skipped_note()}")
-    if task == "caption" and captions is None and found.table.name == "coco" and (protocol or default_protocol(found)) == "original":
-        log.warning(
-            "chair.py adds the objects an image's reference captions name to its ground truth: without --captions (COCO's "
-            "captions_*.json) more mentions count as hallucinated than in the tables it publishes"
-        )
     pope = {"strategy": strategy, "per_image": per_image, "seed": seed}
     if task == "pope" and question_file is None:
         questions = pope_questions(found, **pope)
     common = {"overwrite": overwrite, "on_error": on_error}
     if given is not None:
-        metrics = score_caption_file(found, given, predictions, out, protocol=protocol, check_images=data in DOMAINS, **common)
+        checks = {"check_images": data in DOMAINS, "skipped_entries": unread}
+        metrics = score_caption_file(found, given, predictions, out, protocol=protocol, **checks, **common)
         name = f"captions of {Path(predictions).name}"
+        if report and not found.records[0].path.exists():  # annotations only were read: the pictures may be elsewhere
+            log.warning(f"{found.records[0].path}: no such image, so report.html shows the captions without their images (--images DIR)")
     else:
         vlm = spec.load_vlm(batch_size, generation=True)
         name, common = vlm.name, common | {"batch_size": batch_size}
@@ -595,6 +603,11 @@ def run_object_eval(
                 metrics = evaluate_pope(vlm, found, out, progress=advance, rule=rule, **asked, **pope, **common)
     if not state.is_main_process:
         return None
+    if task == "caption" and captions is None and found.table.name == "coco" and metrics.get("chair_protocol") == "original":
+        log.warning(
+            "chair.py adds the objects an image's reference captions name to its ground truth: without --captions (COCO's "
+            "captions_*.json) more mentions count as hallucinated than in the tables it publishes"
+        )
     if found.report.skipped:  # the metrics file people keep says its numbers are of a subset
         metrics["skipped_records"] = found.report.skipped
         write_text_whole(Path(out) / f"{task}_metrics.json", json.dumps(metrics, indent=2) + "\n")

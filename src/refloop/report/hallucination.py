@@ -31,6 +31,8 @@ CAPTION_METRICS = (
     ("captions", "captions", "{}"),
     ("object mentions", "mentions", "{}"),
     ("records skipped (--on-error skip)", "skipped_records", "{}"),
+    ("captions of the file skipped (--on-error skip)", "skipped_predictions", "{}"),
+    ("empty captions", "empty_captions", "{}"),
 )
 POPE_METRICS = (
     ("accuracy", "accuracy", "{:.1%}"),
@@ -66,13 +68,14 @@ def _thumbnail(row: dict, images: ImageLoaders | None) -> str | None:
 
 
 def _cards(rows: list[dict], describe: Callable[[dict], str], images: ImageLoaders | None, count: int) -> str:
+    """The first `count` rows as cards, each on its image; a row whose image cannot be read (moved
+    since the run, or a scored captions file whose images are not under the image root) is shown
+    without it, saying so."""
     cards = []
-    for row in rows:
-        if len(cards) == count:
-            break
+    for row in rows[:count]:
         uri = _thumbnail(row, images)
-        if uri is not None:
-            cards.append(f"<div class='card'><img src='{uri}'><br>{describe(row)}</div>")
+        picture = f"<img src='{uri}'>" if uri is not None else f"<small>(image not found: {html.escape(str(row['image']))})</small>"
+        cards.append(f"<div class='card'>{picture}<br>{describe(row)}</div>")
     return f"<div class='cards'>{''.join(cards)}</div>" if cards else "<p>(none)</p>"
 
 
@@ -113,8 +116,9 @@ def write_caption_report(
     pixels are not a file (parquet datasets)."""
     page, chart_png = (out_dir / name for name in REPORT_FILES)
     rows = read_records(out_dir / "caption_samples.jsonl")
-    absent = Counter(name for r in rows for name in r["hallucinated"])
-    missed = Counter(name for r in rows for name in r["missed"])
+    # captions, not mentions: chair.py's protocol lists an object once per mention ("a dog ... another dog")
+    absent = Counter(name for r in rows for name in set(r["hallucinated"]))
+    missed = Counter(name for r in rows for name in set(r["missed"]))
     chart = ranked_bars(
         {"named but absent": absent, "present but not named": missed},
         chart_png,
