@@ -183,6 +183,29 @@ def wild_factors() -> str:
     return "\n".join(lines)
 
 
+def isvp() -> str:
+    """iSVP (no tuning) against the base's greedy captions, over the oracle's noise seeds."""
+    r = json.loads((RESULTS / "isvp_shapes.json").read_text())
+    lines = [
+        f"| row ({len(r['seeds'])} oracle seeds) | object recall | CHAIR_i | CHAIR_s | CIDEr | recall - base | CHAIR_i - base |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row, stats in r["rows"].items():
+        change = (
+            ["-", "-"]
+            if row == "base"
+            else [cell(r["effects_points"][f"{m}: {row} - base"], signed=True) for m in ("object_recall", "chair_i")]
+        )
+        lines.append(
+            f"| {row} | "
+            + " | ".join(cell(stats[m]) for m in ("object_recall", "chair_i", "chair_s", "CIDEr"))
+            + " | "
+            + " | ".join(change)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 TABLES = {
     "sctune": sctune,
     "sctune_lsup": sctune_lsup,
@@ -198,6 +221,7 @@ TABLES = {
     "svp_seed_images_eval": svp_seed_images_eval,
     "svp_seed_cvq_eval": svp_seed_cvq_eval,
     "wild_factors": wild_factors,
+    "isvp": isvp,
 }
 
 if __name__ == "__main__":
