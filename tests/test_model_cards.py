@@ -112,3 +112,18 @@ def test_a_refloop_tiny_export_loads_as_its_card_says_in_a_fresh_interpreter(tmp
     done = subprocess.run([sys.executable, "-c", snippet + "\nprint(type(model).__name__)"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "RefloopTinyForConditionalGeneration"
+
+
+def test_svp_iteration_adapters_say_what_they_were_trained_on(tmp_path):
+    """SVP's outer loop merges each iteration's adapter before the next trains: the second
+    iteration's adapter does not load onto the plain base, and its card says so."""
+    from refloop.training.model_card import write_model_cards
+
+    for i in (1, 2):
+        folder = tmp_path / f"iteration-{i}" / "adapters" / "svp"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+    write_model_cards(tmp_path, "refloop-tiny", "svp", {"svp": {}}, folded="the `svp` adapters of iterations 1 to 2, in turn,")
+    first, second = ((tmp_path / f"iteration-{i}" / "adapters" / "svp" / "README.md").read_text() for i in (1, 2))
+    assert "merged into it in turn" not in first
+    assert "This adapter of iteration 2 was trained on the base with the adapter of iteration 1 merged" in second

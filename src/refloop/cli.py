@@ -395,6 +395,9 @@ def _eval_out(task: str):
 ObjectDataOpt = typer.Option(
     ..., "--data", help="Shapes-world domain, a COCO-style instances .json (COCO, Objects365, ...) or a .parquet dataset."
 )
+CaptionTokensOpt = typer.Option(
+    64, "--max-new-tokens", min=1, help="Longest caption, in tokens (detailed captions of large models: raise it, e.g. 512)."
+)
 NumImagesOpt = typer.Option(
     None,
     "--num-images",
@@ -483,6 +486,7 @@ def eval_caption(
     ),
     image_id_key: str = typer.Option("image_id", "--image-id-key", help="--predictions: the field holding the image id."),
     caption_key: str = typer.Option("caption", "--caption-key", help="--predictions: the field holding the caption (e.g. text, answer)."),
+    max_new_tokens: int = CaptionTokensOpt,
     model: str | None = ModelOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
@@ -499,13 +503,13 @@ def eval_caption(
     CHAIR_s and, against reference captions, the REG text metrics."""
     _check_predictions(ctx, predictions, ("image_id_key", "caption_key"), _GENERATION_OPTIONS)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
-    chosen = {"captions": captions, "protocol": chair_protocol.value if chair_protocol else None}
+    chosen = {"captions": captions, "protocol": chair_protocol.value if chair_protocol else None, "max_new_tokens": max_new_tokens}
     if predictions is not None:
         chosen |= {"predictions": predictions, "prediction_keys": (image_id_key, caption_key)}
     _eval_objects("caption", spec, data, out, images, num_images, categories, chosen, batch_size, on_error, overwrite, report)
 
 
-_GENERATION_OPTIONS = ("model", "batch_size", "device", "dtype", "profile", "trust_remote_code", "backend", "threads")
+_GENERATION_OPTIONS = ("model", "batch_size", "device", "dtype", "profile", "trust_remote_code", "backend", "threads", "max_new_tokens")
 
 
 def _check_predictions(ctx: typer.Context, predictions: Path | None, file_options, model_options) -> None:
@@ -819,6 +823,7 @@ def caption(
     miss_rate: float = typer.Option(0.1, "--miss-rate", min=0, max=1, help="Oracle: share of true objects missed."),
     false_positive_rate: float = typer.Option(0.1, "--false-positive-rate", min=0, max=1, help="Oracle: false detections per phrase."),
     phrases: str = typer.Option("caption", "--phrases", help="What is grounded: caption (its noun phrases), categories or both."),
+    max_new_tokens: int = CaptionTokensOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -843,7 +848,8 @@ def caption(
     grounding.check_caption(data, isvp, phrases)
     _check_out(out, data, images, model, grounder_model, overwrite=overwrite)
     spec = _model_spec(model, device, dtype, profile, trust_remote_code, backend, threads)
-    skipped = run_captions(spec, grounding, data, out, images, num_images, isvp, phrases, batch_size, on_error.value, overwrite, True)
+    options = (num_images, isvp, phrases, batch_size, on_error.value, overwrite, True, max_new_tokens)
+    skipped = run_captions(spec, grounding, data, out, images, *options)
     if skipped is not None:  # the main process
         console.print(f"captions: {out / 'captions.jsonl'}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
 
@@ -1092,13 +1098,17 @@ def main() -> None:
     except KeyboardInterrupt:
         _exit_interrupted()
     except RuntimeError as exc:
-        # under accelerate / torchrun, a process waiting for one that stopped (its error printed above) gets the
+        # under accelerate / torchrun, a process waiting for one that stopped (its error printed by it) gets the
         # backend's "connection closed" from the collective it was in: one line, not a second traceback
-        rank = os.environ.get("RANK", "0")
-        if rank == "0" or not _peer_gone(exc):
+        if not _peer_gone(exc):
             raise
+        rank = os.environ.get("RANK", "0")
+        first = str(exc).strip().splitlines()[0][:200]
         err_console.print(
-            f"[bold red]error (process {rank}):[/] another process stopped (its error is above); this one stops too", soft_wrap=True
+            f"[bold red]error (process {rank}):[/] another process of the launch stopped (see its error), so this one stops too "
+            f"({escape(first)})",
+            highlight=False,
+            soft_wrap=True,
         )
         sys.exit(2)
     else:
@@ -1106,9 +1116,15 @@ def main() -> None:
 
 
 def _peer_gone(exc: BaseException) -> bool:
-    """Whether a collective failed because another process is gone (gloo and NCCL say it so)."""
+    """Whether a collective of the process group failed because another process is gone (gloo and
+    NCCL say it so); any other RuntimeError keeps its traceback."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
     text = str(exc)
-    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "remote process exited", "Broken pipe"))
+    backend = isinstance(exc, getattr(dist, "DistError", ())) or "gloo" in text or "NCCL" in text  # gloo raises a plain RuntimeError
+    return backend and any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "remote process exited"))
 
 
 if __name__ == "__main__":

@@ -194,7 +194,8 @@ def _demo_svp(
     # iSVP, SVP's inference-time variant: the untuned model captions the same held-out scenes again
     # with the same grounder's feedback on its prior caption written into its prompt; no tuning
     guided = out / "svp" / "isvp"
-    caption_images(untuned, found.records, guided, grounder, cfg.phrases, seed_data.vocabulary, batch_size=160, overwrite=overwrite)
+    asked = {"isvp": True, "grounder": "scene oracle, 10% misses, 10% false positives, 5% jitter", "phrases": cfg.phrases}
+    caption_images(untuned, found.records, guided, grounder, cfg.phrases, seed_data.vocabulary, 160, asked, overwrite=overwrite)
     predictions = load_caption_predictions(guided / "captions.jsonl")[0]
     inference = score_caption_file(found, predictions, guided / "captions.jsonl", out / "svp" / "eval-isvp", overwrite=overwrite)
     rows = {r["id"]: r for r in read_records(out / "svp" / "eval-base" / "caption_samples.jsonl")}

@@ -169,6 +169,7 @@ def _evaluate(
     metrics.update(
         {
             "boxes_per_second": (evaluated / elapsed) if evaluated and elapsed > 0 else _earlier_rate(out_dir),
+            "boxes_evaluated_now": evaluated,  # 0: every box was done, the rate is the earlier run's
             "model": getattr(vlm, "name", "model"),
             "data": data_name,
             "iou_threshold": cfg.iou_threshold,

@@ -554,6 +554,7 @@ def run_object_eval(
     report: bool = True,
     predictions: str | Path | None = None,
     prediction_keys: tuple[str, str] = ("image_id", "caption"),
+    max_new_tokens: int = 64,
 ) -> tuple[dict, LoadReport] | None:
     """`refloop eval caption` / `eval pope`: the images and their objects loaded (a shapes-world
     domain exported once, by the main process), POPE's questions drawn before any weights load
@@ -595,7 +596,7 @@ def run_object_eval(
         name, common = vlm.name, common | {"batch_size": batch_size}
         if task == "caption":
             with progress_bar(f"caption {data}", share(len(found.records), batch_size), enabled=progress) as advance:
-                metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, **common)
+                metrics = evaluate_captions(vlm, found, out, progress=advance, protocol=protocol, max_new_tokens=max_new_tokens, **common)
         else:
             title = f"pope {Path(question_file).name}" if question_file is not None else f"pope {strategy} {data}"
             with progress_bar(title, share(len(questions), batch_size), enabled=progress) as advance:

@@ -403,20 +403,21 @@ def caption_images(
     overwrite: bool = False,
     on_error: str = "fail",
     labels: Sequence[str] | None = None,
+    max_new_tokens: int = 64,
 ) -> int:
     """`refloop caption`: one greedy caption per image into out/captions.jsonl, or with a
     `grounder` iSVP's guided caption; resumable, sharded under `accelerate launch`. Returns the
     images skipped as undecodable. `labels`: the dataset's label set (default: `label_set` of
-    `records`)."""
-    fingerprint = {"task": "caption", "model": model_fingerprint(vlm)} | (fingerprint or {})
+    `records`). `max_new_tokens`: the longest caption (`eval caption`'s default, 64)."""
+    fingerprint = {"task": "caption", "model": model_fingerprint(vlm), "max_new_tokens": max_new_tokens} | (fingerprint or {})
     labels = label_set(records, vocabulary) if labels is None else labels  # the dataset's, whichever images a batch holds
     with shared_run_directory(out, fingerprint, overwrite):
         run = ShardedRun(Path(out) / "captions.jsonl", records, lambda r: r.image_id, batch_size, field="image_id")
         for batch in run.batches(lambda r: r.load_image(), on_error, progress):
             if grounder is not None:
-                run.write(isvp(vlm, grounder, batch.items, batch.images, phrases, vocabulary, labels=labels))
+                run.write(isvp(vlm, grounder, batch.items, batch.images, phrases, vocabulary, max_new_tokens, labels=labels))
             else:
-                texts = vlm.caption(batch.images)
+                texts = vlm.caption(batch.images, GenerateOptions(max_new_tokens=max_new_tokens))
                 run.write({"image_id": r.image_id, "image": str(r.path), "caption": t} for r, t in zip(batch.items, texts, strict=True))
         return run.finish()
 

@@ -368,7 +368,8 @@ def _run_svp(recipe: SVPRecipe, run: RecipeRun, progress) -> dict:
         run.export(
             method.vlm.processor,
             merged=method.vlm.model,
-            folded=f"the `svp` adapter of each of the {len(iterations)} iterations, merged in turn",
+            folded=f"the `{recipe.svp.sft.adapter}` adapter"
+            + (f"s of iterations 1 to {len(iterations)}, in turn," if len(iterations) > 1 else ""),
         )
         write_svp_report(out, results, records)
     return results
@@ -387,6 +388,7 @@ def run_captions(
     on_error: str = "fail",
     overwrite: bool = False,
     progress: bool = False,
+    max_new_tokens: int = 64,
 ) -> int | None:
     """`refloop caption`: greedy captions of `data`'s images (a shapes-world domain's evaluation
     scenes, the ones `eval caption` scores, exported once by the main process), with `isvp` SVP's inference-time variant through
@@ -412,6 +414,18 @@ def run_captions(
     with progress_bar("caption" + (" (iSVP)" if isvp else ""), share(len(found.records), batch_size), enabled=progress) as advance:
         labels = label_set(found.records, found.vocabulary, found.categories)
         skipped = caption_images(
-            vlm, found.records, out, ground, phrases, found.vocabulary, batch_size, fingerprint, advance, overwrite, on_error, labels
+            vlm,
+            found.records,
+            out,
+            ground,
+            phrases,
+            found.vocabulary,
+            batch_size,
+            fingerprint,
+            advance,
+            overwrite,
+            on_error,
+            labels,
+            max_new_tokens,
         )
     return skipped if state.is_main_process else None

@@ -5,6 +5,7 @@ it and the numbers it reached."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -110,7 +111,17 @@ def write_model_cards(
     for config in sorted(Path(out).glob("**/adapter_config.json")):
         path = config.parent / "README.md"
         extended = _trained_vocabulary(out) if (config.parent / "tokenizer_config.json").exists() else None  # SFT's extended tokenizer
-        path.write_text(model_card(base_model, method, recipe, metrics, adapter=config.parent.name, extended_vocabulary=extended))
+        card = model_card(base_model, method, recipe, metrics, adapter=config.parent.name, extended_vocabulary=extended)
+        iteration = next((int(p.split("-")[1]) for p in config.relative_to(out).parts if re.fullmatch(r"iteration-\d+", p)), 1)
+        if iteration > 1:  # SVP's outer loop: each iteration tunes the model the previous ones were merged into
+            card = card.replace(
+                "## Loading\n",
+                f"## Loading\n\nThis adapter of iteration {iteration} was trained on the base with "
+                + ("the adapter of iteration 1" if iteration == 2 else f"the adapters of iterations 1 to {iteration - 1}")
+                + " merged into it in turn: merge those first, or load `merged/` (every iteration folded in).\n",
+                1,
+            )
+        path.write_text(card)
         written.append(path)
     merged = Path(out) / "merged"
     if (merged / "config.json").exists():
