@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from refloop.errors import RefloopError
 
@@ -732,3 +733,12 @@ def shared_run_directory(
     else:
         state.wait_for_everyone()
         yield state
+
+
+def earlier_value(path: Path, key: str) -> Any:
+    """`key` of the JSON object an earlier run wrote at `path` (None when there is none): what a
+    rerun that found all its work done keeps (e.g. the rate of the run that did the work)."""
+    try:
+        return json.loads(Path(path).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -29,7 +29,7 @@ from refloop.errors import RefloopError
 from refloop.limits import BatchSize, NewTokens, Seed
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
-from refloop.runs import files_digest, model_fingerprint, release_outputs, shared_run_directory, write_text_whole
+from refloop.runs import earlier_value, files_digest, model_fingerprint, release_outputs, shared_run_directory, write_text_whole
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,9 @@ def _evaluate(
     metrics = summarize(rows, consistency)
     metrics.update(
         {
-            "boxes_per_second": (evaluated / elapsed) if evaluated and elapsed > 0 else _earlier_rate(out_dir),
+            "boxes_per_second": (evaluated / elapsed)
+            if evaluated and elapsed > 0
+            else earlier_value(out_dir / "metrics.json", "boxes_per_second"),
             "boxes_evaluated_now": evaluated,  # 0: every box was done, the rate is the earlier run's
             "model": getattr(vlm, "name", "model"),
             "data": data_name,
@@ -187,14 +189,6 @@ def _evaluate(
             log.warning(f"{samples_path} holds {held} rows (an earlier run here evaluated more); metrics read the {len(rows)} asked for")
         write_text_whole(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def _earlier_rate(out_dir: Path) -> float | None:
-    """A rerun that found every box done evaluated none: the rate stays that of the run that did."""
-    try:
-        return json.loads((Path(out_dir) / "metrics.json").read_text()).get("boxes_per_second")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def run_consistency(

@@ -55,7 +55,7 @@ from refloop.data.records import ImageRecord, ObjectAnnotation
 from refloop.data.shards import ShardedRun, readable
 from refloop.limits import BatchSize, NewTokens, Samples, Seed
 from refloop.models.base import VLM, GenerateOptions
-from refloop.runs import model_fingerprint, records_digest, shared_run_directory
+from refloop.runs import earlier_value, model_fingerprint, records_digest, shared_run_directory
 from refloop.seeding import step_seed
 
 # A.2's 2000 px is 0.65% of a 640x480 COCO / Objects365-sized image; the same share of a 112x112 scene.
@@ -295,7 +295,9 @@ def bootstrap_pass(vlm, records, out_dir: Path, cfg, state, grammar, progress, o
     run.finish()
     if not state.is_main_process:
         return None
-    meta = meta | {"processes": state.num_processes, "boxes_per_second": described / elapsed if described and elapsed > 0 else None}
+    # a rerun that found every image done described none: the rate stays the run's that did
+    rate = described / elapsed if described and elapsed > 0 else earlier_value(out_dir / "stats.json", "boxes_per_second")
+    meta = meta | {"processes": state.num_processes, "boxes_per_second": rate, "boxes_described_now": described}
     return write_outputs(records, out_dir, cfg, grammar, meta, write_report)
 
 
