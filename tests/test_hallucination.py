@@ -725,3 +725,13 @@ def test_the_caption_report_counts_captions_not_mentions(tmp_path):
     finally:
         report.ranked_bars = original
     assert counted["named but absent"] == {"dog": 1} and counted["present but not named"] == {"dog": 1}
+
+
+def test_the_readme_snippet_scoring_a_captions_file_runs(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = next(b.split("```")[0] for b in readme.split("```python\n") if "score_caption_file(" in b.split("```")[0])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"image_id": i, "caption": "a red circle"}) + "\n" for i in range(20)))
+    exec("from pathlib import Path\n" + snippet, {})
+    chair_i, chair_s, recall = map(float, capsys.readouterr().out.split())
+    assert 0 <= chair_i <= 1 and 0 <= chair_s <= 1 and 0 < recall < 1 and (tmp_path / "chair-out" / "caption_metrics.json").exists()
