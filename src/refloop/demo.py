@@ -158,6 +158,8 @@ def _demo_svp(
     an OOD style with and without the scene oracle's grounding, keeps the best-scored guided
     captions (S(q,p), Eq. 5) and is tuned on them; object recall and CHAIR_i of greedy captions on
     held-out scenes before and after, and of iSVP (the untuned model guided by the same grounder)."""
+    from dataclasses import asdict
+
     from refloop.data.loaders import load_caption_predictions
     from refloop.data.sources import load_detections
     from refloop.evaluation.hallucination import evaluate_captions, load_object_data, score_caption_file
@@ -194,7 +196,7 @@ def _demo_svp(
     # iSVP, SVP's inference-time variant: the untuned model captions the same held-out scenes again
     # with the same grounder's feedback on its prior caption written into its prompt; no tuning
     guided = out / "svp" / "isvp"
-    asked = {"isvp": True, "grounder": "scene oracle, 10% misses, 10% false positives, 5% jitter", "phrases": cfg.phrases}
+    asked = {"isvp": True, "grounder": asdict(grounder), "phrases": cfg.phrases}
     caption_images(untuned, found.records, guided, grounder, cfg.phrases, seed_data.vocabulary, 160, asked, overwrite=overwrite)
     predictions = load_caption_predictions(guided / "captions.jsonl")[0]
     inference = score_caption_file(found, predictions, guided / "captions.jsonl", out / "svp" / "eval-isvp", overwrite=overwrite)

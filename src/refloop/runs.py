@@ -650,18 +650,19 @@ def files_digest(*values: object) -> dict[str, str]:
     """A digest of the whole content of every file among `values` (see `input_paths`; directories
     and names that are not paths, such as shapes-world domains, left out), for a fingerprint: a
     training rerun on a data file changed in place is another run."""
-    out = {}
-    for path in input_paths(*values):
-        if path.is_file():
-            h = hashlib.sha256()
-            try:
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 22):
-                        h.update(chunk)
-            except OSError as exc:
-                raise RefloopError(f"cannot read {path}: {exc.strerror or exc}") from None
-            out[str(path)] = h.hexdigest()[:16]
-    return out
+    return {str(path): content_digest(path) for path in input_paths(*values) if path.is_file()}
+
+
+def content_digest(path: Path) -> str:
+    """A digest of a file's whole content (`file_digest` reads only its start)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except OSError as exc:
+        raise RefloopError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return h.hexdigest()[:16]
 
 
 def tensors_digest(tensors: dict) -> str:

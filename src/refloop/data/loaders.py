@@ -549,6 +549,19 @@ def _caption_fields(entry: Any, id_key: tuple[str, str], caption_key: tuple[str,
             raise DataError(path, rec, f"missing field {key!r} (its fields: {fields}; {option} names the field to read)")
 
 
+def _begins_with_object(path: Path) -> bool:
+    """Whether a text file's first non-blank character opens a JSON object (its start alone read;
+    a file that does not decode is left to the JSON reader, which names where)."""
+    with open_text(path) as handle:
+        try:
+            while chunk := handle.read(4096):
+                if stripped := chunk.lstrip():
+                    return stripped.startswith("{")
+        except (UnicodeDecodeError, OSError):
+            return False
+    return False
+
+
 def load_caption_predictions(
     path: str | Path, image_id_key: str = "image_id", caption_key: str = "caption", on_error: OnError = "fail"
 ) -> tuple[list[dict], LoadReport]:
@@ -559,9 +572,8 @@ def load_caption_predictions(
     path = Path(path)
     report = LoadReport(source=str(path))
     policy = Policy(on_error, report)
-    if path.suffix.lower() == ".json" and not read_text(path).lstrip().startswith(
-        "{"
-    ):  # a JSON array (JSON Lines saved as .json: read as such)
+    # a .json file is a JSON array (chair.py's), unless it begins with an object: JSON Lines saved as .json
+    if path.suffix.lower() == ".json" and not _begins_with_object(path):
         entries = list(enumerate(read_json_list(path, "caption objects"), 1))
         where = "entry"
     else:

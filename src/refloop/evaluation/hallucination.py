@@ -52,7 +52,7 @@ from refloop.evaluation.synonyms import SynonymTable, coco_table, dataset_table,
 from refloop.models.base import VLM, GenerateOptions
 from refloop.models.spec import ModelSpec
 from refloop.parallel import is_main_process
-from refloop.runs import model_fingerprint, release_outputs, shared_run_directory, write_text_whole
+from refloop.runs import content_digest, model_fingerprint, release_outputs, shared_run_directory, write_text_whole
 from refloop.world import DOMAINS, EVAL_SEED
 
 log = logging.getLogger(__name__)
@@ -324,9 +324,9 @@ def score_caption_file(
         )
     if problems:
         log.warning(f"{source}: {len(problems)} captions skipped under --on-error skip: {'; '.join(problems[:3])}")
-    with open(source, "rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()[:16]
-    fingerprint = _fingerprint("caption", {"captions_sha256": digest}, found, num_images=len(found.records), predictions=len(captions))
+    fingerprint = _fingerprint(
+        "caption", {"captions_sha256": content_digest(Path(source))}, found, num_images=len(found.records), predictions=len(captions)
+    )
     with shared_run_directory(out, fingerprint, overwrite) as state:
         done = [it for key, it in items.items() if key in captions]
         skipped = len(problems) + skipped_entries

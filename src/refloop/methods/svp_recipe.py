@@ -391,9 +391,9 @@ def run_captions(
     max_new_tokens: int = 64,
 ) -> int | None:
     """`refloop caption`: greedy captions of `data`'s images (a shapes-world domain's evaluation
-    scenes, the ones `eval caption` scores, exported once by the main process), with `isvp` SVP's inference-time variant through
-    `grounding`. The main process returns the images skipped as unreadable; the others None.
-    `progress`: show a progress bar."""
+    scenes, the ones `eval caption` scores, exported once by the main process), with `isvp` SVP's
+    inference-time variant through `grounding`. The main process returns the images skipped as
+    unreadable; the others None. `progress`: show a progress bar."""
 
     from refloop.methods.svp import caption_images, label_set
     from refloop.progress import progress_bar
