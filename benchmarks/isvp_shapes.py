@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from seeds import parse_seeds, spread
 
 from refloop.evaluation.hallucination import run_object_eval
 from refloop.methods.svp_recipe import GrounderSpec, run_captions
@@ -38,30 +39,23 @@ from refloop.models.spec import ModelSpec
 
 ROWS = {"base": None, "iSVP, prior caption's phrases": "caption", "iSVP, phrases + categories": "both"}
 METRICS = ("object_recall", "chair_i", "chair_s", "CIDEr")
+ORACLE = {"miss_rate": 0.1, "false_positive_rate": 0.1, "jitter": 0.05}  # the SVP benchmark's detector noise
 
 
-def run_seed(seed: int, args, spec: ModelSpec) -> dict:
-    rows = {}
-    for row, phrases in ROWS.items():
-        # the base's greedy captions do not depend on the oracle's seed: captioned once, shared by the seeds
-        where = Path(args.out) / ("shared" if phrases is None else f"seed{seed}")
-        folder = where / row.replace(" ", "_").replace(",", "").replace("'", "").replace("+", "and")
-        grounding = GrounderSpec(kind="oracle", miss_rate=0.1, false_positive_rate=0.1, jitter=0.05, seed=seed)
-        started = time.perf_counter()
-        isvp = phrases is not None
-        run_captions(spec, grounding, args.domain, folder / "captions", None, args.images, isvp, phrases or "caption", 64, "fail", False)
-        seconds = time.perf_counter() - started
-        metrics, _ = run_object_eval(
-            "caption", spec, args.domain, folder / "scored", num_images=args.images, predictions=folder / "captions" / "captions.jsonl"
-        )
-        rows[row] = {m: None if metrics.get(m) is None else round(100 * metrics[m], 1) for m in METRICS}  # CIDEr x 100, as SVP prints it
-        rows[row]["caption_seconds"] = round(seconds, 1)
-        print(seed, row, rows[row], flush=True)
-    return rows
-
-
-def summary(values: list[float]) -> dict:
-    return {"mean": round(sum(values) / len(values), 2), "min": min(values), "max": max(values)}
+def score_row(row: str, phrases: str | None, seed: int, args, spec: ModelSpec) -> dict:
+    """One row's captions through the CLI's path (`refloop caption [--isvp]`, then `eval caption
+    --predictions`) and their metrics in points (CIDEr x 100, as SVP prints it)."""
+    where = Path(args.out) / ("shared" if phrases is None else f"seed{seed}")
+    folder = where / row.replace(" ", "_").replace(",", "").replace("'", "").replace("+", "and")
+    grounding = GrounderSpec(kind="oracle", **ORACLE, seed=seed)
+    started = time.perf_counter()
+    run_captions(spec, grounding, args.domain, folder / "captions", None, args.images, phrases is not None, phrases or "caption")
+    seconds = time.perf_counter() - started
+    captions = folder / "captions" / "captions.jsonl"
+    metrics, _ = run_object_eval("caption", spec, args.domain, folder / "scored", num_images=args.images, predictions=captions)
+    scores = {m: None if metrics.get(m) is None else round(100 * metrics[m], 1) for m in METRICS}
+    print(seed, row, scores, flush=True)
+    return scores | {"caption_seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -76,11 +70,12 @@ def main() -> None:
     threads = int(os.environ.get("REFLOOP_THREADS", "2"))
     torch.set_num_threads(threads)
     spec = ModelSpec(threads=threads)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    runs = {str(s): run_seed(s, args, spec) for s in seeds}
-    rows = {row: {m: summary([runs[str(s)][row][m] for s in seeds]) for m in METRICS} for row in ROWS}
+    seeds = parse_seeds(args.seeds)
+    base = score_row("base", None, seeds[0], args, spec)  # greedy, no grounder: the same for every seed, scored once
+    runs = {str(s): {"base": base} | {row: score_row(row, p, s, args, spec) for row, p in ROWS.items() if p} for s in seeds}
+    rows = {row: {m: spread([runs[str(s)][row][m] for s in seeds], 2) for m in METRICS} for row in ROWS}
     effects = {
-        f"{m}: {row} - base": summary([round(runs[str(s)][row][m] - runs[str(s)]["base"][m], 1) for s in seeds])
+        f"{m}: {row} - base": spread([round(runs[str(s)][row][m] - runs[str(s)]["base"][m], 1) for s in seeds], 2)
         for row in list(ROWS)[1:]
         for m in ("object_recall", "chair_i")
     }
@@ -94,7 +89,7 @@ def main() -> None:
         "domain": args.domain,
         "images": args.images,
         "seeds": seeds,
-        "grounder": {"kind": "oracle", "miss_rate": 0.1, "false_positive_rate": 0.1, "jitter": 0.05},
+        "grounder": {"kind": "oracle"} | ORACLE,
         "threads": threads,
         "torch": torch.__version__,
         "runs": runs,
